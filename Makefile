@@ -1,0 +1,42 @@
+# bwagent: per-UID bandwidth quotas with eBPF and nftables.
+#
+#   make run        build and run the agent as root with its defaults
+#   make test       install the test dependencies, then run every test as root
+#   make generate   recompile bpf/bwacct.c and refresh the committed bindings
+#   make lint       gofmt, go vet, staticcheck
+#   make bench      data plane throughput benchmark (results go in README.md)
+
+GO      ?= go
+BIN     := bin
+GOFILES := $(shell git ls-files '*.go' 2>/dev/null)
+
+.PHONY: all build generate deps test lint bench run clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+generate:
+	$(GO) generate ./...
+
+deps:
+	./scripts/install-deps.sh
+
+# Tests load BPF programs, create nft tables, namespaces and cgroups: root.
+test: deps
+	$(GO) test -count=1 -timeout 30m ./...
+
+lint:
+	@out=$$(gofmt -l $(GOFILES)); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./bench/
+
+run: deps build
+	./$(BIN)/bwagent
+
+clean:
+	rm -rf $(BIN)

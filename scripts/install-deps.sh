@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what bwagent's build and tests need on a Debian machine, as root,
+# and mounts bpffs if nothing did. Safe to run again: it skips what is there.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+	echo "install-deps: run as root (sudo $0)" >&2
+	exit 1
+fi
+
+packages=(
+	clang llvm libbpf-dev   # make generate: compile bpf/bwacct.c
+	bpftool                 # inspecting the data plane
+	nftables                # the nft CLI, for operators and tests
+	iptables                # the old design, for the benchmark
+	iperf3                  # throughput benchmark
+	iproute2 conntrack
+	openssh-server          # SSH users in the agent's tests
+)
+missing=()
+for p in "${packages[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+	echo "install-deps: installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Pinned maps live on bpffs; systemd mounts it, minimal machines may not.
+if ! mountpoint -q /sys/fs/bpf; then
+	mount -t bpf bpf /sys/fs/bpf
+fi
