@@ -1,0 +1,418 @@
+// Package bpf loads and drives the agent's kernel data plane: two cgroup-skb
+// programs that count every socket's bytes per owner UID in both directions,
+// drop the packets of blocked UIDs, and enforce per-UID byte budgets in the
+// kernel itself, so a user cannot pass a limit between two agent ticks.
+//
+// The maps and links are pinned under a bpffs directory. A new Load with the
+// same pin directory (an agent restart) reuses the maps, so no counter is
+// lost, and swaps the program inside the existing links, so there is never a
+// second attachment. Close leaves everything in place; Uninstall removes it.
+//
+// The C source is bwacct.c; `make generate` compiles it with bpf2go.
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+)
+
+// Errors returned by Load and the policy methods. Each is wrapped with the
+// detail and the command that fixes it.
+var (
+	ErrNoCgroup2       = errors.New("no cgroup v2 filesystem is mounted")
+	ErrNotCgroup2      = errors.New("not a cgroup v2 directory")
+	ErrNotBPFFS        = errors.New("pin directory is not on a bpf filesystem")
+	ErrPermission      = errors.New("no permission to load BPF programs")
+	ErrIncompatiblePin = errors.New("pinned maps have an incompatible layout")
+	ErrKernelTooOld    = errors.New("kernel too old")
+	ErrProtectedUID    = errors.New("UID is protected and cannot be blocked or limited")
+)
+
+// Defaults for Config.
+const (
+	DefaultPinPath = "/sys/fs/bpf/bwagent"
+	DefaultMaxUIDs = 65536
+)
+
+// Policy flags; they must match the POLICY_* constants in bwacct.c.
+const (
+	flagBlocked = 1 << 0
+	flagQuotaRx = 1 << 1
+	flagQuotaTx = 1 << 2
+)
+
+// Indexes of bw_stats; they must match the STAT_* constants in bwacct.c.
+const (
+	statCountersFull = iota
+	statDropBlocked
+	statDropQuota
+	statQuotaFull
+	statMax
+)
+
+// Config says where the data plane attaches and pins.
+type Config struct {
+	// CgroupPath is the cgroup v2 directory the programs attach to. Empty
+	// means the root of the cgroup v2 hierarchy, which sees every socket.
+	CgroupPath string
+	// PinPath is the bpffs directory for maps and links. Empty means
+	// DefaultPinPath.
+	PinPath string
+	// MaxUIDs sizes the counter, policy and quota maps. Zero means
+	// DefaultMaxUIDs.
+	MaxUIDs uint32
+	// ProtectedUIDs can never be blocked or given a budget. UID 0 and the
+	// overflow UID 65534 (the owner the kernel reports for packets with no
+	// full socket) are always protected.
+	ProtectedUIDs []uint32
+}
+
+// Counters are one UID's totals since the maps were created. Rx is traffic
+// its sockets received, Tx traffic they sent. Bytes include IP and transport
+// headers; Packets counts a GSO/GRO batch as its segment count.
+type Counters struct {
+	RxBytes, RxPackets, TxBytes, TxPackets uint64
+}
+
+// Direction selects which traffic a budget charges.
+type Direction uint8
+
+// Directions of traffic, seen from the UID's sockets.
+const (
+	Rx   Direction = 1 << iota // received (the user's download)
+	Tx                         // sent (the user's upload)
+	Both = Rx | Tx
+)
+
+// Policy is what the kernel enforces for one UID.
+type Policy struct {
+	// Blocked drops every packet the UID sends or receives.
+	Blocked bool
+	// Quota is the traffic charged to the budget; zero means no budget.
+	Quota Direction
+	// Ceiling is the budget as an absolute value of QuotaUsed: a packet that
+	// would take QuotaUsed above it is dropped. Use Budget to derive it from
+	// a number of remaining bytes.
+	Ceiling uint64
+}
+
+func (p Policy) isZero() bool { return !p.Blocked && p.Quota == 0 }
+
+func (p Policy) encode() bwacctPolicy {
+	var v bwacctPolicy
+	if p.Blocked {
+		v.Flags |= flagBlocked
+	}
+	if p.Quota&Rx != 0 {
+		v.Flags |= flagQuotaRx
+	}
+	if p.Quota&Tx != 0 {
+		v.Flags |= flagQuotaTx
+	}
+	if p.Quota != 0 {
+		v.Ceiling = p.Ceiling
+	}
+	return v
+}
+
+func decodePolicy(v bwacctPolicy) Policy {
+	p := Policy{Blocked: v.Flags&flagBlocked != 0}
+	if v.Flags&flagQuotaRx != 0 {
+		p.Quota |= Rx
+	}
+	if v.Flags&flagQuotaTx != 0 {
+		p.Quota |= Tx
+	}
+	if p.Quota != 0 {
+		p.Ceiling = v.Ceiling
+	}
+	return p
+}
+
+// Stats are the data plane's own event counters.
+type Stats struct {
+	// CountersFull counts packets of UIDs that found the counter map full:
+	// they passed uncounted. Raise MaxUIDs if it grows.
+	CountersFull uint64
+	// DroppedBlocked and DroppedQuota count packets dropped because the UID
+	// was blocked or its budget was spent.
+	DroppedBlocked, DroppedQuota uint64
+	// QuotaFull counts packets of budgeted UIDs dropped because the quota
+	// map was full.
+	QuotaFull uint64
+}
+
+// Datapath is a loaded, attached data plane.
+type Datapath struct {
+	cfg       Config
+	cgroupID  uint64
+	objs      bwacctObjects
+	links     map[ebpf.AttachType]link.Link
+	protected map[uint32]bool
+
+	// Reused buffers for batched counter reads.
+	keys   []uint32
+	values []bwacctCounters
+}
+
+// linkPins names the pinned link of each attach type.
+var linkPins = map[ebpf.AttachType]string{
+	ebpf.AttachCGroupInetIngress: "link_ingress",
+	ebpf.AttachCGroupInetEgress:  "link_egress",
+}
+
+// Load loads the programs and maps, reusing pinned maps and links found
+// under cfg.PinPath, and makes sure each program is attached exactly once to
+// cfg.CgroupPath.
+func Load(cfg Config) (*Datapath, error) {
+	if err := checkKernel(kernelRelease()); err != nil {
+		return nil, err
+	}
+	if cfg.PinPath == "" {
+		cfg.PinPath = DefaultPinPath
+	}
+	if cfg.MaxUIDs == 0 {
+		cfg.MaxUIDs = DefaultMaxUIDs
+	}
+	if cfg.CgroupPath == "" {
+		root, err := CgroupV2Root()
+		if err != nil {
+			return nil, err
+		}
+		cfg.CgroupPath = root
+	}
+	if err := checkCgroup2(cfg.CgroupPath); err != nil {
+		return nil, err
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(cfg.CgroupPath, &st); err != nil {
+		return nil, fmt.Errorf("cgroup %s: %w", cfg.CgroupPath, err)
+	}
+	if err := os.MkdirAll(cfg.PinPath, 0o700); err != nil {
+		return nil, permission(fmt.Errorf("create pin directory: %w", err))
+	}
+	if err := checkBPFFS(cfg.PinPath); err != nil {
+		return nil, err
+	}
+	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, permission(fmt.Errorf("raise memlock limit: %w", err))
+	}
+
+	spec, err := loadBwacct()
+	if err != nil {
+		return nil, err
+	}
+	for _, name := range []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwQuotaUsed} {
+		spec.Maps[name].MaxEntries = cfg.MaxUIDs
+	}
+
+	d := &Datapath{
+		cfg:       cfg,
+		cgroupID:  st.Ino,
+		links:     make(map[ebpf.AttachType]link.Link),
+		protected: map[uint32]bool{0: true, 65534: true},
+	}
+	for _, uid := range cfg.ProtectedUIDs {
+		d.protected[uid] = true
+	}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinPath}}
+	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("%w under %s (an older bwagent, or a different max_uids): %v; "+
+				"run `bwagent uninstall` to remove them (kernel counters restart from zero, "+
+				"the agent's saved totals are kept), or set max_uids back", ErrIncompatiblePin, cfg.PinPath, err)
+		}
+		return nil, permission(fmt.Errorf("load BPF objects: %w", err))
+	}
+	if err := d.EnsureAttached(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// permission wraps err with ErrPermission when the kernel refused for lack
+// of privilege.
+func permission(err error) error {
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return fmt.Errorf("%w: run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): %v", ErrPermission, err)
+	}
+	return err
+}
+
+// EnsureAttached checks that both programs are attached to the configured
+// cgroup through links pinned under PinPath, and repairs whatever is not:
+// a link detached by someone else, a removed pin, a link left over for
+// another cgroup. It is cheap enough to call every tick.
+func (d *Datapath) EnsureAttached() error {
+	progs := map[ebpf.AttachType]*ebpf.Program{
+		ebpf.AttachCGroupInetIngress: d.objs.BwIngress,
+		ebpf.AttachCGroupInetEgress:  d.objs.BwEgress,
+	}
+	for typ, prog := range progs {
+		if err := d.ensureLink(typ, prog); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (d *Datapath) ensureLink(typ ebpf.AttachType, prog *ebpf.Program) error {
+	pin := filepath.Join(d.cfg.PinPath, linkPins[typ])
+	l := d.links[typ]
+	if l == nil {
+		pinned, err := link.LoadPinnedLink(pin, nil)
+		switch {
+		case err == nil:
+			// A previous agent's link: put this version's program in it.
+			if err := pinned.Update(prog); err != nil {
+				pinned.Close()
+				return fmt.Errorf("update pinned link %s: %w", pin, err)
+			}
+			l = pinned
+		case errors.Is(err, os.ErrNotExist):
+		default:
+			return permission(fmt.Errorf("load pinned link %s: %w", pin, err))
+		}
+	}
+	if l != nil && !d.attachedHere(l) {
+		// Detached behind our back, or attached to another cgroup.
+		l.Unpin()
+		l.Close()
+		l = nil
+	}
+	if l == nil {
+		var err error
+		l, err = link.AttachCgroup(link.CgroupOptions{Path: d.cfg.CgroupPath, Attach: typ, Program: prog})
+		if err != nil {
+			return permission(fmt.Errorf("attach %v to %s: %w", typ, d.cfg.CgroupPath, err))
+		}
+	}
+	d.links[typ] = l
+	if _, err := os.Stat(pin); errors.Is(err, os.ErrNotExist) {
+		// The link remembers its old pin path and would skip re-pinning it.
+		l.Unpin()
+		if err := l.Pin(pin); err != nil {
+			return fmt.Errorf("pin link %s: %w", pin, err)
+		}
+	}
+	return nil
+}
+
+// attachedHere reports whether l is a live cgroup link on our cgroup.
+func (d *Datapath) attachedHere(l link.Link) bool {
+	info, err := l.Info()
+	if err != nil {
+		return false
+	}
+	cg := info.Cgroup()
+	return cg != nil && cg.CgroupId == d.cgroupID
+}
+
+// Close releases the agent's handles. Pins and attachments stay, so the
+// kernel keeps counting and enforcing while no agent runs.
+func (d *Datapath) Close() error {
+	var errs []error
+	for _, l := range d.links {
+		errs = append(errs, l.Close())
+	}
+	errs = append(errs, d.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Uninstall detaches the programs and removes every pin. The kernel's
+// counters are gone afterwards.
+func (d *Datapath) Uninstall() error {
+	for _, l := range d.links {
+		l.Unpin()
+	}
+	err := d.Close()
+	return errors.Join(err, Uninstall(d.cfg.PinPath))
+}
+
+// Uninstall removes a data plane pinned under pinPath without loading it,
+// which also works when the pins have an incompatible layout. Removing the
+// last reference to the links detaches the programs.
+func Uninstall(pinPath string) error {
+	if pinPath == "" {
+		pinPath = DefaultPinPath
+	}
+	entries, err := os.ReadDir(pinPath)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return permission(fmt.Errorf("uninstall: %w", err))
+	}
+	known := []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwQuotaUsed, bwacctMapBwStats}
+	for _, name := range linkPins {
+		known = append(known, name)
+	}
+	var errs []error
+	for _, e := range entries {
+		if !slices.Contains(known, e.Name()) {
+			errs = append(errs, fmt.Errorf("uninstall: leaving unknown pin %s", filepath.Join(pinPath, e.Name())))
+			continue
+		}
+		if err := os.Remove(filepath.Join(pinPath, e.Name())); err != nil {
+			errs = append(errs, fmt.Errorf("uninstall: %w", err))
+		}
+	}
+	if len(errs) == 0 {
+		if err := os.Remove(pinPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("uninstall: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// CgroupPath returns the cgroup the programs are attached to.
+func (d *Datapath) CgroupPath() string { return d.cfg.CgroupPath }
+
+// PinPath returns the bpffs directory of the pins.
+func (d *Datapath) PinPath() string { return d.cfg.PinPath }
+
+// AttachedPrograms returns the IDs of the programs attached to the
+// configured cgroup for typ (AttachCGroupInetIngress or
+// AttachCGroupInetEgress), ours and anyone else's.
+func (d *Datapath) AttachedPrograms(typ ebpf.AttachType) ([]ebpf.ProgramID, error) {
+	f, err := os.Open(d.cfg.CgroupPath)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: typ})
+	if err != nil {
+		return nil, fmt.Errorf("query %v programs: %w", typ, err)
+	}
+	ids := make([]ebpf.ProgramID, 0, len(res.Programs))
+	for _, p := range res.Programs {
+		ids = append(ids, p.ID)
+	}
+	return ids, nil
+}
+
+// ProgramIDs returns the IDs of this data plane's ingress and egress
+// programs.
+func (d *Datapath) ProgramIDs() (ingress, egress ebpf.ProgramID, err error) {
+	ii, err := d.objs.BwIngress.Info()
+	if err != nil {
+		return 0, 0, err
+	}
+	ei, err := d.objs.BwEgress.Info()
+	if err != nil {
+		return 0, 0, err
+	}
+	ingress, _ = ii.ID()
+	egress, _ = ei.ID()
+	return ingress, egress, nil
+}

@@ -1,0 +1,255 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+)
+
+// batchSize is the number of entries read per map syscall. A hash map batch
+// must hold a whole bucket; 4096 is far above any bucket's length.
+const batchSize = 4096
+
+// Counters reads every UID's counters, summed over CPUs, into dst, which it
+// clears first. It reads in batches of thousands of UIDs per syscall.
+func (d *Datapath) Counters(dst map[uint32]Counters) error {
+	clear(dst)
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return err
+	}
+	if len(d.keys) != batchSize {
+		d.keys = make([]uint32, batchSize)
+		d.values = make([]bwacctCounters, batchSize*ncpu)
+	}
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := d.objs.BwCounters.BatchLookup(&cursor, d.keys, d.values, nil)
+		for i := range n {
+			var c Counters
+			for _, v := range d.values[i*ncpu : (i+1)*ncpu] {
+				c.RxBytes += v.RxBytes
+				c.RxPackets += v.RxPackets
+				c.TxBytes += v.TxBytes
+				c.TxPackets += v.TxPackets
+			}
+			dst[d.keys[i]] = c
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read counters: %w", err)
+		}
+	}
+}
+
+// Protected reports whether uid can never be blocked or budgeted.
+func (d *Datapath) Protected(uid uint32) bool { return d.protected[uid] }
+
+// SetPolicy makes the kernel enforce p for uid; the zero Policy removes
+// the UID's entry (and its quota accounting).
+func (d *Datapath) SetPolicy(uid uint32, p Policy) error {
+	if p.isZero() {
+		return d.deletePolicy(uid)
+	}
+	if d.protected[uid] {
+		return fmt.Errorf("%w: %d", ErrProtectedUID, uid)
+	}
+	v := p.encode()
+	if err := d.objs.BwPolicy.Put(uid, &v); err != nil {
+		return fmt.Errorf("set policy of UID %d: %w", uid, err)
+	}
+	return nil
+}
+
+func (d *Datapath) deletePolicy(uid uint32) error {
+	if err := d.objs.BwPolicy.Delete(uid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete policy of UID %d: %w", uid, err)
+	}
+	if err := d.objs.BwQuotaUsed.Delete(uid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete quota of UID %d: %w", uid, err)
+	}
+	return nil
+}
+
+// Policy returns the policy the kernel enforces for uid.
+func (d *Datapath) Policy(uid uint32) (Policy, error) {
+	var v bwacctPolicy
+	err := d.objs.BwPolicy.Lookup(uid, &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return Policy{}, nil
+	}
+	if err != nil {
+		return Policy{}, fmt.Errorf("read policy of UID %d: %w", uid, err)
+	}
+	return decodePolicy(v), nil
+}
+
+// Policies returns every UID's policy as the kernel has it.
+func (d *Datapath) Policies() (map[uint32]Policy, error) {
+	out := make(map[uint32]Policy)
+	keys := make([]uint32, batchSize)
+	vals := make([]bwacctPolicy, batchSize)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := d.objs.BwPolicy.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			out[keys[i]] = decodePolicy(vals[i])
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return out, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read policies: %w", err)
+		}
+	}
+}
+
+// ReconcilePolicies makes the kernel's policy map equal to desired: it
+// writes only the entries that differ and deletes the UIDs desired lacks.
+// It returns the number of entries written or deleted. A protected UID in
+// desired is an error and nothing is changed.
+func (d *Datapath) ReconcilePolicies(desired map[uint32]Policy) (int, error) {
+	for uid, p := range desired {
+		if !p.isZero() && d.protected[uid] {
+			return 0, fmt.Errorf("%w: %d", ErrProtectedUID, uid)
+		}
+	}
+	have, err := d.Policies()
+	if err != nil {
+		return 0, err
+	}
+	var putKeys, delKeys []uint32
+	var putVals []bwacctPolicy
+	for uid, p := range desired {
+		if p.isZero() {
+			continue
+		}
+		if cur, ok := have[uid]; !ok || cur != decodePolicy(p.encode()) {
+			putKeys = append(putKeys, uid)
+			putVals = append(putVals, p.encode())
+		}
+	}
+	for uid := range have {
+		if p, ok := desired[uid]; !ok || p.isZero() {
+			delKeys = append(delKeys, uid)
+		}
+	}
+	if len(putKeys) > 0 {
+		if _, err := d.objs.BwPolicy.BatchUpdate(putKeys, putVals, nil); err != nil {
+			return 0, fmt.Errorf("write policies: %w", err)
+		}
+	}
+	for _, uid := range delKeys {
+		if err := d.deletePolicy(uid); err != nil {
+			return len(putKeys), err
+		}
+	}
+	return len(putKeys) + len(delKeys), nil
+}
+
+// QuotaUsed returns the bytes charged to uid's budget since its quota entry
+// was created. It only grows while the UID has a budget.
+func (d *Datapath) QuotaUsed(uid uint32) (uint64, error) {
+	var used uint64
+	err := d.objs.BwQuotaUsed.Lookup(uid, &used)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("read quota of UID %d: %w", uid, err)
+	}
+	return used, nil
+}
+
+// Budget returns the Policy that lets uid move at most remaining more bytes
+// in the directions dirs, counted from now, keeping its Blocked state.
+//
+// To never grant more than the true remainder, read QuotaUsed (this method
+// does) before the counters that remaining was computed from: bytes that pass
+// in between are then charged twice, never missed.
+func (d *Datapath) Budget(uid uint32, remaining uint64, dirs Direction) (Policy, error) {
+	cur, err := d.Policy(uid)
+	if err != nil {
+		return Policy{}, err
+	}
+	used, err := d.QuotaUsed(uid)
+	if err != nil {
+		return Policy{}, err
+	}
+	ceiling := used + remaining
+	if ceiling < used { // overflow: no practical limit
+		ceiling = ^uint64(0)
+	}
+	return Policy{Blocked: cur.Blocked, Quota: dirs, Ceiling: ceiling}, nil
+}
+
+// SetBudget gives uid a budget of remaining bytes in the directions dirs.
+func (d *Datapath) SetBudget(uid uint32, remaining uint64, dirs Direction) error {
+	if dirs == 0 {
+		return fmt.Errorf("budget of UID %d: no direction", uid)
+	}
+	p, err := d.Budget(uid, remaining, dirs)
+	if err != nil {
+		return err
+	}
+	return d.SetPolicy(uid, p)
+}
+
+// Block drops all of uid's traffic, keeping its budget.
+func (d *Datapath) Block(uid uint32) error {
+	p, err := d.Policy(uid)
+	if err != nil {
+		return err
+	}
+	p.Blocked = true
+	return d.SetPolicy(uid, p)
+}
+
+// Unblock lets uid's traffic through again, within its budget if it has
+// one.
+func (d *Datapath) Unblock(uid uint32) error {
+	p, err := d.Policy(uid)
+	if err != nil {
+		return err
+	}
+	p.Blocked = false
+	return d.SetPolicy(uid, p)
+}
+
+// Stats returns the data plane's event counters, summed over CPUs.
+func (d *Datapath) Stats() (Stats, error) {
+	var vals [statMax]uint64
+	for i := range vals {
+		var per []uint64
+		if err := d.objs.BwStats.Lookup(uint32(i), &per); err != nil {
+			return Stats{}, fmt.Errorf("read stats: %w", err)
+		}
+		for _, v := range per {
+			vals[i] += v
+		}
+	}
+	return Stats{
+		CountersFull:   vals[statCountersFull],
+		DroppedBlocked: vals[statDropBlocked],
+		DroppedQuota:   vals[statDropQuota],
+		QuotaFull:      vals[statQuotaFull],
+	}, nil
+}
+
+// RunStats returns the programs' combined run time in nanoseconds and run
+// count. They grow only while kernel.bpf_stats_enabled is 1 (see
+// ebpf.EnableStats).
+func (d *Datapath) RunStats() (ns, runs uint64, err error) {
+	for _, p := range []*ebpf.Program{d.objs.BwIngress, d.objs.BwEgress} {
+		s, err := p.Stats()
+		if err != nil {
+			return 0, 0, fmt.Errorf("program stats: %w", err)
+		}
+		ns += uint64(s.Runtime.Nanoseconds())
+		runs += s.RunCount
+	}
+	return ns, runs, nil
+}
