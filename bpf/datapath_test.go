@@ -555,3 +555,45 @@ func TestReconcilePolicies(t *testing.T) {
 		}
 	}
 }
+
+// An explicit uninstall detaches both programs and removes every pin; a
+// plain Close (a normal stop) leaves both in place.
+func TestUninstall(t *testing.T) {
+	e := newEnv(t)
+	const user, server = 2601, 2602
+	srv := e.start(t, true, server, "udp-echo", listenAddr(e.net.B4))
+	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
+	done(t, e.start(t, false, user, "udp-client", addr, "10", "100"))
+	if e.counters(t, user).TxPackets != 10 {
+		t.Fatalf("traffic not counted: %+v", e.counters(t, user))
+	}
+	if err := e.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.dp = e.load(t)
+	if got := e.counters(t, user).TxPackets; got != 10 {
+		t.Errorf("close and load lost counters: %d packets", got)
+	}
+	if err := e.dp.Uninstall(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(e.pin); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pin directory left: %v", err)
+	}
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInetIngress, ebpf.AttachCGroupInetEgress} {
+		f, err := os.Open(e.cgroup)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: typ})
+		f.Close()
+		if err != nil || len(res.Programs) != 0 {
+			t.Errorf("%v programs after uninstall: %v %v", typ, res, err)
+		}
+	}
+	// A new install starts from zero.
+	e.dp = e.load(t)
+	if got := e.counters(t, user); got != (bpf.Counters{}) {
+		t.Errorf("counters after uninstall: %+v", got)
+	}
+}
