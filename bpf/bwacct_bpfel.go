@@ -32,12 +32,13 @@ type bwacctPolicy struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	bwacctMapBwCounters  = "bw_counters"
-	bwacctMapBwPolicy    = "bw_policy"
-	bwacctMapBwQuotaUsed = "bw_quota_used"
-	bwacctMapBwStats     = "bw_stats"
-	bwacctProgBwEgress   = "bw_egress"
-	bwacctProgBwIngress  = "bw_ingress"
+	bwacctMapBwCounters   = "bw_counters"
+	bwacctMapBwPolicy     = "bw_policy"
+	bwacctMapBwPolicyBits = "bw_policy_bits"
+	bwacctMapBwQuotaUsed  = "bw_quota_used"
+	bwacctMapBwStats      = "bw_stats"
+	bwacctProgBwEgress    = "bw_egress"
+	bwacctProgBwIngress   = "bw_ingress"
 )
 
 // loadBwacct returns the embedded CollectionSpec for bwacct.
@@ -90,10 +91,11 @@ type bwacctProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bwacctMapSpecs struct {
-	BwCounters  *ebpf.MapSpec `ebpf:"bw_counters"`
-	BwPolicy    *ebpf.MapSpec `ebpf:"bw_policy"`
-	BwQuotaUsed *ebpf.MapSpec `ebpf:"bw_quota_used"`
-	BwStats     *ebpf.MapSpec `ebpf:"bw_stats"`
+	BwCounters   *ebpf.MapSpec `ebpf:"bw_counters"`
+	BwPolicy     *ebpf.MapSpec `ebpf:"bw_policy"`
+	BwPolicyBits *ebpf.MapSpec `ebpf:"bw_policy_bits"`
+	BwQuotaUsed  *ebpf.MapSpec `ebpf:"bw_quota_used"`
+	BwStats      *ebpf.MapSpec `ebpf:"bw_stats"`
 }
 
 // bwacctVariableSpecs contains global variables before they are loaded into the kernel.
@@ -122,16 +124,18 @@ func (o *bwacctObjects) Close() error {
 //
 // It can be passed to loadBwacctObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bwacctMaps struct {
-	BwCounters  *ebpf.Map `ebpf:"bw_counters"`
-	BwPolicy    *ebpf.Map `ebpf:"bw_policy"`
-	BwQuotaUsed *ebpf.Map `ebpf:"bw_quota_used"`
-	BwStats     *ebpf.Map `ebpf:"bw_stats"`
+	BwCounters   *ebpf.Map `ebpf:"bw_counters"`
+	BwPolicy     *ebpf.Map `ebpf:"bw_policy"`
+	BwPolicyBits *ebpf.Map `ebpf:"bw_policy_bits"`
+	BwQuotaUsed  *ebpf.Map `ebpf:"bw_quota_used"`
+	BwStats      *ebpf.Map `ebpf:"bw_stats"`
 }
 
 func (m *bwacctMaps) Close() error {
 	return _BwacctClose(
 		m.BwCounters,
 		m.BwPolicy,
+		m.BwPolicyBits,
 		m.BwQuotaUsed,
 		m.BwStats,
 	)

@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -157,6 +158,9 @@ type Datapath struct {
 	objs      bwacctObjects
 	links     map[ebpf.AttachType]link.Link
 	protected map[uint32]bool
+
+	// mu serialises policy changes: the policy bits are read-modify-write.
+	mu sync.Mutex
 
 	// Reused buffers for batched counter reads.
 	keys   []uint32
@@ -353,7 +357,7 @@ func Uninstall(pinPath string) error {
 	if err != nil {
 		return permission(fmt.Errorf("uninstall: %w", err))
 	}
-	known := []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwQuotaUsed, bwacctMapBwStats}
+	known := []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwPolicyBits, bwacctMapBwQuotaUsed, bwacctMapBwStats}
 	for _, name := range linkPins {
 		known = append(known, name)
 	}

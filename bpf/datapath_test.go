@@ -153,19 +153,24 @@ func TestCountsPerUID(t *testing.T) {
 			t.Logf("client sent %d received %d, counted %+v", cs, cr, c)
 			// What a socket sent is counted to the byte. What it received
 			// is counted when the kernel delivers it to the socket, so a
-			// datagram dropped at a full receive buffer is counted too.
+			// datagram dropped at a full receive buffer is counted too:
+			// received counts lie between what the application read and
+			// what the peer sent.
 			if c.TxBytes != wire(cs) || c.TxPackets != cs/size {
 				t.Errorf("client sent %d datagrams = %d wire bytes; counted %d bytes %d packets", cs/size, wire(cs), c.TxBytes, c.TxPackets)
 			}
-			if s.TxBytes != wire(ss) {
+			if s.TxBytes != wire(ss) || s.TxPackets != ss/size {
 				t.Errorf("server sent %d wire bytes; counted %d", wire(ss), s.TxBytes)
 			}
 			for _, rx := range []struct {
-				who              string
-				counted, payload uint64
-			}{{"client", c.RxBytes, cr}, {"server", s.RxBytes, sr}} {
-				if rx.counted < wire(rx.payload) || float64(rx.counted) > float64(wire(rx.payload))*1.01 {
-					t.Errorf("%s received %d wire bytes; counted %d", rx.who, wire(rx.payload), rx.counted)
+				who                 string
+				counted, read, sent uint64
+			}{{"client", c.RxBytes, cr, ss}, {"server", s.RxBytes, sr, cs}} {
+				if rx.counted < wire(rx.read) || rx.counted > wire(rx.sent) {
+					t.Errorf("%s counted %d received bytes; read %d, peer sent %d", rx.who, rx.counted, wire(rx.read), wire(rx.sent))
+				}
+				if rx.counted%(size+fam.ipHdr+8) != 0 {
+					t.Errorf("%s counted %d received bytes: not whole datagrams", rx.who, rx.counted)
 				}
 			}
 			if sr < count*size*9/10 {
@@ -251,6 +256,26 @@ func TestBlockStopsBothDirections(t *testing.T) {
 	if s, r := done(t, ok); s != 1000 || r != 1000 {
 		t.Errorf("new connection after unblock moved %d/%d", s, r)
 	}
+}
+
+// UIDs above the range of the policy bits take the hash lookup every time:
+// blocking them works the same.
+func TestBlockHighUID(t *testing.T) {
+	e := newEnv(t)
+	const user, server = 3_000_000, 2702
+	if err := e.dp.Block(user); err != nil {
+		t.Fatal(err)
+	}
+	srv := e.start(t, true, server, "udp-echo", listenAddr(e.net.B4))
+	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
+	c := e.start(t, false, user, "udp-client", addr, "10", "100")
+	if err := c.Wait(10 * time.Second); err == nil || !strings.Contains(c.Last(), "operation not permitted") {
+		t.Errorf("blocked UID %d sent: %v %q", user, err, c.Last())
+	}
+	if err := e.dp.Unblock(user); err != nil {
+		t.Fatal(err)
+	}
+	done(t, e.start(t, false, user, "udp-client", addr, "10", "100"))
 }
 
 // Test 3: a budget of B bytes lets at most B bytes through, however fast
@@ -542,6 +567,39 @@ func TestReconcilePolicies(t *testing.T) {
 	if n, err := e.dp.ReconcilePolicies(want); err != nil || n != 2 {
 		t.Errorf("repair wrote %d (%v), want 2", n, err)
 	}
+	// Someone clears a word of the policy bits: the policies of its 64 UIDs
+	// would no longer be looked at. Reconcile puts it back.
+	bits, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_policy_bits"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bits.Close()
+	const word = 10048 / 64
+	var before uint64
+	if err := bits.Lookup(uint32(word), &before); err != nil || before == 0 {
+		t.Fatalf("bits of UIDs 10048-10111: %x, %v", before, err)
+	}
+	if err := bits.Put(uint32(word), uint64(0)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.dp.ReconcilePolicies(want); err != nil {
+		t.Fatal(err)
+	}
+	var after uint64
+	if err := bits.Lookup(uint32(word), &after); err != nil || after != before {
+		t.Errorf("bits not repaired: %x, want %x (%v)", after, before, err)
+	}
+	// Bits of UIDs without a policy are cleared.
+	if _, err := e.dp.ReconcilePolicies(nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := bits.Lookup(uint32(word), &after); err != nil || after != 0 {
+		t.Errorf("bits left after every policy went: %x (%v)", after, err)
+	}
+	if _, err := e.dp.ReconcilePolicies(want); err != nil {
+		t.Fatal(err)
+	}
+
 	got, err := e.dp.Policies()
 	if err != nil {
 		t.Fatal(err)

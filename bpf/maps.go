@@ -3,6 +3,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/cilium/ebpf"
 )
@@ -48,18 +49,92 @@ func (d *Datapath) Counters(dst map[uint32]Counters) error {
 // Protected reports whether uid can never be blocked or budgeted.
 func (d *Datapath) Protected(uid uint32) bool { return d.protected[uid] }
 
+// policyBitsUIDs must match POLICY_BITS_UIDS in bwacct.c: UIDs below it
+// have a bit in bw_policy_bits.
+const policyBitsUIDs = 1 << 20
+
 // SetPolicy makes the kernel enforce p for uid; the zero Policy removes
 // the UID's entry (and its quota accounting).
 func (d *Datapath) SetPolicy(uid uint32, p Policy) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.setPolicy(uid, p)
+}
+
+func (d *Datapath) setPolicy(uid uint32, p Policy) error {
 	if p.isZero() {
-		return d.deletePolicy(uid)
+		if err := d.deletePolicy(uid); err != nil {
+			return err
+		}
+		return d.setBit(uid, false)
 	}
 	if d.protected[uid] {
 		return fmt.Errorf("%w: %d", ErrProtectedUID, uid)
 	}
+	// The bit first: a policy whose bit is clear is not enforced.
+	if err := d.setBit(uid, true); err != nil {
+		return err
+	}
 	v := p.encode()
 	if err := d.objs.BwPolicy.Put(uid, &v); err != nil {
 		return fmt.Errorf("set policy of UID %d: %w", uid, err)
+	}
+	return nil
+}
+
+// setBit sets or clears uid's bit in bw_policy_bits.
+func (d *Datapath) setBit(uid uint32, on bool) error {
+	if uid >= policyBitsUIDs {
+		return nil
+	}
+	word := uid / 64
+	var bits uint64
+	if err := d.objs.BwPolicyBits.Lookup(word, &bits); err != nil {
+		return fmt.Errorf("read policy bits of UID %d: %w", uid, err)
+	}
+	next := bits &^ (1 << (uid % 64))
+	if on {
+		next = bits | 1<<(uid%64)
+	}
+	if next == bits {
+		return nil
+	}
+	if err := d.objs.BwPolicyBits.Put(word, next); err != nil {
+		return fmt.Errorf("write policy bits of UID %d: %w", uid, err)
+	}
+	return nil
+}
+
+// readBits returns every word of bw_policy_bits.
+func (d *Datapath) readBits() ([]uint64, error) {
+	bits := make([]uint64, policyBitsUIDs/64)
+	keys := make([]uint32, len(bits))
+	var cursor ebpf.MapBatchCursor
+	n, err := d.objs.BwPolicyBits.BatchLookup(&cursor, keys, bits, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, fmt.Errorf("read policy bits: %w", err)
+	}
+	if n != len(bits) {
+		return nil, fmt.Errorf("read policy bits: got %d of %d words", n, len(bits))
+	}
+	return bits, nil
+}
+
+// writeBits writes the words of want that differ from have.
+func (d *Datapath) writeBits(have, want []uint64) error {
+	var keys []uint32
+	var vals []uint64
+	for i := range want {
+		if want[i] != have[i] {
+			keys = append(keys, uint32(i))
+			vals = append(vals, want[i])
+		}
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	if _, err := d.objs.BwPolicyBits.BatchUpdate(keys, vals, nil); err != nil {
+		return fmt.Errorf("write policy bits: %w", err)
 	}
 	return nil
 }
@@ -108,17 +183,38 @@ func (d *Datapath) Policies() (map[uint32]Policy, error) {
 }
 
 // ReconcilePolicies makes the kernel's policy map equal to desired: it
-// writes only the entries that differ and deletes the UIDs desired lacks.
-// It returns the number of entries written or deleted. A protected UID in
-// desired is an error and nothing is changed.
+// writes only the entries that differ and deletes the UIDs desired lacks,
+// and repairs the policy bits. It returns the number of policies written or
+// deleted. A protected UID in desired is an error and nothing is changed.
 func (d *Datapath) ReconcilePolicies(desired map[uint32]Policy) (int, error) {
 	for uid, p := range desired {
 		if !p.isZero() && d.protected[uid] {
 			return 0, fmt.Errorf("%w: %d", ErrProtectedUID, uid)
 		}
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	have, err := d.Policies()
 	if err != nil {
+		return 0, err
+	}
+	haveBits, err := d.readBits()
+	if err != nil {
+		return 0, err
+	}
+	wantBits := make([]uint64, len(haveBits))
+	for uid, p := range desired {
+		if !p.isZero() && uid < policyBitsUIDs {
+			wantBits[uid/64] |= 1 << (uid % 64)
+		}
+	}
+	// Bits of new policies go in before the policies, stale bits come out
+	// after the policies are gone: the kernel never misses a policy.
+	union := slices.Clone(haveBits)
+	for i := range union {
+		union[i] |= wantBits[i]
+	}
+	if err := d.writeBits(haveBits, union); err != nil {
 		return 0, err
 	}
 	var putKeys, delKeys []uint32
@@ -146,6 +242,9 @@ func (d *Datapath) ReconcilePolicies(desired map[uint32]Policy) (int, error) {
 		if err := d.deletePolicy(uid); err != nil {
 			return len(putKeys), err
 		}
+	}
+	if err := d.writeBits(union, wantBits); err != nil {
+		return len(putKeys) + len(delKeys), err
 	}
 	return len(putKeys) + len(delKeys), nil
 }
@@ -191,32 +290,38 @@ func (d *Datapath) SetBudget(uid uint32, remaining uint64, dirs Direction) error
 	if dirs == 0 {
 		return fmt.Errorf("budget of UID %d: no direction", uid)
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	p, err := d.Budget(uid, remaining, dirs)
 	if err != nil {
 		return err
 	}
-	return d.SetPolicy(uid, p)
+	return d.setPolicy(uid, p)
 }
 
 // Block drops all of uid's traffic, keeping its budget.
 func (d *Datapath) Block(uid uint32) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	p, err := d.Policy(uid)
 	if err != nil {
 		return err
 	}
 	p.Blocked = true
-	return d.SetPolicy(uid, p)
+	return d.setPolicy(uid, p)
 }
 
 // Unblock lets uid's traffic through again, within its budget if it has
 // one.
 func (d *Datapath) Unblock(uid uint32) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	p, err := d.Policy(uid)
 	if err != nil {
 		return err
 	}
 	p.Blocked = false
-	return d.SetPolicy(uid, p)
+	return d.setPolicy(uid, p)
 }
 
 // Stats returns the data plane's event counters, summed over CPUs.

@@ -249,7 +249,7 @@ func udpClient(args []string) error {
 			return fmt.Errorf("datagram %d: %w", i, err)
 		}
 		sent += uint64(size)
-		if i%32 == 31 {
+		if i%16 == 15 {
 			time.Sleep(time.Millisecond) // let the echo side keep up
 		}
 	}
