@@ -300,27 +300,20 @@ func (d *Datapath) SetBudget(uid uint32, remaining uint64, dirs Direction) error
 }
 
 // Block drops all of uid's traffic, keeping its budget.
-func (d *Datapath) Block(uid uint32) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	p, err := d.Policy(uid)
-	if err != nil {
-		return err
-	}
-	p.Blocked = true
-	return d.setPolicy(uid, p)
-}
+func (d *Datapath) Block(uid uint32) error { return d.setBlocked(uid, true) }
 
 // Unblock lets uid's traffic through again, within its budget if it has
 // one.
-func (d *Datapath) Unblock(uid uint32) error {
+func (d *Datapath) Unblock(uid uint32) error { return d.setBlocked(uid, false) }
+
+func (d *Datapath) setBlocked(uid uint32, blocked bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	p, err := d.Policy(uid)
 	if err != nil {
 		return err
 	}
-	p.Blocked = false
+	p.Blocked = blocked
 	return d.setPolicy(uid, p)
 }
 
