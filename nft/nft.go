@@ -106,10 +106,18 @@ type Firewall struct {
 	chain     string
 	protected map[uint32]bool
 
-	mu     sync.Mutex // serialises the batches of conn and guards closed
+	mu     sync.Mutex // serialises the batches of conn and guards what follows
 	conn   *nftables.Conn
 	sock   *netlink.Conn // conn's socket, for its buffer sizes
+	gen    *netlink.Conn // for ruleset generation queries
 	closed bool
+
+	// verifiedGen is a ruleset generation at which the table was found
+	// intact and holding exactly verifiedSet; 0 when unknown. While the
+	// generation stays the same, nobody changed any table, and Reconcile
+	// with the same UIDs has nothing to read or do.
+	verifiedGen uint32
+	verifiedSet []uint32
 }
 
 // New validates cfg and opens a netlink connection in cfg.NetNS. It does not
@@ -148,7 +156,12 @@ func New(cfg Config) (*Firewall, error) {
 	if err != nil {
 		return nil, wrap("open netlink socket", err)
 	}
-	f.conn = conn
+	gen, err := dialGeneration(cfg.NetNS)
+	if err != nil {
+		conn.CloseLasting()
+		return nil, wrap("open netlink socket", err)
+	}
+	f.conn, f.gen = conn, gen
 	return f, nil
 }
 
@@ -246,7 +259,8 @@ func (f *Firewall) Close() error {
 		return nil
 	}
 	f.closed = true
-	if err := f.conn.CloseLasting(); err != nil {
+	err := errors.Join(f.conn.CloseLasting(), f.gen.Close())
+	if err != nil {
 		return wrap("close netlink socket", err)
 	}
 	return nil

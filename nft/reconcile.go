@@ -50,6 +50,16 @@ func (f *Firewall) Reconcile(desired []uint32) (Result, error) {
 	if f.closed {
 		return Result{}, fmt.Errorf("nft: %w", ErrClosed)
 	}
+	// The generation is read before the state: if anything changes in
+	// between, the next call sees a newer generation and reads again.
+	gen, err := readGeneration(f.gen)
+	if err != nil {
+		return Result{}, wrap("get ruleset generation", err)
+	}
+	if gen != 0 && gen == f.verifiedGen && slices.Equal(want, f.verifiedSet) {
+		return Result{}, nil
+	}
+	f.verifiedGen = 0
 	intact, have, err := f.read()
 	if err != nil {
 		return Result{}, err
@@ -61,6 +71,8 @@ func (f *Firewall) Reconcile(desired []uint32) (Result, error) {
 		err = f.rebuild(want)
 	case len(add) > 0 || len(del) > 0:
 		err = f.update(add, del)
+	default:
+		f.verifiedGen, f.verifiedSet = gen, want
 	}
 	if err != nil {
 		return Result{}, err
