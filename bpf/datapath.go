@@ -35,6 +35,7 @@ var (
 	ErrIncompatiblePin = errors.New("pinned maps have an incompatible layout")
 	ErrKernelTooOld    = errors.New("kernel too old")
 	ErrProtectedUID    = errors.New("UID is protected and cannot be blocked or limited")
+	ErrInUse           = errors.New("pin directory is in use by another agent")
 )
 
 // Defaults for Config.
@@ -158,6 +159,7 @@ type Datapath struct {
 	objs      bwacctObjects
 	links     map[ebpf.AttachType]link.Link
 	protected map[uint32]bool
+	lock      *os.File // flock on the pin directory
 
 	// mu serialises policy changes: the policy bits are read-modify-write.
 	mu sync.Mutex
@@ -206,6 +208,38 @@ func Load(cfg Config) (*Datapath, error) {
 	if err := checkBPFFS(cfg.PinPath); err != nil {
 		return nil, err
 	}
+	lock, err := lockPinDir(cfg.PinPath)
+	if err != nil {
+		return nil, err
+	}
+	d, err := load(cfg, st.Ino)
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	d.lock = lock
+	return d, nil
+}
+
+// lockPinDir takes an exclusive lock on the pin directory, held until the
+// returned file is closed, so two agents never drive the same pins and an
+// uninstall never races a running agent.
+func lockPinDir(dir string) (*os.File, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, permission(fmt.Errorf("open pin directory: %w", err))
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: %s (stop it first: systemctl stop bwagent)", ErrInUse, dir)
+		}
+		return nil, fmt.Errorf("lock pin directory %s: %w", dir, err)
+	}
+	return f, nil
+}
+
+func load(cfg Config, cgroupID uint64) (*Datapath, error) {
 	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, permission(fmt.Errorf("raise memlock limit: %w", err))
@@ -221,7 +255,7 @@ func Load(cfg Config) (*Datapath, error) {
 
 	d := &Datapath{
 		cfg:       cfg,
-		cgroupID:  st.Ino,
+		cgroupID:  cgroupID,
 		links:     make(map[ebpf.AttachType]link.Link),
 		protected: map[uint32]bool{0: true, 65534: true},
 	}
@@ -325,9 +359,19 @@ func (d *Datapath) attachedHere(l link.Link) bool {
 // Close releases the agent's handles. Pins and attachments stay, so the
 // kernel keeps counting and enforcing while no agent runs.
 func (d *Datapath) Close() error {
+	err := d.release()
+	if d.lock != nil {
+		d.lock.Close()
+		d.lock = nil
+	}
+	return err
+}
+
+func (d *Datapath) release() error {
 	var errs []error
-	for _, l := range d.links {
+	for typ, l := range d.links {
 		errs = append(errs, l.Close())
+		delete(d.links, typ)
 	}
 	errs = append(errs, d.objs.Close())
 	return errors.Join(errs...)
@@ -339,17 +383,35 @@ func (d *Datapath) Uninstall() error {
 	for _, l := range d.links {
 		l.Unpin()
 	}
-	err := d.Close()
-	return errors.Join(err, Uninstall(d.cfg.PinPath))
+	err := errors.Join(d.release(), removePins(d.cfg.PinPath))
+	if d.lock != nil {
+		d.lock.Close()
+		d.lock = nil
+	}
+	return err
 }
 
 // Uninstall removes a data plane pinned under pinPath without loading it,
 // which also works when the pins have an incompatible layout. Removing the
-// last reference to the links detaches the programs.
+// last reference to the links detaches the programs. It fails with ErrInUse
+// while an agent has the pins loaded.
 func Uninstall(pinPath string) error {
 	if pinPath == "" {
 		pinPath = DefaultPinPath
 	}
+	lock, err := lockPinDir(pinPath)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+	return removePins(pinPath)
+}
+
+// removePins removes the pins Load makes under pinPath, and the directory.
+func removePins(pinPath string) error {
 	entries, err := os.ReadDir(pinPath)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil

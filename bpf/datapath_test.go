@@ -508,6 +508,27 @@ func TestLoadErrors(t *testing.T) {
 			t.Fatalf("got %q", p.Last())
 		}
 	})
+	t.Run("pins in use", func(t *testing.T) {
+		pin := newPin()
+		dp, err := bpf.Load(bpf.Config{CgroupPath: cg, PinPath: pin})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer dp.Close()
+		if _, err := bpf.Load(bpf.Config{CgroupPath: cg, PinPath: pin}); !errors.Is(err, bpf.ErrInUse) {
+			t.Errorf("second agent on the same pins: %v", err)
+		}
+		if err := bpf.Uninstall(pin); !errors.Is(err, bpf.ErrInUse) || !strings.Contains(err.Error(), "stop it first") {
+			t.Errorf("uninstall under a running agent: %v", err)
+		}
+		if _, err := os.Stat(filepath.Join(pin, "bw_counters")); err != nil {
+			t.Errorf("refused uninstall removed pins: %v", err)
+		}
+		dp.Close()
+		if err := bpf.Uninstall(pin); err != nil {
+			t.Errorf("uninstall after the agent stopped: %v", err)
+		}
+	})
 	t.Run("protected UIDs", func(t *testing.T) {
 		dp, err := bpf.Load(bpf.Config{CgroupPath: cg, PinPath: newPin(), ProtectedUIDs: []uint32{999}})
 		if err != nil {
