@@ -177,7 +177,11 @@ var linkPins = map[ebpf.AttachType]string{
 
 // Load loads the programs and maps, reusing pinned maps and links found
 // under cfg.PinPath, and makes sure each program is attached exactly once to
-// cfg.CgroupPath.
+// cfg.CgroupPath. The Datapath holds a lock on cfg.PinPath until Close: a
+// second Load of the same pins fails with ErrInUse.
+//
+// Counters is for one goroutine at a time (the agent's loop); the policy
+// methods may be called from any goroutine.
 func Load(cfg Config) (*Datapath, error) {
 	if err := checkKernel(kernelRelease()); err != nil {
 		return nil, err
