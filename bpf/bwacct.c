@@ -52,11 +52,15 @@ struct policy {
 	__u64 ceiling;
 };
 
+// Not preallocated: a per-CPU slot for every possible UID would take
+// max_entries x 32 bytes x CPUs (128 MiB on 64 CPUs); entries are made as
+// UIDs first send or receive.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__type(key, __u32);
 	__type(value, struct counters);
 	__uint(max_entries, MAX_UIDS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bw_counters SEC(".maps");
 
