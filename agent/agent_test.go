@@ -166,7 +166,7 @@ func TestStepEnforcesAndRepairsRealKernel(t *testing.T) {
 	if got, _ := fw.Blocked(); !slices.Equal(got, []uint32{victim}) {
 		t.Fatalf("nft set after one step: %v", got)
 	}
-	vs1, vr1 := v.Progress(t, 300*time.Millisecond)
+	vs1, vr1 := v.Progress(t, 500*time.Millisecond)
 	_, br1 := b.Progress(t, 10*time.Millisecond)
 	vs2, vr2 := v.Progress(t, time.Second)
 	_, br2 := b.Progress(t, 10*time.Millisecond)

@@ -211,7 +211,7 @@ func TestBlockStopsBothDirections(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Let in-flight data drain, then measure a quiet window.
-	vs1, vr1 := v.Progress(t, 300*time.Millisecond)
+	vs1, vr1 := v.Progress(t, 500*time.Millisecond)
 	_, br1 := b.Progress(t, 10*time.Millisecond)
 	vs2, vr2 := v.Progress(t, time.Second)
 	_, br2 := b.Progress(t, 10*time.Millisecond)
