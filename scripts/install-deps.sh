@@ -16,6 +16,7 @@ packages=(
 	iperf3                  # throughput benchmark
 	iproute2 conntrack
 	openssh-server          # SSH users in the agent's tests
+	protobuf-compiler       # protoc, for make generate (xraystats)
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -27,6 +28,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
 	apt-get update -qq
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# A real Xray server for xraystats' tests: built from the Go module proxy
+# (about a minute the first time), then skipped.
+"$(dirname "$0")/install-xray.sh"
 
 # Pinned maps live on bpffs; systemd mounts it, minimal machines may not.
 if ! mountpoint -q /sys/fs/bpf; then

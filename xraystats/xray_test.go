@@ -1,0 +1,508 @@
+package xraystats
+
+// Tests against real Xray processes: see harness_test.go for the fixtures.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/myvpn/bwagent/xraystats/internal/xraypb/handlercmdpb"
+	"github.com/myvpn/bwagent/xraystats/internal/xraypb/protocolpb"
+)
+
+// tolerance is how far a counter may be above the payload that the test
+// sent: 1% and 4 KiB. (Measured: it is exact, but nothing in Xray promises
+// that.)
+func tolerance(n int64) int64 { return n/100 + 4096 }
+
+// checkCounter fails t unless got is within the tolerance above want.
+func checkCounter(t *testing.T, what string, got, want int64) {
+	t.Helper()
+	if got < want || got > want+tolerance(want) {
+		t.Errorf("%s = %d, want %d (+%d at most)", what, got, want, tolerance(want))
+	}
+}
+
+// TestUserTraffic sends a different amount up and down as each user of each
+// protocol and reads it back from Xray's counters.
+func TestUserTraffic(t *testing.T) {
+	l := newLab(t)
+	ctx := t.Context()
+
+	type want struct{ up, down int64 }
+	wants := map[string]want{}
+	for i, u := range l.users {
+		up := int64(1<<20 + i*37*1024 + i)
+		down := int64(2<<20 - i*53*1024 + 3*i)
+		sent, recvd, err := l.transfer(u, up, down)
+		if err != nil {
+			t.Fatalf("%s (%s): %v", u.email, u.proto, err)
+		}
+		wants[u.email] = want{sent, recvd}
+	}
+
+	all, err := l.api.UserTraffic(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(all) != len(l.users) {
+		t.Errorf("UserTraffic has %d users, want %d: %v", len(all), len(l.users), all)
+	}
+	for _, u := range l.users {
+		w, got := wants[u.email], all[u.email]
+		checkCounter(t, u.email+" uplink", got.Uplink, w.up)
+		checkCounter(t, u.email+" downlink", got.Downlink, w.down)
+		t.Logf("%-16s %-9s uplink %8d (sent %8d, %+d)  downlink %8d (sent %8d, %+d)",
+			u.proto, u.email, got.Uplink, w.up, got.Uplink-w.up, got.Downlink, w.down, got.Downlink-w.down)
+
+		one, err := l.api.UserTrafficOf(ctx, u.email)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if one != got {
+			t.Errorf("UserTrafficOf(%q) = %+v, UserTraffic has %+v", u.email, one, got)
+		}
+	}
+	// alice is a prefix of alice2: their counters stay apart.
+	alice, _ := l.api.UserTrafficOf(ctx, "alice")
+	alice2, _ := l.api.UserTrafficOf(ctx, "alice2")
+	if alice.Uplink != wants["alice"].up || alice2.Uplink != wants["alice2"].up {
+		t.Errorf("alice %+v alice2 %+v, want uplinks %d and %d", alice, alice2, wants["alice"].up, wants["alice2"].up)
+	}
+	for _, missing := range []string{"alic", "lice", "alice3", "nobody"} {
+		if _, err := l.api.UserTrafficOf(ctx, missing); !errors.Is(err, ErrNotFound) {
+			t.Errorf("UserTrafficOf(%q): %v, want ErrNotFound", missing, err)
+		}
+	}
+	if _, err := l.api.UserTrafficOf(ctx, ""); !errors.Is(err, ErrInvalid) {
+		t.Errorf("UserTrafficOf(\"\"): %v, want ErrInvalid", err)
+	}
+
+	// Reads do not reset: a second transfer adds to the first.
+	sent, recvd, err := l.transfer(l.byEmail["alice"], 1000, 2000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := l.api.UserTrafficOf(ctx, "alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkCounter(t, "alice uplink after a second transfer", again.Uplink, wants["alice"].up+sent)
+	checkCounter(t, "alice downlink after a second transfer", again.Downlink, wants["alice"].down+recvd)
+}
+
+// TestOnlineIPs: while a user has a connection open, Xray lists its source
+// address; once closed, no more.
+func TestOnlineIPs(t *testing.T) {
+	l := newLab(t)
+	ctx := t.Context()
+	u := l.byEmail["vmess-a"]
+
+	if _, err := l.api.OnlineIPs(ctx, u.email); !errors.Is(err, ErrNotFound) {
+		t.Errorf("OnlineIPs before any connection: %v, want ErrNotFound", err)
+	}
+	e, err := l.openEcho(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if err := e.roundTrip(100); err != nil {
+		t.Fatal(err)
+	}
+	ips, err := l.api.OnlineIPs(ctx, u.email)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen, ok := ips[u.via]
+	if !ok || len(ips) != 1 {
+		t.Fatalf("OnlineIPs(%q) = %v, want just %s", u.email, ips, u.via)
+	}
+	if d := time.Since(time.Unix(seen, 0)); d < -time.Second || d > 10*time.Second {
+		t.Errorf("OnlineIPs(%q): %s last seen %v ago", u.email, u.via, d)
+	}
+	t.Logf("open connection: OnlineIPs(%q) = %v", u.email, ips)
+
+	e.Close()
+	var last map[string]int64
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if last, err = l.api.OnlineIPs(ctx, u.email); err != nil {
+			t.Fatal(err)
+		}
+		if len(last) == 0 {
+			break
+		}
+	}
+	if len(last) != 0 {
+		t.Errorf("OnlineIPs(%q) after the connection closed = %v, want none", u.email, last)
+	}
+}
+
+// TestRemoveAddUser blocks and unblocks one user of each protocol while
+// the other user of the same inbound goes on, and checks what happens to a
+// connection of the removed user that is open at the time.
+func TestRemoveAddUser(t *testing.T) {
+	l := newLab(t)
+	ctx := t.Context()
+	for _, pair := range [][2]string{
+		{"alice", "alice2"},
+		{"vmess-a", "vmess-b"},
+		{"trojan-a", "trojan-b"},
+		{"ss-a", "ss-b"},
+		{"ss22-a", "ss22-b"},
+	} {
+		a, b := l.byEmail[pair[0]], l.byEmail[pair[1]]
+		t.Run(a.proto, func(t *testing.T) {
+			// Both work, and a has a connection open.
+			for _, u := range []*testUser{a, b} {
+				if _, _, err := l.transfer(u, 10000, 10000); err != nil {
+					t.Fatalf("%s before removal: %v", u.email, err)
+				}
+			}
+			live, err := l.openEcho(a)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer live.Close()
+			if err := live.roundTrip(16 << 10); err != nil {
+				t.Fatal(err)
+			}
+			before, err := l.api.UserTrafficOf(ctx, a.email)
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			if err := l.api.RemoveUser(ctx, a.inbound, a.email); err != nil {
+				t.Fatal(err)
+			}
+			users, err := l.api.InboundUsers(ctx, a.inbound)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(users, []string{b.email}) {
+				t.Errorf("InboundUsers(%q) after removing %s = %q, want [%s]", a.inbound, a.email, users, b.email)
+			}
+			// New connections of a fail, b's work.
+			start := time.Now()
+			if err := l.probe(a); err == nil {
+				t.Errorf("%s: a new connection works after RemoveUser", a.email)
+			} else {
+				t.Logf("%s: a new connection after RemoveUser fails after %v: %v", a.email, time.Since(start).Round(time.Millisecond), err)
+			}
+			if _, _, err := l.transfer(b, 10000, 10000); err != nil {
+				t.Errorf("%s, not removed: %v", b.email, err)
+			}
+			// The connection that was open goes on, and is counted.
+			if err := live.roundTrip(16 << 10); err != nil {
+				t.Errorf("%s: open connection after RemoveUser: %v", a.email, err)
+			} else {
+				after, err := l.api.UserTrafficOf(ctx, a.email)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Logf("%s: open connection still flows after RemoveUser; counters %+v -> %+v", a.email, before, after)
+				checkCounter(t, a.email+" uplink growth on the open connection", after.Uplink-before.Uplink, 16<<10)
+				checkCounter(t, a.email+" downlink growth on the open connection", after.Downlink-before.Downlink, 16<<10)
+			}
+			live.Close()
+
+			if err := l.api.RemoveUser(ctx, a.inbound, a.email); !errors.Is(err, ErrNotFound) {
+				t.Errorf("RemoveUser of a removed user: %v, want ErrNotFound", err)
+			} else {
+				t.Logf("RemoveUser of a removed user: %v", err)
+			}
+
+			// Back again.
+			if err := l.api.AddUser(ctx, a.inbound, a.email, a.acct); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := l.transfer(a, 10000, 10000); err != nil {
+				t.Errorf("%s after AddUser: %v", a.email, err)
+			}
+			users, err = l.api.InboundUsers(ctx, a.inbound)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := []string{a.email, b.email}; !slices.Equal(users, want) {
+				t.Errorf("InboundUsers(%q) after AddUser = %q, want %q", a.inbound, users, want)
+			}
+			if err := l.api.AddUser(ctx, a.inbound, a.email, a.acct); !errors.Is(err, ErrExists) {
+				t.Errorf("AddUser of an existing user: %v, want ErrExists", err)
+			}
+			if err := l.api.AddUser(ctx, a.inbound, b.email, a.acct); !errors.Is(err, ErrExists) {
+				t.Errorf("AddUser of an existing email with another account: %v, want ErrExists", err)
+			}
+			// Pointers to accounts do as well.
+			if err := l.api.AddUser(ctx, a.inbound, a.email, pointerTo(a.acct)); !errors.Is(err, ErrExists) {
+				t.Errorf("AddUser of an existing user, account by pointer: %v, want ErrExists", err)
+			}
+		})
+	}
+
+	// Xray's own answer to adding an email that is there, without
+	// AddUser's check first: what classify maps to ErrExists.
+	t.Run("xray duplicate check", func(t *testing.T) {
+		for _, email := range []string{"alice2", "vmess-b", "trojan-b", "ss-b", "ss22-b"} {
+			u := l.byEmail[email]
+			am, err := accountMessage(u.acct)
+			if err != nil {
+				t.Fatal(err)
+			}
+			account, _ := typed(am)
+			op, _ := typed(&handlercmdpb.AddUserOperation{User: &protocolpb.User{Email: u.email, Account: account}})
+			err = l.api.call(ctx, "raw add", func(ctx context.Context) error {
+				_, err := l.api.handler.AlterInbound(ctx, &handlercmdpb.AlterInboundRequest{Tag: u.inbound, Operation: op})
+				return err
+			})
+			users, lerr := l.api.InboundUsers(ctx, u.inbound)
+			if lerr != nil {
+				t.Fatal(lerr)
+			}
+			t.Logf("%s: adding %s again: %v; users now %q", u.proto, u.email, err, users)
+			switch {
+			case err == nil:
+				// Xray took the duplicate (its Shadowsocks inbound does):
+				// remove one of the two.
+				if err := l.api.RemoveUser(ctx, u.inbound, u.email); err != nil {
+					t.Fatal(err)
+				}
+			case !errors.Is(err, ErrExists):
+				t.Errorf("%s: adding %s again: %v, want ErrExists", u.proto, u.email, err)
+			}
+			if _, _, err := l.transfer(u, 1000, 1000); err != nil {
+				t.Errorf("%s after the duplicate add: %v", u.email, err)
+			}
+		}
+	})
+
+	t.Run("errors", func(t *testing.T) {
+		for _, tc := range []struct {
+			name string
+			err  error
+			want error
+		}{
+			{"RemoveUser, no such inbound", l.api.RemoveUser(ctx, "nope-in", "alice"), ErrNotFound},
+			{"AddUser, no such inbound", l.api.AddUser(ctx, "nope-in", "carol", VLESS{ID: uuid()}), ErrNotFound},
+			{"InboundUsers, no such inbound", func() error { _, err := l.api.InboundUsers(ctx, "nope-in"); return err }(), ErrNotFound},
+			// Xray maps IDs of 1 to 30 bytes to UUIDs; longer ones must be UUIDs.
+			{"AddUser, bad UUID", l.api.AddUser(ctx, "vless-in", "carol", VLESS{ID: "this-is-not-a-uuid-and-too-long-for-one"}), ErrInvalid},
+			{"AddUser, unknown cipher", l.api.AddUser(ctx, "ss-in", "carol", Shadowsocks{Method: "rc4-md5", Password: "x"}), ErrInvalid},
+			{"AddUser, nil account", l.api.AddUser(ctx, "vless-in", "carol", nil), ErrInvalid},
+			{"AddUser, nil *VLESS", l.api.AddUser(ctx, "vless-in", "carol", (*VLESS)(nil)), ErrInvalid},
+			{"AddUser, empty email", l.api.AddUser(ctx, "vless-in", "", VLESS{ID: uuid()}), ErrInvalid},
+			{"RemoveUser, empty tag", l.api.RemoveUser(ctx, "", "alice"), ErrInvalid},
+		} {
+			if !errors.Is(tc.err, tc.want) {
+				t.Errorf("%s: %v, want %v", tc.name, tc.err, tc.want)
+			} else {
+				t.Logf("%s: %v", tc.name, tc.err)
+			}
+		}
+		// The failed adds added nobody.
+		users, err := l.api.InboundUsers(ctx, "vless-in")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := []string{"alice", "alice2"}; !slices.Equal(users, want) {
+			t.Errorf("InboundUsers(vless-in) = %q, want %q", users, want)
+		}
+	})
+}
+
+// pointerTo returns a pointer to a copy of acct.
+func pointerTo(acct Account) Account {
+	switch a := acct.(type) {
+	case VLESS:
+		return &a
+	case VMess:
+		return &a
+	case Trojan:
+		return &a
+	case Shadowsocks:
+		return &a
+	case Shadowsocks2022:
+		return &a
+	}
+	panic(fmt.Sprintf("account %T", acct))
+}
+
+// TestXrayDownAndRestart: calls fail fast while Xray is hung or stopped,
+// and after a restart the client reconnects by itself, the uptime went down
+// and the counters started again from zero.
+func TestXrayDownAndRestart(t *testing.T) {
+	l := newLab(t)
+	ctx := t.Context()
+	u := l.byEmail["trojan-a"]
+
+	sent, _, err := l.transfer(u, 300000, 200000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := l.api.UserTrafficOf(ctx, u.email)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkCounter(t, "uplink", before.Uplink, sent)
+	// Uptime has a resolution of a second: wait for it to be 1 s at least,
+	// so that going down shows.
+	var sys SysStats
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if sys, err = l.api.SysStats(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if sys.Uptime >= time.Second || time.Now().After(deadline) {
+			break
+		}
+	}
+	if sys.Uptime < time.Second || sys.NumGoroutine == 0 || sys.Sys == 0 {
+		t.Fatalf("SysStats = %+v", sys)
+	}
+
+	// Every call fails with ErrUnavailable within the per-call timeout.
+	calls := map[string]func() error{
+		"UserTraffic":   func() error { _, err := l.api.UserTraffic(ctx); return err },
+		"UserTrafficOf": func() error { _, err := l.api.UserTrafficOf(ctx, u.email); return err },
+		"SysStats":      func() error { _, err := l.api.SysStats(ctx); return err },
+		"OnlineIPs":     func() error { _, err := l.api.OnlineIPs(ctx, u.email); return err },
+		"InboundUsers":  func() error { _, err := l.api.InboundUsers(ctx, u.inbound); return err },
+		"RemoveUser":    func() error { return l.api.RemoveUser(ctx, u.inbound, u.email) },
+		"AddUser":       func() error { return l.api.AddUser(ctx, u.inbound, "carol", Trojan{Password: "x"}) },
+	}
+	checkUnavailable := func(state string, minTime time.Duration) {
+		t.Helper()
+		for name, call := range calls {
+			start := time.Now()
+			err := call()
+			took := time.Since(start)
+			if !errors.Is(err, ErrUnavailable) {
+				t.Errorf("%s, Xray %s: %v, want ErrUnavailable", name, state, err)
+			}
+			if took < minTime {
+				t.Errorf("%s, Xray %s: failed after %v, before the timeout", name, state, took)
+			}
+			within(t, fmt.Sprintf("%s, Xray %s", name, state), took, apiTimeout+200*time.Millisecond)
+			t.Logf("%s, Xray %s: %v after %v", name, state, err, took.Round(time.Millisecond))
+		}
+	}
+
+	// Hung (SIGSTOP): calls wait the timeout out, no longer.
+	l.server.stop()
+	checkUnavailable("hung", apiTimeout)
+	l.server.cont()
+	if _, err := l.api.SysStats(ctx); err != nil {
+		t.Fatalf("SysStats after SIGCONT: %v", err)
+	}
+
+	// Stopped: calls fail at once.
+	l.server.kill()
+	checkUnavailable("stopped", 0)
+	start := time.Now()
+	if _, err := Dial(ctx, l.apiAddr, WithTimeout(apiTimeout)); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("Dial, Xray stopped: %v, want ErrUnavailable", err)
+	}
+	within(t, "Dial, Xray stopped", time.Since(start), apiTimeout+200*time.Millisecond)
+
+	// Restarted: the same Client reconnects.
+	l.restartServer()
+	start = time.Now()
+	var sys2 SysStats
+	for {
+		if sys2, err = l.api.SysStats(ctx); err == nil {
+			break
+		}
+		if !errors.Is(err, ErrUnavailable) || time.Since(start) > 3*time.Second {
+			t.Fatalf("SysStats after restart: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("reconnected %v after the restart; uptime %v -> %v", time.Since(start).Round(time.Millisecond), sys.Uptime, sys2.Uptime)
+	if sys2.Uptime >= sys.Uptime {
+		t.Errorf("uptime after restart %v, before %v: want it lower", sys2.Uptime, sys.Uptime)
+	}
+	// Counters start again: none until the user's first connection, then
+	// only what came after the restart.
+	if all, err := l.api.UserTraffic(ctx); err != nil || len(all) != 0 {
+		t.Errorf("UserTraffic right after restart = %v, %v; want no users", all, err)
+	}
+	if _, err := l.api.UserTrafficOf(ctx, u.email); !errors.Is(err, ErrNotFound) {
+		t.Errorf("UserTrafficOf right after restart: %v, want ErrNotFound", err)
+	}
+	sent, recvd, err := l.transfer(u, 5000, 7000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := l.api.UserTrafficOf(ctx, u.email)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after != (Traffic{sent, recvd}) {
+		t.Errorf("traffic after restart = %+v, want {%d %d} (before the restart: %+v)", after, sent, recvd, before)
+	}
+	t.Logf("traffic before restart %+v; after the restart and %d/%d bytes: %+v", before, sent, recvd, after)
+}
+
+// TestDialErrors: Dial fails fast on nothing listening, and on an Xray
+// whose API lacks the StatsService.
+func TestDialErrors(t *testing.T) {
+	ctx := t.Context()
+	port := freePort(t)
+	start := time.Now()
+	_, err := Dial(ctx, fmt.Sprintf("127.0.0.1:%d", port))
+	if !errors.Is(err, ErrUnavailable) {
+		t.Errorf("Dial to a closed port: %v, want ErrUnavailable", err)
+	}
+	within(t, "Dial to a closed port", time.Since(start), DefaultTimeout+200*time.Millisecond)
+	if _, err := Dial(ctx, ""); !errors.Is(err, ErrInvalid) {
+		t.Errorf("Dial(\"\"): %v, want ErrInvalid", err)
+	}
+
+	// An Xray with only the HandlerService.
+	dir := t.TempDir()
+	for try := 0; ; try++ {
+		port = freePort(t)
+		cfg := map[string]any{
+			"log": map[string]any{"loglevel": "warning"},
+			"api": map[string]any{
+				"tag":      "api",
+				"listen":   fmt.Sprintf("127.0.0.1:%d", port),
+				"services": []string{"HandlerService"},
+			},
+			"outbounds": []any{map[string]any{"protocol": "freedom"}},
+		}
+		_, err := startXray(t, dir, fmt.Sprintf("handler-only%d", try), cfg, []int{port})
+		if err == nil {
+			break
+		}
+		if try == 2 {
+			t.Fatal(err)
+		}
+	}
+	_, err = Dial(ctx, fmt.Sprintf("127.0.0.1:%d", port))
+	if !errors.Is(err, ErrUnsupported) {
+		t.Errorf("Dial to an Xray without StatsService: %v, want ErrUnsupported", err)
+	}
+	t.Logf("Dial to an Xray without StatsService: %v", err)
+}
+
+// TestClosed: calls on a closed Client fail with ErrClosed.
+func TestClosed(t *testing.T) {
+	l := newLab(t)
+	ctx := t.Context()
+	c := l.dial()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	if _, err := c.SysStats(ctx); !errors.Is(err, ErrClosed) {
+		t.Errorf("SysStats after Close: %v, want ErrClosed", err)
+	}
+	// Another Client of the same server is not affected.
+	if _, err := l.api.SysStats(ctx); err != nil {
+		t.Error(err)
+	}
+}
