@@ -10,7 +10,7 @@ GO      ?= go
 BIN     := bin
 GOFILES := $(shell git ls-files '*.go' 2>/dev/null)
 
-.PHONY: all build generate deps test lint bench run clean
+.PHONY: all build generate deps test-deps test lint bench run clean
 
 all: build
 
@@ -23,8 +23,11 @@ generate:
 deps:
 	./scripts/install-deps.sh
 
+test-deps:
+	./scripts/install-deps.sh --test
+
 # Tests load BPF programs, create nft tables, namespaces and cgroups: root.
-test: deps
+test: test-deps
 	$(GO) test -count=1 -timeout 30m ./...
 
 lint:

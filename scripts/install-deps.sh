@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs what bwagent's build and tests need on a Debian machine, as root,
 # and mounts bpffs if nothing did. Safe to run again: it skips what is there.
+#
+#   install-deps.sh          what building and running the agent needs
+#   install-deps.sh --test   and what the tests need (an Xray server)
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -29,9 +32,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# A real Xray server for xraystats' tests: built from the Go module proxy
-# (about a minute the first time), then skipped.
-"$(dirname "$0")/install-xray.sh"
+# With --test: a real Xray server for xraystats' tests, built from the Go
+# module proxy (about a minute the first time), then skipped. Operators
+# bring their own Xray.
+if [ "${1:-}" = "--test" ]; then
+	"$(dirname "$0")/install-xray.sh"
+fi
 
 # Pinned maps live on bpffs; systemd mounts it, minimal machines may not.
 if ! mountpoint -q /sys/fs/bpf; then
