@@ -167,6 +167,8 @@ type Datapath struct {
 	// Reused buffers for batched counter reads.
 	keys   []uint32
 	values []bwacctCounters
+
+	epoch string // cached by Epoch
 }
 
 // linkPins names the pinned link of each attach type.

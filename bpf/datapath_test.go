@@ -370,6 +370,16 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	}
 	udp()
 	before := e.counters(t, user)
+	if one, err := e.dp.CountersOf(user); err != nil || one != before {
+		t.Errorf("CountersOf = %+v, %v; want %+v", one, err, before)
+	}
+	if none, err := e.dp.CountersOf(user + 100); err != nil || none != (bpf.Counters{}) {
+		t.Errorf("CountersOf unseen UID = %+v, %v", none, err)
+	}
+	epoch, err := e.dp.Epoch()
+	if err != nil || epoch == "" {
+		t.Fatalf("Epoch = %q, %v", epoch, err)
+	}
 	if err := e.dp.SetBudget(user, 1<<30, bpf.Both); err != nil {
 		t.Fatal(err)
 	}
@@ -380,6 +390,9 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	// Still counting with no agent running.
 	udp()
 	e.dp = e.load(t)
+	if again, _ := e.dp.Epoch(); again != epoch {
+		t.Errorf("epoch changed across a reload of the same pins: %q -> %q", epoch, again)
+	}
 	after := e.counters(t, user)
 	if after.TxBytes != 2*before.TxBytes || after.TxPackets != 2*before.TxPackets {
 		t.Errorf("counters across restart: before %+v after %+v", before, after)

@@ -3,7 +3,9 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"os"
 	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 )
@@ -350,4 +352,48 @@ func (d *Datapath) RunStats() (ns, runs uint64, err error) {
 		runs += s.RunCount
 	}
 	return ns, runs, nil
+}
+
+// CountersOf reads one UID's counters, summed over CPUs; a UID the kernel
+// has not seen has zero counters.
+func (d *Datapath) CountersOf(uid uint32) (Counters, error) {
+	var vals []bwacctCounters
+	err := d.objs.BwCounters.Lookup(uid, &vals)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return Counters{}, nil
+	}
+	if err != nil {
+		return Counters{}, fmt.Errorf("read counters of UID %d: %w", uid, err)
+	}
+	var c Counters
+	for _, v := range vals {
+		c.RxBytes += v.RxBytes
+		c.RxPackets += v.RxPackets
+		c.TxBytes += v.TxBytes
+		c.TxPackets += v.TxPackets
+	}
+	return c, nil
+}
+
+// Epoch names the lifetime of the counters: the boot and the counter map's
+// ID. Counters never go down within one epoch; a new epoch (a reboot, or the
+// maps removed and created anew) means they restarted from zero.
+func (d *Datapath) Epoch() (string, error) {
+	if d.epoch != "" {
+		return d.epoch, nil
+	}
+	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return "", fmt.Errorf("read boot id: %w", err)
+	}
+	info, err := d.objs.BwCounters.Info()
+	if err != nil {
+		return "", fmt.Errorf("counter map info: %w", err)
+	}
+	id, ok := info.ID()
+	if !ok {
+		return "", fmt.Errorf("counter map info: kernel reports no map ID")
+	}
+	d.epoch = fmt.Sprintf("%s/%d", strings.TrimSpace(string(boot)), id)
+	return d.epoch, nil
 }
