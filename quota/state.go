@@ -206,7 +206,7 @@ func (s *State) Advance(now time.Time, p Plan, r Rules, slack uint64) []Event {
 		s.Schedule, s.NextReset = sched, p.Reset.Next(now)
 	}
 	if !s.NextReset.IsZero() && !now.Before(s.NextReset) {
-		ev = append(ev, s.Reset(now, "Scheduled reset ("+s.Schedule+")")...)
+		ev = append(ev, s.Reset(now, "Usage reset (scheduled "+s.Schedule+")")...)
 		s.NextReset = p.Reset.Next(now)
 	}
 	if o := s.Override; o.Active {
@@ -225,7 +225,7 @@ func (s *State) Advance(now time.Time, p Plan, r Rules, slack uint64) []Event {
 		s.Blocked, s.Reason = true, reason
 		ev = append(ev, Event{Time: now, Action: ActBlock, Reason: reason})
 	case !want && s.Blocked:
-		ev = append(ev, Event{Time: now, Action: ActUnblock, Reason: "No longer " + unblockWhy(s.Reason)})
+		ev = append(ev, Event{Time: now, Action: ActUnblock, Reason: "Unblocked: no longer " + unblockWhy(s.Reason)})
 		s.Blocked, s.Reason, s.BlockTime = false, "", time.Time{}
 	}
 	return ev
@@ -300,7 +300,7 @@ func (s *State) Unblock(now time.Time, p Plan, d time.Duration) ([]Event, error)
 		return nil, ErrNotBlocked
 	}
 	s.Override = Override{Active: true, Limit: p.Limit}
-	why := "Manual unblock"
+	why := "Unblocked manually"
 	if d > 0 {
 		s.Override.Until = now.Add(d)
 		why += " for " + d.String()
