@@ -103,3 +103,5 @@ func sameNames(t testing.TB, what string, got, want []string) {
 		t.Errorf("%s = %q, want %q", what, got, want)
 	}
 }
+
+func mkfifo(path string) error { return unix.Mkfifo(path, 0o644) }
