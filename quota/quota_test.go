@@ -155,7 +155,7 @@ func TestAdvance(t *testing.T) {
 		{"limit lowered: override holds", nil, Plan{Limit: 900}, 0, "", Warning},
 		{"limit raised but still over: blocked again", nil, Plan{Limit: 1200}, 0, "block", Blocked},
 		{"limit raised above usage", nil, Plan{Limit: 3000}, 0, "unblock", Active},
-		{"disable", func(now time.Time) error { s.Disable(now); return nil }, Plan{Limit: 3000}, 0, "block", Disabled},
+		{"disable", func(now time.Time) error { s.Disable(now); return nil }, Plan{Limit: 3000}, 0, "", Disabled},
 		{"unblock refused while disabled", func(now time.Time) error {
 			if _, err := s.Unblock(now, lim, 0); !errors.Is(err, ErrDisabled) {
 				t.Errorf("unblock of a disabled user: %v", err)
@@ -163,7 +163,7 @@ func TestAdvance(t *testing.T) {
 			return nil
 		}, Plan{Limit: 3000}, 0, "", Disabled},
 		{"reset keeps disabled", func(now time.Time) error { s.Reset(now, ""); return nil }, Plan{Limit: 3000}, 0, "", Disabled},
-		{"enable", func(now time.Time) error { s.Enable(now); return nil }, Plan{Limit: 3000}, 0, "unblock", Active},
+		{"enable", func(now time.Time) error { s.Enable(now); return nil }, Plan{Limit: 3000}, 0, "", Active},
 		{"kernel slack: within 64 KiB counts as reached", add(2990, 0), Plan{Limit: 3000}, 64, "block", Blocked},
 		{"unblock for a while", func(now time.Time) error { _, err := s.Unblock(now, Plan{Limit: 3000}, time.Minute); return err }, Plan{Limit: 3000}, 64, "", Warning},
 		{"duration over: blocked again", func(time.Time) error { t0 = t0.Add(2 * time.Minute); return nil }, Plan{Limit: 3000}, 64, "block", Blocked},

@@ -181,14 +181,14 @@ func (s *State) Status(p Plan, r Rules) Status {
 	return Active
 }
 
-// Remaining returns the bytes left before the limit (0 when over it), and
-// false for an unlimited plan.
+// Remaining returns the bytes left before the limit (0 when over it or
+// blocked for it), and false for an unlimited plan.
 func (s *State) Remaining(p Plan, r Rules) (uint64, bool) {
 	if p.Limit == 0 {
 		return 0, false
 	}
 	used := s.Used(r)
-	if used >= p.Limit {
+	if used >= p.Limit || (s.Blocked && s.Reason == ReasonLimit) {
 		return 0, true
 	}
 	return p.Limit - used, true
@@ -270,21 +270,31 @@ func (s *State) Reset(now time.Time, why string) []Event {
 	return []Event{{Time: now, Action: ActReset, Reason: why}}
 }
 
-// Disable blocks the user administratively until Enable.
+// Disable blocks the user administratively until Enable. The block takes
+// effect at once, with ReasonDisabled, and is recorded as a disable.
 func (s *State) Disable(now time.Time) []Event {
 	if s.Disabled {
 		return nil
 	}
 	s.Disabled = true
+	if !s.Blocked {
+		s.BlockTime = now
+	}
+	s.Blocked, s.Reason = true, ReasonDisabled
 	return []Event{{Time: now, Action: ActDisable, Reason: ReasonDisabled}}
 }
 
-// Enable lifts Disable; the user's other blocks still apply.
+// Enable lifts Disable, recorded as an enable. The user's other blocks still
+// apply: the next Advance blocks a user over the limit again, recorded as a
+// block for the limit.
 func (s *State) Enable(now time.Time) []Event {
 	if !s.Disabled {
 		return nil
 	}
 	s.Disabled = false
+	if s.Blocked && s.Reason == ReasonDisabled {
+		s.Blocked, s.Reason, s.BlockTime = false, "", time.Time{}
+	}
 	return []Event{{Time: now, Action: ActEnable, Reason: "Enabled by administrator"}}
 }
 
