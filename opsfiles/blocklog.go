@@ -2,6 +2,7 @@ package opsfiles
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -94,8 +95,8 @@ const maxLogLine = 64 << 10
 // ReadLog parses the block log at path, times in loc (UTC if nil). Lines
 // that are not "timestamp | protocol | username | reason" with a TimeLayout
 // timestamp are skipped and counted in malformed; blank lines are ignored.
-// Fields are trimmed of surrounding spaces, and CRLF line ends are
-// accepted. A missing file is an empty log, not an error.
+// Fields are trimmed of surrounding spaces; CRLF line ends and a leading
+// UTF-8 byte order mark are accepted. A missing file is an empty log, not an error.
 //
 // (Deviation from the brief's ReadLog(path) ([]LogLine, error): the count of
 // malformed lines needs a result, and the timestamps a location.)
@@ -112,8 +113,11 @@ func ReadLog(path string, loc *time.Location) (lines []LogLine, malformed int, e
 	}
 	defer f.Close()
 	r := bufio.NewReaderSize(f, maxLogLine)
-	for {
+	for first := true; ; first = false {
 		raw, err := r.ReadSlice('\n')
+		if first {
+			raw = bytes.TrimPrefix(raw, utf8BOM)
+		}
 		if errors.Is(err, bufio.ErrBufferFull) {
 			malformed++
 			for errors.Is(err, bufio.ErrBufferFull) { // skip the rest of the line

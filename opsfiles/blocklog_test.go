@@ -122,7 +122,7 @@ func TestReadLog(t *testing.T) {
 		t.Errorf("missing: %v %d %v", lines, malformed, err)
 	}
 	path := filepath.Join(dir, "blocked.log")
-	writeString(t, path, "2024-12-07 14:30:45 | ssh | john | Bandwidth Limit Reached\r\n"+
+	writeString(t, path, "\ufeff2024-12-07 14:30:45 | ssh | john | Bandwidth Limit Reached\r\n"+
 		"\n"+
 		"   \n"+
 		"garbage\n"+

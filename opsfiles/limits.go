@@ -76,14 +76,15 @@ func (e LineError) Unwrap() error { return e.Err }
 // limit, separated by spaces or tabs; LIMIT is read by quota.ParseLimit (a
 // bare number is MiB: "john 10240" is 10 GiB; also 500M, 10G, 1.5T,
 // unlimited, 0). '#' starts a comment at the start of a line or after a
-// space or tab, so a '#' inside a name is part of it; blank lines and CRLF
-// line ends are fine.
+// space or tab, so a '#' inside a name is part of it; blank lines, CRLF
+// line ends and a leading UTF-8 byte order mark are fine.
 //
 // Limits keeps every line as it was read, so Marshal gives back the file
 // byte for byte, and Set and Remove change only the lines they touch. The
 // zero value is an empty file.
 type Limits struct {
 	name  string
+	bom   string // a UTF-8 byte order mark the file started with, kept
 	lines []limitLine
 	index map[string]int // user → index in lines of the line that applies
 }
@@ -105,6 +106,9 @@ type limitLine struct {
 func ParseLimits(name string, data []byte) (*Limits, []LineError) {
 	l := &Limits{name: name}
 	rest := string(data)
+	if r, ok := strings.CutPrefix(rest, "\ufeff"); ok {
+		l.bom, rest = "\ufeff", r
+	}
 	for rest != "" {
 		var ln limitLine
 		text, after, found := strings.Cut(rest, "\n")
@@ -388,11 +392,12 @@ func (l *Limits) Remove(user string) bool {
 // Marshal returns the file's content: every line as read, except those Set
 // or Remove changed.
 func (l *Limits) Marshal() []byte {
-	n := 0
+	n := len(l.bom)
 	for _, ln := range l.lines {
 		n += len(ln.text) + len(ln.eol)
 	}
 	b := make([]byte, 0, n)
+	b = append(b, l.bom...)
 	for _, ln := range l.lines {
 		b = append(b, ln.text...)
 		b = append(b, ln.eol...)

@@ -187,6 +187,24 @@ func TestLimitsSetAppend(t *testing.T) {
 	}
 }
 
+func TestLimitsBOM(t *testing.T) {
+	in := "\ufeffjohn 1\r\njane 2\r\n"
+	l, errs := ParseLimits("", []byte(in))
+	if len(errs) != 0 {
+		t.Fatal(errs)
+	}
+	if _, ok := l.Lookup("john"); !ok {
+		t.Fatal("the byte order mark is part of the first name")
+	}
+	if string(l.Marshal()) != in {
+		t.Error("Marshal dropped the byte order mark")
+	}
+	l.Set(Entry{User: "john", Limit: 5 * quota.MiB})
+	if got := string(l.Marshal()); got != "\ufeffjohn 5\r\njane 2\r\n" {
+		t.Errorf("%q", got)
+	}
+}
+
 func TestLimitsSetFixesBadLine(t *testing.T) {
 	l, errs := ParseLimits("", []byte("john 10X # typo\njane 5\n"))
 	if len(errs) != 1 {
