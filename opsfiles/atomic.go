@@ -206,8 +206,7 @@ func checkFileName(name string) error {
 //
 // syncfs flushes all dirty data of the filesystem, not only this batch's:
 // on a filesystem busy with other writers it can take longer than a few
-// fsyncs, so for a handful of files WriteFile may be cheaper. Before Linux
-// 5.8 syncfs did not report writeback errors.
+// fsyncs. Before Linux 5.8 syncfs did not report writeback errors.
 func WriteBatch(dir string, files []File) []error {
 	return writeBatch(dir, files, true)
 }

