@@ -1,0 +1,371 @@
+package store
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"fmt"
+	"math"
+	"slices"
+	"strings"
+	"time"
+)
+
+// bg is the context of every database call: the store has no deadlines of
+// its own beyond SQLite's busy timeout.
+var bg = context.Background()
+
+// User is one user's persistent state: totals, today's usage, status and
+// reset schedule. Name is the key.
+type User struct {
+	Name     string
+	Protocol string // "ssh", "vmess", "vless", "trojan", "shadowsocks"
+	UID      uint32 // SSH users only; 0 otherwise
+
+	Up, Down uint64 // bytes since the last reset
+
+	Day            string // "YYYY-MM-DD": the local day DayUp and DayDown belong to
+	DayUp, DayDown uint64
+
+	Blocked     bool
+	BlockReason string
+	BlockTime   time.Time // zero when never blocked
+	Disabled    bool
+	LastReset   time.Time // zero when never reset
+
+	Unblocked    bool      // manual unblock override in force
+	UnblockLimit uint64    // the limit in force when the override was granted
+	UnblockUntil time.Time // zero: no end time
+
+	Schedule  string    // reset schedule text NextReset was computed from
+	NextReset time.Time // zero: none
+
+	UpdatedAt time.Time
+}
+
+// Baseline is the last sample of one counter source that has been folded
+// into the users' totals. Committing it together with the totals is what
+// makes a restart neither lose nor double count traffic.
+type Baseline struct {
+	Source string // e.g. "uid:1001" or "xray:alice@example"
+	// Epoch identifies the counter's lifetime (boot id and map id, Xray
+	// start time): a different epoch means the counter restarted from zero.
+	Epoch  string
+	Rx, Tx uint64
+}
+
+// DayUsage is one user's usage on one local day ("YYYY-MM-DD"), finished or
+// still running.
+type DayUsage struct {
+	Name, Day string
+	Up, Down  uint64
+}
+
+// Event is one entry of the event log: a change of a user's status.
+type Event struct {
+	ID       int64 // assigned by the store on commit; ignored on input
+	Time     time.Time
+	Protocol string
+	Name     string
+	Action   string // "block", "unblock", "disable", "enable", "reset", "limit", "import", ...
+	Reason   string
+	Logged   bool // appended to the operators' block log
+}
+
+// Batch is everything that changed in one tick. [Store.Commit] applies it
+// in one transaction, in this order: DropUsers and DropBaselines, then the
+// upserts of Users, Baselines and History, then Events, Logged and Meta. So
+// a key both dropped and upserted in the same batch ends up present, and an
+// entry listed twice ends up with its last value.
+type Batch struct {
+	Users         []User     // upserted, whole rows
+	DropUsers     []string   // names of users to delete (their History is kept)
+	Baselines     []Baseline // upserted
+	DropBaselines []string   // sources to delete
+	History       []DayUsage // upserted: absolute values for that name and day
+	// Events are appended. On success Commit sets each one's ID; on
+	// failure it leaves them alone, so the batch can be retried as it is.
+	Events []Event
+	Logged []int64 // IDs of earlier events to mark Logged; unknown IDs are ignored
+	// Meta is upserted. The key "schema_version" is reserved.
+	Meta map[string]string
+}
+
+// Empty reports whether the batch changes nothing.
+func (b *Batch) Empty() bool {
+	return b == nil || len(b.Users)+len(b.DropUsers)+len(b.Baselines)+len(b.DropBaselines)+
+		len(b.History)+len(b.Events)+len(b.Logged)+len(b.Meta) == 0
+}
+
+// writer is the connection all commits go through, with its statements
+// prepared once.
+type writer struct {
+	c *sql.Conn
+
+	delUser, delBaseline          *sql.Stmt
+	upUser, upBaseline, upHistory *sql.Stmt
+	insEvent, logEvent, upMeta    *sql.Stmt
+	stmts                         []*sql.Stmt
+	needRollback                  bool // a failed ROLLBACK may have left a transaction open
+}
+
+const (
+	// INSERT OR REPLACE rather than ON CONFLICT DO UPDATE: the rows are
+	// whole, there are no triggers or foreign keys, and it is measurably
+	// faster (one B-tree search instead of two for an existing row).
+	sqlUpsertUser = `INSERT OR REPLACE INTO users (name, protocol, uid, up, down, day, day_up,
+	day_down, blocked, block_reason, block_time, disabled, last_reset, unblocked,
+	unblock_limit, unblock_until, schedule, next_reset, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+	sqlUpsertBaseline = `INSERT OR REPLACE INTO baselines (source, epoch, rx, tx) VALUES (?, ?, ?, ?)`
+	sqlUpsertHistory  = `INSERT OR REPLACE INTO history (name, day, up, down) VALUES (?, ?, ?, ?)`
+	sqlInsertEvent    = `INSERT INTO events (time, protocol, name, action, reason, logged) VALUES (?, ?, ?, ?, ?, ?)`
+	sqlUpsertMeta     = `INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)`
+)
+
+// newWriter takes a connection out of db's pool for good, creates or
+// migrates the schema and prepares the commit statements.
+func newWriter(db *sql.DB) (*writer, error) {
+	c, err := db.Conn(bg)
+	if err != nil {
+		return nil, err
+	}
+	w := &writer{c: c}
+	if err := migrate(c); err != nil {
+		c.Close()
+		return nil, err
+	}
+	for _, p := range []struct {
+		s   **sql.Stmt
+		sql string
+	}{
+		{&w.delUser, "DELETE FROM users WHERE name = ?"},
+		{&w.delBaseline, "DELETE FROM baselines WHERE source = ?"},
+		{&w.upUser, sqlUpsertUser},
+		{&w.upBaseline, sqlUpsertBaseline},
+		{&w.upHistory, sqlUpsertHistory},
+		{&w.insEvent, sqlInsertEvent},
+		{&w.logEvent, "UPDATE events SET logged = 1 WHERE id = ?"},
+		{&w.upMeta, sqlUpsertMeta},
+	} {
+		if *p.s, err = c.PrepareContext(bg, p.sql); err != nil {
+			w.close()
+			return nil, fmt.Errorf("prepare %q: %w", strings.SplitN(p.sql, "\n", 2)[0], err)
+		}
+		w.stmts = append(w.stmts, *p.s)
+	}
+	return w, nil
+}
+
+func (w *writer) close() error {
+	for _, s := range w.stmts {
+		s.Close()
+	}
+	return w.c.Close()
+}
+
+// Commit applies b in one transaction: when it returns nil, all of b is
+// durable; when it returns an error, nothing of b was applied and b can be
+// retried unchanged. On success it sets the IDs of b.Events.
+//
+// An empty batch commits nothing and returns nil. A batch holding a value
+// the store cannot represent fails with [ErrInvalid]; another process
+// holding the write lock too long fails with [ErrLocked].
+func (s *Store) Commit(b *Batch) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed.Load() {
+		return s.wrap("commit to", ErrClosed)
+	}
+	if b.Empty() {
+		return nil
+	}
+	ids, err := s.commit(b)
+	if err != nil {
+		return fmt.Errorf("commit to state database %s: %w", s.path, classify(err))
+	}
+	for i := range b.Events {
+		b.Events[i].ID = ids[i]
+	}
+	return nil
+}
+
+func (s *Store) commit(b *Batch) (ids []int64, err error) {
+	w := s.w
+	if w.needRollback {
+		if _, err := w.c.ExecContext(bg, "ROLLBACK"); err == nil || strings.Contains(err.Error(), "no transaction is active") {
+			w.needRollback = false
+		}
+	}
+	if _, err := w.c.ExecContext(bg, "BEGIN IMMEDIATE"); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			// SQLite rolls back by itself after some errors; then
+			// ROLLBACK fails harmlessly.
+			if _, e := w.c.ExecContext(bg, "ROLLBACK"); e != nil && !strings.Contains(e.Error(), "no transaction is active") {
+				w.needRollback = true
+			}
+		}
+	}()
+	step := func(name string) error {
+		if s.hook != nil {
+			return s.hook(name)
+		}
+		return nil
+	}
+
+	for _, name := range b.DropUsers {
+		if _, err := w.delUser.Exec(name); err != nil {
+			return nil, fmt.Errorf("drop user %q: %w", name, err)
+		}
+	}
+	for _, src := range b.DropBaselines {
+		if _, err := w.delBaseline.Exec(src); err != nil {
+			return nil, fmt.Errorf("drop baseline %q: %w", src, err)
+		}
+	}
+	if err := step("drop"); err != nil {
+		return nil, err
+	}
+
+	for _, i := range sortedBy(b.Users, func(u *User) string { return u.Name }) {
+		u := &b.Users[i]
+		var t [5]int64
+		for j, f := range [...]struct {
+			name string
+			t    time.Time
+		}{
+			{"BlockTime", u.BlockTime}, {"LastReset", u.LastReset}, {"UnblockUntil", u.UnblockUntil},
+			{"NextReset", u.NextReset}, {"UpdatedAt", u.UpdatedAt},
+		} {
+			if t[j], err = unixNano(f.t); err != nil {
+				return nil, fmt.Errorf("user %q: %s: %w", u.Name, f.name, err)
+			}
+		}
+		if _, err := w.upUser.Exec(u.Name, u.Protocol, int64(u.UID), int64(u.Up), int64(u.Down),
+			u.Day, int64(u.DayUp), int64(u.DayDown), u.Blocked, u.BlockReason, t[0], u.Disabled,
+			t[1], u.Unblocked, int64(u.UnblockLimit), t[2], u.Schedule, t[3], t[4]); err != nil {
+			return nil, fmt.Errorf("user %q: %w", u.Name, err)
+		}
+	}
+	if err := step("users"); err != nil {
+		return nil, err
+	}
+
+	for _, i := range sortedBy(b.Baselines, func(b *Baseline) string { return b.Source }) {
+		bl := &b.Baselines[i]
+		if _, err := w.upBaseline.Exec(bl.Source, bl.Epoch, int64(bl.Rx), int64(bl.Tx)); err != nil {
+			return nil, fmt.Errorf("baseline %q: %w", bl.Source, err)
+		}
+	}
+	if err := step("baselines"); err != nil {
+		return nil, err
+	}
+
+	for i := range b.History {
+		h := &b.History[i]
+		if _, err := w.upHistory.Exec(h.Name, h.Day, int64(h.Up), int64(h.Down)); err != nil {
+			return nil, fmt.Errorf("history of %q on %s: %w", h.Name, h.Day, err)
+		}
+	}
+	if err := step("history"); err != nil {
+		return nil, err
+	}
+
+	ids = make([]int64, len(b.Events))
+	for i := range b.Events {
+		e := &b.Events[i]
+		t, err := unixNano(e.Time)
+		if err != nil {
+			return nil, fmt.Errorf("event %d (%s %q): Time: %w", i, e.Action, e.Name, err)
+		}
+		r, err := w.insEvent.Exec(t, e.Protocol, e.Name, e.Action, e.Reason, e.Logged)
+		if err != nil {
+			return nil, fmt.Errorf("event %d (%s %q): %w", i, e.Action, e.Name, err)
+		}
+		if ids[i], err = r.LastInsertId(); err != nil {
+			return nil, err
+		}
+	}
+	if err := step("events"); err != nil {
+		return nil, err
+	}
+
+	for _, id := range b.Logged {
+		if _, err := w.logEvent.Exec(id); err != nil {
+			return nil, fmt.Errorf("mark event %d logged: %w", id, err)
+		}
+	}
+	if err := step("logged"); err != nil {
+		return nil, err
+	}
+
+	for k, v := range b.Meta {
+		if k == schemaVersionKey {
+			return nil, fmt.Errorf("%w: meta key %q is reserved", ErrInvalid, k)
+		}
+		if _, err := w.upMeta.Exec(k, v); err != nil {
+			return nil, fmt.Errorf("meta %q: %w", k, err)
+		}
+	}
+	if err := step("meta"); err != nil {
+		return nil, err
+	}
+
+	if _, err := w.c.ExecContext(bg, "COMMIT"); err != nil {
+		return nil, err
+	}
+	return ids, nil
+}
+
+// sortedBy returns the indexes of xs in ascending order of key, equal keys in
+// their original order. Writing rows in key order visits each B-tree page
+// once, in order, instead of seeking all over the table.
+func sortedBy[T any](xs []T, key func(*T) string) []int {
+	idx := make([]int, len(xs))
+	for i := range idx {
+		idx[i] = i
+	}
+	if slices.IsSortedFunc(idx, func(i, j int) int { return strings.Compare(key(&xs[i]), key(&xs[j])) }) {
+		return idx
+	}
+	slices.SortFunc(idx, func(i, j int) int {
+		if c := strings.Compare(key(&xs[i]), key(&xs[j])); c != 0 {
+			return c
+		}
+		return cmp.Compare(i, j)
+	})
+	return idx
+}
+
+// Range of the times the store can hold: Unix nanoseconds in an int64.
+var (
+	minTime = time.Unix(0, math.MinInt64)
+	maxTime = time.Unix(0, math.MaxInt64)
+)
+
+// unixNano encodes t for the database: the zero time as 0, any other time as
+// its Unix nanoseconds.
+func unixNano(t time.Time) (int64, error) {
+	if t.IsZero() {
+		return 0, nil
+	}
+	if t.Before(minTime) || t.After(maxTime) {
+		return 0, fmt.Errorf("%w: time %s is outside the years 1678 to 2262", ErrInvalid, t.Format(time.RFC3339Nano))
+	}
+	n := t.UnixNano()
+	if n == 0 {
+		return 0, fmt.Errorf("%w: time %s is the Unix epoch, which stands for the zero time", ErrInvalid, t.Format(time.RFC3339Nano))
+	}
+	return n, nil
+}
+
+// fromUnixNano decodes a time written by unixNano, in time.Local.
+func fromUnixNano(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}

@@ -1,0 +1,192 @@
+package store
+
+import (
+	"database/sql"
+	"errors"
+)
+
+const sqlSelectUsers = `SELECT name, protocol, uid, up, down, day, day_up, day_down, blocked,
+	block_reason, block_time, disabled, last_reset, unblocked, unblock_limit, unblock_until,
+	schedule, next_reset, updated_at
+FROM users ORDER BY name`
+
+// Users returns every user, ordered by name.
+func (s *Store) Users() ([]User, error) {
+	us, err := s.users()
+	if err != nil {
+		return nil, s.wrap("read users from", err)
+	}
+	return us, nil
+}
+
+func (s *Store) users() ([]User, error) {
+	// Count first, in the same snapshot, so the slice is allocated once:
+	// growing it by appending would briefly need twice the memory.
+	tx, err := s.db.BeginTx(bg, &sql.TxOptions{ReadOnly: true})
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+	var n int
+	if err := tx.QueryRow("SELECT count(*) FROM users").Scan(&n); err != nil {
+		return nil, err
+	}
+	rows, err := tx.Query(sqlSelectUsers)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+
+	// Protocols, days, schedules and block reasons repeat across users:
+	// share one copy of each.
+	intern := make(map[string]string)
+	in := func(s string) string {
+		if v, ok := intern[s]; ok {
+			return v
+		}
+		intern[s] = s
+		return s
+	}
+
+	us := make([]User, 0, n)
+	var (
+		uid, up, down, dayUp, dayDown, unblockLimit      int64
+		blocked, disabled, unblocked                     bool
+		blockTime, lastReset, unblockUntil, next, update int64
+	)
+	for rows.Next() {
+		var u User
+		if err := rows.Scan(&u.Name, &u.Protocol, &uid, &up, &down, &u.Day, &dayUp, &dayDown,
+			&blocked, &u.BlockReason, &blockTime, &disabled, &lastReset, &unblocked,
+			&unblockLimit, &unblockUntil, &u.Schedule, &next, &update); err != nil {
+			return nil, err
+		}
+		u.Protocol, u.Day, u.BlockReason, u.Schedule = in(u.Protocol), in(u.Day), in(u.BlockReason), in(u.Schedule)
+		u.UID = uint32(uid)
+		u.Up, u.Down = uint64(up), uint64(down)
+		u.DayUp, u.DayDown = uint64(dayUp), uint64(dayDown)
+		u.Blocked, u.Disabled, u.Unblocked = blocked, disabled, unblocked
+		u.BlockTime = fromUnixNano(blockTime)
+		u.LastReset = fromUnixNano(lastReset)
+		u.UnblockLimit = uint64(unblockLimit)
+		u.UnblockUntil = fromUnixNano(unblockUntil)
+		u.NextReset = fromUnixNano(next)
+		u.UpdatedAt = fromUnixNano(update)
+		us = append(us, u)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return us, nil
+}
+
+// Baselines returns every counter baseline, ordered by source.
+func (s *Store) Baselines() ([]Baseline, error) {
+	rows, err := s.db.Query("SELECT source, epoch, rx, tx FROM baselines ORDER BY source")
+	if err != nil {
+		return nil, s.wrap("read baselines from", err)
+	}
+	defer rows.Close()
+	var bs []Baseline
+	for rows.Next() {
+		var b Baseline
+		var rx, tx int64
+		if err := rows.Scan(&b.Source, &b.Epoch, &rx, &tx); err != nil {
+			return nil, s.wrap("read baselines from", err)
+		}
+		b.Rx, b.Tx = uint64(rx), uint64(tx)
+		bs = append(bs, b)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, s.wrap("read baselines from", err)
+	}
+	return bs, nil
+}
+
+// History returns name's usage for the days from through to, both included
+// ("YYYY-MM-DD"; "" leaves that end open), in ascending order of day. An
+// empty name returns every user's days, ordered by day, then name.
+func (s *Store) History(name, from, to string) ([]DayUsage, error) {
+	q := "SELECT name, day, up, down FROM history WHERE (?1 = '' OR name = ?1) AND (?2 = '' OR day >= ?2) AND (?3 = '' OR day <= ?3) ORDER BY day, name"
+	if name != "" {
+		// Lets SQLite walk the primary key instead of sorting.
+		q = "SELECT name, day, up, down FROM history WHERE name = ?1 AND (?2 = '' OR day >= ?2) AND (?3 = '' OR day <= ?3) ORDER BY name, day"
+	}
+	rows, err := s.db.Query(q, name, from, to)
+	if err != nil {
+		return nil, s.wrap("read history from", err)
+	}
+	defer rows.Close()
+	var hs []DayUsage
+	for rows.Next() {
+		var h DayUsage
+		var up, down int64
+		if err := rows.Scan(&h.Name, &h.Day, &up, &down); err != nil {
+			return nil, s.wrap("read history from", err)
+		}
+		h.Up, h.Down = uint64(up), uint64(down)
+		hs = append(hs, h)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, s.wrap("read history from", err)
+	}
+	return hs, nil
+}
+
+// Events returns name's events, newest first, at most limit of them
+// (limit <= 0: all). An empty name returns every user's events.
+func (s *Store) Events(name string, limit int) ([]Event, error) {
+	if limit <= 0 {
+		limit = -1 // no limit, to SQLite
+	}
+	q := "SELECT id, time, protocol, name, action, reason, logged FROM events ORDER BY id DESC LIMIT ?2"
+	if name != "" {
+		q = "SELECT id, time, protocol, name, action, reason, logged FROM events WHERE name = ?1 ORDER BY id DESC LIMIT ?2"
+	}
+	es, err := s.events(q, name, limit)
+	if err != nil {
+		return nil, s.wrap("read events from", err)
+	}
+	return es, nil
+}
+
+// UnloggedEvents returns the events not yet marked Logged, oldest first.
+func (s *Store) UnloggedEvents() ([]Event, error) {
+	es, err := s.events("SELECT id, time, protocol, name, action, reason, logged FROM events WHERE logged = 0 ORDER BY id")
+	if err != nil {
+		return nil, s.wrap("read events from", err)
+	}
+	return es, nil
+}
+
+func (s *Store) events(q string, args ...any) ([]Event, error) {
+	rows, err := s.db.Query(q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var es []Event
+	for rows.Next() {
+		var e Event
+		var t int64
+		if err := rows.Scan(&e.ID, &t, &e.Protocol, &e.Name, &e.Action, &e.Reason, &e.Logged); err != nil {
+			return nil, err
+		}
+		e.Time = fromUnixNano(t)
+		es = append(es, e)
+	}
+	return es, rows.Err()
+}
+
+// Meta returns the value stored under key, and whether there is one.
+func (s *Store) Meta(key string) (string, bool, error) {
+	var v string
+	err := s.db.QueryRow("SELECT value FROM meta WHERE key = ?", key).Scan(&v)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", false, nil
+	}
+	if err != nil {
+		return "", false, s.wrap("read meta from", err)
+	}
+	return v, true, nil
+}

@@ -1,0 +1,168 @@
+package store
+
+import (
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"strconv"
+	"time"
+)
+
+// migrations[i] takes the schema from version i to version i+1. Version 0 is
+// an empty database; the current version is len(migrations). Append, never
+// edit: a released migration has already run on operators' machines.
+var migrations = []string{
+	// 0 -> 1: the initial schema.
+	`
+CREATE TABLE meta (
+	key   TEXT PRIMARY KEY,
+	value TEXT NOT NULL
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE users (
+	name          TEXT PRIMARY KEY,
+	protocol      TEXT NOT NULL,
+	uid           INTEGER NOT NULL,
+	up            INTEGER NOT NULL,
+	down          INTEGER NOT NULL,
+	day           TEXT NOT NULL,
+	day_up        INTEGER NOT NULL,
+	day_down      INTEGER NOT NULL,
+	blocked       INTEGER NOT NULL,
+	block_reason  TEXT NOT NULL,
+	block_time    INTEGER NOT NULL,
+	disabled      INTEGER NOT NULL,
+	last_reset    INTEGER NOT NULL,
+	unblocked     INTEGER NOT NULL,
+	unblock_limit INTEGER NOT NULL,
+	unblock_until INTEGER NOT NULL,
+	schedule      TEXT NOT NULL,
+	next_reset    INTEGER NOT NULL,
+	updated_at    INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE baselines (
+	source TEXT PRIMARY KEY,
+	epoch  TEXT NOT NULL,
+	rx     INTEGER NOT NULL,
+	tx     INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE history (
+	name TEXT NOT NULL,
+	day  TEXT NOT NULL,
+	up   INTEGER NOT NULL,
+	down INTEGER NOT NULL,
+	PRIMARY KEY (name, day)
+) STRICT, WITHOUT ROWID;
+
+-- AUTOINCREMENT: an id is never reused, even if old events are pruned, so
+-- Batch.Logged can never mark the wrong event.
+CREATE TABLE events (
+	id       INTEGER PRIMARY KEY AUTOINCREMENT,
+	time     INTEGER NOT NULL,
+	protocol TEXT NOT NULL,
+	name     TEXT NOT NULL,
+	action   TEXT NOT NULL,
+	reason   TEXT NOT NULL,
+	logged   INTEGER NOT NULL
+) STRICT;
+CREATE INDEX events_by_name ON events (name, id);
+CREATE INDEX events_unlogged ON events (id) WHERE logged = 0;
+`,
+}
+
+// SchemaVersion is the schema version this package writes and reads.
+const SchemaVersion = 1
+
+// schemaVersionKey is the meta key holding the schema version. Batch.Meta
+// may not set it.
+const schemaVersionKey = "schema_version"
+
+// idleTime is how long an idle read connection, and its page cache, is kept.
+const idleTime = time.Minute
+
+// dsn returns the driver's data source name for the absolute path abs. The
+// path is a URI so that no character in it ('?', '#', '%') is taken for
+// syntax. page_size applies only to a new database and must precede the
+// switch to WAL, which _pragma values do.
+func dsn(abs string) string {
+	q := url.Values{}
+	q.Set("_busy_timeout", strconv.Itoa(busyTimeoutMS))
+	q.Add("_pragma", "page_size("+strconv.Itoa(pageSize)+")")
+	q.Add("_pragma", "cache_size(-"+strconv.Itoa(cacheKiB)+")")
+	q.Set("_journal_mode", "WAL")
+	q.Set("_synchronous", "FULL")
+	return "file:" + (&url.URL{Path: abs}).EscapedPath() + "?" + q.Encode()
+}
+
+// migrate creates or upgrades the schema on the writer's connection, in one
+// immediate transaction so that two processes opening a new file at once do
+// not both create it.
+func migrate(c *sql.Conn) (err error) {
+	var mode string
+	if err := c.QueryRowContext(bg, "PRAGMA journal_mode").Scan(&mode); err != nil {
+		return err
+	}
+	if mode != "wal" {
+		return fmt.Errorf("journal mode is %q, not WAL: the file system does not support it", mode)
+	}
+
+	if _, err := c.ExecContext(bg, "BEGIN IMMEDIATE"); err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			c.ExecContext(bg, "ROLLBACK")
+		}
+	}()
+
+	var id, objects int64
+	if err := c.QueryRowContext(bg, "PRAGMA application_id").Scan(&id); err != nil {
+		return err
+	}
+	if err := c.QueryRowContext(bg, "SELECT count(*) FROM sqlite_schema").Scan(&objects); err != nil {
+		return err
+	}
+	version := 0
+	switch {
+	case id == 0 && objects == 0:
+		// A new, empty database.
+		if _, err := c.ExecContext(bg, "PRAGMA application_id = "+strconv.Itoa(appID)); err != nil {
+			return err
+		}
+	case id != appID:
+		return fmt.Errorf("%w: SQLite application id %#x is not bwagent's; %s", ErrCorrupt, id, corruptHint)
+	default:
+		var v string
+		err := c.QueryRowContext(bg, "SELECT value FROM meta WHERE key = ?", schemaVersionKey).Scan(&v)
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("%w: no schema version; %s", ErrCorrupt, corruptHint)
+		}
+		if err != nil {
+			return err
+		}
+		if version, err = strconv.Atoi(v); err != nil || version < 1 {
+			return fmt.Errorf("%w: schema version %q; %s", ErrCorrupt, v, corruptHint)
+		}
+	}
+	if version > len(migrations) {
+		return fmt.Errorf("%w: the file has version %d, this bwagent knows versions up to %d; upgrade bwagent or move the file aside", ErrSchemaVersion, version, len(migrations))
+	}
+	if version == len(migrations) {
+		_, err := c.ExecContext(bg, "COMMIT")
+		return err
+	}
+	for v := version; v < len(migrations); v++ {
+		if _, err := c.ExecContext(bg, migrations[v]); err != nil {
+			return fmt.Errorf("migrate schema from version %d to %d: %w", v, v+1, err)
+		}
+	}
+	if _, err := c.ExecContext(bg, "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+		schemaVersionKey, strconv.Itoa(len(migrations))); err != nil {
+		return err
+	}
+	_, err = c.ExecContext(bg, "COMMIT")
+	return err
+}

@@ -1,0 +1,234 @@
+// Package store is bwagent's durable state: one embedded SQLite database
+// (modernc.org/sqlite, pure Go) holding every user's totals and status, the
+// counter baselines the totals were computed from, per-day usage history,
+// the event log and a few key/value settings.
+//
+// # One transaction per tick
+//
+// The agent keeps its whole state in memory and, once per tick, hands
+// [Store.Commit] a [Batch] with everything that changed since the previous
+// tick. Commit applies the batch in a single SQLite transaction: either all
+// of it is durable when Commit returns nil, or none of it is. Because a
+// user's totals and the counter baselines they were computed from are in
+// the same transaction, a crash (kill -9, power loss) at any moment leaves
+// the database at the end of some tick: every byte counted once, none lost
+// and none counted twice. The database runs in WAL mode with
+// synchronous=FULL, so a commit that returned is on disk.
+//
+// # Schema
+//
+// All tables are STRICT. Unsigned 64-bit counters are stored in INTEGER
+// columns as their two's-complement int64 bit pattern (values of 2^63 and
+// above read as negative in SQL, and round-trip exactly through this
+// package). Times are stored as Unix nanoseconds, the zero time as 0.
+//
+//	meta      (key PRIMARY KEY, value)             WITHOUT ROWID
+//	users     (name PRIMARY KEY, protocol, uid, up, down, day, day_up,
+//	           day_down, blocked, block_reason, block_time, disabled,
+//	           last_reset, unblocked, unblock_limit, unblock_until,
+//	           schedule, next_reset, updated_at)   WITHOUT ROWID
+//	baselines (source PRIMARY KEY, epoch, rx, tx)  WITHOUT ROWID
+//	history   (name, day, up, down,
+//	           PRIMARY KEY (name, day))            WITHOUT ROWID
+//	events    (id INTEGER PRIMARY KEY AUTOINCREMENT, time, protocol, name,
+//	           action, reason, logged)
+//
+// meta holds "schema_version", which [Open] uses to create or migrate the
+// schema; a database written by a newer bwagent is refused with
+// [ErrSchemaVersion]. The file carries SQLite application id 0x62776167
+// ("bwag"), so another program's SQLite database is recognised and refused.
+//
+// # Times
+//
+// Times round-trip to the nanosecond, and the zero time round-trips as the
+// zero time, but the location does not survive: times are returned in
+// [time.Local] (as by time.Unix(0, n)) and carry no monotonic reading, so
+// compare them with [time.Time.Equal]. A non-zero time must be within the
+// range of Unix nanoseconds in an int64 (the years 1678 to 2262) and must not
+// be exactly the Unix epoch, which is how the zero time is stored; Commit
+// refuses other times with [ErrInvalid].
+//
+// # Concurrency
+//
+// A Store is safe for concurrent use. Commits are serialised on one
+// dedicated connection; reads use up to two other connections and, thanks to
+// WAL, neither wait for nor block a commit. Other processes may open the same
+// file: SQLite's file locks keep it consistent, and a writer waits up to five
+// seconds for another process's write lock before failing with [ErrLocked].
+package store
+
+import (
+	"database/sql"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
+)
+
+// Errors returned by the store. They are wrapped with the operation and the
+// database's path; test for them with [errors.Is].
+var (
+	// ErrCorrupt means the file is not a usable state database: it is
+	// damaged or truncated, not an SQLite database at all, or another
+	// program's database. Move the file aside and restart the agent: it
+	// re-imports its state from the operators' JSON files.
+	ErrCorrupt = errors.New("not a usable state database (corrupt, truncated, or not a bwagent SQLite database)")
+
+	// ErrSchemaVersion means the database was written by a newer bwagent
+	// whose schema this one does not know.
+	ErrSchemaVersion = errors.New("state database schema is newer than this bwagent supports")
+
+	// ErrLocked means another process held the database's write lock for
+	// longer than the busy timeout. Nothing was changed; try again later.
+	ErrLocked = errors.New("state database is locked by another process")
+
+	// ErrClosed means the Store was used after Close.
+	ErrClosed = errors.New("state database is closed")
+
+	// ErrInvalid means a Batch holds a value the store cannot represent
+	// (a time out of range, a reserved meta key). Nothing was changed, and
+	// retrying the same batch fails the same way.
+	ErrInvalid = errors.New("invalid value")
+)
+
+// corruptHint is appended to ErrCorrupt errors: what the operator should do.
+const corruptHint = "move the file aside and restart bwagent, which re-imports its state from the JSON files"
+
+// appID is the SQLite application id ("bwag") written into the file header.
+const appID = 0x62776167
+
+// busyTimeout is how long a write waits for another process's lock.
+const busyTimeoutMS = 5000
+
+// cacheKiB bounds each connection's page cache. At most three connections are
+// open, so the page caches stay under 3 x cacheKiB.
+const cacheKiB = 2048
+
+// pageSize is the page size of a new database.
+const pageSize = 4096
+
+// maxReaders bounds the connections used for reads, besides the writer.
+const maxReaders = 2
+
+// Store is an open state database. Create it with [Open]; it is safe for
+// concurrent use.
+type Store struct {
+	path string
+	db   *sql.DB
+
+	mu     sync.Mutex  // serialises Commit and Close
+	closed atomic.Bool // set by Close, under mu
+	w      *writer
+
+	// hook, when set by a test, runs after each step of Commit with the
+	// step's name; an error aborts the commit there.
+	hook func(step string) error
+}
+
+// Open opens the state database at path, creating it (mode 0600, and its
+// directory with mode 0700) if it does not exist, and creating or migrating
+// its schema.
+//
+// A file that is not a usable state database gives an error wrapping
+// [ErrCorrupt]; one written by a newer bwagent gives [ErrSchemaVersion].
+func Open(path string) (*Store, error) {
+	s, err := open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open state database %s: %w", path, err)
+	}
+	return s, nil
+}
+
+func open(path string) (*Store, error) {
+	if path == "" {
+		return nil, errors.New("empty path")
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Dir(abs), 0o700); err != nil {
+		return nil, err
+	}
+	// SQLite creates the file 0644; create it first so that it, and the
+	// -wal and -shm files SQLite gives the same mode, are private.
+	f, err := os.OpenFile(abs, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.Close(); err != nil {
+		return nil, err
+	}
+
+	db, err := sql.Open("sqlite", dsn(abs))
+	if err != nil {
+		return nil, err
+	}
+	db.SetMaxOpenConns(1 + maxReaders)
+	db.SetMaxIdleConns(1 + maxReaders)
+	db.SetConnMaxIdleTime(idleTime)
+
+	s := &Store{path: path, db: db}
+	if s.w, err = newWriter(db); err != nil {
+		db.Close()
+		return nil, classify(err)
+	}
+	return s, nil
+}
+
+// Path returns the path the Store was opened with.
+func (s *Store) Path() string { return s.path }
+
+// Close closes the database. It waits for a Commit in progress; reads still
+// in progress fail. Using the Store after Close returns [ErrClosed]; closing
+// it again returns nil.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed.Load() {
+		return nil
+	}
+	s.closed.Store(true)
+	err := s.w.close()
+	if e := s.db.Close(); err == nil {
+		err = e
+	}
+	if err != nil {
+		return fmt.Errorf("close state database %s: %w", s.path, err)
+	}
+	return nil
+}
+
+// wrap annotates err with the operation and the file, and classifies SQLite
+// errors into the package's sentinel errors.
+func (s *Store) wrap(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	if s.closed.Load() && !errors.Is(err, ErrClosed) {
+		// database/sql's own "database is closed" error, or an error of
+		// a read that Close interrupted.
+		err = fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	return fmt.Errorf("%s state database %s: %w", op, s.path, classify(err))
+}
+
+// classify wraps SQLite errors that callers act on in the matching sentinel.
+func classify(err error) error {
+	var se *sqlite.Error
+	if !errors.As(err, &se) {
+		return err
+	}
+	switch se.Code() & 0xff {
+	case sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB:
+		return fmt.Errorf("%w: %w; %s", ErrCorrupt, err, corruptHint)
+	case sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED:
+		return fmt.Errorf("%w: %w", ErrLocked, err)
+	}
+	return err
+}

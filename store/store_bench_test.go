@@ -1,0 +1,103 @@
+package store
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// benchUsers returns n users with realistic names and values.
+func benchUsers(n int) ([]User, []Baseline) {
+	now := time.Now()
+	us := make([]User, n)
+	bs := make([]Baseline, n)
+	for i := range us {
+		u := &us[i]
+		u.Name = fmt.Sprintf("user%06d@example.com", (i*7919)%n) // not in key order
+		u.Protocol = "vless"
+		u.Day = "2026-03-14"
+		u.Up, u.Down = uint64(i)*1000, uint64(i)*9000
+		u.DayUp, u.DayDown = uint64(i), uint64(i)*9
+		u.Schedule = "monthly 1"
+		u.NextReset = now.Add(24 * time.Hour)
+		u.UpdatedAt = now
+		if i%10 == 0 {
+			u.Protocol, u.UID = "ssh", uint32(1000+i)
+			u.Blocked, u.BlockReason, u.BlockTime = true, "quota exceeded", now
+		}
+		bs[i] = Baseline{Source: "xray:" + u.Name, Epoch: "1757000000-42", Rx: u.Down, Tx: u.Up}
+	}
+	return us, bs
+}
+
+// BenchmarkCommit commits ticks in which 10% of the users, chosen at random,
+// had traffic: that many User rows and as many Baselines per commit.
+func BenchmarkCommit(b *testing.B) {
+	for _, n := range []int{1_000, 10_000, 100_000} {
+		b.Run("users="+strconv.Itoa(n), func(b *testing.B) {
+			s, err := Open(filepath.Join(b.TempDir(), "state.db"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			us, bs := benchUsers(n)
+			if err := s.Commit(&Batch{Users: us, Baselines: bs}); err != nil {
+				b.Fatal(err)
+			}
+			r := rand.New(rand.NewPCG(1, 2))
+			const ticks = 8
+			var batches [ticks]Batch
+			for t := range batches {
+				for _, i := range r.Perm(n)[:n/10] {
+					batches[t].Users = append(batches[t].Users, us[i])
+					batches[t].Baselines = append(batches[t].Baselines, bs[i])
+				}
+			}
+			w0 := writeBytes(b)
+			b.ResetTimer()
+			for i := 0; b.Loop(); i++ {
+				bt := &batches[i%ticks]
+				now := time.Now()
+				for j := range bt.Users {
+					bt.Users[j].Up += 1500
+					bt.Users[j].UpdatedAt = now
+					bt.Baselines[j].Tx += 1500
+				}
+				if err := s.Commit(bt); err != nil {
+					b.Fatal(err)
+				}
+				if i == 0 {
+					b.ReportMetric(float64(len(bt.Users)+len(bt.Baselines)), "rows/op")
+				}
+			}
+			b.StopTimer()
+			if w0 >= 0 {
+				b.ReportMetric(float64(writeBytes(b)-w0)/float64(b.N)/(1<<20), "MiBwritten/op")
+			}
+		})
+	}
+}
+
+// writeBytes returns the bytes this process has caused to be written to
+// storage (/proc/self/io write_bytes), or -1 if unknown.
+func writeBytes(b *testing.B) int64 {
+	data, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		return -1
+	}
+	for _, line := range bytes.Split(data, []byte("\n")) {
+		if v, ok := bytes.CutPrefix(line, []byte("write_bytes: ")); ok {
+			n, err := strconv.ParseInt(string(v), 10, 64)
+			if err != nil {
+				b.Fatal(err)
+			}
+			return n
+		}
+	}
+	return -1
+}
