@@ -40,6 +40,7 @@ func TestParseLimit(t *testing.T) {
 	for in, want := range map[string]uint64{
 		"10240": 10 * GiB, "500M": 500 * MiB, "10G": 10 * GiB, "1.5T": TiB + TiB/2, "10gb": 10 * GiB,
 		"2GiB": 2 * GiB, "64K": 64 * KiB, "unlimited": 0, "0": 0, " 1 ": MiB, "1234B": 1234,
+		"1152921504606846975B": MaxLimit - 1, "1073741824G": MaxLimit,
 	} {
 		got, err := ParseLimit(in)
 		if err != nil || got != want {

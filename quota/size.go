@@ -61,6 +61,13 @@ func ParseLimit(s string) (uint64, error) {
 			return bad("want a number of MB or a size such as 500M, 10G, 1.5T, or unlimited")
 		}
 	}
+	if !strings.Contains(num, ".") { // whole numbers exactly, without float rounding
+		n, err := strconv.ParseUint(num, 10, 64)
+		if err != nil || n > MaxLimit/unit {
+			return bad("larger than 1 EiB")
+		}
+		return n * unit, nil
+	}
 	f, err := strconv.ParseFloat(num, 64)
 	if err != nil || math.IsNaN(f) || math.IsInf(f, 0) {
 		return bad("not a number")
