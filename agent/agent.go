@@ -1,10 +1,15 @@
-// Package agent is bwagent's control loop. Every tick it makes the kernel
-// state equal to the desired state and repairs whatever was broken: a
-// detached program, a removed pin, a flushed nftables ruleset.
+// Package agent is bwagent's control loop. Every tick it turns kernel
+// counters into usage, usage into statuses, and statuses into enforcement
+// (the BPF policy map with an exact in-kernel budget, the nftables set) and
+// records (the state database, the usage JSON files, the marker files and
+// the block log). It also repairs whatever someone broke since the last
+// tick: a detached program, a flushed ruleset, a deleted marker.
 //
-// This first version keeps the data plane attached and mirrors the UIDs
-// blocked in the BPF policy map into the agent's nftables set; accounting,
-// limits and the operators' files build on it.
+// The loop is Run(ctx) around step(now). Operator commands (Reset, Unblock,
+// SetLimit...) are queued to the loop and applied between ticks, so a
+// command and a tick never overwrite each other. The kernel, nftables and
+// the disk sit behind small interfaces, faked in the table tests and real in
+// the integration tests.
 package agent
 
 import (
@@ -12,11 +17,16 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/config"
 	"github.com/myvpn/bwagent/nft"
+	"github.com/myvpn/bwagent/opsfiles"
+	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/store"
 )
 
 // Interval bounds, as in the bash tool's service (1-5 seconds).
@@ -26,13 +36,30 @@ const (
 	DefaultInterval = 2 * time.Second
 )
 
-// ErrInterval is returned for a tick interval outside 1-5 seconds.
-var ErrInterval = errors.New("interval must be from 1s to 5s")
+// kernelSlack is how close to the limit an SSH user's usage counts as
+// reaching it. The kernel budget refuses any packet that would cross the
+// limit, so usage stops short of it by less than the largest packet (a
+// 64 KiB GSO batch); without the slack such a user would sit just under the
+// limit, unable to send full packets, and never be marked blocked.
+const kernelSlack = 64 * quota.KiB
+
+// Errors of the operator commands.
+var (
+	ErrInterval    = errors.New("interval must be from 1s to 5s")
+	ErrUnknownUser = errors.New("unknown user")
+	ErrNoLimit     = errors.New("user has no limit")
+	ErrStopped     = errors.New("agent is stopping")
+)
 
 // Dataplane is the part of bpf.Datapath the loop drives.
 type Dataplane interface {
 	EnsureAttached() error
-	Policies() (map[uint32]bpf.Policy, error)
+	Epoch() (string, error)
+	Counters(dst map[uint32]bpf.Counters) error
+	CountersOf(uid uint32) (bpf.Counters, error)
+	QuotaUsed(uid uint32) (uint64, error)
+	ReconcilePolicies(desired map[uint32]bpf.Policy) (int, error)
+	Protected(uid uint32) bool
 }
 
 // Firewall is the part of nft.Firewall the loop drives.
@@ -40,13 +67,93 @@ type Firewall interface {
 	Reconcile(desired []uint32) (nft.Result, error)
 }
 
-// Agent runs the control loop.
+// Options are what New needs. Config supplies every path and knob.
+type Options struct {
+	Config    config.Config
+	Dataplane Dataplane
+	Firewall  Firewall
+	Store     *store.Store
+	Log       *slog.Logger
+	// Now is the clock; nil is time.Now.
+	Now func() time.Time
+}
+
+// Agent runs the control loop. Its exported methods may be called from any
+// goroutine; they are applied by the loop between ticks.
 type Agent struct {
+	cfg   config.Config
+	rules quota.Rules
+	loc   *time.Location
+	dp    Dataplane
+	fw    Firewall
+	st    *store.Store
+	log   *slog.Logger
+	now   func() time.Time
+
+	users map[string]*user // every user ever seen, present or not
+	byUID map[uint32]*user // present SSH users
+	plans map[string]quota.Plan
+
+	// Counter baselines: the last sample folded into the totals.
+	sshBase   map[uint32]*baseline
+	otherBase map[string]*baseline // sources of other kinds, kept as loaded
+
+	counters map[uint32]bpf.Counters // this tick's kernel counters
+	epoch    string
+	anchors  map[uint32]anchor
+	desired  map[uint32]bpf.Policy
+
+	passwdStamp, limitsStamp stamp
+
+	// Records waiting for the next commit, and events committed but not yet
+	// in the block log.
+	history  []store.DayUsage
+	events   []store.Event
+	unlogged []store.Event
+	logged   []int64
+
+	files    *fileWriter
+	watch    *dirWatch // the usage directory, for files others touched
+	lastJSON time.Time
+	markers  map[string]bool // last marker set synced
+
+	reported map[string]string // last error message per subject, to log once per change
+	warned   map[string]bool   // one-time warnings
+
+	cmds     chan request
+	running  atomic.Bool
+	status   atomic.Pointer[Health]
 	interval time.Duration
-	dp       Dataplane
-	fw       Firewall
-	log      *slog.Logger
-	lastErr  string
+	mu       sync.Mutex // guards interval changes seen by Run
+}
+
+// Health is the agent's own state, for the status command.
+type Health struct {
+	LastTick     time.Time
+	TickDuration time.Duration
+	Users        int
+	Errors       map[string]string // subject → error, empty when healthy
+}
+
+// request is an operator command for the loop.
+type request struct {
+	fn   func(now time.Time) error
+	done chan error
+}
+
+// baseline is the last counter sample of one source folded into usage.
+type baseline struct {
+	quota.Sample
+	dirty bool
+}
+
+// anchor is a budget granted to an SSH user in the kernel: the absolute
+// ceiling on the kernel's charged bytes, and what it was computed for.
+type anchor struct {
+	limit     uint64
+	lastReset time.Time
+	metric    quota.Metric
+	ceiling   uint64
 }
 
 // CheckInterval validates a tick interval, mapping zero to the default.
@@ -60,70 +167,232 @@ func CheckInterval(d time.Duration) (time.Duration, error) {
 	return d, nil
 }
 
-// New returns an agent over the given kernel boundaries.
-func New(interval time.Duration, dp Dataplane, fw Firewall, log *slog.Logger) (*Agent, error) {
-	interval, err := CheckInterval(interval)
+// New returns an agent over the given boundaries, with its state loaded from
+// the store. On the first start with an empty store it imports the usage
+// JSON files of an earlier install, so a migrating operator loses nothing.
+func New(o Options) (*Agent, error) {
+	interval, err := CheckInterval(o.Config.Interval)
 	if err != nil {
 		return nil, err
 	}
-	return &Agent{interval: interval, dp: dp, fw: fw, log: log}, nil
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	a := &Agent{
+		dp:        o.Dataplane,
+		fw:        o.Firewall,
+		st:        o.Store,
+		log:       o.Log,
+		now:       o.Now,
+		users:     make(map[string]*user),
+		byUID:     make(map[uint32]*user),
+		plans:     make(map[string]quota.Plan),
+		sshBase:   make(map[uint32]*baseline),
+		otherBase: make(map[string]*baseline),
+		counters:  make(map[uint32]bpf.Counters),
+		anchors:   make(map[uint32]anchor),
+		desired:   make(map[uint32]bpf.Policy),
+		reported:  make(map[string]string),
+		warned:    make(map[string]bool),
+		cmds:      make(chan request),
+		interval:  interval,
+	}
+	if err := a.applyConfig(o.Config); err != nil {
+		return nil, err
+	}
+	a.files = newFileWriter(a.cfg.Paths.UsageDir)
+	a.watch = newDirWatch(a.cfg.Paths.UsageDir)
+	if err := a.load(); err != nil {
+		return nil, err
+	}
+	for _, dir := range []string{a.cfg.Paths.UsageDir, a.cfg.Paths.MarkerDir} {
+		if gone, err := opsfiles.RemoveStaleTemps(dir, time.Minute); err == nil && len(gone) > 0 {
+			a.log.Info("removed temporary files an interrupted write left", "dir", dir, "files", len(gone))
+		}
+	}
+	a.status.Store(&Health{Errors: map[string]string{}})
+	return a, nil
 }
 
-// Run ticks until ctx is done.
+// applyConfig installs the knobs of cfg that can change while running.
+func (a *Agent) applyConfig(cfg config.Config) error {
+	m, err := quota.ParseMetric(string(cfg.Metric))
+	if err != nil {
+		return err
+	}
+	loc := cfg.TimeZone
+	if loc == nil {
+		loc = time.Local
+	}
+	a.cfg = cfg
+	a.loc = loc
+	a.rules = quota.Rules{Metric: m, Warning: cfg.WarningPercent / 100}
+	if a.rules.Warning <= 0 || a.rules.Warning > 1 {
+		a.rules.Warning = 0.8
+	}
+	// Force the sources to be read again under the new paths.
+	a.passwdStamp, a.limitsStamp = stamp{}, stamp{}
+	return nil
+}
+
+// Run ticks until ctx is done, applying operator commands between ticks.
+// When ctx ends it runs a last step, so the bytes counted since the last tick
+// are committed, and writes the pending files before returning.
 func (a *Agent) Run(ctx context.Context) error {
-	t := time.NewTicker(a.interval)
+	a.running.Store(true)
+	defer a.running.Store(false)
+	fctx, stopFiles := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { a.files.run(fctx) })
+	defer func() {
+		stopFiles()
+		wg.Wait()
+		a.watch.close()
+	}()
+
+	interval := a.currentInterval()
+	t := time.NewTicker(interval)
 	defer t.Stop()
+	a.tick()
 	for {
-		a.tick(time.Now())
 		select {
 		case <-ctx.Done():
+			a.drain()
+			a.tick()
+			if err := a.files.flush(); err != nil {
+				a.log.Error("usage files not written at shutdown", "err", err)
+			}
 			return nil
 		case <-t.C:
+			a.tick()
+		case r := <-a.cmds:
+			err := r.fn(a.now().In(a.loc))
+			if err == nil {
+				a.tick()
+			}
+			r.done <- err
+		}
+		if iv := a.currentInterval(); iv != interval {
+			interval = iv
+			t.Reset(iv)
 		}
 	}
 }
 
-// tick runs one step and logs its error once per change, not every tick.
-func (a *Agent) tick(now time.Time) {
-	err := a.step(now)
+// drain refuses the commands still queued when the loop stops.
+func (a *Agent) drain() {
+	for {
+		select {
+		case r := <-a.cmds:
+			r.done <- ErrStopped
+		default:
+			return
+		}
+	}
+}
+
+func (a *Agent) currentInterval() time.Duration {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.interval
+}
+
+// tick runs one step and records the agent's health.
+func (a *Agent) tick() {
+	start := a.now()
+	err := a.step(start)
+	h := &Health{LastTick: start, TickDuration: a.now().Sub(start), Users: len(a.users), Errors: map[string]string{}}
+	for k, v := range a.reported {
+		if v != "" {
+			h.Errors[k] = v
+		}
+	}
+	a.status.Store(h)
+	_ = err // each failing part was logged once by report
+	a.files.kick()
+}
+
+// Health returns the agent's state as of the last tick.
+func (a *Agent) Health() Health { return *a.status.Load() }
+
+// do runs fn on the loop between ticks and waits for it; without a running
+// loop (tests, start-up) it runs fn and a step inline.
+func (a *Agent) do(ctx context.Context, fn func(now time.Time) error) error {
+	if !a.running.Load() {
+		now := a.now().In(a.loc)
+		if err := fn(now); err != nil {
+			return err
+		}
+		a.step(now)
+		return nil
+	}
+	r := request{fn: fn, done: make(chan error, 1)}
+	select {
+	case a.cmds <- r:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-r.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// report logs err for subject once per change of message, and a recovery
+// when a subject that failed works again.
+func (a *Agent) report(subject string, err error) {
 	msg := ""
 	if err != nil {
 		msg = err.Error()
 	}
-	if msg != a.lastErr {
+	if prev := a.reported[subject]; prev != msg {
 		if err != nil {
-			a.log.Error("tick failed", "err", err)
+			a.log.Error(subject+" failed", "err", err)
 		} else {
-			a.log.Info("tick recovered")
+			a.log.Info(subject+" recovered", "after", prev)
 		}
-		a.lastErr = msg
 	}
+	a.reported[subject] = msg
 }
 
-// step makes the kernel match the desired state once.
-func (a *Agent) step(time.Time) error {
+// warnOnce logs a warning the first time key is seen.
+func (a *Agent) warnOnce(key, msg string, args ...any) {
+	if a.warned[key] {
+		return
+	}
+	a.warned[key] = true
+	a.log.Warn(msg, args...)
+}
+
+// step does one tick's work at now: read the sources, count, decide,
+// enforce, record. Each part runs even if an earlier one failed, so a full
+// disk never stops enforcement and a broken nftables never stops counting.
+func (a *Agent) step(now time.Time) error {
+	now = now.In(a.loc)
 	var errs []error
-	if err := a.dp.EnsureAttached(); err != nil {
-		errs = append(errs, fmt.Errorf("attach: %w", err))
-	}
-	pol, err := a.dp.Policies()
-	if err != nil {
-		return errors.Join(append(errs, err)...)
-	}
-	var blocked []uint32
-	for uid, p := range pol {
-		if p.Blocked {
-			blocked = append(blocked, uid)
+	part := func(subject string, err error) {
+		a.report(subject, err)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", subject, err))
 		}
 	}
-	slices.Sort(blocked)
-	res, err := a.fw.Reconcile(blocked)
-	if err != nil {
-		errs = append(errs, fmt.Errorf("nftables: %w", err))
-	} else if res.Recreated {
-		a.log.Warn("nftables table was missing or altered (or this is the first start); rebuilt", "blocked", len(blocked))
-	} else if res.Added+res.Removed > 0 {
-		a.log.Info("blocked set updated", "added", res.Added, "removed", res.Removed)
-	}
+	part("user accounts", a.loadAccounts())
+	part("limits file", a.loadLimits())
+	part("attach", a.dp.EnsureAttached())
+	part("kernel counters", a.sampleKernel(now))
+	a.evaluate(now)
+	part("kernel policy", a.enforceKernel())
+	part("nftables", a.enforceNFT())
+	part("marker files", a.syncMarkers())
+	part("state database", a.commit(now))
+	part("block log", a.appendLog())
+	part("usage directory watch", a.repairJSON())
+	a.queueJSON(now)
+	part("usage files", a.files.err())
 	return errors.Join(errs...)
 }

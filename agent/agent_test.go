@@ -1,233 +1,726 @@
 package agent
 
 import (
-	"bytes"
+	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
-
 	"github.com/myvpn/bwagent/bpf"
-	"github.com/myvpn/bwagent/internal/nettest"
+	"github.com/myvpn/bwagent/config"
 	"github.com/myvpn/bwagent/nft"
+	"github.com/myvpn/bwagent/opsfiles"
+	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/store"
+	"golang.org/x/sys/unix"
 )
 
-func TestMain(m *testing.M) { nettest.Main(m) }
-
-type fakeDataplane struct {
-	attachErr error
+// fakeDP is the kernel data plane in miniature: per-UID counters that only
+// move through send, which applies the policy the agent set exactly as the
+// BPF programs do (blocked drops, a budget refuses the packet that would
+// cross its ceiling).
+type fakeDP struct {
+	mu        sync.Mutex
+	epoch     string
+	counters  map[uint32]bpf.Counters
 	policies  map[uint32]bpf.Policy
-	attaches  int
+	quotaUsed map[uint32]uint64
+	detached  bool
+	failNext  error
 }
 
-func (f *fakeDataplane) EnsureAttached() error { f.attaches++; return f.attachErr }
-func (f *fakeDataplane) Policies() (map[uint32]bpf.Policy, error) {
-	return f.policies, nil
+func newFakeDP() *fakeDP {
+	return &fakeDP{epoch: "boot1/7", counters: map[uint32]bpf.Counters{}, policies: map[uint32]bpf.Policy{}, quotaUsed: map[uint32]uint64{}}
 }
 
-type fakeFirewall struct {
-	calls [][]uint32
-	err   error
+// send moves one packet of n bytes for uid (tx: from the user) and reports
+// whether the kernel let it through.
+func (f *fakeDP) send(uid uint32, n uint64, tx bool) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p := f.policies[uid]
+	if p.Blocked {
+		return false
+	}
+	dir := bpf.Rx
+	if tx {
+		dir = bpf.Tx
+	}
+	if p.Quota&dir != 0 {
+		if f.quotaUsed[uid]+n > p.Ceiling {
+			return false
+		}
+		f.quotaUsed[uid] += n
+	}
+	c := f.counters[uid]
+	if tx {
+		c.TxBytes += n
+		c.TxPackets++
+	} else {
+		c.RxBytes += n
+		c.RxPackets++
+	}
+	f.counters[uid] = c
+	return true
 }
 
-func (f *fakeFirewall) Reconcile(desired []uint32) (nft.Result, error) {
-	f.calls = append(f.calls, slices.Clone(desired))
-	return nft.Result{}, f.err
+// blast sends packets of size until total bytes passed or the kernel
+// refuses one; it returns the bytes that passed.
+func (f *fakeDP) blast(uid uint32, total, size uint64, tx bool) uint64 {
+	var passed uint64
+	for passed < total {
+		n := min(size, total-passed)
+		if !f.send(uid, n, tx) {
+			break
+		}
+		passed += n
+	}
+	return passed
+}
+
+func (f *fakeDP) EnsureAttached() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.detached = false
+	return nil
+}
+func (f *fakeDP) Epoch() (string, error) { f.mu.Lock(); defer f.mu.Unlock(); return f.epoch, nil }
+func (f *fakeDP) Counters(dst map[uint32]bpf.Counters) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.failNext; err != nil {
+		f.failNext = nil
+		return err
+	}
+	clear(dst)
+	for k, v := range f.counters {
+		dst[k] = v
+	}
+	return nil
+}
+func (f *fakeDP) CountersOf(uid uint32) (bpf.Counters, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.counters[uid], nil
+}
+func (f *fakeDP) QuotaUsed(uid uint32) (uint64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.quotaUsed[uid], nil
+}
+func (f *fakeDP) ReconcilePolicies(desired map[uint32]bpf.Policy) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for uid, p := range desired {
+		if f.policies[uid] != p {
+			f.policies[uid] = p
+			n++
+		}
+	}
+	for uid := range f.policies {
+		if _, ok := desired[uid]; !ok {
+			delete(f.policies, uid)
+			n++
+		}
+	}
+	return n, nil
+}
+func (f *fakeDP) Protected(uid uint32) bool { return uid == 0 || uid == 65534 }
+
+// fakeFW is the nftables set.
+type fakeFW struct {
+	mu      sync.Mutex
+	set     []uint32
+	flushed bool
+	calls   int
+}
+
+func (f *fakeFW) Reconcile(desired []uint32) (nft.Result, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls++
+	res := nft.Result{Recreated: f.flushed || f.set == nil}
+	f.set, f.flushed = slices.Clone(desired), false
+	if f.set == nil {
+		f.set = []uint32{}
+	}
+	return res, nil
+}
+
+func (f *fakeFW) has(uid uint32) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Contains(f.set, uid)
+}
+
+// env is one test's agent over fakes, with real files in a temp dir.
+type env struct {
+	t     *testing.T
+	dir   string
+	cfg   config.Config
+	dp    *fakeDP
+	fw    *fakeFW
+	clock time.Time
+	a     *Agent
+	logs  *strings.Builder
+}
+
+const passwd = `root:x:0:0:root:/root:/bin/bash
+nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
+john:x:1001:1001::/home/john:/bin/false
+mary:x:1002:1002::/home/mary:/usr/sbin/nologin
+a..b:x:1003:1003::/:/bin/false
++nis::::::
+sys:x:999:999::/:/bin/false
+`
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	dir := t.TempDir()
+	cfg := config.Default()
+	cfg.TimeZone, cfg.TimeZoneName = time.UTC, "UTC"
+	cfg.Paths.Limits = filepath.Join(dir, "bw-limit.conf")
+	cfg.Paths.UsageDir = filepath.Join(dir, "usage")
+	cfg.Paths.MarkerDir = filepath.Join(dir, "blocked_users")
+	cfg.Paths.BlockLog = filepath.Join(dir, "blocked.log")
+	cfg.Paths.StateDB = filepath.Join(dir, "state.db")
+	cfg.Paths.Passwd = filepath.Join(dir, "passwd")
+	cfg.Paths.Socket = filepath.Join(dir, "bwagent.sock")
+	e := &env{t: t, dir: dir, cfg: cfg, dp: newFakeDP(), fw: &fakeFW{},
+		clock: time.Date(2026, 11, 29, 10, 0, 0, 0, time.UTC)}
+	e.write("passwd", passwd)
+	e.start()
+	return e
+}
+
+func (e *env) write(name, data string) {
+	e.t.Helper()
+	if err := os.WriteFile(filepath.Join(e.dir, name), []byte(data), 0o644); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// start opens the store and builds an agent, as a restarted bwagent would.
+func (e *env) start() {
+	e.t.Helper()
+	st, err := store.Open(e.cfg.Paths.StateDB)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { st.Close() })
+	e.logs = &strings.Builder{}
+	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st,
+		Log: slog.New(slog.NewTextHandler(syncWriter{b: e.logs}, nil)), Now: func() time.Time { return e.clock }})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.a = a
+}
+
+type syncWriter struct{ b *strings.Builder }
+
+var logMu sync.Mutex
+
+func (w syncWriter) Write(p []byte) (int, error) {
+	logMu.Lock()
+	defer logMu.Unlock()
+	return w.b.Write(p)
+}
+
+// step advances the clock by d and runs one tick, flushing the files.
+func (e *env) step(d time.Duration) {
+	e.t.Helper()
+	e.clock = e.clock.Add(d)
+	e.a.tick()
+	e.a.files.flush()
+}
+
+func (e *env) user(name string) UserView {
+	e.t.Helper()
+	v, err := e.a.User(context.Background(), name)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return v
+}
+
+func (e *env) usage(name string) opsfiles.Usage {
+	e.t.Helper()
+	data, err := os.ReadFile(filepath.Join(e.cfg.Paths.UsageDir, name+".json"))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var u opsfiles.Usage
+	if err := json.Unmarshal(data, &u); err != nil {
+		e.t.Fatalf("%s.json: %v\n%s", name, err, data)
+	}
+	return u
+}
+
+func (e *env) logLines() []string {
+	data, _ := os.ReadFile(e.cfg.Paths.BlockLog)
+	return strings.Split(strings.TrimSpace(string(data)), "\n")
 }
 
 func TestCheckInterval(t *testing.T) {
-	for _, tc := range []struct {
-		in   time.Duration
-		want time.Duration
-		ok   bool
-	}{
-		{0, DefaultInterval, true},
-		{time.Second, time.Second, true},
-		{5 * time.Second, 5 * time.Second, true},
-		{999 * time.Millisecond, 0, false},
-		{6 * time.Second, 0, false},
-		{-time.Second, 0, false},
-	} {
-		got, err := CheckInterval(tc.in)
-		if (err == nil) != tc.ok || got != tc.want {
-			t.Errorf("CheckInterval(%v) = %v, %v", tc.in, got, err)
+	for _, d := range []time.Duration{time.Second, 2 * time.Second, 5 * time.Second} {
+		if got, err := CheckInterval(d); err != nil || got != d {
+			t.Errorf("CheckInterval(%v) = %v, %v", d, got, err)
 		}
-		if err != nil && !errors.Is(err, ErrInterval) {
-			t.Errorf("CheckInterval(%v) error %v is not ErrInterval", tc.in, err)
+	}
+	if got, _ := CheckInterval(0); got != DefaultInterval {
+		t.Errorf("default %v", got)
+	}
+	for _, d := range []time.Duration{500 * time.Millisecond, 6 * time.Second} {
+		if _, err := CheckInterval(d); !errors.Is(err, ErrInterval) {
+			t.Errorf("CheckInterval(%v) = %v", d, err)
 		}
 	}
 }
 
-func TestStepMirrorsBlockedUIDs(t *testing.T) {
-	dp := &fakeDataplane{policies: map[uint32]bpf.Policy{
-		1003: {Blocked: true},
-		1001: {Blocked: true, Quota: bpf.Both, Ceiling: 10},
-		1002: {Quota: bpf.Tx, Ceiling: 5}, // budgeted, not blocked
-	}}
-	fw := &fakeFirewall{}
-	var logs bytes.Buffer
-	a, err := New(time.Second, dp, fw, slog.New(slog.NewTextHandler(&logs, nil)))
-	if err != nil {
-		t.Fatal(err)
+func TestParsePasswd(t *testing.T) {
+	accts, bad := parsePasswd([]byte(passwd+"bad line\nx:x:notanumber:1::/:/bin/sh\nalice:x:1004:1::/:/bin/sh\n"), 1000, 65534, []string{"alice"})
+	if want := []account{{"john", 1001}, {"mary", 1002}}; !slices.Equal(accts, want) {
+		t.Errorf("accounts %v, want %v", accts, want)
 	}
-	a.tick(time.Now())
-	if dp.attaches != 1 {
-		t.Errorf("attachment not checked")
-	}
-	if len(fw.calls) != 1 || !slices.Equal(fw.calls[0], []uint32{1001, 1003}) {
-		t.Errorf("firewall got %v, want [[1001 1003]]", fw.calls)
-	}
-
-	// A failing firewall is reported once, not every tick, and recovery
-	// is reported too; the attachment check still runs every tick.
-	fw.err = errors.New("netlink: boom")
-	for range 3 {
-		a.tick(time.Now())
-	}
-	if n := strings.Count(logs.String(), "netlink: boom"); n != 1 {
-		t.Errorf("error logged %d times, want once:\n%s", n, logs.String())
-	}
-	fw.err = nil
-	a.tick(time.Now())
-	if !strings.Contains(logs.String(), "tick recovered") {
-		t.Errorf("recovery not logged:\n%s", logs.String())
-	}
-	if dp.attaches != 5 {
-		t.Errorf("attachment checked %d times in 5 ticks", dp.attaches)
+	if !slices.Equal(bad, []string{"a..b"}) {
+		t.Errorf("bad names %v", bad)
 	}
 }
 
-// TestStepEnforcesAndRepairsRealKernel runs the step against the real data
-// plane and nftables: a UID blocked in the kernel map is in the nft set after
-// one step, cannot open or use connections while another UID streams on, and
-// a flushed ruleset or a detached program is back after the next step.
-func TestStepEnforcesAndRepairsRealKernel(t *testing.T) {
-	nettest.RequireRoot(t)
-	root, err := bpf.CgroupV2Root()
-	if err != nil {
+// TestLimitCrossing: counted, warned, blocked within one tick with every
+// record agreeing, and a reset lets the user back.
+func TestLimitCrossing(t *testing.T) {
+	e := newEnv(t)
+	e.write("bw-limit.conf", "# limits\njohn 10 # MiB\nmary unlimited\n")
+	e.step(0)
+	if v := e.user("john"); v.Status != quota.Active || v.Limit != 10*quota.MiB || v.UID != 1001 {
+		t.Fatalf("john at start: %+v", v)
+	}
+	if _, err := e.a.User(context.Background(), "a..b"); !errors.Is(err, quota.ErrBadName) {
+		t.Errorf("unsafe passwd name: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(e.cfg.Paths.UsageDir, "-evil.json")); !os.IsNotExist(err) {
+		t.Errorf("unsafe name reached the disk: %v", err)
+	}
+
+	e.dp.blast(1001, 4*quota.MiB, 1500, true)
+	e.dp.blast(1001, 4*quota.MiB, 1500, false)
+	e.dp.blast(1002, 50*quota.MiB, 64*1024, false)
+	e.step(2 * time.Second)
+	v := e.user("john")
+	if v.Upload != 4*quota.MiB || v.Download != 4*quota.MiB || v.Status != quota.Warning {
+		t.Fatalf("john after 8 MiB: %+v", v)
+	}
+	if m := e.user("mary"); m.Download != 50*quota.MiB || m.Status != quota.Unlimited {
+		t.Errorf("mary: %+v", m)
+	}
+	if p := e.dp.policies[1001]; p.Quota != bpf.Both || p.Blocked {
+		t.Errorf("john's kernel policy %+v, want a budget", p)
+	}
+	if _, ok := e.dp.policies[1002]; ok {
+		t.Error("unlimited mary has a kernel policy")
+	}
+
+	// The kernel budget lets exactly the remaining 2 MiB through.
+	passed := e.dp.blast(1001, 10*quota.MiB, 1500, true)
+	if passed > 2*quota.MiB || passed < 2*quota.MiB-1500 {
+		t.Errorf("budget let %d bytes through, want 2 MiB - <1 packet", passed)
+	}
+	e.step(2 * time.Second)
+	v = e.user("john")
+	if v.Status != quota.Blocked || v.Reason != quota.ReasonLimit || v.Used > 10*quota.MiB {
+		t.Fatalf("john over the limit: %+v", v)
+	}
+	if !e.dp.policies[1001].Blocked || !e.fw.has(1001) || e.fw.has(1002) {
+		t.Errorf("enforcement: policy %+v, nft set %v", e.dp.policies[1001], e.fw.set)
+	}
+	j := e.usage("john")
+	if !j.Blocked || j.BlockReason != quota.ReasonLimit || j.BlockTime != "2026-11-29 10:00:04" || j.Status != "BLOCKED" ||
+		j.TotalLimit != 10*quota.MiB || j.TotalUsage != v.Used || j.Remaining == nil || *j.Remaining != 0 || j.Protocol != "ssh" {
+		t.Errorf("john.json: %+v", j)
+	}
+	if lines := e.logLines(); len(lines) != 1 || lines[0] != "2026-11-29 10:00:04 | ssh | john | Bandwidth Limit Reached" {
+		t.Errorf("block log: %q", lines)
+	}
+	if e.dp.send(1001, 100, false) {
+		t.Error("blocked user received a packet")
+	}
+
+	if err := e.a.Reset(context.Background(), "john"); err != nil {
 		t.Fatal(err)
 	}
-	cg := nettest.NewCgroup(t, root)
-	pair := nettest.NewPair(t)
-	pin := filepath.Join("/sys/fs/bpf", nettest.Name("bwtest-"))
-	dp, err := bpf.Load(bpf.Config{CgroupPath: cg, PinPath: pin})
-	if err != nil {
+	e.a.files.flush()
+	v = e.user("john")
+	if v.Status != quota.Active || v.Used != 0 || !v.LastReset.Equal(e.clock) {
+		t.Errorf("after reset: %+v", v)
+	}
+	if e.fw.has(1001) || e.dp.policies[1001].Blocked {
+		t.Error("reset did not lift the block")
+	}
+	if !e.dp.send(1001, 1500, true) {
+		t.Error("kernel still drops after reset")
+	}
+	if j := e.usage("john"); j.Blocked || j.LastReset != "2026-11-29 10:00:04" || j.TotalUsage != 0 {
+		t.Errorf("john.json after reset: %+v", j)
+	}
+	lines := e.logLines()
+	if len(lines) != 3 || !strings.HasSuffix(lines[1], "| ssh | john | Usage reset") || !strings.Contains(lines[2], "Unblocked") {
+		t.Errorf("block log after reset: %q", lines)
+	}
+}
+
+// TestManualUnblockRule: a manual unblock holds over the limit until a
+// reset, a raised limit or its duration ends.
+func TestManualUnblockRule(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	e.write("bw-limit.conf", "john 1\n")
+	e.step(0)
+	e.dp.blast(1001, 2*quota.MiB, 1500, true)
+	e.step(time.Second)
+	if e.user("john").Status != quota.Blocked {
+		t.Fatal("not blocked")
+	}
+	if err := e.a.Unblock(ctx, "mary", 0); !errors.Is(err, quota.ErrNotBlocked) {
+		t.Errorf("unblock of an unblocked user: %v", err)
+	}
+	if err := e.a.Unblock(ctx, "john", time.Hour); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := dp.Uninstall(); err != nil {
-			t.Error(err)
+	for i := 0; i < 3; i++ {
+		e.dp.blast(1001, quota.MiB, 1500, true)
+		e.step(2 * time.Second)
+		if v := e.user("john"); v.Status == quota.Blocked || e.fw.has(1001) {
+			t.Fatalf("re-blocked on tick %d while unblocked manually: %+v", i, v)
 		}
-	})
-	table := nettest.Name("bwtest")
-	fw, err := nft.New(nft.Config{Table: table, NetNS: int(pair.A)})
-	if err != nil {
-		t.Fatal(err)
 	}
-	t.Cleanup(func() { fw.Remove(); fw.Close() })
-	a, err := New(time.Second, dp, fw, slog.New(slog.NewTextHandler(os.Stderr, nil)))
-	if err != nil {
-		t.Fatal(err)
+	if _, ok := e.dp.policies[1001]; ok {
+		t.Errorf("an unblocked user over the limit keeps a kernel policy: %+v", e.dp.policies[1001])
 	}
-	if err := a.step(time.Now()); err != nil {
-		t.Fatal(err)
+	e.step(time.Hour)
+	if v := e.user("john"); v.Status != quota.Blocked || !e.fw.has(1001) {
+		t.Errorf("duration over, not blocked again: %+v", v)
 	}
 
-	const victim, bystander, server = 2501, 2502, 2503
-	start := func(ns bool, uid uint32, mode string, args ...string) *nettest.Proc {
-		spec := nettest.Spec{NS: pair.A, Cgroup: cg, UID: uid}
-		if ns {
-			spec.NS = pair.B
+	// Without a duration it lasts until the limit is raised, then the new
+	// limit applies.
+	if err := e.a.Unblock(ctx, "john", 0); err != nil {
+		t.Fatal(err)
+	}
+	e.step(24 * time.Hour)
+	if e.user("john").Status == quota.Blocked {
+		t.Fatal("re-blocked after a day")
+	}
+	if err := e.a.SetLimit(ctx, "john", 2*quota.MiB); err != nil {
+		t.Fatal(err)
+	}
+	if v := e.user("john"); v.Status != quota.Blocked || v.Override.Active {
+		t.Errorf("raised limit still below usage: %+v", v)
+	}
+	data, _ := os.ReadFile(e.cfg.Paths.Limits)
+	if string(data) != "john 2\n" {
+		t.Errorf("limits file rewritten as %q", data)
+	}
+}
+
+func TestDisableEnable(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	e.step(0)
+	if err := e.a.Disable(ctx, "mary"); err != nil {
+		t.Fatal(err)
+	}
+	if v := e.user("mary"); v.Status != quota.Disabled || v.Reason != quota.ReasonDisabled || !e.fw.has(1002) {
+		t.Fatalf("disabled: %+v", v)
+	}
+	if err := e.a.Reset(ctx, "mary"); err != nil {
+		t.Fatal(err)
+	}
+	e.step(time.Second)
+	if e.user("mary").Status != quota.Disabled {
+		t.Error("reset lifted a disable")
+	}
+	if err := e.a.Unblock(ctx, "mary", 0); !errors.Is(err, quota.ErrDisabled) {
+		t.Errorf("unblock of a disabled user: %v", err)
+	}
+	if err := e.a.Enable(ctx, "mary"); err != nil {
+		t.Fatal(err)
+	}
+	if v := e.user("mary"); v.Status != quota.Unlimited || e.fw.has(1002) {
+		t.Errorf("enabled: %+v", v)
+	}
+	want := []string{"Disabled by administrator", "Usage reset", "Enabled by administrator"}
+	lines := e.logLines()
+	for i, w := range want {
+		if i >= len(lines) || !strings.HasSuffix(lines[i], "| ssh | mary | "+w) {
+			t.Errorf("log line %d = %q, want ...%s", i, lines, w)
 		}
-		return nettest.Start(t, spec, mode, args...)
 	}
-	srv := start(true, server, "tcp-serve", net.JoinHostPort(pair.B6.String(), "0"))
-	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
-	v := start(false, victim, "tcp-client", addr, "inf", "inf")
-	b := start(false, bystander, "tcp-client", addr, "inf", "inf")
-	v.Expect(t, "CONNECTED", 5*time.Second)
-	b.Expect(t, "CONNECTED", 5*time.Second)
+	if err := e.a.Disable(ctx, "nosuch"); !errors.Is(err, ErrUnknownUser) {
+		t.Errorf("unknown user: %v", err)
+	}
+}
 
-	if err := dp.Block(victim); err != nil {
-		t.Fatal(err)
+// TestRestartKeepsEverything: a new agent over the same store continues the
+// totals, neither losing nor double counting, and a counter that went down
+// (a reboot) is counted from zero.
+func TestRestartKeepsEverything(t *testing.T) {
+	e := newEnv(t)
+	e.write("bw-limit.conf", "john 100\n")
+	e.dp.blast(1001, 3000, 1000, true)
+	e.step(0)
+	if got := e.user("john").Upload; got != 3000 {
+		t.Fatalf("upload %d", got)
 	}
-	if err := a.step(time.Now()); err != nil {
-		t.Fatal(err)
+	// Traffic after the last tick, then a crash (no final commit): the next
+	// agent counts it from the committed baseline.
+	e.dp.blast(1001, 2000, 1000, true)
+	e.start()
+	e.step(time.Second)
+	if got := e.user("john").Upload; got != 5000 {
+		t.Errorf("after restart: upload %d, want 5000", got)
 	}
-	if got, _ := fw.Blocked(); !slices.Equal(got, []uint32{victim}) {
-		t.Fatalf("nft set after one step: %v", got)
+	// A reboot: the counters start again from zero in a new epoch.
+	e.dp.mu.Lock()
+	e.dp.epoch, e.dp.counters = "boot2/3", map[uint32]bpf.Counters{}
+	e.dp.policies, e.dp.quotaUsed = map[uint32]bpf.Policy{}, map[uint32]uint64{}
+	e.dp.mu.Unlock()
+	e.start()
+	e.dp.blast(1001, 700, 700, true)
+	e.step(time.Second)
+	if got := e.user("john").Upload; got != 5700 {
+		t.Errorf("after reboot: upload %d, want 5700", got)
 	}
-	vs1, vr1 := v.Progress(t, 500*time.Millisecond)
-	_, br1 := b.Progress(t, 10*time.Millisecond)
-	vs2, vr2 := v.Progress(t, time.Second)
-	_, br2 := b.Progress(t, 10*time.Millisecond)
-	if vr2 != vr1 || vs2-vs1 > 4<<20 {
-		t.Errorf("blocked stream moved: sent %d->%d received %d->%d", vs1, vs2, vr1, vr2)
+	if p := e.dp.policies[1001]; p.Quota != bpf.Both {
+		t.Errorf("budget not restored after reboot: %+v", p)
 	}
-	if br2 <= br1 {
-		t.Errorf("bystander stalled: %d -> %d", br1, br2)
-	}
-	// nft drops the SYN in OUTPUT: the connection never opens.
-	c := start(false, victim, "tcp-client", addr, "1", "0")
-	if err := c.Wait(10 * time.Second); err == nil {
-		t.Errorf("blocked UID connected: %q", c.Last())
-	}
-	if pk, _, err := fw.DropCounter(); err != nil || pk == 0 {
-		t.Errorf("nft drop counter: %d, %v", pk, err)
-	}
+}
 
-	// An operator flushes the whole ruleset: the next step restores it.
-	nftCmd := exec.Command("nft", "flush", "ruleset")
-	if err := nettest.Do(pair.A, nftCmd.Run); err != nil {
-		t.Fatal(err)
+// TestLimitsFileBadLines: each bad line is reported with its number and
+// skipped; the others still apply.
+func TestLimitsFileBadLines(t *testing.T) {
+	e := newEnv(t)
+	e.write("bw-limit.conf", "john abc\nmary 10\n../x 5\njohn 10X\n")
+	e.step(0)
+	if v := e.user("mary"); v.Limit != 10*quota.MiB {
+		t.Errorf("mary: %+v", v)
 	}
-	if got, _ := fw.Blocked(); len(got) != 0 {
-		t.Fatalf("flush did not take: %v", got)
+	if v := e.user("john"); v.Limit != 0 {
+		t.Errorf("john with only bad lines has limit %d", v.Limit)
 	}
-	if err := a.step(time.Now()); err != nil {
-		t.Fatal(err)
+	logs := e.logs.String()
+	for _, want := range []string{"bw-limit.conf:1", "bw-limit.conf:3", "bw-limit.conf:4"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log lacks %q:\n%s", want, logs)
+		}
 	}
-	if got, _ := fw.Blocked(); !slices.Equal(got, []uint32{victim}) {
-		t.Errorf("nft set after flush and one step: %v", got)
+	// Changes are picked up within one tick.
+	e.write("bw-limit.conf", "john 1\n")
+	e.step(time.Second)
+	if v := e.user("john"); v.Limit != quota.MiB || e.user("mary").Limit != 0 {
+		t.Errorf("edit not picked up: %+v", v)
 	}
+}
 
-	// Someone detaches our egress program: the next step re-attaches it.
-	l, err := link.LoadPinnedLink(filepath.Join(pin, "link_egress"), nil)
+func TestDayRolloverAndHistory(t *testing.T) {
+	e := newEnv(t)
+	e.clock = time.Date(2026, 11, 29, 23, 59, 58, 0, time.UTC)
+	e.dp.blast(1001, 1000, 1000, true)
+	e.step(0)
+	e.dp.blast(1001, 500, 500, false)
+	e.step(3 * time.Second) // past midnight
+	e.step(time.Second)
+	v := e.user("john")
+	if v.Today != 500 || v.Used != 1500 {
+		t.Errorf("after midnight: today %d used %d", v.Today, v.Used)
+	}
+	h, err := e.a.History(context.Background(), "john", "", "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := l.Detach(); err != nil {
-		t.Fatal(err)
+	want := []store.DayUsage{{Name: "john", Day: "2026-11-29", Up: 1000}, {Name: "john", Day: "2026-11-30", Down: 500}}
+	if !slices.Equal(h, want) {
+		t.Errorf("history %+v, want %+v", h, want)
 	}
-	l.Close()
-	if err := a.step(time.Now()); err != nil {
-		t.Fatal(err)
+	if j := e.usage("john"); j.DailyUsage != 500 {
+		t.Errorf("daily_usage %d", j.DailyUsage)
 	}
-	if ids, err := dp.AttachedPrograms(ebpf.AttachCGroupInetEgress); err != nil || len(ids) != 1 {
-		t.Errorf("egress programs after repair: %v %v", ids, err)
-	}
+}
 
-	// Unblock: one step lets the UID connect again.
-	if err := dp.Unblock(victim); err != nil {
+func TestImportFromEarlierInstall(t *testing.T) {
+	dir := t.TempDir()
+	usage := filepath.Join(dir, "usage")
+	os.MkdirAll(usage, 0o755)
+	os.WriteFile(filepath.Join(usage, "john.json"), []byte(`{"username":"john","total_usage":1073741824,"daily_usage":104857600,
+"total_limit":10737418240,"blocked":true,"block_reason":"Bandwidth Limit Reached","block_time":"2024-12-07 14:30:45","last_reset":"2024-12-01 00:00:00"}`), 0o644)
+	os.WriteFile(filepath.Join(usage, "mary.json"), []byte(`{"username": "mary", "total_usage": `), 0o644)
+	e := &env{t: t, dir: dir, dp: newFakeDP(), fw: &fakeFW{}, clock: time.Date(2026, 11, 29, 10, 0, 0, 0, time.UTC)}
+	e.cfg = config.Default()
+	e.cfg.TimeZone = time.UTC
+	e.cfg.Paths.UsageDir = usage
+	for k, p := range map[*string]string{&e.cfg.Paths.Limits: "bw-limit.conf", &e.cfg.Paths.MarkerDir: "m", &e.cfg.Paths.BlockLog: "log",
+		&e.cfg.Paths.StateDB: "state.db", &e.cfg.Paths.Passwd: "passwd"} {
+		*k = filepath.Join(dir, p)
+	}
+	e.write("passwd", passwd)
+	e.start()
+	e.step(0)
+	v := e.user("john")
+	if v.Upload != quota.GiB || v.LastReset.Format(opsfiles.TimeLayout) != "2024-12-01 00:00:00" {
+		t.Errorf("imported john: %+v", v)
+	}
+	// No limit in the limits file: the imported block is lifted by the rules.
+	if v.Status != quota.Unlimited {
+		t.Errorf("john's status %s", v.Status)
+	}
+	matches, _ := filepath.Glob(filepath.Join(usage, "mary.json.corrupt-*"))
+	if len(matches) != 1 {
+		t.Errorf("corrupt file not moved aside: %v", matches)
+	}
+	if !strings.Contains(e.logs.String(), "mary.json") {
+		t.Errorf("corrupt file not reported:\n%s", e.logs)
+	}
+	if e.usage("mary").TotalUsage != 0 {
+		t.Error("mary's fresh file")
+	}
+	// Only once: a second start does not import again.
+	e.start()
+	e.step(time.Second)
+	if got := e.user("john").Upload; got != quota.GiB {
+		t.Errorf("imported twice: %d", got)
+	}
+}
+
+// TestRepairsEveryTick: a flushed nft set and lost kernel policies are
+// restored on the next tick.
+func TestRepairsEveryTick(t *testing.T) {
+	e := newEnv(t)
+	e.write("bw-limit.conf", "john 1\n")
+	e.step(0)
+	e.dp.blast(1001, 2*quota.MiB, 1500, true)
+	e.step(time.Second)
+	e.fw.mu.Lock()
+	e.fw.set, e.fw.flushed = nil, true
+	e.fw.mu.Unlock()
+	e.dp.mu.Lock()
+	delete(e.dp.policies, 1001)
+	e.dp.mu.Unlock()
+	e.step(time.Second)
+	if !e.fw.has(1001) || !e.dp.policies[1001].Blocked {
+		t.Error("not repaired in one tick")
+	}
+	if !strings.Contains(e.logs.String(), "rebuilt") {
+		t.Error("repair not logged")
+	}
+}
+
+// TestCountersErrorLoggedOnce: a failing part is logged once per change and
+// the rest of the tick still runs.
+func TestCountersErrorLoggedOnce(t *testing.T) {
+	e := newEnv(t)
+	e.step(0)
+	for i := 0; i < 3; i++ {
+		e.dp.failNext = fmt.Errorf("map gone")
+		e.step(time.Second)
+	}
+	e.step(time.Second)
+	logs := e.logs.String()
+	if n := strings.Count(logs, "map gone"); n != 2 { // the error, then "recovered after"
+		t.Errorf("error logged %d times:\n%s", n, logs)
+	}
+	if !strings.Contains(logs, "kernel counters recovered") {
+		t.Errorf("no recovery line:\n%s", logs)
+	}
+}
+
+// TestUnwritableUsageDir: with the usage directory read-only the agent keeps
+// counting and enforcing, reports the error once, and writes every file
+// once the directory is writable again.
+func TestUnwritableUsageDir(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a read-only bind mount")
+	}
+	e := newEnv(t)
+	e.write("bw-limit.conf", "john 1\n")
+	e.step(0)
+	dir := e.cfg.Paths.UsageDir
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.step(time.Now()); err != nil {
+	mounted := true
+	unmount := func() {
+		if mounted {
+			if err := unix.Unmount(dir, 0); err != nil {
+				t.Error(err)
+			}
+			mounted = false
+		}
+	}
+	t.Cleanup(unmount)
+	if err := unix.Mount("", dir, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := fw.Blocked(); len(got) != 0 {
-		t.Errorf("nft set after unblock: %v", got)
+	e.dp.blast(1001, 2*quota.MiB, 1500, true)
+	for i := 0; i < 3; i++ {
+		e.step(2 * time.Second)
 	}
-	ok := start(false, victim, "tcp-client", addr, "1000", "1000")
-	if line := ok.Expect(t, "DONE", 10*time.Second); line != "DONE 1000 1000" {
-		t.Errorf("after unblock: %q", line)
+	if v := e.user("john"); v.Status != quota.Blocked || !e.fw.has(1001) {
+		t.Errorf("not enforced while the usage dir is read-only: %+v", v)
+	}
+	if h := e.a.Health(); !strings.Contains(h.Errors["usage files"], "read-only") {
+		t.Errorf("health does not report the usage files: %+v", h.Errors)
+	}
+	if n := strings.Count(e.logs.String(), "usage files failed"); n != 1 {
+		t.Errorf("usage file error logged %d times:\n%s", n, e.logs)
+	}
+	if j := e.usage("john"); j.Blocked {
+		t.Fatal("the read-only directory was written")
+	}
+	unmount()
+	e.step(time.Second) // the writer catches up after this tick
+	e.step(time.Second) // and this tick sees it recovered
+	if j := e.usage("john"); !j.Blocked || j.Status != "BLOCKED" {
+		t.Errorf("not caught up: %+v", j)
+	}
+	if !strings.Contains(e.logs.String(), "usage files recovered") {
+		t.Errorf("recovery not logged:\n%s", e.logs)
+	}
+}
+
+// TestUsageFilesRepaired: a usage file someone deletes or edits is written
+// again at the next tick, and so is a deleted directory.
+func TestUsageFilesRepaired(t *testing.T) {
+	e := newEnv(t)
+	e.step(0)
+	e.step(time.Second)
+	path := filepath.Join(e.cfg.Paths.UsageDir, "john.json")
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(path)
+	os.WriteFile(filepath.Join(e.cfg.Paths.UsageDir, "mary.json"), []byte(`{"blocked": false}`), 0o644)
+	e.step(time.Second)
+	if got, err := os.ReadFile(path); err != nil || !strings.Contains(string(got), `"username": "john"`) {
+		t.Errorf("deleted file not restored: %s, %v (was %s)", got, err, want)
+	}
+	if e.usage("mary").Username != "mary" {
+		t.Error("edited file not restored")
+	}
+	os.RemoveAll(e.cfg.Paths.UsageDir)
+	e.step(time.Second)
+	e.step(time.Second)
+	if e.usage("john").Username != "john" || e.usage("mary").Username != "mary" {
+		t.Error("deleted directory not restored")
 	}
 }

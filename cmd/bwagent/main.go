@@ -1,9 +1,15 @@
-// Command bwagent is the bandwidth quota agent: it attaches the per-UID
-// accounting programs, keeps the agent's nftables table, and repairs both
-// every tick.
+// Command bwagent is the bandwidth quota agent. It attaches the per-UID
+// accounting programs, keeps the agent's nftables table, turns counters into
+// usage every tick, blocks users over their limit and keeps the operators'
+// files (usage JSON, marker files, block log) up to date.
 //
-//	bwagent [flags]            run the agent (as root)
-//	bwagent uninstall [flags]  detach the programs, remove pins and the table
+//	bwagent [--config FILE]            run the agent (as root)
+//	bwagent print-config [--config F]  print the effective configuration
+//	bwagent uninstall [--config FILE]  detach the programs, remove pins and the table
+//
+// Every setting has a working default; see config/example.toml. SIGHUP
+// reloads the configuration and the limits file; SIGTERM commits the last
+// counts and exits.
 package main
 
 import (
@@ -15,71 +21,119 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	_ "time/tzdata" // time zones work on systems without tzdata
 
 	"github.com/myvpn/bwagent/agent"
 	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/config"
 	"github.com/myvpn/bwagent/nft"
+	"github.com/myvpn/bwagent/store"
 )
 
 func main() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	if err := run(os.Args[1:], log); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(2)
+		}
 		log.Error("bwagent", "err", err)
 		os.Exit(1)
 	}
 }
 
 func run(args []string, log *slog.Logger) error {
-	uninstall := len(args) > 0 && args[0] == "uninstall"
-	if uninstall {
-		args = args[1:]
+	cmd := ""
+	if len(args) > 0 && (args[0] == "uninstall" || args[0] == "print-config") {
+		cmd, args = args[0], args[1:]
 	}
 	fs := flag.NewFlagSet("bwagent", flag.ContinueOnError)
-	var (
-		dpc      bpf.Config
-		fwc      nft.Config
-		interval = fs.Duration("interval", agent.DefaultInterval, "tick interval, 1s to 5s")
-	)
-	fs.StringVar(&dpc.PinPath, "pin-path", bpf.DefaultPinPath, "bpffs directory for the pinned maps and links")
-	fs.StringVar(&dpc.CgroupPath, "cgroup", "", "cgroup v2 directory to attach to (default: the cgroup v2 root)")
-	fs.StringVar(&fwc.Table, "table", "bwagent", "name of the agent's nftables table (family inet)")
-	maxUIDs := fs.Uint("max-uids", bpf.DefaultMaxUIDs, "number of UIDs the kernel maps hold")
+	path := fs.String("config", "", "configuration file (default "+config.DefaultPath+", used if it exists)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	dpc.MaxUIDs = uint32(*maxUIDs)
-
-	if uninstall {
-		fw, err := nft.New(fwc)
-		if err != nil {
-			return err
-		}
-		defer fw.Close()
-		return errors.Join(bpf.Uninstall(dpc.PinPath), fw.Remove())
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q (commands: uninstall, print-config)", fs.Arg(0))
 	}
-
-	if _, err := agent.CheckInterval(*interval); err != nil {
-		return fmt.Errorf("-interval: %w", err)
-	}
-	if err := bpf.MountBPFFS(dpc.PinPath); err != nil {
-		return err
-	}
-	dp, err := bpf.Load(dpc)
+	cfg, err := config.Load(*path)
 	if err != nil {
 		return err
 	}
-	defer dp.Close() // pins stay: the kernel keeps counting while we are away
-	fw, err := nft.New(fwc)
+	switch cmd {
+	case "print-config":
+		_, err := os.Stdout.WriteString(cfg.String())
+		return err
+	case "uninstall":
+		return uninstall(cfg)
+	}
+	return serve(cfg, *path, log)
+}
+
+func dataplaneConfig(cfg config.Config) bpf.Config {
+	return bpf.Config{CgroupPath: cfg.Kernel.Cgroup, PinPath: cfg.Kernel.PinPath,
+		MaxUIDs: cfg.Kernel.MaxUIDs, ProtectedUIDs: cfg.Kernel.ProtectedUIDs}
+}
+
+func firewallConfig(cfg config.Config) nft.Config {
+	return nft.Config{Table: cfg.NFT.Table, Set: cfg.NFT.Set, Chain: cfg.NFT.Chain, Protected: cfg.Kernel.ProtectedUIDs}
+}
+
+func uninstall(cfg config.Config) error {
+	fw, err := nft.New(firewallConfig(cfg))
 	if err != nil {
 		return err
 	}
 	defer fw.Close()
-	a, err := agent.New(*interval, dp, fw, log)
+	return errors.Join(bpf.Uninstall(cfg.Kernel.PinPath), fw.Remove())
+}
+
+func serve(cfg config.Config, path string, log *slog.Logger) error {
+	if err := bpf.MountBPFFS(cfg.Kernel.PinPath); err != nil {
+		return err
+	}
+	dp, err := bpf.Load(dataplaneConfig(cfg))
 	if err != nil {
 		return err
 	}
+	defer dp.Close() // pins stay: the kernel keeps counting while we are away
+	fw, err := nft.New(firewallConfig(cfg))
+	if err != nil {
+		return err
+	}
+	defer fw.Close()
+	st, err := store.Open(cfg.Paths.StateDB)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Firewall: fw, Store: st, Log: log})
+	if err != nil {
+		return err
+	}
+
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	log.Info("bwagent running", "cgroup", dp.CgroupPath(), "pins", dp.PinPath(), "table", fwc.Table, "interval", *interval)
-	return a.Run(ctx)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for range hup {
+			next, err := config.Load(path)
+			if err != nil {
+				log.Error("reload refused; keeping the running configuration", "err", err)
+				continue
+			}
+			restart, err := a.Reload(ctx, next)
+			if err != nil {
+				log.Error("reload failed", "err", err)
+				continue
+			}
+			log.Info("configuration reloaded", "needs_restart", restart)
+		}
+	}()
+
+	log.Info("bwagent running", "cgroup", dp.CgroupPath(), "pins", dp.PinPath(), "table", cfg.NFT.Table,
+		"interval", cfg.Interval, "state", cfg.Paths.StateDB, "limits", cfg.Paths.Limits)
+	err = a.Run(ctx)
+	log.Info("bwagent stopped")
+	return err
 }

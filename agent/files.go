@@ -1,0 +1,249 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/myvpn/bwagent/opsfiles"
+	"github.com/myvpn/bwagent/quota"
+)
+
+// fileWriter writes the usage JSON files off the loop, so a slow or full disk
+// never delays a tick. It keeps the newest document per user until it is
+// written: a failed write is retried at the next kick, and a document
+// superseded before it was written is simply dropped.
+type fileWriter struct {
+	mu      sync.Mutex
+	dir     string
+	pending map[string]opsfiles.Usage
+	lastErr error
+	written uint64 // files written, for tests and benchmarks
+	wake    chan struct{}
+}
+
+func newFileWriter(dir string) *fileWriter {
+	return &fileWriter{dir: dir, pending: make(map[string]opsfiles.Usage), wake: make(chan struct{}, 1)}
+}
+
+// setDir makes later writes go to dir.
+func (w *fileWriter) setDir(dir string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.dir = dir
+}
+
+// submit queues docs, replacing older pending versions.
+func (w *fileWriter) submit(docs []opsfiles.Usage) {
+	if len(docs) == 0 {
+		return
+	}
+	w.mu.Lock()
+	for _, d := range docs {
+		w.pending[d.Username] = d
+	}
+	w.mu.Unlock()
+	w.kick()
+}
+
+// kick wakes the writer if anything is pending.
+func (w *fileWriter) kick() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (w *fileWriter) run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-w.wake:
+			w.flush()
+		}
+	}
+}
+
+// flush writes everything pending now, in one batch (one filesystem sync for
+// all files). Files that failed stay pending unless a newer version arrived
+// meanwhile.
+func (w *fileWriter) flush() error {
+	w.mu.Lock()
+	if len(w.pending) == 0 {
+		w.mu.Unlock()
+		return w.err()
+	}
+	docs := w.pending
+	w.pending = make(map[string]opsfiles.Usage, len(docs))
+	dir := w.dir
+	w.mu.Unlock()
+
+	files := make([]opsfiles.File, 0, len(docs))
+	names := slices.Sorted(maps.Keys(docs))
+	var errs []error
+	for _, name := range names {
+		data, err := docs[name].Marshal()
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		files = append(files, opsfiles.File{Name: name + ".json", Data: data, Perm: 0o644})
+	}
+	var failed []error
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		failed = make([]error, len(files))
+		for i := range failed {
+			failed[i] = err
+		}
+	} else {
+		failed = opsfiles.WriteBatch(dir, files)
+	}
+
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.written += uint64(len(files))
+	for i, err := range failed {
+		if err == nil {
+			continue
+		}
+		w.written--
+		errs = append(errs, err)
+		name := names[i]
+		if _, newer := w.pending[name]; !newer {
+			w.pending[name] = docs[name]
+		}
+	}
+	w.lastErr = nil
+	if len(errs) > 0 {
+		w.lastErr = fmt.Errorf("%d of %d usage files not written (kept for retry): %w", len(errs), len(files), errs[0])
+	}
+	return w.lastErr
+}
+
+func (w *fileWriter) err() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.lastErr
+}
+
+// queueJSON hands the usage files that are due to the writer: status changes
+// at once, usage-only changes once per JSON interval.
+func (a *Agent) queueJSON(now time.Time) {
+	all := now.Sub(a.lastJSON) >= a.cfg.JSONInterval || now.Before(a.lastJSON)
+	var docs []opsfiles.Usage
+	for _, u := range a.users {
+		if u.json == jsonUrgent || (all && u.json == jsonUsage) {
+			docs = append(docs, a.usageDoc(u))
+			u.json = jsonClean
+		}
+	}
+	if all {
+		a.lastJSON = now
+	}
+	a.files.submit(docs)
+}
+
+// repairJSON marks for rewriting the usage files someone else deleted, moved
+// or edited since the last tick (all of them if the directory itself went),
+// so they are back within a tick. The agent owns these files.
+func (a *Agent) repairJSON() error {
+	names, all, err := a.watch.drain()
+	if all {
+		for _, u := range a.users {
+			u.json = jsonUrgent
+		}
+	}
+	for _, name := range names {
+		if u := a.users[name]; u != nil {
+			u.json = jsonUrgent
+		}
+	}
+	return err
+}
+
+// usageDoc renders u's usage file.
+func (a *Agent) usageDoc(u *user) opsfiles.Usage {
+	p := a.plans[u.name]
+	status := u.status
+	if status == "" {
+		status = u.st.Status(p, a.rules)
+	}
+	d := opsfiles.Usage{
+		Username:    u.name,
+		TotalUsage:  u.st.Used(a.rules),
+		TotalLimit:  p.Limit,
+		Blocked:     u.st.Blocked,
+		BlockReason: u.st.Reason,
+		BlockTime:   opsfiles.FormatTime(u.st.BlockTime, a.loc),
+		LastReset:   opsfiles.FormatTime(u.st.LastReset, a.loc),
+		Protocol:    string(u.proto),
+		Status:      string(status),
+		Upload:      u.st.Total.Up,
+		Download:    u.st.Total.Down,
+		UpdatedAt:   opsfiles.FormatTime(u.updated, a.loc),
+	}
+	if u.st.Day == quota.Day(a.now().In(a.loc)) {
+		d.DailyUsage = a.rules.Metric.Of(u.st.Today)
+	}
+	if rem, limited := u.st.Remaining(p, a.rules); limited {
+		d.Remaining = &rem
+	}
+	return d
+}
+
+// syncMarkers makes the marker directory hold a file for exactly the blocked
+// Xray users.
+func (a *Agent) syncMarkers() error {
+	want := make(map[string]opsfiles.Marker)
+	for _, u := range a.users {
+		if u.proto.Xray() && u.st.Blocked {
+			want[u.name] = opsfiles.Marker{Reason: u.st.Reason, Time: u.st.BlockTime}
+		}
+	}
+	if len(want) == 0 && len(a.markers) == 0 && a.reported["marker files"] == "" && a.markers != nil {
+		return nil
+	}
+	added, removed, err := opsfiles.SyncMarkers(a.cfg.Paths.MarkerDir, want, a.loc)
+	if len(added)+len(removed) > 0 {
+		a.log.Info("marker files synced", "added", added, "removed", removed)
+	}
+	if err != nil {
+		return err
+	}
+	a.markers = make(map[string]bool, len(want))
+	for name := range want {
+		a.markers[name] = true
+	}
+	return nil
+}
+
+// appendLog appends the committed events that belong in the block log. It
+// runs after the commit, and marks them logged in the next commit: a crash in
+// between can repeat a line, never lose one.
+func (a *Agent) appendLog() error {
+	if len(a.unlogged) == 0 {
+		return nil
+	}
+	lines := make([]opsfiles.LogLine, 0, len(a.unlogged))
+	ids := make([]int64, 0, len(a.unlogged))
+	for _, e := range a.unlogged {
+		ids = append(ids, e.ID)
+		switch e.Action {
+		case quota.ActBlock, quota.ActUnblock, quota.ActDisable, quota.ActEnable, quota.ActReset:
+			lines = append(lines, opsfiles.LogLine{Time: e.Time, Protocol: e.Protocol, Username: e.Name, Reason: e.Reason})
+		}
+	}
+	if len(lines) > 0 {
+		if err := opsfiles.AppendLog(a.cfg.Paths.BlockLog, lines, a.loc); err != nil {
+			return err
+		}
+	}
+	a.logged = append(a.logged, ids...)
+	a.unlogged = nil
+	return nil
+}

@@ -1,0 +1,191 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/config"
+	"github.com/myvpn/bwagent/internal/nettest"
+	"github.com/myvpn/bwagent/nft"
+	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/store"
+)
+
+func TestMain(m *testing.M) { nettest.Main(m) }
+
+// kernelEnv is an agent over the real data plane, nftables and store, with
+// its own cgroup, pins, table, network namespaces and files.
+type kernelEnv struct {
+	cfg  config.Config
+	cg   string
+	pair *nettest.Pair
+	dp   *bpf.Datapath
+	fw   *nft.Firewall
+	a    *Agent
+}
+
+func newKernelEnv(t *testing.T, passwdText, limits string) *kernelEnv {
+	t.Helper()
+	nettest.RequireRoot(t)
+	root, err := bpf.CgroupV2Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	k := &kernelEnv{cg: nettest.NewCgroup(t, root), pair: nettest.NewPair(t)}
+	k.cfg = config.Default()
+	k.cfg.Kernel.Cgroup = k.cg
+	k.cfg.Kernel.PinPath = filepath.Join("/sys/fs/bpf", nettest.Name("bwtest-"))
+	k.cfg.NFT.Table = nettest.Name("bwtest")
+	for p, name := range map[*string]string{&k.cfg.Paths.Limits: "bw-limit.conf", &k.cfg.Paths.UsageDir: "usage",
+		&k.cfg.Paths.MarkerDir: "blocked_users", &k.cfg.Paths.BlockLog: "blocked.log", &k.cfg.Paths.StateDB: "state.db",
+		&k.cfg.Paths.Passwd: "passwd", &k.cfg.Paths.Socket: "bwagent.sock"} {
+		*p = filepath.Join(dir, name)
+	}
+	os.WriteFile(k.cfg.Paths.Passwd, []byte(passwdText), 0o644)
+	os.WriteFile(k.cfg.Paths.Limits, []byte(limits), 0o644)
+
+	k.dp, err = bpf.Load(bpf.Config{CgroupPath: k.cg, PinPath: k.cfg.Kernel.PinPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := k.dp.Uninstall(); err != nil {
+			t.Error(err)
+		}
+	})
+	k.fw, err = nft.New(nft.Config{Table: k.cfg.NFT.Table, NetNS: int(k.pair.A)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.fw.Remove(); k.fw.Close() })
+	st, err := store.Open(k.cfg.Paths.StateDB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	k.a, err = New(Options{Config: k.cfg, Dataplane: k.dp, Firewall: k.fw, Store: st,
+		Log: slog.New(slog.NewTextHandler(os.Stderr, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func (k *kernelEnv) step(t *testing.T) {
+	t.Helper()
+	if err := k.a.step(time.Now()); err != nil {
+		t.Fatalf("step: %v", err)
+	}
+	if err := k.a.files.flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (k *kernelEnv) start(t *testing.T, inB bool, uid uint32, mode string, args ...string) *nettest.Proc {
+	spec := nettest.Spec{NS: k.pair.A, Cgroup: k.cg, UID: uid}
+	if inB {
+		spec.NS = k.pair.B
+	}
+	return nettest.Start(t, spec, mode, args...)
+}
+
+// TestSSHUserRealKernel: a real process with the user's UID is counted, is
+// stopped by the kernel at the limit and blocked within one tick (nft set,
+// BPF map, JSON, log), a flushed ruleset is restored at the next tick, and a
+// reset lets the user back.
+func TestSSHUserRealKernel(t *testing.T) {
+	const john, mary, server = 2601, 2602, 2603
+	k := newKernelEnv(t, fmt.Sprintf("john:x:%d:%d::/:/bin/false\nmary:x:%d:%d::/:/bin/false\nsrv:x:%d:1::/:/bin/false\n",
+		john, john, mary, mary, server), "john 4\n")
+	k.cfg.SSH.UIDMin = 2600
+	k.a.cfg.SSH.UIDMin = 2600
+	k.step(t)
+	if p, _ := k.dp.Policy(john); p.Quota != bpf.Both || p.Blocked {
+		t.Fatalf("john's kernel budget: %+v", p)
+	}
+
+	srv := k.start(t, true, server, "tcp-serve", net.JoinHostPort(k.pair.B4.String(), "0"))
+	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
+	// mary: 1 MiB up, 2 MiB down, unlimited.
+	m := k.start(t, false, mary, "tcp-client", addr, "1048576", "2097152")
+	if _, _, err := nettest.ParseDone(m.Expect(t, "DONE", 20*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	// john: a stream far beyond his 4 MiB. The kernel budget stops it at the
+	// limit, before any tick.
+	j := k.start(t, false, john, "tcp-client", addr, "inf", "inf")
+	j.Expect(t, "CONNECTED", 5*time.Second)
+	// (Bytes written to the socket may sit in its buffer; received bytes
+	// have passed the kernel.)
+	_, jr1 := j.Progress(t, 2*time.Second)
+	_, jr2 := j.Progress(t, time.Second)
+	if jr2 > 4*quota.MiB || jr2 != jr1 {
+		t.Errorf("john received %d -> %d bytes past a 4 MiB budget", jr1, jr2)
+	}
+	k.step(t)
+
+	c, _ := k.dp.CountersOf(john)
+	v, err := k.a.User(context.Background(), "john")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Upload != c.TxBytes || v.Download != c.RxBytes || v.Used > 4*quota.MiB {
+		t.Errorf("john's usage %d/%d, kernel counters %d/%d", v.Upload, v.Download, c.TxBytes, c.RxBytes)
+	}
+	if v.Status != quota.Blocked || v.Reason != quota.ReasonLimit {
+		t.Errorf("john not blocked after one tick: %+v", v)
+	}
+	mv, _ := k.a.User(context.Background(), "mary")
+	if mv.Upload < quota.MiB || mv.Download < 2*quota.MiB || mv.Upload+mv.Download > 3*quota.MiB*108/100+64*1024 || mv.Status != quota.Unlimited {
+		t.Errorf("mary: %+v", mv)
+	}
+	if p, _ := k.dp.Policy(john); !p.Blocked {
+		t.Errorf("BPF policy of john: %+v", p)
+	}
+	if got, _ := k.fw.Blocked(); !slices.Equal(got, []uint32{john}) {
+		t.Errorf("nft set: %v", got)
+	}
+	data, err := os.ReadFile(filepath.Join(k.cfg.Paths.UsageDir, "john.json"))
+	if err != nil || !strings.Contains(string(data), `"blocked": true`) || !strings.Contains(string(data), `"block_reason": "Bandwidth Limit Reached"`) {
+		t.Errorf("john.json: %s, %v", data, err)
+	}
+	logData, _ := os.ReadFile(k.cfg.Paths.BlockLog)
+	if !strings.HasSuffix(strings.TrimSpace(string(logData)), "| ssh | john | Bandwidth Limit Reached") {
+		t.Errorf("block log: %q", logData)
+	}
+
+	// Someone flushes the whole ruleset: restored at the next tick.
+	if err := nettest.Do(k.pair.A, exec.Command("nft", "flush", "ruleset").Run); err != nil {
+		t.Fatal(err)
+	}
+	k.step(t)
+	if got, _ := k.fw.Blocked(); !slices.Equal(got, []uint32{john}) {
+		t.Errorf("nft set after flush and one tick: %v", got)
+	}
+
+	// A new connection fails while blocked; after a reset it works.
+	if err := k.start(t, false, john, "tcp-client", addr, "1000", "0").Wait(10 * time.Second); err == nil {
+		t.Error("blocked john connected")
+	}
+	if err := k.a.Reset(context.Background(), "john"); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := k.fw.Blocked(); len(got) != 0 {
+		t.Errorf("nft set after reset: %v", got)
+	}
+	r := k.start(t, false, john, "tcp-client", addr, "100000", "100000")
+	if _, _, err := nettest.ParseDone(r.Expect(t, "DONE", 20*time.Second)); err != nil {
+		t.Errorf("john after reset: %v", err)
+	}
+}

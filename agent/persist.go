@@ -1,0 +1,227 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/myvpn/bwagent/opsfiles"
+	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/store"
+)
+
+// metaImported marks a store that has imported the usage JSON files of an
+// earlier install (done once, on the first start).
+const metaImported = "usage_json_imported"
+
+// sshSource is the baseline key of a UID's kernel counters.
+func sshSource(uid uint32) string { return "uid:" + strconv.FormatUint(uint64(uid), 10) }
+
+// load restores the users and baselines from the store, imports the usage
+// files of an earlier install on the first start, and queues the events
+// that were committed but never reached the block log.
+func (a *Agent) load() error {
+	rows, err := a.st.Users()
+	if err != nil {
+		return err
+	}
+	for _, r := range rows {
+		u := fromRow(r)
+		a.users[u.name] = u
+	}
+	bases, err := a.st.Baselines()
+	if err != nil {
+		return err
+	}
+	for _, b := range bases {
+		if uid, ok := strings.CutPrefix(b.Source, "uid:"); ok {
+			if n, err := strconv.ParseUint(uid, 10, 32); err == nil {
+				a.sshBase[uint32(n)] = &baseline{Sample: quota.Sample{Epoch: b.Epoch, Up: b.Tx, Down: b.Rx}}
+				continue
+			}
+		}
+		a.otherBase[b.Source] = &baseline{Sample: quota.Sample{Epoch: b.Epoch, Up: b.Tx, Down: b.Rx}}
+	}
+	if _, done, err := a.st.Meta(metaImported); err != nil {
+		return err
+	} else if !done {
+		if err := a.importJSON(); err != nil {
+			return err
+		}
+	}
+	a.unlogged, err = a.st.UnloggedEvents()
+	return err
+}
+
+// importJSON takes over the totals of the usage files an earlier install
+// (the bash tool) left, once. The bash tool counted upload, so its totals
+// are imported as upload (as download if this agent counts download only).
+// A corrupt file is moved aside, never deleted, and reported.
+func (a *Agent) importJSON() error {
+	now := a.now().In(a.loc)
+	docs, bad := opsfiles.ImportDir(a.cfg.Paths.UsageDir)
+	for _, err := range bad {
+		a.log.Warn("usage file from an earlier install not imported", "err", err)
+		var pe *os.PathError
+		if errors.Is(err, opsfiles.ErrCorrupt) && errors.As(err, &pe) {
+			if to, merr := opsfiles.MoveAside(pe.Path, now); merr == nil {
+				a.log.Warn("corrupt usage file moved aside", "from", pe.Path, "to", to)
+			}
+		}
+	}
+	for _, d := range docs {
+		u := a.users[d.Username]
+		if u == nil {
+			u = &user{name: d.Username}
+			if p, err := quota.ParseProtocol(d.Protocol); err == nil {
+				u.proto = p
+			}
+			a.users[u.name] = u
+		}
+		if (u.st.Total != quota.Usage{}) {
+			continue // already accounted by this agent
+		}
+		imp := func(n uint64) quota.Usage {
+			if a.rules.Metric == quota.Download {
+				return quota.Usage{Down: n}
+			}
+			return quota.Usage{Up: n}
+		}
+		u.st.Total = imp(d.TotalUsage)
+		if d.Upload+d.Download > 0 { // written by this agent: exact split
+			u.st.Total = quota.Usage{Up: d.Upload, Down: d.Download}
+		}
+		if t, ok := parseOpsTime(d.UpdatedAt, a.loc); ok && quota.Day(t) == quota.Day(now) {
+			u.st.Day, u.st.Today = quota.Day(now), imp(d.DailyUsage)
+		}
+		if t, ok := parseOpsTime(d.LastReset, a.loc); ok {
+			u.st.LastReset = t
+		}
+		if d.Blocked {
+			if d.BlockReason == quota.ReasonDisabled {
+				u.st.Disabled = true
+			}
+			u.st.Blocked, u.st.Reason = true, d.BlockReason
+			if u.st.Reason == "" {
+				u.st.Reason = quota.ReasonLimit
+			}
+			u.st.BlockTime, _ = parseOpsTime(d.BlockTime, a.loc)
+		}
+		u.touch(now, jsonUrgent)
+		a.events = append(a.events, store.Event{Time: now, Protocol: string(u.proto), Name: u.name, Action: "import",
+			Reason: fmt.Sprintf("imported %d bytes from %s", d.TotalUsage, filepath.Join(a.cfg.Paths.UsageDir, u.name+".json")), Logged: true})
+	}
+	if len(docs) > 0 {
+		a.log.Info("imported usage files of an earlier install", "users", len(docs), "dir", a.cfg.Paths.UsageDir)
+	}
+	b := a.batch(now)
+	b.Meta = map[string]string{metaImported: now.Format(time.RFC3339)}
+	if err := a.st.Commit(b); err != nil {
+		return fmt.Errorf("import usage files: %w", err)
+	}
+	a.committed(b)
+	return nil
+}
+
+func parseOpsTime(s string, loc *time.Location) (time.Time, bool) {
+	t, err := opsfiles.ParseTime(s, loc)
+	return t, err == nil && !t.IsZero()
+}
+
+// batch collects everything that changed since the last commit.
+func (a *Agent) batch(now time.Time) *store.Batch {
+	b := &store.Batch{History: a.history, Events: a.events, Logged: a.logged}
+	for _, u := range a.users {
+		if u.dirty {
+			b.Users = append(b.Users, userRow(u, now))
+		}
+	}
+	for uid, bl := range a.sshBase {
+		if bl.dirty {
+			b.Baselines = append(b.Baselines, store.Baseline{Source: sshSource(uid), Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
+		}
+	}
+	for src, bl := range a.otherBase {
+		if bl.dirty {
+			b.Baselines = append(b.Baselines, store.Baseline{Source: src, Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
+		}
+	}
+	return b
+}
+
+// committed clears what b wrote and moves its events to the block log queue.
+func (a *Agent) committed(b *store.Batch) {
+	for i := range b.Users {
+		a.users[b.Users[i].Name].dirty = false
+	}
+	for _, bl := range a.sshBase {
+		bl.dirty = false
+	}
+	for _, bl := range a.otherBase {
+		bl.dirty = false
+	}
+	for _, e := range b.Events {
+		if !e.Logged {
+			a.unlogged = append(a.unlogged, e)
+		}
+	}
+	a.history, a.events, a.logged = nil, nil, nil
+}
+
+// commit writes this tick's changes in one transaction: usage, baselines,
+// history and events together, so a crash at any moment neither loses nor
+// double counts a byte. On failure everything stays queued for the next
+// tick.
+func (a *Agent) commit(now time.Time) error {
+	b := a.batch(now)
+	if len(b.Users)+len(b.Baselines)+len(b.History)+len(b.Events)+len(b.Logged) == 0 {
+		return nil
+	}
+	if err := a.st.Commit(b); err != nil {
+		return err
+	}
+	a.committed(b)
+	return nil
+}
+
+func userRow(u *user, now time.Time) store.User {
+	s := &u.st
+	return store.User{
+		Name: u.name, Protocol: string(u.proto), UID: u.uid,
+		Up: s.Total.Up, Down: s.Total.Down,
+		Day: s.Day, DayUp: s.Today.Up, DayDown: s.Today.Down,
+		Blocked: s.Blocked, BlockReason: s.Reason, BlockTime: s.BlockTime,
+		Disabled: s.Disabled, LastReset: s.LastReset,
+		Unblocked: s.Override.Active, UnblockLimit: s.Override.Limit, UnblockUntil: s.Override.Until,
+		Schedule: s.Schedule, NextReset: s.NextReset,
+		UpdatedAt: now,
+	}
+}
+
+func fromRow(r store.User) *user {
+	u := &user{name: r.Name, proto: quota.Protocol(r.Protocol), uid: r.UID, updated: r.UpdatedAt}
+	u.st = quota.State{
+		Total: quota.Usage{Up: r.Up, Down: r.Down},
+		Day:   r.Day, Today: quota.Usage{Up: r.DayUp, Down: r.DayDown},
+		Blocked: r.Blocked, Reason: r.BlockReason, BlockTime: r.BlockTime,
+		Disabled: r.Disabled, LastReset: r.LastReset,
+		Override: quota.Override{Active: r.Unblocked, Limit: r.UnblockLimit, Until: r.UnblockUntil},
+		Schedule: r.Schedule, NextReset: r.NextReset,
+	}
+	// Written again once at start, so files lost while the agent was down
+	// come back.
+	u.json = jsonUsage
+	return u
+}
+
+func eventRow(u *user, e quota.Event) store.Event {
+	return store.Event{Time: e.Time, Protocol: string(u.proto), Name: u.name, Action: e.Action, Reason: e.Reason}
+}
+
+func dayRow(name string, d quota.DayTotal) store.DayUsage {
+	return store.DayUsage{Name: name, Day: d.Day, Up: d.Usage.Up, Down: d.Usage.Down}
+}

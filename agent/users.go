@@ -1,0 +1,207 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/myvpn/bwagent/opsfiles"
+	"github.com/myvpn/bwagent/quota"
+)
+
+// user is the agent's record of one user.
+type user struct {
+	name    string
+	proto   quota.Protocol
+	uid     uint32 // SSH users
+	present bool   // an account in /etc/passwd (or an Xray client) right now
+	st      quota.State
+	status  quota.Status
+
+	dirty   bool      // the state row must be committed
+	json    jsonState // what the usage file needs
+	updated time.Time // last change of usage or state
+}
+
+// jsonState says how soon a user's usage file must be rewritten.
+type jsonState uint8
+
+const (
+	jsonClean  jsonState = iota
+	jsonUsage            // usage moved: written at the next JSON interval
+	jsonUrgent           // status or record changed: written this tick
+)
+
+func (u *user) touch(now time.Time, js jsonState) {
+	u.dirty = true
+	u.updated = now
+	u.json = max(u.json, js)
+}
+
+// stamp identifies a version of a file cheaply, to re-read it only when it
+// changed.
+type stamp struct {
+	ino, size int64
+	mtime     time.Time
+	missing   bool
+	valid     bool
+}
+
+func statStamp(path string) (stamp, error) {
+	fi, err := os.Stat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return stamp{missing: true, valid: true}, nil
+	}
+	if err != nil {
+		return stamp{}, err
+	}
+	s := stamp{size: fi.Size(), mtime: fi.ModTime(), valid: true}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		s.ino = int64(st.Ino)
+	}
+	return s, nil
+}
+
+// account is one line of /etc/passwd in the SSH UID range.
+type account struct {
+	name string
+	uid  uint32
+}
+
+// parsePasswd returns the accounts with uidMin <= UID < uidMax, skipping
+// excluded names; names that cannot be file names are returned in bad.
+func parsePasswd(data []byte, uidMin, uidMax uint32, exclude []string) (accts []account, bad []string) {
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 64*1024), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || line[0] == '#' || line[0] == '+' || line[0] == '-' {
+			continue
+		}
+		f := strings.SplitN(line, ":", 4)
+		if len(f) < 4 {
+			continue
+		}
+		uid, err := strconv.ParseUint(f[2], 10, 32)
+		if err != nil || uint32(uid) < uidMin || uint32(uid) >= uidMax {
+			continue
+		}
+		if slices.Contains(exclude, f[0]) {
+			continue
+		}
+		if quota.ValidName(f[0]) != nil {
+			bad = append(bad, f[0])
+			continue
+		}
+		accts = append(accts, account{name: f[0], uid: uint32(uid)})
+	}
+	return accts, bad
+}
+
+// loadAccounts re-reads the SSH accounts when the passwd file changed.
+func (a *Agent) loadAccounts() error {
+	if !a.cfg.SSH.Enabled {
+		return nil
+	}
+	path := a.cfg.Paths.Passwd
+	s, err := statStamp(path)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if s == a.passwdStamp {
+		return nil
+	}
+	data, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	accts, bad := parsePasswd(data, a.cfg.SSH.UIDMin, a.cfg.SSH.UIDMax, a.cfg.SSH.Exclude)
+	for _, name := range bad {
+		a.warnOnce("badname:"+name, "account name is not a safe file name; not accounted", "name", fmt.Sprintf("%q", name), "err", quota.ValidName(name))
+	}
+	now := a.now().In(a.loc)
+	seen := make(map[string]bool, len(accts))
+	clear(a.byUID)
+	for _, ac := range accts {
+		if other := a.byUID[ac.uid]; other != nil {
+			a.warnOnce(fmt.Sprintf("dupuid:%d", ac.uid), "two accounts share a UID; the first is accounted",
+				"uid", ac.uid, "accounted", other.name, "ignored", ac.name)
+			continue
+		}
+		u := a.users[ac.name]
+		switch {
+		case u == nil:
+			u = &user{name: ac.name, proto: quota.SSH}
+			a.users[ac.name] = u
+			u.touch(now, jsonUrgent)
+		case u.proto != quota.SSH && u.proto != "" && u.present:
+			a.warnOnce("clash:"+ac.name, "an SSH account has the name of an Xray user; the SSH account is not accounted",
+				"name", ac.name, "protocol", u.proto)
+			continue
+		}
+		if u.proto != quota.SSH || u.uid != ac.uid || !u.present {
+			u.proto, u.uid, u.present = quota.SSH, ac.uid, true
+			u.touch(now, jsonUrgent)
+		}
+		a.byUID[ac.uid] = u
+		seen[ac.name] = true
+	}
+	for name, u := range a.users {
+		if u.proto == quota.SSH && u.present && !seen[name] {
+			u.present = false // the account is gone; its record and usage stay
+			delete(a.anchors, u.uid)
+		}
+	}
+	a.passwdStamp = s
+	return nil
+}
+
+// loadLimits re-reads the limits file when it changed. A bad line is logged
+// once with its line number and skipped; the other lines still apply.
+func (a *Agent) loadLimits() error {
+	path := a.cfg.Paths.Limits
+	s, err := statStamp(path)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if s == a.limitsStamp {
+		return nil
+	}
+	l, lineErrs, err := opsfiles.ReadLimits(path)
+	if err != nil {
+		return err
+	}
+	for _, le := range lineErrs {
+		a.warnOnce(fmt.Sprintf("limits:%v:%s", s.mtime.UnixNano(), le.Error()), "limits file: bad line skipped", "err", le.Error())
+	}
+	plans := make(map[string]quota.Plan)
+	for _, e := range l.Entries() {
+		plans[e.User] = e.Plan(a.loc)
+	}
+	now := a.now().In(a.loc)
+	for name, p := range plans {
+		if old, ok := a.plans[name]; !ok || old != p {
+			if u := a.users[name]; u != nil {
+				u.touch(now, jsonUrgent)
+			}
+		}
+	}
+	for name := range a.plans {
+		if _, ok := plans[name]; !ok {
+			if u := a.users[name]; u != nil {
+				u.touch(now, jsonUrgent)
+			}
+		}
+	}
+	a.plans = plans
+	a.limitsStamp = s
+	return nil
+}

@@ -1,0 +1,202 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/internal/nettest"
+	"github.com/myvpn/bwagent/store"
+)
+
+func TestMain(m *testing.M) {
+	// The agent itself, run as a helper process so it can be killed.
+	nettest.Register("bwagent", func(args []string) error {
+		noTime := func(_ []string, a slog.Attr) slog.Attr {
+			if a.Key == slog.TimeKey {
+				return slog.Attr{}
+			}
+			return a
+		}
+		return run(args, slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: noTime})))
+	})
+	nettest.Main(m)
+}
+
+// agentEnv is one test's bwagent installation: config, files, cgroup, pins,
+// and a pair of network namespaces; the agent runs in namespace A, so its
+// nftables table lives and dies with it.
+type agentEnv struct {
+	dir, conf, pin, cg string
+	pair               *nettest.Pair
+}
+
+func newAgentEnv(t *testing.T, passwd, limits string) *agentEnv {
+	t.Helper()
+	nettest.RequireRoot(t)
+	root, err := bpf.CgroupV2Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &agentEnv{dir: t.TempDir(), cg: nettest.NewCgroup(t, root), pair: nettest.NewPair(t),
+		pin: filepath.Join("/sys/fs/bpf", nettest.Name("bwtest-"))}
+	t.Cleanup(func() {
+		if err := bpf.Uninstall(e.pin); err != nil {
+			t.Errorf("uninstall: %v", err)
+		}
+	})
+	e.conf = filepath.Join(e.dir, "bwagent.toml")
+	conf := fmt.Sprintf(`interval = "1s"
+json_interval = "1s"
+timezone = "UTC"
+
+[paths]
+limits = %[1]q
+usage_dir = %[2]q
+marker_dir = %[3]q
+block_log = %[4]q
+state_db = %[5]q
+socket = %[6]q
+passwd = %[7]q
+
+[ssh]
+uid_min = 2700
+uid_max = 2800
+
+[kernel]
+pin_path = %[8]q
+cgroup = %[9]q
+
+[nft]
+table = %[10]q
+
+[xray]
+enabled = false
+`, filepath.Join(e.dir, "bw-limit.conf"), filepath.Join(e.dir, "usage"), filepath.Join(e.dir, "blocked_users"),
+		filepath.Join(e.dir, "blocked.log"), filepath.Join(e.dir, "state.db"), filepath.Join(e.dir, "bwagent.sock"),
+		filepath.Join(e.dir, "passwd"), e.pin, e.cg, nettest.Name("bwtest"))
+	for name, data := range map[string]string{"bwagent.toml": conf, "passwd": passwd, "bw-limit.conf": limits} {
+		if err := os.WriteFile(filepath.Join(e.dir, name), []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return e
+}
+
+// start runs bwagent and waits until it ticks.
+func (e *agentEnv) start(t *testing.T) *nettest.Proc {
+	t.Helper()
+	p := nettest.Start(t, nettest.Spec{NS: e.pair.A}, "bwagent", "--config", e.conf)
+	p.Expect(t, "level=INFO msg=\"bwagent running\"", 20*time.Second)
+	return p
+}
+
+// counters reads a UID's kernel counters straight from the pinned map.
+func (e *agentEnv) counters(t *testing.T, uid uint32) bpf.Counters {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_counters"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var per []bpf.Counters
+	if err := m.Lookup(uid, &per); err != nil {
+		t.Fatal(err)
+	}
+	var c bpf.Counters
+	for _, v := range per {
+		c.RxBytes += v.RxBytes
+		c.TxBytes += v.TxBytes
+	}
+	return c
+}
+
+func (e *agentEnv) saved(t *testing.T, name string) store.User {
+	t.Helper()
+	st, err := store.Open(filepath.Join(e.dir, "state.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	users, err := st.Users()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range users {
+		if u.Name == name {
+			return u
+		}
+	}
+	t.Fatalf("user %s not in the state database", name)
+	return store.User{}
+}
+
+// TestKillNineLosesNothing: the agent is killed with SIGKILL at random
+// moments while a user moves data, and restarted each time; after the last
+// clean stop the saved total equals the kernel's count of the user's
+// traffic to the byte: nothing lost, nothing counted twice.
+func TestKillNineLosesNothing(t *testing.T) {
+	const user, server = 2701, 2702
+	e := newAgentEnv(t, fmt.Sprintf("john:x:%d:%d::/:/bin/false\n", user, user), "")
+	srv := nettest.Start(t, nettest.Spec{NS: e.pair.B, Cgroup: e.cg, UID: server}, "tcp-serve",
+		net.JoinHostPort(e.pair.B4.String(), "0"))
+	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
+	client := nettest.Start(t, nettest.Spec{NS: e.pair.A, Cgroup: e.cg, UID: user}, "tcp-client", addr, "inf", "inf")
+	client.Expect(t, "CONNECTED", 5*time.Second)
+
+	a := e.start(t)
+	for i := 0; i < 3; i++ {
+		time.Sleep(time.Duration(1500+rand.IntN(1500)) * time.Millisecond)
+		if err := a.Cmd.Process.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		a.Wait(5 * time.Second)
+		a = e.start(t)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	client.Cmd.Process.Kill()
+	client.Wait(5 * time.Second)
+	time.Sleep(1500 * time.Millisecond) // the last bytes and FIN settle
+	if err := a.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Wait(10 * time.Second); err != nil {
+		t.Fatalf("agent exit after SIGTERM: %v", err)
+	}
+
+	want := e.counters(t, user)
+	got := e.saved(t, "john")
+	if got.Up != want.TxBytes || got.Down != want.RxBytes {
+		t.Errorf("saved up/down %d/%d, kernel counted %d/%d", got.Up, got.Down, want.TxBytes, want.RxBytes)
+	}
+	if want.TxBytes+want.RxBytes < 10<<20 {
+		t.Errorf("too little traffic to show anything: %+v", want)
+	}
+	t.Logf("%d bytes up, %d down across 3 SIGKILLs", got.Up, got.Down)
+}
+
+// TestBadConfigRefused: an invalid config stops the agent before it
+// touches anything, naming the file, line and key.
+func TestBadConfigRefused(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "bwagent.toml")
+	os.WriteFile(conf, []byte("# comment\ninterval = \"10s\"\n"), 0o644)
+	err := run([]string{"--config", conf}, slog.New(slog.DiscardHandler))
+	if err == nil || !strings.Contains(err.Error(), conf+":2: interval") {
+		t.Errorf("bad config: %v", err)
+	}
+	err = run([]string{"--config", filepath.Join(dir, "missing.toml")}, slog.New(slog.DiscardHandler))
+	if err == nil || !strings.Contains(err.Error(), "missing.toml") {
+		t.Errorf("missing config: %v", err)
+	}
+}
