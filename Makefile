@@ -1,6 +1,7 @@
 # bwagent: per-UID bandwidth quotas with eBPF and nftables.
 #
 #   make run        build and run the agent as root with its defaults
+#   make install    install the agent as a systemd service (bwagent.service)
 #   make test       install the test dependencies, then run every test as root
 #   make generate   recompile bpf/bwacct.c and refresh the committed bindings
 #   make lint       gofmt, go vet, staticcheck
@@ -10,7 +11,7 @@ GO      ?= go
 BIN     := bin
 GOFILES := $(shell git ls-files '*.go' 2>/dev/null)
 
-.PHONY: all build generate deps test-deps test lint bench run clean
+.PHONY: all build generate deps test-deps test lint bench run install clean
 
 all: build
 
@@ -40,6 +41,9 @@ bench: deps
 
 run: deps build
 	./$(BIN)/bwagent
+
+install: deps build
+	./scripts/install.sh $(BIN)/bwagent
 
 clean:
 	rm -rf $(BIN)
