@@ -724,3 +724,36 @@ func TestUsageFilesRepaired(t *testing.T) {
 		t.Error("deleted directory not restored")
 	}
 }
+
+// TestScheduleExpiryAndResetAll: a daily reset schedule from the limits file
+// resets at local midnight, an expiry date blocks with reason Expired, and
+// reset --all resets everyone.
+func TestScheduleExpiryAndResetAll(t *testing.T) {
+	e := newEnv(t)
+	e.write("bw-limit.conf", "john 1 reset=daily\nmary 100 expires=2026-11-30\n")
+	e.clock = time.Date(2026, 11, 29, 23, 59, 0, 0, time.UTC)
+	e.step(0)
+	e.dp.blast(1001, 2*quota.MiB, 1500, true)
+	e.dp.blast(1002, 5*quota.MiB, 1500, true)
+	e.step(time.Second)
+	if v := e.user("john"); v.Status != quota.Blocked || v.NextReset.Format(time.DateTime) != "2026-11-30 00:00:00" {
+		t.Fatalf("john before midnight: %+v", v)
+	}
+	e.step(time.Minute)
+	if v := e.user("john"); v.Status != quota.Active || v.Used != 0 {
+		t.Errorf("john after the scheduled reset: %+v", v)
+	}
+	if v := e.user("mary"); v.Status != quota.Blocked || v.Reason != quota.ReasonExpired || !e.fw.has(1002) {
+		t.Errorf("mary after her expiry day began: %+v", v)
+	}
+	if !strings.Contains(strings.Join(e.logLines(), "\n"), "| ssh | mary | Expired") {
+		t.Errorf("expiry not logged: %q", e.logLines())
+	}
+	n, err := e.a.ResetAll(context.Background())
+	if err != nil || n != 2 {
+		t.Fatalf("reset all: %d, %v", n, err)
+	}
+	if v := e.user("mary"); v.Used != 0 || v.Reason != quota.ReasonExpired {
+		t.Errorf("mary after reset all (still expired): %+v", v)
+	}
+}

@@ -200,3 +200,46 @@ func TestBadConfigRefused(t *testing.T) {
 		t.Errorf("missing config: %v", err)
 	}
 }
+
+// TestSIGHUPReloads: SIGHUP applies a changed configuration (here the
+// limits file's path) and refuses a broken one, keeping the agent running.
+func TestSIGHUPReloads(t *testing.T) {
+	e := newAgentEnv(t, "john:x:2711:2711::/:/bin/false\n", "")
+	a := e.start(t)
+	usage := filepath.Join(e.dir, "usage", "john.json")
+	waitFor := func(what string, ok func(string) bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			data, _ := os.ReadFile(usage)
+			if ok(string(data)) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: john.json is %s", what, data)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	waitFor("first tick", func(s string) bool { return strings.Contains(s, `"status": "UNLIMITED"`) })
+
+	other := filepath.Join(e.dir, "other-limits.conf")
+	os.WriteFile(other, []byte("john 1\n"), 0o644)
+	conf, _ := os.ReadFile(e.conf)
+	newConf := strings.Replace(string(conf), filepath.Join(e.dir, "bw-limit.conf"), other, 1)
+	os.WriteFile(e.conf, []byte(newConf), 0o644)
+	a.Cmd.Process.Signal(syscall.SIGHUP)
+	a.Expect(t, `level=INFO msg="configuration reloaded"`, 10*time.Second)
+	waitFor("after SIGHUP", func(s string) bool { return strings.Contains(s, `"total_limit": 1048576`) })
+
+	os.WriteFile(e.conf, []byte(newConf+"\nbogus = 1\n"), 0o644)
+	a.Cmd.Process.Signal(syscall.SIGHUP)
+	line := a.Expect(t, `level=ERROR msg="reload refused; keeping the running configuration"`, 10*time.Second)
+	if !strings.Contains(line, ":28: unknown key xray.bogus") {
+		t.Errorf("refusal does not name the key: %s", line)
+	}
+	a.Cmd.Process.Signal(syscall.SIGTERM)
+	if err := a.Wait(10 * time.Second); err != nil {
+		t.Errorf("exit: %v", err)
+	}
+}
