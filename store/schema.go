@@ -80,6 +80,21 @@ const SchemaVersion = 1
 // may not set it.
 const schemaVersionKey = "schema_version"
 
+// walCheckpointPages is the WAL size, in pages, past which a commit copies
+// the WAL back into the database file. When many users change per tick,
+// nearly every page of the users and baselines tables is in every commit,
+// so a checkpoint per commit (SQLite's default of 1000 pages) writes each
+// page twice per commit; letting the WAL hold a few commits writes each page
+// to the database file once for all of them. Measured at 100,000 users with
+// 10% changing per commit: 33 MiB written per commit with 1000, 22 MiB with
+// 10000.
+const walCheckpointPages = 10000
+
+// walSizeLimit is the size, in bytes, the WAL file is truncated to after a
+// checkpoint, so that a one-off large commit (an import) does not leave a
+// large file behind.
+const walSizeLimit = 64 << 20
+
 // idleTime is how long an idle read connection, and its page cache, is kept.
 const idleTime = time.Minute
 
@@ -92,6 +107,8 @@ func dsn(abs string) string {
 	q.Set("_busy_timeout", strconv.Itoa(busyTimeoutMS))
 	q.Add("_pragma", "page_size("+strconv.Itoa(pageSize)+")")
 	q.Add("_pragma", "cache_size(-"+strconv.Itoa(cacheKiB)+")")
+	q.Add("_pragma", "wal_autocheckpoint("+strconv.Itoa(walCheckpointPages)+")")
+	q.Add("_pragma", "journal_size_limit("+strconv.Itoa(walSizeLimit)+")")
 	q.Set("_journal_mode", "WAL")
 	q.Set("_synchronous", "FULL")
 	return "file:" + (&url.URL{Path: abs}).EscapedPath() + "?" + q.Encode()

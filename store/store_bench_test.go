@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -79,6 +82,95 @@ func BenchmarkCommit(b *testing.B) {
 			if w0 >= 0 {
 				b.ReportMetric(float64(writeBytes(b)-w0)/float64(b.N)/(1<<20), "MiBwritten/op")
 			}
+		})
+	}
+}
+
+// memChildEnv names the database whose users the child process of
+// BenchmarkOpenUsersMemory loads, and how: "users:PATH" or "each:PATH".
+const memChildEnv = "BWAGENT_STORE_MEM_CHILD"
+
+// memChild opens the database named by memChildEnv, reads every user, with
+// Users or EachUser, and prints the number of users, the process's resident
+// memory, current and peak, in KiB, and the Go heap in use, with the users
+// Users returned still referenced.
+func memChild(arg string) {
+	how, path, _ := strings.Cut(arg, ":")
+	s, err := Open(path)
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+	var us []User
+	n := 0
+	if how == "users" {
+		us, err = s.Users()
+		n = len(us)
+	} else {
+		err = s.EachUser(func(User) error { n++; return nil })
+	}
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+	kib := func(field string) string {
+		for _, line := range strings.Split(string(status), "\n") {
+			if v, ok := strings.CutPrefix(line, field+":"); ok {
+				return strings.TrimSuffix(strings.TrimSpace(v), " kB")
+			}
+		}
+		return "-1"
+	}
+	fmt.Println(n, kib("VmRSS"), kib("VmHWM"), ms.HeapAlloc>>10)
+	runtime.KeepAlive(us)
+	s.Close()
+}
+
+// BenchmarkOpenUsersMemory measures the resident memory of a process that
+// opens a database of 100,000 users and reads them all, as the agent does at
+// start: with Users, which returns them all at once, and with EachUser,
+// which does not. Each load runs in a child process, so that nothing else in
+// the test binary counts.
+func BenchmarkOpenUsersMemory(b *testing.B) {
+	const n = 100_000
+	path := filepath.Join(b.TempDir(), "state.db")
+	s, err := Open(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	us, bs := benchUsers(n)
+	if err := s.Commit(&Batch{Users: us, Baselines: bs}); err != nil {
+		b.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		b.Fatal(err)
+	}
+	for _, how := range []string{"users", "each"} {
+		b.Run(how, func(b *testing.B) {
+			var rss, peak, heap float64
+			for b.Loop() {
+				cmd := exec.Command(os.Args[0], "-test.run=^$")
+				cmd.Env = append(os.Environ(), memChildEnv+"="+how+":"+path)
+				out, err := cmd.CombinedOutput()
+				if err != nil {
+					b.Fatalf("%v: %s", err, out)
+				}
+				var got int
+				if _, err := fmt.Sscan(string(out), &got, &rss, &peak, &heap); err != nil || got != n {
+					b.Fatalf("child: %q", out)
+				}
+			}
+			b.ReportMetric(rss/1024, "MiB-RSS")
+			b.ReportMetric(peak/1024, "MiB-peak-RSS")
+			b.ReportMetric(heap/1024, "MiB-Go-heap")
 		})
 	}
 }

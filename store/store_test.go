@@ -103,6 +103,19 @@ func TestRoundTrip(t *testing.T) {
 		t.Error("zero times did not come back zero")
 	}
 
+	var each []User
+	if err := s.EachUser(func(u User) error { each = append(each, u); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(each, want) {
+		t.Fatalf("EachUser:\n got %+v\nwant %+v", each, want)
+	}
+	stop := errors.New("stop")
+	calls := 0
+	if err := s.EachUser(func(User) error { calls++; return stop }); err != stop || calls != 1 {
+		t.Fatalf("EachUser with fn failing: %v after %d calls, want fn's error after 1", err, calls)
+	}
+
 	// Upsert overwrites the whole row, including back to zero values.
 	full2 := User{Name: full.Name, Protocol: "trojan", Up: 7}
 	zero2 := zero
@@ -466,6 +479,10 @@ func crashChild(path string) {
 func TestMain(m *testing.M) {
 	if path := os.Getenv(crashChildEnv); path != "" {
 		crashChild(path)
+		return
+	}
+	if path := os.Getenv(memChildEnv); path != "" {
+		memChild(path)
 		return
 	}
 	os.Exit(m.Run())
