@@ -623,6 +623,26 @@ func TestReconcilePolicies(t *testing.T) {
 	if err := bits.Lookup(uint32(word), &after); err != nil || after != before {
 		t.Errorf("bits not repaired: %x, want %x (%v)", after, before, err)
 	}
+	// ApplyPolicies changes only the UIDs it is given, with their bits.
+	changes := map[uint32]bpf.Policy{10048: {}, 10049: {Blocked: true}, 30001: {Quota: bpf.Tx, Ceiling: 7}}
+	if err := e.dp.ApplyPolicies(changes); err != nil {
+		t.Fatal(err)
+	}
+	var word2 uint64
+	if err := bits.Lookup(uint32(word), &word2); err != nil || word2 != (before&^1)|2 {
+		t.Errorf("bits after ApplyPolicies: %x, want %x (%v)", word2, (before&^1)|2, err)
+	}
+	for uid, p := range changes {
+		if got, _ := e.dp.Policy(uid); got != p {
+			t.Errorf("policy of %d after ApplyPolicies: %+v, want %+v", uid, got, p)
+		}
+	}
+	if got, _ := e.dp.Policy(10050); got != want[10050] {
+		t.Errorf("ApplyPolicies touched another UID: %+v", got)
+	}
+	if err := e.dp.ApplyPolicies(map[uint32]bpf.Policy{0: {Blocked: true}}); !errors.Is(err, bpf.ErrProtectedUID) {
+		t.Errorf("ApplyPolicies of root: %v", err)
+	}
 	// Bits of UIDs without a policy are cleared.
 	if _, err := e.dp.ReconcilePolicies(nil); err != nil {
 		t.Fatal(err)

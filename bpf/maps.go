@@ -18,34 +18,7 @@ const batchSize = 4096
 // clears first. It reads in batches of thousands of UIDs per syscall.
 func (d *Datapath) Counters(dst map[uint32]Counters) error {
 	clear(dst)
-	ncpu, err := ebpf.PossibleCPU()
-	if err != nil {
-		return err
-	}
-	if len(d.keys) != batchSize {
-		d.keys = make([]uint32, batchSize)
-		d.values = make([]bwacctCounters, batchSize*ncpu)
-	}
-	var cursor ebpf.MapBatchCursor
-	for {
-		n, err := d.objs.BwCounters.BatchLookup(&cursor, d.keys, d.values, nil)
-		for i := range n {
-			var c Counters
-			for _, v := range d.values[i*ncpu : (i+1)*ncpu] {
-				c.RxBytes += v.RxBytes
-				c.RxPackets += v.RxPackets
-				c.TxBytes += v.TxBytes
-				c.TxPackets += v.TxPackets
-			}
-			dst[d.keys[i]] = c
-		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("read counters: %w", err)
-		}
-	}
+	return d.EachCounter(func(uid uint32, c Counters) { dst[uid] = c })
 }
 
 // Protected reports whether uid can never be blocked or budgeted.
@@ -396,4 +369,122 @@ func (d *Datapath) Epoch() (string, error) {
 	}
 	d.epoch = fmt.Sprintf("%s/%d", strings.TrimSpace(string(boot)), id)
 	return d.epoch, nil
+}
+
+// ApplyPolicies writes the given policies (the zero Policy deletes the
+// UID's entry and its quota accounting) and leaves every other UID alone. It
+// is ReconcilePolicies for a known set of changes: its cost is proportional
+// to len(changes), not to the size of the map. A protected UID with a
+// non-zero policy is an error and nothing is changed.
+func (d *Datapath) ApplyPolicies(changes map[uint32]Policy) error {
+	if len(changes) == 0 {
+		return nil
+	}
+	for uid, p := range changes {
+		if !p.isZero() && d.protected[uid] {
+			return fmt.Errorf("%w: %d", ErrProtectedUID, uid)
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	// Read the bitmap words the changes touch.
+	words := make(map[uint32]uint64)
+	for uid := range changes {
+		if uid >= policyBitsUIDs {
+			continue
+		}
+		w := uid / 64
+		if _, ok := words[w]; ok {
+			continue
+		}
+		var bits uint64
+		if err := d.objs.BwPolicyBits.Lookup(w, &bits); err != nil {
+			return fmt.Errorf("read policy bits: %w", err)
+		}
+		words[w] = bits
+	}
+	setBits := func(on bool) error {
+		var keys []uint32
+		var vals []uint64
+		for w, have := range words {
+			next := have
+			for i := uint32(0); i < 64; i++ {
+				p, ok := changes[w*64+i]
+				if !ok || p.isZero() == on {
+					continue
+				}
+				if on {
+					next |= 1 << i
+				} else {
+					next &^= 1 << i
+				}
+			}
+			if next != have {
+				keys, vals = append(keys, w), append(vals, next)
+				words[w] = next
+			}
+		}
+		if len(keys) == 0 {
+			return nil
+		}
+		if _, err := d.objs.BwPolicyBits.BatchUpdate(keys, vals, nil); err != nil {
+			return fmt.Errorf("write policy bits: %w", err)
+		}
+		return nil
+	}
+	// New bits before their policies, stale bits after theirs are gone,
+	// as in ReconcilePolicies.
+	if err := setBits(true); err != nil {
+		return err
+	}
+	var putKeys []uint32
+	var putVals []bwacctPolicy
+	for uid, p := range changes {
+		if p.isZero() {
+			if err := d.deletePolicy(uid); err != nil {
+				return err
+			}
+			continue
+		}
+		putKeys, putVals = append(putKeys, uid), append(putVals, p.encode())
+	}
+	if len(putKeys) > 0 {
+		if _, err := d.objs.BwPolicy.BatchUpdate(putKeys, putVals, nil); err != nil {
+			return fmt.Errorf("write policies: %w", err)
+		}
+	}
+	return setBits(false)
+}
+
+// EachCounter calls fn with every UID's counters, summed over CPUs, reading
+// thousands of UIDs per syscall. It is Counters without building a map.
+func (d *Datapath) EachCounter(fn func(uid uint32, c Counters)) error {
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return err
+	}
+	if len(d.keys) != batchSize {
+		d.keys = make([]uint32, batchSize)
+		d.values = make([]bwacctCounters, batchSize*ncpu)
+	}
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := d.objs.BwCounters.BatchLookup(&cursor, d.keys, d.values, nil)
+		for i := range n {
+			var c Counters
+			for _, v := range d.values[i*ncpu : (i+1)*ncpu] {
+				c.RxBytes += v.RxBytes
+				c.RxPackets += v.RxPackets
+				c.TxBytes += v.TxBytes
+				c.TxPackets += v.TxPackets
+			}
+			fn(d.keys[i], c)
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read counters: %w", err)
+		}
+	}
 }
