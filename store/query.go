@@ -3,6 +3,8 @@ package store
 import (
 	"database/sql"
 	"errors"
+	"fmt"
+	"strings"
 )
 
 const sqlSelectUsers = `SELECT name, protocol, uid, up, down, day, day_up, day_down, blocked,
@@ -218,4 +220,45 @@ func (s *Store) Meta(key string) (string, bool, error) {
 		return "", false, s.wrap("read meta from", err)
 	}
 	return v, true, nil
+}
+
+// Check reads the whole database and verifies its structure with SQLite's
+// quick_check. Open does not, because it takes time in proportion to the
+// file (about 120 ms for 100,000 users); damage elsewhere is reported by the
+// read that meets it. A damaged database gives an error wrapping
+// [ErrCorrupt].
+func (s *Store) Check() error {
+	problems, err := s.check()
+	if err != nil {
+		return s.wrap("check", err)
+	}
+	if n := len(problems); n > 0 {
+		msg := strings.Join(problems[:min(n, 3)], "; ")
+		if n > 3 {
+			msg += fmt.Sprintf(" (and %d more)", n-3)
+		}
+		return s.wrap("check", fmt.Errorf("%w: %s; %s", ErrCorrupt, msg, corruptHint))
+	}
+	return nil
+}
+
+func (s *Store) check() ([]string, error) {
+	rows, err := s.db.Query("PRAGMA quick_check(100)")
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var problems []string
+	for rows.Next() {
+		var p string
+		if err := rows.Scan(&p); err != nil {
+			return nil, err
+		}
+		for _, line := range strings.Split(p, "\n") {
+			if line != "ok" && line != "*** in database main ***" {
+				problems = append(problems, line)
+			}
+		}
+	}
+	return problems, rows.Err()
 }

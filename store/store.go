@@ -48,6 +48,25 @@
 // be exactly the Unix epoch, which is how the zero time is stored; Commit
 // refuses other times with [ErrInvalid].
 //
+// # Damage
+//
+// A file that is not a usable state database (damaged, truncated, not SQLite,
+// another program's) gives errors wrapping [ErrCorrupt] that name the file
+// and say what to do: move it aside, and the agent re-imports its state
+// from the operators' JSON files. Open reads only the pages it needs;
+// [Store.Check] reads them all (about 120 ms for 100,000 users), and Users or
+// EachUser at start reads every user.
+//
+// # Cost
+//
+// Commit costs about 12 to 15 µs per row written on a 2-core VM, plus an
+// fsync, so a tick in which 10,000 users of 100,000 had traffic (10,000
+// users and 10,000 baselines) takes about 0.3 s, and one with 1,000 of
+// 10,000 about 30 ms. Rows are written in key order, which matters once the
+// tables outgrow the page cache (2 MiB per connection). When a tenth of the
+// users change per commit, nearly every page of the users and baselines
+// tables is rewritten: about 22 MiB of writes per commit at 100,000 users.
+//
 // # Concurrency
 //
 // A Store is safe for concurrent use. Commits are serialised on one
@@ -55,12 +74,14 @@
 // WAL, neither wait for nor block a commit. Other processes may open the same
 // file: SQLite's file locks keep it consistent, and a writer waits up to five
 // seconds for another process's write lock before failing with [ErrLocked].
+// The package does not log.
 package store
 
 import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sync"
@@ -102,7 +123,8 @@ const corruptHint = "move the file aside and restart bwagent, which re-imports i
 // appID is the SQLite application id ("bwag") written into the file header.
 const appID = 0x62776167
 
-// busyTimeout is how long a write waits for another process's lock.
+// busyTimeoutMS is how long, in milliseconds, a write waits for another
+// process's lock.
 const busyTimeoutMS = 5000
 
 // cacheKiB bounds each connection's page cache. At most three connections are
@@ -126,7 +148,9 @@ type Store struct {
 	w      *writer
 
 	// hook, when set by a test, runs after each step of Commit with the
-	// step's name; an error aborts the commit there.
+	// step's name; an error aborts the commit there. It also runs, as
+	// "rollback", before a failed commit's ROLLBACK: an error stands for a
+	// ROLLBACK that failed.
 	hook func(step string) error
 }
 
@@ -135,7 +159,9 @@ type Store struct {
 // its schema.
 //
 // A file that is not a usable state database gives an error wrapping
-// [ErrCorrupt]; one written by a newer bwagent gives [ErrSchemaVersion].
+// [ErrCorrupt]; one written by a newer bwagent gives [ErrSchemaVersion];
+// another process holding the write lock for more than five seconds gives
+// [ErrLocked]. Open does not read every page: see [Store.Check].
 func Open(path string) (*Store, error) {
 	s, err := open(path)
 	if err != nil {
@@ -156,12 +182,16 @@ func open(path string) (*Store, error) {
 		return nil, err
 	}
 	// SQLite creates the file 0644; create it first so that it, and the
-	// -wal and -shm files SQLite gives the same mode, are private.
-	f, err := os.OpenFile(abs, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	if err := f.Close(); err != nil {
+	// -wal and -shm files SQLite gives the same mode, are private. Only if
+	// it is missing: closing a descriptor of a file this process has
+	// SQLite locks on (another Store on the same file) would drop them.
+	f, err := os.OpenFile(abs, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	switch {
+	case err == nil:
+		if err := f.Close(); err != nil {
+			return nil, err
+		}
+	case !errors.Is(err, fs.ErrExist):
 		return nil, err
 	}
 
@@ -184,9 +214,8 @@ func open(path string) (*Store, error) {
 // Path returns the path the Store was opened with.
 func (s *Store) Path() string { return s.path }
 
-// Close closes the database. It waits for a Commit in progress; reads still
-// in progress fail. Using the Store after Close returns [ErrClosed]; closing
-// it again returns nil.
+// Close closes the database after any Commit and reads in progress. Using
+// the Store after Close returns [ErrClosed]; closing it again returns nil.
 func (s *Store) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -194,7 +223,10 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closed.Store(true)
-	err := s.w.close()
+	var err error
+	if s.w != nil {
+		err = s.w.close(false)
+	}
 	if e := s.db.Close(); err == nil {
 		err = e
 	}
@@ -221,7 +253,7 @@ func (s *Store) wrap(op string, err error) error {
 // classify wraps SQLite errors that callers act on in the matching sentinel.
 func classify(err error) error {
 	var se *sqlite.Error
-	if !errors.As(err, &se) {
+	if !errors.As(err, &se) || errors.Is(err, ErrCorrupt) || errors.Is(err, ErrLocked) {
 		return err
 	}
 	switch se.Code() & 0xff {

@@ -425,6 +425,45 @@ func TestCommitAtomic(t *testing.T) {
 	}
 }
 
+// TestRollbackFails makes a commit fail and then its ROLLBACK too, leaving
+// the transaction open: the store must drop the connection, which rolls the
+// transaction back and releases the write lock, and the next commit must
+// open a new one.
+func TestRollbackFails(t *testing.T) {
+	s := openTest(t)
+	commit(t, s, &Batch{Users: []User{{Name: "alice", Up: 1}}})
+	before := snap(t, s)
+	fail := errors.New("injected failure")
+	s.hook = func(step string) error {
+		if step == "baselines" || step == "rollback" {
+			return fail
+		}
+		return nil
+	}
+	b := &Batch{
+		Users:     []User{{Name: "alice", Up: 2}},
+		Baselines: []Baseline{{Source: "uid:1", Rx: 2}},
+		Events:    []Event{{Name: "alice", Action: "reset"}},
+	}
+	if err := s.Commit(b); !errors.Is(err, fail) {
+		t.Fatalf("Commit: %v, want the injected failure", err)
+	}
+	if s.w != nil {
+		t.Fatal("writer connection kept after a failed ROLLBACK")
+	}
+	s.hook = nil
+	if after := snap(t, s); !reflect.DeepEqual(after, before) {
+		t.Fatalf("failed commit changed the store:\n got %+v\nwant %+v", after, before)
+	}
+	commit(t, s, b)
+	if us := users(t, s); us[0].Up != 2 || b.Events[0].ID == 0 {
+		t.Fatalf("retry on a new connection: %+v, events %+v", us, b.Events)
+	}
+	if err := s.Check(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestEmptyBatch(t *testing.T) {
 	s := openTest(t)
 	if err := s.Commit(nil); err != nil {
@@ -654,12 +693,14 @@ func TestCorrupt(t *testing.T) {
 		}
 		f.Close()
 		s, err = Open(path)
+		if err != nil {
+			t.Fatalf("Open does not read the whole file, yet: %v", err)
+		}
+		defer s.Close()
+		checkCorrupt(t, s.Check(), path)
+		_, err = s.Users()
 		if err == nil {
-			_, err = s.Users()
-			if err == nil {
-				_, err = s.Baselines()
-			}
-			s.Close()
+			_, err = s.Baselines()
 		}
 		checkCorrupt(t, err, path)
 	})
