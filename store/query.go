@@ -224,7 +224,7 @@ func (s *Store) Meta(key string) (string, bool, error) {
 
 // Check reads the whole database and verifies its structure with SQLite's
 // quick_check. Open does not, because it takes time in proportion to the
-// file (about 120 ms for 100,000 users); damage elsewhere is reported by the
+// file (about 0.1 s for 100,000 users); damage elsewhere is reported by the
 // read that meets it. A damaged database gives an error wrapping
 // [ErrCorrupt].
 func (s *Store) Check() error {
