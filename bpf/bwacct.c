@@ -84,10 +84,13 @@ struct {
 // may have a bw_policy entry, so that the common packet, of a UID without a
 // policy, costs one inlined array read instead of a hash lookup. The agent
 // sets a bit before it writes the policy and clears it after deleting it.
+// The agent reads the whole bitmap to verify it; memory-mapped, that is a
+// 128 KiB copy instead of 16,384 lookups.
 #define POLICY_BITS_UIDS (1u << 20)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, __u64);
 	__uint(max_entries, POLICY_BITS_UIDS / 64);
