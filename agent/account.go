@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"errors"
 	"fmt"
 	"slices"
 	"time"
@@ -10,9 +9,52 @@ import (
 	"github.com/myvpn/bwagent/quota"
 )
 
+// A tick costs in proportion to what changed, not to the number of users:
+// only users with new traffic, a command, a changed plan or account, or a
+// due timer are evaluated; only their kernel policies are written; only
+// their rows are committed and their files queued. A full pass over every
+// user happens at start, at local midnight, when a user's timer (scheduled
+// reset, expiry, end of a manual unblock) is due, and after a reload.
+
+// policyVerifyChunk is how many kernel policies a tick may spend reading back
+// to verify them; with more policies the full read-back is spread over
+// several ticks (one full read every ⌈policies/chunk⌉ ticks).
+const policyVerifyChunk = 20000
+
+// queue marks u for evaluation at this tick.
+func (a *Agent) queue(u *user) {
+	if !u.queued {
+		u.queued = true
+		a.evalQ = append(a.evalQ, u)
+	}
+}
+
+// touch records that u changed at now: its row is committed this tick and
+// its usage file written as js says.
+func (a *Agent) touch(u *user, now time.Time, js jsonState) {
+	if !u.dirty {
+		u.dirty = true
+		a.dirtyQ = append(a.dirtyQ, u)
+	}
+	u.updated = now
+	a.markJSON(u, js)
+}
+
+// markJSON asks for u's usage file to be written (js: how soon).
+func (a *Agent) markJSON(u *user, js jsonState) {
+	if js <= u.json {
+		return
+	}
+	if u.json == jsonClean {
+		a.jsonQ = append(a.jsonQ, u)
+	}
+	u.json = js
+}
+
 // sampleKernel folds the kernel's per-UID counters into the SSH users'
 // usage. Every UID in the SSH range keeps a baseline, owned or not, so an
 // account created later for a UID is not charged what the UID moved before.
+// After it, each baseline is this tick's sample of its UID.
 func (a *Agent) sampleKernel(now time.Time) error {
 	if !a.cfg.SSH.Enabled {
 		return nil
@@ -21,14 +63,10 @@ func (a *Agent) sampleKernel(now time.Time) error {
 	if err != nil {
 		return err
 	}
-	a.epoch = epoch
-	if err := a.dp.Counters(a.counters); err != nil {
-		return err
-	}
 	lo, hi := a.cfg.SSH.UIDMin, a.cfg.SSH.UIDMax
-	for uid, c := range a.counters {
+	return a.dp.EachCounter(func(uid uint32, c bpf.Counters) {
 		if uid < lo || uid >= hi {
-			continue
+			return
 		}
 		cur := quota.Sample{Epoch: epoch, Up: c.TxBytes, Down: c.RxBytes}
 		b := a.sshBase[uid]
@@ -37,20 +75,23 @@ func (a *Agent) sampleKernel(now time.Time) error {
 			a.sshBase[uid] = b
 		}
 		if b.Sample == cur {
-			continue
+			return
 		}
 		d := quota.Since(b.Sample, cur)
-		b.Sample, b.dirty = cur, true
+		b.Sample = cur
+		if !b.dirty {
+			b.dirty = true
+			a.baseQ = append(a.baseQ, uid)
+		}
 		if u := a.byUID[uid]; u != nil && (d != quota.Usage{}) {
 			a.charge(u, now, d)
 		}
-	}
-	return nil
+	})
 }
 
-// charge adds d to u's usage.
-// A new day rewrites the user's file at once, so daily_usage never shows
-// yesterday's bytes.
+// charge adds d to u's usage and queues u for evaluation. A new day
+// rewrites the user's file at once, so daily_usage never shows yesterday's
+// bytes.
 func (a *Agent) charge(u *user, now time.Time, d quota.Usage) {
 	js := jsonUsage
 	if u.st.Day != quota.Day(now) {
@@ -59,35 +100,72 @@ func (a *Agent) charge(u *user, now time.Time, d quota.Usage) {
 	if fin, rolled := u.st.Add(now, d); rolled {
 		a.history = append(a.history, dayRow(u.name, fin))
 	}
-	u.touch(now, js)
+	a.touch(u, now, js)
+	a.queue(u)
 }
 
-// evaluate applies the rules to every present user: day rollover, scheduled
-// resets, the end of manual unblocks, blocks and unblocks.
+// evaluate applies the rules to the users queued this tick, or to every
+// present user when a timer is due or something global changed.
 func (a *Agent) evaluate(now time.Time) {
 	today := quota.Day(now)
-	for _, u := range a.users {
-		if !u.present {
-			continue
+	if a.fullEval || !now.Before(a.nextWake) || today != a.today {
+		a.fullEval, a.today = false, today
+		y, m, d := now.Date()
+		a.nextWake = time.Date(y, m, d+1, 0, 0, 0, 0, now.Location())
+		for _, u := range a.users {
+			if u.present {
+				a.evaluateUser(u, now, today)
+			}
 		}
-		a.evaluateUser(u, now, today)
+	} else {
+		for _, u := range a.evalQ {
+			if u.present {
+				a.evaluateUser(u, now, today)
+			}
+		}
 	}
+	for _, u := range a.evalQ {
+		u.queued = false
+	}
+	clear(a.evalQ)
+	a.evalQ = a.evalQ[:0]
+	for _, u := range a.retryQ {
+		a.queue(u)
+	}
+	a.retryQ = a.retryQ[:0]
 }
 
 func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	if u.st.Day != today {
-		a.charge(u, now, quota.Usage{})
+		if fin, rolled := u.st.Add(now, quota.Usage{}); rolled {
+			a.history = append(a.history, dayRow(u.name, fin))
+		}
+		a.touch(u, now, jsonUrgent)
 	}
-	p := a.plans[u.name]
 	var slack uint64
-	if u.proto == quota.SSH && p.Limit > 0 {
+	if u.proto == quota.SSH && u.plan.Limit > 0 {
 		slack = kernelSlack
 	}
-	ev := u.st.Advance(now, p, a.rules, slack)
+	ev := u.st.Advance(now, u.plan, a.rules, slack)
 	a.record(u, ev)
-	if st := u.st.Status(p, a.rules); st != u.status || len(ev) > 0 {
+	if st := u.st.Status(u.plan, a.rules); st != u.status || len(ev) > 0 {
 		u.status = st
-		u.touch(now, jsonUrgent)
+		a.touch(u, now, jsonUrgent)
+	}
+	for _, w := range []time.Time{u.st.NextReset, u.st.Override.Until, u.plan.Expires} {
+		if !w.IsZero() && w.After(now) && w.Before(a.nextWake) {
+			a.nextWake = w
+		}
+	}
+	if u.st.Blocked != u.enforcedBlock {
+		u.enforcedBlock = u.st.Blocked
+		a.nftDirty = true
+		if u.proto.Xray() {
+			a.markersDirty = true
+		}
+	}
+	if u.proto == quota.SSH {
+		a.updatePolicy(u)
 	}
 }
 
@@ -111,40 +189,46 @@ func direction(m quota.Metric) bpf.Direction {
 	return bpf.Both
 }
 
-// enforceKernel makes the BPF policy map equal to the desired state: blocked
-// SSH users are dropped in both directions, limited ones get a budget that
-// lets exactly their remaining bytes through, everyone else has no entry.
-func (a *Agent) enforceKernel() error {
-	if !a.cfg.SSH.Enabled {
-		return nil
+// updatePolicy works out the kernel policy of an SSH user and queues it if
+// it changed: blocked users are dropped both ways, limited ones get a budget
+// that lets exactly their remaining bytes through, everyone else has none.
+func (a *Agent) updatePolicy(u *user) {
+	uid := u.uid
+	if a.dp.Protected(uid) {
+		a.warnOnce(fmt.Sprintf("protected:%d", uid), "UID is protected: never blocked or budgeted in the kernel", "user", u.name, "uid", uid)
+		return
 	}
-	clear(a.desired)
-	var errs []error
-	for uid, u := range a.byUID {
-		if a.dp.Protected(uid) {
-			a.warnOnce(fmt.Sprintf("protected:%d", uid), "UID is protected: never blocked or budgeted in the kernel", "user", u.name, "uid", uid)
-			continue
+	var p bpf.Policy
+	switch {
+	case u.st.Blocked:
+		p = bpf.Policy{Blocked: true}
+		u.hasAnchor = false
+	case u.plan.Limit > 0 && !u.st.Override.Active:
+		an, err := a.anchor(u)
+		if err != nil {
+			a.anchorErr = err
+			a.retryQ = append(a.retryQ, u) // try again next tick
+			return
 		}
-		p := a.plans[u.name]
-		switch {
-		case u.st.Blocked:
-			a.desired[uid] = bpf.Policy{Blocked: true}
-			delete(a.anchors, uid)
-		case p.Limit > 0 && !u.st.Override.Active:
-			an, err := a.anchor(u, p)
-			if err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			a.desired[uid] = bpf.Policy{Quota: direction(an.metric), Ceiling: an.ceiling}
-		default:
-			delete(a.anchors, uid)
-		}
+		p = bpf.Policy{Quota: direction(an.metric), Ceiling: an.ceiling}
+	default:
+		u.hasAnchor = false
 	}
-	if _, err := a.dp.ReconcilePolicies(a.desired); err != nil {
-		errs = append(errs, err)
+	a.setPolicy(uid, p)
+}
+
+// setPolicy records p as uid's desired kernel policy and queues the change.
+func (a *Agent) setPolicy(uid uint32, p bpf.Policy) {
+	cur, ok := a.policy[uid]
+	if zero := (p == bpf.Policy{}); (zero && !ok) || (ok && cur == p) {
+		return
 	}
-	return errors.Join(errs...)
+	if (p == bpf.Policy{}) {
+		delete(a.policy, uid)
+	} else {
+		a.policy[uid] = p
+	}
+	a.changes[uid] = p
 }
 
 // anchor returns u's kernel budget, computing a new one when the limit,
@@ -154,26 +238,28 @@ func (a *Agent) enforceKernel() error {
 // (bpf.Datapath.QuotaUsed). The ceiling is the charged bytes now plus the
 // remaining allowance, read in an order that can only under-grant: first the
 // charged total q, then the UID's counters again; bytes that moved since this
-// tick's counter sample are taken off the allowance, and those that moved
-// after q was read are charged twice. Once granted, the ceiling stays fixed
-// while the charged total and the usage grow in step.
-func (a *Agent) anchor(u *user, p quota.Plan) (anchor, error) {
-	uid := u.uid
-	an, ok := a.anchors[uid]
-	if ok && an.limit == p.Limit && an.lastReset.Equal(u.st.LastReset) && an.metric == a.rules.Metric {
+// tick's sample (the baseline) are taken off the allowance, and those that
+// moved after q was read are charged twice. Once granted, the ceiling stays
+// fixed while the charged total and the usage grow in step.
+func (a *Agent) anchor(u *user) (anchor, error) {
+	p := u.plan
+	if an := u.anchor; u.hasAnchor && an.limit == p.Limit && an.lastReset.Equal(u.st.LastReset) && an.metric == a.rules.Metric {
 		return an, nil
 	}
-	q, err := a.dp.QuotaUsed(uid)
+	q, err := a.dp.QuotaUsed(u.uid)
 	if err != nil {
 		return anchor{}, err
 	}
-	c, err := a.dp.CountersOf(uid)
+	c, err := a.dp.CountersOf(u.uid)
 	if err != nil {
 		return anchor{}, err
 	}
-	sampled := a.counters[uid]
+	var sampled quota.Sample
+	if b := a.sshBase[u.uid]; b != nil {
+		sampled = b.Sample
+	}
 	extra := a.rules.Metric.Of(quota.Since(
-		quota.Sample{Up: sampled.TxBytes, Down: sampled.RxBytes},
+		quota.Sample{Up: sampled.Up, Down: sampled.Down},
 		quota.Sample{Up: c.TxBytes, Down: c.RxBytes}))
 	used := u.st.Used(a.rules) + extra
 	var remaining uint64
@@ -184,29 +270,67 @@ func (a *Agent) anchor(u *user, p quota.Plan) (anchor, error) {
 	if ceiling < q {
 		ceiling = ^uint64(0)
 	}
-	an = anchor{limit: p.Limit, lastReset: u.st.LastReset, metric: a.rules.Metric, ceiling: ceiling}
-	a.anchors[uid] = an
-	return an, nil
+	u.anchor = anchor{limit: p.Limit, lastReset: u.st.LastReset, metric: a.rules.Metric, ceiling: ceiling}
+	u.hasAnchor = true
+	return u.anchor, nil
 }
 
-// enforceNFT makes the nftables set hold exactly the blocked SSH UIDs.
+// enforceKernel writes this tick's policy changes. Every few ticks (every
+// tick up to policyVerifyChunk policies) it instead reads the whole policy
+// map back and makes it equal to the desired state, repairing anything
+// someone changed behind the agent's back.
+func (a *Agent) enforceKernel() error {
+	if !a.cfg.SSH.Enabled {
+		return nil
+	}
+	err := a.anchorErr
+	a.anchorErr = nil
+	if a.verifyIn <= 0 {
+		n, rerr := a.dp.ReconcilePolicies(a.policy)
+		if rerr != nil {
+			return rerr
+		}
+		pending := len(a.changes)
+		clear(a.changes)
+		if n > pending && a.verified {
+			a.log.Warn("kernel policy map was altered; repaired", "entries", n)
+		}
+		a.verified = true
+		a.verifyIn = (len(a.policy) + policyVerifyChunk - 1) / policyVerifyChunk
+		return err
+	}
+	a.verifyIn--
+	if aerr := a.dp.ApplyPolicies(a.changes); aerr != nil {
+		a.verifyIn = 0 // rewrite everything next tick
+		return aerr
+	}
+	clear(a.changes)
+	return err
+}
+
+// enforceNFT makes the nftables set hold exactly the blocked SSH UIDs. The
+// sorted list is rebuilt only when a block changed; the firewall itself
+// notices cheaply whether the kernel's table still matches it.
 func (a *Agent) enforceNFT() error {
 	if !a.cfg.SSH.Enabled {
 		return nil
 	}
-	var blocked []uint32
-	for uid, u := range a.byUID {
-		if u.st.Blocked && !a.dp.Protected(uid) {
-			blocked = append(blocked, uid)
+	if a.nftDirty {
+		a.blockedUIDs = a.blockedUIDs[:0]
+		for uid, u := range a.byUID {
+			if u.st.Blocked && !a.dp.Protected(uid) {
+				a.blockedUIDs = append(a.blockedUIDs, uid)
+			}
 		}
+		slices.Sort(a.blockedUIDs)
+		a.nftDirty = false
 	}
-	slices.Sort(blocked)
-	res, err := a.fw.Reconcile(blocked)
+	res, err := a.fw.Reconcile(a.blockedUIDs)
 	if err != nil {
 		return err
 	}
 	if res.Recreated {
-		a.log.Warn("nftables table was missing or altered (or this is the first start); rebuilt", "blocked", len(blocked))
+		a.log.Warn("nftables table was missing or altered (or this is the first start); rebuilt", "blocked", len(a.blockedUIDs))
 	} else if res.Added+res.Removed > 0 {
 		a.log.Info("blocked set updated", "added", res.Added, "removed", res.Removed)
 	}

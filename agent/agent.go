@@ -55,10 +55,11 @@ var (
 type Dataplane interface {
 	EnsureAttached() error
 	Epoch() (string, error)
-	Counters(dst map[uint32]bpf.Counters) error
+	EachCounter(fn func(uid uint32, c bpf.Counters)) error
 	CountersOf(uid uint32) (bpf.Counters, error)
 	QuotaUsed(uid uint32) (uint64, error)
 	ReconcilePolicies(desired map[uint32]bpf.Policy) (int, error)
+	ApplyPolicies(changes map[uint32]bpf.Policy) error
 	Protected(uid uint32) bool
 }
 
@@ -98,24 +99,42 @@ type Agent struct {
 	sshBase   map[uint32]*baseline
 	otherBase map[string]*baseline // sources of other kinds, kept as loaded
 
-	counters map[uint32]bpf.Counters // this tick's kernel counters
-	epoch    string
-	anchors  map[uint32]anchor
-	desired  map[uint32]bpf.Policy
+	// Work of this tick: users to evaluate, rows and baselines to commit,
+	// usage files to write.
+	evalQ    []*user
+	retryQ   []*user // to evaluate again next tick
+	dirtyQ   []*user
+	baseQ    []uint32
+	jsonQ    []*user
+	fullEval bool      // evaluate every user this tick
+	nextWake time.Time // earliest timer (midnight, a reset, an expiry...)
+	today    string
+
+	// The kernel policies the SSH users should have, the changes not yet
+	// written, and when the whole map is next read back.
+	policy    map[uint32]bpf.Policy
+	changes   map[uint32]bpf.Policy
+	verifyIn  int
+	verified  bool
+	anchorErr error
+
+	blockedUIDs  []uint32 // sorted, for the nft set
+	nftDirty     bool
+	markersDirty bool
 
 	passwdStamp, limitsStamp stamp
 
-	// Records waiting for the next commit, and events committed but not yet
-	// in the block log.
-	history  []store.DayUsage
-	events   []store.Event
-	unlogged []store.Event
-	logged   []int64
+	// Records waiting for the next commit, and the committer that writes
+	// them (and the block log) beside the loop.
+	history []store.DayUsage
+	events  []store.Event
+	logged  []int64
+	commits *committer
 
 	files    *fileWriter
 	watch    *dirWatch // the usage directory, for files others touched
 	lastJSON time.Time
-	markers  map[string]bool // last marker set synced
+	markers  map[string]opsfiles.Marker // blocked Xray users
 
 	reported map[string]string // last error message per subject, to log once per change
 	warned   map[string]bool   // one-time warnings
@@ -182,23 +201,25 @@ func New(o Options) (*Agent, error) {
 		o.Now = time.Now
 	}
 	a := &Agent{
-		dp:        o.Dataplane,
-		fw:        o.Firewall,
-		st:        o.Store,
-		log:       o.Log,
-		now:       o.Now,
-		users:     make(map[string]*user),
-		byUID:     make(map[uint32]*user),
-		plans:     make(map[string]quota.Plan),
-		sshBase:   make(map[uint32]*baseline),
-		otherBase: make(map[string]*baseline),
-		counters:  make(map[uint32]bpf.Counters),
-		anchors:   make(map[uint32]anchor),
-		desired:   make(map[uint32]bpf.Policy),
-		reported:  make(map[string]string),
-		warned:    make(map[string]bool),
-		cmds:      make(chan request),
-		interval:  interval,
+		dp:           o.Dataplane,
+		fw:           o.Firewall,
+		st:           o.Store,
+		log:          o.Log,
+		now:          o.Now,
+		users:        make(map[string]*user),
+		byUID:        make(map[uint32]*user),
+		plans:        make(map[string]quota.Plan),
+		sshBase:      make(map[uint32]*baseline),
+		otherBase:    make(map[string]*baseline),
+		policy:       make(map[uint32]bpf.Policy),
+		changes:      make(map[uint32]bpf.Policy),
+		fullEval:     true,
+		nftDirty:     true,
+		markersDirty: true,
+		reported:     make(map[string]string),
+		warned:       make(map[string]bool),
+		cmds:         make(chan request),
+		interval:     interval,
 	}
 	if err := a.applyConfig(o.Config); err != nil {
 		return nil, err
@@ -233,8 +254,10 @@ func (a *Agent) applyConfig(cfg config.Config) error {
 	if a.rules.Warning <= 0 || a.rules.Warning > 1 {
 		a.rules.Warning = 0.8
 	}
-	// Force the sources to be read again under the new paths.
+	// Force the sources to be read again under the new paths, and every
+	// user to be evaluated under the new rules.
 	a.passwdStamp, a.limitsStamp = stamp{}, stamp{}
+	a.fullEval = true
 	return nil
 }
 
@@ -247,6 +270,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	fctx, stopFiles := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { a.files.run(fctx) })
+	wg.Go(func() { a.commits.run(fctx) })
 	defer func() {
 		stopFiles()
 		wg.Wait()
@@ -262,6 +286,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			a.drain()
 			a.tick()
+			if err := a.commits.flush(); err != nil {
+				a.log.Error("last commit failed at shutdown", "err", err)
+			}
 			if err := a.files.flush(); err != nil {
 				a.log.Error("usage files not written at shutdown", "err", err)
 			}
@@ -271,7 +298,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		case r := <-a.cmds:
 			err := r.fn(a.now().In(a.loc))
 			if err == nil {
+				// A command is durable when it returns.
 				a.tick()
+				if cerr := a.commits.flush(); cerr != nil {
+					err = fmt.Errorf("applied, but not yet saved (retried every tick): %w", cerr)
+				}
 			}
 			r.done <- err
 		}
@@ -302,9 +333,9 @@ func (a *Agent) currentInterval() time.Duration {
 
 // tick runs one step and records the agent's health.
 func (a *Agent) tick() {
-	start := a.now()
-	err := a.step(start)
-	h := &Health{LastTick: start, TickDuration: a.now().Sub(start), Users: len(a.users), Errors: map[string]string{}}
+	now, start := a.now(), time.Now()
+	err := a.step(now)
+	h := &Health{LastTick: now, TickDuration: time.Since(start), Users: len(a.users), Errors: map[string]string{}}
 	for k, v := range a.reported {
 		if v != "" {
 			h.Errors[k] = v
@@ -326,8 +357,8 @@ func (a *Agent) do(ctx context.Context, fn func(now time.Time) error) error {
 		if err := fn(now); err != nil {
 			return err
 		}
-		a.step(now)
-		return nil
+		a.tick()
+		return a.commits.flush()
 	}
 	r := request{fn: fn, done: make(chan error, 1)}
 	select {
@@ -390,7 +421,7 @@ func (a *Agent) step(now time.Time) error {
 	part("nftables", a.enforceNFT())
 	part("marker files", a.syncMarkers())
 	part("state database", a.commit(now))
-	part("block log", a.appendLog())
+	part("block log", a.commits.logError())
 	part("usage directory watch", a.repairJSON())
 	a.queueJSON(now)
 	part("usage files", a.files.err())

@@ -93,16 +93,28 @@ func (f *fakeDP) EnsureAttached() error {
 	return nil
 }
 func (f *fakeDP) Epoch() (string, error) { f.mu.Lock(); defer f.mu.Unlock(); return f.epoch, nil }
-func (f *fakeDP) Counters(dst map[uint32]bpf.Counters) error {
+func (f *fakeDP) EachCounter(fn func(uint32, bpf.Counters)) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.failNext; err != nil {
 		f.failNext = nil
 		return err
 	}
-	clear(dst)
 	for k, v := range f.counters {
-		dst[k] = v
+		fn(k, v)
+	}
+	return nil
+}
+func (f *fakeDP) ApplyPolicies(changes map[uint32]bpf.Policy) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for uid, p := range changes {
+		if (p == bpf.Policy{}) {
+			delete(f.policies, uid)
+			delete(f.quotaUsed, uid)
+		} else {
+			f.policies[uid] = p
+		}
 	}
 	return nil
 }
@@ -241,6 +253,7 @@ func (e *env) step(d time.Duration) {
 	e.t.Helper()
 	e.clock = e.clock.Add(d)
 	e.a.tick()
+	e.a.commits.flush()
 	e.a.files.flush()
 }
 

@@ -37,7 +37,7 @@ type UserView struct {
 }
 
 func (a *Agent) view(u *user) UserView {
-	p := a.plans[u.name]
+	p := u.plan
 	v := UserView{
 		Name: u.name, Protocol: u.proto, UID: u.uid, Present: u.present,
 		Status: u.st.Status(p, a.rules), Used: u.st.Used(a.rules), Limit: p.Limit,
@@ -164,7 +164,7 @@ func (a *Agent) reset(u *user, now time.Time) {
 // settle applies the rules to u at once after a command, so the command's
 // effect (an unblock after a reset, say) is enforced in the same tick.
 func (a *Agent) settle(u *user, now time.Time) {
-	u.touch(now, jsonUrgent)
+	a.touch(u, now, jsonUrgent)
 	if u.present {
 		a.evaluateUser(u, now, quota.Day(now))
 	}
@@ -211,7 +211,7 @@ func (a *Agent) Unblock(ctx context.Context, name string, d time.Duration) error
 		if err != nil {
 			return err
 		}
-		ev, err := u.st.Unblock(now, a.plans[u.name], d)
+		ev, err := u.st.Unblock(now, u.plan, d)
 		if err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
@@ -299,12 +299,13 @@ func (a *Agent) Reload(ctx context.Context, cfg config.Config) (restart []string
 		a.interval = iv
 		a.mu.Unlock()
 		a.files.setDir(cfg.Paths.UsageDir)
+		a.commits.setLog(cfg.Paths.BlockLog, a.loc)
 		if old.Paths.UsageDir != cfg.Paths.UsageDir {
 			a.watch.close()
 			a.watch = newDirWatch(cfg.Paths.UsageDir)
 		}
 		for _, u := range a.users {
-			u.json = jsonUrgent // the metric or time zone may have changed the files
+			a.markJSON(u, jsonUrgent) // the metric or time zone may have changed the files
 		}
 		return nil
 	})

@@ -136,12 +136,17 @@ func (w *fileWriter) err() error {
 func (a *Agent) queueJSON(now time.Time) {
 	all := now.Sub(a.lastJSON) >= a.cfg.JSONInterval || now.Before(a.lastJSON)
 	var docs []opsfiles.Usage
-	for _, u := range a.users {
+	keep := a.jsonQ[:0]
+	for _, u := range a.jsonQ {
 		if u.json == jsonUrgent || (all && u.json == jsonUsage) {
 			docs = append(docs, a.usageDoc(u))
 			u.json = jsonClean
+		} else if u.json != jsonClean {
+			keep = append(keep, u)
 		}
 	}
+	clear(a.jsonQ[len(keep):])
+	a.jsonQ = keep
 	if all {
 		a.lastJSON = now
 	}
@@ -155,12 +160,12 @@ func (a *Agent) repairJSON() error {
 	names, all, err := a.watch.drain()
 	if all {
 		for _, u := range a.users {
-			u.json = jsonUrgent
+			a.markJSON(u, jsonUrgent)
 		}
 	}
 	for _, name := range names {
 		if u := a.users[name]; u != nil {
-			u.json = jsonUrgent
+			a.markJSON(u, jsonUrgent)
 		}
 	}
 	return err
@@ -168,7 +173,7 @@ func (a *Agent) repairJSON() error {
 
 // usageDoc renders u's usage file.
 func (a *Agent) usageDoc(u *user) opsfiles.Usage {
-	p := a.plans[u.name]
+	p := u.plan
 	status := u.status
 	if status == "" {
 		status = u.st.Status(p, a.rules)
@@ -199,51 +204,22 @@ func (a *Agent) usageDoc(u *user) opsfiles.Usage {
 // syncMarkers makes the marker directory hold a file for exactly the blocked
 // Xray users.
 func (a *Agent) syncMarkers() error {
-	want := make(map[string]opsfiles.Marker)
-	for _, u := range a.users {
-		if u.proto.Xray() && u.st.Blocked {
-			want[u.name] = opsfiles.Marker{Reason: u.st.Reason, Time: u.st.BlockTime}
+	if a.markersDirty {
+		a.markers = make(map[string]opsfiles.Marker)
+		for _, u := range a.users {
+			if u.proto.Xray() && u.st.Blocked {
+				a.markers[u.name] = opsfiles.Marker{Reason: u.st.Reason, Time: u.st.BlockTime}
+			}
 		}
 	}
-	if len(want) == 0 && len(a.markers) == 0 && a.reported["marker files"] == "" && a.markers != nil {
+	// With no blocked Xray user and nothing to fix, there is nothing to read.
+	if len(a.markers) == 0 && !a.markersDirty && a.reported["marker files"] == "" {
 		return nil
 	}
-	added, removed, err := opsfiles.SyncMarkers(a.cfg.Paths.MarkerDir, want, a.loc)
+	a.markersDirty = false
+	added, removed, err := opsfiles.SyncMarkers(a.cfg.Paths.MarkerDir, a.markers, a.loc)
 	if len(added)+len(removed) > 0 {
 		a.log.Info("marker files synced", "added", added, "removed", removed)
 	}
-	if err != nil {
-		return err
-	}
-	a.markers = make(map[string]bool, len(want))
-	for name := range want {
-		a.markers[name] = true
-	}
-	return nil
-}
-
-// appendLog appends the committed events that belong in the block log. It
-// runs after the commit, and marks them logged in the next commit: a crash in
-// between can repeat a line, never lose one.
-func (a *Agent) appendLog() error {
-	if len(a.unlogged) == 0 {
-		return nil
-	}
-	lines := make([]opsfiles.LogLine, 0, len(a.unlogged))
-	ids := make([]int64, 0, len(a.unlogged))
-	for _, e := range a.unlogged {
-		ids = append(ids, e.ID)
-		switch e.Action {
-		case quota.ActBlock, quota.ActUnblock, quota.ActDisable, quota.ActEnable, quota.ActReset:
-			lines = append(lines, opsfiles.LogLine{Time: e.Time, Protocol: e.Protocol, Username: e.Name, Reason: e.Reason})
-		}
-	}
-	if len(lines) > 0 {
-		if err := opsfiles.AppendLog(a.cfg.Paths.BlockLog, lines, a.loc); err != nil {
-			return err
-		}
-	}
-	a.logged = append(a.logged, ids...)
-	a.unlogged = nil
-	return nil
+	return err
 }

@@ -87,6 +87,9 @@ func (k *kernelEnv) step(t *testing.T) {
 	if err := k.a.step(time.Now()); err != nil {
 		t.Fatalf("step: %v", err)
 	}
+	if err := k.a.commits.flush(); err != nil {
+		t.Fatal(err)
+	}
 	if err := k.a.files.flush(); err != nil {
 		t.Fatal(err)
 	}

@@ -32,6 +32,7 @@ func (a *Agent) load() error {
 	for _, r := range rows {
 		u := fromRow(r)
 		a.users[u.name] = u
+		a.markJSON(u, jsonUsage) // written again once, so files lost while the agent was down come back
 	}
 	bases, err := a.st.Baselines()
 	if err != nil {
@@ -53,8 +54,12 @@ func (a *Agent) load() error {
 			return err
 		}
 	}
-	a.unlogged, err = a.st.UnloggedEvents()
-	return err
+	unlogged, err := a.st.UnloggedEvents()
+	if err != nil {
+		return err
+	}
+	a.commits = newCommitter(a.st, a.cfg.Paths.BlockLog, a.loc, unlogged)
+	return nil
 }
 
 // importJSON takes over the totals of the usage files an earlier install
@@ -111,7 +116,7 @@ func (a *Agent) importJSON() error {
 			}
 			u.st.BlockTime, _ = parseOpsTime(d.BlockTime, a.loc)
 		}
-		u.touch(now, jsonUrgent)
+		a.touch(u, now, jsonUrgent)
 		a.events = append(a.events, store.Event{Time: now, Protocol: string(u.proto), Name: u.name, Action: "import",
 			Reason: fmt.Sprintf("imported %d bytes from %s", d.TotalUsage, filepath.Join(a.cfg.Paths.UsageDir, u.name+".json")), Logged: true})
 	}
@@ -123,7 +128,7 @@ func (a *Agent) importJSON() error {
 	if err := a.st.Commit(b); err != nil {
 		return fmt.Errorf("import usage files: %w", err)
 	}
-	a.committed(b)
+	a.clearDirty()
 	return nil
 }
 
@@ -135,13 +140,16 @@ func parseOpsTime(s string, loc *time.Location) (time.Time, bool) {
 // batch collects everything that changed since the last commit.
 func (a *Agent) batch(now time.Time) *store.Batch {
 	b := &store.Batch{History: a.history, Events: a.events, Logged: a.logged}
-	for _, u := range a.users {
-		if u.dirty {
+	if len(a.dirtyQ) > 0 {
+		b.Users = make([]store.User, 0, len(a.dirtyQ))
+		for _, u := range a.dirtyQ {
 			b.Users = append(b.Users, userRow(u, now))
 		}
 	}
-	for uid, bl := range a.sshBase {
-		if bl.dirty {
+	if len(a.baseQ) > 0 {
+		b.Baselines = make([]store.Baseline, 0, len(a.baseQ))
+		for _, uid := range a.baseQ {
+			bl := a.sshBase[uid]
 			b.Baselines = append(b.Baselines, store.Baseline{Source: sshSource(uid), Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
 		}
 	}
@@ -153,39 +161,33 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	return b
 }
 
-// committed clears what b wrote and moves its events to the block log queue.
-func (a *Agent) committed(b *store.Batch) {
-	for i := range b.Users {
-		a.users[b.Users[i].Name].dirty = false
+// clearDirty forgets what changed: it is in a batch now.
+func (a *Agent) clearDirty() {
+	for _, u := range a.dirtyQ {
+		u.dirty = false
 	}
-	for _, bl := range a.sshBase {
-		bl.dirty = false
+	clear(a.dirtyQ)
+	a.dirtyQ = a.dirtyQ[:0]
+	for _, uid := range a.baseQ {
+		a.sshBase[uid].dirty = false
 	}
+	a.baseQ = a.baseQ[:0]
 	for _, bl := range a.otherBase {
 		bl.dirty = false
-	}
-	for _, e := range b.Events {
-		if !e.Logged {
-			a.unlogged = append(a.unlogged, e)
-		}
 	}
 	a.history, a.events, a.logged = nil, nil, nil
 }
 
-// commit writes this tick's changes in one transaction: usage, baselines,
-// history and events together, so a crash at any moment neither loses nor
-// double counts a byte. On failure everything stays queued for the next
-// tick.
+// commit hands this tick's changes to the committer: usage, baselines,
+// history and events together in one transaction, so a crash at any moment
+// neither loses nor double counts a byte. It returns the last commit's
+// error; a failed batch stays queued and goes with the next.
 func (a *Agent) commit(now time.Time) error {
+	a.logged = append(a.logged, a.commits.takeLogged()...)
 	b := a.batch(now)
-	if len(b.Users)+len(b.Baselines)+len(b.History)+len(b.Events)+len(b.Logged) == 0 {
-		return nil
-	}
-	if err := a.st.Commit(b); err != nil {
-		return err
-	}
-	a.committed(b)
-	return nil
+	a.clearDirty()
+	a.commits.submit(b)
+	return a.commits.err()
 }
 
 func userRow(u *user, now time.Time) store.User {
@@ -212,9 +214,6 @@ func fromRow(r store.User) *user {
 		Override: quota.Override{Active: r.Unblocked, Limit: r.UnblockLimit, Until: r.UnblockUntil},
 		Schedule: r.Schedule, NextReset: r.NextReset,
 	}
-	// Written again once at start, so files lost while the agent was down
-	// come back.
-	u.json = jsonUsage
 	return u
 }
 

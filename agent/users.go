@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
 )
@@ -25,7 +26,14 @@ type user struct {
 	present bool   // an account in /etc/passwd (or an Xray client) right now
 	st      quota.State
 	status  quota.Status
+	plan    quota.Plan // from the limits file
 
+	anchor    anchor // kernel budget granted (SSH users)
+	hasAnchor bool
+
+	enforcedBlock bool // the block the nft set and markers were last built with
+
+	queued  bool      // in the agent's evaluation queue
 	dirty   bool      // the state row must be committed
 	json    jsonState // what the usage file needs
 	updated time.Time // last change of usage or state
@@ -39,12 +47,6 @@ const (
 	jsonUsage            // usage moved: written at the next JSON interval
 	jsonUrgent           // status or record changed: written this tick
 )
-
-func (u *user) touch(now time.Time, js jsonState) {
-	u.dirty = true
-	u.updated = now
-	u.json = max(u.json, js)
-}
 
 // stamp identifies a version of a file cheaply, to re-read it only when it
 // changed.
@@ -139,17 +141,23 @@ func (a *Agent) loadAccounts() error {
 		u := a.users[ac.name]
 		switch {
 		case u == nil:
-			u = &user{name: ac.name, proto: quota.SSH}
+			u = &user{name: ac.name, proto: quota.SSH, plan: a.plans[ac.name]}
 			a.users[ac.name] = u
-			u.touch(now, jsonUrgent)
+			a.touch(u, now, jsonUrgent)
 		case u.proto != quota.SSH && u.proto != "" && u.present:
 			a.warnOnce("clash:"+ac.name, "an SSH account has the name of an Xray user; the SSH account is not accounted",
 				"name", ac.name, "protocol", u.proto)
 			continue
 		}
 		if u.proto != quota.SSH || u.uid != ac.uid || !u.present {
+			if u.present && u.proto == quota.SSH && u.uid != ac.uid {
+				a.setPolicy(u.uid, bpf.Policy{}) // the old UID is no longer this user's
+			}
 			u.proto, u.uid, u.present = quota.SSH, ac.uid, true
-			u.touch(now, jsonUrgent)
+			u.hasAnchor = false
+			a.touch(u, now, jsonUrgent)
+			a.queue(u)
+			a.nftDirty = true
 		}
 		a.byUID[ac.uid] = u
 		seen[ac.name] = true
@@ -157,7 +165,9 @@ func (a *Agent) loadAccounts() error {
 	for name, u := range a.users {
 		if u.proto == quota.SSH && u.present && !seen[name] {
 			u.present = false // the account is gone; its record and usage stay
-			delete(a.anchors, u.uid)
+			u.hasAnchor = false
+			a.setPolicy(u.uid, bpf.Policy{})
+			a.nftDirty = true
 		}
 	}
 	a.passwdStamp = s
@@ -187,18 +197,19 @@ func (a *Agent) loadLimits() error {
 		plans[e.User] = e.Plan(a.loc)
 	}
 	now := a.now().In(a.loc)
-	for name, p := range plans {
-		if old, ok := a.plans[name]; !ok || old != p {
-			if u := a.users[name]; u != nil {
-				u.touch(now, jsonUrgent)
-			}
+	changed := func(name string, p quota.Plan) {
+		if u := a.users[name]; u != nil && u.plan != p {
+			u.plan = p
+			a.touch(u, now, jsonUrgent)
+			a.queue(u)
 		}
+	}
+	for name, p := range plans {
+		changed(name, p)
 	}
 	for name := range a.plans {
 		if _, ok := plans[name]; !ok {
-			if u := a.users[name]; u != nil {
-				u.touch(now, jsonUrgent)
-			}
+			changed(name, quota.Plan{})
 		}
 	}
 	a.plans = plans
