@@ -64,25 +64,20 @@ func (a *Agent) sampleKernel(now time.Time) error {
 		return err
 	}
 	lo, hi := a.cfg.SSH.UIDMin, a.cfg.SSH.UIDMax
+	eid := a.epochID(epoch)
 	return a.dp.EachCounter(func(uid uint32, c bpf.Counters) {
 		if uid < lo || uid >= hi {
 			return
 		}
-		cur := quota.Sample{Epoch: epoch, Up: c.TxBytes, Down: c.RxBytes}
-		b := a.sshBase[uid]
-		if b == nil {
-			b = &baseline{}
-			a.sshBase[uid] = b
-		}
-		if b.Sample == cur {
+		b, seen := a.sshBase[uid]
+		if seen && b.epoch == eid && b.up == c.TxBytes && b.down == c.RxBytes {
 			return
 		}
-		d := quota.Since(b.Sample, cur)
-		b.Sample = cur
+		d := quota.Since(a.sample(b, seen), quota.Sample{Epoch: epoch, Up: c.TxBytes, Down: c.RxBytes})
 		if !b.dirty {
-			b.dirty = true
 			a.baseQ = append(a.baseQ, uid)
 		}
+		a.sshBase[uid] = kbase{epoch: eid, dirty: true, up: c.TxBytes, down: c.RxBytes}
 		if u := a.byUID[uid]; u != nil && (d != quota.Usage{}) {
 			a.charge(u, now, d)
 		}
@@ -149,8 +144,11 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	ev := u.st.Advance(now, u.plan, a.rules, slack)
 	a.record(u, ev)
 	if st := u.st.Status(u.plan, a.rules); st != u.status || len(ev) > 0 {
+		// The first status after a start is no change to record.
+		if u.status != "" || len(ev) > 0 {
+			a.touch(u, now, jsonUrgent)
+		}
 		u.status = st
-		a.touch(u, now, jsonUrgent)
 	}
 	for _, w := range []time.Time{u.st.NextReset, u.st.Override.Until, u.plan.Expires} {
 		if !w.IsZero() && w.After(now) && w.Before(a.nextWake) {
@@ -243,7 +241,7 @@ func (a *Agent) setPolicy(uid uint32, p bpf.Policy) {
 // fixed while the charged total and the usage grow in step.
 func (a *Agent) anchor(u *user) (anchor, error) {
 	p := u.plan
-	if an := u.anchor; u.hasAnchor && an.limit == p.Limit && an.lastReset.Equal(u.st.LastReset) && an.metric == a.rules.Metric {
+	if an := u.anchor; u.hasAnchor && an.limit == p.Limit && an.lastReset == u.st.LastReset.UnixNano() && an.metric == a.rules.Metric {
 		return an, nil
 	}
 	q, err := a.dp.QuotaUsed(u.uid)
@@ -255,8 +253,8 @@ func (a *Agent) anchor(u *user) (anchor, error) {
 		return anchor{}, err
 	}
 	var sampled quota.Sample
-	if b := a.sshBase[u.uid]; b != nil {
-		sampled = b.Sample
+	if b, ok := a.sshBase[u.uid]; ok {
+		sampled = quota.Sample{Up: b.up, Down: b.down}
 	}
 	extra := a.rules.Metric.Of(quota.Since(
 		quota.Sample{Up: sampled.Up, Down: sampled.Down},
@@ -270,7 +268,7 @@ func (a *Agent) anchor(u *user) (anchor, error) {
 	if ceiling < q {
 		ceiling = ^uint64(0)
 	}
-	u.anchor = anchor{limit: p.Limit, lastReset: u.st.LastReset, metric: a.rules.Metric, ceiling: ceiling}
+	u.anchor = anchor{limit: p.Limit, lastReset: u.st.LastReset.UnixNano(), metric: a.rules.Metric, ceiling: ceiling}
 	u.hasAnchor = true
 	return u.anchor, nil
 }

@@ -43,6 +43,11 @@ const (
 // limit, unable to send full packets, and never be marked blocked.
 const kernelSlack = 64 * quota.KiB
 
+// MemoryLimit is the Go runtime's soft memory limit bwagent sets (unless
+// GOMEMLIMIT is set): the agent keeps every user in memory, and without it
+// the collector lets the heap grow to twice the live data before it runs.
+const MemoryLimit = 48 << 20
+
 // Errors of the operator commands.
 var (
 	ErrInterval    = errors.New("interval must be from 1s to 5s")
@@ -91,13 +96,14 @@ type Agent struct {
 	log   *slog.Logger
 	now   func() time.Time
 
-	users map[string]*user // every user ever seen, present or not
-	byUID map[uint32]*user // present SSH users
-	plans map[string]quota.Plan
+	users map[string]*user      // every user ever seen, present or not
+	byUID map[uint32]*user      // present SSH users
+	plans map[string]quota.Plan // limits of names that are no user yet
 
 	// Counter baselines: the last sample folded into the totals.
-	sshBase   map[uint32]*baseline
+	sshBase   map[uint32]kbase
 	otherBase map[string]*baseline // sources of other kinds, kept as loaded
+	epochs    []string             // counter epochs, indexed by kbase.epoch
 
 	// Work of this tick: users to evaluate, rows and baselines to commit,
 	// usage files to write.
@@ -166,11 +172,39 @@ type baseline struct {
 	dirty bool
 }
 
+// kbase is the baseline of one UID's kernel counters, compact: there can
+// be one for every UID on the machine.
+type kbase struct {
+	epoch    uint32 // index into Agent.epochs
+	dirty    bool
+	up, down uint64
+}
+
+// epochID returns the index of epoch in a.epochs, adding it if new.
+func (a *Agent) epochID(epoch string) uint32 {
+	for i, e := range a.epochs {
+		if e == epoch {
+			return uint32(i)
+		}
+	}
+	a.epochs = append(a.epochs, epoch)
+	return uint32(len(a.epochs) - 1)
+}
+
+// sample returns the baseline b as a counter sample; a UID never seen is the
+// zero sample.
+func (a *Agent) sample(b kbase, seen bool) quota.Sample {
+	if !seen {
+		return quota.Sample{}
+	}
+	return quota.Sample{Epoch: a.epochs[b.epoch], Up: b.up, Down: b.down}
+}
+
 // anchor is a budget granted to an SSH user in the kernel: the absolute
 // ceiling on the kernel's charged bytes, and what it was computed for.
 type anchor struct {
 	limit     uint64
-	lastReset time.Time
+	lastReset int64 // UnixNano of the last reset it was granted after
 	metric    quota.Metric
 	ceiling   uint64
 }
@@ -209,7 +243,7 @@ func New(o Options) (*Agent, error) {
 		users:        make(map[string]*user),
 		byUID:        make(map[uint32]*user),
 		plans:        make(map[string]quota.Plan),
-		sshBase:      make(map[uint32]*baseline),
+		sshBase:      make(map[uint32]kbase),
 		otherBase:    make(map[string]*baseline),
 		policy:       make(map[uint32]bpf.Policy),
 		changes:      make(map[uint32]bpf.Policy),

@@ -79,50 +79,65 @@ func (w *fileWriter) flush() error {
 		return w.err()
 	}
 	docs := w.pending
-	w.pending = make(map[string]opsfiles.Usage, len(docs))
+	w.pending = make(map[string]opsfiles.Usage)
 	dir := w.dir
 	w.mu.Unlock()
 
-	files := make([]opsfiles.File, 0, len(docs))
 	names := slices.Sorted(maps.Keys(docs))
 	var errs []error
-	for _, name := range names {
-		data, err := docs[name].Marshal()
-		if err != nil {
-			errs = append(errs, err)
-			continue
+	var failedNames []string
+	mkdirErr := os.MkdirAll(dir, 0o755)
+	// In chunks, so a start that rewrites every file holds a bounded amount
+	// of rendered JSON at a time.
+	for chunk := range slices.Chunk(names, writeChunk) {
+		files := make([]opsfiles.File, 0, len(chunk))
+		var fileNames []string
+		for _, name := range chunk {
+			data, err := docs[name].Marshal()
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			files = append(files, opsfiles.File{Name: name + ".json", Data: data, Perm: 0o644})
+			fileNames = append(fileNames, name)
 		}
-		files = append(files, opsfiles.File{Name: name + ".json", Data: data, Perm: 0o644})
-	}
-	var failed []error
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		failed = make([]error, len(files))
-		for i := range failed {
-			failed[i] = err
+		for i, err := range writeAll(dir, files, mkdirErr) {
+			if err != nil {
+				errs = append(errs, err)
+				failedNames = append(failedNames, fileNames[i])
+			}
 		}
-	} else {
-		failed = opsfiles.WriteBatch(dir, files)
 	}
 
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.written += uint64(len(files))
-	for i, err := range failed {
-		if err == nil {
-			continue
-		}
-		w.written--
-		errs = append(errs, err)
-		name := names[i]
+	w.written += uint64(len(names) - len(errs))
+	for _, name := range failedNames {
 		if _, newer := w.pending[name]; !newer {
 			w.pending[name] = docs[name]
 		}
 	}
 	w.lastErr = nil
 	if len(errs) > 0 {
-		w.lastErr = fmt.Errorf("%d of %d usage files not written (kept for retry): %w", len(errs), len(files), errs[0])
+		w.lastErr = fmt.Errorf("%d of %d usage files not written (kept for retry): %w", len(errs), len(names), errs[0])
 	}
 	return w.lastErr
+}
+
+// writeChunk is how many usage files are written (and synced) together.
+const writeChunk = 1000
+
+// writeAll writes files into dir in one batch, or fails them all with
+// mkdirErr when dir could not be created.
+func writeAll(dir string, files []opsfiles.File, mkdirErr error) []error {
+	if mkdirErr == nil {
+		return opsfiles.WriteBatch(dir, files)
+	}
+	errs := make([]error, len(files))
+	for i := range errs {
+		errs[i] = mkdirErr
+	}
+	return errs
 }
 
 func (w *fileWriter) err() error {
@@ -131,6 +146,10 @@ func (w *fileWriter) err() error {
 	return w.lastErr
 }
 
+// maxJSONPerTick bounds the usage files one tick renders, so a start that
+// rewrites every file spreads the work over several ticks.
+const maxJSONPerTick = 10000
+
 // queueJSON hands the usage files that are due to the writer: status changes
 // at once, usage-only changes once per JSON interval.
 func (a *Agent) queueJSON(now time.Time) {
@@ -138,6 +157,10 @@ func (a *Agent) queueJSON(now time.Time) {
 	var docs []opsfiles.Usage
 	keep := a.jsonQ[:0]
 	for _, u := range a.jsonQ {
+		if len(docs) >= maxJSONPerTick {
+			keep = append(keep, u) // the rest next tick
+			continue
+		}
 		if u.json == jsonUrgent || (all && u.json == jsonUsage) {
 			docs = append(docs, a.usageDoc(u))
 			u.json = jsonClean

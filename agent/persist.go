@@ -41,7 +41,7 @@ func (a *Agent) load() error {
 	for _, b := range bases {
 		if uid, ok := strings.CutPrefix(b.Source, "uid:"); ok {
 			if n, err := strconv.ParseUint(uid, 10, 32); err == nil {
-				a.sshBase[uint32(n)] = &baseline{Sample: quota.Sample{Epoch: b.Epoch, Up: b.Tx, Down: b.Rx}}
+				a.sshBase[uint32(n)] = kbase{epoch: a.epochID(b.Epoch), up: b.Tx, down: b.Rx}
 				continue
 			}
 		}
@@ -150,7 +150,7 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 		b.Baselines = make([]store.Baseline, 0, len(a.baseQ))
 		for _, uid := range a.baseQ {
 			bl := a.sshBase[uid]
-			b.Baselines = append(b.Baselines, store.Baseline{Source: sshSource(uid), Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
+			b.Baselines = append(b.Baselines, store.Baseline{Source: sshSource(uid), Epoch: a.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
 		}
 	}
 	for src, bl := range a.otherBase {
@@ -169,7 +169,9 @@ func (a *Agent) clearDirty() {
 	clear(a.dirtyQ)
 	a.dirtyQ = a.dirtyQ[:0]
 	for _, uid := range a.baseQ {
-		a.sshBase[uid].dirty = false
+		bl := a.sshBase[uid]
+		bl.dirty = false
+		a.sshBase[uid] = bl
 	}
 	a.baseQ = a.baseQ[:0]
 	for _, bl := range a.otherBase {

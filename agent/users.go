@@ -142,6 +142,7 @@ func (a *Agent) loadAccounts() error {
 		switch {
 		case u == nil:
 			u = &user{name: ac.name, proto: quota.SSH, plan: a.plans[ac.name]}
+			delete(a.plans, ac.name)
 			a.users[ac.name] = u
 			a.touch(u, now, jsonUrgent)
 		case u.proto != quota.SSH && u.proto != "" && u.present:
@@ -196,20 +197,18 @@ func (a *Agent) loadLimits() error {
 	for _, e := range l.Entries() {
 		plans[e.User] = e.Plan(a.loc)
 	}
+	// Each user keeps its plan; a.plans keeps only the lines of names that
+	// are no user yet (an account created later takes its line then).
 	now := a.now().In(a.loc)
-	changed := func(name string, p quota.Plan) {
-		if u := a.users[name]; u != nil && u.plan != p {
+	for name, u := range a.users {
+		p, ok := plans[name]
+		if ok {
+			delete(plans, name)
+		}
+		if u.plan != p {
 			u.plan = p
 			a.touch(u, now, jsonUrgent)
 			a.queue(u)
-		}
-	}
-	for name, p := range plans {
-		changed(name, p)
-	}
-	for name := range a.plans {
-		if _, ok := plans[name]; !ok {
-			changed(name, quota.Plan{})
 		}
 	}
 	a.plans = plans

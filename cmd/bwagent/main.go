@@ -20,6 +20,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 	_ "time/tzdata" // time zones work on systems without tzdata
 
@@ -87,6 +88,9 @@ func uninstall(cfg config.Config) error {
 }
 
 func serve(cfg config.Config, path string, log *slog.Logger) error {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(agent.MemoryLimit)
+	}
 	if err := bpf.MountBPFFS(cfg.Kernel.PinPath); err != nil {
 		return err
 	}
