@@ -36,7 +36,7 @@ func (a *Agent) touch(u *user, now time.Time, js jsonState) {
 		u.dirty = true
 		a.dirtyQ = append(a.dirtyQ, u)
 	}
-	u.updated = now
+	u.updated = quota.At(now)
 	a.markJSON(u, js)
 }
 
@@ -150,9 +150,9 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 		}
 		u.status = st
 	}
-	for _, w := range []time.Time{u.st.NextReset, u.st.Override.Until, u.plan.Expires} {
-		if !w.IsZero() && w.After(now) && w.Before(a.nextWake) {
-			a.nextWake = w
+	for _, w := range [...]quota.Instant{u.st.NextReset, u.st.Override.Until, u.plan.Expires} {
+		if !w.IsZero() && !w.Reached(now) && w < quota.At(a.nextWake) {
+			a.nextWake = w.Time()
 		}
 	}
 	if u.st.Blocked != u.enforcedBlock {
@@ -241,7 +241,7 @@ func (a *Agent) setPolicy(uid uint32, p bpf.Policy) {
 // fixed while the charged total and the usage grow in step.
 func (a *Agent) anchor(u *user) (anchor, error) {
 	p := u.plan
-	if an := u.anchor; u.hasAnchor && an.limit == p.Limit && an.lastReset == u.st.LastReset.UnixNano() && an.metric == a.rules.Metric {
+	if an := u.anchor; u.hasAnchor && an.limit == p.Limit && an.lastReset == u.st.LastReset && an.metric == a.rules.Metric {
 		return an, nil
 	}
 	q, err := a.dp.QuotaUsed(u.uid)
@@ -268,7 +268,7 @@ func (a *Agent) anchor(u *user) (anchor, error) {
 	if ceiling < q {
 		ceiling = ^uint64(0)
 	}
-	u.anchor = anchor{limit: p.Limit, lastReset: u.st.LastReset.UnixNano(), metric: a.rules.Metric, ceiling: ceiling}
+	u.anchor = anchor{limit: p.Limit, lastReset: u.st.LastReset, metric: a.rules.Metric, ceiling: ceiling}
 	u.hasAnchor = true
 	return u.anchor, nil
 }
@@ -289,7 +289,7 @@ func (a *Agent) enforceKernel() error {
 			return rerr
 		}
 		pending := len(a.changes)
-		clear(a.changes)
+		a.resetChanges()
 		if n > pending && a.verified {
 			a.log.Warn("kernel policy map was altered; repaired", "entries", n)
 		}
@@ -302,8 +302,18 @@ func (a *Agent) enforceKernel() error {
 		a.verifyIn = 0 // rewrite everything next tick
 		return aerr
 	}
-	clear(a.changes)
+	a.resetChanges()
 	return err
+}
+
+// resetChanges empties the change set, and drops its memory after a big
+// one (the first tick gives every limited user a budget).
+func (a *Agent) resetChanges() {
+	if len(a.changes) > 1024 {
+		a.changes = make(map[uint32]bpf.Policy)
+		return
+	}
+	clear(a.changes)
 }
 
 // enforceNFT makes the nftables set hold exactly the blocked SSH UIDs. The

@@ -204,7 +204,7 @@ func (a *Agent) sample(b kbase, seen bool) quota.Sample {
 // ceiling on the kernel's charged bytes, and what it was computed for.
 type anchor struct {
 	limit     uint64
-	lastReset int64 // UnixNano of the last reset it was granted after
+	lastReset quota.Instant // the last reset it was granted after
 	metric    quota.Metric
 	ceiling   uint64
 }

@@ -30,7 +30,7 @@ type UserView struct {
 	Reason    string
 	BlockTime time.Time
 	LastReset time.Time
-	Override  quota.Override
+	Override  quota.Override // Until is an Instant: use Until.Time()
 	NextReset time.Time
 	Expires   time.Time
 	Updated   time.Time
@@ -42,8 +42,8 @@ func (a *Agent) view(u *user) UserView {
 		Name: u.name, Protocol: u.proto, UID: u.uid, Present: u.present,
 		Status: u.st.Status(p, a.rules), Used: u.st.Used(a.rules), Limit: p.Limit,
 		Upload: u.st.Total.Up, Download: u.st.Total.Down,
-		Reason: u.st.Reason, BlockTime: u.st.BlockTime, LastReset: u.st.LastReset,
-		Override: u.st.Override, NextReset: u.st.NextReset, Expires: p.Expires, Updated: u.updated,
+		Reason: u.st.Reason, BlockTime: u.st.BlockTime.Time(), LastReset: u.st.LastReset.Time(),
+		Override: u.st.Override, NextReset: u.st.NextReset.Time(), Expires: p.Expires.Time(), Updated: u.updated.Time(),
 	}
 	if u.st.Day == quota.Day(a.now().In(a.loc)) {
 		v.Today = a.rules.Metric.Of(u.st.Today)

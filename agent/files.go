@@ -207,13 +207,13 @@ func (a *Agent) usageDoc(u *user) opsfiles.Usage {
 		TotalLimit:  p.Limit,
 		Blocked:     u.st.Blocked,
 		BlockReason: u.st.Reason,
-		BlockTime:   opsfiles.FormatTime(u.st.BlockTime, a.loc),
-		LastReset:   opsfiles.FormatTime(u.st.LastReset, a.loc),
+		BlockTime:   opsfiles.FormatTime(u.st.BlockTime.Time(), a.loc),
+		LastReset:   opsfiles.FormatTime(u.st.LastReset.Time(), a.loc),
 		Protocol:    string(u.proto),
 		Status:      string(status),
 		Upload:      u.st.Total.Up,
 		Download:    u.st.Total.Down,
-		UpdatedAt:   opsfiles.FormatTime(u.updated, a.loc),
+		UpdatedAt:   opsfiles.FormatTime(u.updated.Time(), a.loc),
 	}
 	if u.st.Day == quota.Day(a.now().In(a.loc)) {
 		d.DailyUsage = a.rules.Metric.Of(u.st.Today)
@@ -231,7 +231,7 @@ func (a *Agent) syncMarkers() error {
 		a.markers = make(map[string]opsfiles.Marker)
 		for _, u := range a.users {
 			if u.proto.Xray() && u.st.Blocked {
-				a.markers[u.name] = opsfiles.Marker{Reason: u.st.Reason, Time: u.st.BlockTime}
+				a.markers[u.name] = opsfiles.Marker{Reason: u.st.Reason, Time: u.st.BlockTime.Time()}
 			}
 		}
 	}

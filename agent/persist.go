@@ -104,7 +104,7 @@ func (a *Agent) importJSON() error {
 			u.st.Day, u.st.Today = quota.Day(now), imp(d.DailyUsage)
 		}
 		if t, ok := parseOpsTime(d.LastReset, a.loc); ok {
-			u.st.LastReset = t
+			u.st.LastReset = quota.At(t)
 		}
 		if d.Blocked {
 			if d.BlockReason == quota.ReasonDisabled {
@@ -114,7 +114,8 @@ func (a *Agent) importJSON() error {
 			if u.st.Reason == "" {
 				u.st.Reason = quota.ReasonLimit
 			}
-			u.st.BlockTime, _ = parseOpsTime(d.BlockTime, a.loc)
+			t, _ := parseOpsTime(d.BlockTime, a.loc)
+			u.st.BlockTime = quota.At(t)
 		}
 		a.touch(u, now, jsonUrgent)
 		a.events = append(a.events, store.Event{Time: now, Protocol: string(u.proto), Name: u.name, Action: "import",
@@ -198,23 +199,23 @@ func userRow(u *user, now time.Time) store.User {
 		Name: u.name, Protocol: string(u.proto), UID: u.uid,
 		Up: s.Total.Up, Down: s.Total.Down,
 		Day: s.Day, DayUp: s.Today.Up, DayDown: s.Today.Down,
-		Blocked: s.Blocked, BlockReason: s.Reason, BlockTime: s.BlockTime,
-		Disabled: s.Disabled, LastReset: s.LastReset,
-		Unblocked: s.Override.Active, UnblockLimit: s.Override.Limit, UnblockUntil: s.Override.Until,
-		Schedule: s.Schedule, NextReset: s.NextReset,
+		Blocked: s.Blocked, BlockReason: s.Reason, BlockTime: s.BlockTime.Time(),
+		Disabled: s.Disabled, LastReset: s.LastReset.Time(),
+		Unblocked: s.Override.Active, UnblockLimit: s.Override.Limit, UnblockUntil: s.Override.Until.Time(),
+		Schedule: s.Schedule, NextReset: s.NextReset.Time(),
 		UpdatedAt: now,
 	}
 }
 
 func fromRow(r store.User) *user {
-	u := &user{name: r.Name, proto: quota.Protocol(r.Protocol), uid: r.UID, updated: r.UpdatedAt}
+	u := &user{name: r.Name, proto: quota.Protocol(r.Protocol), uid: r.UID, updated: quota.At(r.UpdatedAt)}
 	u.st = quota.State{
 		Total: quota.Usage{Up: r.Up, Down: r.Down},
 		Day:   r.Day, Today: quota.Usage{Up: r.DayUp, Down: r.DayDown},
-		Blocked: r.Blocked, Reason: r.BlockReason, BlockTime: r.BlockTime,
-		Disabled: r.Disabled, LastReset: r.LastReset,
-		Override: quota.Override{Active: r.Unblocked, Limit: r.UnblockLimit, Until: r.UnblockUntil},
-		Schedule: r.Schedule, NextReset: r.NextReset,
+		Blocked: r.Blocked, Reason: r.BlockReason, BlockTime: quota.At(r.BlockTime),
+		Disabled: r.Disabled, LastReset: quota.At(r.LastReset),
+		Override: quota.Override{Active: r.Unblocked, Limit: r.UnblockLimit, Until: quota.At(r.UnblockUntil)},
+		Schedule: r.Schedule, NextReset: quota.At(r.NextReset),
 	}
 	return u
 }

@@ -33,10 +33,10 @@ type user struct {
 
 	enforcedBlock bool // the block the nft set and markers were last built with
 
-	queued  bool      // in the agent's evaluation queue
-	dirty   bool      // the state row must be committed
-	json    jsonState // what the usage file needs
-	updated time.Time // last change of usage or state
+	queued  bool          // in the agent's evaluation queue
+	dirty   bool          // the state row must be committed
+	json    jsonState     // what the usage file needs
+	updated quota.Instant // last change of usage or state
 }
 
 // jsonState says how soon a user's usage file must be rewritten.
@@ -201,17 +201,19 @@ func (a *Agent) loadLimits() error {
 	// are no user yet (an account created later takes its line then).
 	now := a.now().In(a.loc)
 	for name, u := range a.users {
-		p, ok := plans[name]
-		if ok {
-			delete(plans, name)
-		}
-		if u.plan != p {
+		if p := plans[name]; u.plan != p {
 			u.plan = p
 			a.touch(u, now, jsonUrgent)
 			a.queue(u)
 		}
 	}
-	a.plans = plans
+	// A new map: Go maps keep their size after deletes.
+	a.plans = make(map[string]quota.Plan)
+	for name, p := range plans {
+		if a.users[name] == nil {
+			a.plans[name] = p
+		}
+	}
 	a.limitsStamp = s
 	return nil
 }

@@ -44,7 +44,7 @@ func (e Entry) Plan(loc *time.Location) quota.Plan {
 			loc = time.UTC
 		}
 		if t, err := time.ParseInLocation(time.DateOnly, e.Expires, loc); err == nil {
-			p.Expires = t
+			p.Expires = quota.At(t)
 		}
 	}
 	return p

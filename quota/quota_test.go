@@ -178,8 +178,8 @@ func TestAdvance(t *testing.T) {
 			}
 			return nil
 		}, Plan{Limit: 3000}, 64, "", Active},
-		{"expired", nil, Plan{Limit: 3000, Expires: t0.Add(-time.Hour)}, 0, "block", Blocked},
-		{"expiry moved", nil, Plan{Limit: 3000, Expires: t0.Add(time.Hour)}, 0, "unblock", Active},
+		{"expired", nil, Plan{Limit: 3000, Expires: At(t0.Add(-time.Hour))}, 0, "block", Blocked},
+		{"expiry moved", nil, Plan{Limit: 3000, Expires: At(t0.Add(time.Hour))}, 0, "unblock", Active},
 	}
 	for _, st := range steps {
 		t0 = t0.Add(time.Second)
@@ -216,7 +216,7 @@ func TestScheduledResetAndRollover(t *testing.T) {
 	if ev := s.Advance(now, p, r, 0); len(ev) != 1 || ev[0].Reason != ReasonLimit {
 		t.Fatalf("events %v", ev)
 	}
-	if want := time.Date(2026, 12, 1, 0, 0, 0, 0, loc); !s.NextReset.Equal(want) {
+	if want := time.Date(2026, 12, 1, 0, 0, 0, 0, loc); !s.NextReset.Time().Equal(want) {
 		t.Fatalf("next reset %v, want %v", s.NextReset, want)
 	}
 	// Midnight local time: the day rolls over and the monthly reset is due.
@@ -232,10 +232,10 @@ func TestScheduledResetAndRollover(t *testing.T) {
 	if len(ev) != 2 || ev[0].Action != ActReset || ev[1].Action != ActUnblock {
 		t.Errorf("scheduled reset events %v", ev)
 	}
-	if s.Total != (Usage{}) || !s.LastReset.Equal(now) {
+	if s.Total != (Usage{}) || !s.LastReset.Time().Equal(now) {
 		t.Errorf("after scheduled reset: %+v", s)
 	}
-	if want := time.Date(2027, 1, 1, 0, 0, 0, 0, loc); !s.NextReset.Equal(want) {
+	if want := time.Date(2027, 1, 1, 0, 0, 0, 0, loc); !s.NextReset.Time().Equal(want) {
 		t.Errorf("next reset %v, want %v", s.NextReset, want)
 	}
 }

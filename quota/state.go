@@ -95,9 +95,9 @@ func (m Metric) Of(u Usage) uint64 {
 
 // Plan is what the operator configured for a user (the limits file).
 type Plan struct {
-	Limit   uint64    // bytes; 0 is unlimited
-	Reset   Schedule  // automatic reset, if any
-	Expires time.Time // the user is blocked from this instant on; zero never
+	Limit   uint64   // bytes; 0 is unlimited
+	Reset   Schedule // automatic reset, if any
+	Expires Instant  // the user is blocked from this instant on; zero never
 }
 
 // Rules are the policy knobs shared by all users.
@@ -113,8 +113,8 @@ type Rules struct {
 // above Limit or removed, or Until passes.
 type Override struct {
 	Active bool
-	Limit  uint64    // the limit when the override was granted
-	Until  time.Time // zero: no end time
+	Limit  uint64  // the limit when the override was granted
+	Until  Instant // zero: no end time
 }
 
 // State is one user's accounting state: everything that must survive a
@@ -126,12 +126,12 @@ type State struct {
 	Today     Usage
 	Blocked   bool
 	Reason    string // why Blocked
-	BlockTime time.Time
+	BlockTime Instant
 	Disabled  bool
-	LastReset time.Time
+	LastReset Instant
 	Override  Override
-	Schedule  string    // the schedule NextReset was computed from
-	NextReset time.Time // zero: none
+	Schedule  string  // the schedule NextReset was computed from
+	NextReset Instant // zero: none
 }
 
 // Event is a change of a user's standing, for the record and the block log.
@@ -203,14 +203,14 @@ func (s *State) Remaining(p Plan, r Rules) (uint64, bool) {
 func (s *State) Advance(now time.Time, p Plan, r Rules, slack uint64) []Event {
 	var ev []Event
 	if sched := p.Reset.String(); sched != s.Schedule || (s.NextReset.IsZero() && p.Reset.Period != NoReset) {
-		s.Schedule, s.NextReset = sched, p.Reset.Next(now)
+		s.Schedule, s.NextReset = sched, At(p.Reset.Next(now))
 	}
-	if !s.NextReset.IsZero() && !now.Before(s.NextReset) {
+	if s.NextReset.Reached(now) {
 		ev = append(ev, s.Reset(now, "Usage reset (scheduled "+s.Schedule+")")...)
-		s.NextReset = p.Reset.Next(now)
+		s.NextReset = At(p.Reset.Next(now))
 	}
 	if o := s.Override; o.Active {
-		if p.Limit == 0 || p.Limit > o.Limit || (!o.Until.IsZero() && !now.Before(o.Until)) {
+		if p.Limit == 0 || p.Limit > o.Limit || o.Until.Reached(now) {
 			s.Override = Override{}
 		}
 	}
@@ -220,13 +220,13 @@ func (s *State) Advance(now time.Time, p Plan, r Rules, slack uint64) []Event {
 		// A change of reason (say, limit to disabled) is recorded as a new
 		// block; the block time stays the first one.
 		if !s.Blocked {
-			s.BlockTime = now
+			s.BlockTime = At(now)
 		}
 		s.Blocked, s.Reason = true, reason
 		ev = append(ev, Event{Time: now, Action: ActBlock, Reason: reason})
 	case !want && s.Blocked:
 		ev = append(ev, Event{Time: now, Action: ActUnblock, Reason: "Unblocked: no longer " + unblockWhy(s.Reason)})
-		s.Blocked, s.Reason, s.BlockTime = false, "", time.Time{}
+		s.Blocked, s.Reason, s.BlockTime = false, "", 0
 	}
 	return ev
 }
@@ -249,7 +249,7 @@ func (s *State) shouldBlock(now time.Time, p Plan, r Rules, slack uint64) (bool,
 		return true, ReasonDisabled
 	case s.Override.Active:
 		return false, ""
-	case !p.Expires.IsZero() && !now.Before(p.Expires):
+	case p.Expires.Reached(now):
 		return true, ReasonExpired
 	case p.Limit > 0 && s.Used(r) >= p.Limit-min(slack, p.Limit-1):
 		return true, ReasonLimit
@@ -263,7 +263,7 @@ func (s *State) shouldBlock(now time.Time, p Plan, r Rules, slack uint64) (bool,
 func (s *State) Reset(now time.Time, why string) []Event {
 	s.Total = Usage{}
 	s.Override = Override{}
-	s.LastReset = now
+	s.LastReset = At(now)
 	if why == "" {
 		why = "Usage reset"
 	}
@@ -278,7 +278,7 @@ func (s *State) Disable(now time.Time) []Event {
 	}
 	s.Disabled = true
 	if !s.Blocked {
-		s.BlockTime = now
+		s.BlockTime = At(now)
 	}
 	s.Blocked, s.Reason = true, ReasonDisabled
 	return []Event{{Time: now, Action: ActDisable, Reason: ReasonDisabled}}
@@ -293,7 +293,7 @@ func (s *State) Enable(now time.Time) []Event {
 	}
 	s.Disabled = false
 	if s.Blocked && s.Reason == ReasonDisabled {
-		s.Blocked, s.Reason, s.BlockTime = false, "", time.Time{}
+		s.Blocked, s.Reason, s.BlockTime = false, "", 0
 	}
 	return []Event{{Time: now, Action: ActEnable, Reason: "Enabled by administrator"}}
 }
@@ -312,9 +312,9 @@ func (s *State) Unblock(now time.Time, p Plan, d time.Duration) ([]Event, error)
 	s.Override = Override{Active: true, Limit: p.Limit}
 	why := "Unblocked manually"
 	if d > 0 {
-		s.Override.Until = now.Add(d)
+		s.Override.Until = At(now.Add(d))
 		why += " for " + d.String()
 	}
-	s.Blocked, s.Reason, s.BlockTime = false, "", time.Time{}
+	s.Blocked, s.Reason, s.BlockTime = false, "", 0
 	return []Event{{Time: now, Action: ActUnblock, Reason: why}}, nil
 }
