@@ -16,10 +16,14 @@ import (
 // user happens at start, at local midnight, when a user's timer (scheduled
 // reset, expiry, end of a manual unblock) is due, and after a reload.
 
-// policyVerifyChunk is how many kernel policies a tick may spend reading back
-// to verify them; with more policies the full read-back is spread over
-// several ticks (one full read every ⌈policies/chunk⌉ ticks).
-const policyVerifyChunk = 20000
+// The kernel policy map is read back in full and repaired every tick while
+// it holds up to policyVerifyEvery policies (well under a millisecond), and
+// every policyVerifyTicks ticks beyond (reading 10,000 policies takes about
+// 4 ms). The agent's own writes go out every tick regardless.
+const (
+	policyVerifyEvery = 2000
+	policyVerifyTicks = 5
+)
 
 // queue marks u for evaluation at this tick.
 func (a *Agent) queue(u *user) {
@@ -273,10 +277,10 @@ func (a *Agent) anchor(u *user) (anchor, error) {
 	return u.anchor, nil
 }
 
-// enforceKernel writes this tick's policy changes. Every few ticks (every
-// tick up to policyVerifyChunk policies) it instead reads the whole policy
-// map back and makes it equal to the desired state, repairing anything
-// someone changed behind the agent's back.
+// enforceKernel writes this tick's policy changes. Every tick (every few
+// ticks with many policies) it instead reads the whole policy map back and
+// makes it equal to the desired state, repairing anything someone changed
+// behind the agent's back.
 func (a *Agent) enforceKernel() error {
 	if !a.cfg.SSH.Enabled {
 		return nil
@@ -294,7 +298,10 @@ func (a *Agent) enforceKernel() error {
 			a.log.Warn("kernel policy map was altered; repaired", "entries", n)
 		}
 		a.verified = true
-		a.verifyIn = (len(a.policy) + policyVerifyChunk - 1) / policyVerifyChunk
+		a.verifyIn = 0
+		if len(a.policy) > policyVerifyEvery {
+			a.verifyIn = policyVerifyTicks - 1
+		}
 		return err
 	}
 	a.verifyIn--

@@ -46,7 +46,7 @@ const kernelSlack = 64 * quota.KiB
 // MemoryLimit is the Go runtime's soft memory limit bwagent sets (unless
 // GOMEMLIMIT is set): the agent keeps every user in memory, and without it
 // the collector lets the heap grow to twice the live data before it runs.
-const MemoryLimit = 48 << 20
+const MemoryLimit = 96 << 20
 
 // Errors of the operator commands.
 var (
