@@ -770,3 +770,63 @@ func TestScheduleExpiryAndResetAll(t *testing.T) {
 		t.Errorf("mary after reset all (still expired): %+v", v)
 	}
 }
+
+// TestFailedCommitRetried: a commit that fails keeps its batch, merged with
+// the next tick's, and nothing is lost once the database works again.
+func TestFailedCommitRetried(t *testing.T) {
+	b1 := &store.Batch{Users: []store.User{{Name: "a", Up: 1}, {Name: "b", Up: 1}},
+		Baselines: []store.Baseline{{Source: "uid:1", Tx: 1}}, Events: []store.Event{{Name: "a", Action: "block"}}}
+	b2 := &store.Batch{Users: []store.User{{Name: "a", Up: 2}},
+		Baselines: []store.Baseline{{Source: "uid:1", Tx: 2}, {Source: "uid:2", Tx: 5}}, Events: []store.Event{{Name: "a", Action: "reset"}}}
+	m := mergeBatch(b1, b2)
+	if len(m.Users) != 2 || m.Users[0].Name != "b" || m.Users[1].Up != 2 {
+		t.Errorf("users %+v", m.Users)
+	}
+	if len(m.Baselines) != 2 || m.Baselines[0].Tx != 2 || m.Baselines[1].Tx != 5 {
+		t.Errorf("baselines %+v", m.Baselines)
+	}
+	if len(m.Events) != 2 || m.Events[0].Action != "block" {
+		t.Errorf("events %+v", m.Events)
+	}
+
+	e := newEnv(t)
+	e.dp.blast(1001, 1000, 1000, true)
+	e.step(0)
+	dbPath := e.cfg.Paths.StateDB
+	// The database becomes unwritable: the ticks go on, the error is kept.
+	if err := e.a.st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.dp.blast(1001, 500, 500, true)
+	e.step(time.Second)
+	if h := e.a.Health(); h.Errors["state database"] == "" {
+		e.step(time.Second)
+	}
+	if h := e.a.Health(); h.Errors["state database"] == "" {
+		t.Errorf("closed database not reported: %+v", h.Errors)
+	}
+	if e.a.commits.pending == nil {
+		t.Fatal("failed batch dropped")
+	}
+	// Reopened (as after a fix): the kept batch goes in with the next.
+	st, err := store.Open(dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	e.a.st, e.a.commits.st = st, st
+	e.step(time.Second)
+	users, _ := st.Users()
+	found := false
+	for _, u := range users {
+		if u.Name == "john" {
+			found = true
+			if u.Up != 1500 {
+				t.Errorf("john saved with %d bytes up, want 1500", u.Up)
+			}
+		}
+	}
+	if !found {
+		t.Error("john not saved")
+	}
+}

@@ -167,36 +167,9 @@ func mergeBatch(older, newer *store.Batch) *store.Batch {
 		Events: append(older.Events, newer.Events...),
 		Logged: append(older.Logged, newer.Logged...),
 	}
-	seen := make(map[string]bool, len(newer.Users))
-	for _, u := range newer.Users {
-		seen[u.Name] = true
-	}
-	for _, u := range older.Users {
-		if !seen[u.Name] {
-			m.Users = append(m.Users, u)
-		}
-	}
-	m.Users = append(m.Users, newer.Users...)
-	clear(seen)
-	for _, b := range newer.Baselines {
-		seen[b.Source] = true
-	}
-	for _, b := range older.Baselines {
-		if !seen[b.Source] {
-			m.Baselines = append(m.Baselines, b)
-		}
-	}
-	m.Baselines = append(m.Baselines, newer.Baselines...)
-	clear(seen)
-	for _, h := range newer.History {
-		seen[h.Name+"\x00"+h.Day] = true
-	}
-	for _, h := range older.History {
-		if !seen[h.Name+"\x00"+h.Day] {
-			m.History = append(m.History, h)
-		}
-	}
-	m.History = append(m.History, newer.History...)
+	m.Users = mergeKeyed(older.Users, newer.Users, func(u store.User) string { return u.Name })
+	m.Baselines = mergeKeyed(older.Baselines, newer.Baselines, func(b store.Baseline) string { return b.Source })
+	m.History = mergeKeyed(older.History, newer.History, func(h store.DayUsage) string { return h.Name + "\x00" + h.Day })
 	m.DropUsers = append(older.DropUsers, newer.DropUsers...)
 	m.DropBaselines = append(older.DropBaselines, newer.DropBaselines...)
 	if len(older.Meta)+len(newer.Meta) > 0 {
@@ -209,4 +182,19 @@ func mergeBatch(older, newer *store.Batch) *store.Batch {
 		}
 	}
 	return m
+}
+
+// mergeKeyed returns the rows of older whose key newer lacks, then newer.
+func mergeKeyed[T any](older, newer []T, key func(T) string) []T {
+	seen := make(map[string]bool, len(newer))
+	for _, r := range newer {
+		seen[key(r)] = true
+	}
+	out := make([]T, 0, len(older)+len(newer))
+	for _, r := range older {
+		if !seen[key(r)] {
+			out = append(out, r)
+		}
+	}
+	return append(out, newer...)
 }
