@@ -93,20 +93,30 @@ func (a *Agent) sampleKernel(now time.Time) error {
 // bytes.
 func (a *Agent) charge(u *user, now time.Time, d quota.Usage) {
 	js := jsonUsage
-	if u.st.Day != quota.Day(now) {
+	day := a.day(now)
+	if u.st.Day != day {
 		js = jsonUrgent
 	}
-	if fin, rolled := u.st.Add(now, d); rolled {
+	if fin, rolled := u.st.AddOn(day, d); rolled {
 		a.history = append(a.history, dayRow(u.name, fin))
 	}
 	a.touch(u, now, js)
 	a.queue(u)
 }
 
+// day returns now's local day, formatted once per day.
+func (a *Agent) day(now time.Time) string {
+	y, m, d := now.Date()
+	if y != a.dayY || m != a.dayM || d != a.dayD || a.dayStr == "" {
+		a.dayY, a.dayM, a.dayD, a.dayStr = y, m, d, quota.Day(now)
+	}
+	return a.dayStr
+}
+
 // evaluate applies the rules to the users queued this tick, or to every
 // present user when a timer is due or something global changed.
 func (a *Agent) evaluate(now time.Time) {
-	today := quota.Day(now)
+	today := a.day(now)
 	if a.fullEval || !now.Before(a.nextWake) || today != a.today {
 		a.fullEval, a.today = false, today
 		y, m, d := now.Date()
@@ -136,7 +146,7 @@ func (a *Agent) evaluate(now time.Time) {
 
 func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	if u.st.Day != today {
-		if fin, rolled := u.st.Add(now, quota.Usage{}); rolled {
+		if fin, rolled := u.st.AddOn(today, quota.Usage{}); rolled {
 			a.history = append(a.history, dayRow(u.name, fin))
 		}
 		a.touch(u, now, jsonUrgent)
@@ -161,12 +171,12 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	}
 	if u.st.Blocked != u.enforcedBlock {
 		u.enforcedBlock = u.st.Blocked
-		a.nftDirty = true
 		if u.proto.Xray() {
 			a.markersDirty = true
 		}
 	}
 	if u.proto == quota.SSH {
+		a.nftBlock(u.uid, u.st.Blocked)
 		a.updatePolicy(u)
 	}
 }
@@ -313,6 +323,22 @@ func (a *Agent) enforceKernel() error {
 	return err
 }
 
+// nftBlock puts uid in the nft set of blocked UIDs or takes it out.
+func (a *Agent) nftBlock(uid uint32, blocked bool) {
+	if blocked && a.dp.Protected(uid) {
+		return
+	}
+	if _, in := a.nftSet[uid]; in == blocked {
+		return
+	}
+	if blocked {
+		a.nftSet[uid] = struct{}{}
+	} else {
+		delete(a.nftSet, uid)
+	}
+	a.nftDirty = true
+}
+
 // resetChanges empties the change set, and drops its memory after a big
 // one (the first tick gives every limited user a budget).
 func (a *Agent) resetChanges() {
@@ -332,10 +358,8 @@ func (a *Agent) enforceNFT() error {
 	}
 	if a.nftDirty {
 		a.blockedUIDs = a.blockedUIDs[:0]
-		for uid, u := range a.byUID {
-			if u.st.Blocked && !a.dp.Protected(uid) {
-				a.blockedUIDs = append(a.blockedUIDs, uid)
-			}
+		for uid := range a.nftSet {
+			a.blockedUIDs = append(a.blockedUIDs, uid)
 		}
 		slices.Sort(a.blockedUIDs)
 		a.nftDirty = false

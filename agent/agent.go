@@ -115,6 +115,10 @@ type Agent struct {
 	fullEval bool      // evaluate every user this tick
 	nextWake time.Time // earliest timer (midnight, a reset, an expiry...)
 	today    string
+	dayY     int // the local day dayStr names
+	dayM     time.Month
+	dayD     int
+	dayStr   string
 
 	// The kernel policies the SSH users should have, the changes not yet
 	// written, and when the whole map is next read back.
@@ -124,7 +128,8 @@ type Agent struct {
 	verified  bool
 	anchorErr error
 
-	blockedUIDs  []uint32 // sorted, for the nft set
+	nftSet       map[uint32]struct{} // blocked SSH UIDs
+	blockedUIDs  []uint32            // nftSet sorted, for the firewall
 	nftDirty     bool
 	markersDirty bool
 
@@ -246,6 +251,7 @@ func New(o Options) (*Agent, error) {
 		sshBase:      make(map[uint32]kbase),
 		otherBase:    make(map[string]*baseline),
 		policy:       make(map[uint32]bpf.Policy),
+		nftSet:       make(map[uint32]struct{}),
 		changes:      make(map[uint32]bpf.Policy),
 		fullEval:     true,
 		nftDirty:     true,

@@ -166,7 +166,7 @@ func (a *Agent) reset(u *user, now time.Time) {
 func (a *Agent) settle(u *user, now time.Time) {
 	a.touch(u, now, jsonUrgent)
 	if u.present {
-		a.evaluateUser(u, now, quota.Day(now))
+		a.evaluateUser(u, now, a.day(now))
 	}
 }
 

@@ -20,14 +20,14 @@ import (
 type fileWriter struct {
 	mu      sync.Mutex
 	dir     string
-	pending map[string]opsfiles.Usage
+	pending map[string]*usageSnap // into the slices submitted, not copied
 	lastErr error
 	written uint64 // files written, for tests and benchmarks
 	wake    chan struct{}
 }
 
 func newFileWriter(dir string) *fileWriter {
-	return &fileWriter{dir: dir, pending: make(map[string]opsfiles.Usage), wake: make(chan struct{}, 1)}
+	return &fileWriter{dir: dir, pending: make(map[string]*usageSnap), wake: make(chan struct{}, 1)}
 }
 
 // setDir makes later writes go to dir.
@@ -38,13 +38,13 @@ func (w *fileWriter) setDir(dir string) {
 }
 
 // submit queues docs, replacing older pending versions.
-func (w *fileWriter) submit(docs []opsfiles.Usage) {
+func (w *fileWriter) submit(docs []usageSnap) {
 	if len(docs) == 0 {
 		return
 	}
 	w.mu.Lock()
-	for _, d := range docs {
-		w.pending[d.Username] = d
+	for i := range docs {
+		w.pending[docs[i].name] = &docs[i]
 	}
 	w.mu.Unlock()
 	w.kick()
@@ -79,7 +79,7 @@ func (w *fileWriter) flush() error {
 		return w.err()
 	}
 	docs := w.pending
-	w.pending = make(map[string]opsfiles.Usage)
+	w.pending = make(map[string]*usageSnap)
 	dir := w.dir
 	w.mu.Unlock()
 
@@ -93,7 +93,8 @@ func (w *fileWriter) flush() error {
 		files := make([]opsfiles.File, 0, len(chunk))
 		var fileNames []string
 		for _, name := range chunk {
-			data, err := docs[name].Marshal()
+			s := docs[name]
+			data, err := s.doc().Marshal()
 			if err != nil {
 				errs = append(errs, err)
 				continue
@@ -154,7 +155,7 @@ const maxJSONPerTick = 10000
 // at once, usage-only changes once per JSON interval.
 func (a *Agent) queueJSON(now time.Time) {
 	all := now.Sub(a.lastJSON) >= a.cfg.JSONInterval || now.Before(a.lastJSON)
-	var docs []opsfiles.Usage
+	docs := make([]usageSnap, 0, min(len(a.jsonQ), maxJSONPerTick))
 	keep := a.jsonQ[:0]
 	for _, u := range a.jsonQ {
 		if len(docs) >= maxJSONPerTick {
@@ -162,7 +163,7 @@ func (a *Agent) queueJSON(now time.Time) {
 			continue
 		}
 		if u.json == jsonUrgent || (all && u.json == jsonUsage) {
-			docs = append(docs, a.usageDoc(u))
+			docs = append(docs, a.snap(u))
 			u.json = jsonClean
 		} else if u.json != jsonClean {
 			keep = append(keep, u)
@@ -194,31 +195,50 @@ func (a *Agent) repairJSON() error {
 	return err
 }
 
-// usageDoc renders u's usage file.
-func (a *Agent) usageDoc(u *user) opsfiles.Usage {
-	p := u.plan
-	status := u.status
+// usageSnap is what a user's usage file is rendered from: a copy taken on
+// the loop, rendered (times formatted, JSON encoded) by the writer.
+type usageSnap struct {
+	name    string
+	proto   quota.Protocol
+	status  quota.Status
+	st      quota.State
+	plan    quota.Plan
+	updated quota.Instant
+	today   string // the local day at the snapshot
+	rules   quota.Rules
+	loc     *time.Location
+}
+
+// snap copies u for its usage file.
+func (a *Agent) snap(u *user) usageSnap {
+	return usageSnap{name: u.name, proto: u.proto, status: u.status, st: u.st, plan: u.plan,
+		updated: u.updated, today: a.today, rules: a.rules, loc: a.loc}
+}
+
+// doc renders the usage file.
+func (s *usageSnap) doc() opsfiles.Usage {
+	status := s.status
 	if status == "" {
-		status = u.st.Status(p, a.rules)
+		status = s.st.Status(s.plan, s.rules)
 	}
 	d := opsfiles.Usage{
-		Username:    u.name,
-		TotalUsage:  u.st.Used(a.rules),
-		TotalLimit:  p.Limit,
-		Blocked:     u.st.Blocked,
-		BlockReason: u.st.Reason,
-		BlockTime:   opsfiles.FormatTime(u.st.BlockTime.Time(), a.loc),
-		LastReset:   opsfiles.FormatTime(u.st.LastReset.Time(), a.loc),
-		Protocol:    string(u.proto),
+		Username:    s.name,
+		TotalUsage:  s.st.Used(s.rules),
+		TotalLimit:  s.plan.Limit,
+		Blocked:     s.st.Blocked,
+		BlockReason: s.st.Reason,
+		BlockTime:   opsfiles.FormatTime(s.st.BlockTime.Time(), s.loc),
+		LastReset:   opsfiles.FormatTime(s.st.LastReset.Time(), s.loc),
+		Protocol:    string(s.proto),
 		Status:      string(status),
-		Upload:      u.st.Total.Up,
-		Download:    u.st.Total.Down,
-		UpdatedAt:   opsfiles.FormatTime(u.updated.Time(), a.loc),
+		Upload:      s.st.Total.Up,
+		Download:    s.st.Total.Down,
+		UpdatedAt:   opsfiles.FormatTime(s.updated.Time(), s.loc),
 	}
-	if u.st.Day == quota.Day(a.now().In(a.loc)) {
-		d.DailyUsage = a.rules.Metric.Of(u.st.Today)
+	if s.st.Day == s.today {
+		d.DailyUsage = s.rules.Metric.Of(s.st.Today)
 	}
-	if rem, limited := u.st.Remaining(p, a.rules); limited {
+	if rem, limited := s.st.Remaining(s.plan, s.rules); limited {
 		d.Remaining = &rem
 	}
 	return d

@@ -153,6 +153,7 @@ func (a *Agent) loadAccounts() error {
 		if u.proto != quota.SSH || u.uid != ac.uid || !u.present {
 			if u.present && u.proto == quota.SSH && u.uid != ac.uid {
 				a.setPolicy(u.uid, bpf.Policy{}) // the old UID is no longer this user's
+				a.nftBlock(u.uid, false)
 			}
 			u.proto, u.uid, u.present = quota.SSH, ac.uid, true
 			u.hasAnchor = false
@@ -168,7 +169,7 @@ func (a *Agent) loadAccounts() error {
 			u.present = false // the account is gone; its record and usage stay
 			u.hasAnchor = false
 			a.setPolicy(u.uid, bpf.Policy{})
-			a.nftDirty = true
+			a.nftBlock(u.uid, false)
 		}
 	}
 	a.passwdStamp = s

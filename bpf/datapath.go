@@ -168,7 +168,8 @@ type Datapath struct {
 	keys   []uint32
 	values []bwacctCounters
 
-	epoch string // cached by Epoch
+	epoch string            // cached by Epoch
+	have  map[uint32]Policy // ReconcilePolicies' read-back, reused
 }
 
 // linkPins names the pinned link of each attach type.

@@ -150,19 +150,25 @@ func (d *Datapath) Policy(uid uint32) (Policy, error) {
 // Policies returns every UID's policy as the kernel has it.
 func (d *Datapath) Policies() (map[uint32]Policy, error) {
 	out := make(map[uint32]Policy)
+	return out, d.readPolicies(out)
+}
+
+// readPolicies reads every policy into dst, which it clears first.
+func (d *Datapath) readPolicies(dst map[uint32]Policy) error {
+	clear(dst)
 	keys := make([]uint32, batchSize)
 	vals := make([]bwacctPolicy, batchSize)
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := d.objs.BwPolicy.BatchLookup(&cursor, keys, vals, nil)
 		for i := range n {
-			out[keys[i]] = decodePolicy(vals[i])
+			dst[keys[i]] = decodePolicy(vals[i])
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return out, nil
+			return nil
 		}
 		if err != nil {
-			return nil, fmt.Errorf("read policies: %w", err)
+			return fmt.Errorf("read policies: %w", err)
 		}
 	}
 }
@@ -179,8 +185,11 @@ func (d *Datapath) ReconcilePolicies(desired map[uint32]Policy) (int, error) {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	have, err := d.Policies()
-	if err != nil {
+	if d.have == nil {
+		d.have = make(map[uint32]Policy)
+	}
+	have := d.have // reused: no map of every policy left for the collector
+	if err := d.readPolicies(have); err != nil {
 		return 0, err
 	}
 	haveBits, err := d.readBits()

@@ -151,7 +151,12 @@ type DayTotal struct {
 // the state's, the finished day is returned for the history and today's
 // usage starts from zero; d is charged to the new day.
 func (s *State) Add(now time.Time, d Usage) (finished DayTotal, rolled bool) {
-	day := Day(now)
+	return s.AddOn(Day(now), d)
+}
+
+// AddOn is Add with the local day (YYYY-MM-DD) given, so a caller charging
+// many users at one instant formats it once and the users share the string.
+func (s *State) AddOn(day string, d Usage) (finished DayTotal, rolled bool) {
 	if s.Day != day {
 		if s.Day != "" && (s.Today != Usage{}) {
 			finished, rolled = DayTotal{Day: s.Day, Usage: s.Today}, true
