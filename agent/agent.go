@@ -386,6 +386,14 @@ func (a *Agent) tick() {
 	a.files.kick()
 }
 
+// Close releases what the agent holds besides its boundaries (the inotify
+// watch of the usage directory). Run closes it when it returns; an agent
+// driven without Run (tests, benchmarks) must be closed.
+func (a *Agent) Close() error {
+	a.watch.close()
+	return nil
+}
+
 // Health returns the agent's state as of the last tick.
 func (a *Agent) Health() Health { return *a.status.Load() }
 

@@ -235,6 +235,7 @@ func (e *env) start() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
+	e.t.Cleanup(func() { a.Close() })
 	e.a = a
 }
 

@@ -79,6 +79,7 @@ func newKernelEnv(t *testing.T, passwdText, limits string) *kernelEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { k.a.Close() })
 	return k
 }
 

@@ -423,6 +423,7 @@ func newTickEnv(b *testing.B, users int) *tickEnv {
 	if err != nil {
 		b.Fatal(err)
 	}
+	b.Cleanup(func() { e.a.Close() })
 	e.checkLog(b)
 
 	if e.ncpu, err = ebpf.PossibleCPU(); err != nil {
