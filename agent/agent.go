@@ -374,7 +374,7 @@ func (a *Agent) currentInterval() time.Duration {
 // tick runs one step and records the agent's health.
 func (a *Agent) tick() {
 	now, start := a.now(), time.Now()
-	err := a.step(now)
+	a.step(now) // each failing part is logged once by report and kept in Health
 	h := &Health{LastTick: now, TickDuration: time.Since(start), Users: len(a.users), Errors: map[string]string{}}
 	for k, v := range a.reported {
 		if v != "" {
@@ -382,7 +382,6 @@ func (a *Agent) tick() {
 		}
 	}
 	a.status.Store(h)
-	_ = err // each failing part was logged once by report
 	a.files.kick()
 }
 

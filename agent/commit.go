@@ -36,7 +36,6 @@ type committer struct {
 	loc      *time.Location
 	lastErr  error
 	logErr   error
-	commits  uint64
 	wake     chan struct{}
 }
 
@@ -97,7 +96,6 @@ func (c *committer) flush() error {
 			// Put it back under anything submitted meanwhile, which is newer.
 			c.pending = mergeBatch(b, c.pending)
 		} else {
-			c.commits++
 			for _, e := range b.Events {
 				if !e.Logged {
 					c.unlogged = append(c.unlogged, e)
