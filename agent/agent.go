@@ -27,6 +27,8 @@ import (
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/store"
+	"github.com/myvpn/bwagent/xrayconf"
+	"github.com/myvpn/bwagent/xraystats"
 )
 
 // Interval bounds, as in the bash tool's service (1-5 seconds).
@@ -79,7 +81,9 @@ type Options struct {
 	Dataplane Dataplane
 	Firewall  Firewall
 	Store     *store.Store
-	Log       *slog.Logger
+	// Xray reaches Xray; its nil fields get the real implementations.
+	Xray Xray
+	Log  *slog.Logger
 	// Now is the clock; nil is time.Now.
 	Now func() time.Time
 }
@@ -141,6 +145,9 @@ type Agent struct {
 	events  []store.Event
 	logged  []int64
 	commits *committer
+
+	xray Xray
+	xr   xrayState
 
 	files    *fileWriter
 	watch    *dirWatch // the usage directory, for files others touched
@@ -264,6 +271,18 @@ func New(o Options) (*Agent, error) {
 	if err := a.applyConfig(o.Config); err != nil {
 		return nil, err
 	}
+	a.xray = o.Xray
+	if a.xray.Load == nil {
+		a.xray.Load = func() (*xrayconf.Config, error) {
+			return xrayconf.Load(a.cfg.Xray.Configs, a.cfg.Xray.ConfigDir)
+		}
+	}
+	if a.xray.Dial == nil {
+		a.xray.Dial = func(ctx context.Context, addr string) (XrayAPI, error) {
+			return xraystats.Dial(ctx, addr, xraystats.WithTimeout(a.cfg.Xray.Timeout))
+		}
+	}
+	a.xr.removed = make(map[string]bool)
 	a.files = newFileWriter(a.cfg.Paths.UsageDir)
 	a.watch = newDirWatch(a.cfg.Paths.UsageDir)
 	if err := a.load(); err != nil {
@@ -314,7 +333,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer func() {
 		stopFiles()
 		wg.Wait()
-		a.watch.close()
+		a.Close()
 	}()
 
 	interval := a.currentInterval()
@@ -390,6 +409,10 @@ func (a *Agent) tick() {
 // driven without Run (tests, benchmarks) must be closed.
 func (a *Agent) Close() error {
 	a.watch.close()
+	if a.xr.api != nil {
+		a.xr.api.Close()
+		a.xr.api = nil
+	}
 	return nil
 }
 
@@ -463,9 +486,14 @@ func (a *Agent) step(now time.Time) error {
 	part("limits file", a.loadLimits())
 	part("attach", a.dp.EnsureAttached())
 	part("kernel counters", a.sampleKernel(now))
+	ctx := context.Background()
+	xconf, xapi := a.sampleXray(ctx, now)
+	part("xray config", xconf)
+	part("xray api", xapi)
 	a.evaluate(now)
 	part("kernel policy", a.enforceKernel())
 	part("nftables", a.enforceNFT())
+	part("xray users", a.enforceXray(ctx))
 	part("marker files", a.syncMarkers())
 	part("state database", a.commit(now))
 	part("block log", a.commits.logError())

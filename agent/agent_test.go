@@ -184,6 +184,7 @@ type env struct {
 	clock time.Time
 	a     *Agent
 	logs  *strings.Builder
+	xray  Xray
 }
 
 const passwd = `root:x:0:0:root:/root:/bin/bash
@@ -207,6 +208,7 @@ func newEnv(t *testing.T) *env {
 	cfg.Paths.StateDB = filepath.Join(dir, "state.db")
 	cfg.Paths.Passwd = filepath.Join(dir, "passwd")
 	cfg.Paths.Socket = filepath.Join(dir, "bwagent.sock")
+	cfg.Xray.Configs = []string{filepath.Join(dir, "xray.json")}
 	e := &env{t: t, dir: dir, cfg: cfg, dp: newFakeDP(), fw: &fakeFW{},
 		clock: time.Date(2026, 11, 29, 10, 0, 0, 0, time.UTC)}
 	e.write("passwd", passwd)
@@ -230,7 +232,7 @@ func (e *env) start() {
 	}
 	e.t.Cleanup(func() { st.Close() })
 	e.logs = &strings.Builder{}
-	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st,
+	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st, Xray: e.xray,
 		Log: slog.New(slog.NewTextHandler(syncWriter{b: e.logs}, nil)), Now: func() time.Time { return e.clock }})
 	if err != nil {
 		e.t.Fatal(err)
@@ -582,6 +584,7 @@ func TestImportFromEarlierInstall(t *testing.T) {
 	e.cfg = config.Default()
 	e.cfg.TimeZone = time.UTC
 	e.cfg.Paths.UsageDir = usage
+	e.cfg.Xray.Configs = []string{filepath.Join(dir, "xray.json")}
 	for k, p := range map[*string]string{&e.cfg.Paths.Limits: "bw-limit.conf", &e.cfg.Paths.MarkerDir: "m", &e.cfg.Paths.BlockLog: "log",
 		&e.cfg.Paths.StateDB: "state.db", &e.cfg.Paths.Passwd: "passwd"} {
 		*k = filepath.Join(dir, p)

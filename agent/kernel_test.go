@@ -52,6 +52,7 @@ func newKernelEnv(t *testing.T, passwdText, limits string) *kernelEnv {
 		&k.cfg.Paths.Passwd: "passwd", &k.cfg.Paths.Socket: "bwagent.sock"} {
 		*p = filepath.Join(dir, name)
 	}
+	k.cfg.Xray.Configs = []string{filepath.Join(dir, "xray.json")}
 	os.WriteFile(k.cfg.Paths.Passwd, []byte(passwdText), 0o644)
 	os.WriteFile(k.cfg.Paths.Limits, []byte(limits), 0o644)
 

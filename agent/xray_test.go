@@ -1,0 +1,323 @@
+package agent
+
+import (
+	"context"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/xraystats"
+)
+
+// fakeXray is Xray's API in miniature: inbounds with users, per-user
+// counters that only count users present in an inbound, an uptime, online
+// IPs, and a switch to make it unreachable.
+type fakeXray struct {
+	mu       sync.Mutex
+	started  time.Time
+	now      func() time.Time
+	inbounds map[string]map[string]xraystats.Account // tag → email → account
+	traffic  map[string]xraystats.Traffic
+	online   map[string]map[string]int64
+	down     bool
+	calls    []string
+}
+
+const xrayConfigJSON = `{
+  "api": {"tag": "api", "listen": "127.0.0.1:10085", "services": ["HandlerService", "StatsService"]},
+  "stats": {},
+  "policy": {"levels": {"0": {"statsUserUplink": true, "statsUserDownlink": true, "statsUserOnline": true}}},
+  "inbounds": [
+    {"tag": "vless-in", "port": 10001, "protocol": "vless", "settings": {"decryption": "none", "clients": [
+      {"id": "2033d348-ecb9-4486-a427-7dafdd8435c2", "email": "alice", "flow": "xtls-rprx-vision"},
+      {"id": "b8f38a0e-bae7-492b-aab9-9be965fbb455", "email": "bob"}]}},
+    {"tag": "vmess-in", "port": 10002, "protocol": "vmess", "settings": {"clients": [
+      {"id": "0d5e1ab2-7c55-4b0a-9a7e-3f4c2a1b9e88", "email": "carol"},
+      {"id": "5f0c9a3e-1b2d-4c6e-8f7a-9b0c1d2e3f40", "email": "alice"}]}}
+  ],
+  "outbounds": [{"protocol": "freedom"}]
+}`
+
+func newFakeXray(now func() time.Time) *fakeXray {
+	f := &fakeXray{now: now, traffic: map[string]xraystats.Traffic{}, online: map[string]map[string]int64{}}
+	f.restart()
+	return f
+}
+
+// restart is Xray starting again from its config: counters at zero, every
+// configured user in its inbounds.
+func (f *fakeXray) restart() {
+	f.started = f.now()
+	f.traffic = map[string]xraystats.Traffic{}
+	f.inbounds = map[string]map[string]xraystats.Account{
+		"vless-in": {"alice": xraystats.VLESS{ID: "2033d348-ecb9-4486-a427-7dafdd8435c2", Flow: "xtls-rprx-vision"},
+			"bob": xraystats.VLESS{ID: "b8f38a0e-bae7-492b-aab9-9be965fbb455"}},
+		"vmess-in": {"carol": xraystats.VMess{ID: "0d5e1ab2-7c55-4b0a-9a7e-3f4c2a1b9e88"},
+			"alice": xraystats.VMess{ID: "5f0c9a3e-1b2d-4c6e-8f7a-9b0c1d2e3f40"}},
+	}
+}
+
+// use moves bytes for email if some inbound still has them (Xray refuses a
+// removed user's new connections).
+func (f *fakeXray) use(email string, up, down int64) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, users := range f.inbounds {
+		if _, ok := users[email]; ok {
+			t := f.traffic[email]
+			t.Uplink += up
+			t.Downlink += down
+			f.traffic[email] = t
+			return true
+		}
+	}
+	return false
+}
+
+func (f *fakeXray) has(tag, email string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.inbounds[tag][email]
+	return ok
+}
+
+func (f *fakeXray) check(call string) error {
+	f.calls = append(f.calls, call)
+	if f.down {
+		return xraystats.ErrUnavailable
+	}
+	return nil
+}
+
+func (f *fakeXray) SysStats(context.Context) (xraystats.SysStats, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("sys"); err != nil {
+		return xraystats.SysStats{}, err
+	}
+	return xraystats.SysStats{Uptime: f.now().Sub(f.started).Truncate(time.Second)}, nil
+}
+
+func (f *fakeXray) UserTraffic(context.Context) (map[string]xraystats.Traffic, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("traffic"); err != nil {
+		return nil, err
+	}
+	out := map[string]xraystats.Traffic{}
+	for k, v := range f.traffic {
+		out[k] = v
+	}
+	return out, nil
+}
+
+func (f *fakeXray) AddUser(_ context.Context, tag, email string, acct xraystats.Account) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("add " + tag + " " + email); err != nil {
+		return err
+	}
+	if _, ok := f.inbounds[tag][email]; ok {
+		return xraystats.ErrExists
+	}
+	f.inbounds[tag][email] = acct
+	return nil
+}
+
+func (f *fakeXray) RemoveUser(_ context.Context, tag, email string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("remove " + tag + " " + email); err != nil {
+		return err
+	}
+	if _, ok := f.inbounds[tag][email]; !ok {
+		return xraystats.ErrNotFound
+	}
+	delete(f.inbounds[tag], email)
+	return nil
+}
+
+func (f *fakeXray) OnlineIPs(_ context.Context, email string) (map[string]int64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("online " + email); err != nil {
+		return nil, err
+	}
+	return f.online[email], nil
+}
+
+func (f *fakeXray) Close() error { return nil }
+
+type cutCall struct {
+	remotes []netip.Addr
+	ports   []uint16
+}
+
+// newXrayEnv is newEnv with an Xray config file, a fake Xray and a
+// recording connection cutter.
+func newXrayEnv(t *testing.T, limits string) (*env, *fakeXray, *[]cutCall) {
+	t.Helper()
+	e := newEnv(t)
+	e.write("xray.json", xrayConfigJSON)
+	e.write("bw-limit.conf", limits)
+	fx := newFakeXray(func() time.Time { return e.clock })
+	var cuts []cutCall
+	e.xray = Xray{
+		Dial: func(_ context.Context, addr string) (XrayAPI, error) {
+			if addr != "127.0.0.1:10085" {
+				t.Errorf("dialled %q, want the config's api.listen", addr)
+			}
+			return fx, nil
+		},
+		Cut: func(remotes []netip.Addr, ports []uint16) (int, error) {
+			cuts = append(cuts, cutCall{slices.Clone(remotes), slices.Clone(ports)})
+			return len(remotes), nil
+		},
+	}
+	e.start()
+	return e, fx, &cuts
+}
+
+// TestXrayUsersAccountedAndBlocked: users from the Xray config are counted
+// from Xray's counters, blocked within one tick of passing the limit
+// (removed from every inbound, connections from their own addresses cut,
+// marker, JSON and log), let back by a reset with the config's accounts,
+// and nobody else is touched.
+func TestXrayUsersAccountedAndBlocked(t *testing.T) {
+	e, fx, cuts := newXrayEnv(t, "alice 1\nbob 100\n")
+	e.step(0)
+	if v := e.user("alice"); v.Protocol != quota.VLESS || v.Limit != quota.MiB || !v.Present {
+		t.Fatalf("alice: %+v", v)
+	}
+	if v := e.user("carol"); v.Protocol != quota.VMess || v.Status != quota.Unlimited {
+		t.Fatalf("carol: %+v", v)
+	}
+	fx.use("alice", 300_000, 400_000)
+	fx.use("carol", 5_000_000, 0)
+	e.step(2 * time.Second)
+	if v := e.user("alice"); v.Upload != 300_000 || v.Download != 400_000 || v.Status != quota.Active {
+		t.Errorf("alice counted: %+v", v)
+	}
+	fx.mu.Lock()
+	fx.online["alice"] = map[string]int64{"203.0.113.7": 1, "198.51.100.9": 1}
+	fx.online["bob"] = map[string]int64{"198.51.100.9": 1} // shares one address with alice
+	fx.mu.Unlock()
+	fx.use("bob", 10, 10)
+	fx.use("alice", 400_000, 0)
+	e.step(2 * time.Second)
+	v := e.user("alice")
+	if v.Status != quota.Blocked || v.Reason != quota.ReasonLimit {
+		t.Fatalf("alice over the limit: %+v", v)
+	}
+	if fx.has("vless-in", "alice") || fx.has("vmess-in", "alice") {
+		t.Error("alice still in an inbound")
+	}
+	if !fx.has("vless-in", "bob") || !fx.has("vmess-in", "carol") {
+		t.Error("another user was removed")
+	}
+	if fx.use("alice", 1, 1) {
+		t.Error("a removed user moved bytes")
+	}
+	if len(*cuts) != 1 || !slices.Equal((*cuts)[0].remotes, []netip.Addr{netip.MustParseAddr("203.0.113.7")}) {
+		t.Errorf("cut %+v, want only alice's own address", *cuts)
+	} else if p := (*cuts)[0].ports; !slices.Contains(p, 10001) || !slices.Contains(p, 10002) {
+		t.Errorf("cut ports %v", p)
+	}
+	marker, err := os.ReadFile(filepath.Join(e.cfg.Paths.MarkerDir, "alice"))
+	if err != nil || !strings.Contains(string(marker), quota.ReasonLimit) {
+		t.Errorf("marker: %q, %v", marker, err)
+	}
+	if j := e.usage("alice"); !j.Blocked || j.Protocol != "vless" {
+		t.Errorf("alice.json: %+v", j)
+	}
+	if lines := e.logLines(); len(lines) != 1 || !strings.HasSuffix(lines[0], "| vless | alice | Bandwidth Limit Reached") {
+		t.Errorf("log: %q", lines)
+	}
+
+	if err := e.a.Reset(context.Background(), "alice"); err != nil {
+		t.Fatal(err)
+	}
+	e.step(time.Second)
+	if !fx.has("vless-in", "alice") || !fx.has("vmess-in", "alice") {
+		t.Error("reset did not add alice back to both inbounds")
+	}
+	fx.mu.Lock()
+	acct := fx.inbounds["vless-in"]["alice"]
+	fx.mu.Unlock()
+	if acct != (xraystats.VLESS{ID: "2033d348-ecb9-4486-a427-7dafdd8435c2", Flow: "xtls-rprx-vision"}) {
+		t.Errorf("alice re-added with %+v, not the config's account", acct)
+	}
+	if _, err := os.Stat(filepath.Join(e.cfg.Paths.MarkerDir, "alice")); !os.IsNotExist(err) {
+		t.Errorf("marker left after reset: %v", err)
+	}
+}
+
+// TestXrayRestart: Xray restarting mid-transfer counts nothing twice, and a
+// blocked user it reloaded from its config is removed again within a tick.
+func TestXrayRestart(t *testing.T) {
+	e, fx, _ := newXrayEnv(t, "alice 1\n")
+	e.step(0)
+	fx.use("alice", 2*int64(quota.MiB), 0)
+	fx.use("carol", 1000, 2000)
+	e.step(2 * time.Second)
+	if !e.user("alice").Override.Active && e.user("alice").Status != quota.Blocked {
+		t.Fatal("alice not blocked")
+	}
+	e.clock = e.clock.Add(30 * time.Second)
+	fx.mu.Lock()
+	fx.restart() // alice is back in its inbounds, counters at zero
+	fx.mu.Unlock()
+	fx.use("carol", 10, 20)
+	e.step(time.Second)
+	if fx.has("vless-in", "alice") {
+		t.Error("alice not removed again after the restart")
+	}
+	if v := e.user("carol"); v.Upload != 1010 || v.Download != 2020 {
+		t.Errorf("carol across the restart: %+v (want 1010/2020)", v)
+	}
+	// An agent restart alone is no Xray restart: nothing counted again.
+	e.start()
+	e.step(time.Second)
+	if v := e.user("carol"); v.Upload != 1010 || v.Download != 2020 {
+		t.Errorf("carol across an agent restart: %+v", v)
+	}
+}
+
+// TestXrayUnreachable: SSH users are still counted and enforced, the error
+// is logged once, and accounting resumes when Xray is back.
+func TestXrayUnreachable(t *testing.T) {
+	e, fx, _ := newXrayEnv(t, "john 1\n")
+	e.step(0)
+	fx.use("carol", 100, 100)
+	e.step(time.Second)
+	fx.mu.Lock()
+	fx.down = true
+	fx.mu.Unlock()
+	fx.use("carol", 50, 50)
+	e.dp.blast(1001, 2*quota.MiB, 1500, true)
+	for i := 0; i < 3; i++ {
+		e.step(2 * time.Second)
+	}
+	if v := e.user("john"); v.Status != quota.Blocked || !e.fw.has(1001) {
+		t.Errorf("ssh enforcement stopped with xray down: %+v", v)
+	}
+	if h := e.a.Health(); !strings.Contains(h.Errors["xray api"], "unavailable") {
+		t.Errorf("health: %+v", h.Errors)
+	}
+	if n := strings.Count(e.logs.String(), "xray api failed"); n != 1 {
+		t.Errorf("xray error logged %d times", n)
+	}
+	fx.mu.Lock()
+	fx.down = false
+	fx.mu.Unlock()
+	e.step(time.Second)
+	if v := e.user("carol"); v.Upload != 150 {
+		t.Errorf("carol after xray came back: %+v", v)
+	}
+}
