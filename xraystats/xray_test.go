@@ -1,18 +1,48 @@
-package xraystats
+package xraystats_test
 
-// Tests against real Xray processes: see harness_test.go for the fixtures.
+// Tests against real Xray processes, run by internal/xraytest.
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"slices"
 	"testing"
 	"time"
 
-	"github.com/myvpn/bwagent/xraystats/internal/xraypb/handlercmdpb"
-	"github.com/myvpn/bwagent/xraystats/internal/xraypb/protocolpb"
+	"github.com/myvpn/bwagent/internal/xraytest"
+	. "github.com/myvpn/bwagent/xraystats"
 )
+
+// apiTimeout is the per-call timeout of the tests' API clients.
+const apiTimeout = 500 * time.Millisecond
+
+// lab is an Xray server with xraytest's default users, its clients, and an
+// API client of it.
+type lab struct {
+	*xraytest.Server
+	api *Client
+}
+
+// newLab starts a lab, stopped in t.Cleanup.
+func newLab(t *testing.T) *lab {
+	t.Helper()
+	srv := xraytest.StartServer(t, xraytest.DefaultUsers())
+	return &lab{Server: srv, api: srv.Dial(t, WithTimeout(apiTimeout))}
+}
+
+// client returns the client of the user with this email.
+func (l *lab) client(t testing.TB, email string) *xraytest.Client {
+	t.Helper()
+	return l.Client(t, l.User(t, email))
+}
+
+// within fails t unless d <= limit.
+func within(t *testing.T, what string, d, limit time.Duration) {
+	t.Helper()
+	if d > limit {
+		t.Errorf("%s took %v, more than %v", what, d, limit)
+	}
+}
 
 // tolerance is how far a counter may be above the payload that the test
 // sent: 1% and 4 KiB. (Measured: it is exact, but nothing in Xray promises
@@ -35,36 +65,36 @@ func TestUserTraffic(t *testing.T) {
 
 	type want struct{ up, down int64 }
 	wants := map[string]want{}
-	for i, u := range l.users {
+	for i, u := range l.Users {
 		up := int64(1<<20 + i*37*1024 + i)
 		down := int64(2<<20 - i*53*1024 + 3*i)
-		sent, recvd, err := l.transfer(u, up, down)
+		sent, recvd, err := l.Client(t, u).Transfer(up, down)
 		if err != nil {
-			t.Fatalf("%s (%s): %v", u.email, u.proto, err)
+			t.Fatalf("%s (%s): %v", u.Email, u.Protocol, err)
 		}
-		wants[u.email] = want{sent, recvd}
+		wants[u.Email] = want{sent, recvd}
 	}
 
 	all, err := l.api.UserTraffic(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(all) != len(l.users) {
-		t.Errorf("UserTraffic has %d users, want %d: %v", len(all), len(l.users), all)
+	if len(all) != len(l.Users) {
+		t.Errorf("UserTraffic has %d users, want %d: %v", len(all), len(l.Users), all)
 	}
-	for _, u := range l.users {
-		w, got := wants[u.email], all[u.email]
-		checkCounter(t, u.email+" uplink", got.Uplink, w.up)
-		checkCounter(t, u.email+" downlink", got.Downlink, w.down)
+	for _, u := range l.Users {
+		w, got := wants[u.Email], all[u.Email]
+		checkCounter(t, u.Email+" uplink", got.Uplink, w.up)
+		checkCounter(t, u.Email+" downlink", got.Downlink, w.down)
 		t.Logf("%-16s %-9s uplink %8d (sent %8d, %+d)  downlink %8d (sent %8d, %+d)",
-			u.proto, u.email, got.Uplink, w.up, got.Uplink-w.up, got.Downlink, w.down, got.Downlink-w.down)
+			u.Protocol, u.Email, got.Uplink, w.up, got.Uplink-w.up, got.Downlink, w.down, got.Downlink-w.down)
 
-		one, err := l.api.UserTrafficOf(ctx, u.email)
+		one, err := l.api.UserTrafficOf(ctx, u.Email)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if one != got {
-			t.Errorf("UserTrafficOf(%q) = %+v, UserTraffic has %+v", u.email, one, got)
+			t.Errorf("UserTrafficOf(%q) = %+v, UserTraffic has %+v", u.Email, one, got)
 		}
 	}
 	// alice is a prefix of alice2: their counters stay apart.
@@ -83,7 +113,7 @@ func TestUserTraffic(t *testing.T) {
 	}
 
 	// Reads do not reset: a second transfer adds to the first.
-	sent, recvd, err := l.transfer(l.byEmail["alice"], 1000, 2000)
+	sent, recvd, err := l.client(t, "alice").Transfer(1000, 2000)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,36 +130,37 @@ func TestUserTraffic(t *testing.T) {
 func TestOnlineIPs(t *testing.T) {
 	l := newLab(t)
 	ctx := t.Context()
-	u := l.byEmail["vmess-a"]
+	c := l.client(t, "vmess-a")
+	email := c.User.Email
 
-	if _, err := l.api.OnlineIPs(ctx, u.email); !errors.Is(err, ErrNotFound) {
+	if _, err := l.api.OnlineIPs(ctx, email); !errors.Is(err, ErrNotFound) {
 		t.Errorf("OnlineIPs before any connection: %v, want ErrNotFound", err)
 	}
-	e, err := l.openEcho(u)
+	e, err := c.Echo()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	if err := e.roundTrip(100); err != nil {
+	if err := e.RoundTrip(100); err != nil {
 		t.Fatal(err)
 	}
-	ips, err := l.api.OnlineIPs(ctx, u.email)
+	ips, err := l.api.OnlineIPs(ctx, email)
 	if err != nil {
 		t.Fatal(err)
 	}
-	seen, ok := ips[u.via]
+	seen, ok := ips[c.Source]
 	if !ok || len(ips) != 1 {
-		t.Fatalf("OnlineIPs(%q) = %v, want just %s", u.email, ips, u.via)
+		t.Fatalf("OnlineIPs(%q) = %v, want just %s", email, ips, c.Source)
 	}
 	if d := time.Since(time.Unix(seen, 0)); d < -time.Second || d > 10*time.Second {
-		t.Errorf("OnlineIPs(%q): %s last seen %v ago", u.email, u.via, d)
+		t.Errorf("OnlineIPs(%q): %s last seen %v ago", email, c.Source, d)
 	}
-	t.Logf("open connection: OnlineIPs(%q) = %v", u.email, ips)
+	t.Logf("open connection: OnlineIPs(%q) = %v", email, ips)
 
 	e.Close()
 	var last map[string]int64
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if last, err = l.api.OnlineIPs(ctx, u.email); err != nil {
+		if last, err = l.api.OnlineIPs(ctx, email); err != nil {
 			t.Fatal(err)
 		}
 		if len(last) == 0 {
@@ -137,7 +168,7 @@ func TestOnlineIPs(t *testing.T) {
 		}
 	}
 	if len(last) != 0 {
-		t.Errorf("OnlineIPs(%q) after the connection closed = %v, want none", u.email, last)
+		t.Errorf("OnlineIPs(%q) after the connection closed = %v, want none", email, last)
 	}
 }
 
@@ -154,89 +185,90 @@ func TestRemoveAddUser(t *testing.T) {
 		{"ss-a", "ss-b"},
 		{"ss22-a", "ss22-b"},
 	} {
-		a, b := l.byEmail[pair[0]], l.byEmail[pair[1]]
-		t.Run(a.proto, func(t *testing.T) {
+		ca, cb := l.client(t, pair[0]), l.client(t, pair[1])
+		a, b := ca.User, cb.User
+		t.Run(a.Protocol, func(t *testing.T) {
 			// Both work, and a has a connection open.
-			for _, u := range []*testUser{a, b} {
-				if _, _, err := l.transfer(u, 10000, 10000); err != nil {
-					t.Fatalf("%s before removal: %v", u.email, err)
+			for _, c := range []*xraytest.Client{ca, cb} {
+				if _, _, err := c.Transfer(10000, 10000); err != nil {
+					t.Fatalf("%s before removal: %v", c.User.Email, err)
 				}
 			}
-			live, err := l.openEcho(a)
+			live, err := ca.Echo()
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer live.Close()
-			if err := live.roundTrip(16 << 10); err != nil {
+			if err := live.RoundTrip(16 << 10); err != nil {
 				t.Fatal(err)
 			}
-			before, err := l.api.UserTrafficOf(ctx, a.email)
+			before, err := l.api.UserTrafficOf(ctx, a.Email)
 			if err != nil {
 				t.Fatal(err)
 			}
 
-			if err := l.api.RemoveUser(ctx, a.inbound, a.email); err != nil {
+			if err := l.api.RemoveUser(ctx, a.Inbound, a.Email); err != nil {
 				t.Fatal(err)
 			}
-			users, err := l.api.InboundUsers(ctx, a.inbound)
+			users, err := l.api.InboundUsers(ctx, a.Inbound)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !slices.Equal(users, []string{b.email}) {
-				t.Errorf("InboundUsers(%q) after removing %s = %q, want [%s]", a.inbound, a.email, users, b.email)
+			if !slices.Equal(users, []string{b.Email}) {
+				t.Errorf("InboundUsers(%q) after removing %s = %q, want [%s]", a.Inbound, a.Email, users, b.Email)
 			}
 			// New connections of a fail, b's work.
 			start := time.Now()
-			if err := l.probe(a); err == nil {
-				t.Errorf("%s: a new connection works after RemoveUser", a.email)
+			if err := ca.Probe(); err == nil {
+				t.Errorf("%s: a new connection works after RemoveUser", a.Email)
 			} else {
-				t.Logf("%s: a new connection after RemoveUser fails after %v: %v", a.email, time.Since(start).Round(time.Millisecond), err)
+				t.Logf("%s: a new connection after RemoveUser fails after %v: %v", a.Email, time.Since(start).Round(time.Millisecond), err)
 			}
-			if _, _, err := l.transfer(b, 10000, 10000); err != nil {
-				t.Errorf("%s, not removed: %v", b.email, err)
+			if _, _, err := cb.Transfer(10000, 10000); err != nil {
+				t.Errorf("%s, not removed: %v", b.Email, err)
 			}
 			// The connection that was open goes on, and is counted.
-			if err := live.roundTrip(16 << 10); err != nil {
-				t.Errorf("%s: open connection after RemoveUser: %v", a.email, err)
+			if err := live.RoundTrip(16 << 10); err != nil {
+				t.Errorf("%s: open connection after RemoveUser: %v", a.Email, err)
 			} else {
-				after, err := l.api.UserTrafficOf(ctx, a.email)
+				after, err := l.api.UserTrafficOf(ctx, a.Email)
 				if err != nil {
 					t.Fatal(err)
 				}
-				t.Logf("%s: open connection still flows after RemoveUser; counters %+v -> %+v", a.email, before, after)
-				checkCounter(t, a.email+" uplink growth on the open connection", after.Uplink-before.Uplink, 16<<10)
-				checkCounter(t, a.email+" downlink growth on the open connection", after.Downlink-before.Downlink, 16<<10)
+				t.Logf("%s: open connection still flows after RemoveUser; counters %+v -> %+v", a.Email, before, after)
+				checkCounter(t, a.Email+" uplink growth on the open connection", after.Uplink-before.Uplink, 16<<10)
+				checkCounter(t, a.Email+" downlink growth on the open connection", after.Downlink-before.Downlink, 16<<10)
 			}
 			live.Close()
 
-			if err := l.api.RemoveUser(ctx, a.inbound, a.email); !errors.Is(err, ErrNotFound) {
+			if err := l.api.RemoveUser(ctx, a.Inbound, a.Email); !errors.Is(err, ErrNotFound) {
 				t.Errorf("RemoveUser of a removed user: %v, want ErrNotFound", err)
 			} else {
 				t.Logf("RemoveUser of a removed user: %v", err)
 			}
 
 			// Back again.
-			if err := l.api.AddUser(ctx, a.inbound, a.email, a.acct); err != nil {
+			if err := l.api.AddUser(ctx, a.Inbound, a.Email, a.Account); err != nil {
 				t.Fatal(err)
 			}
-			if _, _, err := l.transfer(a, 10000, 10000); err != nil {
-				t.Errorf("%s after AddUser: %v", a.email, err)
+			if _, _, err := ca.Transfer(10000, 10000); err != nil {
+				t.Errorf("%s after AddUser: %v", a.Email, err)
 			}
-			users, err = l.api.InboundUsers(ctx, a.inbound)
+			users, err = l.api.InboundUsers(ctx, a.Inbound)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if want := []string{a.email, b.email}; !slices.Equal(users, want) {
-				t.Errorf("InboundUsers(%q) after AddUser = %q, want %q", a.inbound, users, want)
+			if want := []string{a.Email, b.Email}; !slices.Equal(users, want) {
+				t.Errorf("InboundUsers(%q) after AddUser = %q, want %q", a.Inbound, users, want)
 			}
-			if err := l.api.AddUser(ctx, a.inbound, a.email, a.acct); !errors.Is(err, ErrExists) {
+			if err := l.api.AddUser(ctx, a.Inbound, a.Email, a.Account); !errors.Is(err, ErrExists) {
 				t.Errorf("AddUser of an existing user: %v, want ErrExists", err)
 			}
-			if err := l.api.AddUser(ctx, a.inbound, b.email, a.acct); !errors.Is(err, ErrExists) {
+			if err := l.api.AddUser(ctx, a.Inbound, b.Email, a.Account); !errors.Is(err, ErrExists) {
 				t.Errorf("AddUser of an existing email with another account: %v, want ErrExists", err)
 			}
 			// Pointers to accounts do as well.
-			if err := l.api.AddUser(ctx, a.inbound, a.email, pointerTo(a.acct)); !errors.Is(err, ErrExists) {
+			if err := l.api.AddUser(ctx, a.Inbound, a.Email, pointerTo(a.Account)); !errors.Is(err, ErrExists) {
 				t.Errorf("AddUser of an existing user, account by pointer: %v, want ErrExists", err)
 			}
 		})
@@ -246,34 +278,26 @@ func TestRemoveAddUser(t *testing.T) {
 	// AddUser's check first: what classify maps to ErrExists.
 	t.Run("xray duplicate check", func(t *testing.T) {
 		for _, email := range []string{"alice2", "vmess-b", "trojan-b", "ss-b", "ss22-b"} {
-			u := l.byEmail[email]
-			am, err := accountMessage(u.acct)
-			if err != nil {
-				t.Fatal(err)
-			}
-			account, _ := typed(am)
-			op, _ := typed(&handlercmdpb.AddUserOperation{User: &protocolpb.User{Email: u.email, Account: account}})
-			err = l.api.call(ctx, "raw add", func(ctx context.Context) error {
-				_, err := l.api.handler.AlterInbound(ctx, &handlercmdpb.AlterInboundRequest{Tag: u.inbound, Operation: op})
-				return err
-			})
-			users, lerr := l.api.InboundUsers(ctx, u.inbound)
+			c := l.client(t, email)
+			u := c.User
+			err := RawAddUser(ctx, l.api, u.Inbound, u.Email, u.Account)
+			users, lerr := l.api.InboundUsers(ctx, u.Inbound)
 			if lerr != nil {
 				t.Fatal(lerr)
 			}
-			t.Logf("%s: adding %s again: %v; users now %q", u.proto, u.email, err, users)
+			t.Logf("%s: adding %s again: %v; users now %q", u.Protocol, u.Email, err, users)
 			switch {
 			case err == nil:
 				// Xray took the duplicate (its Shadowsocks inbound does):
 				// remove one of the two.
-				if err := l.api.RemoveUser(ctx, u.inbound, u.email); err != nil {
+				if err := l.api.RemoveUser(ctx, u.Inbound, u.Email); err != nil {
 					t.Fatal(err)
 				}
 			case !errors.Is(err, ErrExists):
-				t.Errorf("%s: adding %s again: %v, want ErrExists", u.proto, u.email, err)
+				t.Errorf("%s: adding %s again: %v, want ErrExists", u.Protocol, u.Email, err)
 			}
-			if _, _, err := l.transfer(u, 1000, 1000); err != nil {
-				t.Errorf("%s after the duplicate add: %v", u.email, err)
+			if _, _, err := c.Transfer(1000, 1000); err != nil {
+				t.Errorf("%s after the duplicate add: %v", u.Email, err)
 			}
 		}
 	})
@@ -285,14 +309,14 @@ func TestRemoveAddUser(t *testing.T) {
 			want error
 		}{
 			{"RemoveUser, no such inbound", l.api.RemoveUser(ctx, "nope-in", "alice"), ErrNotFound},
-			{"AddUser, no such inbound", l.api.AddUser(ctx, "nope-in", "carol", VLESS{ID: uuid()}), ErrNotFound},
+			{"AddUser, no such inbound", l.api.AddUser(ctx, "nope-in", "carol", VLESS{ID: xraytest.NewUUID()}), ErrNotFound},
 			{"InboundUsers, no such inbound", func() error { _, err := l.api.InboundUsers(ctx, "nope-in"); return err }(), ErrNotFound},
 			// Xray maps IDs of 1 to 30 bytes to UUIDs; longer ones must be UUIDs.
 			{"AddUser, bad UUID", l.api.AddUser(ctx, "vless-in", "carol", VLESS{ID: "this-is-not-a-uuid-and-too-long-for-one"}), ErrInvalid},
 			{"AddUser, unknown cipher", l.api.AddUser(ctx, "ss-in", "carol", Shadowsocks{Method: "rc4-md5", Password: "x"}), ErrInvalid},
 			{"AddUser, nil account", l.api.AddUser(ctx, "vless-in", "carol", nil), ErrInvalid},
 			{"AddUser, nil *VLESS", l.api.AddUser(ctx, "vless-in", "carol", (*VLESS)(nil)), ErrInvalid},
-			{"AddUser, empty email", l.api.AddUser(ctx, "vless-in", "", VLESS{ID: uuid()}), ErrInvalid},
+			{"AddUser, empty email", l.api.AddUser(ctx, "vless-in", "", VLESS{ID: xraytest.NewUUID()}), ErrInvalid},
 			{"RemoveUser, empty tag", l.api.RemoveUser(ctx, "", "alice"), ErrInvalid},
 		} {
 			if !errors.Is(tc.err, tc.want) {
@@ -335,13 +359,14 @@ func pointerTo(acct Account) Account {
 func TestXrayDownAndRestart(t *testing.T) {
 	l := newLab(t)
 	ctx := t.Context()
-	u := l.byEmail["trojan-a"]
+	c := l.client(t, "trojan-a")
+	u := c.User
 
-	sent, _, err := l.transfer(u, 300000, 200000)
+	sent, _, err := c.Transfer(300000, 200000)
 	if err != nil {
 		t.Fatal(err)
 	}
-	before, err := l.api.UserTrafficOf(ctx, u.email)
+	before, err := l.api.UserTrafficOf(ctx, u.Email)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -364,12 +389,12 @@ func TestXrayDownAndRestart(t *testing.T) {
 	// Every call fails with ErrUnavailable within the per-call timeout.
 	calls := map[string]func() error{
 		"UserTraffic":   func() error { _, err := l.api.UserTraffic(ctx); return err },
-		"UserTrafficOf": func() error { _, err := l.api.UserTrafficOf(ctx, u.email); return err },
+		"UserTrafficOf": func() error { _, err := l.api.UserTrafficOf(ctx, u.Email); return err },
 		"SysStats":      func() error { _, err := l.api.SysStats(ctx); return err },
-		"OnlineIPs":     func() error { _, err := l.api.OnlineIPs(ctx, u.email); return err },
-		"InboundUsers":  func() error { _, err := l.api.InboundUsers(ctx, u.inbound); return err },
-		"RemoveUser":    func() error { return l.api.RemoveUser(ctx, u.inbound, u.email) },
-		"AddUser":       func() error { return l.api.AddUser(ctx, u.inbound, "carol", Trojan{Password: "x"}) },
+		"OnlineIPs":     func() error { _, err := l.api.OnlineIPs(ctx, u.Email); return err },
+		"InboundUsers":  func() error { _, err := l.api.InboundUsers(ctx, u.Inbound); return err },
+		"RemoveUser":    func() error { return l.api.RemoveUser(ctx, u.Inbound, u.Email) },
+		"AddUser":       func() error { return l.api.AddUser(ctx, u.Inbound, "carol", Trojan{Password: "x"}) },
 	}
 	checkUnavailable := func(state string, minTime time.Duration) {
 		t.Helper()
@@ -389,24 +414,24 @@ func TestXrayDownAndRestart(t *testing.T) {
 	}
 
 	// Hung (SIGSTOP): calls wait the timeout out, no longer.
-	l.server.stop()
+	l.Freeze(t)
 	checkUnavailable("hung", apiTimeout)
-	l.server.cont()
+	l.Thaw(t)
 	if _, err := l.api.SysStats(ctx); err != nil {
 		t.Fatalf("SysStats after SIGCONT: %v", err)
 	}
 
 	// Stopped: calls fail at once.
-	l.server.kill()
+	l.Stop(t)
 	checkUnavailable("stopped", 0)
 	start := time.Now()
-	if _, err := Dial(ctx, l.apiAddr, WithTimeout(apiTimeout)); !errors.Is(err, ErrUnavailable) {
+	if _, err := Dial(ctx, l.API, WithTimeout(apiTimeout)); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("Dial, Xray stopped: %v, want ErrUnavailable", err)
 	}
 	within(t, "Dial, Xray stopped", time.Since(start), apiTimeout+200*time.Millisecond)
 
 	// Restarted: the same Client reconnects.
-	l.restartServer()
+	l.Restart(t)
 	start = time.Now()
 	var sys2 SysStats
 	for {
@@ -427,14 +452,14 @@ func TestXrayDownAndRestart(t *testing.T) {
 	if all, err := l.api.UserTraffic(ctx); err != nil || len(all) != 0 {
 		t.Errorf("UserTraffic right after restart = %v, %v; want no users", all, err)
 	}
-	if _, err := l.api.UserTrafficOf(ctx, u.email); !errors.Is(err, ErrNotFound) {
+	if _, err := l.api.UserTrafficOf(ctx, u.Email); !errors.Is(err, ErrNotFound) {
 		t.Errorf("UserTrafficOf right after restart: %v, want ErrNotFound", err)
 	}
-	sent, recvd, err := l.transfer(u, 5000, 7000)
+	sent, recvd, err := c.Transfer(5000, 7000)
 	if err != nil {
 		t.Fatal(err)
 	}
-	after, err := l.api.UserTrafficOf(ctx, u.email)
+	after, err := l.api.UserTrafficOf(ctx, u.Email)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -448,7 +473,7 @@ func TestXrayDownAndRestart(t *testing.T) {
 // whose API lacks the StatsService.
 func TestDialErrors(t *testing.T) {
 	ctx := t.Context()
-	port := freePort(t)
+	port := xraytest.FreePort(t)
 	start := time.Now()
 	_, err := Dial(ctx, fmt.Sprintf("127.0.0.1:%d", port))
 	if !errors.Is(err, ErrUnavailable) {
@@ -460,27 +485,8 @@ func TestDialErrors(t *testing.T) {
 	}
 
 	// An Xray with only the HandlerService.
-	dir := t.TempDir()
-	for try := 0; ; try++ {
-		port = freePort(t)
-		cfg := map[string]any{
-			"log": map[string]any{"loglevel": "warning"},
-			"api": map[string]any{
-				"tag":      "api",
-				"listen":   fmt.Sprintf("127.0.0.1:%d", port),
-				"services": []string{"HandlerService"},
-			},
-			"outbounds": []any{map[string]any{"protocol": "freedom"}},
-		}
-		_, err := startXray(t, dir, fmt.Sprintf("handler-only%d", try), cfg, []int{port})
-		if err == nil {
-			break
-		}
-		if try == 2 {
-			t.Fatal(err)
-		}
-	}
-	_, err = Dial(ctx, fmt.Sprintf("127.0.0.1:%d", port))
+	srv := xraytest.StartServer(t, nil, xraytest.APIServices("HandlerService"))
+	_, err = Dial(ctx, srv.API)
 	if !errors.Is(err, ErrUnsupported) {
 		t.Errorf("Dial to an Xray without StatsService: %v, want ErrUnsupported", err)
 	}
@@ -491,7 +497,7 @@ func TestDialErrors(t *testing.T) {
 func TestClosed(t *testing.T) {
 	l := newLab(t)
 	ctx := t.Context()
-	c := l.dial()
+	c := l.Dial(t, WithTimeout(apiTimeout))
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
