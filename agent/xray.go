@@ -49,6 +49,7 @@ type xrayState struct {
 	// consecutive reads agree on it within a few seconds.
 	start time.Time
 	epoch string
+	sys   xraystats.SysStats // the last read, whose totals only grow within one Xray
 
 	// removed are the users the agent has taken out of Xray's inbounds (and
 	// must put back when they are unblocked), as far as this Xray process
@@ -95,10 +96,22 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 	cctx, cancel := context.WithTimeout(ctx, a.cfg.Xray.Timeout)
 	defer cancel()
 	sys, err := a.xr.api.SysStats(cctx)
+	if errors.Is(err, xraystats.ErrUnavailable) {
+		// Xray restarted or went away: a new connection now rather than
+		// waiting out the old one's reconnection backoff.
+		a.xr.api.Close()
+		a.xr.api = nil
+		api, derr := a.xray.Dial(cctx, addr)
+		if derr != nil {
+			return confErr, derr
+		}
+		a.xr.api = api
+		sys, err = api.SysStats(cctx)
+	}
 	if err != nil {
 		return confErr, err
 	}
-	a.xrayEpoch(now, sys.Uptime)
+	a.xrayEpoch(now, sys)
 	traffic, err := a.xr.api.UserTraffic(cctx)
 	if err != nil {
 		return confErr, err
@@ -128,22 +141,31 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 }
 
 // xrayEpoch names the lifetime of Xray's counters from its uptime. A start
-// that moved (a restart) begins a new epoch: every user removed from Xray
-// must be removed again, since Xray reloaded its config. On the first read
-// after the agent starts, a saved baseline's epoch within the slack is
+// that moved, or a process total that went down (Xray's allocation and GC
+// counts only grow within one process, which catches a restart within
+// seconds of the last one), begins a new epoch: every user removed from
+// Xray must be removed again, since Xray reloaded its config. On the first
+// read after the agent starts, a saved baseline's epoch within the slack is
 // taken over, so a restart of the agent alone is no new epoch.
-func (a *Agent) xrayEpoch(now time.Time, uptime time.Duration) {
+func (a *Agent) xrayEpoch(now time.Time, sys xraystats.SysStats) {
+	uptime := sys.Uptime
 	start := now.Add(-uptime)
-	if !a.xr.start.IsZero() && absDur(start.Sub(a.xr.start)) <= xrayEpochSlack {
+	last := a.xr.sys
+	a.xr.sys = sys
+	if !a.xr.start.IsZero() && absDur(start.Sub(a.xr.start)) <= xrayEpochSlack &&
+		sys.TotalAlloc >= last.TotalAlloc && sys.Mallocs >= last.Mallocs && sys.NumGC >= last.NumGC {
 		return
 	}
-	epoch := "xray@" + strconv.FormatInt(start.Unix(), 10)
+	// The start, and the allocation count that tells two starts within the
+	// same seconds apart.
+	epoch := "xray@" + strconv.FormatInt(start.Unix(), 10) + "." + strconv.FormatUint(sys.Mallocs, 10)
 	if a.xr.start.IsZero() {
 		for src, b := range a.otherBase {
 			if !strings.HasPrefix(src, "xray:") {
 				continue
 			}
-			if sec, ok := strings.CutPrefix(b.Epoch, "xray@"); ok {
+			if rest, ok := strings.CutPrefix(b.Epoch, "xray@"); ok {
+				sec, _, _ := strings.Cut(rest, ".")
 				if n, err := strconv.ParseInt(sec, 10, 64); err == nil && absDur(start.Sub(time.Unix(n, 0))) <= xrayEpochSlack {
 					epoch = b.Epoch
 					break

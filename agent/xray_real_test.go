@@ -1,0 +1,174 @@
+package agent
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/myvpn/bwagent/internal/xraytest"
+	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/xraystats"
+)
+
+// realXrayEnv is an agent (SSH side off) over a real Xray server with the
+// default test users, discovered from the server's config file.
+func realXrayEnv(t *testing.T, limits string) (*env, *xraytest.Server) {
+	t.Helper()
+	xraytest.Bin(t)
+	e := newEnv(t)
+	srv := xraytest.StartServer(t, xraytest.DefaultUsers())
+	e.cfg.SSH.Enabled = false
+	e.cfg.Xray.Configs = []string{srv.ConfigPath}
+	e.write("bw-limit.conf", limits)
+	e.start()
+	return e, srv
+}
+
+// now steps the agent on the real clock: Xray's uptime is real time.
+func (e *env) now() {
+	e.t.Helper()
+	e.step(time.Since(e.clock))
+}
+
+// settle waits until Xray's counters of email stop moving: Xray adds a
+// connection's bytes to them as it relays, a little after the client saw
+// them through.
+func settle(t *testing.T, srv *xraytest.Server, emails ...string) {
+	t.Helper()
+	xc := srv.Dial(t)
+	for _, email := range emails {
+		var last xraystats.Traffic
+		for i := 0; i < 50; i++ {
+			tr, _ := xc.UserTrafficOf(context.Background(), email)
+			if i > 0 && tr == last {
+				break
+			}
+			last = tr
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+}
+
+func within1(t *testing.T, what string, got, want int64) {
+	t.Helper()
+	if d := got - want; d < -want/100 || d > want/100 {
+		t.Errorf("%s: counted %d, moved %d (more than 1%% apart)", what, got, want)
+	}
+}
+
+// TestRealXray: against a real Xray server, each user's traffic is counted
+// within 1%; a user over the limit is removed within one tick (new
+// connections fail, other users go on, marker, JSON and log agree); reset
+// lets them back; an Xray restart counts nothing twice and the blocked user
+// stays blocked; a stopped Xray is reported while the agent goes on, and
+// accounting resumes when it is back.
+func TestRealXray(t *testing.T) {
+	e, srv := realXrayEnv(t, "alice 1\n")
+	e.clock = time.Now()
+	e.now()
+	if v := e.user("alice"); v.Protocol != quota.VLESS || v.Limit != quota.MiB {
+		t.Fatalf("alice from the xray config: %+v", v)
+	}
+
+	// 1. Counted within 1% of the payload.
+	moved := map[string][2]int64{}
+	for _, email := range []string{"alice", "vmess-a", "trojan-a", "ss-a", "ss22-a"} {
+		up, down := int64(300_000), int64(200_000)
+		sent, recv, err := srv.Client(t, srv.User(t, email)).Transfer(up, down)
+		if err != nil {
+			t.Fatalf("%s: %v", email, err)
+		}
+		moved[email] = [2]int64{sent, recv}
+		settle(t, srv, email)
+	}
+	e.now()
+	for email, m := range moved {
+		v := e.user(email)
+		within1(t, email+" upload", int64(v.Upload), m[0])
+		within1(t, email+" download", int64(v.Download), m[1])
+	}
+
+	// 2. Over the limit: blocked within one tick.
+	alice := srv.Client(t, srv.User(t, "alice"))
+	if _, _, err := alice.Transfer(700_000, 0); err != nil {
+		t.Fatal(err)
+	}
+	settle(t, srv, "alice")
+	e.now()
+	if v := e.user("alice"); v.Status != quota.Blocked {
+		t.Fatalf("alice after 1.2 MB of a 1 MiB limit: %+v", v)
+	}
+	if err := alice.Probe(); err == nil {
+		t.Error("blocked alice opened a new connection")
+	}
+	if _, _, err := srv.Client(t, srv.User(t, "alice2")).Transfer(10_000, 10_000); err != nil {
+		t.Errorf("alice2 (same inbound) disturbed: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(e.cfg.Paths.MarkerDir, "alice")); err != nil {
+		t.Errorf("marker: %v", err)
+	}
+	if j := e.usage("alice"); !j.Blocked || j.Protocol != "vless" {
+		t.Errorf("alice.json: %+v", j)
+	}
+	if log := strings.Join(e.logLines(), "\n"); !strings.Contains(log, "| vless | alice | Bandwidth Limit Reached") {
+		t.Errorf("log: %s", log)
+	}
+
+	// 3. Reset lets her back.
+	if err := e.a.Reset(context.Background(), "alice"); err != nil {
+		t.Fatal(err)
+	}
+	if err := alice.Probe(); err != nil {
+		t.Errorf("alice after reset: %v", err)
+	}
+	// Over again, blocked again.
+	if _, _, err := alice.Transfer(1_200_000, 0); err != nil {
+		t.Fatal(err)
+	}
+	settle(t, srv, "alice")
+	e.now()
+	if v := e.user("alice"); v.Status != quota.Blocked {
+		t.Fatalf("alice over again: %+v", v)
+	}
+
+	// 4. Xray restarts: counters from zero, nothing counted twice, alice
+	// (reloaded by Xray from its config) removed again in one tick.
+	vm := srv.Client(t, srv.User(t, "vmess-a"))
+	before := e.user("vmess-a")
+	srv.Restart(t)
+	sent, recv, err := vm.Transfer(100_000, 50_000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	settle(t, srv, "vmess-a")
+	e.now()
+	after := e.user("vmess-a")
+	within1(t, "vmess-a upload across a restart", int64(after.Upload-before.Upload), sent)
+	within1(t, "vmess-a download across a restart", int64(after.Download-before.Download), recv)
+	if err := alice.Probe(); err == nil {
+		t.Error("alice got in after the Xray restart")
+	}
+
+	// 5. Xray stopped: reported, the agent goes on; back: accounting resumes.
+	srv.Stop(t)
+	e.now()
+	if h := e.a.Health(); h.Errors["xray api"] == "" {
+		t.Errorf("stopped xray not reported: %+v", h.Errors)
+	}
+	srv.Restart(t)
+	sent, _, err = vm.Transfer(80_000, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	settle(t, srv, "vmess-a")
+	e.now()
+	if v := e.user("vmess-a"); int64(v.Upload-after.Upload) < sent {
+		t.Errorf("accounting did not resume: %d more bytes counted, %d sent", v.Upload-after.Upload, sent)
+	}
+	if h := e.a.Health(); h.Errors["xray api"] != "" {
+		t.Errorf("still reported after xray came back: %+v", h.Errors)
+	}
+}
