@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -136,11 +137,16 @@ func (p *proc) start(t testing.TB) error {
 }
 
 // listeners counts the TCP sockets that listen on port, on any IPv4 or
-// IPv6 address, per /proc/net.
+// IPv6 address, per /proc/thread-self/net.
 func listeners(t testing.TB, port int) int {
 	t.Helper()
+	// This thread's network namespace, not the main thread's (/proc/net):
+	// a test that ran a helper in another namespace can leave the main
+	// thread there (the runtime parks a locked main thread, never exits it).
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	n := 0
-	for _, path := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+	for _, path := range []string{"/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"} {
 		b, err := os.ReadFile(path)
 		if err != nil {
 			t.Fatal(err)
