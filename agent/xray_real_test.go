@@ -64,7 +64,7 @@ func within1(t *testing.T, what string, got, want int64) {
 // connections fail, other users go on, marker, JSON and log agree); reset
 // lets them back; an Xray restart counts nothing twice and the blocked user
 // stays blocked; a stopped Xray is reported while the agent goes on, and
-// accounting resumes when it is back.
+// accounting resumes when it is back; a manual unblock follows the rule.
 func TestRealXray(t *testing.T) {
 	e, srv := realXrayEnv(t, "alice 1\n")
 	e.clock = time.Now()
@@ -170,5 +170,24 @@ func TestRealXray(t *testing.T) {
 	}
 	if h := e.a.Health(); h.Errors["xray api"] != "" {
 		t.Errorf("still reported after xray came back: %+v", h.Errors)
+	}
+
+	// 6. Manual unblock: back in at once, and not blocked again for the
+	// same limit while still over it.
+	e.now()
+	if err := e.a.Unblock(context.Background(), "alice", 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := alice.Probe(); err != nil {
+		t.Errorf("alice after a manual unblock: %v", err)
+	}
+	if _, _, err := alice.Transfer(100_000, 0); err != nil {
+		t.Fatal(err)
+	}
+	settle(t, srv, "alice")
+	e.now()
+	e.now()
+	if v := e.user("alice"); v.Status == quota.Blocked || !v.Override.Active {
+		t.Errorf("manually unblocked alice blocked again: %+v", v)
 	}
 }
