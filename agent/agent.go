@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,6 +27,7 @@ import (
 	"github.com/myvpn/bwagent/nft"
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/sockkill"
 	"github.com/myvpn/bwagent/store"
 	"github.com/myvpn/bwagent/xrayconf"
 	"github.com/myvpn/bwagent/xraystats"
@@ -280,6 +282,11 @@ func New(o Options) (*Agent, error) {
 	if a.xray.Dial == nil {
 		a.xray.Dial = func(ctx context.Context, addr string) (XrayAPI, error) {
 			return xraystats.Dial(ctx, addr, xraystats.WithTimeout(a.cfg.Xray.Timeout))
+		}
+	}
+	if a.xray.Cut == nil {
+		a.xray.Cut = func(remotes []netip.Addr, ports []uint16) (int, error) {
+			return sockkill.Cut(sockkill.Filter{LocalPorts: ports, Remotes: remotes})
 		}
 	}
 	a.xr.removed = make(map[string]bool)

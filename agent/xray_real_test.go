@@ -91,8 +91,11 @@ func TestRealXray(t *testing.T) {
 		within1(t, email+" download", int64(v.Download), m[1])
 	}
 
-	// 2. Over the limit: blocked within one tick.
+	// 2. Over the limit: blocked within one tick; her running download
+	// is cut, alice2's (same inbound, another address) goes on.
 	alice := srv.Client(t, srv.User(t, "alice"))
+	download := alice.Stream(t, 0, 20_000)
+	other := srv.Client(t, srv.User(t, "alice2")).Stream(t, 0, 20_000)
 	if _, _, err := alice.Transfer(700_000, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -101,6 +104,15 @@ func TestRealXray(t *testing.T) {
 	if v := e.user("alice"); v.Status != quota.Blocked {
 		t.Fatalf("alice after 1.2 MB of a 1 MiB limit: %+v", v)
 	}
+	select {
+	case <-download.Done():
+	case <-time.After(5 * time.Second):
+		t.Error("blocked alice's running download was not cut")
+	}
+	if !other.Flowing(time.Second) {
+		t.Errorf("alice2's download stopped too: %v", other.Err())
+	}
+	other.Close()
 	if err := alice.Probe(); err == nil {
 		t.Error("blocked alice opened a new connection")
 	}
@@ -171,6 +183,19 @@ func TestRealXray(t *testing.T) {
 	if h := e.a.Health(); h.Errors["xray api"] != "" {
 		t.Errorf("still reported after xray came back: %+v", h.Errors)
 	}
+
+	// A hung Xray (SIGSTOP) holds a tick up no longer than the call
+	// timeout, a fraction of the interval.
+	srv.Freeze(t)
+	start := time.Now()
+	e.now()
+	if d := time.Since(start); d > 2*e.cfg.Xray.Timeout+200*time.Millisecond {
+		t.Errorf("a tick with a hung xray took %v (timeout %v)", d, e.cfg.Xray.Timeout)
+	}
+	if h := e.a.Health(); h.Errors["xray api"] == "" {
+		t.Errorf("hung xray not reported: %+v", h.Errors)
+	}
+	srv.Thaw(t)
 
 	// 6. Manual unblock: back in at once, and not blocked again for the
 	// same limit while still over it.
