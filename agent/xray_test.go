@@ -321,3 +321,24 @@ func TestXrayUnreachable(t *testing.T) {
 		t.Errorf("carol after xray came back: %+v", v)
 	}
 }
+
+// TestXrayBadConfig: a broken Xray config is reported naming the file, the
+// last good one stays in use, and the SSH side goes on.
+func TestXrayBadConfig(t *testing.T) {
+	e, fx, _ := newXrayEnv(t, "john 1\n")
+	e.step(0)
+	e.write("xray.json", `{"inbounds": [ {"tag": "vless-in",, } ]}`)
+	fx.use("carol", 100, 0)
+	e.dp.blast(1001, 2*quota.MiB, 1500, true)
+	e.step(2 * time.Second)
+	h := e.a.Health()
+	if msg := h.Errors["xray config"]; !strings.Contains(msg, filepath.Join(e.dir, "xray.json")) || !strings.Contains(msg, ":1:") {
+		t.Errorf("xray config error does not name the file and line: %q", msg)
+	}
+	if v := e.user("carol"); v.Upload != 100 || !v.Present {
+		t.Errorf("carol with the last good config: %+v", v)
+	}
+	if v := e.user("john"); v.Status != quota.Blocked {
+		t.Errorf("ssh side stopped: %+v", v)
+	}
+}
