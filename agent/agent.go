@@ -1,14 +1,17 @@
-// Package agent is bwagent's control loop. Every tick it turns kernel
-// counters into usage, usage into statuses, and statuses into enforcement
-// (the BPF policy map with an exact in-kernel budget, the nftables set) and
-// records (the state database, the usage JSON files, the marker files and
-// the block log). It also repairs whatever someone broke since the last
-// tick: a detached program, a flushed ruleset, a deleted marker.
+// Package agent is bwagent's control loop. Every tick it turns counters
+// (the kernel's per-UID counters for SSH users, Xray's per-user counters for
+// Xray users) into usage, usage into statuses, and statuses into enforcement
+// (the BPF policy map with an exact in-kernel budget and the nft set for SSH
+// users; Xray's inbounds, through its API, for Xray users) and records (the
+// state database, the usage JSON files, the marker files and the block
+// log). It also repairs whatever someone broke since the last tick: a
+// detached program, a flushed ruleset, a deleted marker or usage file, a
+// blocked user an Xray restart let back in.
 //
 // The loop is Run(ctx) around step(now). Operator commands (Reset, Unblock,
 // SetLimit...) are queued to the loop and applied between ticks, so a
 // command and a tick never overwrite each other. The kernel, nftables and
-// the disk sit behind small interfaces, faked in the table tests and real in
+// Xray sit behind small interfaces, faked in the table tests and real in
 // the integration tests.
 package agent
 
@@ -108,7 +111,7 @@ type Agent struct {
 
 	// Counter baselines: the last sample folded into the totals.
 	sshBase   map[uint32]kbase
-	otherBase map[string]*baseline // sources of other kinds, kept as loaded
+	otherBase map[string]*baseline // Xray users' counters, by source ("xray:EMAIL")
 	epochs    []string             // counter epochs, indexed by kbase.epoch
 
 	// Work of this tick: users to evaluate, rows and baselines to commit,
