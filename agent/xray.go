@@ -21,8 +21,14 @@ type XrayAPI interface {
 	AddUser(ctx context.Context, inboundTag, email string, acct xraystats.Account) error
 	RemoveUser(ctx context.Context, inboundTag, email string) error
 	OnlineIPs(ctx context.Context, email string) (map[string]int64, error)
+	InboundUsers(ctx context.Context, inboundTag string) ([]string, error)
 	Close() error
 }
+
+// xrayVerifyTicks is how often the agent lists the inbounds of blocked users
+// to find one someone added back (a panel, a manual API call): every 5th
+// tick, one call per such inbound.
+const xrayVerifyTicks = 5
 
 // Xray is how the agent finds and reaches Xray: its config (users and the
 // API address) and a client for the API.
@@ -55,6 +61,8 @@ type xrayState struct {
 	// must put back when they are unblocked), as far as this Xray process
 	// goes: a restart reloads every user from the config.
 	removed map[string]bool
+	// verifyIn counts the ticks to the next listing of the inbounds.
+	verifyIn int
 }
 
 // xrayEpochSlack is how far two estimates of Xray's start (now - uptime,
@@ -251,6 +259,10 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 	cctx, cancel := context.WithTimeout(ctx, a.cfg.Xray.Timeout)
 	defer cancel()
 	var errs []error
+	if a.xr.verifyIn--; a.xr.verifyIn <= 0 {
+		a.xr.verifyIn = xrayVerifyTicks
+		errs = append(errs, a.verifyXrayRemoved(cctx))
+	}
 	for email, xus := range a.xr.users {
 		u := a.users[email]
 		if u == nil {
@@ -272,6 +284,33 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// verifyXrayRemoved lists the inbounds that should be without a removed
+// user and forgets the removal of any user found back in one, so this tick
+// removes them again.
+func (a *Agent) verifyXrayRemoved(ctx context.Context) error {
+	inbounds := make(map[string]bool)
+	for email := range a.xr.removed {
+		for _, xu := range a.xr.users[email] {
+			if xu.Alterable() {
+				inbounds[xu.Inbound] = true
+			}
+		}
+	}
+	for tag := range inbounds {
+		emails, err := a.xr.api.InboundUsers(ctx, tag)
+		if err != nil {
+			return err
+		}
+		for _, email := range emails {
+			if a.xr.removed[email] {
+				a.log.Warn("a blocked xray user was added back by someone else; removing again", "user", email, "inbound", tag)
+				delete(a.xr.removed, email)
+			}
+		}
+	}
+	return nil
 }
 
 func (a *Agent) removeXrayUser(ctx context.Context, email string, xus []xrayconf.User) error {

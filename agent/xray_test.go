@@ -152,6 +152,20 @@ func (f *fakeXray) OnlineIPs(_ context.Context, email string) (map[string]int64,
 	return f.online[email], nil
 }
 
+func (f *fakeXray) InboundUsers(_ context.Context, tag string) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("list " + tag); err != nil {
+		return nil, err
+	}
+	var out []string
+	for email := range f.inbounds[tag] {
+		out = append(out, email)
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
 func (f *fakeXray) Close() error { return nil }
 
 type cutCall struct {
@@ -340,5 +354,24 @@ func TestXrayBadConfig(t *testing.T) {
 	}
 	if v := e.user("john"); v.Status != quota.Blocked {
 		t.Errorf("ssh side stopped: %+v", v)
+	}
+}
+
+// TestXrayBlockedUserAddedBack: a blocked user that someone adds back to an
+// inbound (a panel, a manual API call) is removed again within a few ticks.
+func TestXrayBlockedUserAddedBack(t *testing.T) {
+	e, fx, _ := newXrayEnv(t, "alice 1\n")
+	e.step(0)
+	fx.use("alice", 2*int64(quota.MiB), 0)
+	e.step(2 * time.Second)
+	if fx.has("vless-in", "alice") {
+		t.Fatal("alice not removed")
+	}
+	fx.AddUser(context.Background(), "vless-in", "alice", xraystats.VLESS{ID: "2033d348-ecb9-4486-a427-7dafdd8435c2"})
+	for i := 0; i < xrayVerifyTicks && fx.has("vless-in", "alice"); i++ {
+		e.step(2 * time.Second)
+	}
+	if fx.has("vless-in", "alice") {
+		t.Errorf("alice added back by someone else is still in after %d ticks", xrayVerifyTicks)
 	}
 }
