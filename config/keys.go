@@ -236,8 +236,8 @@ cgroup v2 hierarchy, found at run time, which sees every socket.`, false,
 	stringsKey("xray.configs", `Xray config files: the first that exists is read, for the API address
 and the users.`,
 		func(c *Config) *[]string { return &c.Xray.Configs }, checkPath(true)),
-	pathKey("xray.config_dir", `A directory of *.json config files (Xray's -confdir), read as well;
-"" is none.`, false,
+	pathKey("xray.config_dir", `A directory of *.json config files (Xray's -confdir), read in name
+order and merged as Xray does, instead of configs; "" is none.`, false,
 		func(c *Config) *string { return &c.Xray.ConfigDir }),
 	stringKey("xray.api", `Xray's API address, host:port, such as "127.0.0.1:10085"; "" takes it
 from the api section of Xray's config.`,
