@@ -1,0 +1,44 @@
+package control
+
+import (
+	"time"
+
+	"github.com/myvpn/bwagent/control/internal/controlpb"
+	"github.com/myvpn/bwagent/quota"
+)
+
+func unixSec(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.Unix()
+}
+
+func fromUnix(s int64) time.Time {
+	if s == 0 {
+		return time.Time{}
+	}
+	return time.Unix(s, 0)
+}
+
+func userToPB(u User) *controlpb.User {
+	return &controlpb.User{
+		Name: u.Name, Protocol: string(u.Protocol), Uid: u.UID, Present: u.Present,
+		Status: string(u.Status), Used: u.Used, Limit: u.Limit, Remaining: u.Remaining,
+		Upload: u.Upload, Download: u.Download, Today: u.Today, Reason: u.Reason,
+		BlockTime: unixSec(u.BlockTime), LastReset: unixSec(u.LastReset),
+		OverrideActive: u.Override.Active, OverrideLimit: u.Override.Limit, OverrideUntil: unixSec(u.Override.Until),
+		NextReset: unixSec(u.NextReset), Expires: unixSec(u.Expires), Updated: unixSec(u.Updated),
+	}
+}
+
+func userFromPB(p *controlpb.User) User {
+	return User{
+		Name: p.Name, Protocol: quota.Protocol(p.Protocol), UID: p.Uid, Present: p.Present,
+		Status: quota.Status(p.Status), Used: p.Used, Limit: p.Limit, Remaining: p.Remaining,
+		Upload: p.Upload, Download: p.Download, Today: p.Today, Reason: p.Reason,
+		BlockTime: fromUnix(p.BlockTime), LastReset: fromUnix(p.LastReset),
+		Override:  Override{Active: p.OverrideActive, Limit: p.OverrideLimit, Until: fromUnix(p.OverrideUntil)},
+		NextReset: fromUnix(p.NextReset), Expires: fromUnix(p.Expires), Updated: fromUnix(p.Updated),
+	}
+}

@@ -1,0 +1,464 @@
+package control
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/myvpn/bwagent/control/internal/controlpb"
+	"github.com/myvpn/bwagent/quota"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+)
+
+// Options configure a Server. The zero value is root-only authorisation
+// with the system's user database.
+type Options struct {
+	// AdminGroup is a group whose members may call everything, as root
+	// can (config control.admin_group); "" means root only.
+	AdminGroup string
+	// LookupUser returns the account name of a UID. Default: os/user.
+	LookupUser func(uid uint32) (string, error)
+	// InGroup reports whether caller c is a member of group. Default:
+	// c.GID is the group's, or the group is the primary or a supplementary
+	// group of c's account (os/user, that is /etc/group or NSS).
+	InGroup func(c Caller, group string) (bool, error)
+	// ErrorCodes map backend errors to gRPC codes, tried in order, before
+	// DefaultErrorCodes.
+	ErrorCodes []ErrorCode
+	// WatchInterval is how often Watch polls the backend; default 1s.
+	WatchInterval time.Duration
+	// Log receives a line per refused or failed call; default slog.Default.
+	Log *slog.Logger
+}
+
+// Caller is who made a call: the peer credentials and the UID's account
+// name ("" when the UID has none).
+type Caller struct {
+	PID      int32
+	UID, GID uint32
+	Name     string
+	Admin    bool
+}
+
+// Server serves the control API over a Backend.
+type Server struct {
+	controlpb.UnimplementedControlServer
+	b    Backend
+	o    Options
+	stop chan struct{} // closed when Serve stops: ends Watch streams
+}
+
+// NewServer returns a server over b.
+func NewServer(b Backend, o Options) *Server {
+	if o.LookupUser == nil {
+		o.LookupUser = lookupUser
+	}
+	if o.InGroup == nil {
+		o.InGroup = inGroup
+	}
+	if o.WatchInterval <= 0 {
+		o.WatchInterval = time.Second
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	o.ErrorCodes = append(slices.Clip(o.ErrorCodes), DefaultErrorCodes...)
+	return &Server{b: b, o: o, stop: make(chan struct{})}
+}
+
+func lookupUser(uid uint32) (string, error) {
+	u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10))
+	if err != nil {
+		return "", err
+	}
+	return u.Username, nil
+}
+
+func inGroup(c Caller, group string) (bool, error) {
+	g, err := user.LookupGroup(group)
+	if err != nil {
+		return false, err
+	}
+	if g.Gid == strconv.FormatUint(uint64(c.GID), 10) {
+		return true, nil
+	}
+	u, err := user.LookupId(strconv.FormatUint(uint64(c.UID), 10))
+	if err != nil {
+		return false, err
+	}
+	if u.Gid == g.Gid {
+		return true, nil
+	}
+	gids, err := u.GroupIds()
+	if err != nil {
+		return false, err
+	}
+	return slices.Contains(gids, g.Gid), nil
+}
+
+// Serve listens on the Unix socket path and serves until ctx is done, then
+// removes the socket. It creates the socket's directory (0755) if needed and
+// replaces a stale socket file, but fails if another server answers there.
+func (s *Server) Serve(ctx context.Context, path string) error {
+	l, err := listen(path)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(path)
+	g := grpc.NewServer(
+		grpc.Creds(peerCreds{}),
+		grpc.ChainUnaryInterceptor(s.unaryAuth),
+		grpc.ChainStreamInterceptor(s.streamAuth),
+	)
+	controlpb.RegisterControlServer(g, s)
+	done := make(chan error, 1)
+	go func() { done <- g.Serve(l) }()
+	select {
+	case err := <-done:
+		return fmt.Errorf("control socket %s: %w", path, err)
+	case <-ctx.Done():
+	}
+	close(s.stop)
+	stopped := make(chan struct{})
+	go func() { g.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second): // a call stuck in the backend
+		g.Stop()
+		<-stopped
+	}
+	<-done
+	return nil
+}
+
+// listen creates the socket, mode 0666: authorisation is per call.
+func listen(path string) (*net.UnixListener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("control socket %s: exists and is not a socket; remove it or set paths.socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("control socket %s: another process is serving it (is bwagent already running?)", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("control socket: removing stale %s: %w", path, err)
+		}
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	return l, nil
+}
+
+// access says who may call a method.
+type access int
+
+const (
+	adminOnly   access = iota // root or the admin group
+	selfOrAdmin               // anyone, for their own account (checked by the method)
+)
+
+var methods = map[string]access{
+	controlpb.Control_ListUsers_FullMethodName:   adminOnly,
+	controlpb.Control_GetUser_FullMethodName:     selfOrAdmin,
+	controlpb.Control_History_FullMethodName:     selfOrAdmin,
+	controlpb.Control_SetLimit_FullMethodName:    adminOnly,
+	controlpb.Control_RemoveLimit_FullMethodName: adminOnly,
+	controlpb.Control_Reset_FullMethodName:       adminOnly,
+	controlpb.Control_ResetAll_FullMethodName:    adminOnly,
+	controlpb.Control_Disable_FullMethodName:     adminOnly,
+	controlpb.Control_Enable_FullMethodName:      adminOnly,
+	controlpb.Control_Unblock_FullMethodName:     adminOnly,
+	controlpb.Control_Check_FullMethodName:       adminOnly,
+	controlpb.Control_Status_FullMethodName:      adminOnly,
+	controlpb.Control_Watch_FullMethodName:       adminOnly,
+}
+
+type callerKey struct{}
+
+// authorize identifies the caller and refuses an admin-only method to a
+// non-admin. Unknown methods are refused to everyone but admins (gRPC then
+// answers Unimplemented).
+func (s *Server) authorize(ctx context.Context, method string) (context.Context, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil, status.Error(codes.Unauthenticated, "no peer credentials")
+	}
+	cred, ok := p.AuthInfo.(PeerCred)
+	if !ok {
+		return nil, status.Error(codes.Unauthenticated, "no peer credentials")
+	}
+	c := Caller{PID: cred.PID, UID: cred.UID, GID: cred.GID}
+	if name, err := s.o.LookupUser(c.UID); err == nil {
+		c.Name = name
+	}
+	var groupErr error
+	switch {
+	case c.UID == 0:
+		c.Admin = true
+	case s.o.AdminGroup != "":
+		c.Admin, groupErr = s.o.InGroup(c, s.o.AdminGroup)
+	}
+	ctx = context.WithValue(ctx, callerKey{}, c)
+	if c.Admin || methods[method] == selfOrAdmin {
+		return ctx, nil
+	}
+	msg := s.needAdmin(methodName(method))
+	if groupErr != nil {
+		msg += fmt.Sprintf(" (group %s: %v)", s.o.AdminGroup, groupErr)
+	}
+	s.o.Log.Warn("control: refused", "method", methodName(method), "uid", c.UID, "pid", c.PID)
+	return nil, status.Error(codes.PermissionDenied, msg)
+}
+
+func methodName(full string) string {
+	return full[strings.LastIndex(full, "/")+1:]
+}
+
+func (s *Server) needAdmin(method string) string {
+	what := map[string]string{
+		"SetLimit": "changing limits", "RemoveLimit": "changing limits",
+		"Reset": "resetting usage", "ResetAll": "resetting usage",
+		"Disable": "disabling users", "Enable": "enabling users", "Unblock": "unblocking users",
+		"Check": "running a check", "Status": "reading the agent's status",
+		"ListUsers": "listing users", "Watch": "watching every user",
+	}[method]
+	if what == "" {
+		what = method
+	}
+	if s.o.AdminGroup == "" {
+		return what + " needs root"
+	}
+	return what + " needs root or membership of group " + s.o.AdminGroup
+}
+
+func (s *Server) unaryAuth(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	ctx, err := s.authorize(ctx, info.FullMethod)
+	if err != nil {
+		return nil, err
+	}
+	return h(ctx, req)
+}
+
+type authStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (a authStream) Context() context.Context { return a.ctx }
+
+func (s *Server) streamAuth(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	ctx, err := s.authorize(ss.Context(), info.FullMethod)
+	if err != nil {
+		return err
+	}
+	return h(srv, authStream{ss, ctx})
+}
+
+// own resolves the account a self-or-admin call is about and checks that
+// the caller may read it.
+func (s *Server) own(ctx context.Context, name string) (string, error) {
+	c, _ := ctx.Value(callerKey{}).(Caller)
+	if name == "" {
+		if c.Name == "" {
+			return "", status.Errorf(codes.InvalidArgument, "no user name given and your UID %d has no account name", c.UID)
+		}
+		name = c.Name
+	}
+	if c.Admin || name == c.Name {
+		return name, nil
+	}
+	msg := "you may read only your own usage"
+	if c.Name != "" {
+		msg = fmt.Sprintf("you may read only your own usage (%s)", c.Name)
+	}
+	return "", status.Errorf(codes.PermissionDenied, "%s; reading other users' %s", msg, s.needAdmin("usage"))
+}
+
+// fail turns a backend error into a status error with its mapped code.
+func (s *Server) fail(ctx context.Context, method string, err error) error {
+	code := codes.Internal
+	switch {
+	case errors.Is(err, context.Canceled):
+		code = codes.Canceled
+	case errors.Is(err, context.DeadlineExceeded):
+		code = codes.DeadlineExceeded
+	default:
+		for _, ec := range s.o.ErrorCodes {
+			if errors.Is(err, ec.Err) {
+				code = ec.Code
+				break
+			}
+		}
+	}
+	if code == codes.Internal {
+		c, _ := ctx.Value(callerKey{}).(Caller)
+		s.o.Log.Error("control: call failed", "method", method, "uid", c.UID, "err", err)
+	}
+	return status.Error(code, err.Error())
+}
+
+func (s *Server) ListUsers(ctx context.Context, r *controlpb.ListUsersRequest) (*controlpb.ListUsersResponse, error) {
+	var want string
+	if r.Status != "" {
+		st, err := quota.ParseStatus(r.Status)
+		if err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+		want = string(st)
+	}
+	users, err := s.b.Users(ctx)
+	if err != nil {
+		return nil, s.fail(ctx, "ListUsers", err)
+	}
+	out := &controlpb.ListUsersResponse{}
+	for _, u := range users {
+		if want == "" || string(u.Status) == want {
+			out.Users = append(out.Users, userToPB(u))
+		}
+	}
+	return out, nil
+}
+
+func (s *Server) GetUser(ctx context.Context, r *controlpb.GetUserRequest) (*controlpb.User, error) {
+	name, err := s.own(ctx, r.Name)
+	if err != nil {
+		return nil, err
+	}
+	u, err := s.b.User(ctx, name)
+	if err != nil {
+		return nil, s.fail(ctx, "GetUser", err)
+	}
+	return userToPB(u), nil
+}
+
+func (s *Server) History(ctx context.Context, r *controlpb.HistoryRequest) (*controlpb.HistoryResponse, error) {
+	name, err := s.own(ctx, r.Name)
+	if err != nil {
+		return nil, err
+	}
+	days, err := s.b.History(ctx, name, r.From, r.To)
+	if err != nil {
+		return nil, s.fail(ctx, "History", err)
+	}
+	out := &controlpb.HistoryResponse{}
+	for _, d := range days {
+		out.Days = append(out.Days, &controlpb.Day{Day: d.Day, Up: d.Up, Down: d.Down})
+	}
+	return out, nil
+}
+
+func (s *Server) SetLimit(ctx context.Context, r *controlpb.SetLimitRequest) (*controlpb.Empty, error) {
+	return s.empty(ctx, "SetLimit", s.b.SetLimit(ctx, r.Name, r.Bytes))
+}
+
+func (s *Server) RemoveLimit(ctx context.Context, r *controlpb.NameRequest) (*controlpb.Empty, error) {
+	return s.empty(ctx, "RemoveLimit", s.b.RemoveLimit(ctx, r.Name))
+}
+
+func (s *Server) Reset(ctx context.Context, r *controlpb.NameRequest) (*controlpb.Empty, error) {
+	return s.empty(ctx, "Reset", s.b.Reset(ctx, r.Name))
+}
+
+func (s *Server) ResetAll(ctx context.Context, _ *controlpb.Empty) (*controlpb.ResetAllResponse, error) {
+	n, err := s.b.ResetAll(ctx)
+	if err != nil {
+		return nil, s.fail(ctx, "ResetAll", err)
+	}
+	return &controlpb.ResetAllResponse{Count: int64(n)}, nil
+}
+
+func (s *Server) Disable(ctx context.Context, r *controlpb.NameRequest) (*controlpb.Empty, error) {
+	return s.empty(ctx, "Disable", s.b.Disable(ctx, r.Name))
+}
+
+func (s *Server) Enable(ctx context.Context, r *controlpb.NameRequest) (*controlpb.Empty, error) {
+	return s.empty(ctx, "Enable", s.b.Enable(ctx, r.Name))
+}
+
+func (s *Server) Unblock(ctx context.Context, r *controlpb.UnblockRequest) (*controlpb.Empty, error) {
+	if r.DurationSeconds < 0 || r.DurationSeconds > int64(time.Duration(1<<63-1)/time.Second) {
+		return nil, status.Errorf(codes.InvalidArgument, "unblock duration out of range: %d seconds", r.DurationSeconds)
+	}
+	return s.empty(ctx, "Unblock", s.b.Unblock(ctx, r.Name, time.Duration(r.DurationSeconds)*time.Second))
+}
+
+func (s *Server) Check(ctx context.Context, _ *controlpb.Empty) (*controlpb.Empty, error) {
+	return s.empty(ctx, "Check", s.b.Check(ctx))
+}
+
+func (s *Server) Status(context.Context, *controlpb.Empty) (*controlpb.StatusResponse, error) {
+	h := s.b.Health()
+	out := &controlpb.StatusResponse{TickDurationNanos: int64(h.TickDuration), Users: int64(h.Users), Errors: h.Errors}
+	if !h.LastTick.IsZero() {
+		out.LastTickUnixNano = h.LastTick.UnixNano()
+	}
+	return out, nil
+}
+
+// Watch sends every user's row at once, then whenever a row changed, until
+// the client goes away or the server stops.
+func (s *Server) Watch(_ *controlpb.Empty, st grpc.ServerStreamingServer[controlpb.Snapshot]) error {
+	ctx := st.Context()
+	t := time.NewTicker(s.o.WatchInterval)
+	defer t.Stop()
+	var last []UserRow
+	for first := true; ; first = false {
+		users, err := s.b.Users(ctx)
+		if err != nil {
+			return s.fail(ctx, "Watch", err)
+		}
+		rows := make([]UserRow, len(users))
+		for i, u := range users {
+			rows[i] = u.Row()
+		}
+		if first || !slices.Equal(rows, last) {
+			snap := &controlpb.Snapshot{}
+			for _, r := range rows {
+				snap.Users = append(snap.Users, &controlpb.UserRow{
+					Name: r.Name, Protocol: string(r.Protocol), Status: string(r.Status),
+					Used: r.Used, Limit: r.Limit, Upload: r.Upload, Download: r.Download,
+				})
+			}
+			if err := st.Send(snap); err != nil {
+				return err
+			}
+			last = rows
+		}
+		select {
+		case <-ctx.Done():
+			return status.FromContextError(ctx.Err()).Err()
+		case <-s.stop:
+			return status.Error(codes.Unavailable, "bwagent is stopping")
+		case <-t.C:
+		}
+	}
+}
+
+func (s *Server) empty(ctx context.Context, method string, err error) (*controlpb.Empty, error) {
+	if err != nil {
+		return nil, s.fail(ctx, method, err)
+	}
+	return &controlpb.Empty{}, nil
+}
