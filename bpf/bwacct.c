@@ -97,6 +97,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bw_policy_bits SEC(".maps");
 
+// bw_moved has a byte per UID below POLICY_BITS_UIDS (eight to a word),
+// set after the UID's counters grew. The agent clears the bytes it finds set
+// and then reads those UIDs' counters: a packet counted after the read sets
+// its byte again, so the agent reads only the UIDs that moved and misses
+// none. A plain byte store; only the first packet after a clear writes.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, POLICY_BITS_UIDS / 8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_moved SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -143,6 +157,22 @@ static __always_inline int charge_quota(__u32 uid, const struct policy *p, __u64
 		return 0;
 	}
 	return 1;
+}
+
+static __always_inline void mark_moved(__u32 uid)
+{
+	__u32 word = uid / 8;
+	__u64 *w;
+	volatile __u8 *b;
+
+	if (uid >= POLICY_BITS_UIDS)
+		return;
+	w = bpf_map_lookup_elem(&bw_moved, &word);
+	if (!w)
+		return;
+	b = (volatile __u8 *)w + (uid % 8);
+	if (!*b)
+		*b = 1;
 }
 
 static __always_inline int may_have_policy(__u32 uid)
@@ -203,6 +233,7 @@ static __always_inline int account(struct __sk_buff *skb, int egress)
 		__sync_fetch_and_add(&c->rx_bytes, len);
 		__sync_fetch_and_add(&c->rx_packets, segs);
 	}
+	mark_moved(uid); // after the add: see bw_moved
 	return 1;
 }
 

@@ -33,6 +33,7 @@ type bwacctPolicy struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	bwacctMapBwCounters   = "bw_counters"
+	bwacctMapBwMoved      = "bw_moved"
 	bwacctMapBwPolicy     = "bw_policy"
 	bwacctMapBwPolicyBits = "bw_policy_bits"
 	bwacctMapBwQuotaUsed  = "bw_quota_used"
@@ -92,6 +93,7 @@ type bwacctProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type bwacctMapSpecs struct {
 	BwCounters   *ebpf.MapSpec `ebpf:"bw_counters"`
+	BwMoved      *ebpf.MapSpec `ebpf:"bw_moved"`
 	BwPolicy     *ebpf.MapSpec `ebpf:"bw_policy"`
 	BwPolicyBits *ebpf.MapSpec `ebpf:"bw_policy_bits"`
 	BwQuotaUsed  *ebpf.MapSpec `ebpf:"bw_quota_used"`
@@ -125,6 +127,7 @@ func (o *bwacctObjects) Close() error {
 // It can be passed to loadBwacctObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bwacctMaps struct {
 	BwCounters   *ebpf.Map `ebpf:"bw_counters"`
+	BwMoved      *ebpf.Map `ebpf:"bw_moved"`
 	BwPolicy     *ebpf.Map `ebpf:"bw_policy"`
 	BwPolicyBits *ebpf.Map `ebpf:"bw_policy_bits"`
 	BwQuotaUsed  *ebpf.Map `ebpf:"bw_quota_used"`
@@ -134,6 +137,7 @@ type bwacctMaps struct {
 func (m *bwacctMaps) Close() error {
 	return _BwacctClose(
 		m.BwCounters,
+		m.BwMoved,
 		m.BwPolicy,
 		m.BwPolicyBits,
 		m.BwQuotaUsed,

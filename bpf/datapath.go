@@ -170,6 +170,7 @@ type Datapath struct {
 
 	epoch string            // cached by Epoch
 	have  map[uint32]Policy // ReconcilePolicies' read-back, reused
+	moved []byte            // EachMoved's copy of bw_moved
 }
 
 // linkPins names the pinned link of each attach type.
@@ -426,7 +427,7 @@ func removePins(pinPath string) error {
 	if err != nil {
 		return permission(fmt.Errorf("uninstall: %w", err))
 	}
-	known := []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwPolicyBits, bwacctMapBwQuotaUsed, bwacctMapBwStats}
+	known := []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwPolicyBits, bwacctMapBwQuotaUsed, bwacctMapBwStats, bwacctMapBwMoved}
 	for _, name := range linkPins {
 		known = append(known, name)
 	}

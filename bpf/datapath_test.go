@@ -380,6 +380,23 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	if err != nil || epoch == "" {
 		t.Fatalf("Epoch = %q, %v", epoch, err)
 	}
+	// EachMoved reports the UIDs that moved since its last call, once.
+	moved := map[uint32]bpf.Counters{}
+	each := func() {
+		t.Helper()
+		clear(moved)
+		if err := e.dp.EachMoved(func(uid uint32, c bpf.Counters) { moved[uid] = c }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	each()
+	if moved[user] != before {
+		t.Errorf("EachMoved after traffic: %+v, want %d with %+v", moved, user, before)
+	}
+	each()
+	if _, again := moved[user]; again {
+		t.Errorf("EachMoved reported %d twice without traffic", user)
+	}
 	if err := e.dp.SetBudget(user, 1<<30, bpf.Both); err != nil {
 		t.Fatal(err)
 	}
