@@ -16,6 +16,10 @@ import (
 // user happens at start, at local midnight, when a user's timer (scheduled
 // reset, expiry, end of a manual unblock) is due, and after a reload.
 
+// counterFullTicks is how often the kernel counters of every UID are read;
+// in between, only those of the UIDs the BPF programs marked as moved.
+const counterFullTicks = 30
+
 // The kernel policy map is read back in full and repaired every tick while
 // it holds up to policyVerifyEvery policies (well under a millisecond), and
 // every policyVerifyTicks ticks beyond (reading 10,000 policies takes about
@@ -68,8 +72,15 @@ func (a *Agent) sampleKernel(now time.Time) error {
 		return err
 	}
 	lo, hi := a.cfg.SSH.UIDMin, a.cfg.SSH.UIDMax
+	each := a.dp.EachMoved
+	if a.sampleIn--; a.sampleIn <= 0 || epoch != a.epochSeen {
+		// At start, after the counters restarted, and now and then as a
+		// safety net: every UID. EachCounter does not clear the marks, so
+		// the next EachMoved reads some UIDs again, harmlessly.
+		each, a.sampleIn, a.epochSeen = a.dp.EachCounter, counterFullTicks, epoch
+	}
 	eid := a.epochID(epoch)
-	return a.dp.EachCounter(func(uid uint32, c bpf.Counters) {
+	return each(func(uid uint32, c bpf.Counters) {
 		if uid < lo || uid >= hi {
 			return
 		}

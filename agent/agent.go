@@ -68,6 +68,7 @@ type Dataplane interface {
 	EnsureAttached() error
 	Epoch() (string, error)
 	EachCounter(fn func(uid uint32, c bpf.Counters)) error
+	EachMoved(fn func(uid uint32, c bpf.Counters)) error
 	CountersOf(uid uint32) (bpf.Counters, error)
 	QuotaUsed(uid uint32) (uint64, error)
 	ReconcilePolicies(desired map[uint32]bpf.Policy) (int, error)
@@ -131,6 +132,8 @@ type Agent struct {
 
 	// The kernel policies the SSH users should have, the changes not yet
 	// written, and when the whole map is next read back.
+	sampleIn  int    // ticks to the next full read of the kernel counters
+	epochSeen string // the counters' epoch at the last full read
 	policy    map[uint32]bpf.Policy
 	changes   map[uint32]bpf.Policy
 	verifyIn  int

@@ -35,6 +35,7 @@ type fakeDP struct {
 	quotaUsed map[uint32]uint64
 	detached  bool
 	failNext  error
+	moved     map[uint32]bool
 }
 
 func newFakeDP() *fakeDP {
@@ -60,6 +61,10 @@ func (f *fakeDP) send(uid uint32, n uint64, tx bool) bool {
 		}
 		f.quotaUsed[uid] += n
 	}
+	if f.moved == nil {
+		f.moved = map[uint32]bool{}
+	}
+	f.moved[uid] = true
 	c := f.counters[uid]
 	if tx {
 		c.TxBytes += n
@@ -103,6 +108,19 @@ func (f *fakeDP) EachCounter(fn func(uint32, bpf.Counters)) error {
 	for k, v := range f.counters {
 		fn(k, v)
 	}
+	return nil
+}
+func (f *fakeDP) EachMoved(fn func(uint32, bpf.Counters)) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.failNext; err != nil {
+		f.failNext = nil
+		return err
+	}
+	for uid := range f.moved {
+		fn(uid, f.counters[uid])
+	}
+	clear(f.moved)
 	return nil
 }
 func (f *fakeDP) ApplyPolicies(changes map[uint32]bpf.Policy) error {
