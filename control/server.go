@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"os"
 	"os/user"
@@ -39,8 +38,11 @@ type Options struct {
 	ErrorCodes []ErrorCode
 	// WatchInterval is how often Watch polls the backend; default 1s.
 	WatchInterval time.Duration
-	// Log receives a line per refused or failed call; default slog.Default.
-	Log *slog.Logger
+	// Refused, if set, is told of each call refused for lack of permission,
+	// and Failed of each call that failed inside the backend (Internal):
+	// the library does not log, its caller may.
+	Refused func(method string, c Caller)
+	Failed  func(method string, c Caller, err error)
 }
 
 // Caller is who made a call: the peer credentials and the UID's account
@@ -71,9 +73,7 @@ func NewServer(b Backend, o Options) *Server {
 	if o.WatchInterval <= 0 {
 		o.WatchInterval = time.Second
 	}
-	if o.Log == nil {
-		o.Log = slog.Default()
-	}
+
 	o.ErrorCodes = append(slices.Clip(o.ErrorCodes), DefaultErrorCodes...)
 	return &Server{b: b, o: o, stop: make(chan struct{})}
 }
@@ -228,7 +228,9 @@ func (s *Server) authorize(ctx context.Context, method string) (context.Context,
 	if groupErr != nil {
 		msg += fmt.Sprintf(" (group %s: %v)", s.o.AdminGroup, groupErr)
 	}
-	s.o.Log.Warn("control: refused", "method", methodName(method), "uid", c.UID, "pid", c.PID)
+	if s.o.Refused != nil {
+		s.o.Refused(methodName(method), c)
+	}
 	return nil, status.Error(codes.PermissionDenied, msg)
 }
 
@@ -313,8 +315,10 @@ func (s *Server) fail(ctx context.Context, method string, err error) error {
 		}
 	}
 	if code == codes.Internal {
-		c, _ := ctx.Value(callerKey{}).(Caller)
-		s.o.Log.Error("control: call failed", "method", method, "uid", c.UID, "err", err)
+		if s.o.Failed != nil {
+			c, _ := ctx.Value(callerKey{}).(Caller)
+			s.o.Failed(method, c, err)
+		}
 	}
 	return status.Error(code, err.Error())
 }

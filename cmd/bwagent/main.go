@@ -27,6 +27,8 @@ import (
 	"github.com/myvpn/bwagent/agent"
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/config"
+	"github.com/myvpn/bwagent/control"
+	"github.com/myvpn/bwagent/control/agentbackend"
 	"github.com/myvpn/bwagent/nft"
 	"github.com/myvpn/bwagent/store"
 )
@@ -135,9 +137,28 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 		}
 	}()
 
+	// The control socket, for bwctl: every change goes through the agent's
+	// loop like a limit crossing.
+	srv := control.NewServer(agentbackend.New(a), control.Options{
+		AdminGroup: cfg.Control.AdminGroup,
+		ErrorCodes: agentbackend.ErrorCodes,
+		Refused: func(method string, c control.Caller) {
+			log.Warn("control call refused", "method", method, "uid", c.UID, "pid", c.PID)
+		},
+		Failed: func(method string, c control.Caller, err error) {
+			log.Error("control call failed", "method", method, "uid", c.UID, "err", err)
+		},
+	})
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ctx, cfg.Paths.Socket) }()
+
 	log.Info("bwagent running", "cgroup", dp.CgroupPath(), "pins", dp.PinPath(), "table", cfg.NFT.Table,
-		"interval", cfg.Interval, "state", cfg.Paths.StateDB, "limits", cfg.Paths.Limits)
+		"interval", cfg.Interval, "state", cfg.Paths.StateDB, "limits", cfg.Paths.Limits, "socket", cfg.Paths.Socket)
 	err = a.Run(ctx)
+	stop()
+	if serr := <-serveErr; serr != nil {
+		log.Error("control socket", "err", serr)
+	}
 	log.Info("bwagent stopped")
 	return err
 }

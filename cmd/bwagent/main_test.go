@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -15,6 +16,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/control"
 	"github.com/myvpn/bwagent/internal/nettest"
 	"github.com/myvpn/bwagent/store"
 )
@@ -241,5 +243,50 @@ func TestSIGHUPReloads(t *testing.T) {
 	a.Cmd.Process.Signal(syscall.SIGTERM)
 	if err := a.Wait(10 * time.Second); err != nil {
 		t.Errorf("exit: %v", err)
+	}
+}
+
+// TestControlSocket: the running agent serves the control API on its
+// socket; a change made through it rewrites the limits file and takes
+// effect like a limit crossing.
+func TestControlSocket(t *testing.T) {
+	e := newAgentEnv(t, "john:x:2721:2721::/:/bin/false\n", "")
+	a := e.start(t)
+	ctx := context.Background()
+	var c *control.Client
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		// The socket comes up beside the first tick.
+		if c, err = control.Dial(ctx, filepath.Join(e.dir, "bwagent.sock")); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	users, err := c.ListUsers(ctx, "")
+	if err != nil || len(users) != 1 || users[0].Name != "john" {
+		t.Fatalf("users %+v, %v", users, err)
+	}
+	if err := c.SetLimit(ctx, "john", 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if data, _ := os.ReadFile(filepath.Join(e.dir, "bw-limit.conf")); string(data) != "john 1\n" {
+		t.Errorf("limits file %q", data)
+	}
+	u, err := c.User(ctx, "john")
+	if err != nil || u.Limit != 1<<20 || u.Status != "ACTIVE" {
+		t.Errorf("john %+v, %v", u, err)
+	}
+	if err := c.Reset(ctx, "nosuch"); err == nil || !strings.Contains(err.Error(), "unknown user") {
+		t.Errorf("reset of an unknown user: %v", err)
+	}
+	a.Cmd.Process.Signal(syscall.SIGTERM)
+	if err := a.Wait(10 * time.Second); err != nil {
+		t.Errorf("exit: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(e.dir, "bwagent.sock")); !os.IsNotExist(err) {
+		t.Errorf("socket left after exit: %v", err)
 	}
 }
