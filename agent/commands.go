@@ -299,6 +299,9 @@ func (a *Agent) Reload(ctx context.Context, cfg config.Config) (restart []string
 		a.interval = iv
 		a.mu.Unlock()
 		a.files.setDir(cfg.Paths.UsageDir)
+		if !slices.Equal(old.Xray.Configs, cfg.Xray.Configs) || old.Xray.ConfigDir != cfg.Xray.ConfigDir {
+			a.xr.conf = nil // read the new files next tick; the users stay until then
+		}
 		a.commits.setLog(cfg.Paths.BlockLog, a.loc)
 		if old.Paths.UsageDir != cfg.Paths.UsageDir {
 			a.watch.close()
