@@ -53,7 +53,9 @@ func newFakeXray(now func() time.Time) *fakeXray {
 // restart is Xray starting again from its config: counters at zero, every
 // configured user in its inbounds.
 func (f *fakeXray) restart() {
-	f.started = f.now()
+	// Off the second, so estimates of the start from whole-second uptimes
+	// fall on either side of a second boundary.
+	f.started = f.now().Add(-300 * time.Millisecond)
 	f.traffic = map[string]xraystats.Traffic{}
 	f.inbounds = map[string]map[string]xraystats.Account{
 		"vless-in": {"alice": xraystats.VLESS{ID: "2033d348-ecb9-4486-a427-7dafdd8435c2", Flow: "xtls-rprx-vision"},
@@ -295,7 +297,9 @@ func TestXrayRestart(t *testing.T) {
 	if v := e.user("carol"); v.Upload != 1010 || v.Download != 2020 {
 		t.Errorf("carol across the restart: %+v (want 1010/2020)", v)
 	}
-	// An agent restart alone is no Xray restart: nothing counted again.
+	// An agent restart alone is no Xray restart: nothing counted again,
+	// although Xray's start now reads a second later (whole-second uptime).
+	e.clock = e.clock.Add(800 * time.Millisecond)
 	e.start()
 	e.step(time.Second)
 	if v := e.user("carol"); v.Upload != 1010 || v.Download != 2020 {
