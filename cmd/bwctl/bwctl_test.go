@@ -1,0 +1,405 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/myvpn/bwagent/agent"
+	"github.com/myvpn/bwagent/control"
+	"github.com/myvpn/bwagent/control/agentbackend"
+	"github.com/myvpn/bwagent/quota"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata")
+
+func TestMain(m *testing.M) {
+	time.Local = time.UTC
+	os.Exit(m.Run())
+}
+
+// fake is a control.Backend over fixed users that records every call.
+type fake struct {
+	mu    sync.Mutex
+	users []control.User
+	calls []string
+}
+
+var t0 = time.Date(2026, 11, 1, 8, 30, 0, 0, time.UTC)
+
+func newFake() *fake {
+	return &fake{users: []control.User{
+		{Name: "bob", Protocol: quota.Trojan, Present: true, Status: quota.Unlimited, Used: 123 * quota.MiB,
+			Upload: 23 * quota.MiB, Download: 100 * quota.MiB, Today: 512, LastReset: t0, Updated: t0.Add(time.Hour)},
+		{Name: "john", Protocol: quota.SSH, UID: 1001, Present: true, Status: quota.Warning, Used: 9 * quota.GiB,
+			Limit: 10 * quota.GiB, Remaining: quota.GiB, Upload: 2 * quota.GiB, Download: 7 * quota.GiB, Today: 300 * quota.MiB,
+			LastReset: t0, NextReset: t0.AddDate(0, 1, 0), Updated: t0.Add(time.Hour)},
+		{Name: "mary", Protocol: quota.VLESS, Present: true, Status: quota.Blocked, Used: 5*quota.GiB + 200*quota.MiB,
+			Limit: 5 * quota.GiB, Upload: quota.GiB, Download: 4*quota.GiB + 200*quota.MiB, Today: quota.GiB,
+			Reason: quota.ReasonLimit, BlockTime: t0.Add(2 * time.Hour), LastReset: t0, NextReset: t0.AddDate(0, 1, 0),
+			Expires: t0.AddDate(0, 2, 0), Updated: t0.Add(time.Hour),
+			Override: control.Override{Active: true, Limit: 5 * quota.GiB, Until: t0.Add(26 * time.Hour)}},
+	}}
+}
+
+func (f *fake) call(format string, args ...any) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, fmt.Sprintf(format, args...))
+}
+
+func (f *fake) Calls() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.calls)
+}
+
+func (f *fake) find(name string) (control.User, error) {
+	for _, u := range f.users {
+		if u.Name == name {
+			return u, nil
+		}
+	}
+	return control.User{}, fmt.Errorf("%w %q: not an account in the SSH UID range nor an Xray client", agent.ErrUnknownUser, name)
+}
+
+func (f *fake) Users(context.Context) ([]control.User, error) {
+	f.call("Users")
+	return slices.Clone(f.users), nil
+}
+
+func (f *fake) User(_ context.Context, name string) (control.User, error) {
+	f.call("User %s", name)
+	return f.find(name)
+}
+
+func (f *fake) History(_ context.Context, name, from, to string) ([]control.Day, error) {
+	f.call("History %s %q %q", name, from, to)
+	if _, err := f.find(name); err != nil {
+		return nil, err
+	}
+	return []control.Day{
+		{Day: "2026-11-01", Up: 100 * quota.MiB, Down: 900 * quota.MiB},
+		{Day: "2026-11-02", Up: 2 * quota.GiB, Down: 5 * quota.GiB},
+		{Day: "2026-11-03", Up: 0, Down: 700},
+	}, nil
+}
+
+func (f *fake) named(op, name string) error {
+	f.call("%s %s", op, name)
+	_, err := f.find(name)
+	return err
+}
+
+func (f *fake) Check(context.Context) error { f.call("Check"); return nil }
+func (f *fake) Reset(_ context.Context, name string) error {
+	return f.named("Reset", name)
+}
+func (f *fake) ResetAll(context.Context) (int, error) { f.call("ResetAll"); return len(f.users), nil }
+func (f *fake) Disable(_ context.Context, name string) error {
+	return f.named("Disable", name)
+}
+func (f *fake) Enable(_ context.Context, name string) error { return f.named("Enable", name) }
+func (f *fake) Unblock(_ context.Context, name string, d time.Duration) error {
+	return f.named("Unblock "+d.String(), name)
+}
+func (f *fake) SetLimit(_ context.Context, name string, limit uint64) error {
+	return f.named(fmt.Sprintf("SetLimit %d", limit), name)
+}
+func (f *fake) RemoveLimit(_ context.Context, name string) error {
+	return f.named("RemoveLimit", name)
+}
+func (f *fake) Health() control.Health {
+	f.call("Health")
+	return control.Health{LastTick: t0.Add(90 * time.Second), TickDuration: 42 * time.Millisecond, Users: 3,
+		Errors: map[string]string{"xray": "stats API unreachable"}}
+}
+
+// serve serves a fake backend on a socket in a temporary directory.
+func serve(t *testing.T) (*fake, string) {
+	t.Helper()
+	f := newFake()
+	sock := filepath.Join(t.TempDir(), "bw.sock")
+	srv := control.NewServer(f, control.Options{
+		ErrorCodes: agentbackend.ErrorCodes,
+		LookupUser: func(uint32) (string, error) { return "john", nil }, // `usage` is john's own
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, sock) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	for i := 0; ; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if i > 200 {
+			t.Fatalf("socket %s did not appear", sock)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return f, sock
+}
+
+// runCmd runs bwctl with args against sock.
+func runCmd(sock string, args ...string) (code int, stdout, stderr string) {
+	var out, errb bytes.Buffer
+	code = run(append([]string{"--socket", sock}, args...), &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func golden(t *testing.T, name, got string) {
+	t.Helper()
+	path := filepath.Join("testdata", name+".golden")
+	if *update {
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test -update to create it)", err)
+	}
+	if got != string(want) {
+		t.Errorf("output differs from %s:\n--- got\n%s--- want\n%s", path, got, want)
+	}
+}
+
+func TestCommands(t *testing.T) {
+	t.Setenv("NO_COLOR", "")
+	for _, c := range []struct {
+		name  string
+		args  []string
+		calls []string
+	}{
+		{"set", []string{"set", "john", "10G"}, []string{"SetLimit 10737418240 john"}},
+		{"set_mib", []string{"set", "john", "10240"}, []string{"SetLimit 10737418240 john"}},
+		{"set_unlimited", []string{"set", "john", "unlimited"}, []string{"SetLimit 0 john"}},
+		{"remove_limit", []string{"remove-limit", "john"}, []string{"RemoveLimit john"}},
+		{"usage", []string{"usage"}, []string{"User john"}},
+		{"usage_mary", []string{"usage", "mary"}, []string{"User mary"}},
+		{"usage_bob", []string{"usage", "bob"}, []string{"User bob"}},
+		{"list", []string{"list"}, []string{"Users"}},
+		{"list_status", []string{"list", "--status", "warning"}, []string{"Users"}},
+		{"blocked", []string{"blocked"}, []string{"Users"}},
+		{"reset", []string{"reset", "mary"}, []string{"Reset mary"}},
+		{"reset_all", []string{"reset", "--all"}, []string{"ResetAll"}},
+		{"disable", []string{"disable", "john"}, []string{"Disable john"}},
+		{"enable", []string{"enable", "john"}, []string{"Enable john"}},
+		{"unblock", []string{"unblock", "mary"}, []string{"Unblock 0s mary"}},
+		{"unblock_for", []string{"unblock", "mary", "--for", "2d"}, []string{"Unblock 48h0m0s mary"}},
+		{"history", []string{"history", "john"}, []string{`History john "" ""`}},
+		{"history_range", []string{"history", "--from", "2026-11-01", "john", "--to", "2026-11-03"},
+			[]string{`History john "2026-11-01" "2026-11-03"`}},
+		{"status", []string{"status"}, []string{"Health"}},
+		{"check", []string{"check"}, []string{"Check"}},
+		{"version", []string{"version"}, nil},
+	} {
+		for _, mode := range []string{"table", "json"} {
+			t.Run(c.name+"_"+mode, func(t *testing.T) {
+				f, sock := serve(t)
+				args := c.args
+				if mode == "json" {
+					args = append([]string{"-o", "json"}, args...)
+				}
+				code, out, errs := runCmd(sock, args...)
+				if code != 0 || errs != "" {
+					t.Fatalf("exit %d, stderr %q", code, errs)
+				}
+				golden(t, c.name+"_"+mode, out)
+				if got := f.Calls(); !slices.Equal(got, c.calls) {
+					t.Errorf("backend calls %q, want %q", got, c.calls)
+				}
+			})
+		}
+	}
+}
+
+// TestGlobalFlagsAfter: global flags work after the command and its
+// arguments too.
+func TestGlobalFlagsAfter(t *testing.T) {
+	_, sock := serve(t)
+	code, before, _ := runCmd(sock, "-o", "json", "--bytes", "usage", "john")
+	code2, after, _ := runCmd(sock, "usage", "john", "--bytes", "-o", "json")
+	if code != 0 || code2 != 0 || before != after || !strings.Contains(after, `"used": 9663676416`) {
+		t.Errorf("exit %d/%d, before\n%s\nafter\n%s", code, code2, before, after)
+	}
+}
+
+func TestBytes(t *testing.T) {
+	_, sock := serve(t)
+	for _, args := range [][]string{{"list"}, {"usage", "john"}, {"history", "john"}} {
+		name := "bytes_" + args[0]
+		t.Run(name, func(t *testing.T) {
+			code, out, errs := runCmd(sock, append(args, "--bytes")...)
+			if code != 0 {
+				t.Fatalf("exit %d: %s", code, errs)
+			}
+			if strings.Contains(out, "iB") {
+				t.Errorf("--bytes output has units:\n%s", out)
+			}
+			golden(t, name, out)
+		})
+	}
+	code, out, _ := runCmd(sock, "set", "john", "1.5T", "--bytes")
+	if code != 0 || out != "john: limit set to 1649267441664\n" {
+		t.Errorf("set --bytes: exit %d, %q", code, out)
+	}
+}
+
+// TestNoColor: no escape codes when the output is not a terminal, and
+// none with NO_COLOR even on a terminal.
+func TestNoColor(t *testing.T) {
+	_, sock := serve(t)
+	code, out, _ := runCmd(sock, "list")
+	if code != 0 || strings.Contains(out, "\x1b") {
+		t.Errorf("colour in non-terminal output: exit %d\n%q", code, out)
+	}
+	if colorful(&bytes.Buffer{}) {
+		t.Error("a buffer is colourful")
+	}
+	tty, err := os.OpenFile("/dev/null", os.O_WRONLY, 0) // a character device
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tty.Close()
+	t.Setenv("NO_COLOR", "") // restored at the end of the test
+	os.Unsetenv("NO_COLOR")
+	if !colorful(tty) {
+		t.Error("a character device without NO_COLOR is not colourful")
+	}
+	t.Setenv("NO_COLOR", "1")
+	if colorful(tty) {
+		t.Error("colour with NO_COLOR set")
+	}
+}
+
+// TestColorAligned: coloured STATUS cells keep the table aligned.
+func TestColorAligned(t *testing.T) {
+	var b bytes.Buffer
+	e := &env{o: &opts{color: true}, out: &b}
+	if err := e.printList(newFake().users); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	if !strings.Contains(out, red+"BLOCKED"+reset) || !strings.Contains(out, yellow+"WARNING"+reset) {
+		t.Errorf("no colour:\n%q", out)
+	}
+	var plainOut bytes.Buffer
+	e = &env{o: &opts{}, out: &plainOut}
+	if err := e.printList(newFake().users); err != nil {
+		t.Fatal(err)
+	}
+	stripped := out
+	for _, esc := range []string{red, yellow, plain, reset} {
+		stripped = strings.ReplaceAll(stripped, esc, "")
+	}
+	if stripped != plainOut.String() {
+		t.Errorf("coloured table without its colours:\n%s\nwant\n%s", stripped, plainOut.String())
+	}
+}
+
+func TestBadUsage(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"set", "john", "abc"}, `invalid limit "abc"`},
+		{[]string{"set", "john", "-5"}, `invalid limit "-5": negative`},
+		{[]string{"set", "john", "10X"}, `invalid limit "10X"`},
+		{[]string{"set", "john", "99999999999999999999"}, "larger than 1 EiB"},
+		{[]string{"set", "../x", "10"}, `invalid user name "../x"`},
+		{[]string{"set", "john"}, "missing argument"},
+		{[]string{"set", "john", "10", "11"}, "too many arguments"},
+		{[]string{"set"}, "missing argument"},
+		{[]string{"disable"}, "missing argument"},
+		{[]string{"enable", "-x"}, "flag provided but not defined: -x"},
+		{[]string{"reset"}, "--all for every user"},
+		{[]string{"reset", "--all", "john"}, "--all takes no user name"},
+		{[]string{"usage", "a b"}, "contains whitespace"},
+		{[]string{"list", "--status", "sleepy"}, `unknown status "sleepy"`},
+		{[]string{"list", "extra"}, "too many arguments"},
+		{[]string{"unblock", "mary", "--for", "soon"}, `invalid duration "soon"`},
+		{[]string{"unblock", "mary", "--for", "-1h"}, `invalid duration "-1h"`},
+		{[]string{"history", "john", "--from", "yesterday"}, `invalid day "yesterday"`},
+		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
+		{[]string{}, "no command given"},
+		{[]string{"--colour", "list"}, "flag provided but not defined: -colour"},
+		{[]string{"list", "--bogus"}, "flag provided but not defined: -bogus"},
+		{[]string{"-o", "yaml", "list"}, `unknown output format "yaml"`},
+	} {
+		t.Run(strings.Join(c.args, " "), func(t *testing.T) {
+			f, sock := serve(t)
+			code, out, errs := runCmd(sock, c.args...)
+			if code != 2 {
+				t.Errorf("exit %d, want 2", code)
+			}
+			if !strings.Contains(errs, c.msg) || !strings.Contains(errs, "usage") && !strings.Contains(errs, "bwctl help") {
+				t.Errorf("stderr %q, want %q and a usage line", errs, c.msg)
+			}
+			if out != "" {
+				t.Errorf("stdout %q", out)
+			}
+			if calls := f.Calls(); len(calls) != 0 {
+				t.Errorf("the backend was called: %q", calls)
+			}
+		})
+	}
+}
+
+func TestUnknownUser(t *testing.T) {
+	for _, args := range [][]string{{"usage", "nobody"}, {"set", "nobody", "1G"}, {"reset", "nobody"}, {"history", "nobody"}} {
+		t.Run(args[0], func(t *testing.T) {
+			_, sock := serve(t)
+			code, out, errs := runCmd(sock, args...)
+			if code != 1 || out != "" {
+				t.Errorf("exit %d, stdout %q", code, out)
+			}
+			if !strings.Contains(errs, `unknown user "nobody"`) || !strings.Contains(errs, "bwctl list") {
+				t.Errorf("stderr %q", errs)
+			}
+		})
+	}
+}
+
+func TestNotRunning(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	for _, args := range [][]string{{"list"}, {"set", "john", "1G"}, {"-o", "json", "status"}} {
+		code, out, errs := runCmd(sock, args...)
+		if code != 1 || out != "" || !strings.Contains(errs, "bwagent is not running") ||
+			!strings.Contains(errs, "systemctl start bwagent") {
+			t.Errorf("%q: exit %d, stdout %q, stderr %q", args, code, out, errs)
+		}
+	}
+}
+
+func TestHelp(t *testing.T) {
+	var out, errb bytes.Buffer
+	if code := run([]string{"help"}, &out, &errb); code != 0 || !strings.Contains(out.String(), "remove-limit USER") {
+		t.Errorf("help: exit %d, %q", code, out.String())
+	}
+}
+
+func TestHumanSize(t *testing.T) {
+	for b, want := range map[uint64]string{
+		0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 1536: "1.5 KiB", quota.MiB: "1.0 MiB",
+		10 * quota.GiB: "10.0 GiB", 3 * quota.TiB / 2: "1.5 TiB", 2048 * quota.TiB: "2048.0 TiB",
+	} {
+		if got := humanSize(b); got != want {
+			t.Errorf("humanSize(%d) = %q, want %q", b, got, want)
+		}
+	}
+}

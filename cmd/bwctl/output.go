@@ -1,0 +1,212 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"text/tabwriter"
+	"time"
+
+	"github.com/myvpn/bwagent/control"
+	"github.com/myvpn/bwagent/quota"
+)
+
+// ANSI colours of the STATUS column. Every coloured cell has a 5-byte
+// prefix and a 4-byte suffix, so that tabwriter, which counts bytes, still
+// aligns the columns.
+const (
+	red    = "\x1b[31m"
+	yellow = "\x1b[33m"
+	plain  = "\x1b[39m" // the default colour: same length as the others
+	reset  = "\x1b[0m"
+)
+
+// colorful reports whether w is a terminal and NO_COLOR is not set.
+func colorful(w io.Writer) bool {
+	if _, set := os.LookupEnv("NO_COLOR"); set {
+		return false
+	}
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+// status returns s for the STATUS column, coloured when on.
+func (e *env) status(s string) string {
+	if !e.o.color {
+		return s
+	}
+	c := plain
+	switch quota.Status(s) {
+	case quota.Blocked, quota.Disabled:
+		c = red
+	case quota.Warning:
+		c = yellow
+	}
+	return c + s + reset
+}
+
+// size formats a byte count: with --bytes the number, else B below 1 KiB
+// and KiB..TiB with one decimal.
+func (e *env) size(b uint64) string {
+	if e.o.bytes {
+		return strconv.FormatUint(b, 10)
+	}
+	return humanSize(b)
+}
+
+func humanSize(b uint64) string {
+	if b < quota.KiB {
+		return fmt.Sprintf("%d B", b)
+	}
+	units := []struct {
+		n string
+		u uint64
+	}{{"TiB", quota.TiB}, {"GiB", quota.GiB}, {"MiB", quota.MiB}, {"KiB", quota.KiB}}
+	for _, u := range units {
+		if b >= u.u {
+			return fmt.Sprintf("%.1f %s", float64(b)/float64(u.u), u.n)
+		}
+	}
+	return "" // unreachable
+}
+
+// fmtTime formats a time for tables, in the local zone.
+func fmtTime(t time.Time) string {
+	return t.Local().Format("2006-01-02 15:04:05 MST")
+}
+
+// timeOr formats t, or none when it is zero.
+func timeOr(t time.Time, none string) string {
+	if t.IsZero() {
+		return none
+	}
+	return fmtTime(t)
+}
+
+// jsonTime is a time in JSON: RFC 3339 in UTC, or null when zero.
+type jsonTime time.Time
+
+// MarshalJSON implements json.Marshaler.
+func (t jsonTime) MarshalJSON() ([]byte, error) {
+	tt := time.Time(t)
+	if tt.IsZero() {
+		return []byte("null"), nil
+	}
+	return json.Marshal(tt.UTC().Format(time.RFC3339))
+}
+
+// userOut is a user in JSON output.
+type userOut struct {
+	Name               string   `json:"name"`
+	Protocol           string   `json:"protocol"`
+	UID                uint32   `json:"uid"`
+	Present            bool     `json:"present"`
+	Status             string   `json:"status"`
+	Used               uint64   `json:"used"`
+	Limit              uint64   `json:"limit"`
+	Remaining          uint64   `json:"remaining"`
+	Upload             uint64   `json:"upload"`
+	Download           uint64   `json:"download"`
+	Today              uint64   `json:"today"`
+	Reason             string   `json:"reason"`
+	BlockTime          jsonTime `json:"block_time"`
+	LastReset          jsonTime `json:"last_reset"`
+	NextReset          jsonTime `json:"next_reset"`
+	Expires            jsonTime `json:"expires"`
+	Updated            jsonTime `json:"updated"`
+	ManualUnblock      bool     `json:"manual_unblock"`
+	ManualUnblockUntil jsonTime `json:"manual_unblock_until"`
+}
+
+func userJSON(u control.User) userOut {
+	rem := u.Remaining
+	if u.Limit == 0 {
+		rem = 0
+	}
+	return userOut{
+		Name: u.Name, Protocol: string(u.Protocol), UID: u.UID, Present: u.Present, Status: string(u.Status),
+		Used: u.Used, Limit: u.Limit, Remaining: rem, Upload: u.Upload, Download: u.Download, Today: u.Today,
+		Reason: u.Reason, BlockTime: jsonTime(u.BlockTime), LastReset: jsonTime(u.LastReset),
+		NextReset: jsonTime(u.NextReset), Expires: jsonTime(u.Expires), Updated: jsonTime(u.Updated),
+		ManualUnblock: u.Override.Active, ManualUnblockUntil: jsonTime(u.Override.Until),
+	}
+}
+
+// writeJSON writes v as one indented JSON document and a newline.
+func writeJSON(w io.Writer, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
+// limitCells returns the LIMIT, USED% and REMAINING cells of u.
+func (e *env) limitCells(u control.User) (limit, pct, rem string) {
+	if u.Limit == 0 {
+		return "unlimited", "-", "-"
+	}
+	return e.size(u.Limit), fmt.Sprintf("%.1f%%", float64(u.Used)*100/float64(u.Limit)), e.size(u.Remaining)
+}
+
+// printList prints users as a table.
+func (e *env) printList(users []control.User) error {
+	tw := tabwriter.NewWriter(e.out, 0, 0, 2, ' ', 0)
+	head := "STATUS"
+	if e.o.color { // the header gets the colour cells' extra bytes too
+		head = plain + head + reset
+	}
+	fmt.Fprintf(tw, "USER\tPROTOCOL\t%s\tUSED\tLIMIT\tUSED%%\tREMAINING\tTODAY\n", head)
+	for _, u := range users {
+		limit, pct, rem := e.limitCells(u)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", u.Name, u.Protocol, e.status(string(u.Status)),
+			e.size(u.Used), limit, pct, rem, e.size(u.Today))
+	}
+	return tw.Flush()
+}
+
+// printUser prints one user as a key: value block.
+func (e *env) printUser(u control.User) error {
+	tw := tabwriter.NewWriter(e.out, 0, 0, 1, ' ', 0)
+	limit, pct, rem := e.limitCells(u)
+	used := e.size(u.Used)
+	if pct != "-" {
+		used += " (" + pct + ")"
+	}
+	reason := u.Reason
+	if reason == "" {
+		reason = "-"
+	}
+	unblock := "-"
+	if u.Override.Active {
+		unblock = timeOr(u.Override.Until, "the next reset or a higher limit")
+	}
+	rows := [][2]string{
+		{"user", u.Name},
+		{"protocol", string(u.Protocol)},
+		{"status", e.status(string(u.Status))},
+		{"used", used},
+		{"limit", limit},
+		{"remaining", rem},
+		{"upload", e.size(u.Upload)},
+		{"download", e.size(u.Download)},
+		{"today", e.size(u.Today)},
+		{"reason", reason},
+		{"blocked since", timeOr(u.BlockTime, "-")},
+		{"last reset", timeOr(u.LastReset, "never")},
+		{"next reset", timeOr(u.NextReset, "-")},
+		{"expires", timeOr(u.Expires, "never")},
+		{"manual unblock until", unblock},
+	}
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s:\t%s\n", r[0], r[1])
+	}
+	return tw.Flush()
+}
