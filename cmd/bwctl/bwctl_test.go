@@ -5,6 +5,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -28,9 +29,10 @@ func TestMain(m *testing.M) {
 
 // fake is a control.Backend over fixed users that records every call.
 type fake struct {
-	mu    sync.Mutex
-	users []control.User
-	calls []string
+	mu      sync.Mutex
+	users   []control.User
+	calls   []string
+	healthy bool // Health reports no errors
 }
 
 var t0 = time.Date(2026, 11, 1, 8, 30, 0, 0, time.UTC)
@@ -119,6 +121,9 @@ func (f *fake) RemoveLimit(_ context.Context, name string) error {
 }
 func (f *fake) Health() control.Health {
 	f.call("Health")
+	if f.healthy {
+		return control.Health{LastTick: t0, TickDuration: time.Millisecond, Users: 3}
+	}
 	return control.Health{LastTick: t0.Add(90 * time.Second), TickDuration: 42 * time.Millisecond, Users: 3,
 		Errors: map[string]string{"xray": "stats API unreachable"}}
 }
@@ -141,8 +146,9 @@ func serve(t *testing.T) (*fake, string) {
 			t.Errorf("Serve: %v", err)
 		}
 	})
-	for i := 0; ; i++ {
-		if _, err := os.Stat(sock); err == nil {
+	for i := 0; ; i++ { // until it listens: the file appears before listen(2)
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
 			break
 		}
 		if i > 200 {
@@ -383,6 +389,20 @@ func TestNotRunning(t *testing.T) {
 			!strings.Contains(errs, "systemctl start bwagent") {
 			t.Errorf("%q: exit %d, stdout %q, stderr %q", args, code, out, errs)
 		}
+	}
+}
+
+func TestStatusHealthy(t *testing.T) {
+	f, sock := serve(t)
+	f.mu.Lock()
+	f.healthy = true
+	f.mu.Unlock()
+	for _, mode := range []string{"table", "json"} {
+		code, out, errs := runCmd(sock, "-o", mode, "status")
+		if code != 0 {
+			t.Fatalf("exit %d: %s", code, errs)
+		}
+		golden(t, "status_healthy_"+mode, out)
 	}
 }
 

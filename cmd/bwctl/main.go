@@ -125,6 +125,7 @@ type env struct {
 	args   []string
 	flags  any // the command's own flag values
 	out    io.Writer
+	errOut io.Writer
 	client func(ctx context.Context) (*control.Client, error)
 }
 
@@ -177,7 +178,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "bwctl: unknown command %q: run `bwctl help` for the list of commands\n", name)
 		return exitUsage
 	}
-	e := &env{o: o, out: stdout}
+	e := &env{o: o, out: stdout, errOut: stderr}
 	err := prepare(name, cmd, rest[1:], e)
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Fprintf(stdout, "usage: bwctl %s %s\n", name, cmd.args)
@@ -257,21 +258,24 @@ func negative(s string) bool {
 // run1 validates the arguments and runs the command against the socket.
 func run1(cmd command, e *env) error {
 	e.client = func(ctx context.Context) (*control.Client, error) {
-		return control.Dial(ctx, socketPath(e.o.socket))
+		return control.Dial(ctx, socketPath(e.o.socket, e.errOut))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	return cmd.run(ctx, e)
 }
 
-// socketPath is the --socket flag, else the configured socket.
-func socketPath(flagged string) string {
+// socketPath is the --socket flag, else the configured socket. A broken
+// configuration file is reported on warn and the default socket used.
+func socketPath(flagged string, warn io.Writer) string {
 	if flagged != "" {
 		return flagged
 	}
 	c, err := config.Load("")
 	if err != nil {
-		return config.Default().Paths.Socket
+		def := config.Default().Paths.Socket
+		fmt.Fprintf(warn, "bwctl: warning: %v; trying the default socket %s (give --socket PATH to choose)\n", err, def)
+		return def
 	}
 	return c.Paths.Socket
 }
