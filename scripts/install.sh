@@ -15,6 +15,9 @@ fi
 bin=${1:?usage: install.sh path/to/bwagent}
 
 install -D -m 0755 "$bin" /usr/local/sbin/bwagent
+install -D -m 0755 "$(dirname "$bin")/bwctl" /usr/local/bin/bwctl
+# The bash tool's command, for operators' scripts: mapped onto bwctl.
+install -D -m 0755 scripts/cek-bw-limit /usr/bin/cek-bw-limit
 install -D -m 0644 scripts/bwagent.service /etc/systemd/system/bwagent.service
 install -D -m 0644 config/example.toml /etc/bwagent/bwagent.toml.example
 install -D -m 0644 README.md /usr/local/share/doc/bwagent/README.md

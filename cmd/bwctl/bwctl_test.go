@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -24,6 +25,10 @@ var update = flag.Bool("update", false, "rewrite the golden files in testdata")
 
 func TestMain(m *testing.M) {
 	time.Local = time.UTC
+	// The test binary is bwctl itself when the cek-bw-limit test runs it.
+	if os.Getenv("BWCTL_TEST_AS_BWCTL") != "" {
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	}
 	os.Exit(m.Run())
 }
 
@@ -420,6 +425,63 @@ func TestHumanSize(t *testing.T) {
 	} {
 		if got := humanSize(b); got != want {
 			t.Errorf("humanSize(%d) = %q, want %q", b, got, want)
+		}
+	}
+}
+
+// TestCekBwLimit runs scripts/cek-bw-limit, the bash tool's command line,
+// with this test binary as bwctl: the guide's invocations reach the agent
+// as the right calls, and wrong usage is refused.
+func TestCekBwLimit(t *testing.T) {
+	f, sock := serve(t)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// bwctl reads its socket from the config; --socket via a wrapper.
+	wrapper := filepath.Join(t.TempDir(), "bwctl")
+	script := "#!/bin/sh\nBWCTL_TEST_AS_BWCTL=1 exec " + exe + " --socket " + sock + " \"$@\"\n"
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cek := func(args ...string) (int, string) {
+		cmd := exec.Command("../../scripts/cek-bw-limit", args...)
+		cmd.Env = append(os.Environ(), "BWCTL="+wrapper)
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return code, string(out)
+	}
+	for _, c := range []struct {
+		args []string
+		code int
+		call string
+	}{
+		{[]string{"set", "john", "10240"}, 0, "SetLimit 10737418240 john"},
+		{[]string{"usage", "john"}, 0, ""},
+		{[]string{"list"}, 0, ""},
+		{[]string{"reset", "john"}, 0, "Reset john"},
+		{[]string{"enable", "mary"}, 0, "Enable mary"},
+		{[]string{"check"}, 0, "Check"},
+		{[]string{"set", "john"}, 2, ""},
+		{[]string{"frobnicate"}, 2, ""},
+		{[]string{"set", "john", "abc"}, 2, ""},
+	} {
+		before := len(f.Calls())
+		code, out := cek(c.args...)
+		if code != c.code {
+			t.Errorf("cek-bw-limit %v: exit %d, want %d\n%s", c.args, code, c.code, out)
+		}
+		calls := f.Calls()[before:]
+		if c.call != "" && !slices.Contains(calls, c.call) {
+			t.Errorf("cek-bw-limit %v: calls %q, want %q", c.args, calls, c.call)
+		}
+		if c.code == 2 && len(calls) > 0 {
+			t.Errorf("cek-bw-limit %v: wrong usage reached the agent: %q", c.args, calls)
 		}
 	}
 }
