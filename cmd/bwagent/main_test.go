@@ -290,3 +290,77 @@ func TestControlSocket(t *testing.T) {
 		t.Errorf("socket left after exit: %v", err)
 	}
 }
+
+// TestCommandsDuringTicks: commands sent through the control socket while
+// the agent ticks (every second) under a user's live traffic are neither
+// lost nor overwritten: each limit set is the one in force when the call
+// returns, each reset leaves less usage than a tick's worth of traffic, and
+// the block log has every reset.
+func TestCommandsDuringTicks(t *testing.T) {
+	const user, server = 2731, 2732
+	e := newAgentEnv(t, fmt.Sprintf("john:x:%d:%d::/:/bin/false\n", user, user), "")
+	srv := nettest.Start(t, nettest.Spec{NS: e.pair.B, Cgroup: e.cg, UID: server}, "tcp-serve",
+		net.JoinHostPort(e.pair.B4.String(), "0"))
+	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
+	a := e.start(t)
+	client := nettest.Start(t, nettest.Spec{NS: e.pair.A, Cgroup: e.cg, UID: user}, "tcp-client", addr, "inf", "inf")
+	client.Expect(t, "CONNECTED", 5*time.Second)
+
+	ctx := context.Background()
+	var c *control.Client
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if c, err = control.Dial(ctx, filepath.Join(e.dir, "bwagent.sock")); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+
+	// The stream's rate, to bound what a tick can add.
+	s1, r1 := client.Progress(t, 10*time.Millisecond)
+	s2, r2 := client.Progress(t, time.Second)
+	perSecond := (s2 - s1) + (r2 - r1)
+	if perSecond < 1<<20 {
+		t.Fatalf("stream too slow to show anything: %d B/s", perSecond)
+	}
+
+	resets := 0
+	for i := 1; i <= 12; i++ {
+		limit := uint64(1000+i) << 30 // far above the traffic: never blocks
+		if err := c.SetLimit(ctx, "john", limit); err != nil {
+			t.Fatal(err)
+		}
+		u, err := c.User(ctx, "john")
+		if err != nil || u.Limit != limit {
+			t.Fatalf("limit after SetLimit %d: %+v, %v", limit, u, err)
+		}
+		if i%3 == 0 {
+			if err := c.Reset(ctx, "john"); err != nil {
+				t.Fatal(err)
+			}
+			resets++
+			u, err := c.User(ctx, "john")
+			// At most what moved since the reset (the call and one tick):
+			// a tick never puts older usage back.
+			if err != nil || u.Used > 3*perSecond {
+				t.Errorf("usage right after reset %d: %d bytes (stream %d B/s), %v", resets, u.Used, perSecond, err)
+			}
+		}
+		time.Sleep(time.Duration(100+i*90) * time.Millisecond) // across tick boundaries
+	}
+	client.Cmd.Process.Kill()
+	a.Cmd.Process.Signal(syscall.SIGTERM)
+	if err := a.Wait(10 * time.Second); err != nil {
+		t.Fatalf("agent exit: %v", err)
+	}
+	if data, _ := os.ReadFile(filepath.Join(e.dir, "bw-limit.conf")); string(data) != fmt.Sprintf("john %d\n", (1000+12)<<10) {
+		t.Errorf("limits file %q", data)
+	}
+	logData, _ := os.ReadFile(filepath.Join(e.dir, "blocked.log"))
+	if n := strings.Count(string(logData), "| ssh | john | Usage reset"); n != resets {
+		t.Errorf("block log has %d resets, want %d:\n%s", n, resets, logData)
+	}
+}
