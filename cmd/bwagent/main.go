@@ -21,6 +21,8 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strconv"
+	"strings"
 	"syscall"
 	_ "time/tzdata" // time zones work on systems without tzdata
 
@@ -142,6 +144,9 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	srv := control.NewServer(agentbackend.New(a), control.Options{
 		AdminGroup: cfg.Control.AdminGroup,
 		ErrorCodes: agentbackend.ErrorCodes,
+		// A caller's account is looked up where the agent finds its SSH
+		// users, so "your own usage" means the same account to both.
+		LookupUser: func(uid uint32) (string, error) { return passwdName(cfg.Paths.Passwd, uid) },
 		Refused: func(method string, c control.Caller) {
 			log.Warn("control call refused", "method", method, "uid", c.UID, "pid", c.PID)
 		},
@@ -161,4 +166,20 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	}
 	log.Info("bwagent stopped")
 	return err
+}
+
+// passwdName returns the name of uid's account in the passwd file at path.
+func passwdName(path string, uid uint32) (string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	want := strconv.FormatUint(uint64(uid), 10)
+	for line := range strings.Lines(string(data)) {
+		f := strings.SplitN(strings.TrimRight(line, "\n"), ":", 4)
+		if len(f) == 4 && f[2] == want && f[0] != "" && f[0][0] != '+' && f[0][0] != '-' {
+			return f[0], nil
+		}
+	}
+	return "", fmt.Errorf("UID %d has no account in %s", uid, path)
 }

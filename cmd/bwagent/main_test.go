@@ -32,6 +32,34 @@ func TestMain(m *testing.M) {
 		}
 		return run(args, slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: noTime})))
 	})
+	// A control client, run as any UID: prints one line per call, "OK
+	// detail" or "ERR code".
+	nettest.Register("ctl", func(args []string) error {
+		ctx := context.Background()
+		c, err := control.Dial(ctx, args[0])
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		say := func(err error, ok string) {
+			if err != nil {
+				fmt.Println("ERR", control.Code(err))
+				return
+			}
+			fmt.Println("OK", ok)
+		}
+		u, err := c.User(ctx, "")
+		say(err, u.Name)
+		u, err = c.User(ctx, "mary")
+		say(err, u.Name)
+		_, err = c.History(ctx, "john", "", "")
+		say(err, "history")
+		say(c.SetLimit(ctx, "john", 1<<40), "set")
+		say(c.Reset(ctx, "john"), "reset")
+		_, err = c.ListUsers(ctx, "")
+		say(err, "list")
+		return nil
+	})
 	nettest.Main(m)
 }
 
@@ -363,4 +391,38 @@ func TestCommandsDuringTicks(t *testing.T) {
 	if n := strings.Count(string(logData), "| ssh | john | Usage reset"); n != resets {
 		t.Errorf("block log has %d resets, want %d:\n%s", n, resets, logData)
 	}
+}
+
+// TestControlPermissions: through the running agent, an unprivileged SSH
+// user reads their own usage and history and nothing else, and cannot
+// change anything; the account is the one in the agent's passwd file.
+func TestControlPermissions(t *testing.T) {
+	const john = 2741
+	e := newAgentEnv(t, fmt.Sprintf("john:x:%d:%d::/:/bin/false\nmary:x:2742:2742::/:/bin/false\n", john, john), "")
+	a := e.start(t)
+	sock := filepath.Join(e.dir, "bwagent.sock")
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	// t.TempDir and its parent are 0700: let the user reach the socket.
+	os.Chmod(filepath.Dir(e.dir), 0o755)
+	os.Chmod(e.dir, 0o755)
+	p := nettest.Start(t, nettest.Spec{UID: john}, "ctl", sock)
+	want := []string{"OK john", "ERR PermissionDenied", "OK history", "ERR PermissionDenied", "ERR PermissionDenied", "ERR PermissionDenied"}
+	for i, w := range want {
+		if got := p.Expect(t, "", 10*time.Second); got != w {
+			t.Errorf("call %d: %q, want %q", i, got, w)
+		}
+	}
+	if err := p.Wait(5 * time.Second); err != nil {
+		t.Errorf("client: %v", err)
+	}
+	if data, _ := os.ReadFile(filepath.Join(e.dir, "bw-limit.conf")); len(data) != 0 {
+		t.Errorf("a refused SetLimit changed the limits file: %q", data)
+	}
+	a.Cmd.Process.Signal(syscall.SIGTERM)
+	a.Wait(10 * time.Second)
 }
