@@ -1,0 +1,150 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/myvpn/bwagent/agent"
+	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/config"
+	"github.com/myvpn/bwagent/control"
+	"github.com/myvpn/bwagent/control/agentbackend"
+	"github.com/myvpn/bwagent/internal/nettest"
+	"github.com/myvpn/bwagent/nft"
+	"github.com/myvpn/bwagent/store"
+)
+
+// realAgent runs a real agent (real BPF data plane on its own cgroup and
+// pins, nft table in its own namespace, SQLite store, files in a temp dir)
+// with its control socket, and returns the socket and the limits file.
+func realAgent(t *testing.T) (sock, limits string) {
+	t.Helper()
+	nettest.RequireRoot(t)
+	root, err := bpf.CgroupV2Root()
+	if err != nil {
+		t.Skip(err)
+	}
+	dir := t.TempDir()
+	cfg := config.Default()
+	cfg.Interval = time.Second
+	cfg.TimeZone, cfg.TimeZoneName = time.UTC, "UTC"
+	cfg.SSH.UIDMin, cfg.SSH.UIDMax = 2800, 2900
+	cfg.Xray.Enabled = false
+	cfg.Kernel.PinPath = filepath.Join("/sys/fs/bpf", nettest.Name("bwctl-"))
+	for p, name := range map[*string]string{&cfg.Paths.Limits: "bw-limit.conf", &cfg.Paths.UsageDir: "usage",
+		&cfg.Paths.MarkerDir: "blocked_users", &cfg.Paths.BlockLog: "blocked.log", &cfg.Paths.StateDB: "state.db",
+		&cfg.Paths.Passwd: "passwd", &cfg.Paths.Socket: "bw.sock"} {
+		*p = filepath.Join(dir, name)
+	}
+	os.WriteFile(cfg.Paths.Passwd, []byte("alice:x:2801:2801::/:/bin/false\nbob:x:2802:2802::/:/bin/false\n"), 0o644)
+	os.WriteFile(cfg.Paths.Limits, []byte("# limits\nalice 10240\n"), 0o644)
+
+	dp, err := bpf.Load(bpf.Config{CgroupPath: nettest.NewCgroup(t, root), PinPath: cfg.Kernel.PinPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dp.Uninstall() })
+	fw, err := nft.New(nft.Config{Table: nettest.Name("bwctl"), NetNS: int(nettest.NewNetNS(t))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fw.Remove(); fw.Close() })
+	st, err := store.Open(cfg.Paths.StateDB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Firewall: fw, Store: st, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := control.NewServer(agentbackend.New(a), control.Options{
+		ErrorCodes: agentbackend.ErrorCodes,
+		LookupUser: func(uint32) (string, error) { return "alice", nil },
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { a.Run(ctx) })
+	wg.Go(func() { srv.Serve(ctx, cfg.Paths.Socket) })
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	for i := 0; ; i++ {
+		if c, err := control.Dial(ctx, cfg.Paths.Socket); err == nil {
+			c.Close()
+			break
+		}
+		if i > 200 {
+			t.Fatal("control socket did not come up")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return cfg.Paths.Socket, cfg.Paths.Limits
+}
+
+// volatile are the parts of real output that change from run to run.
+var volatile = []struct {
+	re   *regexp.Regexp
+	with string
+}{
+	{regexp.MustCompile(`\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?Z?`), "TIME"},
+	{regexp.MustCompile(`"tick_duration_ns": \d+`), `"tick_duration_ns": N`},
+	{regexp.MustCompile(`tick duration:\s+\S+`), "tick duration: D"},
+	{regexp.MustCompile(`\d{4}-\d\d-\d\d`), "DAY"},
+}
+
+func normalize(s string) string {
+	for _, v := range volatile {
+		s = v.re.ReplaceAllString(s, v.with)
+	}
+	return s
+}
+
+// TestRealAgent runs bwctl's commands against a real agent: table and JSON
+// outputs against golden files (times normalized), the limits file
+// rewritten by `set`, and the errors of a real agent.
+func TestRealAgent(t *testing.T) {
+	sock, limits := realAgent(t)
+	for _, c := range []struct {
+		name string
+		args []string
+		code int
+	}{
+		{"list", []string{"list"}, 0},
+		{"usage-own", []string{"usage"}, 0},
+		{"set", []string{"set", "bob", "5G"}, 0},
+		{"usage-bob", []string{"usage", "bob"}, 0},
+		{"disable", []string{"disable", "bob"}, 0},
+		{"blocked", []string{"blocked"}, 0},
+		{"unblock-disabled", []string{"unblock", "bob"}, 1},
+		{"enable", []string{"enable", "bob"}, 0},
+		{"reset", []string{"reset", "alice"}, 0},
+		{"unblock-not-blocked", []string{"unblock", "alice"}, 1},
+		{"remove-limit", []string{"remove-limit", "bob"}, 0},
+		{"remove-limit-none", []string{"remove-limit", "bob"}, 1},
+		{"unknown", []string{"reset", "carol"}, 1},
+		{"history", []string{"history", "alice"}, 0},
+		{"status", []string{"status"}, 0},
+		{"check", []string{"check"}, 0},
+		{"list-json", []string{"-o", "json", "list"}, 0},
+		{"usage-json", []string{"-o", "json", "usage", "alice"}, 0},
+	} {
+		code, out, errOut := runCmd(sock, c.args...)
+		if code != c.code {
+			t.Errorf("%v: exit %d, want %d\n%s%s", c.args, code, c.code, out, errOut)
+		}
+		golden(t, "real-"+c.name, normalize(out+errOut))
+	}
+	data, _ := os.ReadFile(limits)
+	if got := string(data); got != "# limits\nalice 10240\n" {
+		t.Errorf("limits file after set and remove-limit: %q", got)
+	}
+	if !strings.Contains(normalize("2026-11-29 10:00:00"), "TIME") {
+		t.Error("normalize")
+	}
+}
