@@ -24,6 +24,8 @@
 //	status                    the agent's health
 //	check                     run a check (tick) now
 //	version                   print bwctl's version
+//	menu                      interactive menu of the commands
+//	completion bash|zsh|fish  print a shell completion script
 //
 // Global flags, before or after the command:
 //
@@ -89,6 +91,9 @@ const (
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
+// stdin is the input of interactive commands; tests replace it.
+var stdin io.Reader = os.Stdin
+
 // usageError is wrong usage: exit status 2.
 type usageError struct{ msg string }
 
@@ -126,6 +131,7 @@ type env struct {
 	flags  any // the command's own flag values
 	out    io.Writer
 	errOut io.Writer
+	in     io.Reader // standard input, for interactive commands
 	client func(ctx context.Context) (*control.Client, error)
 }
 
@@ -146,6 +152,9 @@ commands:
   status                   the agent's health
   check                    run a check now
   version                  print bwctl's version
+  menu                     interactive menu of the commands
+  monitor                  live view of every user's rate and usage; q quits
+  completion bash|zsh|fish print a shell completion script
 `
 
 // run runs bwctl with args (without the program name) and returns the exit
@@ -178,7 +187,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "bwctl: unknown command %q: run `bwctl help` for the list of commands\n", name)
 		return exitUsage
 	}
-	e := &env{o: o, out: stdout, errOut: stderr}
+	e := &env{o: o, out: stdout, errOut: stderr, in: stdin}
 	err := prepare(name, cmd, rest[1:], e)
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Fprintf(stdout, "usage: bwctl %s %s\n", name, cmd.args)
