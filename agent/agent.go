@@ -178,6 +178,10 @@ type Health struct {
 	TickDuration time.Duration
 	Users        int
 	Errors       map[string]string // subject → error, empty when healthy
+	// Components are the agent's parts with their state: "ok", a short
+	// description, or the error (kernel, nftables, xray, state database,
+	// usage files).
+	Components map[string]string
 }
 
 // request is an operator command for the loop.
@@ -413,6 +417,7 @@ func (a *Agent) tick() {
 			h.Errors[k] = v
 		}
 	}
+	h.Components = a.components(h.Errors)
 	a.status.Store(h)
 	a.files.kick()
 }
@@ -427,6 +432,36 @@ func (a *Agent) Close() error {
 		a.xr.api = nil
 	}
 	return nil
+}
+
+// components describes each part of the agent for Health.
+func (a *Agent) components(errs map[string]string) map[string]string {
+	first := func(ok string, subjects ...string) string {
+		for _, s := range subjects {
+			if e := errs[s]; e != "" {
+				return s + ": " + e
+			}
+		}
+		return ok
+	}
+	c := map[string]string{
+		"kernel":         first("ok: programs attached", "attach", "kernel counters", "kernel policy"),
+		"nftables":       first(fmt.Sprintf("ok: %d blocked UIDs", len(a.blockedUIDs)), "nftables"),
+		"state database": first("ok: "+a.cfg.Paths.StateDB, "state database"),
+		"usage files":    first("ok: "+a.cfg.Paths.UsageDir, "usage files", "usage directory watch", "marker files", "block log"),
+	}
+	if !a.cfg.SSH.Enabled {
+		c["kernel"], c["nftables"] = "disabled (ssh.enabled = false)", "disabled (ssh.enabled = false)"
+	}
+	switch {
+	case !a.cfg.Xray.Enabled:
+		c["xray"] = "disabled (xray.enabled = false)"
+	case a.xr.conf == nil && errs["xray config"] == "":
+		c["xray"] = "no xray config found"
+	default:
+		c["xray"] = first(fmt.Sprintf("ok: API %s, %d users", a.xr.apiAddr, len(a.xr.users)), "xray config", "xray api", "xray users")
+	}
+	return c
 }
 
 // Health returns the agent's state as of the last tick.

@@ -325,8 +325,9 @@ func TestXrayUnreachable(t *testing.T) {
 	if v := e.user("john"); v.Status != quota.Blocked || !e.fw.has(1001) {
 		t.Errorf("ssh enforcement stopped with xray down: %+v", v)
 	}
-	if h := e.a.Health(); !strings.Contains(h.Errors["xray api"], "unavailable") {
-		t.Errorf("health: %+v", h.Errors)
+	if h := e.a.Health(); !strings.Contains(h.Errors["xray api"], "unavailable") ||
+		!strings.HasPrefix(h.Components["xray"], "xray api: ") || !strings.HasPrefix(h.Components["kernel"], "ok") {
+		t.Errorf("health: %+v %+v", h.Errors, h.Components)
 	}
 	if n := strings.Count(e.logs.String(), "xray api failed"); n != 1 {
 		t.Errorf("xray error logged %d times", n)
@@ -337,6 +338,9 @@ func TestXrayUnreachable(t *testing.T) {
 	e.step(time.Second)
 	if v := e.user("carol"); v.Upload != 150 {
 		t.Errorf("carol after xray came back: %+v", v)
+	}
+	if c := e.a.Health().Components["xray"]; c != "ok: API 127.0.0.1:10085, 3 users" {
+		t.Errorf("xray component after it came back: %q", c)
 	}
 }
 

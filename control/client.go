@@ -158,7 +158,7 @@ func (c *Client) Status(ctx context.Context) (Health, error) {
 	if err != nil {
 		return Health{}, callErr(err)
 	}
-	h := Health{TickDuration: time.Duration(r.TickDurationNanos), Users: int(r.Users), Errors: r.Errors}
+	h := Health{TickDuration: time.Duration(r.TickDurationNanos), Users: int(r.Users), Errors: r.Errors, Components: r.Components}
 	if r.LastTickUnixNano != 0 {
 		h.LastTick = time.Unix(0, r.LastTickUnixNano)
 	}

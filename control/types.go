@@ -68,6 +68,10 @@ type Health struct {
 	TickDuration time.Duration
 	Users        int
 	Errors       map[string]string // subject → error; empty when healthy
+	// Components are the parts of the agent ("kernel", "nftables", "xray",
+	// "state database", "usage files") with their state: "ok", a short
+	// description, or the error.
+	Components map[string]string
 }
 
 // UserRow is the part of a user that a live monitor shows (Watch).

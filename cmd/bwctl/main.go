@@ -65,6 +65,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"slices"
 	"strconv"
@@ -630,16 +631,20 @@ func cmdStatus(ctx context.Context, e *env) error {
 		return err
 	}
 	if e.o.output == "json" {
-		errs := h.Errors
+		errs, comps := h.Errors, h.Components
 		if errs == nil {
 			errs = map[string]string{}
+		}
+		if comps == nil {
+			comps = map[string]string{}
 		}
 		return writeJSON(e.out, struct {
 			LastTick     jsonTime          `json:"last_tick"`
 			TickDuration int64             `json:"tick_duration_ns"`
 			Users        int               `json:"users"`
+			Components   map[string]string `json:"components"`
 			Errors       map[string]string `json:"errors"`
-		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Users, errs})
+		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Users, comps, errs})
 	}
 	tw := tabwriter.NewWriter(e.out, 0, 0, 1, ' ', 0)
 	last := "never"
@@ -649,6 +654,9 @@ func cmdStatus(ctx context.Context, e *env) error {
 	fmt.Fprintf(tw, "last tick:\t%s\n", last)
 	fmt.Fprintf(tw, "tick duration:\t%s\n", h.TickDuration)
 	fmt.Fprintf(tw, "users:\t%d\n", h.Users)
+	for _, k := range slices.Sorted(maps.Keys(h.Components)) {
+		fmt.Fprintf(tw, "%s:\t%s\n", k, h.Components[k])
+	}
 	if len(h.Errors) == 0 {
 		fmt.Fprintf(tw, "errors:\tnone\n")
 	} else {

@@ -96,6 +96,7 @@ var volatile = []struct {
 	{regexp.MustCompile(`"tick_duration_ns": \d+`), `"tick_duration_ns": N`},
 	{regexp.MustCompile(`tick duration:\s+\S+`), "tick duration: D"},
 	{regexp.MustCompile(`\d{4}-\d\d-\d\d`), "DAY"},
+	{regexp.MustCompile(`/tmp/\S+/`), "DIR/"},
 }
 
 func normalize(s string) string {

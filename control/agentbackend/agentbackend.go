@@ -98,5 +98,5 @@ func (b *Backend) RemoveLimit(ctx context.Context, name string) error {
 
 func (b *Backend) Health() control.Health {
 	h := b.a.Health()
-	return control.Health{LastTick: h.LastTick, TickDuration: h.TickDuration, Users: h.Users, Errors: h.Errors}
+	return control.Health{LastTick: h.LastTick, TickDuration: h.TickDuration, Users: h.Users, Errors: h.Errors, Components: h.Components}
 }

@@ -757,8 +757,11 @@ type StatusResponse struct {
 	TickDurationNanos int64                  `protobuf:"varint,2,opt,name=tick_duration_nanos,json=tickDurationNanos,proto3" json:"tick_duration_nanos,omitempty"`
 	Users             int64                  `protobuf:"varint,3,opt,name=users,proto3" json:"users,omitempty"`
 	Errors            map[string]string      `protobuf:"bytes,4,rep,name=errors,proto3" json:"errors,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // subject → error; empty when healthy
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The state of each part: "kernel", "nftables", "xray", "state database",
+	// "usage files": "ok", a short description, or the error.
+	Components    map[string]string `protobuf:"bytes,5,rep,name=components,proto3" json:"components,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -815,6 +818,13 @@ func (x *StatusResponse) GetUsers() int64 {
 func (x *StatusResponse) GetErrors() map[string]string {
 	if x != nil {
 		return x.Errors
+	}
+	return nil
+}
+
+func (x *StatusResponse) GetComponents() map[string]string {
+	if x != nil {
+		return x.Components
 	}
 	return nil
 }
@@ -1012,13 +1022,19 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
 	"\x10duration_seconds\x18\x02 \x01(\x03R\x0fdurationSeconds\"(\n" +
 	"\x10ResetAllResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x03R\x05count\"\x88\x02\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\x9b\x03\n" +
 	"\x0eStatusResponse\x12-\n" +
 	"\x13last_tick_unix_nano\x18\x01 \x01(\x03R\x10lastTickUnixNano\x12.\n" +
 	"\x13tick_duration_nanos\x18\x02 \x01(\x03R\x11tickDurationNanos\x12\x14\n" +
 	"\x05users\x18\x03 \x01(\x03R\x05users\x12F\n" +
-	"\x06errors\x18\x04 \x03(\v2..bwagent.control.v1.StatusResponse.ErrorsEntryR\x06errors\x1a9\n" +
+	"\x06errors\x18\x04 \x03(\v2..bwagent.control.v1.StatusResponse.ErrorsEntryR\x06errors\x12R\n" +
+	"\n" +
+	"components\x18\x05 \x03(\v22.bwagent.control.v1.StatusResponse.ComponentsEntryR\n" +
+	"components\x1a9\n" +
 	"\vErrorsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a=\n" +
+	"\x0fComponentsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xaf\x01\n" +
 	"\aUserRow\x12\x12\n" +
@@ -1058,7 +1074,7 @@ func file_control_proto_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_control_proto_rawDescData
 }
 
-var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_control_proto_control_proto_goTypes = []any{
 	(*Empty)(nil),             // 0: bwagent.control.v1.Empty
 	(*NameRequest)(nil),       // 1: bwagent.control.v1.NameRequest
@@ -1076,43 +1092,45 @@ var file_control_proto_control_proto_goTypes = []any{
 	(*UserRow)(nil),           // 13: bwagent.control.v1.UserRow
 	(*Snapshot)(nil),          // 14: bwagent.control.v1.Snapshot
 	nil,                       // 15: bwagent.control.v1.StatusResponse.ErrorsEntry
+	nil,                       // 16: bwagent.control.v1.StatusResponse.ComponentsEntry
 }
 var file_control_proto_control_proto_depIdxs = []int32{
 	5,  // 0: bwagent.control.v1.ListUsersResponse.users:type_name -> bwagent.control.v1.User
 	7,  // 1: bwagent.control.v1.HistoryResponse.days:type_name -> bwagent.control.v1.Day
 	15, // 2: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
-	13, // 3: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
-	2,  // 4: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
-	4,  // 5: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
-	6,  // 6: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
-	9,  // 7: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
-	1,  // 8: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
-	1,  // 9: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
-	0,  // 10: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
-	1,  // 11: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
-	1,  // 12: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
-	10, // 13: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
-	0,  // 14: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
-	0,  // 15: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
-	0,  // 16: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
-	3,  // 17: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
-	5,  // 18: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
-	8,  // 19: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
-	0,  // 20: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 21: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 22: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
-	11, // 23: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
-	0,  // 24: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
-	0,  // 25: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
-	0,  // 26: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
-	0,  // 27: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
-	12, // 28: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
-	14, // 29: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
-	17, // [17:30] is the sub-list for method output_type
-	4,  // [4:17] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	16, // 3: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
+	13, // 4: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
+	2,  // 5: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
+	4,  // 6: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
+	6,  // 7: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
+	9,  // 8: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
+	1,  // 9: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
+	1,  // 10: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
+	0,  // 11: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
+	1,  // 12: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
+	1,  // 13: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
+	10, // 14: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
+	0,  // 15: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
+	0,  // 16: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
+	0,  // 17: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
+	3,  // 18: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
+	5,  // 19: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
+	8,  // 20: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
+	0,  // 21: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 22: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 23: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
+	11, // 24: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
+	0,  // 25: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
+	0,  // 26: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
+	0,  // 27: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
+	0,  // 28: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
+	12, // 29: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
+	14, // 30: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
+	18, // [18:31] is the sub-list for method output_type
+	5,  // [5:18] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_control_proto_init() }
@@ -1126,7 +1144,7 @@ func file_control_proto_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_control_proto_rawDesc), len(file_control_proto_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
