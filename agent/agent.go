@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"runtime/metrics"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -50,10 +51,25 @@ const (
 // limit, unable to send full packets, and never be marked blocked.
 const kernelSlack = 64 * quota.KiB
 
-// MemoryLimit is the Go runtime's soft memory limit bwagent sets (unless
-// GOMEMLIMIT is set): the agent keeps every user in memory, and without it
-// the collector lets the heap grow to twice the live data before it runs.
-const MemoryLimit = 96 << 20
+// MemoryLimit returns the Go runtime soft memory limit bwagent keeps (unless
+// GOMEMLIMIT is set) for a live heap of live bytes: without a limit the
+// collector lets the heap grow to twice the live data before it runs; a limit
+// at or under the live heap would make it run without end. So: half again the
+// live heap plus 16 MiB of room, and never under 40 MiB.
+func MemoryLimit(live uint64) int64 {
+	return max(40<<20, int64(live+live/2)+16<<20)
+}
+
+// LiveHeap returns the bytes of heap the last garbage collection found
+// live, for MemoryLimit.
+func LiveHeap() uint64 {
+	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	metrics.Read(s)
+	if s[0].Value.Kind() != metrics.KindUint64 {
+		return 0
+	}
+	return s[0].Value.Uint64()
+}
 
 // Errors of the operator commands.
 var (

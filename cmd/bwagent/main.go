@@ -24,6 +24,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 	_ "time/tzdata" // time zones work on systems without tzdata
 
 	"github.com/myvpn/bwagent/agent"
@@ -93,7 +94,14 @@ func uninstall(cfg config.Config) error {
 
 func serve(cfg config.Config, path string, log *slog.Logger) error {
 	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(agent.MemoryLimit)
+		// Keep the soft memory limit a little above the live heap, which
+		// grows with the users: every 10 s.
+		debug.SetMemoryLimit(agent.MemoryLimit(0))
+		go func() {
+			for range time.Tick(10 * time.Second) {
+				debug.SetMemoryLimit(agent.MemoryLimit(agent.LiveHeap()))
+			}
+		}()
 	}
 	if err := bpf.MountBPFFS(cfg.Kernel.PinPath); err != nil {
 		return err
