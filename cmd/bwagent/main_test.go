@@ -131,6 +131,22 @@ func (e *agentEnv) start(t *testing.T) *nettest.Proc {
 	return p
 }
 
+// dial connects to the agent's control socket, which comes up beside the
+// first tick; the client is closed in t.Cleanup.
+func (e *agentEnv) dial(t *testing.T) *control.Client {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		c, err := control.Dial(context.Background(), filepath.Join(e.dir, "bwagent.sock"))
+		if err == nil {
+			t.Cleanup(func() { c.Close() })
+			return c
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+	}
+}
+
 // counters reads a UID's kernel counters straight from the pinned map.
 func (e *agentEnv) counters(t *testing.T, uid uint32) bpf.Counters {
 	t.Helper()
@@ -281,18 +297,7 @@ func TestControlSocket(t *testing.T) {
 	e := newAgentEnv(t, "john:x:2721:2721::/:/bin/false\n", "")
 	a := e.start(t)
 	ctx := context.Background()
-	var c *control.Client
-	var err error
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		// The socket comes up beside the first tick.
-		if c, err = control.Dial(ctx, filepath.Join(e.dir, "bwagent.sock")); err == nil || time.Now().After(deadline) {
-			break
-		}
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := e.dial(t)
 	users, err := c.ListUsers(ctx, "")
 	if err != nil || len(users) != 1 || users[0].Name != "john" {
 		t.Fatalf("users %+v, %v", users, err)
@@ -335,17 +340,7 @@ func TestCommandsDuringTicks(t *testing.T) {
 	client.Expect(t, "CONNECTED", 5*time.Second)
 
 	ctx := context.Background()
-	var c *control.Client
-	var err error
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if c, err = control.Dial(ctx, filepath.Join(e.dir, "bwagent.sock")); err == nil || time.Now().After(deadline) {
-			break
-		}
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := e.dial(t)
 
 	// The stream's rate, to bound what a tick can add.
 	s1, r1 := client.Progress(t, 10*time.Millisecond)
