@@ -36,11 +36,37 @@ type committer struct {
 	loc      *time.Location
 	lastErr  error
 	logErr   error
-	wake     chan struct{}
+	wake     waker
 }
 
 func newCommitter(st *store.Store, logPath string, loc *time.Location, unlogged []store.Event) *committer {
-	return &committer{st: st, logPath: logPath, loc: loc, unlogged: unlogged, wake: make(chan struct{}, 1)}
+	return &committer{st: st, logPath: logPath, loc: loc, unlogged: unlogged, wake: newWaker()}
+}
+
+// waker wakes a background writer: wakes while it works coalesce into one
+// more round, and a wake never blocks the loop.
+type waker chan struct{}
+
+func newWaker() waker { return make(waker, 1) }
+
+func (w waker) wake() {
+	select {
+	case w <- struct{}{}:
+	default:
+	}
+}
+
+// run calls flush after each wake until ctx is done; flush reports its own
+// errors to whoever asks.
+func (w waker) run(ctx context.Context, flush func() error) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-w:
+			flush()
+		}
+	}
 }
 
 // setLog changes where the block log is written.
@@ -58,22 +84,21 @@ func (c *committer) submit(b *store.Batch) {
 	c.mu.Lock()
 	c.pending = mergeBatch(c.pending, b)
 	c.mu.Unlock()
-	select {
-	case c.wake <- struct{}{}:
-	default:
+	c.wake.wake()
+}
+
+// retry wakes the committer if a failed commit or block log append waits,
+// so it is tried again every tick even when nothing new changed.
+func (c *committer) retry() {
+	c.mu.Lock()
+	waiting := c.pending != nil || len(c.unlogged) > 0
+	c.mu.Unlock()
+	if waiting {
+		c.wake.wake()
 	}
 }
 
-func (c *committer) run(ctx context.Context) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-c.wake:
-			c.flush()
-		}
-	}
-}
+func (c *committer) run(ctx context.Context) { c.wake.run(ctx, c.flush) }
 
 // flush commits what is pending now, then appends the block log, and
 // returns the commit's error.

@@ -23,11 +23,11 @@ type fileWriter struct {
 	pending map[string]*usageSnap // into the slices submitted, not copied
 	lastErr error
 	written uint64 // files written, for tests and benchmarks
-	wake    chan struct{}
+	wake    waker
 }
 
 func newFileWriter(dir string) *fileWriter {
-	return &fileWriter{dir: dir, pending: make(map[string]*usageSnap), wake: make(chan struct{}, 1)}
+	return &fileWriter{dir: dir, pending: make(map[string]*usageSnap), wake: newWaker()}
 }
 
 // setDir makes later writes go to dir.
@@ -50,24 +50,11 @@ func (w *fileWriter) submit(docs []usageSnap) {
 	w.kick()
 }
 
-// kick wakes the writer if anything is pending.
-func (w *fileWriter) kick() {
-	select {
-	case w.wake <- struct{}{}:
-	default:
-	}
-}
+// kick wakes the writer, which writes whatever is pending (failed files
+// included: kicked every tick, it retries them every tick).
+func (w *fileWriter) kick() { w.wake.wake() }
 
-func (w *fileWriter) run(ctx context.Context) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-w.wake:
-			w.flush()
-		}
-	}
-}
+func (w *fileWriter) run(ctx context.Context) { w.wake.run(ctx, w.flush) }
 
 // flush writes everything pending now, in one batch (one filesystem sync for
 // all files). Files that failed stay pending unless a newer version arrived

@@ -190,6 +190,7 @@ func (a *Agent) commit(now time.Time) error {
 	b := a.batch(now)
 	a.clearDirty()
 	a.commits.submit(b)
+	a.commits.retry()
 	return a.commits.err()
 }
 
