@@ -137,6 +137,7 @@ type Agent struct {
 	retryQ   []*user // to evaluate again next tick
 	dirtyQ   []*user
 	baseQ    []uint32
+	otherQ   []string // otherBase sources to commit
 	jsonQ    []*user
 	fullEval bool      // evaluate every user this tick
 	nextWake time.Time // earliest timer (midnight, a reset, an expiry...)

@@ -154,10 +154,9 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 			b.Baselines = append(b.Baselines, store.Baseline{Source: sshSource(uid), Epoch: a.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
 		}
 	}
-	for src, bl := range a.otherBase {
-		if bl.dirty {
-			b.Baselines = append(b.Baselines, store.Baseline{Source: src, Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
-		}
+	for _, src := range a.otherQ {
+		bl := a.otherBase[src]
+		b.Baselines = append(b.Baselines, store.Baseline{Source: src, Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
 	}
 	return b
 }
@@ -175,9 +174,10 @@ func (a *Agent) clearDirty() {
 		a.sshBase[uid] = bl
 	}
 	a.baseQ = a.baseQ[:0]
-	for _, bl := range a.otherBase {
-		bl.dirty = false
+	for _, src := range a.otherQ {
+		a.otherBase[src].dirty = false
 	}
+	a.otherQ = a.otherQ[:0]
 	a.history, a.events, a.logged = nil, nil, nil
 }
 

@@ -140,6 +140,9 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 			continue
 		}
 		d := quota.Since(b.Sample, cur)
+		if !b.dirty {
+			a.otherQ = append(a.otherQ, src)
+		}
 		b.Sample, b.dirty = cur, true
 		if (d != quota.Usage{}) {
 			a.charge(u, now, d)
