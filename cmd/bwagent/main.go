@@ -162,16 +162,22 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 			log.Error("control call failed", "method", method, "uid", c.UID, "err", err)
 		},
 	})
+	// A socket that cannot be served (another agent on the same path) is
+	// reported at once; the agent goes on enforcing without it.
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ctx, cfg.Paths.Socket) }()
+	go func() {
+		err := srv.Serve(ctx, cfg.Paths.Socket)
+		if err != nil {
+			log.Error("control socket not served; bwctl cannot reach this agent", "socket", cfg.Paths.Socket, "err", err)
+		}
+		serveErr <- err
+	}()
 
 	log.Info("bwagent running", "cgroup", dp.CgroupPath(), "pins", dp.PinPath(), "table", cfg.NFT.Table,
 		"interval", cfg.Interval, "state", cfg.Paths.StateDB, "limits", cfg.Paths.Limits, "socket", cfg.Paths.Socket)
 	err = a.Run(ctx)
 	stop()
-	if serr := <-serveErr; serr != nil {
-		log.Error("control socket", "err", serr)
-	}
+	<-serveErr
 	log.Info("bwagent stopped")
 	return err
 }
