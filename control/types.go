@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/view"
 	"google.golang.org/grpc/codes"
 )
 
@@ -26,69 +27,15 @@ type Backend interface {
 	Health() Health
 }
 
-// User is one user as the agent sees it (the agent's UserView). Zero times
-// mean none.
-type User struct {
-	Name      string
-	Protocol  quota.Protocol
-	UID       uint32 // SSH users
-	Present   bool   // the account or Xray client exists now
-	Status    quota.Status
-	Used      uint64 // bytes counted against the limit
-	Limit     uint64 // 0: unlimited
-	Remaining uint64 // meaningful when Limit > 0
-	Upload    uint64
-	Download  uint64
-	Today     uint64 // today's bytes, counted metric
-	Reason    string
-	BlockTime time.Time
-	LastReset time.Time
-	Override  Override
-	NextReset time.Time
-	Expires   time.Time
-	Updated   time.Time
-}
-
-// Override is a manual unblock in force (quota.Override).
-type Override struct {
-	Active bool
-	Limit  uint64    // the limit when the override was granted
-	Until  time.Time // zero: no end time
-}
-
-// Day is one day's usage of a user.
-type Day struct {
-	Day      string // YYYY-MM-DD
-	Up, Down uint64
-}
-
-// Health is the agent's own state as of the last tick.
-type Health struct {
-	LastTick     time.Time // zero: no tick yet
-	TickDuration time.Duration
-	Users        int
-	Errors       map[string]string // subject → error; empty when healthy
-	// Components are the parts of the agent ("kernel", "nftables", "xray",
-	// "state database", "usage files") with their state: "ok", a short
-	// description, or the error.
-	Components map[string]string
-}
-
-// UserRow is the part of a user that a live monitor shows (Watch).
-type UserRow struct {
-	Name     string
-	Protocol quota.Protocol
-	Status   quota.Status
-	Used     uint64
-	Limit    uint64
-	Upload   uint64
-	Download uint64
-}
-
-// Row returns u's monitor row.
-func (u User) Row() UserRow {
-	return UserRow{Name: u.Name, Protocol: u.Protocol, Status: u.Status, Used: u.Used, Limit: u.Limit, Upload: u.Upload, Download: u.Download}
-}
+// The types the API carries are the agent's views (package view), so
+// nothing converts them field by field.
+type (
+	User     = view.User
+	Override = view.Override
+	Day      = view.Day
+	Health   = view.Health
+	UserRow  = view.UserRow
+)
 
 // ErrorCode maps a backend error (matched with errors.Is) to a gRPC code.
 type ErrorCode struct {

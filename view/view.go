@@ -1,0 +1,92 @@
+// Package view holds the read-only pictures of the agent that its readers
+// share: a user (User), a day of a user's history (Day) and the agent's
+// health (Health). The agent publishes them at the end of each tick; the
+// control API sends them over its socket; bwctl prints them. One type each,
+// so nothing converts them field by field.
+//
+// The package has no behaviour beyond small derivations (Row) and imports
+// only quota, so that bwctl links it without the agent.
+package view
+
+import (
+	"time"
+
+	"github.com/myvpn/bwagent/quota"
+)
+
+// User is one user as the agent last saw it. Zero times mean none.
+type User struct {
+	Name      string
+	Protocol  quota.Protocol
+	UID       uint32 // SSH users
+	Present   bool   // the account or Xray client exists now
+	Status    quota.Status
+	Used      uint64 // bytes counted against the limit
+	Limit     uint64 // 0: unlimited
+	Remaining uint64 // meaningful when Limit > 0
+	Upload    uint64
+	Download  uint64
+	Today     uint64 // today's bytes, counted metric
+	Reason    string
+	BlockTime time.Time
+	LastReset time.Time
+	Override  Override
+	NextReset time.Time
+	Expires   time.Time
+	Updated   time.Time
+}
+
+// Override is a manual unblock in force (quota.Override, with a time).
+type Override struct {
+	Active bool
+	Limit  uint64    // the limit when the override was granted
+	Until  time.Time // zero: no end time
+}
+
+// Day is one day's usage of a user.
+type Day struct {
+	Day      string // YYYY-MM-DD, local to the agent's time zone
+	Up, Down uint64
+}
+
+// Health is the agent's own state as of its last tick.
+type Health struct {
+	LastTick     time.Time // zero: no tick yet
+	TickDuration time.Duration
+	Ticks        uint64 // ticks run since the agent started
+	Users        int
+	Errors       map[string]string // subject → error; empty when healthy
+	// Components are the parts of the agent ("kernel", "nftables", "xray",
+	// "state database", "usage files") with their state: "ok", a short
+	// description, or the error.
+	Components map[string]string
+	// Kernel holds the data plane's own counters (bpf's bw_stats): packets
+	// dropped for a block or a spent budget, and packets the maps had no
+	// room for.
+	Kernel KernelStats
+}
+
+// KernelStats are the data plane's own counters since its maps were
+// created.
+type KernelStats struct {
+	DroppedBlocked uint64 // packets of blocked UIDs
+	DroppedQuota   uint64 // packets over a budget
+	CountersFull   uint64 // packets of UIDs the counter map had no room for: not counted
+	QuotaFull      uint64 // packets of budgeted UIDs the quota map had no room for: dropped
+}
+
+// UserRow is the part of a user that a live monitor shows (Watch).
+type UserRow struct {
+	Name     string
+	Protocol quota.Protocol
+	Status   quota.Status
+	Used     uint64
+	Limit    uint64
+	Upload   uint64
+	Download uint64
+}
+
+// Row returns u's monitor row.
+func (u User) Row() UserRow {
+	return UserRow{Name: u.Name, Protocol: u.Protocol, Status: u.Status, Used: u.Used, Limit: u.Limit, Upload: u.Upload, Download: u.Download}
+}
