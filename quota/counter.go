@@ -5,7 +5,7 @@ package quota
 // (for the kernel, the boot and the map; for Xray, the process start): a
 // counter never goes down within one epoch.
 type Sample struct {
-	Epoch    string
+	Epoch    Epoch
 	Up, Down uint64
 }
 
@@ -20,3 +20,43 @@ func Since(base, cur Sample) Usage {
 	}
 	return Usage{Up: cur.Up - base.Up, Down: cur.Down - base.Down}
 }
+
+// SourceKind is what a counter source counts.
+type SourceKind uint8
+
+// Kinds of counter sources.
+const (
+	SourceUID  SourceKind = 1 + iota // one UID's counters in the kernel (SSH users)
+	SourceXray                       // one Xray user's counters in Xray, by email
+)
+
+// Source names one counter source: the key of its baseline.
+type Source struct {
+	Kind SourceKind
+	UID  uint32 // SourceUID
+	Name string // SourceXray: the user's email
+}
+
+// UIDSource is the source of uid's kernel counters.
+func UIDSource(uid uint32) Source { return Source{Kind: SourceUID, UID: uid} }
+
+// XraySource is the source of an Xray user's counters.
+func XraySource(email string) Source { return Source{Kind: SourceXray, Name: email} }
+
+// Epoch names the lifetime of a source's counters: within one epoch they
+// only grow; a different epoch means they restarted from zero. The zero
+// Epoch is "never read".
+type Epoch struct {
+	// Origin is what the counters live in: the boot ID for the kernel's
+	// counters, "xray" for Xray's.
+	Origin string
+	// Start is when the counting process started, Unix seconds (Xray).
+	Start int64
+	// Gen tells apart two lifetimes of the same origin and start: the
+	// kernel counter map's ID, or Xray's allocation count when the epoch
+	// was first seen.
+	Gen uint64
+}
+
+// IsZero reports whether e is the zero Epoch.
+func (e Epoch) IsZero() bool { return e == Epoch{} }

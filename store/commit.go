@@ -11,6 +11,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/myvpn/bwagent/quota"
 )
 
 // bg is the context of every database call: the store has no deadlines of
@@ -49,10 +51,10 @@ type User struct {
 // into the users' totals. Committing it together with the totals is what
 // makes a restart neither lose nor double count traffic.
 type Baseline struct {
-	Source string // e.g. "uid:1001" or "xray:alice@example"
+	Source quota.Source
 	// Epoch identifies the counter's lifetime (boot id and map id, Xray
 	// start time): a different epoch means the counter restarted from zero.
-	Epoch  string
+	Epoch  quota.Epoch
 	Rx, Tx uint64
 }
 
@@ -84,7 +86,7 @@ type Batch struct {
 	Users         []User     // upserted, whole rows
 	DropUsers     []string   // names of users to delete (their History is kept)
 	Baselines     []Baseline // upserted
-	DropBaselines []string   // sources to delete
+	DropBaselines []quota.Source // sources to delete
 	History       []DayUsage // upserted: absolute values for that name and day
 	// Events are appended. On success Commit sets each one's ID; on
 	// failure it leaves them alone, so the batch can be retried as it is.
@@ -266,8 +268,8 @@ func (s *Store) commit(b *Batch) (ids []int64, err error) {
 		}
 	}
 	for _, src := range b.DropBaselines {
-		if _, err := w.delBaseline.Exec(src); err != nil {
-			return nil, fmt.Errorf("drop baseline %q: %w", src, err)
+		if _, err := w.delBaseline.Exec(encodeSource(src)); err != nil {
+			return nil, fmt.Errorf("drop baseline %q: %w", encodeSource(src), err)
 		}
 	}
 	if err := step("drop"); err != nil {
@@ -298,10 +300,10 @@ func (s *Store) commit(b *Batch) (ids []int64, err error) {
 		return nil, err
 	}
 
-	for _, i := range sortedBy(b.Baselines, func(b *Baseline) string { return b.Source }) {
+	for _, i := range sortedBy(b.Baselines, func(b *Baseline) string { return encodeSource(b.Source) }) {
 		bl := &b.Baselines[i]
-		if _, err := w.upBaseline.Exec(bl.Source, bl.Epoch, int64(bl.Rx), int64(bl.Tx)); err != nil {
-			return nil, fmt.Errorf("baseline %q: %w", bl.Source, err)
+		if _, err := w.upBaseline.Exec(encodeSource(bl.Source), encodeEpoch(bl.Epoch), int64(bl.Rx), int64(bl.Tx)); err != nil {
+			return nil, fmt.Errorf("baseline %q: %w", encodeSource(bl.Source), err)
 		}
 	}
 	if err := step("baselines"); err != nil {

@@ -121,10 +121,15 @@ func (s *Store) Baselines() ([]Baseline, error) {
 	var bs []Baseline
 	for rows.Next() {
 		var b Baseline
+		var src, epoch string
 		var rx, tx int64
-		if err := rows.Scan(&b.Source, &b.Epoch, &rx, &tx); err != nil {
+		if err := rows.Scan(&src, &epoch, &rx, &tx); err != nil {
 			return nil, s.wrap("read baselines from", err)
 		}
+		if b.Source, err = decodeSource(src); err != nil {
+			return nil, s.wrap("read baselines from", err)
+		}
+		b.Epoch = decodeEpoch(epoch)
 		b.Rx, b.Tx = uint64(rx), uint64(tx)
 		bs = append(bs, b)
 	}

@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"fmt"
+	"github.com/myvpn/bwagent/quota"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -33,7 +34,7 @@ func benchUsers(n int) ([]User, []Baseline) {
 			u.Protocol, u.UID = "ssh", uint32(1000+i)
 			u.Blocked, u.BlockReason, u.BlockTime = true, "quota exceeded", now
 		}
-		bs[i] = Baseline{Source: "xray:" + u.Name, Epoch: "1757000000-42", Rx: u.Down, Tx: u.Up}
+		bs[i] = Baseline{Source: quota.XraySource(u.Name), Epoch: quota.Epoch{Origin: "xray", Start: 1757000000, Gen: 42}, Rx: u.Down, Tx: u.Up}
 	}
 	return us, bs
 }

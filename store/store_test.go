@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"github.com/myvpn/bwagent/quota"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -146,9 +147,9 @@ func TestRoundTrip(t *testing.T) {
 func TestRoundTripBaselines(t *testing.T) {
 	s := openTest(t)
 	bs := []Baseline{
-		{Source: "xray:zed@example", Epoch: "1757000000", Rx: math.MaxUint64, Tx: 1 << 63},
-		{Source: "uid:1001", Epoch: "boot-1/map-7", Rx: 10, Tx: 20},
-		{Source: "uid:1002"},
+		{Source: quota.XraySource("zed@example"), Epoch: quota.Epoch{Origin: "xray", Start: 1757000000}, Rx: math.MaxUint64, Tx: 1 << 63},
+		{Source: quota.UIDSource(1001), Epoch: quota.Epoch{Origin: "boot-1", Gen: 7}, Rx: 10, Tx: 20},
+		{Source: quota.UIDSource(1002)},
 	}
 	commit(t, s, &Batch{Baselines: bs})
 	got, err := s.Baselines()
@@ -161,14 +162,14 @@ func TestRoundTripBaselines(t *testing.T) {
 	}
 
 	commit(t, s, &Batch{
-		DropBaselines: []string{"uid:1002", "uid:9999"},
-		Baselines:     []Baseline{{Source: "uid:1001", Epoch: "boot-2/map-1", Rx: 1, Tx: 2}},
+		DropBaselines: []quota.Source{quota.UIDSource(1002), quota.UIDSource(9999)},
+		Baselines:     []Baseline{{Source: quota.UIDSource(1001), Epoch: quota.Epoch{Origin: "boot-2", Gen: 1}, Rx: 1, Tx: 2}},
 	})
 	got, err = s.Baselines()
 	if err != nil {
 		t.Fatal(err)
 	}
-	want = []Baseline{{Source: "uid:1001", Epoch: "boot-2/map-1", Rx: 1, Tx: 2}, bs[0]}
+	want = []Baseline{{Source: quota.UIDSource(1001), Epoch: quota.Epoch{Origin: "boot-2", Gen: 1}, Rx: 1, Tx: 2}, bs[0]}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("after drop and upsert:\n got %+v\nwant %+v", got, want)
 	}
@@ -353,7 +354,7 @@ func TestCommitAtomic(t *testing.T) {
 	s := openTest(t)
 	commit(t, s, &Batch{
 		Users:     []User{{Name: "alice", Up: 1}, {Name: "bob", Up: 1}},
-		Baselines: []Baseline{{Source: "uid:1", Rx: 1}, {Source: "uid:2", Rx: 1}},
+		Baselines: []Baseline{{Source: quota.UIDSource(1), Rx: 1}, {Source: quota.UIDSource(2), Rx: 1}},
 		History:   []DayUsage{{Name: "alice", Day: "2026-03-14", Up: 1}},
 		Events:    []Event{{Name: "alice", Action: "block"}},
 		Meta:      map[string]string{"k": "1"},
@@ -365,8 +366,8 @@ func TestCommitAtomic(t *testing.T) {
 		return &Batch{
 			Users:         []User{{Name: "alice", Up: 2}, {Name: "carol", Up: 2}},
 			DropUsers:     []string{"bob"},
-			Baselines:     []Baseline{{Source: "uid:1", Rx: 2}, {Source: "uid:3", Rx: 2}},
-			DropBaselines: []string{"uid:2"},
+			Baselines:     []Baseline{{Source: quota.UIDSource(1), Rx: 2}, {Source: quota.UIDSource(3), Rx: 2}},
+			DropBaselines: []quota.Source{quota.UIDSource(2)},
 			History:       []DayUsage{{Name: "alice", Day: "2026-03-14", Up: 2}, {Name: "alice", Day: "2026-03-15", Up: 2}},
 			Events:        []Event{{Name: "alice", Action: "unblock"}, {Name: "carol", Action: "import"}},
 			Logged:        []int64{first},
@@ -415,7 +416,7 @@ func TestCommitAtomic(t *testing.T) {
 	commit(t, s, b)
 	after := snap(t, s)
 	if len(after.Users) != 2 || after.Users[0].Up != 2 || after.Users[1].Name != "carol" ||
-		len(after.Baselines) != 2 || after.Baselines[1].Source != "uid:3" ||
+		len(after.Baselines) != 2 || after.Baselines[1].Source != quota.UIDSource(3) ||
 		len(after.History) != 2 || after.History[0].Up != 2 ||
 		len(after.Events) != 3 || !after.Events[2].Logged || after.Meta != "2" {
 		t.Fatalf("retried batch not applied whole: %+v", after)
@@ -442,7 +443,7 @@ func TestRollbackFails(t *testing.T) {
 	}
 	b := &Batch{
 		Users:     []User{{Name: "alice", Up: 2}},
-		Baselines: []Baseline{{Source: "uid:1", Rx: 2}},
+		Baselines: []Baseline{{Source: quota.UIDSource(1), Rx: 2}},
 		Events:    []Event{{Name: "alice", Action: "reset"}},
 	}
 	if err := s.Commit(b); !errors.Is(err, fail) {
@@ -501,7 +502,7 @@ func crashChild(path string) {
 		for u := range crashUsers {
 			name := fmt.Sprintf("user%05d", (u*7919)%crashUsers)
 			b.Users = append(b.Users, User{Name: name, Up: uint64(i), UpdatedAt: time.Now()})
-			b.Baselines = append(b.Baselines, Baseline{Source: "xray:" + name, Rx: uint64(i)})
+			b.Baselines = append(b.Baselines, Baseline{Source: quota.XraySource(name), Rx: uint64(i)})
 		}
 		b.History = []DayUsage{{Name: "user00000", Day: "2026-03-14", Up: uint64(i)}}
 		b.Events = []Event{{Name: "user00000", Action: "tick", Reason: strconv.Itoa(i)}}
@@ -577,7 +578,7 @@ func TestCrashSafety(t *testing.T) {
 			t.Fatalf("round %d: %d users and %d baselines, want %d", round, len(us), len(bs), crashUsers)
 		}
 		for i := range us {
-			if us[i].Up != uint64(seq) || bs[i].Rx != uint64(seq) || bs[i].Source != "xray:"+us[i].Name {
+			if us[i].Up != uint64(seq) || bs[i].Rx != uint64(seq) || bs[i].Source != quota.XraySource(us[i].Name) {
 				t.Fatalf("round %d: batch %d torn: user %+v, baseline %+v", round, seq, us[i], bs[i])
 			}
 		}
