@@ -36,11 +36,13 @@ import (
 	"io/fs"
 	"os"
 	"reflect"
+	"slices"
 	"strings"
 	"time"
 	_ "time/tzdata" // see the package documentation
 
 	"github.com/BurntSushi/toml"
+	"github.com/myvpn/bwagent/quota"
 )
 
 // DefaultPath is the configuration file Load reads when given no path.
@@ -55,6 +57,12 @@ const (
 	MaxInterval     = 5 * time.Second
 	MinJSONInterval = time.Second
 	MaxJSONInterval = 10 * time.Minute
+)
+
+// Bounds of Config.Retention.
+const (
+	MinRetention = 24 * time.Hour
+	MaxRetention = 3650 * 24 * time.Hour
 )
 
 // MaxMaxUIDs is the largest Kernel.MaxUIDs: the data plane's policy bitmap
@@ -128,6 +136,10 @@ type Config struct {
 	// files are written, from MinJSONInterval to MaxJSONInterval.
 	// Default 5s.
 	JSONInterval time.Duration
+	// Retention is how long a user who left (no account, no Xray client)
+	// is kept with their usage and status, from MinRetention to
+	// MaxRetention. Default 90 days. TOML: retention, e.g. "90d".
+	Retention time.Duration
 
 	Paths   Paths   // [paths]
 	SSH     SSH     // [ssh]
@@ -222,6 +234,7 @@ func Default() Config {
 		TimeZone:       time.Local,
 		TimeZoneName:   "Local",
 		JSONInterval:   5 * time.Second,
+		Retention:      90 * 24 * time.Hour,
 		Paths: Paths{
 			Limits:    "/etc/xray/bw-limit.conf",
 			UsageDir:  "/etc/myvpn/usage",
@@ -336,4 +349,51 @@ func nilIfEmpty[T any](s *[]T) {
 	if len(*s) == 0 {
 		*s = nil
 	}
+}
+
+// Rules returns the accounting rules the configuration sets, for the
+// accounting core. The configuration is assumed valid (Load, Parse and
+// Validate make it so): the metric is one of the three and the warning
+// share is in (0, 1].
+func (c Config) Rules() quota.Rules {
+	m := quota.Total
+	switch c.Metric {
+	case MetricUpload:
+		m = quota.Upload
+	case MetricDownload:
+		m = quota.Download
+	}
+	return quota.Rules{Metric: m, Warning: c.WarningPercent / 100}
+}
+
+// Location returns the configured time zone (time.Local if unset).
+func (c Config) Location() *time.Location {
+	if c.TimeZone == nil {
+		return time.Local
+	}
+	return c.TimeZone
+}
+
+// NeedsRestart returns the keys whose change from c to next a running agent
+// cannot apply: what it opened or attached at start (the state database,
+// the control socket, the BPF pins, cgroup and map size, the protected
+// UIDs, the nftables names). Sorted; nil when none changed.
+func (c Config) NeedsRestart(next Config) []string {
+	var keys []string
+	add := func(key string, changed bool) {
+		if changed {
+			keys = append(keys, key)
+		}
+	}
+	add("control.admin_group", c.Control.AdminGroup != next.Control.AdminGroup)
+	add("kernel.cgroup", c.Kernel.Cgroup != next.Kernel.Cgroup)
+	add("kernel.max_uids", c.Kernel.MaxUIDs != next.Kernel.MaxUIDs)
+	add("kernel.pin_path", c.Kernel.PinPath != next.Kernel.PinPath)
+	add("kernel.protected_uids", !slices.Equal(c.Kernel.ProtectedUIDs, next.Kernel.ProtectedUIDs))
+	add("nft.chain", c.NFT.Chain != next.NFT.Chain)
+	add("nft.set", c.NFT.Set != next.NFT.Set)
+	add("nft.table", c.NFT.Table != next.NFT.Table)
+	add("paths.socket", c.Paths.Socket != next.Paths.Socket)
+	add("paths.state_db", c.Paths.StateDB != next.Paths.StateDB)
+	return keys
 }

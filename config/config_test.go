@@ -17,6 +17,7 @@ import (
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/config"
 	"github.com/myvpn/bwagent/nft"
+	"github.com/myvpn/bwagent/quota"
 )
 
 var update = flag.Bool("update", false, "rewrite example.toml from Default().String()")
@@ -31,6 +32,7 @@ warning_percent = 90.5
 metric = "upload"
 timezone = "Asia/Jakarta"
 json_interval = "1m30s"
+retention = "30d"
 
 [paths]
 limits = "/srv/bw/limits.conf"
@@ -81,6 +83,7 @@ func fullConfig(t testing.TB) config.Config {
 		TimeZone:       jakarta,
 		TimeZoneName:   "Asia/Jakarta",
 		JSONInterval:   90 * time.Second,
+		Retention:      30 * 24 * time.Hour,
 		Paths: config.Paths{
 			Limits:    "/srv/bw/limits.conf",
 			UsageDir:  "/srv/bw/usage",
@@ -187,6 +190,8 @@ func TestKeysAlone(t *testing.T) {
 		{`timezone = "UTC"`, func(c *config.Config) { c.TimeZone = time.UTC; c.TimeZoneName = "UTC" }},
 		{`json_interval = 600`, func(c *config.Config) { c.JSONInterval = 10 * time.Minute }},
 		{`json_interval = "10m"`, func(c *config.Config) { c.JSONInterval = 10 * time.Minute }},
+		{`retention = "7d"`, func(c *config.Config) { c.Retention = 7 * 24 * time.Hour }},
+		{`retention = "36h"`, func(c *config.Config) { c.Retention = 36 * time.Hour }},
 		{"[paths]\nsocket = \"/run/x.sock\"", func(c *config.Config) { c.Paths.Socket = "/run/x.sock" }},
 		{"paths.passwd = \"/etc/passwd2\"", func(c *config.Config) { c.Paths.Passwd = "/etc/passwd2" }},
 		{"ssh = { uid_min = 500 }", func(c *config.Config) { c.SSH.UIDMin = 500 }},
@@ -214,6 +219,27 @@ func TestKeysAlone(t *testing.T) {
 	}
 	if !reflect.DeepEqual(def, config.Default()) {
 		t.Error("parsing changed Default()")
+	}
+}
+
+func TestRulesAndRestartKeys(t *testing.T) {
+	c := mustParse(t, "metric = \"download\"\nwarning_percent = 90")
+	if r := c.Rules(); r.Metric != quota.Download || r.Warning != 0.9 {
+		t.Errorf("Rules() = %+v", r)
+	}
+	if r := config.Default().Rules(); r.Metric != quota.Total || r.Warning != 0.8 {
+		t.Errorf("default Rules() = %+v", r)
+	}
+	next := c
+	next.Paths.StateDB = "/var/lib/other.db"
+	next.NFT.Table = "other"
+	next.Interval = 3 * time.Second // applied live
+	next.Paths.Limits = "/etc/other.conf"
+	if got := c.NeedsRestart(next); !slices.Equal(got, []string{"nft.table", "paths.state_db"}) {
+		t.Errorf("NeedsRestart = %v", got)
+	}
+	if got := c.NeedsRestart(c); got != nil {
+		t.Errorf("NeedsRestart(same) = %v", got)
 	}
 }
 
@@ -306,8 +332,8 @@ func TestExample(t *testing.T) {
 			}
 		}
 	}
-	if n := len(leafKeys(t, ex)); n != 29 {
-		t.Errorf("example.toml has %d keys, want 29", n)
+	if n := len(leafKeys(t, ex)); n != 30 {
+		t.Errorf("example.toml has %d keys, want 30", n)
 	}
 }
 
@@ -338,6 +364,8 @@ var badFiles = []struct {
 	{"interval huge", "interval = 9999999999999", file + `:1: interval: must be a duration such as "2s" or a whole number of seconds, got 9999999999999 seconds: out of range`, config.ErrInvalid},
 	{"interval table", "[interval]\nx = 1", file + `:1: interval: must be a duration such as "2s" or a whole number of seconds, got table`, config.ErrInvalid},
 	{"json_interval", "json_interval = \"11m\"", file + ":1: json_interval: must be from 1s to 10m, got 11m", config.ErrInvalid},
+	{"retention short", "retention = \"12h\"", file + ":1: retention: must be from 1d to 3650d, got 12h", config.ErrInvalid},
+	{"retention days", "retention = \"-1d\"", file + ":1: retention: must be a duration such as \"2s\" or a whole number of seconds, got \"-1d\"", config.ErrInvalid},
 	{"json_interval short", "json_interval = \"0.5s\"", file + ":1: json_interval: must be from 1s to 10m, got 500ms", config.ErrInvalid},
 	{"timeout zero", "[xray]\ntimeout = \"0s\"", file + ":2: xray.timeout: must be more than 0, got 0s", config.ErrInvalid},
 	{"timeout half interval", "[xray]\ntimeout = \"1s\"", file + ":2: xray.timeout: must be less than half of interval (2s), got 1s", config.ErrInvalid},

@@ -140,6 +140,11 @@ TZ or /etc/localtime), "UTC", or an IANA name such as "Asia/Jakarta".`,
 	durationKey("json_interval", `How often usage-only updates of the per-user JSON files (paths.usage_dir)
 are written, from 1s to 10m.`,
 		func(c *Config) *time.Duration { return &c.JSONInterval }, durationRange(MinJSONInterval, MaxJSONInterval)),
+	durationKey("retention", `How long the agent keeps a user who left (gone from the passwd file and
+from Xray's config): their usage and status stay, so a user who comes back
+within it carries on where they were; after it they are forgotten (their
+per-day history stays in the state database). From 1d to 3650d.`,
+		func(c *Config) *time.Duration { return &c.Retention }, durationRange(MinRetention, MaxRetention)),
 
 	pathKey("paths.limits", "Limits per user, as the bash tool's `cek-bw-limit set john 10240`.", true,
 		func(c *Config) *string { return &c.Paths.Limits }),
@@ -351,7 +356,7 @@ func durationKey(path, doc string, field func(*Config) *time.Duration, check fun
 			switch v := v.(type) {
 			case string:
 				var err error
-				if d, err = time.ParseDuration(v); err != nil {
+				if d, err = parseDuration(v); err != nil {
 					return invalidf(`must be a duration such as "2s" or a whole number of seconds, got %q`, v)
 				}
 			case int64:
@@ -379,9 +384,29 @@ func durationRange(min, max time.Duration) func(time.Duration) error {
 	}
 }
 
+// day is the unit "d" of durations: 24 hours (the configuration has no
+// use for calendar days).
+const day = 24 * time.Hour
+
+// parseDuration is time.ParseDuration that also takes whole days, "90d".
+func parseDuration(s string) (time.Duration, error) {
+	if n, ok := strings.CutSuffix(s, "d"); ok {
+		days, err := strconv.ParseInt(n, 10, 64)
+		if err != nil || days < 0 || days > math.MaxInt64/int64(day) {
+			return 0, fmt.Errorf("bad number of days %q", s)
+		}
+		return time.Duration(days) * day, nil
+	}
+	return time.ParseDuration(s)
+}
+
 // formatDuration formats d as time.Duration.String does, without zero
-// minutes and seconds after a larger unit: "10m", "1h", "1h0m5s".
+// minutes and seconds after a larger unit: "10m", "1h", "1h0m5s"; whole
+// days as "90d".
 func formatDuration(d time.Duration) string {
+	if d >= day && d%day == 0 {
+		return strconv.FormatInt(int64(d/day), 10) + "d"
+	}
 	s := d.String()
 	if t, ok := strings.CutSuffix(s, "m0s"); ok {
 		s = t + "m"
