@@ -3,6 +3,7 @@ package xraystats
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -257,11 +258,13 @@ func (c *Client) sysStats(ctx context.Context, op string) (SysStats, error) {
 
 // OnlineIPs returns the source IPs that the user with this email has open
 // connections from, each with the Unix time (seconds) of the latest
-// connection from it. Xray leaves 127.0.0.1 and ::1 out. It needs
-// "statsUserOnline" in Xray's policy for the user's level, and fails with
-// an error wrapping [ErrNotFound] when Xray has no online map for the user
-// (no connection since Xray started, or statsUserOnline off), and with
-// [ErrUnsupported] when this Xray version lacks the call.
+// connection from it. The IPs are in the form of [netip.Addr.String]
+// ("192.0.2.1", "2001:db8::1"), not Xray's ("[2001:db8::1]"). Xray leaves
+// 127.0.0.1 and ::1 out. It needs "statsUserOnline" in Xray's policy for the
+// user's level, and fails with an error wrapping [ErrNotFound] when Xray has
+// no online map for the user (no connection since Xray started, or
+// statsUserOnline off), and with [ErrUnsupported] when this Xray version
+// lacks the call.
 func (c *Client) OnlineIPs(ctx context.Context, email string) (map[string]int64, error) {
 	op := fmt.Sprintf("online IPs of %q", email)
 	if email == "" {
@@ -275,11 +278,25 @@ func (c *Client) OnlineIPs(ctx context.Context, email string) (map[string]int64,
 	if err != nil {
 		return nil, err
 	}
-	ips := resp.GetIps()
-	if ips == nil {
-		ips = map[string]int64{}
+	return plainIPs(resp.GetIps()), nil
+}
+
+// plainIPs returns the online map ips, as Xray sends it, with its IPs in the
+// form of [netip.Addr.String]. Xray writes an IPv6 address in brackets
+// ("[2001:db8::1]", common/net/address.go), which [netip.ParseAddr] refuses;
+// IPv4 addresses, IPv4-mapped ones included, come as "192.0.2.1". A key that
+// is no IP address stays as it is. It never returns nil.
+func plainIPs(ips map[string]int64) map[string]int64 {
+	out := make(map[string]int64, len(ips))
+	for ip, seen := range ips {
+		s := strings.TrimSuffix(strings.TrimPrefix(ip, "["), "]")
+		if addr, err := netip.ParseAddr(s); err == nil {
+			ip = addr.Unmap().String()
+		}
+		// Two spellings of one address (not seen from Xray): the latest.
+		out[ip] = max(out[ip], seen)
 	}
-	return ips, nil
+	return out
 }
 
 // AddUser adds a user with this email and account to the inbound with this
