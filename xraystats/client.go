@@ -3,14 +3,17 @@ package xraystats
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/myvpn/bwagent/xraystats/internal/xraypb/handlercmdpb"
 	"github.com/myvpn/bwagent/xraystats/internal/xraypb/protocolpb"
@@ -257,11 +260,13 @@ func (c *Client) sysStats(ctx context.Context, op string) (SysStats, error) {
 
 // OnlineIPs returns the source IPs that the user with this email has open
 // connections from, each with the Unix time (seconds) of the latest
-// connection from it. Xray leaves 127.0.0.1 and ::1 out. It needs
-// "statsUserOnline" in Xray's policy for the user's level, and fails with
-// an error wrapping [ErrNotFound] when Xray has no online map for the user
-// (no connection since Xray started, or statsUserOnline off), and with
-// [ErrUnsupported] when this Xray version lacks the call.
+// connection from it. The IPs are in the form of [netip.Addr.String]
+// ("192.0.2.1", "2001:db8::1"), not Xray's ("[2001:db8::1]"). Xray leaves
+// 127.0.0.1 and ::1 out. It needs "statsUserOnline" in Xray's policy for the
+// user's level, and fails with an error wrapping [ErrNotFound] when Xray has
+// no online map for the user (no connection since Xray started, or
+// statsUserOnline off), and with [ErrUnsupported] when this Xray version
+// lacks the call.
 func (c *Client) OnlineIPs(ctx context.Context, email string) (map[string]int64, error) {
 	op := fmt.Sprintf("online IPs of %q", email)
 	if email == "" {
@@ -275,11 +280,131 @@ func (c *Client) OnlineIPs(ctx context.Context, email string) (map[string]int64,
 	if err != nil {
 		return nil, err
 	}
-	ips := resp.GetIps()
-	if ips == nil {
-		ips = map[string]int64{}
+	return plainIPs(resp.GetIps()), nil
+}
+
+// OnlineUsers returns the source IPs of every user that Xray lists as
+// online, by email: a user with at least one connection open from an
+// address other than 127.0.0.1 and ::1 (a user removed from their inbounds
+// stays online while their open connections last). Each user's IPs are as
+// [Client.OnlineIPs] gives them (the same form, with the Unix time of the
+// latest connection from each); a user whose connections all closed in
+// between is left out. Emails are Xray's, exactly: "alice" is never
+// "alice2". It never returns a partial answer: when any request fails, the
+// call fails and the map is nil.
+//
+// It asks StatsService.GetAllOnlineUsers for the online users, then
+// GetStatsOnlineIpList once for each of them (never for users who are not
+// online), a few at a time, all within one per-call timeout. An Xray
+// without GetAllOnlineUsers (added to Xray-core in September 2025) makes it
+// fail with an error wrapping [ErrUnsupported] and the gRPC status
+// Unimplemented: ask [Client.OnlineIPs] user by user there.
+//
+// Users of a level whose policy lacks "statsUserOnline" are never online;
+// with it off for every level the map is empty. An online map name that is
+// not a user's (user>>>EMAIL>>>online) fails the call with [ErrBadName].
+func (c *Client) OnlineUsers(ctx context.Context) (map[string]map[string]int64, error) {
+	var users map[string]map[string]int64
+	err := c.call(ctx, "online users", func(ctx context.Context) error {
+		resp, err := c.stats.GetAllOnlineUsers(ctx, &statscmdpb.GetAllOnlineUsersRequest{})
+		if err != nil {
+			return err
+		}
+		names := resp.GetUsers()
+		emails := make([]string, len(names))
+		for i, name := range names {
+			kind, email, metric, err := ParseStatName(name)
+			if err != nil || kind != KindUser || metric != MetricOnline {
+				return fmt.Errorf("%w: %q is not a user's online map", ErrBadName, name)
+			}
+			emails[i] = email
+		}
+		ips, err := c.onlineIPLists(ctx, names, emails)
+		if err != nil {
+			return err
+		}
+		users = make(map[string]map[string]int64, len(names))
+		for i, email := range emails {
+			if len(ips[i]) > 0 {
+				users[email] = plainIPs(ips[i])
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return users, nil
+}
+
+// onlineIPListsInFlight is how many GetStatsOnlineIpList requests of one
+// OnlineUsers call may be in flight at once.
+const onlineIPListsInFlight = 8
+
+// onlineIPLists asks Xray for the online map of each of names (whose users'
+// emails are emails), up to [onlineIPListsInFlight] at a time, and returns
+// their IP maps in the same order. It fails with the first error, and
+// cancels the requests still running; ctx ending before every request was
+// made is an error too.
+func (c *Client) onlineIPLists(ctx context.Context, names, emails []string) ([]map[string]int64, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ips := make([]map[string]int64, len(names))
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		firstErr error
+	)
+	fail := func(err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if firstErr == nil {
+			firstErr = err
+			cancel()
+		}
+	}
+	slots := make(chan struct{}, onlineIPListsInFlight)
+	for i, name := range names {
+		slots <- struct{}{} // freed by a request, which ends by ctx's deadline
+		if err := ctx.Err(); err != nil {
+			// Failed or timed out before this request was made (a
+			// deadline as a status error, as a request would have failed).
+			fail(status.FromContextError(err).Err())
+			break
+		}
+		wg.Go(func() {
+			defer func() { <-slots }()
+			r, err := c.stats.GetStatsOnlineIpList(ctx, &statscmdpb.GetStatsRequest{Name: name})
+			if err != nil {
+				fail(fmt.Errorf("online IPs of %q: %w", emails[i], err))
+				return
+			}
+			ips[i] = r.GetIps()
+		})
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return nil, firstErr
 	}
 	return ips, nil
+}
+
+// plainIPs returns the online map ips, as Xray sends it, with its IPs in the
+// form of [netip.Addr.String]. Xray writes an IPv6 address in brackets
+// ("[2001:db8::1]", common/net/address.go), which [netip.ParseAddr] refuses;
+// IPv4 addresses, IPv4-mapped ones included, come as "192.0.2.1". A key that
+// is no IP address stays as it is. It never returns nil.
+func plainIPs(ips map[string]int64) map[string]int64 {
+	out := make(map[string]int64, len(ips))
+	for ip, seen := range ips {
+		s := strings.TrimSuffix(strings.TrimPrefix(ip, "["), "]")
+		if addr, err := netip.ParseAddr(s); err == nil {
+			ip = addr.Unmap().String()
+		}
+		// Two spellings of one address (not seen from Xray): the latest.
+		out[ip] = max(out[ip], seen)
+	}
+	return out
 }
 
 // AddUser adds a user with this email and account to the inbound with this

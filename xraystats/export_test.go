@@ -31,3 +31,7 @@ func RawAddUser(ctx context.Context, c *Client, inboundTag, email string, acct A
 		return err
 	})
 }
+
+// OnlineIPListsInFlight is how many GetStatsOnlineIpList requests one
+// OnlineUsers call may have in flight at once.
+const OnlineIPListsInFlight = onlineIPListsInFlight

@@ -3,6 +3,7 @@ package xraystats
 import (
 	"context"
 	"errors"
+	"maps"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -124,5 +125,44 @@ func TestShadowsocksMethods(t *testing.T) {
 		if _, err := accountMessage(Shadowsocks{Method: method}); !errors.Is(err, ErrInvalid) {
 			t.Errorf("%q: %v, want ErrInvalid", method, err)
 		}
+	}
+}
+
+// TestPlainIPs: the online maps' keys as Xray 26.3.27 writes them
+// (common/net/address.go: IPv6 in brackets, IPv4-mapped as IPv4) come out
+// in the form of netip.Addr.String, which netip.ParseAddr reads back.
+func TestPlainIPs(t *testing.T) {
+	got := plainIPs(map[string]int64{
+		"192.0.2.1":              1,
+		"[2001:db8::1]":          2,
+		"[2001:0db8:0:0::2]":     3,
+		"[::ffff:192.0.2.3]":     4,
+		"not-an-ip":              5,
+		"[fe80::1]":              6,
+		"2001:db8::7":            7,
+		"[2001:db8::7]":          8, // the same address twice: the latest
+		"[2001:db8::unbalanced":  9,
+		"[[2001:db8::10]]":       10,
+		"127.0.0.2":              11,
+		"[2001:db8:0:0:0:0:0:b]": 12,
+	})
+	want := map[string]int64{
+		"192.0.2.1":             1,
+		"2001:db8::1":           2,
+		"2001:db8::2":           3,
+		"192.0.2.3":             4,
+		"not-an-ip":             5,
+		"fe80::1":               6,
+		"2001:db8::7":           8,
+		"[2001:db8::unbalanced": 9,
+		"[[2001:db8::10]]":      10,
+		"127.0.0.2":             11,
+		"2001:db8::b":           12,
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("plainIPs = %v, want %v", got, want)
+	}
+	if m := plainIPs(nil); m == nil || len(m) != 0 {
+		t.Errorf("plainIPs(nil) = %#v, want an empty map", m)
 	}
 }

@@ -5,6 +5,7 @@ package xraystats_test
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"testing"
 	"time"
@@ -170,6 +171,99 @@ func TestOnlineIPs(t *testing.T) {
 	if len(last) != 0 {
 		t.Errorf("OnlineIPs(%q) after the connection closed = %v, want none", email, last)
 	}
+}
+
+// TestOnlineUsers: OnlineUsers lists exactly the users with a connection
+// open, each with its own source address, as OnlineIPs does; alice and
+// alice2 (one's name a prefix of the other's) stay apart.
+func TestOnlineUsers(t *testing.T) {
+	l := newLab(t)
+	ctx := t.Context()
+	alice, alice2, vmess, trojan := l.client(t, "alice"), l.client(t, "alice2"), l.client(t, "vmess-a"), l.client(t, "trojan-a")
+
+	// waitFor polls OnlineUsers until it has exactly the users of want,
+	// each with just its client's address; it fails t after 5 s.
+	waitFor := func(what string, want ...*xraytest.Client) map[string]map[string]int64 {
+		t.Helper()
+		var got map[string]map[string]int64
+		var err error
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if got, err = l.api.OnlineUsers(ctx); err != nil {
+				t.Fatalf("%s: OnlineUsers: %v", what, err)
+			}
+			if onlineAre(got, want) {
+				return got
+			}
+			if time.Now().After(deadline) {
+				break
+			}
+		}
+		var emails []string
+		for _, c := range want {
+			emails = append(emails, c.User.Email+" from "+c.Source)
+		}
+		t.Fatalf("%s: OnlineUsers = %v, want %s", what, got, emails)
+		return nil
+	}
+
+	if got, err := l.api.OnlineUsers(ctx); err != nil || got == nil || len(got) != 0 {
+		t.Errorf("OnlineUsers before any connection = %#v, %v; want an empty map", got, err)
+	}
+
+	e2, err := alice2.Echo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e2.Close()
+	waitFor("alice2 connected", alice2)
+
+	ea, err := alice.Echo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ea.Close()
+	ev, err := vmess.Echo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ev.Close()
+	// trojan-a was online for a moment, and is no more.
+	if _, _, err := trojan.Transfer(1000, 1000); err != nil {
+		t.Fatal(err)
+	}
+	got := waitFor("alice, alice2 and vmess-a connected", alice, alice2, vmess)
+	t.Logf("OnlineUsers = %v", got)
+	for _, c := range []*xraytest.Client{alice, alice2, vmess} {
+		seen := got[c.User.Email][c.Source]
+		if d := time.Since(time.Unix(seen, 0)); d < -time.Second || d > 10*time.Second {
+			t.Errorf("%s: %s last seen %v ago", c.User.Email, c.Source, d)
+		}
+		one, err := l.api.OnlineIPs(ctx, c.User.Email)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !maps.Equal(one, got[c.User.Email]) {
+			t.Errorf("OnlineIPs(%q) = %v, OnlineUsers has %v", c.User.Email, one, got[c.User.Email])
+		}
+	}
+
+	ea.Close()
+	waitFor("alice's connection closed", alice2, vmess)
+}
+
+// onlineAre tells whether online has exactly the users of cs, each with
+// just its client's source address.
+func onlineAre(online map[string]map[string]int64, cs []*xraytest.Client) bool {
+	if len(online) != len(cs) {
+		return false
+	}
+	for _, c := range cs {
+		ips := online[c.User.Email]
+		if _, ok := ips[c.Source]; !ok || len(ips) != 1 {
+			return false
+		}
+	}
+	return true
 }
 
 // TestRemoveAddUser blocks and unblocks one user of each protocol while
@@ -392,9 +486,16 @@ func TestXrayDownAndRestart(t *testing.T) {
 		"UserTrafficOf": func() error { _, err := l.api.UserTrafficOf(ctx, u.Email); return err },
 		"SysStats":      func() error { _, err := l.api.SysStats(ctx); return err },
 		"OnlineIPs":     func() error { _, err := l.api.OnlineIPs(ctx, u.Email); return err },
-		"InboundUsers":  func() error { _, err := l.api.InboundUsers(ctx, u.Inbound); return err },
-		"RemoveUser":    func() error { return l.api.RemoveUser(ctx, u.Inbound, u.Email) },
-		"AddUser":       func() error { return l.api.AddUser(ctx, u.Inbound, "carol", Trojan{Password: "x"}) },
+		"OnlineUsers": func() error {
+			m, err := l.api.OnlineUsers(ctx)
+			if m != nil {
+				t.Errorf("OnlineUsers failed with a map: %v", m)
+			}
+			return err
+		},
+		"InboundUsers": func() error { _, err := l.api.InboundUsers(ctx, u.Inbound); return err },
+		"RemoveUser":   func() error { return l.api.RemoveUser(ctx, u.Inbound, u.Email) },
+		"AddUser":      func() error { return l.api.AddUser(ctx, u.Inbound, "carol", Trojan{Password: "x"}) },
 	}
 	checkUnavailable := func(state string, minTime time.Duration) {
 		t.Helper()

@@ -30,7 +30,8 @@ type Client struct {
 	// Source is the local IPv4 address that the client Xray's connections
 	// to the server come from (its outbound's sendThrough), e.g.
 	// "127.0.0.2": unique to the user among the server's clients, it is the
-	// address that the server sees and xraystats.Client.OnlineIPs lists.
+	// address that the server sees and xraystats.Client.OnlineIPs and
+	// OnlineUsers list.
 	Source string
 
 	sink string
