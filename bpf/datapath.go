@@ -101,8 +101,8 @@ type Policy struct {
 	// Quota is the traffic charged to the budget; zero means no budget.
 	Quota Direction
 	// Ceiling is the budget as an absolute value of QuotaUsed: a packet that
-	// would take QuotaUsed above it is dropped. Use Budget to derive it from
-	// a number of remaining bytes.
+	// would take QuotaUsed above it is dropped. Use Ceiling to derive it
+	// from a number of remaining bytes.
 	Ceiling uint64
 }
 

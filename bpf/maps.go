@@ -3,6 +3,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"slices"
 	"strings"
@@ -272,11 +273,24 @@ func (d *Datapath) Budget(uid uint32, remaining uint64, dirs Direction) (Policy,
 	if err != nil {
 		return Policy{}, err
 	}
-	ceiling := used + remaining
-	if ceiling < used { // overflow: no practical limit
-		ceiling = ^uint64(0)
+	return Policy{Blocked: cur.Blocked, Quota: dirs, Ceiling: Ceiling(used, remaining)}, nil
+}
+
+// Ceiling returns the Policy.Ceiling that lets a UID move remaining more
+// bytes from the moment its charged total was quotaUsed (QuotaUsed), or
+// math.MaxUint64, no practical limit, when the sum does not fit.
+//
+// The read order decides whether the budget can be overshot: read
+// QuotaUsed first, then the counters that remaining is computed from. Bytes
+// that pass between the two reads are then both charged (in QuotaUsed after
+// the read) and subtracted (in the counters), so they count against the
+// user twice, never not at all. In the other order they are charged in
+// neither and pass on top of the limit.
+func Ceiling(quotaUsed, remaining uint64) uint64 {
+	if ceiling := quotaUsed + remaining; ceiling >= quotaUsed {
+		return ceiling
 	}
-	return Policy{Blocked: cur.Blocked, Quota: dirs, Ceiling: ceiling}, nil
+	return math.MaxUint64
 }
 
 // SetBudget gives uid a budget of remaining bytes in the directions dirs.
