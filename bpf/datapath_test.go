@@ -96,6 +96,40 @@ func done(t *testing.T, p *nettest.Proc) (sent, recv uint64) {
 	return sent, recv
 }
 
+// setPolicy writes one UID's policy through the agent's write path.
+func setPolicy(t *testing.T, dp *bpf.Datapath, uid uint32, p bpf.Policy) {
+	t.Helper()
+	if err := dp.ApplyPolicies(map[uint32]bpf.Policy{uid: p}); err != nil {
+		t.Fatalf("policy of UID %d: %v", uid, err)
+	}
+}
+
+// block blocks or unblocks uid, keeping its budget.
+func block(t *testing.T, dp *bpf.Datapath, uid uint32, blocked bool) {
+	t.Helper()
+	p, err := dp.Policy(uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Blocked = blocked
+	setPolicy(t, dp, uid, p)
+}
+
+// setBudget lets uid move remaining more bytes in dirs, keeping its
+// blocked state.
+func setBudget(t *testing.T, dp *bpf.Datapath, uid uint32, remaining uint64, dirs bpf.Direction) {
+	t.Helper()
+	p, err := dp.Policy(uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	used, err := dp.QuotaUsed(uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	setPolicy(t, dp, uid, bpf.Policy{Blocked: p.Blocked, Quota: dirs, Ceiling: bpf.Ceiling(used, remaining)})
+}
+
 func listenAddr(a netip.Addr) string { return net.JoinHostPort(a.String(), "0") }
 
 // within checks that counted bytes cover payload plus headers: at least
@@ -207,9 +241,7 @@ func TestBlockStopsBothDirections(t *testing.T) {
 	b.Expect(t, "CONNECTED", 5*time.Second)
 	v.Progress(t, 300*time.Millisecond)
 
-	if err := e.dp.Block(victim); err != nil {
-		t.Fatal(err)
-	}
+	block(t, e.dp, victim, true)
 	// Let in-flight data drain, then measure a quiet window.
 	vs1, vr1 := v.Progress(t, 500*time.Millisecond)
 	_, br1 := b.Progress(t, 10*time.Millisecond)
@@ -245,9 +277,7 @@ func TestBlockStopsBothDirections(t *testing.T) {
 		t.Errorf("connected to a blocked UID's listener: %q", in.Last())
 	}
 
-	if err := e.dp.Unblock(victim); err != nil {
-		t.Fatal(err)
-	}
+	block(t, e.dp, victim, false)
 	// TCP retransmits after its backoff, which grew while blocked.
 	if !resumes(t, v, vr2, 20*time.Second) {
 		t.Errorf("unblocked stream did not resume")
@@ -263,18 +293,14 @@ func TestBlockStopsBothDirections(t *testing.T) {
 func TestBlockHighUID(t *testing.T) {
 	e := newEnv(t)
 	const user, server = 3_000_000, 2702
-	if err := e.dp.Block(user); err != nil {
-		t.Fatal(err)
-	}
+	block(t, e.dp, user, true)
 	srv := e.start(t, true, server, "udp-echo", listenAddr(e.net.B4))
 	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 	c := e.start(t, false, user, "udp-client", addr, "10", "100")
 	if err := c.Wait(10 * time.Second); err == nil || !strings.Contains(c.Last(), "operation not permitted") {
 		t.Errorf("blocked UID %d sent: %v %q", user, err, c.Last())
 	}
-	if err := e.dp.Unblock(user); err != nil {
-		t.Fatal(err)
-	}
+	block(t, e.dp, user, false)
 	done(t, e.start(t, false, user, "udp-client", addr, "10", "100"))
 }
 
@@ -285,9 +311,7 @@ func TestQuotaIsExact(t *testing.T) {
 	const budget = 1 << 20
 	t.Run("tcp-both-directions", func(t *testing.T) {
 		const user, server = 2301, 2302
-		if err := e.dp.SetBudget(user, budget, bpf.Both); err != nil {
-			t.Fatal(err)
-		}
+		setBudget(t, e.dp, user, budget, bpf.Both)
 		srv := e.start(t, true, server, "tcp-serve", listenAddr(e.net.B4))
 		addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 		cli := e.start(t, false, user, "tcp-client", addr, fmt.Sprint(10*budget), "0", "3s")
@@ -320,9 +344,7 @@ func TestQuotaIsExact(t *testing.T) {
 	})
 	t.Run("udp-upload-only", func(t *testing.T) {
 		const user, server = 2303, 2304
-		if err := e.dp.SetBudget(user, budget, bpf.Tx); err != nil {
-			t.Fatal(err)
-		}
+		setBudget(t, e.dp, user, budget, bpf.Tx)
 		srv := e.start(t, true, server, "udp-echo", listenAddr(e.net.B6))
 		addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 		// 10 x budget as fast as it goes; sends fail once the budget is spent.
@@ -344,14 +366,17 @@ func TestQuotaIsExact(t *testing.T) {
 			t.Errorf("sender was not refused: %q", cli.Last())
 		}
 		// A new budget lets more through.
-		if err := e.dp.SetBudget(user, 10_000, bpf.Tx); err != nil {
-			t.Fatal(err)
-		}
+		setBudget(t, e.dp, user, 10_000, bpf.Tx)
 		srv2 := e.start(t, true, server, "udp-echo", listenAddr(e.net.B6))
 		addr2 := strings.Fields(srv2.Expect(t, "ADDR", 5*time.Second))[1]
 		more := e.start(t, false, user, "udp-client", addr2, "5", "1000")
 		if err := more.Wait(10 * time.Second); err != nil {
 			t.Errorf("send within a renewed budget failed: %v %q", err, more.Last())
+		}
+		// Taking the policy away takes the quota accounting with it.
+		setPolicy(t, e.dp, user, bpf.Policy{})
+		if used, err := e.dp.QuotaUsed(user); err != nil || used != 0 {
+			t.Errorf("quota used after the policy went: %d, %v", used, err)
 		}
 	})
 }
@@ -397,9 +422,7 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	if _, again := moved[user]; again {
 		t.Errorf("EachMoved reported %d twice without traffic", user)
 	}
-	if err := e.dp.SetBudget(user, 1<<30, bpf.Both); err != nil {
-		t.Fatal(err)
-	}
+	setBudget(t, e.dp, user, 1<<30, bpf.Both)
 	usedBefore, _ := e.dp.QuotaUsed(user)
 	if err := e.dp.Close(); err != nil {
 		t.Fatal(err)
@@ -566,11 +589,14 @@ func TestLoadErrors(t *testing.T) {
 		}
 		defer dp.Close()
 		for _, uid := range []uint32{0, 65534, 999} {
-			if err := dp.Block(uid); !errors.Is(err, bpf.ErrProtectedUID) {
-				t.Errorf("Block(%d) = %v", uid, err)
+			for _, p := range []bpf.Policy{{Blocked: true}, {Quota: bpf.Both, Ceiling: 1}, {Quota: bpf.Rx}} {
+				if err := dp.ApplyPolicies(map[uint32]bpf.Policy{1000: {Blocked: true}, uid: p}); !errors.Is(err, bpf.ErrProtectedUID) {
+					t.Errorf("ApplyPolicies with %d: %+v = %v", uid, p, err)
+				}
 			}
-			if err := dp.SetBudget(uid, 1, bpf.Both); !errors.Is(err, bpf.ErrProtectedUID) {
-				t.Errorf("SetBudget(%d) = %v", uid, err)
+			// Nothing to protect in taking a policy away.
+			if err := dp.ApplyPolicies(map[uint32]bpf.Policy{uid: {}}); err != nil {
+				t.Errorf("ApplyPolicies deleting %d's policy: %v", uid, err)
 			}
 			if _, err := dp.ReconcilePolicies(map[uint32]bpf.Policy{1000: {Blocked: true}, uid: {Blocked: true}}); !errors.Is(err, bpf.ErrProtectedUID) {
 				t.Errorf("ReconcilePolicies with %d = %v", uid, err)
@@ -609,12 +635,8 @@ func TestReconcilePolicies(t *testing.T) {
 		t.Errorf("repeat reconcile wrote %d (%v), want 0", n, err)
 	}
 	// Someone deletes one entry and adds a stray one: both are repaired.
-	if err := e.dp.SetPolicy(10002, bpf.Policy{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.dp.SetPolicy(20000, bpf.Policy{Blocked: true}); err != nil {
-		t.Fatal(err)
-	}
+	setPolicy(t, e.dp, 10002, bpf.Policy{})
+	setPolicy(t, e.dp, 20000, bpf.Policy{Blocked: true})
 	if n, err := e.dp.ReconcilePolicies(want); err != nil || n != 2 {
 		t.Errorf("repair wrote %d (%v), want 2", n, err)
 	}
