@@ -23,6 +23,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
+
+	"github.com/myvpn/bwagent/internal/uidguard"
 )
 
 // Errors returned by Load and the policy methods. Each is wrapped with the
@@ -71,9 +73,10 @@ type Config struct {
 	// MaxUIDs sizes the counter, policy and quota maps. Zero means
 	// DefaultMaxUIDs.
 	MaxUIDs uint32
-	// ProtectedUIDs can never be blocked or given a budget. UID 0 and the
-	// overflow UID 65534 (the owner the kernel reports for packets with no
-	// full socket) are always protected.
+	// ProtectedUIDs can never be blocked or given a budget, in addition to
+	// the UIDs package uidguard always protects (0 and the overflow UID
+	// 65534). nft.Config.Protected takes the same list, so both enforcers
+	// refuse the same UIDs.
 	ProtectedUIDs []uint32
 }
 
@@ -158,7 +161,7 @@ type Datapath struct {
 	cgroupID  uint64
 	objs      bwacctObjects
 	links     map[ebpf.AttachType]link.Link
-	protected map[uint32]bool
+	protected uidguard.Set
 	lock      *os.File // flock on the pin directory
 
 	// mu serialises policy changes: the policy bits are read-modify-write.
@@ -265,10 +268,7 @@ func load(cfg Config, cgroupID uint64) (*Datapath, error) {
 		cfg:       cfg,
 		cgroupID:  cgroupID,
 		links:     make(map[ebpf.AttachType]link.Link),
-		protected: map[uint32]bool{0: true, 65534: true},
-	}
-	for _, uid := range cfg.ProtectedUIDs {
-		d.protected[uid] = true
+		protected: uidguard.New(cfg.ProtectedUIDs),
 	}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinPath}}
 	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {

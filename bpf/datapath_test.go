@@ -34,11 +34,20 @@ func TestMain(m *testing.M) {
 // pair of network namespaces.
 type env struct {
 	cgroup, pin string
+	cfg         bpf.Config // what load loads
 	dp          *bpf.Datapath
 	net         *nettest.Pair
 }
 
+// newEnv loads a data plane with the default configuration.
 func newEnv(t *testing.T) *env {
+	t.Helper()
+	return newEnvWith(t, bpf.Config{})
+}
+
+// newEnvWith loads a data plane configured as cfg, on the env's own cgroup
+// and pin directory.
+func newEnvWith(t *testing.T, cfg bpf.Config) *env {
 	t.Helper()
 	nettest.RequireRoot(t)
 	root, err := bpf.CgroupV2Root()
@@ -50,6 +59,8 @@ func newEnv(t *testing.T) *env {
 		pin:    filepath.Join("/sys/fs/bpf", nettest.Name("bwtest-")),
 		net:    nettest.NewPair(t),
 	}
+	cfg.CgroupPath, cfg.PinPath = e.cgroup, e.pin
+	e.cfg = cfg
 	t.Cleanup(func() {
 		if err := bpf.Uninstall(e.pin); err != nil {
 			t.Errorf("uninstall: %v", err)
@@ -61,7 +72,7 @@ func newEnv(t *testing.T) *env {
 
 func (e *env) load(t *testing.T) *bpf.Datapath {
 	t.Helper()
-	dp, err := bpf.Load(bpf.Config{CgroupPath: e.cgroup, PinPath: e.pin})
+	dp, err := bpf.Load(e.cfg)
 	if err != nil {
 		t.Fatalf("load: %v", err)
 	}

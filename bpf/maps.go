@@ -22,8 +22,9 @@ func (d *Datapath) Counters(dst map[uint32]Counters) error {
 	return d.EachCounter(func(uid uint32, c Counters) { dst[uid] = c })
 }
 
-// Protected reports whether uid can never be blocked or budgeted.
-func (d *Datapath) Protected(uid uint32) bool { return d.protected[uid] }
+// Protected reports whether uid can never be blocked or budgeted: one of
+// uidguard.Always or Config.ProtectedUIDs.
+func (d *Datapath) Protected(uid uint32) bool { return d.protected.Has(uid) }
 
 // policyBitsUIDs must match POLICY_BITS_UIDS in bwacct.c: UIDs below it
 // have a bit in bw_policy_bits.
@@ -181,7 +182,7 @@ func (d *Datapath) writeWords(words map[uint32]*wordEdit, to func(*wordEdit) uin
 // gives a protected UID a non-zero policy.
 func (d *Datapath) refuseProtected(policies map[uint32]Policy) error {
 	for uid, p := range policies {
-		if !p.isZero() && d.protected[uid] {
+		if !p.isZero() && d.protected.Has(uid) {
 			return fmt.Errorf("%w: %d", ErrProtectedUID, uid)
 		}
 	}
