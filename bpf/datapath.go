@@ -142,16 +142,20 @@ func decodePolicy(v bwacctPolicy) Policy {
 	return p
 }
 
-// Stats are the data plane's own event counters.
+// Stats are the data plane's own event counters, in packets, since the
+// maps were created. Each is kept per CPU by the kernel; Stats sums them.
 type Stats struct {
 	// CountersFull counts packets of UIDs that found the counter map full:
 	// they passed uncounted. Raise MaxUIDs if it grows.
 	CountersFull uint64
-	// DroppedBlocked and DroppedQuota count packets dropped because the UID
-	// was blocked or its budget was spent.
-	DroppedBlocked, DroppedQuota uint64
+	// DroppedBlocked counts packets dropped, either way, because their UID
+	// was blocked.
+	DroppedBlocked uint64
+	// DroppedQuota counts packets dropped because their UID's budget was
+	// spent or could not be tracked (QuotaFull).
+	DroppedQuota uint64
 	// QuotaFull counts packets of budgeted UIDs dropped because the quota
-	// map was full.
+	// map had no room for their UID; they are in DroppedQuota too.
 	QuotaFull uint64
 }
 
