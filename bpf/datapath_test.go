@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -489,9 +490,18 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	if ids, _ := e.dp.AttachedPrograms(ebpf.AttachCGroupInetEgress); len(ids) != 0 {
 		t.Fatalf("detach did not take: %v", ids)
 	}
-	if err := e.dp.EnsureAttached(); err != nil {
-		t.Fatal(err)
+	repaired := func(want ...string) {
+		t.Helper()
+		got, err := e.dp.EnsureAttached()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("EnsureAttached repaired %q, want %q", got, want)
+		}
 	}
+	repaired("pin link_ingress re-created", "egress program re-attached")
+	repaired() // nothing left to do
 	checkOne()
 	if _, err := os.Stat(filepath.Join(e.pin, "link_ingress")); err != nil {
 		t.Errorf("ingress pin not restored: %v", err)
@@ -500,6 +510,44 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	if got := e.counters(t, user); got.TxBytes != 3*before.TxBytes {
 		t.Errorf("not counting after repair: %+v", got)
 	}
+
+	// Someone deletes map pins: they are pinned again from the agent's
+	// handles, so the next agent finds the same maps (same epoch, same
+	// counters and budget) instead of creating empty ones.
+	for _, name := range []string{"bw_counters", "bw_quota_used"} {
+		if err := os.Remove(filepath.Join(e.pin, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	repaired("pin bw_counters re-created", "pin bw_quota_used re-created")
+	// And then the whole directory.
+	if err := os.RemoveAll(e.pin); err != nil {
+		t.Fatal(err)
+	}
+	repaired("pin directory "+e.pin+" re-created",
+		"pin link_ingress re-created", "pin link_egress re-created",
+		"pin bw_counters re-created", "pin bw_policy re-created", "pin bw_policy_bits re-created",
+		"pin bw_quota_used re-created", "pin bw_stats re-created", "pin bw_moved re-created")
+	repaired()
+	checkOne()
+	if _, err := bpf.Load(e.cfg); !errors.Is(err, bpf.ErrInUse) {
+		t.Errorf("second agent on the re-created pin directory: %v, want ErrInUse", err)
+	}
+	usedBefore, _ = e.dp.QuotaUsed(user)
+	if err := e.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.dp = e.load(t)
+	if again, _ := e.dp.Epoch(); again != epoch {
+		t.Errorf("epoch changed across repaired pins: %q -> %q", epoch, again)
+	}
+	if got := e.counters(t, user); got.TxBytes != 3*before.TxBytes {
+		t.Errorf("counters across repaired pins: %+v, want %d bytes sent", got, 3*before.TxBytes)
+	}
+	if used, _ := e.dp.QuotaUsed(user); used != usedBefore {
+		t.Errorf("quota used across repaired pins: %d, want %d", used, usedBefore)
+	}
+	checkOne()
 }
 
 // Test 6: every error case names its cause.
