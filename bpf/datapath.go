@@ -27,8 +27,9 @@ import (
 	"github.com/myvpn/bwagent/internal/uidguard"
 )
 
-// Errors returned by Load and the policy methods. Each is wrapped with the
-// detail and the command that fixes it.
+// Errors returned by Load, the policy methods and ParseEpoch. Each is
+// wrapped with the detail and, where there is one, the command that fixes
+// it.
 var (
 	ErrNoCgroup2       = errors.New("no cgroup v2 filesystem is mounted")
 	ErrNotCgroup2      = errors.New("not a cgroup v2 directory")
@@ -38,6 +39,7 @@ var (
 	ErrKernelTooOld    = errors.New("kernel too old")
 	ErrProtectedUID    = errors.New("UID is protected and cannot be blocked or limited")
 	ErrInUse           = errors.New("pin directory is in use by another agent")
+	ErrInvalidEpoch    = errors.New("not a counter epoch (BOOTID/MAPID)")
 )
 
 // Defaults for Config.
@@ -175,7 +177,7 @@ type Datapath struct {
 	keys   []uint32
 	values []bwacctCounters
 
-	epoch string            // cached by Epoch
+	epoch Epoch             // cached by Epoch
 	have  map[uint32]Policy // ReconcilePolicies' read-back, reused
 	moved []byte            // EachMoved's copy of bw_moved
 }

@@ -414,8 +414,28 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 		t.Errorf("CountersOf unseen UID = %+v, %v", none, err)
 	}
 	epoch, err := e.dp.Epoch()
-	if err != nil || epoch == "" {
-		t.Fatalf("Epoch = %q, %v", epoch, err)
+	if err != nil {
+		t.Fatal(err)
+	}
+	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	counterMap, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_counters"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := counterMap.Info()
+	counterMap.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	if want := (bpf.Epoch{Boot: strings.TrimSpace(string(boot)), CounterMap: uint32(id)}); epoch != want {
+		t.Fatalf("Epoch = %+v, want %+v", epoch, want)
+	}
+	if again, err := bpf.ParseEpoch(epoch.String()); err != nil || again != epoch {
+		t.Errorf("ParseEpoch(%q) = %+v, %v", epoch, again, err)
 	}
 	// EachMoved reports the UIDs that moved since its last call, once.
 	moved := map[uint32]bpf.Counters{}

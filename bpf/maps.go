@@ -4,8 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"os"
-	"strings"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -365,29 +363,6 @@ func (d *Datapath) CountersOf(uid uint32) (Counters, error) {
 		c.TxPackets += v.TxPackets
 	}
 	return c, nil
-}
-
-// Epoch names the lifetime of the counters: the boot and the counter map's
-// ID. Counters never go down within one epoch; a new epoch (a reboot, or the
-// maps removed and created anew) means they restarted from zero.
-func (d *Datapath) Epoch() (string, error) {
-	if d.epoch != "" {
-		return d.epoch, nil
-	}
-	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	if err != nil {
-		return "", fmt.Errorf("read boot id: %w", err)
-	}
-	info, err := d.objs.BwCounters.Info()
-	if err != nil {
-		return "", fmt.Errorf("counter map info: %w", err)
-	}
-	id, ok := info.ID()
-	if !ok {
-		return "", fmt.Errorf("counter map info: kernel reports no map ID")
-	}
-	d.epoch = fmt.Sprintf("%s/%d", strings.TrimSpace(string(boot)), id)
-	return d.epoch, nil
 }
 
 // ApplyPolicies writes the given policies (the zero Policy deletes the
