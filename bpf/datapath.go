@@ -23,10 +23,13 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
+
+	"github.com/myvpn/bwagent/internal/uidguard"
 )
 
-// Errors returned by Load and the policy methods. Each is wrapped with the
-// detail and the command that fixes it.
+// Errors returned by Load, the policy methods and ParseEpoch. Each is
+// wrapped with the detail and, where there is one, the command that fixes
+// it.
 var (
 	ErrNoCgroup2       = errors.New("no cgroup v2 filesystem is mounted")
 	ErrNotCgroup2      = errors.New("not a cgroup v2 directory")
@@ -36,6 +39,7 @@ var (
 	ErrKernelTooOld    = errors.New("kernel too old")
 	ErrProtectedUID    = errors.New("UID is protected and cannot be blocked or limited")
 	ErrInUse           = errors.New("pin directory is in use by another agent")
+	ErrInvalidEpoch    = errors.New("not a counter epoch (BOOTID/MAPID)")
 )
 
 // Defaults for Config.
@@ -71,9 +75,10 @@ type Config struct {
 	// MaxUIDs sizes the counter, policy and quota maps. Zero means
 	// DefaultMaxUIDs.
 	MaxUIDs uint32
-	// ProtectedUIDs can never be blocked or given a budget. UID 0 and the
-	// overflow UID 65534 (the owner the kernel reports for packets with no
-	// full socket) are always protected.
+	// ProtectedUIDs can never be blocked or given a budget, in addition to
+	// the UIDs package uidguard always protects (0 and the overflow UID
+	// 65534). nft.Config.Protected takes the same list, so both enforcers
+	// refuse the same UIDs.
 	ProtectedUIDs []uint32
 }
 
@@ -101,8 +106,8 @@ type Policy struct {
 	// Quota is the traffic charged to the budget; zero means no budget.
 	Quota Direction
 	// Ceiling is the budget as an absolute value of QuotaUsed: a packet that
-	// would take QuotaUsed above it is dropped. Use Budget to derive it from
-	// a number of remaining bytes.
+	// would take QuotaUsed above it is dropped. Use Ceiling to derive it
+	// from a number of remaining bytes.
 	Ceiling uint64
 }
 
@@ -139,16 +144,20 @@ func decodePolicy(v bwacctPolicy) Policy {
 	return p
 }
 
-// Stats are the data plane's own event counters.
+// Stats are the data plane's own event counters, in packets, since the
+// maps were created. Each is kept per CPU by the kernel; Stats sums them.
 type Stats struct {
 	// CountersFull counts packets of UIDs that found the counter map full:
 	// they passed uncounted. Raise MaxUIDs if it grows.
 	CountersFull uint64
-	// DroppedBlocked and DroppedQuota count packets dropped because the UID
-	// was blocked or its budget was spent.
-	DroppedBlocked, DroppedQuota uint64
+	// DroppedBlocked counts packets dropped, either way, because their UID
+	// was blocked.
+	DroppedBlocked uint64
+	// DroppedQuota counts packets dropped because their UID's budget was
+	// spent or could not be tracked (QuotaFull).
+	DroppedQuota uint64
 	// QuotaFull counts packets of budgeted UIDs dropped because the quota
-	// map was full.
+	// map had no room for their UID; they are in DroppedQuota too.
 	QuotaFull uint64
 }
 
@@ -158,7 +167,7 @@ type Datapath struct {
 	cgroupID  uint64
 	objs      bwacctObjects
 	links     map[ebpf.AttachType]link.Link
-	protected map[uint32]bool
+	protected uidguard.Set
 	lock      *os.File // flock on the pin directory
 
 	// mu serialises policy changes: the policy bits are read-modify-write.
@@ -168,7 +177,7 @@ type Datapath struct {
 	keys   []uint32
 	values []bwacctCounters
 
-	epoch string            // cached by Epoch
+	epoch Epoch             // cached by Epoch
 	have  map[uint32]Policy // ReconcilePolicies' read-back, reused
 	moved []byte            // EachMoved's copy of bw_moved
 }
@@ -220,13 +229,7 @@ func Load(cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	d, err := load(cfg, st.Ino)
-	if err != nil {
-		lock.Close()
-		return nil, err
-	}
-	d.lock = lock
-	return d, nil
+	return load(cfg, st.Ino, lock)
 }
 
 // lockPinDir takes an exclusive lock on the pin directory, held until the
@@ -247,14 +250,18 @@ func lockPinDir(dir string) (*os.File, error) {
 	return f, nil
 }
 
-func load(cfg Config, cgroupID uint64) (*Datapath, error) {
+// load loads and attaches the data plane for Load, which holds lock; the
+// Datapath keeps it, and a failure releases it.
+func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 	if err := rlimit.RemoveMemlock(); err != nil {
+		lock.Close()
 		return nil, permission(fmt.Errorf("raise memlock limit: %w", err))
 	}
 
 	spec, err := loadBwacct()
 	if err != nil {
+		lock.Close()
 		return nil, err
 	}
 	for _, name := range []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwQuotaUsed} {
@@ -265,13 +272,12 @@ func load(cfg Config, cgroupID uint64) (*Datapath, error) {
 		cfg:       cfg,
 		cgroupID:  cgroupID,
 		links:     make(map[ebpf.AttachType]link.Link),
-		protected: map[uint32]bool{0: true, 65534: true},
-	}
-	for _, uid := range cfg.ProtectedUIDs {
-		d.protected[uid] = true
+		protected: uidguard.New(cfg.ProtectedUIDs),
+		lock:      lock,
 	}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinPath}}
 	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
+		lock.Close()
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
 			return nil, fmt.Errorf("%w under %s (an older bwagent, or a different max_uids): %v; "+
 				"run `bwagent uninstall` to remove them (kernel counters restart from zero, "+
@@ -279,7 +285,9 @@ func load(cfg Config, cgroupID uint64) (*Datapath, error) {
 		}
 		return nil, permission(fmt.Errorf("load BPF objects: %w", err))
 	}
-	if err := d.EnsureAttached(); err != nil {
+	// Attaching for the first time, or finding a previous agent's links,
+	// is no repair to report.
+	if _, err := d.EnsureAttached(); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -296,25 +304,98 @@ func permission(err error) error {
 }
 
 // EnsureAttached checks that both programs are attached to the configured
-// cgroup through links pinned under PinPath, and repairs whatever is not:
-// a link detached by someone else, a removed pin, a link left over for
-// another cgroup. It is cheap enough to call every tick.
-func (d *Datapath) EnsureAttached() error {
-	progs := map[ebpf.AttachType]*ebpf.Program{
-		ebpf.AttachCGroupInetIngress: d.objs.BwIngress,
-		ebpf.AttachCGroupInetEgress:  d.objs.BwEgress,
+// cgroup through links pinned under PinPath, and that every map is pinned
+// there, and repairs whatever is not: a link detached by someone else or
+// left over for another cgroup, a removed pin of a link or a map, a removed
+// pin directory. It returns what it repaired, one readable item each (for
+// instance "egress program re-attached" or "pin bw_counters re-created"),
+// and nothing when everything was in place. It is cheap enough to call
+// every tick.
+//
+// A pin re-created from the agent's handle keeps the map, so its counters,
+// policies and epoch go on; without the repair the next agent would find no
+// pin and start new, empty maps.
+func (d *Datapath) EnsureAttached() (repaired []string, err error) {
+	if _, err := os.Stat(d.cfg.PinPath); errors.Is(err, os.ErrNotExist) {
+		if err := d.recreatePinDir(); err != nil {
+			return repaired, err
+		}
+		repaired = append(repaired, "pin directory "+d.cfg.PinPath+" re-created")
 	}
-	for typ, prog := range progs {
-		if err := d.ensureLink(typ, prog); err != nil {
-			return err
+	for _, a := range []struct {
+		name string
+		typ  ebpf.AttachType
+		prog *ebpf.Program
+	}{
+		{"ingress", ebpf.AttachCGroupInetIngress, d.objs.BwIngress},
+		{"egress", ebpf.AttachCGroupInetEgress, d.objs.BwEgress},
+	} {
+		reattached, repinned, err := d.ensureLink(a.typ, a.prog)
+		if reattached {
+			repaired = append(repaired, a.name+" program re-attached")
+		}
+		if repinned {
+			repaired = append(repaired, "pin "+linkPins[a.typ]+" re-created")
+		}
+		if err != nil {
+			return repaired, err
 		}
 	}
+	for _, m := range []struct {
+		name string
+		m    *ebpf.Map
+	}{
+		{bwacctMapBwCounters, d.objs.BwCounters},
+		{bwacctMapBwPolicy, d.objs.BwPolicy},
+		{bwacctMapBwPolicyBits, d.objs.BwPolicyBits},
+		{bwacctMapBwQuotaUsed, d.objs.BwQuotaUsed},
+		{bwacctMapBwStats, d.objs.BwStats},
+		{bwacctMapBwMoved, d.objs.BwMoved},
+	} {
+		pin := filepath.Join(d.cfg.PinPath, m.name)
+		if _, err := os.Stat(pin); !errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		// The map remembers its old pin path and would skip re-pinning it.
+		if err := m.m.Unpin(); err != nil {
+			return repaired, fmt.Errorf("unpin map %s: %w", pin, err)
+		}
+		if err := m.m.Pin(pin); err != nil {
+			return repaired, permission(fmt.Errorf("pin map %s: %w", pin, err))
+		}
+		repaired = append(repaired, "pin "+m.name+" re-created")
+	}
+	return repaired, nil
+}
+
+// recreatePinDir creates the pin directory again after someone removed it,
+// and moves the lock to the new directory, so that a second agent is
+// still refused.
+func (d *Datapath) recreatePinDir() error {
+	if err := os.MkdirAll(d.cfg.PinPath, 0o700); err != nil {
+		return permission(fmt.Errorf("re-create pin directory: %w", err))
+	}
+	lock, err := lockPinDir(d.cfg.PinPath)
+	if err != nil {
+		return err
+	}
+	if d.lock != nil {
+		d.lock.Close()
+	}
+	d.lock = lock
 	return nil
 }
 
-func (d *Datapath) ensureLink(typ ebpf.AttachType, prog *ebpf.Program) error {
+// ensureLink makes sure prog is attached to the cgroup through a link
+// pinned under PinPath. It reports whether it re-attached a link that was
+// no longer attached here and whether it re-created a removed pin; the
+// first attachment and a previous agent's link taken over are neither.
+func (d *Datapath) ensureLink(typ ebpf.AttachType, prog *ebpf.Program) (reattached, repinned bool, err error) {
 	pin := filepath.Join(d.cfg.PinPath, linkPins[typ])
+	_, statErr := os.Stat(pin)
+	pinGone := errors.Is(statErr, os.ErrNotExist)
 	l := d.links[typ]
+	ours := l != nil
 	if l == nil {
 		pinned, err := link.LoadPinnedLink(pin, nil)
 		switch {
@@ -322,12 +403,12 @@ func (d *Datapath) ensureLink(typ ebpf.AttachType, prog *ebpf.Program) error {
 			// A previous agent's link: put this version's program in it.
 			if err := pinned.Update(prog); err != nil {
 				pinned.Close()
-				return fmt.Errorf("update pinned link %s: %w", pin, err)
+				return false, false, fmt.Errorf("update pinned link %s: %w", pin, err)
 			}
 			l = pinned
 		case errors.Is(err, os.ErrNotExist):
 		default:
-			return permission(fmt.Errorf("load pinned link %s: %w", pin, err))
+			return false, false, permission(fmt.Errorf("load pinned link %s: %w", pin, err))
 		}
 	}
 	if l != nil && !d.attachedHere(l) {
@@ -335,12 +416,14 @@ func (d *Datapath) ensureLink(typ ebpf.AttachType, prog *ebpf.Program) error {
 		l.Unpin()
 		l.Close()
 		l = nil
+		reattached = true
 	}
 	if l == nil {
 		var err error
 		l, err = link.AttachCgroup(link.CgroupOptions{Path: d.cfg.CgroupPath, Attach: typ, Program: prog})
 		if err != nil {
-			return permission(fmt.Errorf("attach %v to %s: %w", typ, d.cfg.CgroupPath, err))
+			delete(d.links, typ)
+			return false, false, permission(fmt.Errorf("attach %v to %s: %w", typ, d.cfg.CgroupPath, err))
 		}
 	}
 	d.links[typ] = l
@@ -348,10 +431,11 @@ func (d *Datapath) ensureLink(typ ebpf.AttachType, prog *ebpf.Program) error {
 		// The link remembers its old pin path and would skip re-pinning it.
 		l.Unpin()
 		if err := l.Pin(pin); err != nil {
-			return fmt.Errorf("pin link %s: %w", pin, err)
+			return reattached, false, fmt.Errorf("pin link %s: %w", pin, err)
 		}
+		repinned = ours && pinGone
 	}
-	return nil
+	return reattached, repinned, nil
 }
 
 // attachedHere reports whether l is a live cgroup link on our cgroup.

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -34,11 +35,20 @@ func TestMain(m *testing.M) {
 // pair of network namespaces.
 type env struct {
 	cgroup, pin string
+	cfg         bpf.Config // what load loads
 	dp          *bpf.Datapath
 	net         *nettest.Pair
 }
 
+// newEnv loads a data plane with the default configuration.
 func newEnv(t *testing.T) *env {
+	t.Helper()
+	return newEnvWith(t, bpf.Config{})
+}
+
+// newEnvWith loads a data plane configured as cfg, on the env's own cgroup
+// and pin directory.
+func newEnvWith(t *testing.T, cfg bpf.Config) *env {
 	t.Helper()
 	nettest.RequireRoot(t)
 	root, err := bpf.CgroupV2Root()
@@ -50,6 +60,8 @@ func newEnv(t *testing.T) *env {
 		pin:    filepath.Join("/sys/fs/bpf", nettest.Name("bwtest-")),
 		net:    nettest.NewPair(t),
 	}
+	cfg.CgroupPath, cfg.PinPath = e.cgroup, e.pin
+	e.cfg = cfg
 	t.Cleanup(func() {
 		if err := bpf.Uninstall(e.pin); err != nil {
 			t.Errorf("uninstall: %v", err)
@@ -61,7 +73,7 @@ func newEnv(t *testing.T) *env {
 
 func (e *env) load(t *testing.T) *bpf.Datapath {
 	t.Helper()
-	dp, err := bpf.Load(bpf.Config{CgroupPath: e.cgroup, PinPath: e.pin})
+	dp, err := bpf.Load(e.cfg)
 	if err != nil {
 		t.Fatalf("load: %v", err)
 	}
@@ -94,6 +106,40 @@ func done(t *testing.T, p *nettest.Proc) (sent, recv uint64) {
 		t.Fatal(err)
 	}
 	return sent, recv
+}
+
+// setPolicy writes one UID's policy through the agent's write path.
+func setPolicy(t *testing.T, dp *bpf.Datapath, uid uint32, p bpf.Policy) {
+	t.Helper()
+	if err := dp.ApplyPolicies(map[uint32]bpf.Policy{uid: p}); err != nil {
+		t.Fatalf("policy of UID %d: %v", uid, err)
+	}
+}
+
+// block blocks or unblocks uid, keeping its budget.
+func block(t *testing.T, dp *bpf.Datapath, uid uint32, blocked bool) {
+	t.Helper()
+	p, err := dp.Policy(uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Blocked = blocked
+	setPolicy(t, dp, uid, p)
+}
+
+// setBudget lets uid move remaining more bytes in dirs, keeping its
+// blocked state.
+func setBudget(t *testing.T, dp *bpf.Datapath, uid uint32, remaining uint64, dirs bpf.Direction) {
+	t.Helper()
+	p, err := dp.Policy(uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	used, err := dp.QuotaUsed(uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	setPolicy(t, dp, uid, bpf.Policy{Blocked: p.Blocked, Quota: dirs, Ceiling: bpf.Ceiling(used, remaining)})
 }
 
 func listenAddr(a netip.Addr) string { return net.JoinHostPort(a.String(), "0") }
@@ -207,9 +253,7 @@ func TestBlockStopsBothDirections(t *testing.T) {
 	b.Expect(t, "CONNECTED", 5*time.Second)
 	v.Progress(t, 300*time.Millisecond)
 
-	if err := e.dp.Block(victim); err != nil {
-		t.Fatal(err)
-	}
+	block(t, e.dp, victim, true)
 	// Let in-flight data drain, then measure a quiet window.
 	vs1, vr1 := v.Progress(t, 500*time.Millisecond)
 	_, br1 := b.Progress(t, 10*time.Millisecond)
@@ -245,9 +289,7 @@ func TestBlockStopsBothDirections(t *testing.T) {
 		t.Errorf("connected to a blocked UID's listener: %q", in.Last())
 	}
 
-	if err := e.dp.Unblock(victim); err != nil {
-		t.Fatal(err)
-	}
+	block(t, e.dp, victim, false)
 	// TCP retransmits after its backoff, which grew while blocked.
 	if !resumes(t, v, vr2, 20*time.Second) {
 		t.Errorf("unblocked stream did not resume")
@@ -263,18 +305,14 @@ func TestBlockStopsBothDirections(t *testing.T) {
 func TestBlockHighUID(t *testing.T) {
 	e := newEnv(t)
 	const user, server = 3_000_000, 2702
-	if err := e.dp.Block(user); err != nil {
-		t.Fatal(err)
-	}
+	block(t, e.dp, user, true)
 	srv := e.start(t, true, server, "udp-echo", listenAddr(e.net.B4))
 	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 	c := e.start(t, false, user, "udp-client", addr, "10", "100")
 	if err := c.Wait(10 * time.Second); err == nil || !strings.Contains(c.Last(), "operation not permitted") {
 		t.Errorf("blocked UID %d sent: %v %q", user, err, c.Last())
 	}
-	if err := e.dp.Unblock(user); err != nil {
-		t.Fatal(err)
-	}
+	block(t, e.dp, user, false)
 	done(t, e.start(t, false, user, "udp-client", addr, "10", "100"))
 }
 
@@ -285,9 +323,7 @@ func TestQuotaIsExact(t *testing.T) {
 	const budget = 1 << 20
 	t.Run("tcp-both-directions", func(t *testing.T) {
 		const user, server = 2301, 2302
-		if err := e.dp.SetBudget(user, budget, bpf.Both); err != nil {
-			t.Fatal(err)
-		}
+		setBudget(t, e.dp, user, budget, bpf.Both)
 		srv := e.start(t, true, server, "tcp-serve", listenAddr(e.net.B4))
 		addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 		cli := e.start(t, false, user, "tcp-client", addr, fmt.Sprint(10*budget), "0", "3s")
@@ -320,9 +356,7 @@ func TestQuotaIsExact(t *testing.T) {
 	})
 	t.Run("udp-upload-only", func(t *testing.T) {
 		const user, server = 2303, 2304
-		if err := e.dp.SetBudget(user, budget, bpf.Tx); err != nil {
-			t.Fatal(err)
-		}
+		setBudget(t, e.dp, user, budget, bpf.Tx)
 		srv := e.start(t, true, server, "udp-echo", listenAddr(e.net.B6))
 		addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 		// 10 x budget as fast as it goes; sends fail once the budget is spent.
@@ -344,14 +378,17 @@ func TestQuotaIsExact(t *testing.T) {
 			t.Errorf("sender was not refused: %q", cli.Last())
 		}
 		// A new budget lets more through.
-		if err := e.dp.SetBudget(user, 10_000, bpf.Tx); err != nil {
-			t.Fatal(err)
-		}
+		setBudget(t, e.dp, user, 10_000, bpf.Tx)
 		srv2 := e.start(t, true, server, "udp-echo", listenAddr(e.net.B6))
 		addr2 := strings.Fields(srv2.Expect(t, "ADDR", 5*time.Second))[1]
 		more := e.start(t, false, user, "udp-client", addr2, "5", "1000")
 		if err := more.Wait(10 * time.Second); err != nil {
 			t.Errorf("send within a renewed budget failed: %v %q", err, more.Last())
+		}
+		// Taking the policy away takes the quota accounting with it.
+		setPolicy(t, e.dp, user, bpf.Policy{})
+		if used, err := e.dp.QuotaUsed(user); err != nil || used != 0 {
+			t.Errorf("quota used after the policy went: %d, %v", used, err)
 		}
 	})
 }
@@ -377,8 +414,28 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 		t.Errorf("CountersOf unseen UID = %+v, %v", none, err)
 	}
 	epoch, err := e.dp.Epoch()
-	if err != nil || epoch == "" {
-		t.Fatalf("Epoch = %q, %v", epoch, err)
+	if err != nil {
+		t.Fatal(err)
+	}
+	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	counterMap, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_counters"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := counterMap.Info()
+	counterMap.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	if want := (bpf.Epoch{Boot: strings.TrimSpace(string(boot)), CounterMap: uint32(id)}); epoch != want {
+		t.Fatalf("Epoch = %+v, want %+v", epoch, want)
+	}
+	if again, err := bpf.ParseEpoch(epoch.String()); err != nil || again != epoch {
+		t.Errorf("ParseEpoch(%q) = %+v, %v", epoch, again, err)
 	}
 	// EachMoved reports the UIDs that moved since its last call, once.
 	moved := map[uint32]bpf.Counters{}
@@ -397,9 +454,7 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	if _, again := moved[user]; again {
 		t.Errorf("EachMoved reported %d twice without traffic", user)
 	}
-	if err := e.dp.SetBudget(user, 1<<30, bpf.Both); err != nil {
-		t.Fatal(err)
-	}
+	setBudget(t, e.dp, user, 1<<30, bpf.Both)
 	usedBefore, _ := e.dp.QuotaUsed(user)
 	if err := e.dp.Close(); err != nil {
 		t.Fatal(err)
@@ -455,9 +510,18 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	if ids, _ := e.dp.AttachedPrograms(ebpf.AttachCGroupInetEgress); len(ids) != 0 {
 		t.Fatalf("detach did not take: %v", ids)
 	}
-	if err := e.dp.EnsureAttached(); err != nil {
-		t.Fatal(err)
+	repaired := func(want ...string) {
+		t.Helper()
+		got, err := e.dp.EnsureAttached()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("EnsureAttached repaired %q, want %q", got, want)
+		}
 	}
+	repaired("pin link_ingress re-created", "egress program re-attached")
+	repaired() // nothing left to do
 	checkOne()
 	if _, err := os.Stat(filepath.Join(e.pin, "link_ingress")); err != nil {
 		t.Errorf("ingress pin not restored: %v", err)
@@ -466,6 +530,44 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	if got := e.counters(t, user); got.TxBytes != 3*before.TxBytes {
 		t.Errorf("not counting after repair: %+v", got)
 	}
+
+	// Someone deletes map pins: they are pinned again from the agent's
+	// handles, so the next agent finds the same maps (same epoch, same
+	// counters and budget) instead of creating empty ones.
+	for _, name := range []string{"bw_counters", "bw_quota_used"} {
+		if err := os.Remove(filepath.Join(e.pin, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	repaired("pin bw_counters re-created", "pin bw_quota_used re-created")
+	// And then the whole directory.
+	if err := os.RemoveAll(e.pin); err != nil {
+		t.Fatal(err)
+	}
+	repaired("pin directory "+e.pin+" re-created",
+		"pin link_ingress re-created", "pin link_egress re-created",
+		"pin bw_counters re-created", "pin bw_policy re-created", "pin bw_policy_bits re-created",
+		"pin bw_quota_used re-created", "pin bw_stats re-created", "pin bw_moved re-created")
+	repaired()
+	checkOne()
+	if _, err := bpf.Load(e.cfg); !errors.Is(err, bpf.ErrInUse) {
+		t.Errorf("second agent on the re-created pin directory: %v, want ErrInUse", err)
+	}
+	usedBefore, _ = e.dp.QuotaUsed(user)
+	if err := e.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.dp = e.load(t)
+	if again, _ := e.dp.Epoch(); again != epoch {
+		t.Errorf("epoch changed across repaired pins: %q -> %q", epoch, again)
+	}
+	if got := e.counters(t, user); got.TxBytes != 3*before.TxBytes {
+		t.Errorf("counters across repaired pins: %+v, want %d bytes sent", got, 3*before.TxBytes)
+	}
+	if used, _ := e.dp.QuotaUsed(user); used != usedBefore {
+		t.Errorf("quota used across repaired pins: %d, want %d", used, usedBefore)
+	}
+	checkOne()
 }
 
 // Test 6: every error case names its cause.
@@ -566,11 +668,14 @@ func TestLoadErrors(t *testing.T) {
 		}
 		defer dp.Close()
 		for _, uid := range []uint32{0, 65534, 999} {
-			if err := dp.Block(uid); !errors.Is(err, bpf.ErrProtectedUID) {
-				t.Errorf("Block(%d) = %v", uid, err)
+			for _, p := range []bpf.Policy{{Blocked: true}, {Quota: bpf.Both, Ceiling: 1}, {Quota: bpf.Rx}} {
+				if err := dp.ApplyPolicies(map[uint32]bpf.Policy{1000: {Blocked: true}, uid: p}); !errors.Is(err, bpf.ErrProtectedUID) {
+					t.Errorf("ApplyPolicies with %d: %+v = %v", uid, p, err)
+				}
 			}
-			if err := dp.SetBudget(uid, 1, bpf.Both); !errors.Is(err, bpf.ErrProtectedUID) {
-				t.Errorf("SetBudget(%d) = %v", uid, err)
+			// Nothing to protect in taking a policy away.
+			if err := dp.ApplyPolicies(map[uint32]bpf.Policy{uid: {}}); err != nil {
+				t.Errorf("ApplyPolicies deleting %d's policy: %v", uid, err)
 			}
 			if _, err := dp.ReconcilePolicies(map[uint32]bpf.Policy{1000: {Blocked: true}, uid: {Blocked: true}}); !errors.Is(err, bpf.ErrProtectedUID) {
 				t.Errorf("ReconcilePolicies with %d = %v", uid, err)
@@ -609,12 +714,8 @@ func TestReconcilePolicies(t *testing.T) {
 		t.Errorf("repeat reconcile wrote %d (%v), want 0", n, err)
 	}
 	// Someone deletes one entry and adds a stray one: both are repaired.
-	if err := e.dp.SetPolicy(10002, bpf.Policy{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.dp.SetPolicy(20000, bpf.Policy{Blocked: true}); err != nil {
-		t.Fatal(err)
-	}
+	setPolicy(t, e.dp, 10002, bpf.Policy{})
+	setPolicy(t, e.dp, 20000, bpf.Policy{Blocked: true})
 	if n, err := e.dp.ReconcilePolicies(want); err != nil || n != 2 {
 		t.Errorf("repair wrote %d (%v), want 2", n, err)
 	}

@@ -3,9 +3,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
-	"os"
-	"slices"
-	"strings"
+	"math"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -22,64 +20,13 @@ func (d *Datapath) Counters(dst map[uint32]Counters) error {
 	return d.EachCounter(func(uid uint32, c Counters) { dst[uid] = c })
 }
 
-// Protected reports whether uid can never be blocked or budgeted.
-func (d *Datapath) Protected(uid uint32) bool { return d.protected[uid] }
+// Protected reports whether uid can never be blocked or budgeted: one of
+// uidguard.Always or Config.ProtectedUIDs.
+func (d *Datapath) Protected(uid uint32) bool { return d.protected.Has(uid) }
 
 // policyBitsUIDs must match POLICY_BITS_UIDS in bwacct.c: UIDs below it
 // have a bit in bw_policy_bits.
 const policyBitsUIDs = 1 << 20
-
-// SetPolicy makes the kernel enforce p for uid; the zero Policy removes
-// the UID's entry (and its quota accounting).
-func (d *Datapath) SetPolicy(uid uint32, p Policy) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.setPolicy(uid, p)
-}
-
-func (d *Datapath) setPolicy(uid uint32, p Policy) error {
-	if p.isZero() {
-		if err := d.deletePolicy(uid); err != nil {
-			return err
-		}
-		return d.setBit(uid, false)
-	}
-	if d.protected[uid] {
-		return fmt.Errorf("%w: %d", ErrProtectedUID, uid)
-	}
-	// The bit first: a policy whose bit is clear is not enforced.
-	if err := d.setBit(uid, true); err != nil {
-		return err
-	}
-	v := p.encode()
-	if err := d.objs.BwPolicy.Put(uid, &v); err != nil {
-		return fmt.Errorf("set policy of UID %d: %w", uid, err)
-	}
-	return nil
-}
-
-// setBit sets or clears uid's bit in bw_policy_bits.
-func (d *Datapath) setBit(uid uint32, on bool) error {
-	if uid >= policyBitsUIDs {
-		return nil
-	}
-	word := uid / 64
-	var bits uint64
-	if err := d.objs.BwPolicyBits.Lookup(word, &bits); err != nil {
-		return fmt.Errorf("read policy bits of UID %d: %w", uid, err)
-	}
-	next := bits &^ (1 << (uid % 64))
-	if on {
-		next = bits | 1<<(uid%64)
-	}
-	if next == bits {
-		return nil
-	}
-	if err := d.objs.BwPolicyBits.Put(word, next); err != nil {
-		return fmt.Errorf("write policy bits of UID %d: %w", uid, err)
-	}
-	return nil
-}
 
 // readBits returns every word of bw_policy_bits, through its memory
 // mapping when it has one (one copy; a batch lookup of 16,384 words costs
@@ -105,14 +52,116 @@ func (d *Datapath) readBits() ([]uint64, error) {
 	return bits, nil
 }
 
-// writeBits writes the words of want that differ from have.
-func (d *Datapath) writeBits(have, want []uint64) error {
+// wordEdit is one word of bw_policy_bits: its value in the kernel and the
+// value it must end with.
+type wordEdit struct{ have, want uint64 }
+
+// policyBatch is one call of writePolicies.
+type policyBatch struct {
+	putKeys []uint32
+	putVals []bwacctPolicy
+	dels    []uint32 // UIDs whose policy and quota accounting go
+	// words are bitmap words the caller has read, by index, with the
+	// value each must end with (ReconcilePolicies' repairs). The bits of
+	// puts and deletes are added by writePolicies.
+	words map[uint32]*wordEdit
+	// read returns a word of the bitmap that words lacks; nil means a map
+	// lookup.
+	read func(word uint32) (uint64, error)
+}
+
+// set queues p for uid; the zero Policy deletes uid's policy.
+func (b *policyBatch) set(uid uint32, p Policy) {
+	if p.isZero() {
+		b.dels = append(b.dels, uid)
+		return
+	}
+	b.putKeys = append(b.putKeys, uid)
+	b.putVals = append(b.putVals, p.encode())
+}
+
+// writePolicies is the only writer of bw_policy and bw_policy_bits, and
+// the only deleter of bw_quota_used entries. It puts b's policies and
+// deletes b's UIDs' policies with their quota accounting, in the order the
+// programs rely on: a policy whose bit is clear is never looked at, so the
+// bits of new policies are set before the policies are written, and the
+// bits of deleted ones are cleared only after the policies are gone. Words
+// in b.words move to their want value in the same two steps. It returns the
+// number of policies written or deleted. d.mu must be held.
+func (d *Datapath) writePolicies(b *policyBatch) (int, error) {
+	if b.words == nil {
+		b.words = make(map[uint32]*wordEdit)
+	}
+	mark := func(uids []uint32, on bool) error {
+		for _, uid := range uids {
+			if uid >= policyBitsUIDs {
+				continue // no bit: the programs always look these up
+			}
+			i := uid / 64
+			w := b.words[i]
+			if w == nil {
+				var v uint64
+				var err error
+				if b.read != nil {
+					v, err = b.read(i)
+				} else {
+					err = d.objs.BwPolicyBits.Lookup(i, &v)
+				}
+				if err != nil {
+					return fmt.Errorf("read policy bits of UID %d: %w", uid, err)
+				}
+				w = &wordEdit{have: v, want: v}
+				b.words[i] = w
+			}
+			if on {
+				w.want |= 1 << (uid % 64)
+			} else {
+				w.want &^= 1 << (uid % 64)
+			}
+		}
+		return nil
+	}
+	if err := mark(b.putKeys, true); err != nil {
+		return 0, err
+	}
+	if err := mark(b.dels, false); err != nil {
+		return 0, err
+	}
+	// Set bits first: have | want holds every bit of the old and the new
+	// policies.
+	if err := d.writeWords(b.words, func(w *wordEdit) uint64 { return w.have | w.want }); err != nil {
+		return 0, err
+	}
+	if len(b.putKeys) > 0 {
+		if _, err := d.objs.BwPolicy.BatchUpdate(b.putKeys, b.putVals, nil); err != nil {
+			return 0, fmt.Errorf("write policies: %w", err)
+		}
+	}
+	n := len(b.putKeys)
+	for _, uid := range b.dels {
+		if err := d.objs.BwPolicy.Delete(uid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("delete policy of UID %d: %w", uid, err)
+		}
+		if err := d.objs.BwQuotaUsed.Delete(uid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("delete quota of UID %d: %w", uid, err)
+		}
+		n++
+	}
+	// Then clear the bits whose policies are gone.
+	if err := d.writeWords(b.words, func(w *wordEdit) uint64 { return w.want }); err != nil {
+		return n, err
+	}
+	return n, nil
+}
+
+// writeWords writes to bw_policy_bits every word whose value to(w)
+// differs from what the kernel has, in one batch.
+func (d *Datapath) writeWords(words map[uint32]*wordEdit, to func(*wordEdit) uint64) error {
 	var keys []uint32
 	var vals []uint64
-	for i := range want {
-		if want[i] != have[i] {
-			keys = append(keys, uint32(i))
-			vals = append(vals, want[i])
+	for i, w := range words {
+		if v := to(w); v != w.have {
+			keys, vals = append(keys, i), append(vals, v)
 		}
 	}
 	if len(keys) == 0 {
@@ -121,15 +170,19 @@ func (d *Datapath) writeBits(have, want []uint64) error {
 	if _, err := d.objs.BwPolicyBits.BatchUpdate(keys, vals, nil); err != nil {
 		return fmt.Errorf("write policy bits: %w", err)
 	}
+	for k, i := range keys {
+		words[i].have = vals[k]
+	}
 	return nil
 }
 
-func (d *Datapath) deletePolicy(uid uint32) error {
-	if err := d.objs.BwPolicy.Delete(uid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete policy of UID %d: %w", uid, err)
-	}
-	if err := d.objs.BwQuotaUsed.Delete(uid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete quota of UID %d: %w", uid, err)
+// refuseProtected returns an error wrapping ErrProtectedUID if policies
+// gives a protected UID a non-zero policy.
+func (d *Datapath) refuseProtected(policies map[uint32]Policy) error {
+	for uid, p := range policies {
+		if !p.isZero() && d.protected.Has(uid) {
+			return fmt.Errorf("%w: %d", ErrProtectedUID, uid)
+		}
 	}
 	return nil
 }
@@ -178,10 +231,8 @@ func (d *Datapath) readPolicies(dst map[uint32]Policy) error {
 // and repairs the policy bits. It returns the number of policies written or
 // deleted. A protected UID in desired is an error and nothing is changed.
 func (d *Datapath) ReconcilePolicies(desired map[uint32]Policy) (int, error) {
-	for uid, p := range desired {
-		if !p.isZero() && d.protected[uid] {
-			return 0, fmt.Errorf("%w: %d", ErrProtectedUID, uid)
-		}
+	if err := d.refuseProtected(desired); err != nil {
+		return 0, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -202,45 +253,29 @@ func (d *Datapath) ReconcilePolicies(desired map[uint32]Policy) (int, error) {
 			wantBits[uid/64] |= 1 << (uid % 64)
 		}
 	}
-	// Bits of new policies go in before the policies, stale bits come out
-	// after the policies are gone: the kernel never misses a policy.
-	union := slices.Clone(haveBits)
-	for i := range union {
-		union[i] |= wantBits[i]
+	b := policyBatch{
+		words: make(map[uint32]*wordEdit),
+		read:  func(i uint32) (uint64, error) { return haveBits[i], nil },
 	}
-	if err := d.writeBits(haveBits, union); err != nil {
-		return 0, err
+	for i := range wantBits {
+		if wantBits[i] != haveBits[i] {
+			b.words[uint32(i)] = &wordEdit{have: haveBits[i], want: wantBits[i]}
+		}
 	}
-	var putKeys, delKeys []uint32
-	var putVals []bwacctPolicy
 	for uid, p := range desired {
 		if p.isZero() {
 			continue
 		}
 		if cur, ok := have[uid]; !ok || cur != decodePolicy(p.encode()) {
-			putKeys = append(putKeys, uid)
-			putVals = append(putVals, p.encode())
+			b.set(uid, p)
 		}
 	}
 	for uid := range have {
 		if p, ok := desired[uid]; !ok || p.isZero() {
-			delKeys = append(delKeys, uid)
+			b.set(uid, Policy{})
 		}
 	}
-	if len(putKeys) > 0 {
-		if _, err := d.objs.BwPolicy.BatchUpdate(putKeys, putVals, nil); err != nil {
-			return 0, fmt.Errorf("write policies: %w", err)
-		}
-	}
-	for _, uid := range delKeys {
-		if err := d.deletePolicy(uid); err != nil {
-			return len(putKeys), err
-		}
-	}
-	if err := d.writeBits(union, wantBits); err != nil {
-		return len(putKeys) + len(delKeys), err
-	}
-	return len(putKeys) + len(delKeys), nil
+	return d.writePolicies(&b)
 }
 
 // QuotaUsed returns the bytes charged to uid's budget since its quota entry
@@ -257,58 +292,21 @@ func (d *Datapath) QuotaUsed(uid uint32) (uint64, error) {
 	return used, nil
 }
 
-// Budget returns the Policy that lets uid move at most remaining more bytes
-// in the directions dirs, counted from now, keeping its Blocked state.
+// Ceiling returns the Policy.Ceiling that lets a UID move remaining more
+// bytes from the moment its charged total was quotaUsed (QuotaUsed), or
+// math.MaxUint64, no practical limit, when the sum does not fit.
 //
-// To never grant more than the true remainder, read QuotaUsed (this method
-// does) before the counters that remaining was computed from: bytes that pass
-// in between are then charged twice, never missed.
-func (d *Datapath) Budget(uid uint32, remaining uint64, dirs Direction) (Policy, error) {
-	cur, err := d.Policy(uid)
-	if err != nil {
-		return Policy{}, err
+// The read order decides whether the budget can be overshot: read
+// QuotaUsed first, then the counters that remaining is computed from. Bytes
+// that pass between the two reads are then both charged (in QuotaUsed after
+// the read) and subtracted (in the counters), so they count against the
+// user twice, never not at all. In the other order they are charged in
+// neither and pass on top of the limit.
+func Ceiling(quotaUsed, remaining uint64) uint64 {
+	if ceiling := quotaUsed + remaining; ceiling >= quotaUsed {
+		return ceiling
 	}
-	used, err := d.QuotaUsed(uid)
-	if err != nil {
-		return Policy{}, err
-	}
-	ceiling := used + remaining
-	if ceiling < used { // overflow: no practical limit
-		ceiling = ^uint64(0)
-	}
-	return Policy{Blocked: cur.Blocked, Quota: dirs, Ceiling: ceiling}, nil
-}
-
-// SetBudget gives uid a budget of remaining bytes in the directions dirs.
-func (d *Datapath) SetBudget(uid uint32, remaining uint64, dirs Direction) error {
-	if dirs == 0 {
-		return fmt.Errorf("budget of UID %d: no direction", uid)
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	p, err := d.Budget(uid, remaining, dirs)
-	if err != nil {
-		return err
-	}
-	return d.setPolicy(uid, p)
-}
-
-// Block drops all of uid's traffic, keeping its budget.
-func (d *Datapath) Block(uid uint32) error { return d.setBlocked(uid, true) }
-
-// Unblock lets uid's traffic through again, within its budget if it has
-// one.
-func (d *Datapath) Unblock(uid uint32) error { return d.setBlocked(uid, false) }
-
-func (d *Datapath) setBlocked(uid uint32, blocked bool) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	p, err := d.Policy(uid)
-	if err != nil {
-		return err
-	}
-	p.Blocked = blocked
-	return d.setPolicy(uid, p)
+	return math.MaxUint64
 }
 
 // Stats returns the data plane's event counters, summed over CPUs.
@@ -367,29 +365,6 @@ func (d *Datapath) CountersOf(uid uint32) (Counters, error) {
 	return c, nil
 }
 
-// Epoch names the lifetime of the counters: the boot and the counter map's
-// ID. Counters never go down within one epoch; a new epoch (a reboot, or the
-// maps removed and created anew) means they restarted from zero.
-func (d *Datapath) Epoch() (string, error) {
-	if d.epoch != "" {
-		return d.epoch, nil
-	}
-	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	if err != nil {
-		return "", fmt.Errorf("read boot id: %w", err)
-	}
-	info, err := d.objs.BwCounters.Info()
-	if err != nil {
-		return "", fmt.Errorf("counter map info: %w", err)
-	}
-	id, ok := info.ID()
-	if !ok {
-		return "", fmt.Errorf("counter map info: kernel reports no map ID")
-	}
-	d.epoch = fmt.Sprintf("%s/%d", strings.TrimSpace(string(boot)), id)
-	return d.epoch, nil
-}
-
 // ApplyPolicies writes the given policies (the zero Policy deletes the
 // UID's entry and its quota accounting) and leaves every other UID alone. It
 // is ReconcilePolicies for a known set of changes: its cost is proportional
@@ -399,80 +374,17 @@ func (d *Datapath) ApplyPolicies(changes map[uint32]Policy) error {
 	if len(changes) == 0 {
 		return nil
 	}
+	if err := d.refuseProtected(changes); err != nil {
+		return err
+	}
+	var b policyBatch
 	for uid, p := range changes {
-		if !p.isZero() && d.protected[uid] {
-			return fmt.Errorf("%w: %d", ErrProtectedUID, uid)
-		}
+		b.set(uid, p)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	// Read the bitmap words the changes touch.
-	words := make(map[uint32]uint64)
-	for uid := range changes {
-		if uid >= policyBitsUIDs {
-			continue
-		}
-		w := uid / 64
-		if _, ok := words[w]; ok {
-			continue
-		}
-		var bits uint64
-		if err := d.objs.BwPolicyBits.Lookup(w, &bits); err != nil {
-			return fmt.Errorf("read policy bits: %w", err)
-		}
-		words[w] = bits
-	}
-	setBits := func(on bool) error {
-		var keys []uint32
-		var vals []uint64
-		for w, have := range words {
-			next := have
-			for i := uint32(0); i < 64; i++ {
-				p, ok := changes[w*64+i]
-				if !ok || p.isZero() == on {
-					continue
-				}
-				if on {
-					next |= 1 << i
-				} else {
-					next &^= 1 << i
-				}
-			}
-			if next != have {
-				keys, vals = append(keys, w), append(vals, next)
-				words[w] = next
-			}
-		}
-		if len(keys) == 0 {
-			return nil
-		}
-		if _, err := d.objs.BwPolicyBits.BatchUpdate(keys, vals, nil); err != nil {
-			return fmt.Errorf("write policy bits: %w", err)
-		}
-		return nil
-	}
-	// New bits before their policies, stale bits after theirs are gone,
-	// as in ReconcilePolicies.
-	if err := setBits(true); err != nil {
-		return err
-	}
-	var putKeys []uint32
-	var putVals []bwacctPolicy
-	for uid, p := range changes {
-		if p.isZero() {
-			if err := d.deletePolicy(uid); err != nil {
-				return err
-			}
-			continue
-		}
-		putKeys, putVals = append(putKeys, uid), append(putVals, p.encode())
-	}
-	if len(putKeys) > 0 {
-		if _, err := d.objs.BwPolicy.BatchUpdate(putKeys, putVals, nil); err != nil {
-			return fmt.Errorf("write policies: %w", err)
-		}
-	}
-	return setBits(false)
+	_, err := d.writePolicies(&b)
+	return err
 }
 
 // EachCounter calls fn with every UID's counters, summed over CPUs, reading

@@ -35,6 +35,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/myvpn/bwagent/internal/uidguard"
 )
 
 // Default names of the objects a Firewall keeps.
@@ -53,8 +55,9 @@ var (
 	// used in the kernel.
 	ErrInvalidName = errors.New("invalid name")
 
-	// ErrProtectedUID means a desired UID must never be blocked: UID 0 or
-	// one of Config.Protected.
+	// ErrProtectedUID means a desired UID must never be blocked: one of
+	// uidguard.Always (UID 0 and the overflow UID 65534) or of
+	// Config.Protected.
 	ErrProtectedUID = errors.New("protected UID")
 
 	// ErrPermission means the kernel refused the request: the caller lacks
@@ -82,7 +85,10 @@ type Config struct {
 	// NetNS is a file descriptor of the network namespace to work in, or 0
 	// for the caller's. The caller keeps it open until Close.
 	NetNS int
-	// Protected lists UIDs that may never be blocked, in addition to UID 0.
+	// Protected lists UIDs that may never be blocked, in addition to the
+	// UIDs package uidguard always protects (0 and the overflow UID 65534).
+	// bpf.Config.ProtectedUIDs takes the same list, so both enforcers
+	// refuse the same UIDs.
 	Protected []uint32
 }
 
@@ -104,7 +110,7 @@ type Firewall struct {
 	table     *nftables.Table
 	set       string
 	chain     string
-	protected map[uint32]bool
+	protected uidguard.Set
 
 	mu     sync.Mutex // serialises the batches of conn and guards what follows
 	conn   *nftables.Conn
@@ -127,7 +133,7 @@ func New(cfg Config) (*Firewall, error) {
 		table:     &nftables.Table{Family: nftables.TableFamilyINet, Name: cmp.Or(cfg.Table, DefaultTable)},
 		set:       cmp.Or(cfg.Set, DefaultSet),
 		chain:     cmp.Or(cfg.Chain, DefaultChain),
-		protected: map[uint32]bool{0: true},
+		protected: uidguard.New(cfg.Protected),
 	}
 	for _, n := range []struct{ kind, name string }{
 		{"table", f.table.Name},
@@ -138,10 +144,6 @@ func New(cfg Config) (*Firewall, error) {
 			return nil, fmt.Errorf("nft: %s %q: %w", n.kind, n.name, err)
 		}
 	}
-	for _, uid := range cfg.Protected {
-		f.protected[uid] = true
-	}
-
 	opts := []nftables.ConnOption{
 		nftables.AsLasting(),
 		nftables.WithSockOptions(func(c *netlink.Conn) error {

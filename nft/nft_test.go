@@ -367,6 +367,7 @@ func TestProtectedUID(t *testing.T) {
 		}
 	}
 	refused([]uint32{1001, 0}, "0")
+	refused([]uint32{65534, 1001}, "65534") // the overflow UID, as in package bpf
 	refused([]uint32{1500}, "1500")
 	if _, err := fw.Blocked(); !errors.Is(err, ErrNotInstalled) {
 		t.Fatalf("Blocked: %v, want ErrNotInstalled", err)

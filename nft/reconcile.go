@@ -40,7 +40,7 @@ func (f *Firewall) Reconcile(desired []uint32) (Result, error) {
 	slices.Sort(want)
 	want = slices.Compact(want)
 	for _, uid := range want {
-		if f.protected[uid] {
+		if f.protected.Has(uid) {
 			return Result{}, fmt.Errorf("nft: %w %d may not be blocked", ErrProtectedUID, uid)
 		}
 	}
