@@ -1,18 +1,30 @@
-// Package agent is bwagent's control loop. Every tick it turns counters
-// (the kernel's per-UID counters for SSH users, Xray's per-user counters for
-// Xray users) into usage, usage into statuses, and statuses into enforcement
-// (the BPF policy map with an exact in-kernel budget and the nft set for SSH
-// users; Xray's inbounds, through its API, for Xray users) and records (the
-// state database, the usage JSON files, the marker files and the block
-// log). It also repairs whatever someone broke since the last tick: a
-// detached program, a flushed ruleset, a deleted marker or usage file, a
-// blocked user an Xray restart let back in.
+// Package agent is bwagent's control loop. Data flows one way through it:
 //
-// The loop is Run(ctx) around step(now). Operator commands (Reset, Unblock,
-// SetLimit...) are queued to the loop and applied between ticks, so a
-// command and a tick never overwrite each other. The kernel, nftables and
-// Xray sit behind small interfaces, faked in the table tests and real in
-// the integration tests.
+//   - sources produce counter samples with typed keys and epochs (the
+//     kernel's per-UID counters for SSH users, kernel.go; Xray's per-user
+//     counters, xray.go), folded into usage against baselines;
+//   - the accounting core (package quota) turns usage into statuses
+//     (account.go);
+//   - enforcers make the world match: the BPF policy map and the nft set of
+//     blocked UIDs, both derived from one desired state (kernel.go); Xray's
+//     inbounds, the cut of a blocked user's connections and the marker
+//     files (xray.go, files.go);
+//   - records persist it: the state database, beside the loop (records.go),
+//     the usage JSON files, beside the loop (files.go), and the block log.
+//
+// The loop is Run(ctx) around step(now). It also repairs whatever someone
+// broke since the last tick: a detached program, a flushed ruleset, a
+// deleted marker or usage file, a blocked user an Xray restart let back in.
+//
+// Who owns what: everything in Agent below "owned by the loop" is touched
+// only by the loop goroutine (and by New before Run starts). Readers
+// (Users, User, History, Health, Updates) are served from snapshots the
+// loop publishes at the end of each tick (snapshot.go) and never wait for a
+// tick. Operator commands that change state (Reset, Unblock, SetLimit...)
+// are queued to the loop and applied between ticks, so a command and a
+// tick never overwrite each other; before Run has started they fail with
+// ErrStarting. The kernel, nftables and Xray sit behind small interfaces,
+// faked in the table tests and real in the integration tests.
 package agent
 
 import (
@@ -20,36 +32,22 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"runtime/metrics"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/config"
-	"github.com/myvpn/bwagent/nft"
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/sockkill"
 	"github.com/myvpn/bwagent/store"
+	"github.com/myvpn/bwagent/view"
 	"github.com/myvpn/bwagent/xrayconf"
 	"github.com/myvpn/bwagent/xraystats"
 )
-
-// Interval bounds, as in the bash tool's service (1-5 seconds).
-const (
-	MinInterval     = time.Second
-	MaxInterval     = 5 * time.Second
-	DefaultInterval = 2 * time.Second
-)
-
-// kernelSlack is how close to the limit an SSH user's usage counts as
-// reaching it. The kernel budget refuses any packet that would cross the
-// limit, so usage stops short of it by less than the largest packet (a
-// 64 KiB GSO batch); without the slack such a user would sit just under the
-// limit, unable to send full packets, and never be marked blocked.
-const kernelSlack = 64 * quota.KiB
 
 // MemoryLimit returns the Go runtime soft memory limit bwagent keeps (unless
 // GOMEMLIMIT is set) for a live heap of live bytes: without a limit the
@@ -73,29 +71,13 @@ func LiveHeap() uint64 {
 
 // Errors of the operator commands.
 var (
-	ErrInterval    = errors.New("interval must be from 1s to 5s")
 	ErrUnknownUser = errors.New("unknown user")
 	ErrNoLimit     = errors.New("user has no limit")
+	ErrStarting    = errors.New("agent is starting; try again in a moment")
 	ErrStopped     = errors.New("agent is stopping")
+	ErrRunning     = errors.New("agent loop is already running")
+	ErrNeedRestart = errors.New("settings that need a restart changed")
 )
-
-// Dataplane is the part of bpf.Datapath the loop drives.
-type Dataplane interface {
-	EnsureAttached() error
-	Epoch() (string, error)
-	EachCounter(fn func(uid uint32, c bpf.Counters)) error
-	EachMoved(fn func(uid uint32, c bpf.Counters)) error
-	CountersOf(uid uint32) (bpf.Counters, error)
-	QuotaUsed(uid uint32) (uint64, error)
-	ReconcilePolicies(desired map[uint32]bpf.Policy) (int, error)
-	ApplyPolicies(changes map[uint32]bpf.Policy) error
-	Protected(uid uint32) bool
-}
-
-// Firewall is the part of nft.Firewall the loop drives.
-type Firewall interface {
-	Reconcile(desired []uint32) (nft.Result, error)
-}
 
 // Options are what New needs. Config supplies every path and knob.
 type Options struct {
@@ -111,95 +93,62 @@ type Options struct {
 }
 
 // Agent runs the control loop. Its exported methods may be called from any
-// goroutine; they are applied by the loop between ticks.
+// goroutine.
 type Agent struct {
+	// Constant after New.
+	dp    Dataplane
+	fw    Firewall
+	store *store.Store
+	log   *slog.Logger
+	now   func() time.Time
+	xray  Xray
+	// inline makes commands run on the caller with a tick, without Run:
+	// only the package's table tests set it.
+	inline bool
+
+	// Owned by the loop.
 	cfg   config.Config
 	rules quota.Rules
 	loc   *time.Location
-	dp    Dataplane
-	fw    Firewall
-	st    *store.Store
-	log   *slog.Logger
-	now   func() time.Time
 
-	users map[string]*user      // every user ever seen, present or not
-	byUID map[uint32]*user      // present SSH users
+	users map[string]*user      // every user, present or left within the retention
+	byUID map[uint32]*user      // present SSH users by UID
 	plans map[string]quota.Plan // limits of names that are no user yet
 
-	// Counter baselines: the last sample folded into the totals.
-	sshBase   map[uint32]kbase
-	otherBase map[string]*baseline // Xray users' counters, by source ("xray:EMAIL")
-	epochs    []string             // counter epochs, indexed by kbase.epoch
+	work   tickWork   // what this tick must evaluate, commit and write
+	kernel kernelSide // SSH users: kernel counters, policies and the nft set
+	xr     xrayState  // Xray users: config, counters, inbounds, connections
+	rec    records    // rows and events waiting for the next commit
 
-	// Work of this tick: users to evaluate, rows and baselines to commit,
-	// usage files to write.
-	evalQ    []*user
-	retryQ   []*user // to evaluate again next tick
-	dirtyQ   []*user
-	baseQ    []uint32
-	otherQ   []string // otherBase sources to commit
-	jsonQ    []*user
-	fullEval bool      // evaluate every user this tick
-	nextWake time.Time // earliest timer (midnight, a reset, an expiry...)
-	today    string
-	dayY     int // the local day dayStr names
-	dayM     time.Month
-	dayD     int
-	dayStr   string
-
-	// The kernel policies the SSH users should have, the changes not yet
-	// written, and when the whole map is next read back.
-	sampleIn  int    // ticks to the next full read of the kernel counters
-	epochSeen string // the counters' epoch at the last full read
-	policy    map[uint32]bpf.Policy
-	changes   map[uint32]bpf.Policy
-	verifyIn  int
-	verified  bool
-	anchorErr error
-
-	nftSet       map[uint32]struct{} // blocked SSH UIDs
-	blockedUIDs  []uint32            // nftSet sorted, for the firewall
-	nftDirty     bool
+	markers      map[string]opsfiles.Marker // blocked Xray users
 	markersDirty bool
+	files        *fileWriter // writes the usage files beside the loop
+	watch        *dirWatch   // the usage directory, for files others touched
+	lastJSON     time.Time
+	commits      *committer // writes the state database and the block log beside the loop
 
 	passwdStamp, limitsStamp stamp
+	limitsBad                map[string]bool // bad lines of the limits file, logged once
+	nextExpire               time.Time       // next look for users past the retention
+	ticks                    uint64
+	logs                     reporter
 
-	// Records waiting for the next commit, and the committer that writes
-	// them (and the block log) beside the loop.
-	history []store.DayUsage
-	events  []store.Event
-	logged  []int64
-	commits *committer
-
-	xray Xray
-	xr   xrayState
-
-	files    *fileWriter
-	watch    *dirWatch // the usage directory, for files others touched
-	lastJSON time.Time
-	markers  map[string]opsfiles.Marker // blocked Xray users
-
-	reported map[string]string // last error message per subject, to log once per change
-	warned   map[string]bool   // one-time warnings
-
+	// Shared with readers and callers.
+	pub      publisher
+	health   atomic.Pointer[view.Health]
 	cmds     chan request
-	running  atomic.Bool
-	status   atomic.Pointer[Health]
-	interval time.Duration
-	mu       sync.Mutex // guards interval changes seen by Run
+	state    atomic.Int32 // loopIdle, loopRunning, loopStopped
+	interval atomic.Int64 // time.Duration
+	ready    chan struct{}
+	readyOne sync.Once
 }
 
-// Health is the agent's own state, for the status command.
-type Health struct {
-	LastTick     time.Time
-	TickDuration time.Duration
-	Users        int
-	Errors       map[string]string // subject → error, empty when healthy
-	// Components are the agent's parts with their state: "ok", a short
-	// description, or the error (kernel, nftables, xray, state database,
-	// usage files).
-	Components map[string]string
-}
+// States of the loop.
+const (
+	loopIdle int32 = iota
+	loopRunning
+	loopStopped
+)
 
 // request is an operator command for the loop.
 type request struct {
@@ -207,68 +156,10 @@ type request struct {
 	done chan error
 }
 
-// baseline is the last counter sample of one source folded into usage.
-type baseline struct {
-	quota.Sample
-	dirty bool
-}
-
-// kbase is the baseline of one UID's kernel counters, compact: there can
-// be one for every UID on the machine.
-type kbase struct {
-	epoch    uint32 // index into Agent.epochs
-	dirty    bool
-	up, down uint64
-}
-
-// epochID returns the index of epoch in a.epochs, adding it if new.
-func (a *Agent) epochID(epoch string) uint32 {
-	for i, e := range a.epochs {
-		if e == epoch {
-			return uint32(i)
-		}
-	}
-	a.epochs = append(a.epochs, epoch)
-	return uint32(len(a.epochs) - 1)
-}
-
-// sample returns the baseline b as a counter sample; a UID never seen is the
-// zero sample.
-func (a *Agent) sample(b kbase, seen bool) quota.Sample {
-	if !seen {
-		return quota.Sample{}
-	}
-	return quota.Sample{Epoch: a.epochs[b.epoch], Up: b.up, Down: b.down}
-}
-
-// anchor is a budget granted to an SSH user in the kernel: the absolute
-// ceiling on the kernel's charged bytes, and what it was computed for.
-type anchor struct {
-	limit     uint64
-	lastReset quota.Instant // the last reset it was granted after
-	metric    quota.Metric
-	ceiling   uint64
-}
-
-// CheckInterval validates a tick interval, mapping zero to the default.
-func CheckInterval(d time.Duration) (time.Duration, error) {
-	if d == 0 {
-		return DefaultInterval, nil
-	}
-	if d < MinInterval || d > MaxInterval {
-		return 0, fmt.Errorf("%w, got %v", ErrInterval, d)
-	}
-	return d, nil
-}
-
 // New returns an agent over the given boundaries, with its state loaded from
 // the store. On the first start with an empty store it imports the usage
 // JSON files of an earlier install, so a migrating operator loses nothing.
 func New(o Options) (*Agent, error) {
-	interval, err := CheckInterval(o.Config.Interval)
-	if err != nil {
-		return nil, err
-	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
@@ -278,28 +169,20 @@ func New(o Options) (*Agent, error) {
 	a := &Agent{
 		dp:           o.Dataplane,
 		fw:           o.Firewall,
-		st:           o.Store,
+		store:        o.Store,
 		log:          o.Log,
 		now:          o.Now,
 		users:        make(map[string]*user),
 		byUID:        make(map[uint32]*user),
 		plans:        make(map[string]quota.Plan),
-		sshBase:      make(map[uint32]kbase),
-		otherBase:    make(map[string]*baseline),
-		policy:       make(map[uint32]bpf.Policy),
-		nftSet:       make(map[uint32]struct{}),
-		changes:      make(map[uint32]bpf.Policy),
-		fullEval:     true,
-		nftDirty:     true,
+		kernel:       newKernelSide(),
 		markersDirty: true,
-		reported:     make(map[string]string),
-		warned:       make(map[string]bool),
+		logs:         newReporter(o.Log),
 		cmds:         make(chan request),
-		interval:     interval,
+		ready:        make(chan struct{}),
 	}
-	if err := a.applyConfig(o.Config); err != nil {
-		return nil, err
-	}
+	a.work.fullEval = true
+	a.applyConfig(o.Config)
 	a.xray = o.Xray
 	if a.xray.Load == nil {
 		a.xray.Load = func() (*xrayconf.Config, error) {
@@ -316,7 +199,7 @@ func New(o Options) (*Agent, error) {
 			return sockkill.Cut(sockkill.Filter{LocalPorts: ports, Remotes: remotes})
 		}
 	}
-	a.xr.removed = make(map[string]bool)
+	a.xr = newXrayState()
 	a.files = newFileWriter(a.cfg.Paths.UsageDir)
 	a.watch = newDirWatch(a.cfg.Paths.UsageDir)
 	if err := a.load(); err != nil {
@@ -327,39 +210,32 @@ func New(o Options) (*Agent, error) {
 			a.log.Info("removed temporary files an interrupted write left", "dir", dir, "files", len(gone))
 		}
 	}
-	a.status.Store(&Health{Errors: map[string]string{}})
+	a.publish(a.now())
+	a.health.Store(&view.Health{Errors: map[string]string{}, Components: map[string]string{"agent": "starting"}})
 	return a, nil
 }
 
-// applyConfig installs the knobs of cfg that can change while running.
-func (a *Agent) applyConfig(cfg config.Config) error {
-	m, err := quota.ParseMetric(string(cfg.Metric))
-	if err != nil {
-		return err
-	}
-	loc := cfg.TimeZone
-	if loc == nil {
-		loc = time.Local
-	}
+// applyConfig installs the settings of cfg that apply while running, and
+// makes the next tick re-read the sources and evaluate every user.
+func (a *Agent) applyConfig(cfg config.Config) {
 	a.cfg = cfg
-	a.loc = loc
-	a.rules = quota.Rules{Metric: m, Warning: cfg.WarningPercent / 100}
-	if a.rules.Warning <= 0 || a.rules.Warning > 1 {
-		a.rules.Warning = 0.8
-	}
-	// Force the sources to be read again under the new paths, and every
-	// user to be evaluated under the new rules.
+	a.loc = cfg.Location()
+	a.rules = cfg.Rules()
+	a.interval.Store(int64(cfg.Interval))
 	a.passwdStamp, a.limitsStamp = stamp{}, stamp{}
-	a.fullEval = true
-	return nil
+	a.work.fullEval = true
+	a.nextExpire = time.Time{}
 }
 
 // Run ticks until ctx is done, applying operator commands between ticks.
 // When ctx ends it runs a last step, so the bytes counted since the last tick
-// are committed, and writes the pending files before returning.
+// are committed, and writes the pending files before returning. Run may be
+// called once.
 func (a *Agent) Run(ctx context.Context) error {
-	a.running.Store(true)
-	defer a.running.Store(false)
+	if !a.state.CompareAndSwap(loopIdle, loopRunning) {
+		return ErrRunning
+	}
+	defer a.state.Store(loopStopped)
 	fctx, stopFiles := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { a.files.run(fctx) })
@@ -374,9 +250,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	a.tick()
+	a.readyOne.Do(func() { close(a.ready) })
 	for {
 		select {
 		case <-ctx.Done():
+			a.state.Store(loopStopped)
 			a.drain()
 			a.tick()
 			if err := a.commits.flush(); err != nil {
@@ -389,21 +267,32 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-t.C:
 			a.tick()
 		case r := <-a.cmds:
-			err := r.fn(a.now().In(a.loc))
-			if err == nil {
-				// A command is durable when it returns.
-				a.tick()
-				if cerr := a.commits.flush(); cerr != nil {
-					err = fmt.Errorf("applied, but not yet saved (retried every tick): %w", cerr)
-				}
-			}
-			r.done <- err
+			r.done <- a.apply(r.fn)
 		}
 		if iv := a.currentInterval(); iv != interval {
 			interval = iv
 			t.Reset(iv)
 		}
 	}
+}
+
+// Ready is closed once Run has finished its first tick: the kernel is
+// enforcing and the agent takes commands. Serve the control socket and
+// handle SIGHUP only after it.
+func (a *Agent) Ready() <-chan struct{} { return a.ready }
+
+// apply runs a command and a tick on the loop, and waits for its commit: a
+// command is durable when it returns.
+func (a *Agent) apply(fn func(now time.Time) error) error {
+	err := fn(a.now().In(a.loc))
+	if err != nil {
+		return err
+	}
+	a.tick()
+	if cerr := a.commits.flush(); cerr != nil {
+		return fmt.Errorf("applied, but not yet saved (retried every tick): %w", cerr)
+	}
+	return nil
 }
 
 // drain refuses the commands still queued when the loop stops.
@@ -418,36 +307,40 @@ func (a *Agent) drain() {
 	}
 }
 
-func (a *Agent) currentInterval() time.Duration {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.interval
+func (a *Agent) currentInterval() time.Duration { return time.Duration(a.interval.Load()) }
+
+// Tick runs one tick on the caller and waits for its commit, for a caller
+// that drives the agent without Run (a benchmark); it fails with ErrRunning
+// once Run has started.
+func (a *Agent) Tick() error {
+	if a.state.Load() != loopIdle {
+		return ErrRunning
+	}
+	return a.apply(func(time.Time) error { return nil })
 }
 
-// tick runs one step and records the agent's health.
+// tick runs one step and publishes the users and the agent's health.
 func (a *Agent) tick() {
 	now, start := a.now(), time.Now()
-	a.step(now) // each failing part is logged once by report and kept in Health
-	h := &Health{LastTick: now, TickDuration: time.Since(start), Users: len(a.users), Errors: map[string]string{}}
-	for k, v := range a.reported {
-		if v != "" {
-			h.Errors[k] = v
-		}
-	}
+	a.step(now) // each failing part is logged once by the reporter and kept in Health
+	a.ticks++
+	a.publish(now)
+	st := a.kernel.stats
+	h := &view.Health{LastTick: now, TickDuration: time.Since(start), Ticks: a.ticks, Users: len(a.users),
+		Errors: a.logs.errors(),
+		Kernel: view.KernelStats{DroppedBlocked: st.DroppedBlocked, DroppedQuota: st.DroppedQuota,
+			CountersFull: st.CountersFull, QuotaFull: st.QuotaFull}}
 	h.Components = a.components(h.Errors)
-	a.status.Store(h)
+	a.health.Store(h)
 	a.files.kick()
 }
 
 // Close releases what the agent holds besides its boundaries (the inotify
-// watch of the usage directory). Run closes it when it returns; an agent
-// driven without Run (tests, benchmarks) must be closed.
+// watch of the usage directory, the Xray client). Run closes it when it
+// returns; an agent driven without Run (tests, benchmarks) must be closed.
 func (a *Agent) Close() error {
 	a.watch.close()
-	if a.xr.api != nil {
-		a.xr.api.Close()
-		a.xr.api = nil
-	}
+	a.xr.close()
 	return nil
 }
 
@@ -462,8 +355,8 @@ func (a *Agent) components(errs map[string]string) map[string]string {
 		return ok
 	}
 	c := map[string]string{
-		"kernel":         first("ok: programs attached", "attach", "kernel counters", "kernel policy"),
-		"nftables":       first(fmt.Sprintf("ok: %d blocked UIDs", len(a.blockedUIDs)), "nftables"),
+		"kernel":         first("ok: programs attached", "attach", "kernel maps", "kernel counters", "kernel policy"),
+		"nftables":       first(fmt.Sprintf("ok: %d blocked UIDs", len(a.kernel.blocked)), "nftables"),
 		"state database": first("ok: "+a.cfg.Paths.StateDB, "state database"),
 		"usage files":    first("ok: "+a.cfg.Paths.UsageDir, "usage files", "usage directory watch", "marker files", "block log"),
 	}
@@ -482,18 +375,20 @@ func (a *Agent) components(errs map[string]string) map[string]string {
 }
 
 // Health returns the agent's state as of the last tick.
-func (a *Agent) Health() Health { return *a.status.Load() }
+func (a *Agent) Health() view.Health { return *a.health.Load() }
 
-// do runs fn on the loop between ticks and waits for it; without a running
-// loop (tests, start-up) it runs fn and a step inline.
+// do runs fn on the loop between ticks, followed by a tick and a commit,
+// and waits for it. Before Run has started it fails with ErrStarting, after
+// Run stopped with ErrStopped.
 func (a *Agent) do(ctx context.Context, fn func(now time.Time) error) error {
-	if !a.running.Load() {
-		now := a.now().In(a.loc)
-		if err := fn(now); err != nil {
-			return err
+	switch a.state.Load() {
+	case loopIdle:
+		if a.inline {
+			return a.apply(fn)
 		}
-		a.tick()
-		return a.commits.flush()
+		return ErrStarting
+	case loopStopped:
+		return ErrStopped
 	}
 	r := request{fn: fn, done: make(chan error, 1)}
 	select {
@@ -509,32 +404,6 @@ func (a *Agent) do(ctx context.Context, fn func(now time.Time) error) error {
 	}
 }
 
-// report logs err for subject once per change of message, and a recovery
-// when a subject that failed works again.
-func (a *Agent) report(subject string, err error) {
-	msg := ""
-	if err != nil {
-		msg = err.Error()
-	}
-	if prev := a.reported[subject]; prev != msg {
-		if err != nil {
-			a.log.Error(subject+" failed", "err", err)
-		} else {
-			a.log.Info(subject+" recovered", "after", prev)
-		}
-	}
-	a.reported[subject] = msg
-}
-
-// warnOnce logs a warning the first time key is seen.
-func (a *Agent) warnOnce(key, msg string, args ...any) {
-	if a.warned[key] {
-		return
-	}
-	a.warned[key] = true
-	a.log.Warn(msg, args...)
-}
-
 // step does one tick's work at now: read the sources, count, decide,
 // enforce, record. Each part runs even if an earlier one failed, so a full
 // disk never stops enforcement and a broken nftables never stops counting.
@@ -542,28 +411,80 @@ func (a *Agent) step(now time.Time) error {
 	now = now.In(a.loc)
 	var errs []error
 	part := func(subject string, err error) {
-		a.report(subject, err)
+		a.logs.report(subject, err)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", subject, err))
 		}
 	}
-	part("user accounts", a.loadAccounts())
-	part("limits file", a.loadLimits())
-	part("attach", a.dp.EnsureAttached())
-	part("kernel counters", a.sampleKernel(now))
 	ctx := context.Background()
+	// Sources.
+	part("user accounts", a.loadAccounts(now))
+	part("limits file", a.loadLimits(now))
+	attachErr, mapsErr := a.checkDataplane()
+	part("attach", attachErr)
+	part("kernel maps", mapsErr)
+	part("kernel counters", a.sampleKernel(now))
 	xconf, xapi := a.sampleXray(ctx, now)
 	part("xray config", xconf)
 	part("xray api", xapi)
+	// Rules.
 	a.evaluate(now)
+	a.expire(now)
+	// Enforcers.
 	part("kernel policy", a.enforceKernel())
 	part("nftables", a.enforceNFT())
 	part("xray users", a.enforceXray(ctx))
 	part("marker files", a.syncMarkers())
+	// Records.
 	part("state database", a.commit(now))
 	part("block log", a.commits.logError())
 	part("usage directory watch", a.repairJSON())
 	a.queueJSON(now)
 	part("usage files", a.files.err())
 	return errors.Join(errs...)
+}
+
+// reporter logs each failing part of the agent once per change of its
+// error, and one-time warnings once.
+type reporter struct {
+	log      *slog.Logger
+	reported map[string]string // subject → last error message ("" healthy)
+	warned   map[string]bool
+}
+
+func newReporter(log *slog.Logger) reporter {
+	return reporter{log: log, reported: make(map[string]string), warned: make(map[string]bool)}
+}
+
+// report logs err for subject once per change of message, and a recovery
+// when a subject that failed works again.
+func (r *reporter) report(subject string, err error) {
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	if prev := r.reported[subject]; prev != msg {
+		if err != nil {
+			r.log.Error(subject+" failed", "err", err)
+		} else {
+			r.log.Info(subject+" recovered", "after", prev)
+		}
+	}
+	r.reported[subject] = msg
+}
+
+// warnOnce logs a warning the first time key is seen.
+func (r *reporter) warnOnce(key, msg string, args ...any) {
+	if r.warned[key] {
+		return
+	}
+	r.warned[key] = true
+	r.log.Warn(msg, args...)
+}
+
+// errors returns the subjects failing now.
+func (r *reporter) errors() map[string]string {
+	m := maps.Clone(r.reported)
+	maps.DeleteFunc(m, func(_, v string) bool { return v == "" })
+	return m
 }

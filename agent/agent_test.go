@@ -16,10 +16,12 @@ import (
 
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/config"
+	"github.com/myvpn/bwagent/internal/uidguard"
 	"github.com/myvpn/bwagent/nft"
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/store"
+	"github.com/myvpn/bwagent/view"
 	"golang.org/x/sys/unix"
 )
 
@@ -29,17 +31,18 @@ import (
 // cross its ceiling).
 type fakeDP struct {
 	mu        sync.Mutex
-	epoch     string
+	epoch     bpf.Epoch
 	counters  map[uint32]bpf.Counters
 	policies  map[uint32]bpf.Policy
 	quotaUsed map[uint32]uint64
 	detached  bool
 	failNext  error
 	moved     map[uint32]bool
+	stats     bpf.Stats
 }
 
 func newFakeDP() *fakeDP {
-	return &fakeDP{epoch: "boot1/7", counters: map[uint32]bpf.Counters{}, policies: map[uint32]bpf.Policy{}, quotaUsed: map[uint32]uint64{}}
+	return &fakeDP{epoch: bpf.Epoch{Boot: "boot1", CounterMap: 7}, counters: map[uint32]bpf.Counters{}, policies: map[uint32]bpf.Policy{}, quotaUsed: map[uint32]uint64{}}
 }
 
 // send moves one packet of n bytes for uid (tx: from the user) and reports
@@ -91,13 +94,17 @@ func (f *fakeDP) blast(uid uint32, total, size uint64, tx bool) uint64 {
 	return passed
 }
 
-func (f *fakeDP) EnsureAttached() error {
+func (f *fakeDP) EnsureAttached() ([]string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.detached = false
-	return nil
+	if f.detached {
+		f.detached = false
+		return []string{"ingress program re-attached"}, nil
+	}
+	return nil, nil
 }
-func (f *fakeDP) Epoch() (string, error) { f.mu.Lock(); defer f.mu.Unlock(); return f.epoch, nil }
+func (f *fakeDP) Epoch() (bpf.Epoch, error) { f.mu.Lock(); defer f.mu.Unlock(); return f.epoch, nil }
+func (f *fakeDP) Stats() (bpf.Stats, error) { f.mu.Lock(); defer f.mu.Unlock(); return f.stats, nil }
 func (f *fakeDP) EachCounter(fn func(uint32, bpf.Counters)) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -164,7 +171,7 @@ func (f *fakeDP) ReconcilePolicies(desired map[uint32]bpf.Policy) (int, error) {
 	}
 	return n, nil
 }
-func (f *fakeDP) Protected(uid uint32) bool { return uid == 0 || uid == 65534 }
+func (f *fakeDP) Protected(uid uint32) bool { return uidguard.New(nil).Has(uid) }
 
 // fakeFW is the nftables set.
 type fakeFW struct {
@@ -194,15 +201,16 @@ func (f *fakeFW) has(uid uint32) bool {
 
 // env is one test's agent over fakes, with real files in a temp dir.
 type env struct {
-	t     *testing.T
-	dir   string
-	cfg   config.Config
-	dp    *fakeDP
-	fw    *fakeFW
-	clock time.Time
-	a     *Agent
-	logs  *strings.Builder
-	xray  Xray
+	t       *testing.T
+	dir     string
+	cfg     config.Config
+	dp      *fakeDP
+	fw      *fakeFW
+	clock   time.Time
+	a       *Agent
+	logs    *strings.Builder
+	xray    Xray
+	clockFn func() time.Time // nil: the test's clock
 }
 
 const passwd = `root:x:0:0:root:/root:/bin/bash
@@ -241,9 +249,20 @@ func (e *env) write(name, data string) {
 	}
 }
 
+// startWithClock is start with another clock.
+func (e *env) startWithClock(now func() time.Time) {
+	e.t.Helper()
+	e.clockFn = now
+	e.start()
+}
+
 // start opens the store and builds an agent, as a restarted bwagent would.
 func (e *env) start() {
 	e.t.Helper()
+	now := e.clockFn
+	if now == nil {
+		now = func() time.Time { return e.clock }
+	}
 	st, err := store.Open(e.cfg.Paths.StateDB)
 	if err != nil {
 		e.t.Fatal(err)
@@ -251,11 +270,12 @@ func (e *env) start() {
 	e.t.Cleanup(func() { st.Close() })
 	e.logs = &strings.Builder{}
 	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st, Xray: e.xray,
-		Log: slog.New(slog.NewTextHandler(syncWriter{b: e.logs}, nil)), Now: func() time.Time { return e.clock }})
+		Log: slog.New(slog.NewTextHandler(syncWriter{b: e.logs}, nil)), Now: now})
 	if err != nil {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { a.Close() })
+	a.inline = true // commands run on the test's goroutine, with a tick
 	e.a = a
 }
 
@@ -278,7 +298,7 @@ func (e *env) step(d time.Duration) {
 	e.a.files.flush()
 }
 
-func (e *env) user(name string) UserView {
+func (e *env) user(name string) view.User {
 	e.t.Helper()
 	v, err := e.a.User(context.Background(), name)
 	if err != nil {
@@ -303,32 +323,6 @@ func (e *env) usage(name string) opsfiles.Usage {
 func (e *env) logLines() []string {
 	data, _ := os.ReadFile(e.cfg.Paths.BlockLog)
 	return strings.Split(strings.TrimSpace(string(data)), "\n")
-}
-
-func TestCheckInterval(t *testing.T) {
-	for _, d := range []time.Duration{time.Second, 2 * time.Second, 5 * time.Second} {
-		if got, err := CheckInterval(d); err != nil || got != d {
-			t.Errorf("CheckInterval(%v) = %v, %v", d, got, err)
-		}
-	}
-	if got, _ := CheckInterval(0); got != DefaultInterval {
-		t.Errorf("default %v", got)
-	}
-	for _, d := range []time.Duration{500 * time.Millisecond, 6 * time.Second} {
-		if _, err := CheckInterval(d); !errors.Is(err, ErrInterval) {
-			t.Errorf("CheckInterval(%v) = %v", d, err)
-		}
-	}
-}
-
-func TestParsePasswd(t *testing.T) {
-	accts, bad := parsePasswd([]byte(passwd+"bad line\nx:x:notanumber:1::/:/bin/sh\nalice:x:1004:1::/:/bin/sh\n"), 1000, 65534, []string{"alice"})
-	if want := []account{{"john", 1001}, {"mary", 1002}}; !slices.Equal(accts, want) {
-		t.Errorf("accounts %v, want %v", accts, want)
-	}
-	if !slices.Equal(bad, []string{"a..b"}) {
-		t.Errorf("bad names %v", bad)
-	}
 }
 
 // TestLimitCrossing: counted, warned, blocked within one tick with every
@@ -526,7 +520,7 @@ func TestRestartKeepsEverything(t *testing.T) {
 	}
 	// A reboot: the counters start again from zero in a new epoch.
 	e.dp.mu.Lock()
-	e.dp.epoch, e.dp.counters = "boot2/3", map[uint32]bpf.Counters{}
+	e.dp.epoch, e.dp.counters = bpf.Epoch{Boot: "boot2", CounterMap: 3}, map[uint32]bpf.Counters{}
 	e.dp.policies, e.dp.quotaUsed = map[uint32]bpf.Policy{}, map[uint32]uint64{}
 	e.dp.mu.Unlock()
 	e.start()
@@ -582,7 +576,7 @@ func TestDayRolloverAndHistory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []store.DayUsage{{Name: "john", Day: "2026-11-29", Up: 1000}, {Name: "john", Day: "2026-11-30", Down: 500}}
+	want := []view.Day{{Day: "2026-11-29", Up: 1000}, {Day: "2026-11-30", Down: 500}}
 	if !slices.Equal(h, want) {
 		t.Errorf("history %+v, want %+v", h, want)
 	}
@@ -797,9 +791,9 @@ func TestScheduleExpiryAndResetAll(t *testing.T) {
 // the next tick's, and nothing is lost once the database works again.
 func TestFailedCommitRetried(t *testing.T) {
 	b1 := &store.Batch{Users: []store.User{{Name: "a", Up: 1}, {Name: "b", Up: 1}},
-		Baselines: []store.Baseline{{Source: "uid:1", Tx: 1}}, Events: []store.Event{{Name: "a", Action: "block"}}}
+		Baselines: []store.Baseline{{Source: quota.UIDSource(1), Tx: 1}}, Events: []store.Event{{Name: "a", Action: "block"}}}
 	b2 := &store.Batch{Users: []store.User{{Name: "a", Up: 2}},
-		Baselines: []store.Baseline{{Source: "uid:1", Tx: 2}, {Source: "uid:2", Tx: 5}}, Events: []store.Event{{Name: "a", Action: "reset"}}}
+		Baselines: []store.Baseline{{Source: quota.UIDSource(1), Tx: 2}, {Source: quota.UIDSource(2), Tx: 5}}, Events: []store.Event{{Name: "a", Action: "reset"}}}
 	m := mergeBatch(b1, b2)
 	if len(m.Users) != 2 || m.Users[0].Name != "b" || m.Users[1].Up != 2 {
 		t.Errorf("users %+v", m.Users)
@@ -810,13 +804,32 @@ func TestFailedCommitRetried(t *testing.T) {
 	if len(m.Events) != 2 || m.Events[0].Action != "block" {
 		t.Errorf("events %+v", m.Events)
 	}
+	// A user dropped after an upsert that is still waiting: the store
+	// applies drops first, so the older upsert must not survive the merge;
+	// an upsert after a drop stays.
+	b3 := &store.Batch{DropUsers: []string{"a"}, DropBaselines: []quota.Source{quota.UIDSource(2)}}
+	m = mergeBatch(m, b3)
+	for _, u := range m.Users {
+		if u.Name == "a" {
+			t.Errorf("dropped user a still upserted: %+v", m.Users)
+		}
+	}
+	for _, b := range m.Baselines {
+		if b.Source == quota.UIDSource(2) {
+			t.Errorf("dropped baseline still upserted: %+v", m.Baselines)
+		}
+	}
+	m = mergeBatch(m, &store.Batch{Users: []store.User{{Name: "a", Up: 9}}})
+	if len(m.DropUsers) != 1 || m.Users[len(m.Users)-1].Name != "a" {
+		t.Errorf("upsert after a drop: %+v %+v", m.DropUsers, m.Users)
+	}
 
 	e := newEnv(t)
 	e.dp.blast(1001, 1000, 1000, true)
 	e.step(0)
 	dbPath := e.cfg.Paths.StateDB
 	// The database becomes unwritable: the ticks go on, the error is kept.
-	if err := e.a.st.Close(); err != nil {
+	if err := e.a.store.Close(); err != nil {
 		t.Fatal(err)
 	}
 	e.dp.blast(1001, 500, 500, true)
@@ -830,13 +843,21 @@ func TestFailedCommitRetried(t *testing.T) {
 	if e.a.commits.pending == nil {
 		t.Fatal("failed batch dropped")
 	}
+	// Reads answer from memory meanwhile; they neither wait for nor report
+	// the failed commit.
+	if v, err := e.a.User(context.Background(), "john"); err != nil || v.Upload != 1500 {
+		t.Errorf("User while commits fail: %+v, %v", v, err)
+	}
+	if us, err := e.a.Users(context.Background()); err != nil || len(us) == 0 {
+		t.Errorf("Users while commits fail: %d, %v", len(us), err)
+	}
 	// Reopened (as after a fix): the kept batch goes in with the next.
 	st, err := store.Open(dbPath)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	e.a.st, e.a.commits.st = st, st
+	e.a.store, e.a.commits.st = st, st
 	e.step(time.Second)
 	users, _ := st.Users()
 	found := false

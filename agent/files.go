@@ -44,7 +44,7 @@ func (w *fileWriter) submit(docs []usageSnap) {
 	}
 	w.mu.Lock()
 	for i := range docs {
-		w.pending[docs[i].name] = &docs[i]
+		w.pending[docs[i].r.name] = &docs[i]
 	}
 	w.mu.Unlock()
 	w.kick()
@@ -142,22 +142,26 @@ const maxJSONPerTick = 10000
 // at once, usage-only changes once per JSON interval.
 func (a *Agent) queueJSON(now time.Time) {
 	all := now.Sub(a.lastJSON) >= a.cfg.JSONInterval || now.Before(a.lastJSON)
-	docs := make([]usageSnap, 0, min(len(a.jsonQ), maxJSONPerTick))
-	keep := a.jsonQ[:0]
-	for _, u := range a.jsonQ {
+	q := a.work.jsonQ
+	docs := make([]usageSnap, 0, min(len(q), maxJSONPerTick))
+	keep := q[:0]
+	for _, u := range q {
 		if len(docs) >= maxJSONPerTick {
 			keep = append(keep, u) // the rest next tick
 			continue
 		}
-		if u.json == jsonUrgent || (all && u.json == jsonUsage) {
+		switch {
+		case a.users[u.r.name] != u || !u.r.present:
+			u.json = jsonClean // forgotten, or left: its file stays as it was
+		case u.json == jsonUrgent || (all && u.json == jsonUsage):
 			docs = append(docs, a.snap(u))
 			u.json = jsonClean
-		} else if u.json != jsonClean {
+		case u.json != jsonClean:
 			keep = append(keep, u)
 		}
 	}
-	clear(a.jsonQ[len(keep):])
-	a.jsonQ = keep
+	clear(q[len(keep):])
+	a.work.jsonQ = keep
 	if all {
 		a.lastJSON = now
 	}
@@ -171,61 +175,59 @@ func (a *Agent) repairJSON() error {
 	names, all, err := a.watch.drain()
 	if all {
 		for _, u := range a.users {
-			a.markJSON(u, jsonUrgent)
+			if u.r.present {
+				a.markJSON(u, jsonUrgent)
+			}
 		}
 	}
 	for _, name := range names {
-		if u := a.users[name]; u != nil {
+		if u := a.users[name]; u != nil && u.r.present {
 			a.markJSON(u, jsonUrgent)
 		}
 	}
 	return err
 }
 
-// usageSnap is what a user's usage file is rendered from: a copy taken on
-// the loop, rendered (times formatted, JSON encoded) by the writer.
+// usageSnap is what a user's usage file is rendered from: the user's
+// record (immutable once published, and this tick's is published before
+// the writer runs), rendered (times formatted, JSON encoded) by the writer.
 type usageSnap struct {
-	name    string
-	proto   quota.Protocol
-	status  quota.Status
-	st      quota.State
-	plan    quota.Plan
-	updated quota.Instant
-	today   string // the local day at the snapshot
-	rules   quota.Rules
-	loc     *time.Location
+	r     *record
+	today string // the local day at the snapshot
+	rules quota.Rules
+	loc   *time.Location
 }
 
-// snap copies u for its usage file.
+// snap takes u's record for its usage file.
 func (a *Agent) snap(u *user) usageSnap {
-	return usageSnap{name: u.name, proto: u.proto, status: u.status, st: u.st, plan: u.plan,
-		updated: u.updated, today: a.today, rules: a.rules, loc: a.loc}
+	return usageSnap{r: u.r, today: a.work.today, rules: a.rules, loc: a.loc}
 }
 
 // doc renders the usage file.
 func (s *usageSnap) doc() opsfiles.Usage {
-	status := s.status
+	r := s.r
+	status := r.status
 	if status == "" {
-		status = s.st.Status(s.plan, s.rules)
+		status = r.st.Status(r.plan, s.rules)
 	}
 	d := opsfiles.Usage{
-		Username:    s.name,
-		TotalUsage:  s.st.Used(s.rules),
-		TotalLimit:  s.plan.Limit,
-		Blocked:     s.st.Blocked,
-		BlockReason: s.st.Reason,
-		BlockTime:   opsfiles.FormatTime(s.st.BlockTime.Time(), s.loc),
-		LastReset:   opsfiles.FormatTime(s.st.LastReset.Time(), s.loc),
-		Protocol:    string(s.proto),
+		Username:    r.name,
+		TotalUsage:  r.st.Used(s.rules),
+		TotalLimit:  r.plan.Limit,
+		Blocked:     r.st.Blocked,
+		BlockReason: r.st.Reason,
+		BlockTime:   opsfiles.FormatTime(r.st.BlockTime.Time(), s.loc),
+		LastReset:   opsfiles.FormatTime(r.st.LastReset.Time(), s.loc),
+		Protocol:    string(r.proto),
 		Status:      string(status),
-		Upload:      s.st.Total.Up,
-		Download:    s.st.Total.Down,
-		UpdatedAt:   opsfiles.FormatTime(s.updated.Time(), s.loc),
+		Upload:      r.st.Total.Up,
+		Download:    r.st.Total.Down,
+		UpdatedAt:   opsfiles.FormatTime(r.updated.Time(), s.loc),
 	}
-	if s.st.Day == s.today {
-		d.DailyUsage = s.rules.Metric.Of(s.st.Today)
+	if r.st.Day == s.today {
+		d.DailyUsage = s.rules.Metric.Of(r.st.Today)
 	}
-	if rem, limited := s.st.Remaining(s.plan, s.rules); limited {
+	if rem, limited := r.st.Remaining(r.plan, s.rules); limited {
 		d.Remaining = &rem
 	}
 	return d
@@ -237,13 +239,13 @@ func (a *Agent) syncMarkers() error {
 	if a.markersDirty {
 		a.markers = make(map[string]opsfiles.Marker)
 		for _, u := range a.users {
-			if u.proto.Xray() && u.st.Blocked {
-				a.markers[u.name] = opsfiles.Marker{Reason: u.st.Reason, Time: u.st.BlockTime.Time()}
+			if r := u.r; r.present && r.proto.Xray() && r.st.Blocked {
+				a.markers[r.name] = opsfiles.Marker{Reason: r.st.Reason, Time: r.st.BlockTime.Time()}
 			}
 		}
 	}
 	// With no blocked Xray user and nothing to fix, there is nothing to read.
-	if len(a.markers) == 0 && !a.markersDirty && a.reported["marker files"] == "" {
+	if len(a.markers) == 0 && !a.markersDirty && a.logs.reported["marker files"] == "" {
 		return nil
 	}
 	a.markersDirty = false

@@ -81,6 +81,7 @@ func newKernelEnv(t *testing.T, passwdText, limits string) *kernelEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { k.a.Close() })
+	k.a.inline = true
 	return k
 }
 
@@ -89,6 +90,7 @@ func (k *kernelEnv) step(t *testing.T) {
 	if err := k.a.step(time.Now()); err != nil {
 		t.Fatalf("step: %v", err)
 	}
+	k.a.publish(time.Now())
 	if err := k.a.commits.flush(); err != nil {
 		t.Fatal(err)
 	}

@@ -1,42 +1,58 @@
 package agent
 
 import (
-	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
-	"slices"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
 	"github.com/myvpn/bwagent/bpf"
+	pw "github.com/myvpn/bwagent/internal/passwd"
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
 )
 
-// user is the agent's record of one user.
-type user struct {
+// record is what readers may see of a user: the facts of one version of
+// it. A record is immutable once published (see publisher): the loop
+// changes a user only through Agent.edit, which copies a published record
+// first, so a reader holding an older snapshot never sees it move.
+type record struct {
 	name    string
 	proto   quota.Protocol
 	uid     uint32 // SSH users
-	present bool   // an account in /etc/passwd (or an Xray client) right now
-	st      quota.State
+	present bool   // an account in the passwd file (or an Xray client) right now
 	status  quota.Status
-	plan    quota.Plan // from the limits file
+	st      quota.State
+	plan    quota.Plan    // from the limits file
+	updated quota.Instant // last change of usage or state
+	gen     uint64        // the publication this record was created after
+}
+
+// user is the loop's handle on one user: its current record and the loop's
+// own bookkeeping, which readers never see.
+type user struct {
+	r *record
 
 	anchor    anchor // kernel budget granted (SSH users)
 	hasAnchor bool
 
-	enforcedBlock bool // the block the nft set and markers were last built with
+	queued bool      // in this tick's evaluation queue
+	dirty  bool      // the state row must be committed
+	json   jsonState // what the usage file needs
+}
 
-	queued  bool          // in the agent's evaluation queue
-	dirty   bool          // the state row must be committed
-	json    jsonState     // what the usage file needs
-	updated quota.Instant // last change of usage or state
+// edit returns u's record for writing: a copy if the current one may have
+// been published.
+func (a *Agent) edit(u *user) *record {
+	if u.r.gen != a.pub.gen {
+		c := *u.r
+		c.gen = a.pub.gen
+		u.r = &c
+		a.pub.changed = true
+	}
+	return u.r
 }
 
 // jsonState says how soon a user's usage file must be rewritten.
@@ -47,6 +63,57 @@ const (
 	jsonUsage            // usage moved: written at the next JSON interval
 	jsonUrgent           // status or record changed: written this tick
 )
+
+// newUser adds a user to the table, with the limits line its name may
+// already have.
+func (a *Agent) newUser(name string, proto quota.Protocol) *user {
+	u := &user{r: &record{name: name, proto: proto, plan: a.plans[name], gen: a.pub.gen}}
+	delete(a.plans, name)
+	a.users[name] = u
+	a.pub.changed, a.pub.membership = true, true
+	return u
+}
+
+// dropUser forgets a user who left longer than the retention ago: from
+// memory now, from the state database (user row and counter baselines;
+// their per-day history stays) in this tick's commit.
+func (a *Agent) dropUser(u *user, now time.Time) {
+	r := u.r
+	delete(a.users, r.name)
+	a.pub.changed, a.pub.membership = true, true
+	a.rec.dropUsers = append(a.rec.dropUsers, r.name)
+	if r.proto.Xray() {
+		a.xr.dropBaseline(r.name, &a.rec)
+	}
+	a.log.Info("user forgotten: gone longer than the retention", "user", r.name, "protocol", r.proto,
+		"last_seen", r.updated.Time().In(a.loc).Format(time.DateTime), "retention", a.cfg.Retention)
+	_ = now
+}
+
+// expire drops the users who left (no account, no Xray client) more than
+// the retention ago. A source that could not be read this run (a missing
+// passwd file, a broken Xray config at start) makes its users look gone:
+// they are kept until it has been read.
+func (a *Agent) expire(now time.Time) {
+	if now.Before(a.nextExpire) {
+		return
+	}
+	a.nextExpire = now.Add(time.Hour)
+	cutoff := quota.At(now.Add(-a.cfg.Retention))
+	for _, u := range a.users {
+		r := u.r
+		if r.present || r.updated >= cutoff {
+			continue
+		}
+		sshKnown := a.passwdStamp.valid || !a.cfg.SSH.Enabled
+		xrayKnown := a.xr.conf != nil || !a.cfg.Xray.Enabled
+		switch {
+		case r.proto == quota.SSH && !sshKnown, r.proto.Xray() && !xrayKnown, r.proto == "" && !(sshKnown && xrayKnown):
+			continue
+		}
+		a.dropUser(u, now)
+	}
+}
 
 // stamp identifies a version of a file cheaply, to re-read it only when it
 // changed.
@@ -72,44 +139,8 @@ func statStamp(path string) (stamp, error) {
 	return s, nil
 }
 
-// account is one line of /etc/passwd in the SSH UID range.
-type account struct {
-	name string
-	uid  uint32
-}
-
-// parsePasswd returns the accounts with uidMin <= UID < uidMax, skipping
-// excluded names; names that cannot be file names are returned in bad.
-func parsePasswd(data []byte, uidMin, uidMax uint32, exclude []string) (accts []account, bad []string) {
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	sc.Buffer(make([]byte, 64*1024), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || line[0] == '#' || line[0] == '+' || line[0] == '-' {
-			continue
-		}
-		f := strings.SplitN(line, ":", 4)
-		if len(f) < 4 {
-			continue
-		}
-		uid, err := strconv.ParseUint(f[2], 10, 32)
-		if err != nil || uint32(uid) < uidMin || uint32(uid) >= uidMax {
-			continue
-		}
-		if slices.Contains(exclude, f[0]) {
-			continue
-		}
-		if quota.ValidName(f[0]) != nil {
-			bad = append(bad, f[0])
-			continue
-		}
-		accts = append(accts, account{name: f[0], uid: uint32(uid)})
-	}
-	return accts, bad
-}
-
 // loadAccounts re-reads the SSH accounts when the passwd file changed.
-func (a *Agent) loadAccounts() error {
+func (a *Agent) loadAccounts(now time.Time) error {
 	if !a.cfg.SSH.Enabled {
 		return nil
 	}
@@ -121,64 +152,79 @@ func (a *Agent) loadAccounts() error {
 	if s == a.passwdStamp {
 		return nil
 	}
-	data, err := os.ReadFile(path)
+	data, err := pw.Read(path)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%s: %w", path, err)
+		return err
 	}
-	accts, bad := parsePasswd(data, a.cfg.SSH.UIDMin, a.cfg.SSH.UIDMax, a.cfg.SSH.Exclude)
-	for _, name := range bad {
-		a.warnOnce("badname:"+name, "account name is not a safe file name; not accounted", "name", fmt.Sprintf("%q", name), "err", quota.ValidName(name))
+	accts := pw.Select(pw.Parse(data), a.cfg.SSH.UIDMin, a.cfg.SSH.UIDMax, a.cfg.SSH.Exclude)
+	for _, e := range accts.Bad {
+		a.logs.warnOnce("badname:"+e.Name, "account name is not a safe file name; not accounted", "name", fmt.Sprintf("%q", e.Name), "err", quota.ValidName(e.Name))
 	}
-	now := a.now().In(a.loc)
-	seen := make(map[string]bool, len(accts))
-	clear(a.byUID)
-	for _, ac := range accts {
-		if other := a.byUID[ac.uid]; other != nil {
-			a.warnOnce(fmt.Sprintf("dupuid:%d", ac.uid), "two accounts share a UID; the first is accounted",
-				"uid", ac.uid, "accounted", other.name, "ignored", ac.name)
-			continue
-		}
-		u := a.users[ac.name]
+	for _, e := range accts.Shadowed {
+		a.logs.warnOnce(fmt.Sprintf("dupuid:%d:%s", e.UID, e.Name), "two accounts share a UID; the first in the file is accounted",
+			"uid", e.UID, "ignored", e.Name)
+	}
+	seen := make(map[string]bool, len(accts.Users))
+	owners := make(map[uint32]*user, len(accts.Users))
+	for _, ac := range accts.Users {
+		u := a.users[ac.Name]
 		switch {
 		case u == nil:
-			u = &user{name: ac.name, proto: quota.SSH, plan: a.plans[ac.name]}
-			delete(a.plans, ac.name)
-			a.users[ac.name] = u
+			u = a.newUser(ac.Name, quota.SSH)
 			a.touch(u, now, jsonUrgent)
-		case u.proto != quota.SSH && u.proto != "" && u.present:
-			a.warnOnce("clash:"+ac.name, "an SSH account has the name of an Xray user; the SSH account is not accounted",
-				"name", ac.name, "protocol", u.proto)
+		case u.r.proto != quota.SSH && u.r.proto != "" && u.r.present:
+			a.logs.warnOnce("clash:"+ac.Name, "an SSH account has the name of an Xray user; the SSH account is not accounted",
+				"name", ac.Name, "protocol", u.r.proto)
 			continue
 		}
-		if u.proto != quota.SSH || u.uid != ac.uid || !u.present {
-			if u.present && u.proto == quota.SSH && u.uid != ac.uid {
-				a.setPolicy(u.uid, bpf.Policy{}) // the old UID is no longer this user's
-				a.nftBlock(u.uid, false)
+		if prev := a.byUID[ac.UID]; prev != nil && prev != u {
+			a.log.Warn("UID changed owner: its usage and blocks are now the new account's", "uid", ac.UID,
+				"from", prev.r.name, "to", ac.Name)
+		}
+		if r := u.r; r.proto != quota.SSH || r.uid != ac.UID || !r.present {
+			if r.present && r.proto == quota.SSH && r.uid != ac.UID {
+				a.kernel.release(r.uid) // the old UID is no longer this user's
 			}
-			u.proto, u.uid, u.present = quota.SSH, ac.uid, true
+			w := a.edit(u)
+			w.proto, w.uid, w.present = quota.SSH, ac.UID, true
 			u.hasAnchor = false
 			a.touch(u, now, jsonUrgent)
 			a.queue(u)
-			a.nftDirty = true
 		}
-		a.byUID[ac.uid] = u
-		seen[ac.name] = true
+		owners[ac.UID] = u
+		seen[ac.Name] = true
 	}
 	for name, u := range a.users {
-		if u.proto == quota.SSH && u.present && !seen[name] {
-			u.present = false // the account is gone; its record and usage stay
-			u.hasAnchor = false
-			a.setPolicy(u.uid, bpf.Policy{})
-			a.nftBlock(u.uid, false)
+		if r := u.r; r.proto == quota.SSH && r.present && !seen[name] {
+			a.leave(u, now) // the account is gone; its record and usage stay
 		}
 	}
+	a.byUID = owners
 	a.passwdStamp = s
 	return nil
 }
 
+// leave marks u as gone from its source (passwd, Xray's config): it is no
+// longer accounted or enforced; its record stays for the retention.
+func (a *Agent) leave(u *user, now time.Time) {
+	w := a.edit(u)
+	w.present = false
+	w.updated = quota.At(now)
+	a.touch(u, now, jsonClean)
+	u.hasAnchor = false
+	if w.proto == quota.SSH && a.byUID[w.uid] == u {
+		delete(a.byUID, w.uid)
+		a.kernel.release(w.uid)
+	}
+	if w.proto.Xray() {
+		a.markersDirty = true
+	}
+}
+
 // loadLimits re-reads the limits file when it changed. A bad line is logged
-// once with its line number and skipped; the other lines still apply.
-func (a *Agent) loadLimits() error {
+// once with its line number and skipped (again only if it changes); the
+// other lines still apply.
+func (a *Agent) loadLimits(now time.Time) error {
 	path := a.cfg.Paths.Limits
 	s, err := statStamp(path)
 	if err != nil {
@@ -191,19 +237,24 @@ func (a *Agent) loadLimits() error {
 	if err != nil {
 		return err
 	}
+	bad := make(map[string]bool, len(lineErrs))
 	for _, le := range lineErrs {
-		a.warnOnce(fmt.Sprintf("limits:%v:%s", s.mtime.UnixNano(), le.Error()), "limits file: bad line skipped", "err", le.Error())
+		msg := le.Error()
+		bad[msg] = true
+		if !a.limitsBad[msg] {
+			a.log.Warn("limits file: bad line skipped", "err", msg)
+		}
 	}
+	a.limitsBad = bad
 	plans := make(map[string]quota.Plan)
 	for _, e := range l.Entries() {
 		plans[e.User] = e.Plan(a.loc)
 	}
 	// Each user keeps its plan; a.plans keeps only the lines of names that
 	// are no user yet (an account created later takes its line then).
-	now := a.now().In(a.loc)
 	for name, u := range a.users {
-		if p := plans[name]; u.plan != p {
-			u.plan = p
+		if p := plans[name]; u.r.plan != p {
+			a.edit(u).plan = p
 			a.touch(u, now, jsonUrgent)
 			a.queue(u)
 		}
@@ -217,4 +268,15 @@ func (a *Agent) loadLimits() error {
 	}
 	a.limitsStamp = s
 	return nil
+}
+
+// direction maps the counted metric to the traffic a kernel budget charges.
+func direction(m quota.Metric) bpf.Direction {
+	switch m {
+	case quota.Upload:
+		return bpf.Tx
+	case quota.Download:
+		return bpf.Rx
+	}
+	return bpf.Both
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"strconv"
 	"strings"
 	"time"
 
@@ -21,6 +20,7 @@ type XrayAPI interface {
 	AddUser(ctx context.Context, inboundTag, email string, acct xraystats.Account) error
 	RemoveUser(ctx context.Context, inboundTag, email string) error
 	OnlineIPs(ctx context.Context, email string) (map[string]int64, error)
+	OnlineUsers(ctx context.Context) (map[string]map[string]int64, error)
 	InboundUsers(ctx context.Context, inboundTag string) ([]string, error)
 	Close() error
 }
@@ -44,17 +44,23 @@ type Xray struct {
 	Cut func(remotes []netip.Addr, ports []uint16) (int, error)
 }
 
-// xrayState is the agent's view of Xray.
+// xrayState is Xray's part of the loop, for Xray users: a source (Xray's
+// per-user counters and their baselines) and an enforcer (the users of
+// Xray's inbounds and the cut of a blocked user's connections).
 type xrayState struct {
 	conf    *xrayconf.Config
 	users   map[string][]xrayconf.User // email → one entry per inbound
 	api     XrayAPI
 	apiAddr string
 
+	// Source: the last sample of each user's counters folded into usage.
+	base  map[string]*xbase
+	baseQ []string // baselines to commit
+
 	// The counters' epoch: Xray's start, from its uptime, kept while
 	// consecutive reads agree on it within a few seconds.
 	start time.Time
-	epoch string
+	epoch quota.Epoch
 	sys   xraystats.SysStats // the last read, whose totals only grow within one Xray
 
 	// removed are the users the agent has taken out of Xray's inbounds (and
@@ -65,12 +71,36 @@ type xrayState struct {
 	verifyIn int
 }
 
+// xbase is the baseline of one Xray user's counters.
+type xbase struct {
+	quota.Sample
+	dirty bool
+}
+
+func newXrayState() xrayState {
+	return xrayState{removed: make(map[string]bool), base: make(map[string]*xbase)}
+}
+
+// close drops the API client.
+func (x *xrayState) close() {
+	if x.api != nil {
+		x.api.Close()
+		x.api = nil
+	}
+}
+
+// dropBaseline forgets a departed user's counters, in memory now and in
+// the store with rec's commit.
+func (x *xrayState) dropBaseline(email string, rec *records) {
+	if _, ok := x.base[email]; ok {
+		delete(x.base, email)
+		rec.dropBaselines = append(rec.dropBaselines, quota.XraySource(email))
+	}
+}
+
 // xrayEpochSlack is how far two estimates of Xray's start (now - uptime,
 // with uptime in whole seconds) may differ and still be the same process.
 const xrayEpochSlack = 3 * time.Second
-
-// xraySource is the baseline key of an Xray user's counters.
-func xraySource(email string) string { return "xray:" + email }
 
 // sampleXray reads Xray's config if it changed, folds Xray's per-user
 // counters into usage and returns an error for the report; enforcement is
@@ -126,22 +156,21 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 	}
 	for email, t := range traffic {
 		u := a.users[email]
-		if u == nil || !u.proto.Xray() || !u.present {
+		if u == nil || !u.r.proto.Xray() || !u.r.present {
 			continue
 		}
-		src := xraySource(email)
 		cur := quota.Sample{Epoch: a.xr.epoch, Up: uint64(max(t.Uplink, 0)), Down: uint64(max(t.Downlink, 0))}
-		b := a.otherBase[src]
+		b := a.xr.base[email]
 		if b == nil {
-			b = &baseline{}
-			a.otherBase[src] = b
+			b = &xbase{}
+			a.xr.base[email] = b
 		}
 		if b.Sample == cur {
 			continue
 		}
 		d := quota.Since(b.Sample, cur)
 		if !b.dirty {
-			a.otherQ = append(a.otherQ, src)
+			a.xr.baseQ = append(a.xr.baseQ, email)
 		}
 		b.Sample, b.dirty = cur, true
 		if (d != quota.Usage{}) {
@@ -169,18 +198,12 @@ func (a *Agent) xrayEpoch(now time.Time, sys xraystats.SysStats) {
 	}
 	// The start, and the allocation count that tells two starts within the
 	// same seconds apart.
-	epoch := "xray@" + strconv.FormatInt(start.Unix(), 10) + "." + strconv.FormatUint(sys.Mallocs, 10)
+	epoch := quota.Epoch{Origin: xrayOrigin, Start: start.Unix(), Gen: sys.Mallocs}
 	if a.xr.start.IsZero() {
-		for src, b := range a.otherBase {
-			if !strings.HasPrefix(src, "xray:") {
-				continue
-			}
-			if rest, ok := strings.CutPrefix(b.Epoch, "xray@"); ok {
-				sec, _, _ := strings.Cut(rest, ".")
-				if n, err := strconv.ParseInt(sec, 10, 64); err == nil && absDur(start.Sub(time.Unix(n, 0))) <= xrayEpochSlack {
-					epoch = b.Epoch
-					break
-				}
+		for _, b := range a.xr.base {
+			if e := b.Epoch; e.Origin == xrayOrigin && absDur(start.Sub(time.Unix(e.Start, 0))) <= xrayEpochSlack {
+				epoch = e
+				break
 			}
 		}
 	} else {
@@ -189,6 +212,9 @@ func (a *Agent) xrayEpoch(now time.Time, sys xraystats.SysStats) {
 	a.xr.start, a.xr.epoch = start, epoch
 	clear(a.xr.removed)
 }
+
+// xrayOrigin is the Origin of the epochs of Xray's counters.
+const xrayOrigin = "xray"
 
 func absDur(d time.Duration) time.Duration {
 	if d < 0 {
@@ -206,17 +232,17 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 	conf, err := a.xray.Load()
 	if errors.Is(err, xrayconf.ErrNoConfig) && a.xr.conf == nil {
 		// An SSH-only server: nothing to account on the Xray side.
-		a.warnOnce("xray-none", "no xray config found; xray users are not accounted", "err", err)
+		a.logs.warnOnce("xray-none", "no xray config found; xray users are not accounted", "err", err)
 		return nil
 	}
 	if err != nil {
 		return err
 	}
 	for _, p := range conf.Problems {
-		a.warnOnce("xrayconf:"+p.String(), "xray config: "+p.String())
+		a.logs.warnOnce("xrayconf:"+p.String(), "xray config: "+p.String())
 	}
 	if !conf.Stats || !conf.UserStats {
-		a.warnOnce("xray-nostats", "xray config does not count users' traffic: add \"stats\": {} and policy.levels.\"0\" statsUserUplink and statsUserDownlink true", "files", conf.Files)
+		a.logs.warnOnce("xray-nostats", "xray config does not count users' traffic: add \"stats\": {} and policy.levels.\"0\" statsUserUplink and statsUserDownlink true", "files", conf.Files)
 	}
 	byEmail := make(map[string][]xrayconf.User)
 	for _, xu := range conf.Users() {
@@ -226,25 +252,23 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 		u := a.users[email]
 		switch {
 		case u == nil:
-			u = &user{name: email, proto: xus[0].Protocol, plan: a.plans[email]}
-			delete(a.plans, email)
-			a.users[email] = u
+			u = a.newUser(email, xus[0].Protocol)
 			a.touch(u, now, jsonUrgent)
-		case u.proto == quota.SSH && u.present:
-			a.warnOnce("clash:"+email, "an Xray user has the name of an SSH account; the Xray user is not accounted", "name", email)
+		case u.r.proto == quota.SSH && u.r.present:
+			a.logs.warnOnce("clash:"+email, "an Xray user has the name of an SSH account; the Xray user is not accounted", "name", email)
 			delete(byEmail, email)
 			continue
 		}
-		if !u.present || u.proto != xus[0].Protocol {
-			u.present, u.proto = true, xus[0].Protocol
+		if r := u.r; !r.present || r.proto != xus[0].Protocol {
+			w := a.edit(u)
+			w.present, w.proto = true, xus[0].Protocol
 			a.touch(u, now, jsonUrgent)
 		}
 		a.queue(u)
 	}
 	for name, u := range a.users {
-		if u.proto.Xray() && u.present && byEmail[name] == nil {
-			u.present = false // gone from the config; the record and usage stay
-			a.markersDirty = true
+		if u.r.proto.Xray() && u.r.present && byEmail[name] == nil {
+			a.leave(u, now) // gone from the config; the record and usage stay
 		}
 	}
 	a.xr.conf, a.xr.users = conf, byEmail
@@ -256,7 +280,7 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 // their connections are cut; an unblocked one is added back with the
 // account from the config.
 func (a *Agent) enforceXray(ctx context.Context) error {
-	if !a.cfg.Xray.Enabled || a.xr.api == nil || a.xr.epoch == "" {
+	if !a.cfg.Xray.Enabled || a.xr.api == nil || a.xr.epoch.IsZero() {
 		return nil
 	}
 	cctx, cancel := context.WithTimeout(ctx, a.cfg.Xray.Timeout)
@@ -272,13 +296,13 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 			continue
 		}
 		switch {
-		case u.st.Blocked && !a.xr.removed[email]:
+		case u.r.st.Blocked && !a.xr.removed[email]:
 			if err := a.removeXrayUser(cctx, email, xus); err != nil {
 				errs = append(errs, err)
 				continue
 			}
 			a.xr.removed[email] = true
-		case !u.st.Blocked && a.xr.removed[email]:
+		case !u.r.st.Blocked && a.xr.removed[email]:
 			if err := a.addXrayUser(cctx, email, xus); err != nil {
 				errs = append(errs, err)
 				continue
@@ -320,7 +344,7 @@ func (a *Agent) removeXrayUser(ctx context.Context, email string, xus []xrayconf
 	var ports []uint16
 	for _, xu := range xus {
 		if !xu.Alterable() {
-			a.warnOnce("unalterable:"+email+"/"+xu.Inbound, "xray user cannot be removed through the API (untagged inbound or single-user Shadowsocks 2022); not blocked there", "user", email, "inbound", xu.Inbound)
+			a.logs.warnOnce("unalterable:"+email+"/"+xu.Inbound, "xray user cannot be removed through the API (untagged inbound or single-user Shadowsocks 2022); not blocked there", "user", email, "inbound", xu.Inbound)
 			continue
 		}
 		if err := a.xr.api.RemoveUser(ctx, xu.Inbound, email); err != nil && !errors.Is(err, xraystats.ErrNotFound) {
@@ -336,37 +360,33 @@ func (a *Agent) removeXrayUser(ctx context.Context, email string, xus []xrayconf
 }
 
 // cutXrayUser destroys the connections of a removed user: Xray keeps the
-// open ones of a removed user. Only source addresses no other online user
-// has are cut, so nobody else loses a connection.
+// open ones of a removed user. Only source addresses no other online,
+// unblocked user has are cut, so nobody else loses a connection. It fails
+// closed: if who else is online cannot be learnt in full (an error, the
+// call deadline), nothing is cut; the user's new connections fail anyway.
 func (a *Agent) cutXrayUser(ctx context.Context, email string, ports []uint16) {
 	if a.xray.Cut == nil || len(ports) == 0 {
 		return
 	}
-	ips, err := a.xr.api.OnlineIPs(ctx, email)
-	if err != nil || len(ips) == 0 {
+	online, err := a.onlineUsers(ctx, email)
+	if err != nil {
+		a.log.Warn("connections of a blocked xray user not cut: cannot tell which addresses other users share", "user", email, "err", err)
 		return
 	}
-	// Users who moved bytes lately may be online; asking Xray about every
-	// user would cost a call each.
-	recent := quota.At(a.now().Add(-time.Minute))
 	shared := make(map[string]bool)
-	for other := range a.xr.users {
+	for other, ips := range online {
 		if other == email || a.xr.removed[other] {
 			continue
 		}
-		if u := a.users[other]; u == nil || u.st.Blocked || u.updated < recent {
+		if u := a.users[other]; u != nil && u.r.st.Blocked {
 			continue
 		}
-		theirs, err := a.xr.api.OnlineIPs(ctx, other)
-		if err != nil {
-			continue
-		}
-		for ip := range theirs {
+		for ip := range ips {
 			shared[ip] = true
 		}
 	}
 	var remotes []netip.Addr
-	for ip := range ips {
+	for ip := range online[email] {
 		addr, err := netip.ParseAddr(ip)
 		if err != nil || shared[ip] {
 			continue
@@ -382,6 +402,39 @@ func (a *Agent) cutXrayUser(ctx context.Context, email string, ports []uint16) {
 		return
 	}
 	a.log.Info("connections of a blocked xray user cut", "user", email, "connections", n, "addresses", len(remotes))
+}
+
+// onlineUsers returns the online addresses of email and of every other user
+// who may share one, by email: from Xray's bulk call where the running Xray
+// has it, else one call for email and one for each user who moved bytes in
+// the last minute (the others cannot be online). Any failed call is an
+// error: an incomplete answer could make a bystander's address look free.
+func (a *Agent) onlineUsers(ctx context.Context, email string) (map[string]map[string]int64, error) {
+	all, err := a.xr.api.OnlineUsers(ctx)
+	if err == nil {
+		return all, nil
+	}
+	if !errors.Is(err, xraystats.ErrUnsupported) {
+		return nil, err
+	}
+	out := make(map[string]map[string]int64)
+	recent := quota.At(a.now().Add(-time.Minute))
+	for other := range a.xr.users {
+		if other != email {
+			if a.xr.removed[other] {
+				continue
+			}
+			if u := a.users[other]; u == nil || u.r.st.Blocked || u.r.updated < recent {
+				continue
+			}
+		}
+		ips, err := a.xr.api.OnlineIPs(ctx, other)
+		if err != nil {
+			return nil, fmt.Errorf("online addresses of %s: %w", other, err)
+		}
+		out[other] = ips
+	}
+	return out, nil
 }
 
 func (a *Agent) addXrayUser(ctx context.Context, email string, xus []xrayconf.User) error {

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -25,6 +27,9 @@ type fakeXray struct {
 	inbounds map[string]map[string]xraystats.Account // tag → email → account
 	traffic  map[string]xraystats.Traffic
 	online   map[string]map[string]int64
+	bulk     bool             // has the bulk OnlineUsers call
+	failIPs  map[string]error // OnlineIPs of these users fails
+	failBulk error            // OnlineUsers fails
 	down     bool
 	calls    []string
 }
@@ -151,7 +156,31 @@ func (f *fakeXray) OnlineIPs(_ context.Context, email string) (map[string]int64,
 	if err := f.check("online " + email); err != nil {
 		return nil, err
 	}
+	if err := f.failIPs[email]; err != nil {
+		return nil, err
+	}
 	return f.online[email], nil
+}
+
+func (f *fakeXray) OnlineUsers(context.Context) (map[string]map[string]int64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.bulk {
+		return nil, fmt.Errorf("GetAllOnlineUsers: %w", xraystats.ErrUnsupported)
+	}
+	if err := f.check("online-all"); err != nil {
+		return nil, err
+	}
+	if f.failBulk != nil {
+		return nil, f.failBulk
+	}
+	out := make(map[string]map[string]int64, len(f.online))
+	for email, ips := range f.online {
+		if len(ips) > 0 {
+			out[email] = maps.Clone(ips)
+		}
+	}
+	return out, nil
 }
 
 func (f *fakeXray) InboundUsers(_ context.Context, tag string) ([]string, error) {
@@ -381,5 +410,56 @@ func TestXrayBlockedUserAddedBack(t *testing.T) {
 	}
 	if fx.has("vless-in", "alice") {
 		t.Errorf("alice added back by someone else is still in after %d ticks", xrayVerifyTicks)
+	}
+}
+
+// TestXrayCutFailsClosed: when who else is online cannot be learnt in full
+// (one user's lookup fails, or the bulk call does), a blocked user's
+// connections are not cut at all, so a bystander behind the same address
+// keeps theirs; the blocked user is still removed from Xray. With the bulk
+// call working, only the blocked user's own address is cut.
+func TestXrayCutFailsClosed(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		bulk    bool
+		failIPs map[string]error
+		bulkErr error
+		want    []netip.Addr
+	}{
+		{name: "per-user lookup of the bystander fails", failIPs: map[string]error{"bob": xraystats.ErrUnavailable}},
+		{name: "bulk call fails", bulk: true, bulkErr: fmt.Errorf("GetAllOnlineUsers: %w", context.DeadlineExceeded)},
+		{name: "bulk call", bulk: true, want: []netip.Addr{netip.MustParseAddr("203.0.113.7")}},
+		{name: "per-user lookups", want: []netip.Addr{netip.MustParseAddr("203.0.113.7")}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, fx, cuts := newXrayEnv(t, "alice 1\nbob 100\n")
+			e.step(0)
+			fx.mu.Lock()
+			fx.bulk, fx.failIPs, fx.failBulk = tc.bulk, tc.failIPs, tc.bulkErr
+			fx.online["alice"] = map[string]int64{"203.0.113.7": 1, "198.51.100.9": 1}
+			fx.online["bob"] = map[string]int64{"198.51.100.9": 1} // behind the same NAT as alice
+			fx.mu.Unlock()
+			fx.use("bob", 10, 10)
+			fx.use("alice", 2_000_000, 0)
+			e.step(2 * time.Second)
+			if v := e.user("alice"); v.Status != quota.Blocked {
+				t.Fatalf("alice: %+v", v)
+			}
+			if fx.has("vless-in", "alice") {
+				t.Error("alice still in her inbound: the block must not wait for the cut")
+			}
+			var got []netip.Addr
+			for _, c := range *cuts {
+				got = append(got, c.remotes...)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("cut %v, want %v", got, tc.want)
+			}
+			for _, a := range got {
+				if a == netip.MustParseAddr("198.51.100.9") {
+					t.Error("the shared address was cut")
+				}
+			}
+		})
 	}
 }

@@ -63,7 +63,7 @@ var tickSizes = []struct {
 // sizes'.
 const freshUsers = 10_000
 
-// BenchmarkTick measures one tick of a real agent (agent.Agent.Check with
+// BenchmarkTick measures one tick of a real agent (agent.Agent.Tick with
 // the loop not running, so the tick runs inline) over the real data plane,
 // nftables and state database, with 1,000, 10,000 and 100,000 SSH users.
 // Every user has a limit, so every one has an in-kernel budget: the worst
@@ -73,7 +73,7 @@ const freshUsers = 10_000
 // of the users (a different tenth each tick) straight into the pinned
 // bw_counters map, and makes 0.1% of the users cross their limit, so blocks,
 // policy changes and nftables set updates happen every tick. Those writes
-// are not timed: each tick is timed around Check alone. The agent's clock is
+// are not timed: each tick is timed around Tick alone. The agent's clock is
 // fake and advances by the default interval, 2s, per tick, so the
 // usage-file schedule (every 5s) behaves as it does in production.
 //
@@ -525,14 +525,14 @@ func (e *tickEnv) traffic(b *testing.B, round int) {
 }
 
 // tick advances the agent's clock by one interval, runs one tick and
-// returns how long Check took. A tick whose parts failed is fatal: the agent
+// returns how long the loop's part took. A tick whose parts failed is fatal: the agent
 // only logs such failures.
 func (e *tickEnv) tick(b *testing.B, ctx context.Context, label string) time.Duration {
 	b.Helper()
 	e.now = e.now.Add(tickStep)
 	var err error
 	start := time.Now()
-	pprof.Do(ctx, pprof.Labels("bwtick", label), func(ctx context.Context) { err = e.a.Check(ctx) })
+	pprof.Do(ctx, pprof.Labels("bwtick", label), func(context.Context) { err = e.a.Tick() })
 	total := time.Since(start)
 	// As bwagent does every 10 s (5 ticks): the soft memory limit follows
 	// the live heap. Untimed.
@@ -543,7 +543,7 @@ func (e *tickEnv) tick(b *testing.B, ctx context.Context, label string) time.Dur
 		b.Fatalf("check: %v", err)
 	}
 	e.checkLog(b)
-	// Check runs the loop's tick and then, since no loop runs, waits for the
+	// Tick runs the loop's tick and then, since no loop runs, waits for the
 	// commit that the running agent does beside the loop. The tick is what
 	// the loop spends; the rest is the background commit.
 	d := e.a.Health().TickDuration

@@ -21,8 +21,6 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 	_ "time/tzdata" // time zones work on systems without tzdata
@@ -32,6 +30,7 @@ import (
 	"github.com/myvpn/bwagent/config"
 	"github.com/myvpn/bwagent/control"
 	"github.com/myvpn/bwagent/control/agentbackend"
+	"github.com/myvpn/bwagent/internal/passwd"
 	"github.com/myvpn/bwagent/nft"
 	"github.com/myvpn/bwagent/store"
 )
@@ -128,9 +127,19 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP is caught from now on (its default action would kill the
+	// agent) but handled only once the loop runs.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+
+	runErr := make(chan error, 1)
+	go func() { runErr <- a.Run(ctx) }()
+	select {
+	case <-a.Ready(): // the first tick is done: the kernel enforces
+	case err := <-runErr:
+		return err
+	}
 	go func() {
 		for range hup {
 			next, err := config.Load(path)
@@ -138,23 +147,23 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 				log.Error("reload refused; keeping the running configuration", "err", err)
 				continue
 			}
-			restart, err := a.Reload(ctx, next)
-			if err != nil {
-				log.Error("reload failed", "err", err)
+			if err := a.Reload(ctx, next); err != nil {
+				log.Error("reload refused; keeping the running configuration", "err", err)
 				continue
 			}
-			log.Info("configuration reloaded", "needs_restart", restart)
+			log.Info("configuration reloaded")
 		}
 	}()
 
-	// The control socket, for bwctl: every change goes through the agent's
-	// loop like a limit crossing.
+	// The control socket, for bwctl, opens last: every change goes through
+	// the agent's loop like a limit crossing.
+	passwdPath := cfg.Paths.Passwd
 	srv := control.NewServer(agentbackend.New(a), control.Options{
 		AdminGroup: cfg.Control.AdminGroup,
 		ErrorCodes: agentbackend.ErrorCodes,
 		// A caller's account is looked up where the agent finds its SSH
 		// users, so "your own usage" means the same account to both.
-		LookupUser: func(uid uint32) (string, error) { return passwdName(cfg.Paths.Passwd, uid) },
+		LookupUser: func(uid uint32) (string, error) { return passwd.NameOf(passwdPath, uid) },
 		Refused: func(method string, c control.Caller) {
 			log.Warn("control call refused", "method", method, "uid", c.UID, "pid", c.PID)
 		},
@@ -175,25 +184,9 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 
 	log.Info("bwagent running", "cgroup", dp.CgroupPath(), "pins", dp.PinPath(), "table", cfg.NFT.Table,
 		"interval", cfg.Interval, "state", cfg.Paths.StateDB, "limits", cfg.Paths.Limits, "socket", cfg.Paths.Socket)
-	err = a.Run(ctx)
+	err = <-runErr
 	stop()
 	<-serveErr
 	log.Info("bwagent stopped")
 	return err
-}
-
-// passwdName returns the name of uid's account in the passwd file at path.
-func passwdName(path string, uid uint32) (string, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return "", err
-	}
-	want := strconv.FormatUint(uint64(uid), 10)
-	for line := range strings.Lines(string(data)) {
-		f := strings.SplitN(strings.TrimRight(line, "\n"), ":", 4)
-		if len(f) == 4 && f[2] == want && f[0] != "" && f[0][0] != '+' && f[0][0] != '-' {
-			return f[0], nil
-		}
-	}
-	return "", fmt.Errorf("UID %d has no account in %s", uid, path)
 }

@@ -23,11 +23,12 @@ import (
 var ErrorCodes = []control.ErrorCode{
 	{Err: agent.ErrUnknownUser, Code: codes.NotFound},
 	{Err: agent.ErrNoLimit, Code: codes.FailedPrecondition},
-	{Err: agent.ErrInterval, Code: codes.InvalidArgument},
+	{Err: agent.ErrStarting, Code: codes.Unavailable},
 	{Err: agent.ErrStopped, Code: codes.Unavailable},
 }
 
-// Backend is a control.Backend over an agent.
+// Backend is a control.Backend over an agent. The agent's reads and views
+// are control's types (package view), so it only forwards.
 type Backend struct{ a *agent.Agent }
 
 var _ control.Backend = (*Backend)(nil)
@@ -35,49 +36,15 @@ var _ control.Backend = (*Backend)(nil)
 // New returns a's control backend.
 func New(a *agent.Agent) *Backend { return &Backend{a} }
 
-// User converts the agent's view of a user.
-func User(v agent.UserView) control.User {
-	return control.User{
-		Name: v.Name, Protocol: v.Protocol, UID: v.UID, Present: v.Present, Status: v.Status,
-		Used: v.Used, Limit: v.Limit, Remaining: v.Remaining, Upload: v.Upload, Download: v.Download,
-		Today: v.Today, Reason: v.Reason, BlockTime: v.BlockTime, LastReset: v.LastReset,
-		Override:  control.Override{Active: v.Override.Active, Limit: v.Override.Limit, Until: v.Override.Until.Time()},
-		NextReset: v.NextReset, Expires: v.Expires, Updated: v.Updated,
-	}
-}
-
-func (b *Backend) Users(ctx context.Context) ([]control.User, error) {
-	vs, err := b.a.Users(ctx)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]control.User, len(vs))
-	for i, v := range vs {
-		out[i] = User(v)
-	}
-	return out, nil
-}
-
+func (b *Backend) Users(ctx context.Context) ([]control.User, error) { return b.a.Users(ctx) }
 func (b *Backend) User(ctx context.Context, name string) (control.User, error) {
-	v, err := b.a.User(ctx, name)
-	if err != nil {
-		return control.User{}, err
-	}
-	return User(v), nil
+	return b.a.User(ctx, name)
 }
-
 func (b *Backend) History(ctx context.Context, name, from, to string) ([]control.Day, error) {
-	ds, err := b.a.History(ctx, name, from, to)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]control.Day, len(ds))
-	for i, d := range ds {
-		out[i] = control.Day{Day: d.Day, Up: d.Up, Down: d.Down}
-	}
-	return out, nil
+	return b.a.History(ctx, name, from, to)
 }
-
+func (b *Backend) Updates() (uint64, <-chan struct{})             { return b.a.Updates() }
+func (b *Backend) Health() control.Health                         { return b.a.Health() }
 func (b *Backend) Check(ctx context.Context) error                { return b.a.Check(ctx) }
 func (b *Backend) Reset(ctx context.Context, name string) error   { return b.a.Reset(ctx, name) }
 func (b *Backend) ResetAll(ctx context.Context) (int, error)      { return b.a.ResetAll(ctx) }
@@ -94,9 +61,4 @@ func (b *Backend) SetLimit(ctx context.Context, name string, limit uint64) error
 
 func (b *Backend) RemoveLimit(ctx context.Context, name string) error {
 	return b.a.RemoveLimit(ctx, name)
-}
-
-func (b *Backend) Health() control.Health {
-	h := b.a.Health()
-	return control.Health{LastTick: h.LastTick, TickDuration: h.TickDuration, Users: h.Users, Errors: h.Errors, Components: h.Components}
 }

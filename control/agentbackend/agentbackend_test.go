@@ -10,23 +10,11 @@ import (
 	"github.com/myvpn/bwagent/agent"
 	"github.com/myvpn/bwagent/control"
 	"github.com/myvpn/bwagent/control/agentbackend"
-	"github.com/myvpn/bwagent/quota"
 	"google.golang.org/grpc/codes"
 )
 
 // Every agent method the adapter wraps must keep its signature.
 var _ control.Backend = agentbackend.New((*agent.Agent)(nil))
-
-func TestUser(t *testing.T) {
-	t0 := time.Unix(1700000000, 0)
-	v := agent.UserView{Name: "john", Protocol: "ssh", UID: 1001, Present: true, Status: quota.Blocked, Used: 5, Limit: 4,
-		Upload: 2, Download: 3, Today: 1, Reason: quota.ReasonLimit, BlockTime: t0, LastReset: t0.Add(-time.Hour),
-		Override: quota.Override{Active: true, Limit: 4, Until: quota.Instant(t0.Add(time.Hour).UnixNano())}, NextReset: t0.Add(2 * time.Hour)}
-	u := agentbackend.User(v)
-	if got := fmt.Sprintf("%v %v %v %v %v %v %v %v", u.Name, u.Status, u.Used, u.Limit, u.Reason, u.BlockTime.Equal(t0), u.Override.Until.Equal(t0.Add(time.Hour)), u.Expires.IsZero()); got != "john BLOCKED 5 4 Bandwidth Limit Reached true true true" {
-		t.Errorf("User = %s (%+v)", got, u)
-	}
-}
 
 // stub fails as the agent does; the other methods are not called.
 type stub struct{ control.Backend }

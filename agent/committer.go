@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"time"
 
@@ -30,6 +31,7 @@ type committer struct {
 
 	mu       sync.Mutex
 	pending  *store.Batch
+	inflight *store.Batch  // being committed now
 	unlogged []store.Event // committed, not yet in the block log
 	logged   []int64       // in the block log, not yet marked in the store
 	logPath  string
@@ -107,7 +109,7 @@ func (c *committer) flush() error {
 	defer c.commitMu.Unlock()
 	c.mu.Lock()
 	b := c.pending
-	c.pending = nil
+	c.pending, c.inflight = nil, b
 	c.mu.Unlock()
 	var err error
 	if b != nil {
@@ -115,6 +117,7 @@ func (c *committer) flush() error {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.inflight = nil
 	if b != nil {
 		c.lastErr = err
 		if err != nil {
@@ -165,6 +168,24 @@ func (c *committer) takeLogged() []int64 {
 	return l
 }
 
+// pendingHistory returns name's finished days waiting for a commit.
+func (c *committer) pendingHistory(name string) []store.DayUsage {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []store.DayUsage
+	for _, b := range []*store.Batch{c.inflight, c.pending} { // older first: a later row wins
+		if b == nil {
+			continue
+		}
+		for _, h := range b.History {
+			if h.Name == name {
+				out = append(out, h)
+			}
+		}
+	}
+	return out
+}
+
 func (c *committer) err() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -190,11 +211,24 @@ func mergeBatch(older, newer *store.Batch) *store.Batch {
 		Events: append(older.Events, newer.Events...),
 		Logged: append(older.Logged, newer.Logged...),
 	}
-	m.Users = mergeKeyed(older.Users, newer.Users, func(u store.User) string { return u.Name })
-	m.Baselines = mergeKeyed(older.Baselines, newer.Baselines, func(b store.Baseline) string { return b.Source })
-	m.History = mergeKeyed(older.History, newer.History, func(h store.DayUsage) string { return h.Name + "\x00" + h.Day })
-	m.DropUsers = append(older.DropUsers, newer.DropUsers...)
-	m.DropBaselines = append(older.DropBaselines, newer.DropBaselines...)
+	// The store applies drops before upserts. An upsert of older that
+	// newer drops must go, or it would bring the row back; a drop of older
+	// that newer upserts again is undone by the upsert, as it should be.
+	droppedUser := make(map[string]bool, len(newer.DropUsers))
+	for _, n := range newer.DropUsers {
+		droppedUser[n] = true
+	}
+	droppedBase := make(map[quota.Source]bool, len(newer.DropBaselines))
+	for _, s := range newer.DropBaselines {
+		droppedBase[s] = true
+	}
+	m.Users = mergeKeyed(slices.DeleteFunc(slices.Clone(older.Users), func(u store.User) bool { return droppedUser[u.Name] }),
+		newer.Users, func(u store.User) string { return u.Name })
+	m.Baselines = mergeKeyed(slices.DeleteFunc(slices.Clone(older.Baselines), func(b store.Baseline) bool { return droppedBase[b.Source] }),
+		newer.Baselines, func(b store.Baseline) quota.Source { return b.Source })
+	m.History = mergeKeyed(older.History, newer.History, func(h store.DayUsage) [2]string { return [2]string{h.Name, h.Day} })
+	m.DropUsers = append(slices.Clip(older.DropUsers), newer.DropUsers...)
+	m.DropBaselines = append(slices.Clip(older.DropBaselines), newer.DropBaselines...)
 	if len(older.Meta)+len(newer.Meta) > 0 {
 		m.Meta = make(map[string]string)
 		for k, v := range older.Meta {
@@ -208,8 +242,8 @@ func mergeBatch(older, newer *store.Batch) *store.Batch {
 }
 
 // mergeKeyed returns the rows of older whose key newer lacks, then newer.
-func mergeKeyed[T any](older, newer []T, key func(T) string) []T {
-	seen := make(map[string]bool, len(newer))
+func mergeKeyed[T any, K comparable](older, newer []T, key func(T) K) []T {
+	seen := make(map[K]bool, len(newer))
 	for _, r := range newer {
 		seen[key(r)] = true
 	}

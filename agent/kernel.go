@@ -1,0 +1,354 @@
+package agent
+
+import (
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/nft"
+	"github.com/myvpn/bwagent/quota"
+)
+
+// Dataplane is the part of bpf.Datapath the loop drives. It is an interface
+// so that the table tests can use a fake kernel that enforces budgets as
+// the real one does.
+type Dataplane interface {
+	EnsureAttached() (repaired []string, err error)
+	Epoch() (bpf.Epoch, error)
+	EachCounter(fn func(uid uint32, c bpf.Counters)) error
+	EachMoved(fn func(uid uint32, c bpf.Counters)) error
+	CountersOf(uid uint32) (bpf.Counters, error)
+	QuotaUsed(uid uint32) (uint64, error)
+	ReconcilePolicies(desired map[uint32]bpf.Policy) (int, error)
+	ApplyPolicies(changes map[uint32]bpf.Policy) error
+	Stats() (bpf.Stats, error)
+	Protected(uid uint32) bool
+}
+
+// Firewall is the part of nft.Firewall the loop drives; an interface so
+// that tests can fake it.
+type Firewall interface {
+	Reconcile(desired []uint32) (nft.Result, error)
+}
+
+// counterFullTicks is how often the kernel counters of every UID are read;
+// in between, only those of the UIDs the BPF programs marked as moved.
+const counterFullTicks = 30
+
+// The kernel policy map is read back in full and repaired every tick while
+// it holds up to policyVerifyEvery policies (well under a millisecond), and
+// every policyVerifyTicks ticks beyond (reading 10,000 policies takes about
+// 4 ms). The agent's own writes go out every tick regardless.
+const (
+	policyVerifyEvery = 2000
+	policyVerifyTicks = 5
+)
+
+// kernelSide is the kernel's part of the loop, for SSH users: a source (the
+// per-UID counters and their baselines) and an enforcer (the BPF policy map
+// and the nft set of blocked UIDs, both derived from one desired state:
+// policy).
+type kernelSide struct {
+	// Source: the last sample of each UID's counters folded into usage.
+	base     map[uint32]kbase
+	epochs   []quota.Epoch // indexed by kbase.epoch
+	baseQ    []uint32      // baselines to commit
+	sampleIn int           // ticks to the next full read of the counters
+	seen     bpf.Epoch     // the counters' epoch at the last full read
+
+	// Enforcer: the desired policy of every UID that has one. A blocked
+	// policy puts the UID in the nft set too.
+	policy    map[uint32]bpf.Policy
+	changes   map[uint32]bpf.Policy // not yet written to the kernel
+	verifyIn  int
+	verified  bool
+	anchorErr error
+	blocked   []uint32 // the UIDs of blocked policies, sorted: the nft set
+	nftDirty  bool
+	stats     bpf.Stats // the data plane's own counters at the last tick
+}
+
+func newKernelSide() kernelSide {
+	return kernelSide{
+		base:     make(map[uint32]kbase),
+		policy:   make(map[uint32]bpf.Policy),
+		changes:  make(map[uint32]bpf.Policy),
+		nftDirty: true,
+	}
+}
+
+// kbase is the baseline of one UID's kernel counters, compact: there can
+// be one for every UID on the machine.
+type kbase struct {
+	epoch    uint32 // index into kernelSide.epochs
+	dirty    bool
+	up, down uint64
+}
+
+// epochID returns the index of e in k.epochs, adding it if new.
+func (k *kernelSide) epochID(e quota.Epoch) uint32 {
+	if i := slices.Index(k.epochs, e); i >= 0 {
+		return uint32(i)
+	}
+	k.epochs = append(k.epochs, e)
+	return uint32(len(k.epochs) - 1)
+}
+
+// sample returns the baseline b as a counter sample; a UID never seen is the
+// zero sample.
+func (k *kernelSide) sample(b kbase, seen bool) quota.Sample {
+	if !seen {
+		return quota.Sample{}
+	}
+	return quota.Sample{Epoch: k.epochs[b.epoch], Up: b.up, Down: b.down}
+}
+
+func kernelEpoch(e bpf.Epoch) quota.Epoch {
+	return quota.Epoch{Origin: e.Boot, Gen: uint64(e.CounterMap)}
+}
+
+// setPolicy records p as uid's desired policy and queues the change.
+func (k *kernelSide) setPolicy(uid uint32, p bpf.Policy) {
+	cur, ok := k.policy[uid]
+	if zero := (p == bpf.Policy{}); (zero && !ok) || (ok && cur == p) {
+		return
+	}
+	if cur.Blocked != p.Blocked {
+		k.nftDirty = true
+	}
+	if (p == bpf.Policy{}) {
+		delete(k.policy, uid)
+	} else {
+		k.policy[uid] = p
+	}
+	k.changes[uid] = p
+}
+
+// release drops whatever uid's policy was: its user left or no longer owns
+// it.
+func (k *kernelSide) release(uid uint32) { k.setPolicy(uid, bpf.Policy{}) }
+
+// releaseAll drops every policy (SSH users turned off).
+func (k *kernelSide) releaseAll() {
+	for uid := range k.policy {
+		k.release(uid)
+	}
+}
+
+// resetChanges empties the change set, and drops its memory after a big
+// one (the first tick gives every limited user a budget).
+func (k *kernelSide) resetChanges() {
+	if len(k.changes) > 1024 {
+		k.changes = make(map[uint32]bpf.Policy)
+		return
+	}
+	clear(k.changes)
+}
+
+// sampleKernel folds the kernel's per-UID counters into the SSH users'
+// usage. Every UID in the SSH range keeps a baseline, owned or not, so an
+// account created later for a UID is not charged what the UID moved before.
+// After it, each baseline is this tick's sample of its UID.
+func (a *Agent) sampleKernel(now time.Time) error {
+	if !a.cfg.SSH.Enabled {
+		return nil
+	}
+	k := &a.kernel
+	epoch, err := a.dp.Epoch()
+	if err != nil {
+		return err
+	}
+	lo, hi := a.cfg.SSH.UIDMin, a.cfg.SSH.UIDMax
+	each := a.dp.EachMoved
+	if k.sampleIn--; k.sampleIn <= 0 || epoch != k.seen {
+		// At start, after the counters restarted, and now and then as a
+		// safety net: every UID. EachCounter does not clear the marks, so
+		// the next EachMoved reads some UIDs again, harmlessly.
+		each, k.sampleIn, k.seen = a.dp.EachCounter, counterFullTicks, epoch
+	}
+	qe := kernelEpoch(epoch)
+	eid := k.epochID(qe)
+	return each(func(uid uint32, c bpf.Counters) {
+		if uid < lo || uid >= hi {
+			return
+		}
+		b, seen := k.base[uid]
+		if seen && b.epoch == eid && b.up == c.TxBytes && b.down == c.RxBytes {
+			return
+		}
+		d := quota.Since(k.sample(b, seen), quota.Sample{Epoch: qe, Up: c.TxBytes, Down: c.RxBytes})
+		if !b.dirty {
+			k.baseQ = append(k.baseQ, uid)
+		}
+		k.base[uid] = kbase{epoch: eid, dirty: true, up: c.TxBytes, down: c.RxBytes}
+		if u := a.byUID[uid]; u != nil && (d != quota.Usage{}) {
+			a.charge(u, now, d)
+		}
+	})
+}
+
+// updatePolicy works out the kernel policy of an SSH user and queues it if
+// it changed: blocked users are dropped both ways, limited ones get a budget
+// that lets exactly their remaining bytes through, everyone else has none.
+func (a *Agent) updatePolicy(u *user) {
+	uid := u.r.uid
+	if a.dp.Protected(uid) {
+		a.logs.warnOnce(fmt.Sprintf("protected:%d", uid), "UID is protected: never blocked or budgeted in the kernel", "user", u.r.name, "uid", uid)
+		return
+	}
+	var p bpf.Policy
+	switch {
+	case u.r.st.Blocked:
+		p = bpf.Policy{Blocked: true}
+		u.hasAnchor = false
+	case u.r.plan.Limit > 0 && !u.r.st.Override.Active:
+		an, err := a.anchor(u)
+		if err != nil {
+			a.kernel.anchorErr = err
+			a.work.retryQ = append(a.work.retryQ, u) // try again next tick
+			return
+		}
+		p = bpf.Policy{Quota: direction(an.metric), Ceiling: an.ceiling}
+	default:
+		u.hasAnchor = false
+	}
+	a.kernel.setPolicy(uid, p)
+}
+
+// anchor is a budget granted to an SSH user in the kernel: the absolute
+// ceiling on the kernel's charged bytes, and what it was computed for.
+type anchor struct {
+	limit     uint64
+	lastReset quota.Instant // the last reset it was granted after
+	metric    quota.Metric
+	ceiling   uint64
+}
+
+// anchor returns u's kernel budget, computing a new one when the limit,
+// the last reset or the metric changed since it was granted.
+//
+// The kernel budget is an absolute ceiling on the UID's charged bytes
+// (bpf.Datapath.QuotaUsed): bpf.Ceiling of the charged bytes and the
+// remaining allowance, read in the order that can only under-grant: first
+// the charged total q, then the UID's counters again; bytes that moved since
+// this tick's sample (the baseline) are taken off the allowance, and those
+// that moved after q was read are charged twice. Once granted, the ceiling
+// stays fixed while the charged total and the usage grow in step.
+func (a *Agent) anchor(u *user) (anchor, error) {
+	r := u.r
+	p := r.plan
+	if an := u.anchor; u.hasAnchor && an.limit == p.Limit && an.lastReset == r.st.LastReset && an.metric == a.rules.Metric {
+		return an, nil
+	}
+	q, err := a.dp.QuotaUsed(r.uid)
+	if err != nil {
+		return anchor{}, err
+	}
+	c, err := a.dp.CountersOf(r.uid)
+	if err != nil {
+		return anchor{}, err
+	}
+	var sampled quota.Usage
+	if b, ok := a.kernel.base[r.uid]; ok {
+		sampled = quota.Usage{Up: b.up, Down: b.down}
+	}
+	extra := a.rules.Metric.Of(quota.Since(
+		quota.Sample{Up: sampled.Up, Down: sampled.Down},
+		quota.Sample{Up: c.TxBytes, Down: c.RxBytes}))
+	used := r.st.Used(a.rules) + extra
+	var remaining uint64
+	if used < p.Limit {
+		remaining = p.Limit - used
+	}
+	u.anchor = anchor{limit: p.Limit, lastReset: r.st.LastReset, metric: a.rules.Metric, ceiling: bpf.Ceiling(q, remaining)}
+	u.hasAnchor = true
+	return u.anchor, nil
+}
+
+// enforceKernel writes this tick's policy changes. Every tick (every few
+// ticks with many policies) it instead reads the whole policy map back and
+// makes it equal to the desired state, repairing anything someone changed
+// behind the agent's back. With SSH users turned off the desired state is
+// empty, so turning them off at run time lifts every block and budget.
+func (a *Agent) enforceKernel() error {
+	k := &a.kernel
+	err := k.anchorErr
+	k.anchorErr = nil
+	if k.verifyIn <= 0 {
+		n, rerr := a.dp.ReconcilePolicies(k.policy)
+		if rerr != nil {
+			return rerr
+		}
+		pending := len(k.changes)
+		k.resetChanges()
+		if n > pending && k.verified {
+			a.log.Warn("kernel policy map was altered; repaired", "entries", n)
+		}
+		k.verified = true
+		k.verifyIn = 0
+		if len(k.policy) > policyVerifyEvery {
+			k.verifyIn = policyVerifyTicks - 1
+		}
+		return err
+	}
+	k.verifyIn--
+	if aerr := a.dp.ApplyPolicies(k.changes); aerr != nil {
+		k.verifyIn = 0 // rewrite everything next tick
+		return aerr
+	}
+	k.resetChanges()
+	return err
+}
+
+// enforceNFT makes the nftables set hold exactly the UIDs whose desired
+// policy is a block. The sorted list is rebuilt only when a block changed;
+// the firewall itself notices cheaply whether the kernel's table still
+// matches it.
+func (a *Agent) enforceNFT() error {
+	k := &a.kernel
+	if k.nftDirty {
+		k.blocked = k.blocked[:0]
+		for uid, p := range k.policy {
+			if p.Blocked {
+				k.blocked = append(k.blocked, uid)
+			}
+		}
+		slices.Sort(k.blocked)
+		k.nftDirty = false
+	}
+	res, err := a.fw.Reconcile(k.blocked)
+	if err != nil {
+		return err
+	}
+	if res.Recreated {
+		a.log.Warn("nftables table was missing or altered (or this is the first start); rebuilt", "blocked", len(k.blocked))
+	} else if res.Added+res.Removed > 0 {
+		a.log.Info("blocked set updated", "added", res.Added, "removed", res.Removed)
+	}
+	return nil
+}
+
+// checkDataplane keeps the programs attached and the pins in place, logging
+// each repair, and reads the data plane's own counters: a full counter or
+// quota map is a quota bypass, reported as an error.
+func (a *Agent) checkDataplane() (attachErr, mapsErr error) {
+	repaired, attachErr := a.dp.EnsureAttached()
+	if len(repaired) > 0 {
+		a.log.Warn("kernel data plane was altered; repaired", "repaired", repaired)
+	}
+	st, err := a.dp.Stats()
+	if err != nil {
+		return attachErr, fmt.Errorf("read kernel stats: %w", err)
+	}
+	a.kernel.stats = st
+	switch {
+	case st.CountersFull > 0 && st.QuotaFull > 0:
+		return attachErr, fmt.Errorf("kernel counter and quota maps full: packets of some UIDs pass uncounted and budgeted ones are dropped; raise kernel.max_uids (now %d), then run bwagent uninstall and start the agent again", a.cfg.Kernel.MaxUIDs)
+	case st.CountersFull > 0:
+		return attachErr, fmt.Errorf("kernel counter map full: packets of some UIDs pass uncounted, a way around their limits; raise kernel.max_uids (now %d), then run bwagent uninstall and start the agent again", a.cfg.Kernel.MaxUIDs)
+	case st.QuotaFull > 0:
+		return attachErr, fmt.Errorf("kernel quota map full: packets of some budgeted UIDs are dropped; raise kernel.max_uids (now %d), then run bwagent uninstall and start the agent again", a.cfg.Kernel.MaxUIDs)
+	}
+	return attachErr, nil
+}

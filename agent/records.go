@@ -1,0 +1,233 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/myvpn/bwagent/opsfiles"
+	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/store"
+)
+
+// metaImported marks a store that has imported the usage JSON files of an
+// earlier install (done once, on the first start).
+const metaImported = "usage_json_imported"
+
+// records are the rows and events of the ticks since the last commit,
+// handed to the committer together with the changed users and baselines.
+type records struct {
+	history       []store.DayUsage
+	events        []store.Event
+	logged        []int64 // events appended to the block log, to mark in the store
+	dropUsers     []string
+	dropBaselines []quota.Source
+}
+
+// load restores the users and baselines from the store, imports the usage
+// files of an earlier install on the first start, and queues the events
+// that were committed but never reached the block log.
+func (a *Agent) load() error {
+	rows, err := a.store.Users()
+	if err != nil {
+		return err
+	}
+	for _, r := range rows {
+		// Not present until their source (passwd, Xray's config) names
+		// them; their usage files are written again then.
+		a.users[r.Name] = &user{r: fromRow(r)}
+	}
+	bases, err := a.store.Baselines()
+	if err != nil {
+		return err
+	}
+	for _, b := range bases {
+		s := quota.Sample{Epoch: b.Epoch, Up: b.Tx, Down: b.Rx}
+		switch b.Source.Kind {
+		case quota.SourceUID:
+			a.kernel.base[b.Source.UID] = kbase{epoch: a.kernel.epochID(b.Epoch), up: s.Up, down: s.Down}
+		case quota.SourceXray:
+			a.xr.base[b.Source.Name] = &xbase{Sample: s}
+		}
+	}
+	if _, done, err := a.store.Meta(metaImported); err != nil {
+		return err
+	} else if !done {
+		if err := a.importJSON(); err != nil {
+			return err
+		}
+	}
+	unlogged, err := a.store.UnloggedEvents()
+	if err != nil {
+		return err
+	}
+	a.commits = newCommitter(a.store, a.cfg.Paths.BlockLog, a.loc, unlogged)
+	return nil
+}
+
+// importJSON takes over the totals of the usage files an earlier install
+// (the bash tool) left, once. The bash tool counted upload, so its totals
+// are imported as upload (as download if this agent counts download only).
+// A corrupt file is moved aside, never deleted, and reported.
+func (a *Agent) importJSON() error {
+	now := a.now().In(a.loc)
+	docs, bad := opsfiles.ImportDir(a.cfg.Paths.UsageDir)
+	for _, err := range bad {
+		a.log.Warn("usage file from an earlier install not imported", "err", err)
+		var pe *os.PathError
+		if errors.Is(err, opsfiles.ErrCorrupt) && errors.As(err, &pe) {
+			if to, merr := opsfiles.MoveAside(pe.Path, now); merr == nil {
+				a.log.Warn("corrupt usage file moved aside", "from", pe.Path, "to", to)
+			}
+		}
+	}
+	for _, d := range docs {
+		u := a.users[d.Username]
+		if u == nil {
+			proto, _ := quota.ParseProtocol(d.Protocol)
+			u = a.newUser(d.Username, proto)
+		}
+		if (u.r.st.Total != quota.Usage{}) {
+			continue // already accounted by this agent
+		}
+		w := a.edit(u)
+		imp := func(n uint64) quota.Usage {
+			if a.rules.Metric == quota.Download {
+				return quota.Usage{Down: n}
+			}
+			return quota.Usage{Up: n}
+		}
+		w.st.Total = imp(d.TotalUsage)
+		if d.Upload+d.Download > 0 { // written by this agent: exact split
+			w.st.Total = quota.Usage{Up: d.Upload, Down: d.Download}
+		}
+		if t, ok := parseOpsTime(d.UpdatedAt, a.loc); ok && quota.Day(t) == quota.Day(now) {
+			w.st.Day, w.st.Today = quota.Day(now), imp(d.DailyUsage)
+		}
+		if t, ok := parseOpsTime(d.LastReset, a.loc); ok {
+			w.st.LastReset = quota.At(t)
+		}
+		if d.Blocked {
+			if d.BlockReason == quota.ReasonDisabled {
+				w.st.Disabled = true
+			}
+			w.st.Blocked, w.st.Reason = true, d.BlockReason
+			if w.st.Reason == "" {
+				w.st.Reason = quota.ReasonLimit
+			}
+			t, _ := parseOpsTime(d.BlockTime, a.loc)
+			w.st.BlockTime = quota.At(t)
+		}
+		a.touch(u, now, jsonClean) // written once the user is present
+		a.rec.events = append(a.rec.events, store.Event{Time: now, Protocol: string(w.proto), Name: w.name, Action: "import",
+			Reason: fmt.Sprintf("imported %d bytes from %s", d.TotalUsage, filepath.Join(a.cfg.Paths.UsageDir, w.name+".json")), Logged: true})
+	}
+	if len(docs) > 0 {
+		a.log.Info("imported usage files of an earlier install", "users", len(docs), "dir", a.cfg.Paths.UsageDir)
+	}
+	b := a.batch(now)
+	b.Meta = map[string]string{metaImported: now.Format(time.RFC3339)}
+	if err := a.store.Commit(b); err != nil {
+		return fmt.Errorf("import usage files: %w", err)
+	}
+	a.clearDirty()
+	return nil
+}
+
+func parseOpsTime(s string, loc *time.Location) (time.Time, bool) {
+	t, err := opsfiles.ParseTime(s, loc)
+	return t, err == nil && !t.IsZero()
+}
+
+// batch collects everything that changed since the last commit.
+func (a *Agent) batch(now time.Time) *store.Batch {
+	rec := &a.rec
+	b := &store.Batch{History: rec.history, Events: rec.events, Logged: rec.logged,
+		DropUsers: rec.dropUsers, DropBaselines: rec.dropBaselines}
+	if len(a.work.dirtyQ) > 0 {
+		b.Users = make([]store.User, 0, len(a.work.dirtyQ))
+		for _, u := range a.work.dirtyQ {
+			if a.users[u.r.name] == u { // not forgotten since
+				b.Users = append(b.Users, userRow(u.r, now))
+			}
+		}
+	}
+	k := &a.kernel
+	if n := len(k.baseQ) + len(a.xr.baseQ); n > 0 {
+		b.Baselines = make([]store.Baseline, 0, n)
+	}
+	for _, uid := range k.baseQ {
+		bl := k.base[uid]
+		b.Baselines = append(b.Baselines, store.Baseline{Source: quota.UIDSource(uid), Epoch: k.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
+	}
+	for _, email := range a.xr.baseQ {
+		if bl := a.xr.base[email]; bl != nil {
+			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
+		}
+	}
+	return b
+}
+
+// clearDirty forgets what changed: it is in a batch now.
+func (a *Agent) clearDirty() {
+	for _, u := range a.work.dirtyQ {
+		u.dirty = false
+	}
+	clear(a.work.dirtyQ)
+	a.work.dirtyQ = a.work.dirtyQ[:0]
+	k := &a.kernel
+	for _, uid := range k.baseQ {
+		bl := k.base[uid]
+		bl.dirty = false
+		k.base[uid] = bl
+	}
+	k.baseQ = k.baseQ[:0]
+	for _, email := range a.xr.baseQ {
+		if bl := a.xr.base[email]; bl != nil {
+			bl.dirty = false
+		}
+	}
+	a.xr.baseQ = a.xr.baseQ[:0]
+	a.rec = records{}
+}
+
+// commit hands this tick's changes to the committer: usage, baselines,
+// history and events together in one transaction, so a crash at any moment
+// neither loses nor double counts a byte. It returns the last commit's
+// error; a failed batch stays queued and goes with the next.
+func (a *Agent) commit(now time.Time) error {
+	a.rec.logged = append(a.rec.logged, a.commits.takeLogged()...)
+	b := a.batch(now)
+	a.clearDirty()
+	a.commits.submit(b)
+	a.commits.retry()
+	return a.commits.err()
+}
+
+func userRow(r *record, now time.Time) store.User {
+	s := &r.st
+	return store.User{
+		Name: r.name, Protocol: string(r.proto), UID: r.uid,
+		Up: s.Total.Up, Down: s.Total.Down,
+		Day: s.Day, DayUp: s.Today.Up, DayDown: s.Today.Down,
+		Blocked: s.Blocked, BlockReason: s.Reason, BlockTime: s.BlockTime.Time(),
+		Disabled: s.Disabled, LastReset: s.LastReset.Time(),
+		Unblocked: s.Override.Active, UnblockLimit: s.Override.Limit, UnblockUntil: s.Override.Until.Time(),
+		Schedule: s.Schedule, NextReset: s.NextReset.Time(),
+		UpdatedAt: now,
+	}
+}
+
+func fromRow(r store.User) *record {
+	return &record{name: r.Name, proto: quota.Protocol(r.Protocol), uid: r.UID, updated: quota.At(r.UpdatedAt),
+		st: quota.State{
+			Total: quota.Usage{Up: r.Up, Down: r.Down},
+			Day:   r.Day, Today: quota.Usage{Up: r.DayUp, Down: r.DayDown},
+			Blocked: r.Blocked, Reason: r.BlockReason, BlockTime: quota.At(r.BlockTime),
+			Disabled: r.Disabled, LastReset: quota.At(r.LastReset),
+			Override: quota.Override{Active: r.Unblocked, Limit: r.UnblockLimit, Until: quota.At(r.UnblockUntil)},
+			Schedule: r.Schedule, NextReset: quota.At(r.NextReset),
+		}}
+}
