@@ -158,7 +158,14 @@ func (c *Client) Status(ctx context.Context) (Health, error) {
 	if err != nil {
 		return Health{}, callErr(err)
 	}
-	h := Health{TickDuration: time.Duration(r.TickDurationNanos), Users: int(r.Users), Errors: r.Errors, Components: r.Components}
+	h := Health{
+		TickDuration: time.Duration(r.TickDurationNanos), Ticks: r.Ticks, Users: int(r.Users),
+		Errors: r.Errors, Components: r.Components,
+		Kernel: KernelStats{
+			DroppedBlocked: r.DroppedBlocked, DroppedQuota: r.DroppedQuota,
+			CountersFull: r.CountersFull, QuotaFull: r.QuotaFull,
+		},
+	}
 	if r.LastTickUnixNano != 0 {
 		h.LastTick = time.Unix(0, r.LastTickUnixNano)
 	}

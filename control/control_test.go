@@ -45,7 +45,9 @@ func newFake() *fake {
 			"mary": {Name: "mary", Protocol: "vless", Present: true, Status: quota.Blocked, Used: 2000, Limit: 1000,
 				Reason: quota.ReasonLimit, BlockTime: t0, Override: control.Override{Active: true, Limit: 1000, Until: t0.Add(time.Hour)}, Expires: t0.Add(48 * time.Hour)},
 		},
-		health: control.Health{LastTick: time.Unix(1700000000, 123456789), TickDuration: 3 * time.Millisecond, Users: 2, Errors: map[string]string{"xray": "down"}},
+		health: control.Health{LastTick: time.Unix(1700000000, 123456789), TickDuration: 3 * time.Millisecond, Ticks: 4242, Users: 2,
+			Errors: map[string]string{"xray": "down"}, Components: map[string]string{"kernel": "ok", "xray": "down"},
+			Kernel: control.KernelStats{DroppedBlocked: 11, DroppedQuota: 22, CountersFull: 33, QuotaFull: 44}},
 	}
 }
 
@@ -251,7 +253,8 @@ func TestRoundTrip(t *testing.T) {
 		t.Errorf("negative Unblock: %v", err)
 	}
 	h, err := c.Status(ctx)
-	if err != nil || !h.LastTick.Equal(f.health.LastTick) || h.TickDuration != f.health.TickDuration || h.Users != 2 || !maps.Equal(h.Errors, f.health.Errors) {
+	if err != nil || !h.LastTick.Equal(f.health.LastTick) || h.TickDuration != f.health.TickDuration || h.Ticks != 4242 || h.Users != 2 ||
+		!maps.Equal(h.Errors, f.health.Errors) || !maps.Equal(h.Components, f.health.Components) || h.Kernel != f.health.Kernel {
 		t.Errorf("Status = %+v, %v", h, err)
 	}
 	wantCalls := []string{

@@ -414,7 +414,12 @@ func (s *Server) Check(ctx context.Context, _ *controlpb.Empty) (*controlpb.Empt
 
 func (s *Server) Status(context.Context, *controlpb.Empty) (*controlpb.StatusResponse, error) {
 	h := s.b.Health()
-	out := &controlpb.StatusResponse{TickDurationNanos: int64(h.TickDuration), Users: int64(h.Users), Errors: h.Errors, Components: h.Components}
+	out := &controlpb.StatusResponse{
+		TickDurationNanos: int64(h.TickDuration), Ticks: h.Ticks, Users: int64(h.Users),
+		Errors: h.Errors, Components: h.Components,
+		DroppedBlocked: h.Kernel.DroppedBlocked, DroppedQuota: h.Kernel.DroppedQuota,
+		CountersFull: h.Kernel.CountersFull, QuotaFull: h.Kernel.QuotaFull,
+	}
 	if !h.LastTick.IsZero() {
 		out.LastTickUnixNano = h.LastTick.UnixNano()
 	}

@@ -30,11 +30,12 @@ type Backend interface {
 // The types the API carries are the agent's views (package view), so
 // nothing converts them field by field.
 type (
-	User     = view.User
-	Override = view.Override
-	Day      = view.Day
-	Health   = view.Health
-	UserRow  = view.UserRow
+	User        = view.User
+	Override    = view.Override
+	Day         = view.Day
+	Health      = view.Health
+	KernelStats = view.KernelStats
+	UserRow     = view.UserRow
 )
 
 // ErrorCode maps a backend error (matched with errors.Is) to a gRPC code.
