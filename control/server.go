@@ -15,8 +15,10 @@ import (
 
 	"github.com/myvpn/bwagent/control/internal/controlpb"
 	"github.com/myvpn/bwagent/quota"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
@@ -43,6 +45,27 @@ type Options struct {
 	// the library does not log, its caller may.
 	Refused func(method string, c Caller)
 	Failed  func(method string, c Caller, err error)
+
+	// Connections of non-root UIDs are limited at accept (see the package
+	// doc); root's never are. MaxConnsPerUID is how many one UID may hold
+	// open (0: DefaultMaxConnsPerUID, 8), MaxConns how many all non-root
+	// UIDs together may (0: DefaultMaxConns, 128).
+	MaxConnsPerUID int
+	MaxConns       int
+	// FDReserve is how many of the process's descriptors (RLIMIT_NOFILE's
+	// soft limit, read when Serve starts) non-root connections may not
+	// take: they are kept for the agent's own files and for root. 0: an
+	// eighth of the limit, at least DefaultFDReserve (64).
+	FDReserve int
+	// HandshakeTimeout is how long a new connection has to send gRPC's
+	// preface before it is closed; 0: DefaultHandshakeTimeout (5s).
+	HandshakeTimeout time.Duration
+	// ConnRefused, if set, is told of each connection closed at accept,
+	// with the caller's credentials (no Name; zero if they could not be
+	// read) and why: ErrUIDConns, ErrConns, ErrFDReserve, or the error
+	// reading SO_PEERCRED. It runs in the accept loop and must be quick; a
+	// flood of connections calls it for each one.
+	ConnRefused func(c Caller, err error)
 }
 
 // Caller is who made a call: the peer credentials and the UID's account
@@ -72,6 +95,15 @@ func NewServer(b Backend, o Options) *Server {
 	}
 	if o.WatchInterval <= 0 {
 		o.WatchInterval = time.Second
+	}
+	if o.MaxConnsPerUID <= 0 {
+		o.MaxConnsPerUID = DefaultMaxConnsPerUID
+	}
+	if o.MaxConns <= 0 {
+		o.MaxConns = DefaultMaxConns
+	}
+	if o.HandshakeTimeout <= 0 {
+		o.HandshakeTimeout = DefaultHandshakeTimeout
 	}
 
 	o.ErrorCodes = append(slices.Clip(o.ErrorCodes), DefaultErrorCodes...)
@@ -112,16 +144,22 @@ func inGroup(c Caller, group string) (bool, error) {
 // removes the socket. It creates the socket's directory (0755) if needed and
 // replaces a stale socket file, but fails if another server answers there.
 func (s *Server) Serve(ctx context.Context, path string) error {
-	l, err := listen(path)
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+		return fmt.Errorf("control socket: RLIMIT_NOFILE: %w", err)
+	}
+	ul, err := listen(path)
 	if err != nil {
 		return err
 	}
 	defer os.Remove(path)
-	g := grpc.NewServer(
-		grpc.Creds(peerCreds{}),
-		grpc.ChainUnaryInterceptor(s.unaryAuth),
-		grpc.ChainStreamInterceptor(s.streamAuth),
-	)
+	l := &listener{
+		UnixListener: ul,
+		limits:       newConnLimits(s.o.MaxConnsPerUID, s.o.MaxConns, fdMax(rl.Cur, s.o.FDReserve)),
+		openFDs:      openFDs,
+		refused:      s.o.ConnRefused,
+	}
+	g := grpc.NewServer(s.grpcOptions()...)
 	controlpb.RegisterControlServer(g, s)
 	done := make(chan error, 1)
 	go func() { done <- g.Serve(l) }()
@@ -142,6 +180,42 @@ func (s *Server) Serve(ctx context.Context, path string) error {
 	<-done
 	return nil
 }
+
+// fdMax is how many descriptors the process may have open for a non-root
+// connection to be accepted: the soft limit minus the reserve.
+func fdMax(soft uint64, reserve int) int {
+	lim := int(min(soft, 1<<31))
+	if reserve <= 0 {
+		reserve = max(DefaultFDReserve, lim/8)
+	}
+	return lim - reserve
+}
+
+// grpcOptions bound what one connection can hold: requests are a few
+// bytes, so one may not be larger than 64 KiB; a connection has a few
+// streams, flow-control windows of gRPC's least (64 KiB) instead of
+// windows that grow to megabytes, small buffers, a deadline for its
+// handshake and an end when idle; clients may not ping often.
+func (s *Server) grpcOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.Creds(peerCreds{}),
+		grpc.ChainUnaryInterceptor(s.unaryAuth),
+		grpc.ChainStreamInterceptor(s.streamAuth),
+		grpc.ConnectionTimeout(s.o.HandshakeTimeout),
+		grpc.MaxRecvMsgSize(64 << 10),
+		grpc.MaxHeaderListSize(16 << 10),
+		grpc.MaxConcurrentStreams(8),
+		grpc.InitialWindowSize(64 << 10),
+		grpc.InitialConnWindowSize(64 << 10),
+		grpc.ReadBufferSize(4 << 10),
+		grpc.WriteBufferSize(16 << 10),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxIdle}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: time.Minute}),
+	}
+}
+
+// maxIdle is how long a connection without a call in progress is kept.
+const maxIdle = 2 * time.Minute
 
 // listen creates the socket, mode 0666: authorisation is per call.
 func listen(path string) (*net.UnixListener, error) {
