@@ -66,7 +66,12 @@
 //
 // # Watch
 //
-// Watch polls Backend.Users every Options.WatchInterval (1s) and sends a
-// snapshot when any row changed. The agent may later push after each tick
-// instead; the wire protocol would not change.
+// Watch does not poll. The agent publishes an immutable snapshot of its
+// users at the end of each tick that changed something; Backend.Updates
+// gives the current version and a channel closed by the next publication.
+// A Watch stream takes them before it reads Backend.Users, so no
+// publication is missed, sends the first snapshot, then waits on the
+// channel and sends again only if a monitor row changed. A burst of
+// publications is read once: at most one read per Options.WatchSpacing
+// (200ms) per stream.
 package control

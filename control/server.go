@@ -38,8 +38,10 @@ type Options struct {
 	// ErrorCodes map backend errors to gRPC codes, tried in order, before
 	// DefaultErrorCodes.
 	ErrorCodes []ErrorCode
-	// WatchInterval is how often Watch polls the backend; default 1s.
-	WatchInterval time.Duration
+	// WatchSpacing is the least time between two reads of the users by one
+	// Watch stream: publications within it are sent as one snapshot.
+	// Default DefaultWatchSpacing (200ms).
+	WatchSpacing time.Duration
 	// Refused, if set, is told of each call refused for lack of permission,
 	// and Failed of each call that failed inside the backend (Internal):
 	// the library does not log, its caller may.
@@ -93,8 +95,8 @@ func NewServer(b Backend, o Options) *Server {
 	if o.InGroup == nil {
 		o.InGroup = inGroup
 	}
-	if o.WatchInterval <= 0 {
-		o.WatchInterval = time.Second
+	if o.WatchSpacing <= 0 {
+		o.WatchSpacing = DefaultWatchSpacing
 	}
 	if o.MaxConnsPerUID <= 0 {
 		o.MaxConnsPerUID = DefaultMaxConnsPerUID
@@ -500,42 +502,64 @@ func (s *Server) Status(context.Context, *controlpb.Empty) (*controlpb.StatusRes
 	return out, nil
 }
 
-// Watch sends every user's row at once, then whenever a row changed, until
-// the client goes away or the server stops.
+// DefaultWatchSpacing is Options.WatchSpacing's default.
+const DefaultWatchSpacing = 200 * time.Millisecond
+
+// Watch sends every user's row at once, then after each publication of the
+// backend that changed a row, until the client goes away or the server
+// stops. It does not poll: between publications it only waits.
 func (s *Server) Watch(_ *controlpb.Empty, st grpc.ServerStreamingServer[controlpb.Snapshot]) error {
 	ctx := st.Context()
-	t := time.NewTicker(s.o.WatchInterval)
-	defer t.Stop()
 	var last []UserRow
+	var seen uint64 // the version last read
 	for first := true; ; first = false {
-		users, err := s.b.Users(ctx)
-		if err != nil {
-			return s.fail(ctx, "Watch", err)
-		}
-		rows := make([]UserRow, len(users))
-		for i, u := range users {
-			rows[i] = u.Row()
-		}
-		if first || !slices.Equal(rows, last) {
-			snap := &controlpb.Snapshot{}
-			for _, r := range rows {
-				snap.Users = append(snap.Users, &controlpb.UserRow{
-					Name: r.Name, Protocol: string(r.Protocol), Status: string(r.Status),
-					Used: r.Used, Limit: r.Limit, Upload: r.Upload, Download: r.Download,
-				})
+		// Updates before Users: whatever is published after this read
+		// closes changed, so no publication is missed.
+		version, changed := s.b.Updates()
+		turn := time.Now()
+		if first || version != seen {
+			users, err := s.b.Users(ctx)
+			if err != nil {
+				return s.fail(ctx, "Watch", err)
 			}
-			if err := st.Send(snap); err != nil {
+			seen = version
+			rows := make([]UserRow, len(users))
+			for i, u := range users {
+				rows[i] = u.Row()
+			}
+			if first || !slices.Equal(rows, last) {
+				if err := st.Send(snapshotToPB(rows)); err != nil {
+					return err
+				}
+				last = rows
+			}
+		}
+		if err := wait(ctx, s.stop, changed); err != nil {
+			return err
+		}
+		// A burst of publications is read once: a turn of this loop
+		// starts at most every WatchSpacing.
+		if d := s.o.WatchSpacing - time.Since(turn); d > 0 {
+			t := time.NewTimer(d)
+			err := wait(ctx, s.stop, t.C)
+			t.Stop()
+			if err != nil {
 				return err
 			}
-			last = rows
 		}
-		select {
-		case <-ctx.Done():
-			return status.FromContextError(ctx.Err()).Err()
-		case <-s.stop:
-			return status.Error(codes.Unavailable, "bwagent is stopping")
-		case <-t.C:
-		}
+	}
+}
+
+// wait waits for ch, and fails when the stream's ctx is done or the server
+// stops (stop is closed) first.
+func wait[T any](ctx context.Context, stop <-chan struct{}, ch <-chan T) error {
+	select {
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	case <-stop:
+		return status.Error(codes.Unavailable, "bwagent is stopping")
+	case <-ch:
+		return nil
 	}
 }
 

@@ -100,3 +100,7 @@ func (b *Backend) Health() control.Health {
 	h := b.a.Health()
 	return control.Health{LastTick: h.LastTick, TickDuration: h.TickDuration, Users: h.Users, Errors: h.Errors, Components: h.Components}
 }
+
+// Updates forwards the agent's: the version of its users' snapshot and a
+// channel closed when a newer one is published.
+func (b *Backend) Updates() (uint64, <-chan struct{}) { return b.a.Updates() }
