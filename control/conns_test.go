@@ -106,8 +106,9 @@ func closedUnread(c net.Conn, timeout time.Duration) (closed bool, n int64) {
 }
 
 // holdHelper opens args[1] bare connections, keeps them open, and prints
-// "HELD admitted refused": admitted ones got the server's first bytes,
-// refused ones were closed without any.
+// "HELD admitted refused pending": admitted ones got the server's first
+// bytes, refused ones were closed without any, pending ones neither
+// within 2s (not accepted yet).
 func holdHelper(args []string) error {
 	path := args[0]
 	m, _ := strconv.Atoi(args[1])
@@ -119,20 +120,23 @@ func holdHelper(args []string) error {
 		}
 		conns = append(conns, c)
 	}
-	admitted, refused := 0, 0
+	var admitted, refused, pending int
 	buf := make([]byte, 1)
+	deadline := time.Now().Add(2 * time.Second)
 	for _, c := range conns {
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		c.SetReadDeadline(deadline)
 		switch n, err := c.Read(buf); {
 		case n > 0:
 			admitted++
 		case errors.Is(err, io.EOF):
 			refused++
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			pending++
 		default:
-			return fmt.Errorf("connection neither answered nor closed: %v", err)
+			return err
 		}
 	}
-	fmt.Println("HELD", admitted, refused)
+	fmt.Println("HELD", admitted, refused, pending)
 	time.Sleep(time.Minute) // killed by the test
 	return nil
 }
@@ -260,12 +264,13 @@ func TestFDReserve(t *testing.T) {
 		ConnRefused:      refused.hook,
 	})
 	p := nettest.Start(t, nettest.Spec{UID: johnUID}, "hold", path, strconv.Itoa(room))
-	var admitted, closed int
-	if _, err := fmt.Sscanf(p.Expect(t, "HELD ", 30*time.Second), "HELD %d %d", &admitted, &closed); err != nil {
+	var admitted, closed, pending int
+	if _, err := fmt.Sscanf(p.Expect(t, "HELD ", 30*time.Second), "HELD %d %d %d", &admitted, &closed, &pending); err != nil {
 		t.Fatal(err)
 	}
 	if admitted == 0 || closed == 0 || admitted+closed != room {
-		t.Errorf("of %d connections with %d descriptors free and %d reserved, %d admitted, %d closed", room, room, reserve, admitted, closed)
+		t.Errorf("of %d connections with %d descriptors free and %d reserved, %d admitted, %d closed, %d not accepted",
+			room, room, reserve, admitted, closed, pending)
 	}
 	if n := openFDs(t); n > int(lim.Cur)-reserve {
 		t.Errorf("%d descriptors open, more than the limit %d minus the reserve %d", n, lim.Cur, reserve)
@@ -274,6 +279,42 @@ func TestFDReserve(t *testing.T) {
 		t.Errorf("ConnRefused told of %d connections refused for the reserve, the helper saw %d closed", refused.count(control.ErrFDReserve), closed)
 	}
 	statusWithin(t, path, 2*time.Second)
+}
+
+// Out of descriptors (EMFILE), as it can be by root's connections, the
+// server neither stops nor refuses: it accepts again once descriptors are
+// free (gRPC retries a failed accept after at most 1s).
+func TestAcceptEMFILE(t *testing.T) {
+	path := serve(t, newFake(), control.Options{})
+	var old unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	const room, conns = 20, 60
+	lim := old
+	lim.Cur = uint64(openFDs(t) + room)
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	restored := false
+	restore := func() {
+		if !restored {
+			unix.Setrlimit(unix.RLIMIT_NOFILE, &old)
+			restored = true
+		}
+	}
+	t.Cleanup(restore)
+	p := nettest.Start(t, nettest.Spec{UID: 0}, "hold", path, strconv.Itoa(conns))
+	var admitted, closed, pending int
+	if _, err := fmt.Sscanf(p.Expect(t, "HELD ", 30*time.Second), "HELD %d %d %d", &admitted, &closed, &pending); err != nil {
+		t.Fatal(err)
+	}
+	restore()
+	if admitted == 0 || pending == 0 || closed != 0 {
+		t.Errorf("root's %d connections with %d descriptors free: %d admitted, %d closed, %d not accepted; want some admitted, some not accepted, none closed",
+			conns, room, admitted, closed, pending)
+	}
+	statusWithin(t, path, 5*time.Second) // within gRPC's backoff of 1s
 }
 
 // A connection that sends nothing is closed after HandshakeTimeout.

@@ -111,10 +111,10 @@ func (l *listener) Accept() (net.Conn, error) {
 			err = l.limits.admit(cred.UID, func() int { return max(l.openFDs(), fd+1) })
 		}
 		if err != nil {
-			c.Close()
 			if l.refused != nil {
 				l.refused(Caller{PID: cred.PID, UID: cred.UID, GID: cred.GID}, err)
 			}
+			c.Close()
 			continue
 		}
 		return &conn{UnixConn: c, cred: cred, limits: l.limits}, nil
