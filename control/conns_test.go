@@ -141,6 +141,14 @@ func holdHelper(args []string) error {
 	return nil
 }
 
+// liveHeap returns the bytes of live heap objects after a collection.
+func liveHeap() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
+}
+
 // openFDs counts the test process's open descriptors.
 func openFDs(t *testing.T) int {
 	t.Helper()
@@ -189,7 +197,7 @@ func statusWithin(t *testing.T, path string, d time.Duration) {
 
 // A local user opening far more connections than its cap keeps only the
 // cap's worth: the rest are closed at accept, the server holds no more
-// descriptors or goroutines for them, and root is served at once.
+// descriptors, goroutines or heap for them, and root is served at once.
 func TestHostileUID(t *testing.T) {
 	const (
 		perUID = control.DefaultMaxConnsPerUID
@@ -198,7 +206,7 @@ func TestHostileUID(t *testing.T) {
 	var refused refusals
 	path := serve(t, newFake(), control.Options{ConnRefused: refused.hook})
 	statusWithin(t, path, 2*time.Second)
-	fdsBefore, goBefore := openFDs(t), runtime.NumGoroutine()
+	fdsBefore, goBefore, heapBefore := openFDs(t), runtime.NumGoroutine(), liveHeap()
 
 	p := nettest.Start(t, nettest.Spec{UID: johnUID}, "hog", path, strconv.Itoa(perUID), strconv.Itoa(flood))
 	p.Expect(t, fmt.Sprintf("OPEN %d", perUID), 20*time.Second)
@@ -213,6 +221,7 @@ func TestHostileUID(t *testing.T) {
 	// While the UID holds its cap and its 2,000 closed connections:
 	statusWithin(t, path, 2*time.Second)
 	fds, gos := openFDs(t)-fdsBefore, runtime.NumGoroutine()-goBefore
+	heap := int64(liveHeap()) - int64(heapBefore)
 	if fds < perUID || fds > perUID+8 { // + the helper's pipe and pidfd, root's closing connection
 		t.Errorf("the server holds %d more descriptors with the UID's %d connections (and %d refused) open, want %d to %d",
 			fds, perUID, flood, perUID, perUID+8)
@@ -220,7 +229,11 @@ func TestHostileUID(t *testing.T) {
 	if gos > 8*perUID {
 		t.Errorf("%d more goroutines for the UID's %d connections", gos, perUID)
 	}
-	t.Logf("with %d connections of the UID held and %d refused: %d more descriptors, %d more goroutines", perUID, flood, fds, gos)
+	if heap > 8<<20 {
+		t.Errorf("the live heap grew by %d KiB with the UID's %d connections (and %d refused)", heap>>10, perUID, flood)
+	}
+	t.Logf("with %d connections of the UID held and %d refused: %d more descriptors, %d more goroutines, live heap %+d KiB",
+		perUID, flood, fds, gos, heap>>10)
 	if n := refused.count(control.ErrUIDConns); n < flood+1 {
 		t.Errorf("ConnRefused told of %d connections over the UID's cap, want at least %d", n, flood+1)
 	}
