@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync"
 	"syscall"
 	"time"
 
@@ -21,10 +22,15 @@ import (
 type Client struct {
 	cc *grpc.ClientConn
 	c  controlpb.ControlClient
+
+	mu    sync.Mutex
+	first net.Conn // Dial's connection until gRPC takes it
 }
 
 // Dial connects to the control socket at path. It fails with a message for
-// a person when nothing serves there or the socket may not be opened.
+// a person when nothing serves there or the socket may not be opened. The
+// connection it opens to find out is the one gRPC goes on with: a Client
+// holds one connection (the server limits how many a UID may hold).
 func Dial(ctx context.Context, path string) (*Client, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", path)
@@ -36,20 +42,39 @@ func Dial(ctx context.Context, path string) (*Client, error) {
 	case err != nil:
 		return nil, fmt.Errorf("cannot connect to bwagent at %s: %w", path, err)
 	}
-	c.Close()
+	cl := &Client{first: c}
 	cc, err := grpc.NewClient("passthrough:///bwagent",
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			if c := cl.takeFirst(); c != nil {
+				return c, nil
+			}
 			return d.DialContext(ctx, "unix", path)
 		}))
 	if err != nil {
+		c.Close()
 		return nil, err
 	}
-	return &Client{cc: cc, c: controlpb.NewControlClient(cc)}, nil
+	cl.cc, cl.c = cc, controlpb.NewControlClient(cc)
+	cc.Connect() // now, while Dial's connection is fresh
+	return cl, nil
+}
+
+func (c *Client) takeFirst() net.Conn {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	first := c.first
+	c.first = nil
+	return first
 }
 
 // Close closes the connection.
-func (c *Client) Close() error { return c.cc.Close() }
+func (c *Client) Close() error {
+	if first := c.takeFirst(); first != nil {
+		first.Close()
+	}
+	return c.cc.Close()
+}
 
 // callErr converts a gRPC error to *Error.
 func callErr(err error) error {
@@ -158,7 +183,14 @@ func (c *Client) Status(ctx context.Context) (Health, error) {
 	if err != nil {
 		return Health{}, callErr(err)
 	}
-	h := Health{TickDuration: time.Duration(r.TickDurationNanos), Users: int(r.Users), Errors: r.Errors, Components: r.Components}
+	h := Health{
+		TickDuration: time.Duration(r.TickDurationNanos), Ticks: r.Ticks, Users: int(r.Users),
+		Errors: r.Errors, Components: r.Components,
+		Kernel: KernelStats{
+			DroppedBlocked: r.DroppedBlocked, DroppedQuota: r.DroppedQuota,
+			CountersFull: r.CountersFull, QuotaFull: r.QuotaFull,
+		},
+	}
 	if r.LastTickUnixNano != 0 {
 		h.LastTick = time.Unix(0, r.LastTickUnixNano)
 	}

@@ -28,12 +28,17 @@ func TestMain(m *testing.M) {
 var errUnknown = errors.New("unknown user")
 
 // fake is a Backend over a map of users that records the changing calls.
+// A change to users is published only by publish.
 type fake struct {
-	mu     sync.Mutex
-	users  map[string]control.User
-	calls  []string
-	err    error // returned by every call when set
-	health control.Health
+	mu         sync.Mutex
+	users      map[string]control.User
+	calls      []string
+	err        error // returned by every call when set
+	health     control.Health
+	version    uint64
+	changed    chan struct{} // closed by publish
+	usersCalls int
+	afterUsers func() // run once by the next Users, after it read the users
 }
 
 func newFake() *fake {
@@ -45,7 +50,10 @@ func newFake() *fake {
 			"mary": {Name: "mary", Protocol: "vless", Present: true, Status: quota.Blocked, Used: 2000, Limit: 1000,
 				Reason: quota.ReasonLimit, BlockTime: t0, Override: control.Override{Active: true, Limit: 1000, Until: t0.Add(time.Hour)}, Expires: t0.Add(48 * time.Hour)},
 		},
-		health: control.Health{LastTick: time.Unix(1700000000, 123456789), TickDuration: 3 * time.Millisecond, Users: 2, Errors: map[string]string{"xray": "down"}},
+		changed: make(chan struct{}),
+		health: control.Health{LastTick: time.Unix(1700000000, 123456789), TickDuration: 3 * time.Millisecond, Ticks: 4242, Users: 2,
+			Errors: map[string]string{"xray": "down"}, Components: map[string]string{"kernel": "ok", "xray": "down"},
+			Kernel: control.KernelStats{DroppedBlocked: 11, DroppedQuota: 22, CountersFull: 33, QuotaFull: 44}},
 	}
 }
 
@@ -64,13 +72,20 @@ func (f *fake) Calls() []string {
 
 func (f *fake) Users(context.Context) ([]control.User, error) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.usersCalls++
 	if f.err != nil {
+		f.mu.Unlock()
 		return nil, f.err
 	}
 	var out []control.User
 	for _, n := range slices.Sorted(maps.Keys(f.users)) {
 		out = append(out, f.users[n])
+	}
+	after := f.afterUsers
+	f.afterUsers = nil
+	f.mu.Unlock()
+	if after != nil {
+		after()
 	}
 	return out, nil
 }
@@ -114,6 +129,30 @@ func (f *fake) RemoveLimit(_ context.Context, name string) error {
 	return f.call("RemoveLimit %s", name)
 }
 func (f *fake) Health() control.Health { return f.health }
+
+func (f *fake) Updates() (uint64, <-chan struct{}) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.version, f.changed
+}
+
+// publish publishes a new version of the users, after change if not nil.
+func (f *fake) publish(change func(users map[string]control.User)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if change != nil {
+		change(f.users)
+	}
+	f.version++
+	close(f.changed)
+	f.changed = make(chan struct{})
+}
+
+func (f *fake) UsersCalls() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.usersCalls
+}
 
 const (
 	johnUID  = 54321
@@ -251,7 +290,8 @@ func TestRoundTrip(t *testing.T) {
 		t.Errorf("negative Unblock: %v", err)
 	}
 	h, err := c.Status(ctx)
-	if err != nil || !h.LastTick.Equal(f.health.LastTick) || h.TickDuration != f.health.TickDuration || h.Users != 2 || !maps.Equal(h.Errors, f.health.Errors) {
+	if err != nil || !h.LastTick.Equal(f.health.LastTick) || h.TickDuration != f.health.TickDuration || h.Ticks != 4242 || h.Users != 2 ||
+		!maps.Equal(h.Errors, f.health.Errors) || !maps.Equal(h.Components, f.health.Components) || h.Kernel != f.health.Kernel {
 		t.Errorf("Status = %+v, %v", h, err)
 	}
 	wantCalls := []string{
@@ -373,17 +413,21 @@ func TestStaleAndLiveSocket(t *testing.T) {
 	}
 }
 
-func TestWatch(t *testing.T) {
-	f := newFake()
-	path := serve(t, f, control.Options{WatchInterval: 10 * time.Millisecond})
-	c := dial(t, path)
+// watch starts a Watch and returns a function that waits up to d for its
+// next snapshot (nil if none came).
+func watch(t *testing.T, path string) func(d time.Duration) []control.UserRow {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	ch, err := c.Watch(ctx)
+	ch, err := dial(t, path).Watch(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	next := func() []control.UserRow {
+	t.Cleanup(func() {
+		cancel()
+		for range ch {
+		}
+	})
+	return func(d time.Duration) []control.UserRow {
 		t.Helper()
 		select {
 		case rows, ok := <-ch:
@@ -391,31 +435,100 @@ func TestWatch(t *testing.T) {
 				t.Fatal("watch ended")
 			}
 			return rows
-		case <-time.After(5 * time.Second):
-			t.Fatal("no snapshot")
+		case <-time.After(d):
+			return nil
 		}
-		return nil
 	}
-	rows := next()
+}
+
+func setUsed(used, down uint64) func(map[string]control.User) {
+	return func(users map[string]control.User) {
+		u := users["john"]
+		u.Used, u.Download = used, down
+		users["john"] = u
+	}
+}
+
+func TestWatch(t *testing.T) {
+	f := newFake()
+	next := watch(t, serve(t, f, control.Options{}))
+	rows := next(5 * time.Second)
 	if len(rows) != 2 || rows[0] != f.users["john"].Row() || rows[1] != f.users["mary"].Row() {
-		t.Errorf("first snapshot %+v", rows)
+		t.Fatalf("first snapshot %+v", rows)
 	}
-	select {
-	case rows := <-ch:
-		t.Errorf("snapshot without a change: %+v", rows)
-	case <-time.After(100 * time.Millisecond):
-	}
+
+	// Nothing published: no snapshot, and the users are not read again,
+	// even when they changed (Watch does not poll).
 	f.mu.Lock()
-	u := f.users["john"]
-	u.Used, u.Download = 150, 110
-	f.users["john"] = u
+	setUsed(120, 80)(f.users)
 	f.mu.Unlock()
-	rows = next()
-	if rows[0].Used != 150 || rows[0].Download != 110 {
-		t.Errorf("snapshot after a change %+v", rows)
+	if rows := next(500 * time.Millisecond); rows != nil {
+		t.Errorf("snapshot without a publication: %+v", rows)
 	}
-	cancel()
-	for range ch {
+	if n := f.UsersCalls(); n != 1 {
+		t.Errorf("Users called %d times without a publication, want once", n)
+	}
+
+	// A publication: the new rows come promptly.
+	f.publish(setUsed(150, 110))
+	rows = next(2 * time.Second)
+	if rows == nil || rows[0].Used != 150 || rows[0].Download != 110 {
+		t.Fatalf("snapshot after a publication %+v", rows)
+	}
+
+	// A publication that changes no row sends nothing.
+	f.publish(func(users map[string]control.User) {
+		u := users["john"]
+		u.Today++ // not in a monitor row
+		users["john"] = u
+	})
+	for i := 0; f.UsersCalls() < 3; i++ {
+		if i == 500 {
+			t.Fatalf("Users called %d times after two publications, want 3", f.UsersCalls())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if rows := next(300 * time.Millisecond); rows != nil {
+		t.Errorf("snapshot of unchanged rows: %+v", rows)
+	}
+}
+
+// A publication while Watch reads the users is not missed: Watch took the
+// version before it read them.
+func TestWatchPublishedDuringRead(t *testing.T) {
+	f := newFake()
+	f.afterUsers = func() { f.publish(setUsed(300, 260)) }
+	next := watch(t, serve(t, f, control.Options{}))
+	if rows := next(5 * time.Second); rows == nil || rows[0].Used != 100 {
+		t.Fatalf("first snapshot %+v, want the users as read (used 100)", rows)
+	}
+	if rows := next(5 * time.Second); rows == nil || rows[0].Used != 300 {
+		t.Fatalf("after a publication during the first read: %+v, want used 300", rows)
+	}
+}
+
+// A burst of publications within WatchSpacing is read once and sent as
+// one snapshot of the last.
+func TestWatchCoalesces(t *testing.T) {
+	f := newFake()
+	next := watch(t, serve(t, f, control.Options{WatchSpacing: time.Second}))
+	if rows := next(5 * time.Second); rows == nil {
+		t.Fatal("no first snapshot")
+	}
+	// 5 publications over about 160ms, well within the spacing: each
+	// would be a snapshot of its own if every one were read.
+	for i := range uint64(5) {
+		if i > 0 {
+			time.Sleep(40 * time.Millisecond)
+		}
+		f.publish(setUsed(200+i, 100+i))
+	}
+	rows := next(5 * time.Second)
+	if rows == nil || rows[0].Used != 204 {
+		t.Fatalf("after a burst of 5 publications: %+v, want the last (used 204)", rows)
+	}
+	if n := f.UsersCalls(); n != 2 {
+		t.Errorf("Users called %d times for the first snapshot and one burst, want 2", n)
 	}
 }
 

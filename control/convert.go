@@ -42,3 +42,14 @@ func userFromPB(p *controlpb.User) User {
 		NextReset: fromUnix(p.NextReset), Expires: fromUnix(p.Expires), Updated: fromUnix(p.Updated),
 	}
 }
+
+func snapshotToPB(rows []UserRow) *controlpb.Snapshot {
+	snap := &controlpb.Snapshot{Users: make([]*controlpb.UserRow, len(rows))}
+	for i, r := range rows {
+		snap.Users[i] = &controlpb.UserRow{
+			Name: r.Name, Protocol: string(r.Protocol), Status: string(r.Status),
+			Used: r.Used, Limit: r.Limit, Upload: r.Upload, Download: r.Download,
+		}
+	}
+	return snap
+}

@@ -21,45 +21,47 @@ type PeerCred struct {
 // AuthType implements credentials.AuthInfo.
 func (PeerCred) AuthType() string { return "peercred" }
 
-// peerCreds is a server-side TransportCredentials that reads SO_PEERCRED
-// of each accepted Unix connection. It does not encrypt: the socket is local.
+// peerCreds is a server-side TransportCredentials that hands gRPC the
+// SO_PEERCRED of each connection, read by the listener at accept. It does
+// not encrypt: the socket is local.
 type peerCreds struct{}
 
 func (peerCreds) ClientHandshake(_ context.Context, _ string, c net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	return c, nil, fmt.Errorf("peercred credentials are for the server side only")
 }
 
+// ServerHandshake hands gRPC the credentials the listener read at accept.
 func (peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	uc, ok := c.(*net.UnixConn)
+	lc, ok := c.(*conn)
 	if !ok {
-		return nil, nil, fmt.Errorf("control: connection is %T, not a Unix socket", c)
+		return nil, nil, fmt.Errorf("control: connection is %T, not one of the control listener", c)
 	}
-	cred, err := peerCred(uc)
-	if err != nil {
-		return nil, nil, err
-	}
-	return c, cred, nil
+	return c, lc.cred, nil
 }
 
-func peerCred(c *net.UnixConn) (PeerCred, error) {
+// peerCred reads the credentials of c's peer, and returns c's descriptor
+// number.
+func peerCred(c *net.UnixConn) (PeerCred, int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return PeerCred{}, err
+		return PeerCred{}, 0, err
 	}
 	var uc *unix.Ucred
+	var fd int
 	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		uc, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	if err := rc.Control(func(sfd uintptr) {
+		fd = int(sfd)
+		uc, serr = unix.GetsockoptUcred(fd, unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
-		return PeerCred{}, err
+		return PeerCred{}, 0, err
 	}
 	if serr != nil {
-		return PeerCred{}, fmt.Errorf("control: SO_PEERCRED: %w", serr)
+		return PeerCred{}, 0, fmt.Errorf("control: SO_PEERCRED: %w", serr)
 	}
 	return PeerCred{
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity},
 		PID:            uc.Pid, UID: uc.Uid, GID: uc.Gid,
-	}, nil
+	}, fd, nil
 }
 
 func (peerCreds) Info() credentials.ProtocolInfo {

@@ -15,8 +15,10 @@ import (
 
 	"github.com/myvpn/bwagent/control/internal/controlpb"
 	"github.com/myvpn/bwagent/quota"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
@@ -36,13 +38,36 @@ type Options struct {
 	// ErrorCodes map backend errors to gRPC codes, tried in order, before
 	// DefaultErrorCodes.
 	ErrorCodes []ErrorCode
-	// WatchInterval is how often Watch polls the backend; default 1s.
-	WatchInterval time.Duration
+	// WatchSpacing is the least time between two reads of the users by one
+	// Watch stream: publications within it are sent as one snapshot.
+	// Default DefaultWatchSpacing (200ms).
+	WatchSpacing time.Duration
 	// Refused, if set, is told of each call refused for lack of permission,
 	// and Failed of each call that failed inside the backend (Internal):
 	// the library does not log, its caller may.
 	Refused func(method string, c Caller)
 	Failed  func(method string, c Caller, err error)
+
+	// Connections of non-root UIDs are limited at accept (see the package
+	// doc); root's never are. MaxConnsPerUID is how many one UID may hold
+	// open (0: DefaultMaxConnsPerUID, 8), MaxConns how many all non-root
+	// UIDs together may (0: DefaultMaxConns, 128).
+	MaxConnsPerUID int
+	MaxConns       int
+	// FDReserve is how many of the process's descriptors (RLIMIT_NOFILE's
+	// soft limit, read when Serve starts) non-root connections may not
+	// take: they are kept for the agent's own files and for root. 0: an
+	// eighth of the limit, at least DefaultFDReserve (64).
+	FDReserve int
+	// HandshakeTimeout is how long a new connection has to send gRPC's
+	// preface before it is closed; 0: DefaultHandshakeTimeout (5s).
+	HandshakeTimeout time.Duration
+	// ConnRefused, if set, is told of each connection closed at accept,
+	// with the caller's credentials (no Name; zero if they could not be
+	// read) and why: ErrUIDConns, ErrConns, ErrFDReserve, or the error
+	// reading SO_PEERCRED. It runs in the accept loop and must be quick; a
+	// flood of connections calls it for each one.
+	ConnRefused func(c Caller, err error)
 }
 
 // Caller is who made a call: the peer credentials and the UID's account
@@ -70,8 +95,17 @@ func NewServer(b Backend, o Options) *Server {
 	if o.InGroup == nil {
 		o.InGroup = inGroup
 	}
-	if o.WatchInterval <= 0 {
-		o.WatchInterval = time.Second
+	if o.WatchSpacing <= 0 {
+		o.WatchSpacing = DefaultWatchSpacing
+	}
+	if o.MaxConnsPerUID <= 0 {
+		o.MaxConnsPerUID = DefaultMaxConnsPerUID
+	}
+	if o.MaxConns <= 0 {
+		o.MaxConns = DefaultMaxConns
+	}
+	if o.HandshakeTimeout <= 0 {
+		o.HandshakeTimeout = DefaultHandshakeTimeout
 	}
 
 	o.ErrorCodes = append(slices.Clip(o.ErrorCodes), DefaultErrorCodes...)
@@ -112,16 +146,22 @@ func inGroup(c Caller, group string) (bool, error) {
 // removes the socket. It creates the socket's directory (0755) if needed and
 // replaces a stale socket file, but fails if another server answers there.
 func (s *Server) Serve(ctx context.Context, path string) error {
-	l, err := listen(path)
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+		return fmt.Errorf("control socket: RLIMIT_NOFILE: %w", err)
+	}
+	ul, err := listen(path)
 	if err != nil {
 		return err
 	}
 	defer os.Remove(path)
-	g := grpc.NewServer(
-		grpc.Creds(peerCreds{}),
-		grpc.ChainUnaryInterceptor(s.unaryAuth),
-		grpc.ChainStreamInterceptor(s.streamAuth),
-	)
+	l := &listener{
+		UnixListener: ul,
+		limits:       newConnLimits(s.o.MaxConnsPerUID, s.o.MaxConns, fdMax(rl.Cur, s.o.FDReserve)),
+		openFDs:      openFDs,
+		refused:      s.o.ConnRefused,
+	}
+	g := grpc.NewServer(s.grpcOptions()...)
 	controlpb.RegisterControlServer(g, s)
 	done := make(chan error, 1)
 	go func() { done <- g.Serve(l) }()
@@ -142,6 +182,42 @@ func (s *Server) Serve(ctx context.Context, path string) error {
 	<-done
 	return nil
 }
+
+// fdMax is how many descriptors the process may have open for a non-root
+// connection to be accepted: the soft limit minus the reserve.
+func fdMax(soft uint64, reserve int) int {
+	lim := int(min(soft, 1<<31))
+	if reserve <= 0 {
+		reserve = max(DefaultFDReserve, lim/8)
+	}
+	return lim - reserve
+}
+
+// grpcOptions bound what one connection can hold: requests are a few
+// bytes, so one may not be larger than 64 KiB; a connection has a few
+// streams, flow-control windows of gRPC's least (64 KiB) instead of
+// windows that grow to megabytes, small buffers, a deadline for its
+// handshake and an end when idle; clients may not ping often.
+func (s *Server) grpcOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.Creds(peerCreds{}),
+		grpc.ChainUnaryInterceptor(s.unaryAuth),
+		grpc.ChainStreamInterceptor(s.streamAuth),
+		grpc.ConnectionTimeout(s.o.HandshakeTimeout),
+		grpc.MaxRecvMsgSize(64 << 10),
+		grpc.MaxHeaderListSize(16 << 10),
+		grpc.MaxConcurrentStreams(8),
+		grpc.InitialWindowSize(64 << 10),
+		grpc.InitialConnWindowSize(64 << 10),
+		grpc.ReadBufferSize(4 << 10),
+		grpc.WriteBufferSize(16 << 10),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxIdle}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: time.Minute}),
+	}
+}
+
+// maxIdle is how long a connection without a call in progress is kept.
+const maxIdle = 2 * time.Minute
 
 // listen creates the socket, mode 0666: authorisation is per call.
 func listen(path string) (*net.UnixListener, error) {
@@ -414,49 +490,76 @@ func (s *Server) Check(ctx context.Context, _ *controlpb.Empty) (*controlpb.Empt
 
 func (s *Server) Status(context.Context, *controlpb.Empty) (*controlpb.StatusResponse, error) {
 	h := s.b.Health()
-	out := &controlpb.StatusResponse{TickDurationNanos: int64(h.TickDuration), Users: int64(h.Users), Errors: h.Errors, Components: h.Components}
+	out := &controlpb.StatusResponse{
+		TickDurationNanos: int64(h.TickDuration), Ticks: h.Ticks, Users: int64(h.Users),
+		Errors: h.Errors, Components: h.Components,
+		DroppedBlocked: h.Kernel.DroppedBlocked, DroppedQuota: h.Kernel.DroppedQuota,
+		CountersFull: h.Kernel.CountersFull, QuotaFull: h.Kernel.QuotaFull,
+	}
 	if !h.LastTick.IsZero() {
 		out.LastTickUnixNano = h.LastTick.UnixNano()
 	}
 	return out, nil
 }
 
-// Watch sends every user's row at once, then whenever a row changed, until
-// the client goes away or the server stops.
+// DefaultWatchSpacing is Options.WatchSpacing's default.
+const DefaultWatchSpacing = 200 * time.Millisecond
+
+// Watch sends every user's row at once, then after each publication of the
+// backend that changed a row, until the client goes away or the server
+// stops. It does not poll: between publications it only waits.
 func (s *Server) Watch(_ *controlpb.Empty, st grpc.ServerStreamingServer[controlpb.Snapshot]) error {
 	ctx := st.Context()
-	t := time.NewTicker(s.o.WatchInterval)
-	defer t.Stop()
 	var last []UserRow
+	var seen uint64 // the version last read
 	for first := true; ; first = false {
-		users, err := s.b.Users(ctx)
-		if err != nil {
-			return s.fail(ctx, "Watch", err)
-		}
-		rows := make([]UserRow, len(users))
-		for i, u := range users {
-			rows[i] = u.Row()
-		}
-		if first || !slices.Equal(rows, last) {
-			snap := &controlpb.Snapshot{}
-			for _, r := range rows {
-				snap.Users = append(snap.Users, &controlpb.UserRow{
-					Name: r.Name, Protocol: string(r.Protocol), Status: string(r.Status),
-					Used: r.Used, Limit: r.Limit, Upload: r.Upload, Download: r.Download,
-				})
+		// Updates before Users: whatever is published after this read
+		// closes changed, so no publication is missed.
+		version, changed := s.b.Updates()
+		turn := time.Now()
+		if first || version != seen {
+			users, err := s.b.Users(ctx)
+			if err != nil {
+				return s.fail(ctx, "Watch", err)
 			}
-			if err := st.Send(snap); err != nil {
+			seen = version
+			rows := make([]UserRow, len(users))
+			for i, u := range users {
+				rows[i] = u.Row()
+			}
+			if first || !slices.Equal(rows, last) {
+				if err := st.Send(snapshotToPB(rows)); err != nil {
+					return err
+				}
+				last = rows
+			}
+		}
+		if err := wait(ctx, s.stop, changed); err != nil {
+			return err
+		}
+		// A burst of publications is read once: a turn of this loop
+		// starts at most every WatchSpacing.
+		if d := s.o.WatchSpacing - time.Since(turn); d > 0 {
+			t := time.NewTimer(d)
+			err := wait(ctx, s.stop, t.C)
+			t.Stop()
+			if err != nil {
 				return err
 			}
-			last = rows
 		}
-		select {
-		case <-ctx.Done():
-			return status.FromContextError(ctx.Err()).Err()
-		case <-s.stop:
-			return status.Error(codes.Unavailable, "bwagent is stopping")
-		case <-t.C:
-		}
+	}
+}
+
+// wait waits for ch, and fails when the stream's ctx is done or the server
+// stops (stop is closed) first.
+func wait[T any](ctx context.Context, stop <-chan struct{}, ch <-chan T) error {
+	select {
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	case <-stop:
+		return status.Error(codes.Unavailable, "bwagent is stopping")
+	case <-ch:
+		return nil
 	}
 }
 

@@ -10,8 +10,9 @@ import (
 	"google.golang.org/grpc/codes"
 )
 
-// Backend is what the server needs from the agent: its operator commands.
-// Package control/agentbackend adapts *agent.Agent to it.
+// Backend is what the server needs from the agent: its operator commands,
+// its views, and word of each new snapshot of its users (Updates, which
+// Watch waits on). Package control/agentbackend adapts *agent.Agent to it.
 type Backend interface {
 	Users(ctx context.Context) ([]User, error)
 	User(ctx context.Context, name string) (User, error)
@@ -25,16 +26,20 @@ type Backend interface {
 	SetLimit(ctx context.Context, name string, limit uint64) error
 	RemoveLimit(ctx context.Context, name string) error
 	Health() Health
+	// Updates returns the version of the users' snapshot now and a channel
+	// that is closed when a newer version is published.
+	Updates() (version uint64, changed <-chan struct{})
 }
 
 // The types the API carries are the agent's views (package view), so
 // nothing converts them field by field.
 type (
-	User     = view.User
-	Override = view.Override
-	Day      = view.Day
-	Health   = view.Health
-	UserRow  = view.UserRow
+	User        = view.User
+	Override    = view.Override
+	Day         = view.Day
+	Health      = view.Health
+	KernelStats = view.KernelStats
+	UserRow     = view.UserRow
 )
 
 // ErrorCode maps a backend error (matched with errors.Is) to a gRPC code.

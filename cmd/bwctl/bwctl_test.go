@@ -133,6 +133,9 @@ func (f *fake) Health() control.Health {
 		Errors: map[string]string{"xray": "stats API unreachable"}}
 }
 
+// Updates reports a snapshot that never changes: the fake's users are fixed.
+func (f *fake) Updates() (uint64, <-chan struct{}) { return 0, nil }
+
 // serve serves a fake backend on a socket in a temporary directory.
 func serve(t *testing.T) (*fake, string) {
 	t.Helper()

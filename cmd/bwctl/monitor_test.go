@@ -23,11 +23,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// live is the fake backend with users whose counters the test changes.
+// live is the fake backend with users whose counters the test changes;
+// each change is published.
 type live struct {
 	*fake
-	mu    sync.Mutex
-	users []control.User
+	mu      sync.Mutex
+	users   []control.User
+	version uint64
+	changed chan struct{} // closed by add
+}
+
+func (l *live) Updates() (uint64, <-chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.version, l.changed
 }
 
 func (l *live) Users(context.Context) ([]control.User, error) {
@@ -47,15 +56,19 @@ func (l *live) add(name string, up, down uint64) {
 			u.Used += up + down
 		}
 	}
+	l.version++
+	close(l.changed)
+	l.changed = make(chan struct{})
 }
 
-// serveLive serves a live backend that Watch polls every 20ms.
+// serveLive serves a live backend whose Watch streams send at most every
+// 20ms.
 func serveLive(t *testing.T) (*live, string) {
 	t.Helper()
 	f := newFake()
-	l := &live{fake: f, users: slices.Clone(f.users)}
+	l := &live{fake: f, users: slices.Clone(f.users), changed: make(chan struct{})}
 	sock := filepath.Join(t.TempDir(), "bw.sock")
-	srv := control.NewServer(l, control.Options{ErrorCodes: agentbackend.ErrorCodes, WatchInterval: 20 * time.Millisecond})
+	srv := control.NewServer(l, control.Options{ErrorCodes: agentbackend.ErrorCodes, WatchSpacing: 20 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx, sock) }()

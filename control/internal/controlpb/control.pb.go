@@ -759,9 +759,17 @@ type StatusResponse struct {
 	Errors            map[string]string      `protobuf:"bytes,4,rep,name=errors,proto3" json:"errors,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // subject → error; empty when healthy
 	// The state of each part: "kernel", "nftables", "xray", "state database",
 	// "usage files": "ok", a short description, or the error.
-	Components    map[string]string `protobuf:"bytes,5,rep,name=components,proto3" json:"components,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Components map[string]string `protobuf:"bytes,5,rep,name=components,proto3" json:"components,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Ticks      uint64            `protobuf:"varint,6,opt,name=ticks,proto3" json:"ticks,omitempty"` // ticks run since the agent started
+	// The data plane's own counters (bpf's bw_stats) since its maps were
+	// created: packets dropped for a block or a spent budget, and packets the
+	// maps had no room for (not counted; dropped when budgeted).
+	DroppedBlocked uint64 `protobuf:"varint,7,opt,name=dropped_blocked,json=droppedBlocked,proto3" json:"dropped_blocked,omitempty"`
+	DroppedQuota   uint64 `protobuf:"varint,8,opt,name=dropped_quota,json=droppedQuota,proto3" json:"dropped_quota,omitempty"`
+	CountersFull   uint64 `protobuf:"varint,9,opt,name=counters_full,json=countersFull,proto3" json:"counters_full,omitempty"`
+	QuotaFull      uint64 `protobuf:"varint,10,opt,name=quota_full,json=quotaFull,proto3" json:"quota_full,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -827,6 +835,41 @@ func (x *StatusResponse) GetComponents() map[string]string {
 		return x.Components
 	}
 	return nil
+}
+
+func (x *StatusResponse) GetTicks() uint64 {
+	if x != nil {
+		return x.Ticks
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetDroppedBlocked() uint64 {
+	if x != nil {
+		return x.DroppedBlocked
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetDroppedQuota() uint64 {
+	if x != nil {
+		return x.DroppedQuota
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetCountersFull() uint64 {
+	if x != nil {
+		return x.CountersFull
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetQuotaFull() uint64 {
+	if x != nil {
+		return x.QuotaFull
+	}
+	return 0
 }
 
 // UserRow is the part of a user a live monitor shows.
@@ -1022,7 +1065,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
 	"\x10duration_seconds\x18\x02 \x01(\x03R\x0fdurationSeconds\"(\n" +
 	"\x10ResetAllResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x03R\x05count\"\x9b\x03\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\xc3\x04\n" +
 	"\x0eStatusResponse\x12-\n" +
 	"\x13last_tick_unix_nano\x18\x01 \x01(\x03R\x10lastTickUnixNano\x12.\n" +
 	"\x13tick_duration_nanos\x18\x02 \x01(\x03R\x11tickDurationNanos\x12\x14\n" +
@@ -1030,7 +1073,14 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x06errors\x18\x04 \x03(\v2..bwagent.control.v1.StatusResponse.ErrorsEntryR\x06errors\x12R\n" +
 	"\n" +
 	"components\x18\x05 \x03(\v22.bwagent.control.v1.StatusResponse.ComponentsEntryR\n" +
-	"components\x1a9\n" +
+	"components\x12\x14\n" +
+	"\x05ticks\x18\x06 \x01(\x04R\x05ticks\x12'\n" +
+	"\x0fdropped_blocked\x18\a \x01(\x04R\x0edroppedBlocked\x12#\n" +
+	"\rdropped_quota\x18\b \x01(\x04R\fdroppedQuota\x12#\n" +
+	"\rcounters_full\x18\t \x01(\x04R\fcountersFull\x12\x1d\n" +
+	"\n" +
+	"quota_full\x18\n" +
+	" \x01(\x04R\tquotaFull\x1a9\n" +
 	"\vErrorsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a=\n" +
