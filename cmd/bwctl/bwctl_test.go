@@ -18,6 +18,7 @@ import (
 	"github.com/myvpn/bwagent/agent"
 	"github.com/myvpn/bwagent/control"
 	"github.com/myvpn/bwagent/control/agentbackend"
+	"github.com/myvpn/bwagent/internal/nettest"
 	"github.com/myvpn/bwagent/quota"
 )
 
@@ -29,7 +30,8 @@ func TestMain(m *testing.M) {
 	if os.Getenv("BWCTL_TEST_AS_BWCTL") != "" {
 		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 	}
-	os.Exit(m.Run())
+	nettest.Main(m) // the real-agent tests run traffic as other UIDs
+
 }
 
 // fake is a control.Backend over fixed users that records every call.

@@ -638,13 +638,23 @@ func cmdStatus(ctx context.Context, e *env) error {
 		if comps == nil {
 			comps = map[string]string{}
 		}
+		type kernel struct {
+			DroppedBlocked uint64 `json:"dropped_blocked"`
+			DroppedQuota   uint64 `json:"dropped_quota"`
+			CountersFull   uint64 `json:"counters_full"`
+			QuotaFull      uint64 `json:"quota_full"`
+		}
+		k := h.Kernel
 		return writeJSON(e.out, struct {
 			LastTick     jsonTime          `json:"last_tick"`
 			TickDuration int64             `json:"tick_duration_ns"`
+			Ticks        uint64            `json:"ticks"`
 			Users        int               `json:"users"`
+			Kernel       kernel            `json:"kernel_packets"`
 			Components   map[string]string `json:"components"`
 			Errors       map[string]string `json:"errors"`
-		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Users, comps, errs})
+		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Ticks, h.Users,
+			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull}, comps, errs})
 	}
 	tw := tabwriter.NewWriter(e.out, 0, 0, 1, ' ', 0)
 	last := "never"
@@ -654,6 +664,13 @@ func cmdStatus(ctx context.Context, e *env) error {
 	fmt.Fprintf(tw, "last tick:\t%s\n", last)
 	fmt.Fprintf(tw, "tick duration:\t%s\n", h.TickDuration)
 	fmt.Fprintf(tw, "users:\t%d\n", h.Users)
+	k := h.Kernel
+	fmt.Fprintf(tw, "kernel drops:\t%d packets of blocked users, %d over a budget\n", k.DroppedBlocked, k.DroppedQuota)
+	noRoom := "none"
+	if k.CountersFull+k.QuotaFull > 0 {
+		noRoom = fmt.Sprintf("%d packets uncounted (counter map full), %d dropped (quota map full): raise kernel.max_uids", k.CountersFull, k.QuotaFull)
+	}
+	fmt.Fprintf(tw, "kernel no room:\t%s\n", noRoom)
 	for _, k := range slices.Sorted(maps.Keys(h.Components)) {
 		fmt.Fprintf(tw, "%s:\t%s\n", k, h.Components[k])
 	}

@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -25,6 +27,14 @@ import (
 // with its control socket, and returns the socket and the limits file.
 func realAgent(t *testing.T) (sock, limits string) {
 	t.Helper()
+	sock, limits, _ = realAgentWith(t, nil)
+	return sock, limits
+}
+
+// realAgentWith is realAgent with a change to its configuration; it also
+// returns the cgroup its programs count.
+func realAgentWith(t *testing.T, change func(*config.Config)) (sock, limits, cgroup string) {
+	t.Helper()
 	nettest.RequireRoot(t)
 	root, err := bpf.CgroupV2Root()
 	if err != nil {
@@ -42,10 +52,14 @@ func realAgent(t *testing.T) (sock, limits string) {
 		&cfg.Paths.Passwd: "passwd", &cfg.Paths.Socket: "bw.sock"} {
 		*p = filepath.Join(dir, name)
 	}
+	if change != nil {
+		change(&cfg)
+	}
 	os.WriteFile(cfg.Paths.Passwd, []byte("alice:x:2801:2801::/:/bin/false\nbob:x:2802:2802::/:/bin/false\n"), 0o644)
 	os.WriteFile(cfg.Paths.Limits, []byte("# limits\nalice 10240\n"), 0o644)
 
-	dp, err := bpf.Load(bpf.Config{CgroupPath: nettest.NewCgroup(t, root), PinPath: cfg.Kernel.PinPath})
+	cgroup = nettest.NewCgroup(t, root)
+	dp, err := bpf.Load(bpf.Config{CgroupPath: cgroup, PinPath: cfg.Kernel.PinPath, MaxUIDs: cfg.Kernel.MaxUIDs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,7 +97,7 @@ func realAgent(t *testing.T) (sock, limits string) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	return cfg.Paths.Socket, cfg.Paths.Limits
+	return cfg.Paths.Socket, cfg.Paths.Limits, cgroup
 }
 
 // volatile are the parts of real output that change from run to run.
@@ -143,5 +157,38 @@ func TestRealAgent(t *testing.T) {
 	data, _ := os.ReadFile(limits)
 	if got := string(data); got != "# limits\nalice 10240\n" {
 		t.Errorf("limits file after set and remove-limit: %q", got)
+	}
+}
+
+// TestStatusKernelCounters: after UDP traffic of more UIDs than a tiny
+// counter map holds, bwctl status shows the packets that passed uncounted
+// and says what to raise.
+func TestStatusKernelCounters(t *testing.T) {
+	sock, _, cg := realAgentWith(t, func(c *config.Config) { c.Kernel.MaxUIDs = 3 })
+	pair := nettest.NewPair(t)
+	echo := nettest.Start(t, nettest.Spec{NS: pair.B, Cgroup: cg}, "udp-echo", net.JoinHostPort(pair.B4.String(), "0"))
+	addr := strings.Fields(echo.Expect(t, "ADDR", 5*time.Second))[1]
+	for uid := uint32(2801); uid <= 2806; uid++ {
+		p := nettest.Start(t, nettest.Spec{NS: pair.A, Cgroup: cg, UID: uid}, "udp-client", addr, "20", "100")
+		p.Expect(t, "DONE", 10*time.Second)
+	}
+	var out string
+	for i := 0; i < 50; i++ { // the next tick reads the kernel's counters
+		_, out, _ = runCmd(sock, "status")
+		if strings.Contains(out, "counter map full") {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	m := regexp.MustCompile(`kernel no room:\s+(\d+) packets uncounted \(counter map full\), \d+ dropped \(quota map full\): raise kernel.max_uids`).FindStringSubmatch(out)
+	if m == nil || m[1] == "0" {
+		t.Fatalf("status does not show the uncounted packets:\n%s", out)
+	}
+	if !strings.Contains(out, "kernel.max_uids (now 3)") {
+		t.Errorf("status does not name the key and its value:\n%s", out)
+	}
+	code, js, _ := runCmd(sock, "-o", "json", "status")
+	if code != 0 || !regexp.MustCompile(`"counters_full": [1-9]`).MatchString(js) {
+		t.Errorf("status -o json (exit %d):\n%s", code, js)
 	}
 }
