@@ -1039,3 +1039,75 @@ func TestOpenTakesEmpty(t *testing.T) {
 		})
 	}
 }
+
+// TestDropUsers checks the retention of users gone for good: a dropped
+// user's row and the named baselines go, in the same transaction; its
+// history and events stay and are still returned. Drops apply before the
+// upserts of the same batch.
+func TestDropUsers(t *testing.T) {
+	s := openTest(t)
+	t0 := time.Date(2026, 3, 14, 12, 0, 0, 0, time.UTC)
+	commit(t, s, &Batch{
+		Users:     []User{{Name: "alice", Protocol: "ssh", UID: 1001, Up: 5}, {Name: "bob", Protocol: "ssh", UID: 1002, Up: 7}},
+		Baselines: []Baseline{{Source: "uid:1001", Epoch: "e", Rx: 5}, {Source: "uid:1002", Epoch: "e", Rx: 7}},
+		History: []DayUsage{
+			{Name: "alice", Day: "2026-03-13", Up: 2}, {Name: "alice", Day: "2026-03-14", Up: 3},
+			{Name: "bob", Day: "2026-03-14", Up: 7},
+		},
+		Events: []Event{{Time: t0, Protocol: "ssh", Name: "alice", Action: "block", Reason: "quota"}},
+	})
+
+	// alice goes; in the same batch her history of a new day is written:
+	// a drop never touches history, whichever batch it is in.
+	commit(t, s, &Batch{
+		DropUsers:     []string{"alice", "nobody"},
+		DropBaselines: []string{"uid:1001", "uid:9999"},
+		History:       []DayUsage{{Name: "alice", Day: "2026-03-15", Up: 1}},
+	})
+	if got := users(t, s); len(got) != 1 || got[0].Name != "bob" || got[0].Up != 7 {
+		t.Errorf("users after dropping alice: %+v", got)
+	}
+	bs, err := s.Baselines()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []Baseline{{Source: "uid:1002", Epoch: "e", Rx: 7}}; !reflect.DeepEqual(bs, want) {
+		t.Errorf("baselines after dropping uid:1001: %+v, want %+v", bs, want)
+	}
+	hs, err := s.History("alice", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []DayUsage{
+		{Name: "alice", Day: "2026-03-13", Up: 2}, {Name: "alice", Day: "2026-03-14", Up: 3},
+		{Name: "alice", Day: "2026-03-15", Up: 1},
+	}
+	if !reflect.DeepEqual(hs, want) {
+		t.Errorf("dropped user's history: %+v, want %+v", hs, want)
+	}
+	if all, err := s.History("", "", ""); err != nil || len(all) != 4 {
+		t.Errorf("all history: %+v, %v", all, err)
+	}
+	if es, err := s.Events("alice", 0); err != nil || len(es) != 1 || es[0].Action != "block" {
+		t.Errorf("dropped user's events: %+v, %v", es, err)
+	}
+
+	// Drop, then upsert, of the same keys in one batch: the upserted rows
+	// are there, with their new values, whatever order the slices list
+	// them in.
+	commit(t, s, &Batch{
+		Users:         []User{{Name: "bob", Protocol: "ssh", UID: 1003, Up: 1}},
+		Baselines:     []Baseline{{Source: "uid:1002", Epoch: "f", Rx: 1}},
+		DropUsers:     []string{"bob"},
+		DropBaselines: []string{"uid:1002"},
+	})
+	if got := users(t, s); len(got) != 1 || got[0].Name != "bob" || got[0].UID != 1003 || got[0].Up != 1 {
+		t.Errorf("bob dropped and upserted in one batch: %+v", got)
+	}
+	if bs, err := s.Baselines(); err != nil || !reflect.DeepEqual(bs, []Baseline{{Source: "uid:1002", Epoch: "f", Rx: 1}}) {
+		t.Errorf("uid:1002 dropped and upserted in one batch: %+v, %v", bs, err)
+	}
+	if hs, err := s.History("bob", "", ""); err != nil || len(hs) != 1 || hs[0].Up != 7 {
+		t.Errorf("bob's history after drop and upsert: %+v, %v", hs, err)
+	}
+}
