@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/myvpn/bwagent/quota"
 )
 
@@ -239,7 +241,11 @@ func checkDate(s string) error {
 // and no error.
 func ReadLimits(path string) (*Limits, []LineError, error) {
 	name := filepath.Base(path)
-	data, err := readRegular(path, maxLimitsSize)
+	target := path
+	if t, err := filepath.EvalSymlinks(path); err == nil {
+		target = t // for now, as WriteLimits
+	}
+	data, err := readRegular(unix.AT_FDCWD, target, target, maxLimitsSize)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return &Limits{name: name, index: map[string]int{}}, nil, nil
