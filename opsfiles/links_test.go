@@ -18,6 +18,16 @@ func symlink(t *testing.T, target, link string) {
 	}
 }
 
+// disown gives the symbolic link at link to an unprivileged owner, as if a
+// user who can write to its directory had made it.
+func disown(t *testing.T, link string) {
+	t.Helper()
+	needRoot(t)
+	if err := os.Lchown(link, 12345, 12345); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func isLink(t *testing.T, path string) bool {
 	t.Helper()
 	info, err := os.Lstat(path)
@@ -108,6 +118,89 @@ func TestReadUsageSymlink(t *testing.T) {
 	}
 }
 
+// TestLimitsSymlinks: the limits file is the operator's; a link made by
+// root is followed for reading and writing, one made by anyone else is
+// refused and its target neither read nor written.
+func TestLimitsSymlinks(t *testing.T) {
+	needRoot(t)
+	root := t.TempDir()
+	real := filepath.Join(root, "real.conf")
+	writeString(t, real, "john 10\n")
+	link := filepath.Join(root, "bw-limit.conf")
+	symlink(t, real, link)
+
+	l, _, err := ReadLimits(link)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := l.Lookup("john"); !ok {
+		t.Fatal("root's link not followed")
+	}
+
+	disown(t, link)
+	if _, _, err := ReadLimits(link); !errors.Is(err, ErrUntrustedLink) || !strings.Contains(err.Error(), link) {
+		t.Errorf("ReadLimits through another's link: %v, want ErrUntrustedLink naming the link", err)
+	}
+	l.Set(Entry{User: "mary", Limit: 1})
+	if err := WriteLimits(link, l); !errors.Is(err, ErrUntrustedLink) {
+		t.Errorf("WriteLimits through another's link: %v, want ErrUntrustedLink", err)
+	}
+	if got := readString(t, real); got != "john 10\n" || !isLink(t, link) {
+		t.Errorf("after refusals: target %q, link kept %v", got, isLink(t, link))
+	}
+
+	// Root's link to another's link: the chain is refused.
+	chain := filepath.Join(root, "chain.conf")
+	symlink(t, "bw-limit.conf", chain)
+	if _, _, err := ReadLimits(chain); !errors.Is(err, ErrUntrustedLink) || !strings.Contains(err.Error(), link) {
+		t.Errorf("ReadLimits through a chain with another's link: %v", err)
+	}
+}
+
+// TestLimitsSymlinkRelative: a relative link is resolved from where the
+// link really is, as the kernel does, even under a linked directory.
+func TestLimitsSymlinkRelative(t *testing.T) {
+	root := t.TempDir()
+	for _, d := range []string{"opt/xray", "opt/shared", "etc"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeString(t, filepath.Join(root, "opt/shared/limits.conf"), "john 10\n")
+	symlink(t, "../shared/limits.conf", filepath.Join(root, "opt/xray/bw-limit.conf"))
+	symlink(t, filepath.Join(root, "opt/xray"), filepath.Join(root, "etc/xray"))
+	path := filepath.Join(root, "etc/xray/bw-limit.conf")
+	l, _, err := ReadLimits(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := l.Lookup("john"); !ok {
+		t.Fatal("relative link under a linked directory not followed to its target")
+	}
+	l.Set(Entry{User: "mary", Limit: 1})
+	if err := WriteLimits(path, l); err != nil {
+		t.Fatal(err)
+	}
+	if got := readString(t, filepath.Join(root, "opt/shared/limits.conf")); !strings.Contains(got, "mary") {
+		t.Errorf("target not written: %q", got)
+	}
+	if !isLink(t, filepath.Join(root, "opt/xray/bw-limit.conf")) {
+		t.Error("link replaced")
+	}
+	if _, err := os.Lstat(filepath.Join(root, "etc/shared")); err == nil {
+		t.Error("written where a lexical resolution of the link points")
+	}
+
+	// A link to a missing file: the file is created where it points.
+	symlink(t, "new.conf", filepath.Join(root, "opt/xray/new-link.conf"))
+	if err := WriteLimits(filepath.Join(root, "etc/xray/new-link.conf"), l); err != nil {
+		t.Fatal(err)
+	}
+	if got := readString(t, filepath.Join(root, "opt/xray/new.conf")); !strings.Contains(got, "mary") {
+		t.Errorf("link to a missing file: target %q", got)
+	}
+}
+
 func TestReadLimitsNotRegular(t *testing.T) {
 	dir := t.TempDir()
 	fifo := filepath.Join(dir, "bw-limit.conf")
@@ -123,6 +216,36 @@ func TestReadLimitsNotRegular(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("ReadLimits blocked on a FIFO")
+	}
+}
+
+// TestBlockLogSymlinks: the block log follows the limits file's rule.
+func TestBlockLogSymlinks(t *testing.T) {
+	needRoot(t)
+	root := t.TempDir()
+	real := filepath.Join(root, "real.log")
+	link := filepath.Join(root, "blocked.log")
+	symlink(t, real, link)
+	line := []LogLine{{Time: time.Date(2026, 3, 14, 12, 0, 0, 0, time.UTC), Protocol: "ssh", Username: "john", Reason: "x"}}
+	if err := AppendLog(link, line, time.UTC); err != nil {
+		t.Fatal(err)
+	}
+	if got := readString(t, real); got != "2026-03-14 12:00:00 | ssh | john | x\n" || !isLink(t, link) {
+		t.Errorf("through root's link: target %q", got)
+	}
+	if lines, _, err := ReadLog(link, time.UTC); err != nil || len(lines) != 1 {
+		t.Errorf("ReadLog through root's link: %v, %v", lines, err)
+	}
+
+	disown(t, link)
+	if err := AppendLog(link, line, time.UTC); !errors.Is(err, ErrUntrustedLink) {
+		t.Errorf("AppendLog through another's link: %v, want ErrUntrustedLink", err)
+	}
+	if _, _, err := ReadLog(link, time.UTC); !errors.Is(err, ErrUntrustedLink) {
+		t.Errorf("ReadLog through another's link: %v, want ErrUntrustedLink", err)
+	}
+	if got := readString(t, real); got != "2026-03-14 12:00:00 | ssh | john | x\n" {
+		t.Errorf("target written through another's link: %q", got)
 	}
 }
 
