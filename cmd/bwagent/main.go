@@ -21,8 +21,6 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 	_ "time/tzdata" // time zones work on systems without tzdata
@@ -32,6 +30,7 @@ import (
 	"github.com/myvpn/bwagent/config"
 	"github.com/myvpn/bwagent/control"
 	"github.com/myvpn/bwagent/control/agentbackend"
+	"github.com/myvpn/bwagent/internal/passwd"
 	"github.com/myvpn/bwagent/nft"
 	"github.com/myvpn/bwagent/store"
 )
@@ -154,7 +153,7 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 		ErrorCodes: agentbackend.ErrorCodes,
 		// A caller's account is looked up where the agent finds its SSH
 		// users, so "your own usage" means the same account to both.
-		LookupUser: func(uid uint32) (string, error) { return passwdName(cfg.Paths.Passwd, uid) },
+		LookupUser: func(uid uint32) (string, error) { return passwd.NameOf(cfg.Paths.Passwd, uid) },
 		Refused: func(method string, c control.Caller) {
 			log.Warn("control call refused", "method", method, "uid", c.UID, "pid", c.PID)
 		},
@@ -180,20 +179,4 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	<-serveErr
 	log.Info("bwagent stopped")
 	return err
-}
-
-// passwdName returns the name of uid's account in the passwd file at path.
-func passwdName(path string, uid uint32) (string, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return "", err
-	}
-	want := strconv.FormatUint(uint64(uid), 10)
-	for line := range strings.Lines(string(data)) {
-		f := strings.SplitN(strings.TrimRight(line, "\n"), ":", 4)
-		if len(f) == 4 && f[2] == want && f[0] != "" && f[0][0] != '+' && f[0][0] != '-' {
-			return f[0], nil
-		}
-	}
-	return "", fmt.Errorf("UID %d has no account in %s", uid, path)
 }
