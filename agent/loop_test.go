@@ -272,7 +272,7 @@ func TestUIDChangesOwner(t *testing.T) {
 	e := newEnv(t)
 	e.write("passwd", passwd+"johnny:x:1001:1001::/:/bin/false\n")
 	e.step(0)
-	if !strings.Contains(e.logs.String(), "two accounts share a UID") {
+	if !strings.Contains(e.logs.String(), "two accounts share a UID or a name") {
 		t.Errorf("shared UID not logged:\n%s", e.logs)
 	}
 	e.write("passwd", strings.Replace(passwd, "john:x:1001:1001::/home/john:/bin/false\n", "", 1)+"johnny:x:1001:1001::/:/bin/false\n")

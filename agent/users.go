@@ -152,21 +152,21 @@ func (a *Agent) loadAccounts(now time.Time) error {
 	if s == a.passwdStamp {
 		return nil
 	}
-	data, err := pw.Read(path)
+	entries, err := pw.Read(path)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	accts := pw.Select(pw.Parse(data), a.cfg.SSH.UIDMin, a.cfg.SSH.UIDMax, a.cfg.SSH.Exclude)
-	for _, e := range accts.Bad {
-		a.logs.warnOnce("badname:"+e.Name, "account name is not a safe file name; not accounted", "name", fmt.Sprintf("%q", e.Name), "err", quota.ValidName(e.Name))
+	sel := pw.Accounts(entries, a.cfg.SSH.UIDMin, a.cfg.SSH.UIDMax, a.cfg.SSH.Exclude)
+	for _, e := range sel.BadNames {
+		a.logs.warnOnce("badname:"+e.Name, "account name is not a safe file name; not accounted", "name", fmt.Sprintf("%q", e.Name), "line", e.Line, "err", quota.ValidName(e.Name))
 	}
-	for _, e := range accts.Shadowed {
-		a.logs.warnOnce(fmt.Sprintf("dupuid:%d:%s", e.UID, e.Name), "two accounts share a UID; the first in the file is accounted",
-			"uid", e.UID, "ignored", e.Name)
+	for _, d := range sel.Duplicates {
+		a.logs.warnOnce(fmt.Sprintf("dup:%d:%s:%d", d.UID, d.Name, d.Line), "two accounts share a UID or a name; the first in the file is accounted",
+			"uid", d.UID, "ignored", d.Name, "line", d.Line, "accounted", d.Owner.Name)
 	}
-	seen := make(map[string]bool, len(accts.Users))
-	owners := make(map[uint32]*user, len(accts.Users))
-	for _, ac := range accts.Users {
+	seen := make(map[string]bool, len(sel.Accounts))
+	owners := make(map[uint32]*user, len(sel.Accounts))
+	for _, ac := range sel.Accounts {
 		u := a.users[ac.Name]
 		switch {
 		case u == nil:

@@ -8,8 +8,8 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -46,16 +46,24 @@ func (l LogLine) format(b []byte, loc *time.Location) []byte {
 // file (0644) and its directory (0755) are created if missing. If the file
 // does not end with a newline (an interrupted writer), one is written first
 // so the new lines stay parseable. No lines is a no-op.
+//
+// A symbolic link at path is followed only if it is owned by root or by
+// this process's user (ErrUntrustedLink otherwise, and nothing is written).
 func AppendLog(path string, lines []LogLine, loc *time.Location) error {
 	if len(lines) == 0 {
 		return nil
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	path, err := followTrusted(path)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(rawDir(path), 0o755); err != nil {
 		return err
 	}
 	// O_RDWR rather than O_WRONLY, to read the last byte (pread(2) ignores
-	// O_APPEND).
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE, 0o644)
+	// O_APPEND). O_NOFOLLOW: a link that replaced the file since
+	// followTrusted looked is not followed.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o644)
 	if err != nil {
 		return err
 	}
@@ -97,12 +105,16 @@ const maxLogLine = 64 << 10
 // timestamp are skipped and counted in malformed; blank lines are ignored.
 // Fields are trimmed of surrounding spaces; CRLF line ends and a leading
 // UTF-8 byte order mark are accepted. A missing file is an empty log, not
-// an error.
+// an error. A symbolic link at path is followed as AppendLog follows it.
 func ReadLog(path string, loc *time.Location) (lines []LogLine, malformed int, err error) {
 	if loc == nil {
 		loc = time.UTC
 	}
-	f, err := os.Open(path)
+	path, err = followTrusted(path)
+	if err != nil {
+		return nil, 0, err
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, 0, nil

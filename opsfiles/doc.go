@@ -19,6 +19,32 @@
 // quota.ValidName before it becomes part of a path; an unsafe name is an
 // error and touches nothing on disk.
 //
+// # Symbolic links
+//
+// Nothing is read or written through a symbolic link that neither the agent
+// nor the operator made:
+//
+//   - The directories (the usage and marker directories, and the
+//     directories of the limits file and block log) are the operator's
+//     choice and may be, or lie under, symbolic links: an operator may keep
+//     /etc/myvpn/usage elsewhere. Writers and readers go through them.
+//   - The agent's own files in them, the usage files and the markers
+//     (and the writers' temporary files), are never followed: a writer
+//     replaces a link with the file (WriteFile, WriteBatch, SyncMarkers),
+//     and a reader refuses it with ErrSymlink (ReadUsage, ImportDir) or
+//     takes it for a stale marker (SyncMarkers). A usage file linked to a
+//     file elsewhere is thus neither imported nor written through.
+//   - The operator's single files, the limits file and the block log, may
+//     be symbolic links the operator made: a link owned by root or by the
+//     agent's own user is followed, for reading and writing (WriteLimits
+//     replaces the file it leads to and keeps the link); a link owned by
+//     anyone else, who could otherwise lead the agent to read or write any
+//     file on the system, is refused with ErrUntrustedLink.
+//
+// The readers of the usage files and the limits file also refuse anything
+// but a regular file (a FIFO would block them). The block log is opened as
+// it is: a root's link to /dev/null keeps no log.
+//
 // The package is Linux-only: it relies on syncfs(2), renameat2(2) and
 // O_DIRECTORY.
 package opsfiles

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/myvpn/bwagent/quota"
 )
 
@@ -237,9 +239,18 @@ func checkDate(s string) error {
 // ReadLimits reads and parses the limits file at path (see ParseLimits); the
 // line errors name the file's base name. A missing file is an empty Limits
 // and no error.
+//
+// A symbolic link at path is followed as WriteLimits follows it, only if it
+// is owned by root or by this process's user (ErrUntrustedLink otherwise,
+// and nothing is read): the limits file is the operator's, and a link to it
+// made by root is theirs too. Anything but a regular file is refused.
 func ReadLimits(path string) (*Limits, []LineError, error) {
 	name := filepath.Base(path)
-	data, err := readRegular(path, maxLimitsSize)
+	target, err := followTrusted(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	data, err := readRegular(unix.AT_FDCWD, target, target, maxLimitsSize)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return &Limits{name: name, index: map[string]int{}}, nil, nil
@@ -407,21 +418,24 @@ func (l *Limits) Marshal() []byte {
 
 // WriteLimits writes l to path atomically (WriteFile), keeping the file's
 // permission bits (0644 for a new file) and creating its directory (0755) if
-// missing. If path is a symbolic link, the file it points to is replaced
-// and the link kept.
+// missing. If path is a symbolic link owned by root or by this process's
+// user, the file it points to is replaced (created if missing) and the link
+// kept; a link owned by anyone else gives ErrUntrustedLink and nothing is
+// written.
 //
 // Limits are read, edited and written back: a concurrent edit by an
 // operator between ReadLimits and WriteLimits is lost, so callers serialise
 // their own edits and re-read right before editing.
 func WriteLimits(path string, l *Limits) error {
-	if target, err := filepath.EvalSymlinks(path); err == nil {
-		path = target
+	path, err := followTrusted(path)
+	if err != nil {
+		return err
 	}
 	perm := os.FileMode(0o644)
-	if info, err := os.Stat(path); err == nil {
+	if info, err := os.Lstat(path); err == nil && info.Mode().IsRegular() {
 		perm = info.Mode().Perm()
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	if err := os.MkdirAll(rawDir(path), 0o755); err != nil {
 		return err
 	}
 	return WriteFile(path, l.Marshal(), perm)

@@ -5,14 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -163,36 +162,6 @@ func WriteUsages(dir string, us []Usage) []error {
 	return errs
 }
 
-// readRegular reads the regular file at path, refusing anything else (a
-// FIFO would block) and a file larger than max (errTooLarge).
-func readRegular(path string, max int64) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	info, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !info.Mode().IsRegular() {
-		return nil, &fs.PathError{Op: "read", Path: path, Err: errNotRegular}
-	}
-	data, err := io.ReadAll(io.LimitReader(f, max+1))
-	if err != nil {
-		return nil, &fs.PathError{Op: "read", Path: path, Err: err}
-	}
-	if int64(len(data)) > max {
-		return nil, &fs.PathError{Op: "read", Path: path, Err: errTooLarge}
-	}
-	return data, nil
-}
-
-var (
-	errNotRegular = errors.New("not a regular file")
-	errTooLarge   = errors.New("file too large")
-)
-
 // ReadUsage reads a usage file, leniently enough for the files of the bash
 // tool being replaced: byte counts may be JSON integers, floats
 // (1.073741824e+09; a fraction is dropped) or numeric strings
@@ -208,10 +177,18 @@ var (
 // and ParseTime reports it to whoever needs the time.
 //
 // A file that is not a usage document is reported with ErrCorrupt (see
-// there), wrapped in an *fs.PathError whose Path is path. Failing to read
-// the file is reported as the os package does.
+// there), wrapped in an *fs.PathError whose Path is path. A symbolic link at
+// path is not followed: it gives ErrSymlink. Anything else that is not a
+// regular file, and failing to read the file, give other errors, each an
+// *fs.PathError.
 func ReadUsage(path string) (Usage, error) {
-	data, err := readRegular(path, maxUsageSize)
+	return readUsage(unix.AT_FDCWD, path, path)
+}
+
+// readUsage reads the usage file name, relative to the directory dirfd; path
+// names it in errors.
+func readUsage(dirfd int, name, path string) (Usage, error) {
+	data, err := readRegular(dirfd, name, path, maxUsageSize)
 	if err != nil {
 		if errors.Is(err, errTooLarge) {
 			return Usage{}, corrupt(path, fmt.Sprintf("larger than %d bytes", maxUsageSize))
@@ -452,17 +429,35 @@ func truncate(s string, n int) string {
 // read; bad has one error per file not imported, each an *fs.PathError
 // naming the file: wrapping ErrCorrupt for a corrupt document (see
 // ReadUsage and MoveAside), quota.ErrBadName when the name before ".json"
-// is not a valid user name (such a file is not read), or the error reading
-// it. Files not ending in ".json" (temporary files, files moved aside) are
-// ignored. If dir cannot be read, bad holds that error alone; a missing dir
-// is no error and imports nothing.
+// is not a valid user name (such a file is not read), ErrSymlink for a
+// symbolic link ("is a symbolic link; not imported": it is not read, so it
+// cannot lead the import to a file outside dir), or the error reading it
+// (a directory or another file that is not a regular file is not read
+// either). Files not ending in ".json" (temporary files, files moved aside)
+// are ignored. If dir cannot be read, bad holds that error alone; a missing
+// dir is no error and imports nothing.
+//
+// dir itself may be a symbolic link, as it may for the writers: the
+// operator's choice of where the usage files live. The files are opened
+// relative to the directory ImportDir opened, so a link swapped in for dir
+// meanwhile changes nothing.
 func ImportDir(dir string) (ok []Usage, bad []error) {
-	ents, err := os.ReadDir(dir)
+	dirfd, err := openDir(dir)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, nil
 		}
 		return nil, []error{err}
+	}
+	d := os.NewFile(uintptr(dirfd), dir)
+	defer d.Close()
+	ents, err := d.ReadDir(-1)
+	if err != nil {
+		return nil, []error{err}
+	}
+	slices.SortFunc(ents, func(a, b os.DirEntry) int { return strings.Compare(a.Name(), b.Name()) })
+	notImported := func(path string) error {
+		return &fs.PathError{Op: "import", Path: path, Err: fmt.Errorf("%w; not imported", ErrSymlink)}
 	}
 	for _, e := range ents {
 		name, isUsage := strings.CutSuffix(e.Name(), usageExt)
@@ -474,7 +469,14 @@ func ImportDir(dir string) (ok []Usage, bad []error) {
 			bad = append(bad, &fs.PathError{Op: "import", Path: path, Err: err})
 			continue
 		}
-		u, err := ReadUsage(path)
+		if e.Type()&fs.ModeSymlink != 0 {
+			bad = append(bad, notImported(path))
+			continue
+		}
+		u, err := readUsage(dirfd, e.Name(), path)
+		if errors.Is(err, ErrSymlink) { // a link since ReadDir
+			err = notImported(path)
+		}
 		if err != nil {
 			bad = append(bad, err)
 			continue

@@ -78,13 +78,26 @@ type Event struct {
 
 // Batch is everything that changed in one tick. [Store.Commit] applies it
 // in one transaction, in this order: DropUsers and DropBaselines, then the
-// upserts of Users, Baselines and History, then Events, Logged and Meta. So
-// a key both dropped and upserted in the same batch ends up present, and an
-// entry listed twice ends up with its last value. Commit keeps no reference
-// to the batch.
+// upserts of Users, Baselines and History, then Events, Logged and Meta.
+// Drops come first, so a key both dropped and upserted in the same batch
+// ends up present, with the upserted row; an entry listed twice ends up with
+// its last value. Commit keeps no reference to the batch.
+//
+// Dropping a user (one gone longer than the retention) deletes its row in
+// users and nothing else: its History and Events stay, and
+// [Store.History] and [Store.Events] still return them. The baselines of
+// the counter sources it was counted from are separate keys, dropped with
+// DropBaselines in the same batch. Dropping a key that is not there is no
+// error.
+//
+// A batch can therefore express "drop, then upsert" of a key, never
+// "upsert, then drop". Whoever merges an older batch with a newer one (a
+// failed commit retried with the next tick's) must keep that meaning: a
+// drop in the newer batch removes the older batch's upsert of that key, and
+// an upsert in the newer batch wins over the older batch's drop of it.
 type Batch struct {
 	Users         []User     // upserted, whole rows
-	DropUsers     []string   // names of users to delete (their History is kept)
+	DropUsers     []string   // names of users to delete; their History and Events are kept
 	Baselines     []Baseline // upserted
 	DropBaselines []quota.Source // sources to delete
 	History       []DayUsage // upserted: absolute values for that name and day

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"context"
 	"database/sql"
 	"errors"
 	"fmt"
@@ -111,7 +112,62 @@ func dsn(abs string) string {
 	q.Add("_pragma", "journal_size_limit("+strconv.Itoa(walSizeLimit)+")")
 	q.Set("_journal_mode", "WAL")
 	q.Set("_synchronous", "FULL")
-	return "file:" + (&url.URL{Path: abs}).EscapedPath() + "?" + q.Encode()
+	return uri(abs) + "?" + q.Encode()
+}
+
+// uri returns the SQLite URI of the absolute path abs, without parameters.
+func uri(abs string) string {
+	return "file:" + (&url.URL{Path: abs}).EscapedPath()
+}
+
+// queryRower is what schemaVersion reads through: a connection or a
+// transaction.
+type queryRower interface {
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+// schemaVersion returns the schema version of the database q reads: 0 for an
+// empty database (no application id, no schema objects), the version in
+// meta for a bwagent database. It only reads. Another program's database, or
+// ours without a readable version, gives ErrCorrupt; a version newer than
+// this package knows gives ErrSchemaVersion.
+func schemaVersion(q queryRower) (int, error) {
+	var id, objects int64
+	if err := q.QueryRowContext(bg, "PRAGMA application_id").Scan(&id); err != nil {
+		return 0, err
+	}
+	if err := q.QueryRowContext(bg, "SELECT count(*) FROM sqlite_schema").Scan(&objects); err != nil {
+		return 0, err
+	}
+	switch {
+	case id == 0 && objects == 0:
+		return 0, nil
+	case id != appID:
+		return 0, fmt.Errorf("%w: SQLite application id %#x is not bwagent's; %s", ErrCorrupt, id, corruptHint)
+	}
+	var metas int64
+	if err := q.QueryRowContext(bg, "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'meta'").Scan(&metas); err != nil {
+		return 0, err
+	}
+	var v string
+	err := sql.ErrNoRows
+	if metas > 0 {
+		err = q.QueryRowContext(bg, "SELECT value FROM meta WHERE key = ?", schemaVersionKey).Scan(&v)
+	}
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, fmt.Errorf("%w: no schema version; %s", ErrCorrupt, corruptHint)
+	}
+	if err != nil {
+		return 0, err
+	}
+	version, err := strconv.Atoi(v)
+	if err != nil || version < 1 {
+		return 0, fmt.Errorf("%w: schema version %q; %s", ErrCorrupt, v, corruptHint)
+	}
+	if version > len(migrations) {
+		return 0, fmt.Errorf("%w: the file has version %d, this bwagent knows versions up to %d; upgrade bwagent or move the file aside", ErrSchemaVersion, version, len(migrations))
+	}
+	return version, nil
 }
 
 // migrate creates or upgrades the schema on the writer's connection, in one
@@ -135,37 +191,15 @@ func migrate(c *sql.Conn) (err error) {
 		}
 	}()
 
-	var id, objects int64
-	if err := c.QueryRowContext(bg, "PRAGMA application_id").Scan(&id); err != nil {
+	version, err := schemaVersion(c)
+	if err != nil {
 		return err
 	}
-	if err := c.QueryRowContext(bg, "SELECT count(*) FROM sqlite_schema").Scan(&objects); err != nil {
-		return err
-	}
-	version := 0
-	switch {
-	case id == 0 && objects == 0:
+	if version == 0 {
 		// A new, empty database.
 		if _, err := c.ExecContext(bg, "PRAGMA application_id = "+strconv.Itoa(appID)); err != nil {
 			return err
 		}
-	case id != appID:
-		return fmt.Errorf("%w: SQLite application id %#x is not bwagent's; %s", ErrCorrupt, id, corruptHint)
-	default:
-		var v string
-		err := c.QueryRowContext(bg, "SELECT value FROM meta WHERE key = ?", schemaVersionKey).Scan(&v)
-		if errors.Is(err, sql.ErrNoRows) {
-			return fmt.Errorf("%w: no schema version; %s", ErrCorrupt, corruptHint)
-		}
-		if err != nil {
-			return err
-		}
-		if version, err = strconv.Atoi(v); err != nil || version < 1 {
-			return fmt.Errorf("%w: schema version %q; %s", ErrCorrupt, v, corruptHint)
-		}
-	}
-	if version > len(migrations) {
-		return fmt.Errorf("%w: the file has version %d, this bwagent knows versions up to %d; upgrade bwagent or move the file aside", ErrSchemaVersion, version, len(migrations))
 	}
 	if version == len(migrations) {
 		_, err := c.ExecContext(bg, "COMMIT")

@@ -37,6 +37,12 @@
 // schema; a database written by a newer bwagent is refused with
 // [ErrSchemaVersion]. The file carries SQLite application id 0x62776167
 // ("bwag"), so another program's SQLite database is recognised and refused.
+// Open decides this reading the file read-only, before anything writes to
+// it: a file it refuses (another program's database, a newer schema, not
+// SQLite at all) is left byte for byte as it was, in its journal mode, with
+// no -wal or -shm file added. Only an empty file, an empty SQLite database
+// (no application id, no schema) or a state database it knows is switched
+// to WAL and written.
 //
 // # Times
 //
@@ -81,11 +87,15 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"modernc.org/sqlite"
 	sqlite3 "modernc.org/sqlite/lib"
@@ -158,10 +168,13 @@ type Store struct {
 // directory with mode 0700) if it does not exist, and creating or migrating
 // its schema.
 //
-// A file that is not a usable state database gives an error wrapping
-// [ErrCorrupt]; one written by a newer bwagent gives [ErrSchemaVersion];
-// another process holding the write lock for more than five seconds gives
-// [ErrLocked]. Open does not read every page: see [Store.Check].
+// An existing file is first read, read-only, and refused unless it is empty,
+// an empty SQLite database or a state database of a known schema; a refused
+// file is not changed. A file that is not a usable state database gives an
+// error wrapping [ErrCorrupt]; one written by a newer bwagent gives
+// [ErrSchemaVersion]; another process holding the write lock for more than
+// five seconds gives [ErrLocked]. Open does not read every page: see
+// [Store.Check].
 func Open(path string) (*Store, error) {
 	s, err := open(path)
 	if err != nil {
@@ -193,6 +206,11 @@ func open(path string) (*Store, error) {
 		}
 	case !errors.Is(err, fs.ErrExist):
 		return nil, err
+	default:
+		// Someone else's file: read it before anything writes to it.
+		if err := vet(abs); err != nil {
+			return nil, classify(err)
+		}
 	}
 
 	db, err := sql.Open("sqlite", dsn(abs))
@@ -209,6 +227,69 @@ func open(path string) (*Store, error) {
 		return nil, classify(err)
 	}
 	return s, nil
+}
+
+// sqliteMagic is how every SQLite database file starts.
+const sqliteMagic = "SQLite format 3\x00"
+
+// vet checks, only reading, that the existing file at abs is one Open may
+// write to: an empty file, an empty SQLite database, or a state database of a
+// schema version this package knows. Open runs it before the first statement
+// that writes (switching to WAL rewrites the header of a database in
+// rollback mode), so a file Open refuses is left exactly as it was.
+//
+// Without a -wal or -journal file beside it, the database is read as
+// immutable: SQLite then takes no locks and creates no -wal or -shm file
+// (a read-only connection to a WAL database would create both and, being
+// read-only, could not remove them). With one, another process may be
+// writing, or a crash left changes there, so it is read normally, read-only.
+func vet(abs string) error {
+	f, err := os.OpenFile(abs, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%w: not a regular file (%s); %s", ErrCorrupt, fi.Mode().Type(), corruptHint)
+	}
+	if fi.Size() == 0 {
+		return nil // a new database
+	}
+	var header [100]byte
+	if _, err := io.ReadFull(f, header[:]); err != nil || string(header[:len(sqliteMagic)]) != sqliteMagic {
+		return fmt.Errorf("%w: not an SQLite database (no SQLite header); %s", ErrCorrupt, corruptHint)
+	}
+
+	q := url.Values{}
+	q.Set("mode", "ro")
+	q.Set("_busy_timeout", strconv.Itoa(busyTimeoutMS))
+	q.Set("_query_only", "1")
+	if !exists(abs+"-wal") && !exists(abs+"-journal") {
+		q.Set("immutable", "1")
+	}
+	db, err := sql.Open("sqlite", uri(abs)+"?"+q.Encode())
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	tx, err := db.BeginTx(bg, &sql.TxOptions{ReadOnly: true})
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	_, err = schemaVersion(tx)
+	return err
+}
+
+// exists reports whether there is a file, of any kind, at path.
+func exists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
 }
 
 // Path returns the path the Store was opened with.

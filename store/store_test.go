@@ -2,6 +2,7 @@ package store
 
 import (
 	"bufio"
+	"crypto/sha256"
 	"database/sql"
 	"errors"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -846,5 +848,267 @@ func TestTwoStores(t *testing.T) {
 		if us := users(t, s); len(us) != 100 {
 			t.Errorf("%d users, want 100", len(us))
 		}
+	}
+}
+
+// fileState is a file's content hash and the names beside it, to show that
+// Open left a file alone.
+type fileState struct {
+	sum   [sha256.Size]byte
+	names []string
+}
+
+func stateOf(t *testing.T, path string) fileState {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ents, err := os.ReadDir(filepath.Dir(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fileState{sum: sha256.Sum256(data)}
+	for _, e := range ents {
+		st.names = append(st.names, e.Name())
+	}
+	return st
+}
+
+// sqliteFile creates an SQLite database at path with another program's
+// settings, runs stmts in it and closes it.
+func sqliteFile(t *testing.T, path string, stmts ...string) {
+	t.Helper()
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	for _, q := range stmts {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+}
+
+// ourFile creates a state database at path with one user, runs stmts on its
+// writer connection and closes it.
+func ourFile(t *testing.T, path string, stmts ...string) {
+	t.Helper()
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	commit(t, s, &Batch{Users: []User{{Name: "alice", Up: 1}}})
+	for _, q := range stmts {
+		if _, err := s.w.c.ExecContext(bg, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+}
+
+// TestOpenRefusesUntouched checks that a file Open refuses is left byte for
+// byte as it was, with no -wal, -shm or -journal file beside it: Open reads
+// it, read-only, before anything writes to it (the switch to WAL would
+// rewrite the header of a database in rollback mode).
+func TestOpenRefusesUntouched(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		create func(t *testing.T, path string)
+		want   error
+	}{
+		{"foreign", func(t *testing.T, path string) {
+			sqliteFile(t, path, "CREATE TABLE users (name TEXT)", "INSERT INTO users VALUES ('alice')")
+		}, ErrCorrupt},
+		{"foreign application id, no tables", func(t *testing.T, path string) {
+			sqliteFile(t, path, "PRAGMA application_id = 42")
+		}, ErrCorrupt},
+		{"foreign in WAL mode", func(t *testing.T, path string) {
+			sqliteFile(t, path, "PRAGMA journal_mode = WAL", "CREATE TABLE t (x)")
+		}, ErrCorrupt},
+		{"foreign with our table names", func(t *testing.T, path string) {
+			sqliteFile(t, path, migrations[0])
+		}, ErrCorrupt},
+		{"newer schema", func(t *testing.T, path string) {
+			ourFile(t, path, fmt.Sprintf("UPDATE meta SET value = '%d' WHERE key = 'schema_version'", SchemaVersion+1))
+		}, ErrSchemaVersion},
+		{"ours without a schema version", func(t *testing.T, path string) {
+			ourFile(t, path, "DELETE FROM meta WHERE key = 'schema_version'")
+		}, ErrCorrupt},
+		{"ours without a meta table", func(t *testing.T, path string) {
+			ourFile(t, path, "DROP TABLE meta")
+		}, ErrCorrupt},
+		{"not SQLite", func(t *testing.T, path string) {
+			if err := os.WriteFile(path, []byte(`{"alice": {"up": 1}}`+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}, ErrCorrupt},
+		{"SQLite header, then junk", func(t *testing.T, path string) {
+			junk := make([]byte, 8192)
+			for i := range junk {
+				junk[i] = byte(rand.Uint32())
+			}
+			copy(junk, sqliteMagic)
+			if err := os.WriteFile(path, junk, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}, ErrCorrupt},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "state.db")
+			tc.create(t, path)
+			before := stateOf(t, path)
+			if !slices.Equal(before.names, []string{"state.db"}) {
+				t.Fatalf("fixture left %v", before.names)
+			}
+			s, err := Open(path)
+			if err == nil {
+				s.Close()
+			}
+			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), path) {
+				t.Fatalf("Open: %v, want %v naming the file", err, tc.want)
+			}
+			t.Log(err)
+			after := stateOf(t, path)
+			if after.sum != before.sum {
+				t.Error("the refused file was changed")
+			}
+			if !slices.Equal(after.names, before.names) {
+				t.Errorf("files beside it: %v, want %v", after.names, before.names)
+			}
+		})
+	}
+}
+
+// TestOpenRefusesInUse checks a foreign WAL database that another process
+// holds open (its -wal file exists, so it is read with locks, not as
+// immutable): refused, its database file unchanged.
+func TestOpenRefusesInUse(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state.db")
+	other, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	other.SetMaxOpenConns(1)
+	for _, q := range []string{"PRAGMA journal_mode = WAL", "PRAGMA wal_autocheckpoint = 0", "CREATE TABLE t (x)", "INSERT INTO t VALUES (1)"} {
+		if _, err := other.Exec(q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !exists(path + "-wal") {
+		t.Fatal("no -wal file while the database is open")
+	}
+	before := stateOf(t, path)
+	_, err = Open(path)
+	checkCorrupt(t, err, path)
+	if stateOf(t, path).sum != before.sum {
+		t.Error("the refused file was changed")
+	}
+	var n int
+	if err := other.QueryRow("SELECT count(*) FROM t").Scan(&n); err != nil || n != 1 {
+		t.Errorf("the other process's database: %d rows, %v", n, err)
+	}
+}
+
+// TestOpenTakesEmpty checks that an empty file and an empty SQLite database
+// (no application id, no schema) are taken as new databases.
+func TestOpenTakesEmpty(t *testing.T) {
+	for name, create := range map[string]func(t *testing.T, path string){
+		"empty file": func(t *testing.T, path string) {
+			if err := os.WriteFile(path, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		},
+		"empty SQLite database": func(t *testing.T, path string) {
+			sqliteFile(t, path, "PRAGMA user_version = 0", "CREATE TABLE x (y)", "DROP TABLE x")
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "state.db")
+			create(t, path)
+			s, err := Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			commit(t, s, &Batch{Users: []User{{Name: "alice"}}})
+			if us := users(t, s); len(us) != 1 {
+				t.Errorf("users: %+v", us)
+			}
+		})
+	}
+}
+
+// TestDropUsers checks the retention of users gone for good: a dropped
+// user's row and the named baselines go, in the same transaction; its
+// history and events stay and are still returned. Drops apply before the
+// upserts of the same batch.
+func TestDropUsers(t *testing.T) {
+	s := openTest(t)
+	t0 := time.Date(2026, 3, 14, 12, 0, 0, 0, time.UTC)
+	commit(t, s, &Batch{
+		Users:     []User{{Name: "alice", Protocol: "ssh", UID: 1001, Up: 5}, {Name: "bob", Protocol: "ssh", UID: 1002, Up: 7}},
+		Baselines: []Baseline{{Source: "uid:1001", Epoch: "e", Rx: 5}, {Source: "uid:1002", Epoch: "e", Rx: 7}},
+		History: []DayUsage{
+			{Name: "alice", Day: "2026-03-13", Up: 2}, {Name: "alice", Day: "2026-03-14", Up: 3},
+			{Name: "bob", Day: "2026-03-14", Up: 7},
+		},
+		Events: []Event{{Time: t0, Protocol: "ssh", Name: "alice", Action: "block", Reason: "quota"}},
+	})
+
+	// alice goes; in the same batch her history of a new day is written:
+	// a drop never touches history, whichever batch it is in.
+	commit(t, s, &Batch{
+		DropUsers:     []string{"alice", "nobody"},
+		DropBaselines: []string{"uid:1001", "uid:9999"},
+		History:       []DayUsage{{Name: "alice", Day: "2026-03-15", Up: 1}},
+	})
+	if got := users(t, s); len(got) != 1 || got[0].Name != "bob" || got[0].Up != 7 {
+		t.Errorf("users after dropping alice: %+v", got)
+	}
+	bs, err := s.Baselines()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []Baseline{{Source: "uid:1002", Epoch: "e", Rx: 7}}; !reflect.DeepEqual(bs, want) {
+		t.Errorf("baselines after dropping uid:1001: %+v, want %+v", bs, want)
+	}
+	hs, err := s.History("alice", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []DayUsage{
+		{Name: "alice", Day: "2026-03-13", Up: 2}, {Name: "alice", Day: "2026-03-14", Up: 3},
+		{Name: "alice", Day: "2026-03-15", Up: 1},
+	}
+	if !reflect.DeepEqual(hs, want) {
+		t.Errorf("dropped user's history: %+v, want %+v", hs, want)
+	}
+	if all, err := s.History("", "", ""); err != nil || len(all) != 4 {
+		t.Errorf("all history: %+v, %v", all, err)
+	}
+	if es, err := s.Events("alice", 0); err != nil || len(es) != 1 || es[0].Action != "block" {
+		t.Errorf("dropped user's events: %+v, %v", es, err)
+	}
+
+	// Drop, then upsert, of the same keys in one batch: the upserted rows
+	// are there, with their new values, whatever order the slices list
+	// them in.
+	commit(t, s, &Batch{
+		Users:         []User{{Name: "bob", Protocol: "ssh", UID: 1003, Up: 1}},
+		Baselines:     []Baseline{{Source: "uid:1002", Epoch: "f", Rx: 1}},
+		DropUsers:     []string{"bob"},
+		DropBaselines: []string{"uid:1002"},
+	})
+	if got := users(t, s); len(got) != 1 || got[0].Name != "bob" || got[0].UID != 1003 || got[0].Up != 1 {
+		t.Errorf("bob dropped and upserted in one batch: %+v", got)
+	}
+	if bs, err := s.Baselines(); err != nil || !reflect.DeepEqual(bs, []Baseline{{Source: "uid:1002", Epoch: "f", Rx: 1}}) {
+		t.Errorf("uid:1002 dropped and upserted in one batch: %+v, %v", bs, err)
+	}
+	if hs, err := s.History("bob", "", ""); err != nil || len(hs) != 1 || hs[0].Up != 7 {
+		t.Errorf("bob's history after drop and upsert: %+v, %v", hs, err)
 	}
 }
