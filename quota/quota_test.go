@@ -111,7 +111,7 @@ func TestSince(t *testing.T) {
 		{Sample{Epoch{Origin: "e"}, 10, 20}, Sample{Epoch{Origin: "e"}, 15, 20}, Usage{5, 0}},
 		{Sample{Epoch{Origin: "e"}, 10, 20}, Sample{Epoch{Origin: "e"}, 3, 25}, Usage{3, 25}},   // went down: restarted
 		{Sample{Epoch{Origin: "e"}, 10, 20}, Sample{Epoch{Origin: "f"}, 50, 60}, Usage{50, 60}}, // new epoch
-		{Sample{}, Sample{Epoch{Origin: "e"}, 7, 8}, Usage{7, 8}},                // first reading
+		{Sample{}, Sample{Epoch{Origin: "e"}, 7, 8}, Usage{7, 8}},                               // first reading
 		{Sample{Epoch{Origin: "e"}, 7, 8}, Sample{Epoch{Origin: "e"}, 7, 8}, Usage{}},
 	} {
 		if got := Since(c.base, c.cur); got != c.want {

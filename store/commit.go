@@ -96,11 +96,11 @@ type Event struct {
 // drop in the newer batch removes the older batch's upsert of that key, and
 // an upsert in the newer batch wins over the older batch's drop of it.
 type Batch struct {
-	Users         []User     // upserted, whole rows
-	DropUsers     []string   // names of users to delete; their History and Events are kept
-	Baselines     []Baseline // upserted
+	Users         []User         // upserted, whole rows
+	DropUsers     []string       // names of users to delete; their History and Events are kept
+	Baselines     []Baseline     // upserted
 	DropBaselines []quota.Source // sources to delete
-	History       []DayUsage // upserted: absolute values for that name and day
+	History       []DayUsage     // upserted: absolute values for that name and day
 	// Events are appended. On success Commit sets each one's ID; on
 	// failure it leaves them alone, so the batch can be retried as it is.
 	Events []Event

@@ -1050,7 +1050,7 @@ func TestDropUsers(t *testing.T) {
 	t0 := time.Date(2026, 3, 14, 12, 0, 0, 0, time.UTC)
 	commit(t, s, &Batch{
 		Users:     []User{{Name: "alice", Protocol: "ssh", UID: 1001, Up: 5}, {Name: "bob", Protocol: "ssh", UID: 1002, Up: 7}},
-		Baselines: []Baseline{{Source: "uid:1001", Epoch: "e", Rx: 5}, {Source: "uid:1002", Epoch: "e", Rx: 7}},
+		Baselines: []Baseline{{Source: quota.UIDSource(1001), Epoch: quota.Epoch{Origin: "e"}, Rx: 5}, {Source: quota.UIDSource(1002), Epoch: quota.Epoch{Origin: "e"}, Rx: 7}},
 		History: []DayUsage{
 			{Name: "alice", Day: "2026-03-13", Up: 2}, {Name: "alice", Day: "2026-03-14", Up: 3},
 			{Name: "bob", Day: "2026-03-14", Up: 7},
@@ -1062,7 +1062,7 @@ func TestDropUsers(t *testing.T) {
 	// a drop never touches history, whichever batch it is in.
 	commit(t, s, &Batch{
 		DropUsers:     []string{"alice", "nobody"},
-		DropBaselines: []string{"uid:1001", "uid:9999"},
+		DropBaselines: []quota.Source{quota.UIDSource(1001), quota.UIDSource(9999)},
 		History:       []DayUsage{{Name: "alice", Day: "2026-03-15", Up: 1}},
 	})
 	if got := users(t, s); len(got) != 1 || got[0].Name != "bob" || got[0].Up != 7 {
@@ -1072,7 +1072,7 @@ func TestDropUsers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []Baseline{{Source: "uid:1002", Epoch: "e", Rx: 7}}; !reflect.DeepEqual(bs, want) {
+	if want := []Baseline{{Source: quota.UIDSource(1002), Epoch: quota.Epoch{Origin: "e"}, Rx: 7}}; !reflect.DeepEqual(bs, want) {
 		t.Errorf("baselines after dropping uid:1001: %+v, want %+v", bs, want)
 	}
 	hs, err := s.History("alice", "", "")
@@ -1098,14 +1098,14 @@ func TestDropUsers(t *testing.T) {
 	// them in.
 	commit(t, s, &Batch{
 		Users:         []User{{Name: "bob", Protocol: "ssh", UID: 1003, Up: 1}},
-		Baselines:     []Baseline{{Source: "uid:1002", Epoch: "f", Rx: 1}},
+		Baselines:     []Baseline{{Source: quota.UIDSource(1002), Epoch: quota.Epoch{Origin: "f"}, Rx: 1}},
 		DropUsers:     []string{"bob"},
-		DropBaselines: []string{"uid:1002"},
+		DropBaselines: []quota.Source{quota.UIDSource(1002)},
 	})
 	if got := users(t, s); len(got) != 1 || got[0].Name != "bob" || got[0].UID != 1003 || got[0].Up != 1 {
 		t.Errorf("bob dropped and upserted in one batch: %+v", got)
 	}
-	if bs, err := s.Baselines(); err != nil || !reflect.DeepEqual(bs, []Baseline{{Source: "uid:1002", Epoch: "f", Rx: 1}}) {
+	if bs, err := s.Baselines(); err != nil || !reflect.DeepEqual(bs, []Baseline{{Source: quota.UIDSource(1002), Epoch: quota.Epoch{Origin: "f"}, Rx: 1}}) {
 		t.Errorf("uid:1002 dropped and upserted in one batch: %+v, %v", bs, err)
 	}
 	if hs, err := s.History("bob", "", ""); err != nil || len(hs) != 1 || hs[0].Up != 7 {
