@@ -90,6 +90,7 @@ func (a *Agent) charge(u *user, now time.Time, d quota.Usage) {
 	}
 	a.touch(u, now, js)
 	a.queue(u)
+	a.obs.Charged(w.proto, d)
 }
 
 // day returns now's local day, formatted once per day.
@@ -181,6 +182,7 @@ func (a *Agent) record(u *user, ev []quota.Event) {
 	for _, e := range ev {
 		a.rec.events = append(a.rec.events, eventRow(u.r, e))
 		a.log.Info("user "+e.Action, "user", u.r.name, "protocol", u.r.proto, "reason", e.Reason)
+		a.obs.Event(u.r.proto, e.Action, e.Reason)
 	}
 }
 

@@ -90,6 +90,8 @@ type Options struct {
 	Log  *slog.Logger
 	// Now is the clock; nil is time.Now.
 	Now func() time.Time
+	// Observers are told of each tick, charge, event and commit.
+	Observers []Observer
 }
 
 // Agent runs the control loop. Its exported methods may be called from any
@@ -102,6 +104,7 @@ type Agent struct {
 	log   *slog.Logger
 	now   func() time.Time
 	xray  Xray
+	obs   observers
 	// inline makes commands run on the caller with a tick, without Run:
 	// only the package's table tests set it.
 	inline bool
@@ -172,6 +175,7 @@ func New(o Options) (*Agent, error) {
 		store:        o.Store,
 		log:          o.Log,
 		now:          o.Now,
+		obs:          o.Observers,
 		users:        make(map[string]*user),
 		byUID:        make(map[uint32]*user),
 		plans:        make(map[string]quota.Plan),
@@ -333,6 +337,7 @@ func (a *Agent) tick() {
 	h.Components = a.components(h.Errors)
 	a.health.Store(h)
 	a.files.kick()
+	a.obs.Tick(*h)
 }
 
 // Close releases what the agent holds besides its boundaries (the inotify

@@ -201,16 +201,17 @@ func (f *fakeFW) has(uid uint32) bool {
 
 // env is one test's agent over fakes, with real files in a temp dir.
 type env struct {
-	t       *testing.T
-	dir     string
-	cfg     config.Config
-	dp      *fakeDP
-	fw      *fakeFW
-	clock   time.Time
-	a       *Agent
-	logs    *strings.Builder
-	xray    Xray
-	clockFn func() time.Time // nil: the test's clock
+	t         *testing.T
+	dir       string
+	cfg       config.Config
+	dp        *fakeDP
+	fw        *fakeFW
+	clock     time.Time
+	a         *Agent
+	logs      *strings.Builder
+	xray      Xray
+	clockFn   func() time.Time // nil: the test's clock
+	observers []Observer
 }
 
 const passwd = `root:x:0:0:root:/root:/bin/bash
@@ -270,7 +271,7 @@ func (e *env) start() {
 	e.t.Cleanup(func() { st.Close() })
 	e.logs = &strings.Builder{}
 	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st, Xray: e.xray,
-		Log: slog.New(slog.NewTextHandler(syncWriter{b: e.logs}, nil)), Now: now})
+		Log: slog.New(slog.NewTextHandler(syncWriter{b: e.logs}, nil)), Now: now, Observers: e.observers})
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -25,7 +25,8 @@ import (
 // block log, and hands their IDs back to the loop, which marks them logged
 // in a later batch: a crash in between can repeat a log line, never lose one.
 type committer struct {
-	st *store.Store
+	st  *store.Store
+	obs observers // constant after New
 
 	commitMu sync.Mutex // held during a commit
 
@@ -113,7 +114,9 @@ func (c *committer) flush() error {
 	c.mu.Unlock()
 	var err error
 	if b != nil {
+		start := time.Now()
 		err = c.st.Commit(b)
+		c.obs.Committed(time.Since(start), err)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -10,6 +10,7 @@ import (
 
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/view"
 )
 
 // runEnv starts e's agent loop for real (its own ticker, the real clock)
@@ -306,5 +307,50 @@ func TestKernelStatsReported(t *testing.T) {
 	e.step(2 * time.Second)
 	if !strings.Contains(e.logs.String(), "ingress program re-attached") {
 		t.Errorf("repair not logged:\n%s", e.logs)
+	}
+}
+
+// recObserver records what the agent tells its observers.
+type recObserver struct {
+	mu      sync.Mutex
+	ticks   int
+	charged map[quota.Protocol]quota.Usage
+	events  []string
+	commits int
+}
+
+func (r *recObserver) Tick(view.Health) { r.mu.Lock(); r.ticks++; r.mu.Unlock() }
+func (r *recObserver) Charged(p quota.Protocol, d quota.Usage) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.charged[p] = r.charged[p].Add(d)
+}
+func (r *recObserver) Event(p quota.Protocol, action, reason string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.events = append(r.events, string(p)+" "+action+" "+reason)
+}
+func (r *recObserver) Committed(time.Duration, error) { r.mu.Lock(); r.commits++; r.mu.Unlock() }
+
+// TestObservers: each tick, charge, event and commit reaches the observers.
+func TestObservers(t *testing.T) {
+	e := newEnv(t)
+	obs := &recObserver{charged: map[quota.Protocol]quota.Usage{}}
+	e.observers = []Observer{obs}
+	e.start()
+	e.write("bw-limit.conf", "john 1\n")
+	e.step(0)
+	e.dp.blast(1001, 2*quota.MiB, 64*quota.KiB, false)
+	e.step(2 * time.Second)
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	if obs.ticks != 2 || obs.commits < 2 {
+		t.Errorf("ticks %d, commits %d", obs.ticks, obs.commits)
+	}
+	if got := obs.charged[quota.SSH]; got.Down < quota.MiB-kernelSlack(quota.MiB) || got.Down > quota.MiB {
+		t.Errorf("charged %+v", got)
+	}
+	if len(obs.events) != 1 || obs.events[0] != "ssh block Bandwidth Limit Reached" {
+		t.Errorf("events %q", obs.events)
 	}
 }

@@ -64,6 +64,7 @@ func (a *Agent) load() error {
 		return err
 	}
 	a.commits = newCommitter(a.store, a.cfg.Paths.BlockLog, a.loc, unlogged)
+	a.commits.obs = a.obs
 	return nil
 }
 
