@@ -204,7 +204,7 @@ func New(o Options) (*Agent, error) {
 		}
 	}
 	a.xr = newXrayState()
-	a.files = newFileWriter(a.cfg.Paths.UsageDir)
+	a.files = newFileWriter(a.cfg.Paths.UsageDir, a.pub.snap.Load)
 	a.watch = newDirWatch(a.cfg.Paths.UsageDir)
 	if err := a.load(); err != nil {
 		return nil, err

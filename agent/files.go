@@ -10,24 +10,27 @@ import (
 	"time"
 
 	"github.com/myvpn/bwagent/opsfiles"
-	"github.com/myvpn/bwagent/quota"
 )
 
 // fileWriter writes the usage JSON files off the loop, so a slow or full disk
-// never delays a tick. It keeps the newest document per user until it is
-// written: a failed write is retried at the next kick, and a document
-// superseded before it was written is simply dropped.
+// never delays a tick. It keeps only the names of the users whose file is
+// due and renders each from the latest published snapshot when it writes,
+// so a file is never older than the tick that queued it, a backlog holds
+// no old copies of users, and a failed write is retried with the newest
+// state at the next kick.
 type fileWriter struct {
+	snap func() *snapshot // the latest published users; constant
+
 	mu      sync.Mutex
 	dir     string
-	pending map[string]*usageSnap // into the slices submitted, not copied
+	pending map[string]struct{}
 	lastErr error
 	written uint64 // files written, for tests and benchmarks
 	wake    waker
 }
 
-func newFileWriter(dir string) *fileWriter {
-	return &fileWriter{dir: dir, pending: make(map[string]*usageSnap), wake: newWaker()}
+func newFileWriter(dir string, snap func() *snapshot) *fileWriter {
+	return &fileWriter{dir: dir, snap: snap, pending: make(map[string]struct{}), wake: newWaker()}
 }
 
 // setDir makes later writes go to dir.
@@ -37,17 +40,17 @@ func (w *fileWriter) setDir(dir string) {
 	w.dir = dir
 }
 
-// submit queues docs, replacing older pending versions.
-func (w *fileWriter) submit(docs []usageSnap) {
-	if len(docs) == 0 {
+// submit queues the files of names. The writer renders them at its next
+// kick, which the loop gives after publishing the tick that queued them.
+func (w *fileWriter) submit(names []string) {
+	if len(names) == 0 {
 		return
 	}
 	w.mu.Lock()
-	for i := range docs {
-		w.pending[docs[i].r.name] = &docs[i]
+	for _, n := range names {
+		w.pending[n] = struct{}{}
 	}
 	w.mu.Unlock()
-	w.kick()
 }
 
 // kick wakes the writer, which writes whatever is pending (failed files
@@ -57,31 +60,35 @@ func (w *fileWriter) kick() { w.wake.wake() }
 func (w *fileWriter) run(ctx context.Context) { w.wake.run(ctx, w.flush) }
 
 // flush writes everything pending now, in one batch (one filesystem sync for
-// all files). Files that failed stay pending unless a newer version arrived
-// meanwhile.
+// all files), each user as the latest snapshot has them; users who left or
+// were forgotten since are skipped. Files that failed stay pending.
 func (w *fileWriter) flush() error {
 	w.mu.Lock()
 	if len(w.pending) == 0 {
 		w.mu.Unlock()
 		return w.err()
 	}
-	docs := w.pending
-	w.pending = make(map[string]*usageSnap)
+	names := slices.Sorted(maps.Keys(w.pending))
+	w.pending = make(map[string]struct{})
 	dir := w.dir
 	w.mu.Unlock()
 
-	names := slices.Sorted(maps.Keys(docs))
+	s := w.snap()
 	var errs []error
 	var failedNames []string
 	mkdirErr := os.MkdirAll(dir, 0o755)
+	written := 0
 	// In chunks, so a start that rewrites every file holds a bounded amount
 	// of rendered JSON at a time.
 	for chunk := range slices.Chunk(names, writeChunk) {
 		files := make([]opsfiles.File, 0, len(chunk))
 		var fileNames []string
 		for _, name := range chunk {
-			s := docs[name]
-			data, err := s.doc().Marshal()
+			i, ok := s.byName[name]
+			if !ok || !s.users[i].present {
+				continue
+			}
+			data, err := s.usageDoc(s.users[i]).Marshal()
 			if err != nil {
 				errs = append(errs, err)
 				continue
@@ -93,17 +100,17 @@ func (w *fileWriter) flush() error {
 			if err != nil {
 				errs = append(errs, err)
 				failedNames = append(failedNames, fileNames[i])
+			} else {
+				written++
 			}
 		}
 	}
 
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.written += uint64(len(names) - len(errs))
+	w.written += uint64(written)
 	for _, name := range failedNames {
-		if _, newer := w.pending[name]; !newer {
-			w.pending[name] = docs[name]
-		}
+		w.pending[name] = struct{}{}
 	}
 	w.lastErr = nil
 	if len(errs) > 0 {
@@ -143,7 +150,7 @@ const maxJSONPerTick = 10000
 func (a *Agent) queueJSON(now time.Time) {
 	all := now.Sub(a.lastJSON) >= a.cfg.JSONInterval || now.Before(a.lastJSON)
 	q := a.work.jsonQ
-	docs := make([]usageSnap, 0, min(len(q), maxJSONPerTick))
+	docs := make([]string, 0, min(len(q), maxJSONPerTick))
 	keep := q[:0]
 	for _, u := range q {
 		if len(docs) >= maxJSONPerTick {
@@ -154,7 +161,7 @@ func (a *Agent) queueJSON(now time.Time) {
 		case a.users[u.r.name] != u || !u.r.present:
 			u.json = jsonClean // forgotten, or left: its file stays as it was
 		case u.json == jsonUrgent || (all && u.json == jsonUsage):
-			docs = append(docs, a.snap(u))
+			docs = append(docs, u.r.name)
 			u.json = jsonClean
 		case u.json != jsonClean:
 			keep = append(keep, u)
@@ -188,24 +195,8 @@ func (a *Agent) repairJSON() error {
 	return err
 }
 
-// usageSnap is what a user's usage file is rendered from: the user's
-// record (immutable once published, and this tick's is published before
-// the writer runs), rendered (times formatted, JSON encoded) by the writer.
-type usageSnap struct {
-	r     *record
-	today string // the local day at the snapshot
-	rules quota.Rules
-	loc   *time.Location
-}
-
-// snap takes u's record for its usage file.
-func (a *Agent) snap(u *user) usageSnap {
-	return usageSnap{r: u.r, today: a.work.today, rules: a.rules, loc: a.loc}
-}
-
-// doc renders the usage file.
-func (s *usageSnap) doc() opsfiles.Usage {
-	r := s.r
+// usageDoc renders r's usage file.
+func (s *snapshot) usageDoc(r *record) opsfiles.Usage {
 	status := r.status
 	if status == "" {
 		status = r.st.Status(r.plan, s.rules)
