@@ -214,6 +214,7 @@ func New(o Options) (*Agent, error) {
 			a.log.Info("removed temporary files an interrupted write left", "dir", dir, "files", len(gone))
 		}
 	}
+	a.pub.changed, a.pub.membership = true, true
 	a.publish(a.now())
 	a.health.Store(&view.Health{Errors: map[string]string{}, Components: map[string]string{"agent": "starting"}})
 	return a, nil

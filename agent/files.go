@@ -84,11 +84,11 @@ func (w *fileWriter) flush() error {
 		files := make([]opsfiles.File, 0, len(chunk))
 		var fileNames []string
 		for _, name := range chunk {
-			i, ok := s.byName[name]
-			if !ok || !s.users[i].present {
+			r := s.find(name)
+			if r == nil || !r.present {
 				continue
 			}
-			data, err := s.usageDoc(s.users[i]).Marshal()
+			data, err := s.usageDoc(r).Marshal()
 			if err != nil {
 				errs = append(errs, err)
 				continue

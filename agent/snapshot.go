@@ -21,8 +21,7 @@ import (
 // snapshot is the users as of the end of one tick.
 type snapshot struct {
 	version uint64
-	users   []*record        // sorted by name
-	byName  map[string]int32 // index into users; shared between snapshots until a user comes or goes
+	users   []*record // sorted by name
 	rules   quota.Rules
 	loc     *time.Location
 	today   string        // the local day at publication
@@ -36,7 +35,6 @@ type publisher struct {
 	changed    bool    // a record changed since the last publication
 	membership bool    // a user came or went since the last publication
 	order      []*user // every user, sorted by name (rebuilt when membership changes)
-	byName     map[string]int32
 
 	snap atomic.Pointer[snapshot]
 }
@@ -48,19 +46,15 @@ func (a *Agent) publish(now time.Time) {
 	if !p.changed && p.snap.Load() != nil {
 		return
 	}
-	if p.membership || p.byName == nil {
+	if p.membership {
 		p.order = p.order[:0]
 		for _, u := range a.users {
 			p.order = append(p.order, u)
 		}
 		slices.SortFunc(p.order, func(x, y *user) int { return strings.Compare(x.r.name, y.r.name) })
-		p.byName = make(map[string]int32, len(p.order))
-		for i, u := range p.order {
-			p.byName[u.r.name] = int32(i)
-		}
 		p.membership = false
 	}
-	s := &snapshot{users: make([]*record, len(p.order)), byName: p.byName, rules: a.rules, loc: a.loc,
+	s := &snapshot{users: make([]*record, len(p.order)), rules: a.rules, loc: a.loc,
 		today: quota.Day(now.In(a.loc)), changed: make(chan struct{})}
 	for i, u := range p.order {
 		s.users[i] = u.r
@@ -95,15 +89,24 @@ func (s *snapshot) view(r *record) view.User {
 	return v
 }
 
+// find returns the named user's record, or nil.
+func (s *snapshot) find(name string) *record {
+	i, ok := slices.BinarySearchFunc(s.users, name, func(r *record, n string) int { return strings.Compare(r.name, n) })
+	if !ok {
+		return nil
+	}
+	return s.users[i]
+}
+
 func (s *snapshot) lookup(name string) (*record, error) {
 	if err := quota.ValidName(name); err != nil {
 		return nil, err
 	}
-	i, ok := s.byName[name]
-	if !ok {
+	r := s.find(name)
+	if r == nil {
 		return nil, fmt.Errorf("%w %q: not an account in the SSH UID range nor an Xray client", ErrUnknownUser, name)
 	}
-	return s.users[i], nil
+	return r, nil
 }
 
 // Users returns every known user as of the last tick, sorted by name.
