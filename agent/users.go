@@ -77,7 +77,7 @@ func (a *Agent) newUser(name string, proto quota.Protocol) *user {
 // dropUser forgets a user who left longer than the retention ago: from
 // memory now, from the state database (user row and counter baselines;
 // their per-day history stays) in this tick's commit.
-func (a *Agent) dropUser(u *user, now time.Time) {
+func (a *Agent) dropUser(u *user) {
 	r := u.r
 	delete(a.users, r.name)
 	a.pub.changed, a.pub.membership = true, true
@@ -87,7 +87,6 @@ func (a *Agent) dropUser(u *user, now time.Time) {
 	}
 	a.log.Info("user forgotten: gone longer than the retention", "user", r.name, "protocol", r.proto,
 		"last_seen", r.updated.Time().In(a.loc).Format(time.DateTime), "retention", a.cfg.Retention)
-	_ = now
 }
 
 // expire drops the users who left (no account, no Xray client) more than
@@ -111,7 +110,7 @@ func (a *Agent) expire(now time.Time) {
 		case r.proto == quota.SSH && !sshKnown, r.proto.Xray() && !xrayKnown, r.proto == "" && !(sshKnown && xrayKnown):
 			continue
 		}
-		a.dropUser(u, now)
+		a.dropUser(u)
 	}
 }
 

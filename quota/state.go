@@ -63,19 +63,6 @@ const (
 	Download
 )
 
-// ParseMetric parses "total", "upload" or "download".
-func ParseMetric(s string) (Metric, error) {
-	switch s {
-	case "total", "":
-		return Total, nil
-	case "upload":
-		return Upload, nil
-	case "download":
-		return Download, nil
-	}
-	return 0, fmt.Errorf("unknown metric %q (want total, upload or download)", s)
-}
-
 // Usage is a byte count in both directions.
 type Usage struct{ Up, Down uint64 }
 
