@@ -247,10 +247,14 @@ func (m *Metrics) Serve(ctx context.Context, ln net.Listener, src Source) error 
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          discardLog, // the package does not log
 	}
-	stopped := make(chan struct{})
+	served, stopped := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(stopped)
-		<-ctx.Done()
+		select {
+		case <-ctx.Done():
+		case <-served: // failed on its own
+			return
+		}
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if srv.Shutdown(sctx) != nil {
@@ -258,8 +262,9 @@ func (m *Metrics) Serve(ctx context.Context, ln net.Listener, src Source) error 
 		}
 	}()
 	err := srv.Serve(ln)
+	close(served)
+	<-stopped
 	if errors.Is(err, http.ErrServerClosed) {
-		<-stopped
 		return nil
 	}
 	srv.Close()
