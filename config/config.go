@@ -147,6 +147,7 @@ type Config struct {
 	NFT     NFT     // [nft]
 	Xray    Xray    // [xray]
 	Control Control // [control]
+	Metrics Metrics // [metrics]
 }
 
 // Paths are the files and directories the agent uses, all absolute and
@@ -225,6 +226,23 @@ type Control struct {
 	AdminGroup string
 }
 
+// Metrics configures the Prometheus metrics (package metrics).
+type Metrics struct {
+	// Listen is the address the metrics are served on, host:port, at
+	// /metrics; port 0 picks a free port (the agent logs it). "" serves
+	// none. Default "127.0.0.1:9477".
+	Listen string
+	// PerUser adds per-user series (used bytes, limit, status). Default
+	// false.
+	PerUser bool
+	// PerUserMax caps the users with per-user series, from 1 to
+	// MaxPerUserMax; the others are left out and counted. Default 1000.
+	PerUserMax uint32
+}
+
+// MaxPerUserMax is the largest Metrics.PerUserMax.
+const MaxPerUserMax = 1_000_000
+
 // Default returns the configuration used when there is no file. It is valid.
 func Default() Config {
 	return Config{
@@ -262,6 +280,10 @@ func Default() Config {
 			Enabled: true,
 			Configs: []string{"/usr/local/etc/xray/config.json", "/etc/xray/config.json"},
 			Timeout: 500 * time.Millisecond,
+		},
+		Metrics: Metrics{
+			Listen:     "127.0.0.1:9477",
+			PerUserMax: 1000,
 		},
 	}
 }
@@ -377,7 +399,8 @@ func (c Config) Location() *time.Location {
 // NeedsRestart returns the keys whose change from c to next a running agent
 // cannot apply: what it opened or attached at start (the state database,
 // the control socket, the BPF pins, cgroup and map size, the protected
-// UIDs, the nftables names). Sorted; nil when none changed.
+// UIDs, the nftables names, the metrics server). Sorted; nil when none
+// changed.
 func (c Config) NeedsRestart(next Config) []string {
 	var keys []string
 	add := func(key string, changed bool) {
@@ -390,6 +413,9 @@ func (c Config) NeedsRestart(next Config) []string {
 	add("kernel.max_uids", c.Kernel.MaxUIDs != next.Kernel.MaxUIDs)
 	add("kernel.pin_path", c.Kernel.PinPath != next.Kernel.PinPath)
 	add("kernel.protected_uids", !slices.Equal(c.Kernel.ProtectedUIDs, next.Kernel.ProtectedUIDs))
+	add("metrics.listen", c.Metrics.Listen != next.Metrics.Listen)
+	add("metrics.per_user", c.Metrics.PerUser != next.Metrics.PerUser)
+	add("metrics.per_user_max", c.Metrics.PerUserMax != next.Metrics.PerUserMax)
 	add("nft.chain", c.NFT.Chain != next.NFT.Chain)
 	add("nft.set", c.NFT.Set != next.NFT.Set)
 	add("nft.table", c.NFT.Table != next.NFT.Table)

@@ -69,6 +69,11 @@ timeout = "1s"
 
 [control]
 admin_group = "vpnadmin"
+
+[metrics]
+listen = "[::1]:0"
+per_user = true
+per_user_max = 50000
 `
 
 func fullConfig(t testing.TB) config.Config {
@@ -114,6 +119,7 @@ func fullConfig(t testing.TB) config.Config {
 			Timeout:   time.Second,
 		},
 		Control: config.Control{AdminGroup: "vpnadmin"},
+		Metrics: config.Metrics{Listen: "[::1]:0", PerUser: true, PerUserMax: 50000},
 	}
 }
 
@@ -131,7 +137,7 @@ func TestDefault(t *testing.T) {
 	if err := d.Validate(); err != nil {
 		t.Fatalf("Default().Validate() = %v", err)
 	}
-	for _, data := range []string{"", "\n", "# nothing but a comment\n\n", "[paths]\n[ssh]\n[kernel]\n[nft]\n[xray]\n[control]\n"} {
+	for _, data := range []string{"", "\n", "# nothing but a comment\n\n", "[paths]\n[ssh]\n[kernel]\n[nft]\n[xray]\n[control]\n[metrics]\n"} {
 		if c := mustParse(t, data); !reflect.DeepEqual(c, d) {
 			t.Errorf("Parse(%q) = %+v, want Default() %+v", data, c, d)
 		}
@@ -206,6 +212,13 @@ func TestKeysAlone(t *testing.T) {
 		{"[xray]\ntimeout = \"999ms\"", func(c *config.Config) { c.Xray.Timeout = 999 * time.Millisecond }},
 		{"interval = \"1s\"\n[xray]\ntimeout = \"499ms\"", func(c *config.Config) { c.Interval = time.Second; c.Xray.Timeout = 499 * time.Millisecond }},
 		{"[control]\nadmin_group = \"vpn-admins\"", func(c *config.Config) { c.Control.AdminGroup = "vpn-admins" }},
+		{"[metrics]\nlisten = \"\"", func(c *config.Config) { c.Metrics.Listen = "" }},
+		{"[metrics]\nlisten = \"0.0.0.0:9100\"", func(c *config.Config) { c.Metrics.Listen = "0.0.0.0:9100" }},
+		{"[metrics]\nlisten = \"127.0.0.1:0\"", func(c *config.Config) { c.Metrics.Listen = "127.0.0.1:0" }},
+		{"[metrics]\nlisten = \"localhost:9477\"", func(c *config.Config) { c.Metrics.Listen = "localhost:9477" }},
+		{"[metrics]\nper_user = true", func(c *config.Config) { c.Metrics.PerUser = true }},
+		{"metrics.per_user_max = 1", func(c *config.Config) { c.Metrics.PerUserMax = 1 }},
+		{"[metrics]\nper_user_max = 1000000", func(c *config.Config) { c.Metrics.PerUserMax = 1000000 }},
 	} {
 		got := mustParse(t, tc.data)
 		want := config.Default()
@@ -237,6 +250,11 @@ func TestRulesAndRestartKeys(t *testing.T) {
 	next.Paths.Limits = "/etc/other.conf"
 	if got := c.NeedsRestart(next); !slices.Equal(got, []string{"nft.table", "paths.state_db"}) {
 		t.Errorf("NeedsRestart = %v", got)
+	}
+	next = c
+	next.Metrics = config.Metrics{Listen: "", PerUser: true, PerUserMax: 5}
+	if got := c.NeedsRestart(next); !slices.Equal(got, []string{"metrics.listen", "metrics.per_user", "metrics.per_user_max"}) {
+		t.Errorf("NeedsRestart(metrics) = %v", got)
 	}
 	if got := c.NeedsRestart(c); got != nil {
 		t.Errorf("NeedsRestart(same) = %v", got)
@@ -332,8 +350,8 @@ func TestExample(t *testing.T) {
 			}
 		}
 	}
-	if n := len(leafKeys(t, ex)); n != 30 {
-		t.Errorf("example.toml has %d keys, want 30", n)
+	if n := len(leafKeys(t, ex)); n != 33 {
+		t.Errorf("example.toml has %d keys, want 33", n)
 	}
 }
 
@@ -424,6 +442,15 @@ var badFiles = []struct {
 	{"api no host", "[xray]\napi = \":10085\"", file + `:2: xray.api: must be host:port such as "127.0.0.1:10085", or "", got ":10085"`, config.ErrInvalid},
 	{"api bad host", "[xray]\napi = \"a b:10085\"", file + `:2: xray.api: must be host:port such as "127.0.0.1:10085", or "", got "a b:10085"`, config.ErrInvalid},
 	{"admin group", "[control]\nadmin_group = \"vpn admins\"", file + `:2: control.admin_group: must be a group name (letters, digits, '.', '_', '-', at most 32) or "", got "vpn admins"`, config.ErrInvalid},
+	{"listen no port", "[metrics]\nlisten = \"127.0.0.1\"", file + `:2: metrics.listen: must be host:port such as "127.0.0.1:9477" (port 0: any free port), or "" for none, got "127.0.0.1"`, config.ErrInvalid},
+	{"listen no host", "[metrics]\nlisten = \":9477\"", file + `:2: metrics.listen: must be host:port such as "127.0.0.1:9477" (port 0: any free port), or "" for none, got ":9477"`, config.ErrInvalid},
+	{"listen big port", "[metrics]\nlisten = \"127.0.0.1:65536\"", file + `:2: metrics.listen: must be host:port such as "127.0.0.1:9477" (port 0: any free port), or "" for none, got "127.0.0.1:65536"`, config.ErrInvalid},
+	{"listen url", "[metrics]\nlisten = \"http://127.0.0.1:9477\"", file + `:2: metrics.listen: must be host:port such as "127.0.0.1:9477" (port 0: any free port), or "" for none, got "http://127.0.0.1:9477"`, config.ErrInvalid},
+	{"listen int", "[metrics]\nlisten = 9477", file + `:2: metrics.listen: must be a string, got integer 9477`, config.ErrInvalid},
+	{"per_user string", "[metrics]\nper_user = \"yes\"", file + `:2: metrics.per_user: must be true or false, got string "yes"`, config.ErrInvalid},
+	{"per_user_max zero", "[metrics]\nper_user_max = 0", file + `:2: metrics.per_user_max: must be from 1 to 1000000, got 0`, config.ErrInvalid},
+	{"per_user_max big", "[metrics]\nper_user_max = 1000001", file + `:2: metrics.per_user_max: must be from 1 to 1000000, got 1000001`, config.ErrInvalid},
+	{"per_user_max negative", "[metrics]\nper_user_max = -5", file + `:2: metrics.per_user_max: must be from 1 to 1000000, got -5`, config.ErrInvalid},
 	{"admin group multi-line string", "[control]\nadmin_group = \"\"\"\ninterval = \"9s\"\n\"\"\"\n", file + `:2: control.admin_group: must be a group name (letters, digits, '.', '_', '-', at most 32) or "", got "interval = \"9s\"\n"`, config.ErrInvalid},
 
 	// Tables.
@@ -524,6 +551,8 @@ func TestValidate(t *testing.T) {
 		{func(c *config.Config) { c.Xray.Configs = nil }, "xray.configs: must name a file when xray.config_dir and xray.api are empty: the agent would not find Xray's API"},
 		{func(c *config.Config) { c.Xray.Timeout = 0 }, "xray.timeout: must be more than 0, got 0s"},
 		{func(c *config.Config) { c.Control.AdminGroup = "-wheel" }, `control.admin_group: must be a group name (letters, digits, '.', '_', '-', at most 32) or "", got "-wheel"`},
+		{func(c *config.Config) { c.Metrics.Listen = "[::1]" }, `metrics.listen: must be host:port such as "127.0.0.1:9477" (port 0: any free port), or "" for none, got "[::1]"`},
+		{func(c *config.Config) { c.Metrics.PerUserMax = 0 }, `metrics.per_user_max: must be from 1 to 1000000, got 0`},
 	} {
 		c := config.Default()
 		tc.change(&c)
@@ -546,6 +575,7 @@ func TestValidate(t *testing.T) {
 	c.Xray.API = "xray.internal:65535"
 	c.Xray.Configs, c.Xray.ConfigDir = nil, "/etc/xray/conf.d"
 	c.Control.AdminGroup = "_vpn.admins"
+	c.Metrics.Listen, c.Metrics.PerUserMax = "[::]:65535", 1
 	if err := c.Validate(); err != nil {
 		t.Errorf("Validate() = %v", err)
 	}

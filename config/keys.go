@@ -40,6 +40,8 @@ or '-'.`},
 	{"xray", `Xray users (VMess, VLESS, Trojan, Shadowsocks), counted and blocked
 through Xray's API.`},
 	{"control", `Who may use bwctl.`},
+	{"metrics", `Prometheus metrics, served over HTTP at /metrics (the README lists
+them). Changing a key here needs a restart.`},
 }
 
 // keyDefs are the keys in the order String writes them: the top-level keys,
@@ -261,6 +263,26 @@ interval. Left out, it is 500ms, or 250ms when interval is 1s.`,
 		func(c *Config) *string { return &c.Control.AdminGroup }, func(s string) error {
 			if s != "" && !validAccountName(s) {
 				return invalidf("must be a group name (letters, digits, '.', '_', '-', at most 32) or \"\", got %q", s)
+			}
+			return nil
+		}),
+
+	stringKey("metrics.listen", `The address of the metrics, host:port, such as "127.0.0.1:9477", or
+"0.0.0.0:9477" for every IPv4 address; port 0 picks a free port, which
+the agent logs. "" serves no metrics. Whoever reaches the address reads
+every metric (user names too, with per_user): keep it on loopback or
+behind a firewall.`,
+		func(c *Config) *string { return &c.Metrics.Listen }, checkListen),
+	boolKey("metrics.per_user", `Also serve series per user: used bytes, limit (unless unlimited) and
+status, up to 3 series a user. Off by default: a label per user is what
+Prometheus's maintainers warn against with thousands of users.`,
+		func(c *Config) *bool { return &c.Metrics.PerUser }),
+	uint32Key("metrics.per_user_max", `With per_user, at most this many users (the first present ones in name
+order) get series, from 1 to 1000000; the others are left out and
+counted in bwagent_user_metrics_omitted.`,
+		func(c *Config) *uint32 { return &c.Metrics.PerUserMax }, func(n int64) error {
+			if n < 1 || n > MaxPerUserMax {
+				return invalidf("must be from 1 to %d, got %d", MaxPerUserMax, n)
 			}
 			return nil
 		}),
@@ -512,26 +534,35 @@ func validAccountName(s string) bool {
 // checkHostPort accepts "" and host:port with a host name or IP address and
 // a port from 1 to 65535.
 func checkHostPort(s string) error {
-	if s == "" {
+	if s == "" || validHostPort(s, 1) {
 		return nil
 	}
-	bad := func() error {
-		return invalidf(`must be host:port such as "127.0.0.1:10085", or "", got %q`, s)
+	return invalidf(`must be host:port such as "127.0.0.1:10085", or "", got %q`, s)
+}
+
+// checkListen accepts "" and host:port with a host name or IP address and
+// a port from 0 (any free port) to 65535.
+func checkListen(s string) error {
+	if s == "" || validHostPort(s, 0) {
+		return nil
 	}
+	return invalidf(`must be host:port such as "127.0.0.1:9477" (port 0: any free port), or "" for none, got %q`, s)
+}
+
+// validHostPort reports whether s is host:port with a host name or IP
+// address and a port from minPort to 65535.
+func validHostPort(s string, minPort uint64) bool {
 	host, port, err := net.SplitHostPort(s)
 	if err != nil || host == "" {
-		return bad()
+		return false
 	}
-	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
-		return bad()
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n < minPort {
+		return false
 	}
 	if _, err := netip.ParseAddr(host); err == nil {
-		return nil
+		return true
 	}
-	if !validHostName(host) {
-		return bad()
-	}
-	return nil
+	return validHostName(host)
 }
 
 // validHostName accepts dot-separated labels of letters, digits, '-' and

@@ -7,6 +7,9 @@
 //	bwagent print-config [--config F]  print the effective configuration
 //	bwagent uninstall [--config FILE]  detach the programs, remove pins and the table
 //
+// Prometheus metrics are served at http://127.0.0.1:9477/metrics by default
+// ([metrics] in the configuration).
+//
 // Every setting has a working default; see config/example.toml. SIGHUP
 // reloads the configuration and the limits file; SIGTERM commits the last
 // counts and exits.
@@ -120,7 +123,9 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 		return err
 	}
 	defer st.Close()
-	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Firewall: fw, Store: st, Log: log})
+	mx := newMetricsServer(cfg.Metrics)
+	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Firewall: fw, Store: st, Log: log,
+		Observers: mx.observers()})
 	if err != nil {
 		return err
 	}
@@ -155,6 +160,9 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 		}
 	}()
 
+	// Metrics, once the first tick gave them something to read.
+	metricsDone := mx.start(ctx, a, log)
+
 	// The control socket, for bwctl, opens last: every change goes through
 	// the agent's loop like a limit crossing.
 	passwdPath := cfg.Paths.Passwd
@@ -187,6 +195,7 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	err = <-runErr
 	stop()
 	<-serveErr
+	<-metricsDone
 	log.Info("bwagent stopped")
 	return err
 }
