@@ -155,12 +155,12 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 		a.edit(u).st = st
 	}
 	a.record(u, ev)
-	if st := u.r.st.Status(u.r.plan, a.rules); st != u.r.status || len(ev) > 0 {
+	if st := u.r.st.Status(u.r.plan, a.rules); st != u.status || len(ev) > 0 {
 		// The first status after a start is no change to record.
-		if u.r.status != "" || len(ev) > 0 {
+		if u.status != "" || len(ev) > 0 {
 			a.touch(u, now, jsonUrgent)
 		}
-		a.edit(u).status = st
+		u.status = st
 	}
 	r := u.r
 	for _, w := range [...]quota.Instant{r.st.NextReset, r.st.Override.Until, r.plan.Expires} {

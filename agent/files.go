@@ -197,10 +197,7 @@ func (a *Agent) repairJSON() error {
 
 // usageDoc renders r's usage file.
 func (s *snapshot) usageDoc(r *record) opsfiles.Usage {
-	status := r.status
-	if status == "" {
-		status = r.st.Status(r.plan, s.rules)
-	}
+	status := r.st.Status(r.plan, s.rules)
 	d := opsfiles.Usage{
 		Username:    r.name,
 		TotalUsage:  r.st.Used(s.rules),

@@ -31,7 +31,7 @@ type snapshot struct {
 // publisher is the loop's side of the snapshots.
 type publisher struct {
 	// Owned by the loop.
-	gen        uint64  // records created after publication gen are not yet published
+	gen        uint32  // records created after publication gen are not yet published
 	changed    bool    // a record changed since the last publication
 	membership bool    // a user came or went since the last publication
 	order      []*user // every user, sorted by name (rebuilt when membership changes)

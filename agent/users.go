@@ -22,18 +22,20 @@ type record struct {
 	name    string
 	proto   quota.Protocol
 	uid     uint32 // SSH users
-	present bool   // an account in the passwd file (or an Xray client) right now
-	status  quota.Status
+	gen     uint32 // the publication this record was created after
 	st      quota.State
 	plan    quota.Plan    // from the limits file
 	updated quota.Instant // last change of usage or state
-	gen     uint64        // the publication this record was created after
+	present bool          // an account in the passwd file (or an Xray client) right now
 }
 
 // user is the loop's handle on one user: its current record and the loop's
 // own bookkeeping, which readers never see.
 type user struct {
 	r *record
+
+	// status is the status last decided for r: a change is recorded.
+	status quota.Status
 
 	anchor    anchor // kernel budget granted (SSH users)
 	hasAnchor bool

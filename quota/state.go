@@ -111,14 +111,14 @@ type State struct {
 	Total     Usage  // since the last reset
 	Day       string // the local day (YYYY-MM-DD) Today belongs to
 	Today     Usage
-	Blocked   bool
 	Reason    string // why Blocked
 	BlockTime Instant
-	Disabled  bool
 	LastReset Instant
 	Override  Override
 	Schedule  string  // the schedule NextReset was computed from
 	NextReset Instant // zero: none
+	Blocked   bool
+	Disabled  bool
 }
 
 // Event is a change of a user's standing, for the record and the block log.
