@@ -17,7 +17,9 @@ import (
 // and stops it at cleanup.
 func runEnv(t *testing.T, e *env) (stop func()) {
 	t.Helper()
-	e.a.inline = false
+	if e.a.inline { // written only before any goroutine calls the agent
+		e.a.inline = false
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- e.a.Run(ctx) }()
