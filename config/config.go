@@ -14,6 +14,10 @@
 //	/etc/bwagent/bwagent.toml:7: paths.usage_dir: must be an absolute path, got "usage"
 //	/etc/bwagent/bwagent.toml:2: unknown key xray.tiemout (did you mean xray.timeout?)
 //	/etc/bwagent/bwagent.toml:3: syntax error: Key 'interval' has already been defined.
+//	/etc/bwagent/bwagent.toml:14: notify.webhook[2].url: must be set, such as "https://hooks.example.com/bwagent"
+//
+// In an array of tables ([[notify.webhook]]) a key is named with its
+// table's place among those of its name, from 1.
 //
 // The error wraps one of [ErrSyntax], [ErrUnknownKey] and [ErrInvalid].
 // A problem between two keys (xray.timeout and interval, ssh.uid_min and
@@ -147,6 +151,7 @@ type Config struct {
 	NFT     NFT     // [nft]
 	Xray    Xray    // [xray]
 	Control Control // [control]
+	Notify  Notify  // [notify], [[notify.webhook]], [[notify.exec]], [[notify.telegram]]
 }
 
 // Paths are the files and directories the agent uses, all absolute and
@@ -263,6 +268,7 @@ func Default() Config {
 			Configs: []string{"/usr/local/etc/xray/config.json", "/etc/xray/config.json"},
 			Timeout: 500 * time.Millisecond,
 		},
+		Notify: defaultNotify(),
 	}
 }
 
@@ -322,6 +328,9 @@ func (c Config) Validate() error {
 			return &Error{Key: d.path, Err: err}
 		}
 	}
+	if err := c.checkArrays(); err != nil {
+		return err
+	}
 	return c.crossCheck()
 }
 
@@ -342,6 +351,7 @@ func (c Config) normal() Config {
 	nilIfEmpty(&c.SSH.Exclude)
 	nilIfEmpty(&c.Kernel.ProtectedUIDs)
 	nilIfEmpty(&c.Xray.Configs)
+	c.Notify = c.Notify.normal()
 	return c
 }
 
