@@ -169,7 +169,7 @@ func (a *Agent) noteHealth(now time.Time) {
 			e.Action, e.Reason = quota.ActFailed, msg
 			n.failing[subject] = msg
 		} else {
-			e.Action, e.Reason = quota.ActRecovered, "recovered from: "+n.failing[subject]
+			e.Action, e.Reason = quota.ActRecovered, "was failing: "+n.failing[subject]
 			delete(n.failing, subject)
 		}
 		a.rec.events = append(a.rec.events, e)

@@ -269,7 +269,7 @@ func TestHealthNotices(t *testing.T) {
 	h("failed kernel counters")
 	e.step(time.Second)
 	h("failed kernel counters", "recovered kernel counters")
-	if ev := e.lastEvent(quota.ActRecovered); ev.Reason != "recovered from: map gone" {
+	if ev := e.lastEvent(quota.ActRecovered); ev.Reason != "was failing: map gone" {
 		t.Errorf("recovered event %+v", ev)
 	}
 
