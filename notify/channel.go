@@ -40,6 +40,7 @@ type RetryError struct {
 	Err   error
 }
 
+// Error returns e.Err's message.
 func (e *RetryError) Error() string { return e.Err.Error() }
 
 // Unwrap returns e.Err.

@@ -143,6 +143,7 @@ type notifyBackend struct {
 	ns *notifications
 }
 
+// Health is the agent's, with each notification channel's state.
 func (b notifyBackend) Health() control.Health {
 	h := b.Backend.Health()
 	h.Notify = b.ns.status()
