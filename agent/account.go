@@ -174,6 +174,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	if r.proto == quota.SSH && a.byUID[r.uid] == u {
 		a.updatePolicy(u)
 	}
+	a.noteUser(u, now) // notices.go: thresholds crossed, an expiry coming
 }
 
 // record queues u's events for the state database and the block log, and
@@ -181,6 +182,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 func (a *Agent) record(u *user, ev []quota.Event) {
 	for _, e := range ev {
 		a.rec.events = append(a.rec.events, eventRow(u.r, e))
+		a.noteEvent(u, &a.rec.events[len(a.rec.events)-1]) // notices.go: usage, limit, status
 		a.log.Info("user "+e.Action, "user", u.r.name, "protocol", u.r.proto, "reason", e.Reason)
 		a.obs.Event(u.r.proto, e.Action, e.Reason)
 	}

@@ -135,6 +135,7 @@ type Agent struct {
 	nextExpire               time.Time       // next look for users past the retention
 	ticks                    uint64
 	logs                     reporter
+	notes                    notices // what was notified (notices.go)
 
 	// Shared with readers and callers.
 	pub      publisher
@@ -441,6 +442,7 @@ func (a *Agent) step(now time.Time) error {
 	part("nftables", a.enforceNFT())
 	part("xray users", a.enforceXray(ctx))
 	part("marker files", a.syncMarkers())
+	a.noteHealth(now) // notices.go: parts failing and recovering
 	// Records.
 	part("state database", a.commit(now))
 	part("block log", a.commits.logError())

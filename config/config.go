@@ -14,6 +14,10 @@
 //	/etc/bwagent/bwagent.toml:7: paths.usage_dir: must be an absolute path, got "usage"
 //	/etc/bwagent/bwagent.toml:2: unknown key xray.tiemout (did you mean xray.timeout?)
 //	/etc/bwagent/bwagent.toml:3: syntax error: Key 'interval' has already been defined.
+//	/etc/bwagent/bwagent.toml:14: notify.webhook[2].url: must be set, such as "https://hooks.example.com/bwagent"
+//
+// In an array of tables ([[notify.webhook]]) a key is named with its
+// table's place among those of its name, from 1.
 //
 // The error wraps one of [ErrSyntax], [ErrUnknownKey] and [ErrInvalid].
 // A problem between two keys (xray.timeout and interval, ssh.uid_min and
@@ -148,6 +152,7 @@ type Config struct {
 	Xray    Xray    // [xray]
 	Control Control // [control]
 	Metrics Metrics // [metrics]
+	Notify  Notify  // [notify], [[notify.webhook]], [[notify.exec]], [[notify.telegram]]
 }
 
 // Paths are the files and directories the agent uses, all absolute and
@@ -285,6 +290,7 @@ func Default() Config {
 			Listen:     "127.0.0.1:9477",
 			PerUserMax: 1000,
 		},
+		Notify: defaultNotify(),
 	}
 }
 
@@ -344,6 +350,9 @@ func (c Config) Validate() error {
 			return &Error{Key: d.path, Err: err}
 		}
 	}
+	if err := c.checkArrays(); err != nil {
+		return err
+	}
 	return c.crossCheck()
 }
 
@@ -364,6 +373,7 @@ func (c Config) normal() Config {
 	nilIfEmpty(&c.SSH.Exclude)
 	nilIfEmpty(&c.Kernel.ProtectedUIDs)
 	nilIfEmpty(&c.Xray.Configs)
+	c.Notify = c.Notify.normal()
 	return c
 }
 

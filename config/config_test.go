@@ -74,6 +74,32 @@ admin_group = "vpnadmin"
 listen = "[::1]:0"
 per_user = true
 per_user_max = 50000
+[notify]
+node = "vpn-sg-1"
+thresholds = [50, 75, 99]
+expiry_days = 7
+max_age = "6h"
+
+[[notify.webhook]]
+url = "https://hooks.example.com/bw?token=x"
+secret = "s3cret"
+timeout = "30s"
+events = ["block", "failed"]
+
+[[notify.webhook]]
+url = "http://127.0.0.1:8080/"
+
+[[notify.exec]]
+command = ["/usr/local/bin/on-event", "--verbose", "a b"]
+timeout = "2m"
+events = ["threshold"]
+
+[[notify.telegram]]
+token = "123456:ABC-DEF_ghi"
+chats = [123456789, -1001234567890, "@vpn_alerts", "42"]
+api = "http://127.0.0.1:8081"
+timeout = "5s"
+events = ["block", "expiring", "recovered"]
 `
 
 func fullConfig(t testing.TB) config.Config {
@@ -120,6 +146,19 @@ func fullConfig(t testing.TB) config.Config {
 		},
 		Control: config.Control{AdminGroup: "vpnadmin"},
 		Metrics: config.Metrics{Listen: "[::1]:0", PerUser: true, PerUserMax: 50000},
+		Notify: config.Notify{
+			Node:       "vpn-sg-1",
+			Thresholds: []int{50, 75, 99},
+			ExpiryDays: 7,
+			MaxAge:     6 * time.Hour,
+			Webhooks: []config.Webhook{
+				{URL: "https://hooks.example.com/bw?token=x", Secret: "s3cret", Timeout: 30 * time.Second, Events: []string{"block", "failed"}},
+				{URL: "http://127.0.0.1:8080/", Timeout: 10 * time.Second},
+			},
+			Execs: []config.Exec{{Command: []string{"/usr/local/bin/on-event", "--verbose", "a b"}, Timeout: 2 * time.Minute, Events: []string{"threshold"}}},
+			Telegrams: []config.Telegram{{Token: "123456:ABC-DEF_ghi", Chats: []string{"123456789", "-1001234567890", "@vpn_alerts", "42"},
+				API: "http://127.0.0.1:8081", Timeout: 5 * time.Second, Events: []string{"block", "expiring", "recovered"}}},
+		},
 	}
 }
 
@@ -137,7 +176,7 @@ func TestDefault(t *testing.T) {
 	if err := d.Validate(); err != nil {
 		t.Fatalf("Default().Validate() = %v", err)
 	}
-	for _, data := range []string{"", "\n", "# nothing but a comment\n\n", "[paths]\n[ssh]\n[kernel]\n[nft]\n[xray]\n[control]\n[metrics]\n"} {
+	for _, data := range []string{"", "\n", "# nothing but a comment\n\n", "[paths]\n[ssh]\n[kernel]\n[nft]\n[xray]\n[control]\n[metrics]\n[notify]\n", "notify.webhook = []\n"} {
 		if c := mustParse(t, data); !reflect.DeepEqual(c, d) {
 			t.Errorf("Parse(%q) = %+v, want Default() %+v", data, c, d)
 		}
@@ -172,9 +211,23 @@ func TestEveryKey(t *testing.T) {
 	if got.TimeZone.String() != "Asia/Jakarta" {
 		t.Errorf("TimeZone = %v", got.TimeZone)
 	}
-	// full sets every key the example has, so every key is tested.
-	if fk, ek := leafKeys(t, full), leafKeys(t, readExample(t)); !slices.Equal(fk, ek) {
+	// full sets every key the example has, so every key is tested, and
+	// every key of the arrays of tables, which the example only shows in
+	// comments.
+	var fk, fa []string
+	for _, k := range leafKeys(t, full) {
+		if strings.HasPrefix(k, "notify.webhook.") || strings.HasPrefix(k, "notify.exec.") || strings.HasPrefix(k, "notify.telegram.") {
+			fa = append(fa, k)
+		} else {
+			fk = append(fk, k)
+		}
+	}
+	if ek := leafKeys(t, readExample(t)); !slices.Equal(fk, ek) {
 		t.Errorf("full sets %v\nexample has %v", fk, ek)
+	}
+	fa = slices.Compact(fa)
+	if ak := slices.Sorted(slices.Values(config.ArrayKeys())); !slices.Equal(fa, ak) {
+		t.Errorf("full sets %v in arrays of tables\nthey have %v", fa, ak)
 	}
 }
 
@@ -219,6 +272,17 @@ func TestKeysAlone(t *testing.T) {
 		{"[metrics]\nper_user = true", func(c *config.Config) { c.Metrics.PerUser = true }},
 		{"metrics.per_user_max = 1", func(c *config.Config) { c.Metrics.PerUserMax = 1 }},
 		{"[metrics]\nper_user_max = 1000000", func(c *config.Config) { c.Metrics.PerUserMax = 1000000 }},
+		{"[notify]\nthresholds = []", func(c *config.Config) { c.Notify.Thresholds = nil }},
+		{"[notify]\nexpiry_days = 0\nmax_age = \"30d\"", func(c *config.Config) { c.Notify.ExpiryDays, c.Notify.MaxAge = 0, 30*24*time.Hour }},
+		{"[[notify.webhook]]\nurl = \"https://a.example/\"", func(c *config.Config) {
+			c.Notify.Webhooks = []config.Webhook{{URL: "https://a.example/", Timeout: 10 * time.Second}}
+		}},
+		{"[[notify.exec]]\ncommand = [\"/bin/x\"]", func(c *config.Config) {
+			c.Notify.Execs = []config.Exec{{Command: []string{"/bin/x"}, Timeout: 30 * time.Second}}
+		}},
+		{"[[notify.telegram]]\ntoken = \"1:a\"\nchats = [-5]", func(c *config.Config) {
+			c.Notify.Telegrams = []config.Telegram{{Token: "1:a", Chats: []string{"-5"}, API: "https://api.telegram.org", Timeout: 10 * time.Second}}
+		}},
 	} {
 		got := mustParse(t, tc.data)
 		want := config.Default()
@@ -316,7 +380,7 @@ func leafKeys(t *testing.T, data string) []string {
 	}
 	var keys []string
 	for _, k := range md.Keys() {
-		if md.Type(k...) != "Hash" {
+		if typ := md.Type(k...); typ != "Hash" && typ != "ArrayHash" {
 			keys = append(keys, k.String())
 		}
 	}
@@ -350,8 +414,8 @@ func TestExample(t *testing.T) {
 			}
 		}
 	}
-	if n := len(leafKeys(t, ex)); n != 33 {
-		t.Errorf("example.toml has %d keys, want 33", n)
+	if n := len(leafKeys(t, ex)); n != 37 {
+		t.Errorf("example.toml has %d keys, want 37", n)
 	}
 }
 
@@ -472,6 +536,48 @@ var badFiles = []struct {
 	{"unknown in inline", "\nxray = { timeout = \"1s\", tiemout = \"1s\" }", file + `:2: unknown key xray.tiemout (did you mean xray.timeout?)`, config.ErrUnknownKey},
 	{"unknown date", "\nstart = 2024-12-01", file + `:2: unknown key start`, config.ErrUnknownKey},
 
+	// Notifications.
+	{"thresholds range", "[notify]\nthresholds = [80, 100]", file + ":2: notify.thresholds: must be percentages from 1 to 99, got 100", config.ErrInvalid},
+	{"thresholds order", "[notify]\nthresholds = [90, 80]", file + ":2: notify.thresholds: must be in ascending order without repeats, got 80 after 90", config.ErrInvalid},
+	{"thresholds repeat", "[notify]\nthresholds = [80, 80]", file + ":2: notify.thresholds: must be in ascending order without repeats, got 80 after 80", config.ErrInvalid},
+	{"thresholds float", "[notify]\nthresholds = [80.5]", file + ":2: notify.thresholds: must be an array of whole percentages, got float 80.5 in it", config.ErrInvalid},
+	{"thresholds string", "[notify]\nthresholds = \"80\"", file + `:2: notify.thresholds: must be an array of percentages, got string "80"`, config.ErrInvalid},
+	{"expiry_days", "[notify]\nexpiry_days = -1", file + ":2: notify.expiry_days: must be from 0 to 3650, got -1", config.ErrInvalid},
+	{"max_age", "[notify]\nmax_age = \"30s\"", file + ":2: notify.max_age: must be from 1m to 30d, got 30s", config.ErrInvalid},
+	{"node", "[notify]\nnode = \"a\\nb\"", file + `:2: notify.node: must be at most 64 characters, none a control character, got "a\nb"`, config.ErrInvalid},
+	{"webhook url", "[notify]\n\n[[notify.webhook]]\nurl = \"https://a.example/\"\n\n[[notify.webhook]]\nsecret = \"x\"\nurl = \"ftp://b.example/\"\n",
+		file + `:8: notify.webhook[2].url: must be an http or https URL such as "https://hooks.example.com/bwagent", got "ftp://b.example/"`, config.ErrInvalid},
+	{"webhook no url", "[[notify.webhook]]\nurl = \"https://a.example/\"\n[[notify.webhook]]\ntimeout = \"5s\"\n",
+		file + `:3: notify.webhook[2].url: must be set, such as "https://hooks.example.com/bwagent"`, config.ErrInvalid},
+	{"webhook twice", "[[notify.webhook]]\nurl = \"https://a.example/\"\n[[notify.webhook]]\nurl = \"https://a.example/\"\n",
+		file + `:4: notify.webhook[2].url: must differ from notify.webhook[1].url, got the same "https://a.example/"`, config.ErrInvalid},
+	{"webhook inline twice", "[notify]\nwebhook = [\n  {url = \"http://a\"},\n  {url = \"http://a\"},\n]\n",
+		file + `:2: notify.webhook[2].url: must differ from notify.webhook[1].url, got the same "http://a"`, config.ErrInvalid},
+	{"webhook timeout", "[[notify.webhook]]\nurl = \"https://a.example/\"\ntimeout = \"10m\"", file + ":3: notify.webhook[1].timeout: must be from 1s to 5m, got 10m", config.ErrInvalid},
+	{"webhook events", "[[notify.webhook]]\nurl = \"https://a.example/\"\nevents = [\"block\", \"blocked\"]",
+		file + `:3: notify.webhook[1].events: must be event types (block, unblock, disable, enable, reset, threshold, expiring, failed, recovered), got "blocked"`, config.ErrInvalid},
+	{"webhook unknown key", "[[notify.webhook]]\nurl = \"https://a.example/\"\nsecrte = \"x\"",
+		file + ":3: unknown key notify.webhook[1].secrte (did you mean notify.webhook[1].secret?)", config.ErrUnknownKey},
+	{"webhook table", "[notify.webhook]\nurl = \"https://a.example/\"", file + ":1: notify.webhook: must be an array of tables ([[notify.webhook]]), got table", config.ErrInvalid},
+	{"webhooks", "\n[[notify.webhooks]]\nurl = \"https://a.example/\"", file + ":2: unknown key notify.webhooks (did you mean notify.webhook?)", config.ErrUnknownKey},
+	{"exec relative", "[[notify.exec]]\ncommand = [\n  \"on-event\",\n  \"x\",\n]\n",
+		file + `:2: notify.exec[1].command: must start with the program's absolute, clean path, got "on-event"`, config.ErrInvalid},
+	{"exec empty", "[[notify.exec]]\ntimeout = \"1m\"\n",
+		file + `:1: notify.exec[1].command: must be set: the program and its arguments, such as ["/usr/local/bin/on-bw-event"]`, config.ErrInvalid},
+	{"exec NUL", "[[notify.exec]]\ncommand = [\"/bin/x\", \"a\\u0000b\"]\n", file + `:2: notify.exec[1].command: must be valid UTF-8 without NUL bytes, got "a\x00b"`, config.ErrInvalid},
+	{"exec timeout", "[[notify.exec]]\ncommand = [\"/bin/x\"]\ntimeout = \"2h\"", file + ":3: notify.exec[1].timeout: must be from 1s to 1h, got 2h", config.ErrInvalid},
+	{"telegram no token", "[[notify.telegram]]\nchats = [1]\n", file + `:1: notify.telegram[1].token: must be set: the bot's token from @BotFather, such as "123456:ABC-DEF_ghi"`, config.ErrInvalid},
+	{"telegram bad token", "[[notify.telegram]]\ntoken = \"secret word\"\nchats = [1]\n",
+		file + `:2: notify.telegram[1].token: must be a bot token such as "123456:ABC-DEF_ghi" (digits, ':', then letters, digits, '_' or '-'), got 11 other characters`, config.ErrInvalid},
+	{"telegram no chats", "[[notify.telegram]]\ntoken = \"1:a\"\n", file + `:1: notify.telegram[1].chats: must name at least one chat: a chat id such as 123456789, or "@channel"`, config.ErrInvalid},
+	{"telegram chat twice", "[[notify.telegram]]\ntoken = \"1:a\"\nchats = [7, \"7\"]\n", file + ":3: notify.telegram[1].chats: must not repeat a chat, got 7 twice", config.ErrInvalid},
+	{"telegram chat of another", "[[notify.telegram]]\ntoken = \"1:a\"\nchats = [7]\n[[notify.telegram]]\ntoken = \"1:a\"\nchats = [8, 7]\n",
+		file + ":6: notify.telegram[2].chats: must not repeat a chat of notify.telegram[1] with the same bot, got 7", config.ErrInvalid},
+	{"telegram bad chat", "[[notify.telegram]]\ntoken = \"1:a\"\nchats = [\"vpn\"]\n", file + `:3: notify.telegram[1].chats: must be chat ids (integers) or public channel names such as "@vpn_alerts", got "vpn"`, config.ErrInvalid},
+	{"telegram chat float", "[[notify.telegram]]\ntoken = \"1:a\"\nchats = [1.5]\n", file + `:3: notify.telegram[1].chats: must be an array of chat ids or "@channel" names, got float 1.5 in it`, config.ErrInvalid},
+	{"telegram api", "[[notify.telegram]]\ntoken = \"1:a\"\nchats = [1]\napi = \"api.telegram.org\"\n",
+		file + `:4: notify.telegram[1].api: must be an http or https URL such as "https://hooks.example.com/bwagent", got "api.telegram.org"`, config.ErrInvalid},
+
 	// Syntax.
 	{"syntax table", "interval = \"2s\"\n[xray\n", file + `:2: syntax error: expected '.' or ']' to end table name, but got '\n' instead`, config.ErrSyntax},
 	{"syntax duplicate", "interval = \"2s\"\n\ninterval = \"3s\"\n", file + `:3: syntax error: Key 'interval' has already been defined.`, config.ErrSyntax},
@@ -553,6 +659,16 @@ func TestValidate(t *testing.T) {
 		{func(c *config.Config) { c.Control.AdminGroup = "-wheel" }, `control.admin_group: must be a group name (letters, digits, '.', '_', '-', at most 32) or "", got "-wheel"`},
 		{func(c *config.Config) { c.Metrics.Listen = "[::1]" }, `metrics.listen: must be host:port such as "127.0.0.1:9477" (port 0: any free port), or "" for none, got "[::1]"`},
 		{func(c *config.Config) { c.Metrics.PerUserMax = 0 }, `metrics.per_user_max: must be from 1 to 1000000, got 0`},
+		{func(c *config.Config) { c.Notify.Thresholds = []int{90, 80} }, "notify.thresholds: must be in ascending order without repeats, got 80 after 90"},
+		{func(c *config.Config) { c.Notify.MaxAge = 0 }, "notify.max_age: must be from 1m to 30d, got 0s"},
+		{func(c *config.Config) {
+			c.Notify.Webhooks = []config.Webhook{{URL: "https://a/", Timeout: time.Second}, {Timeout: time.Second}}
+		},
+			`notify.webhook[2].url: must be set, such as "https://hooks.example.com/bwagent"`},
+		{func(c *config.Config) { c.Notify.Execs = []config.Exec{{Command: []string{"/bin/x"}}} }, "notify.exec[1].timeout: must be from 1s to 1h, got 0s"},
+		{func(c *config.Config) {
+			c.Notify.Telegrams = []config.Telegram{{Token: "1:a", Chats: []string{"1"}, Timeout: time.Second}}
+		}, `notify.telegram[1].api: must be set, such as "https://api.telegram.org"`},
 	} {
 		c := config.Default()
 		tc.change(&c)

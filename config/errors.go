@@ -38,13 +38,15 @@ var (
 type Error struct {
 	File string // the name given to Parse, or the path given to Load
 	Line int    // 1-based; 0 if unknown
-	Key  string // dotted, e.g. "xray.timeout"; "" for syntax errors
+	Key  string // dotted, e.g. "xray.timeout"; "notify.webhook[2].url" in the 2nd [[notify.webhook]]; "" for syntax errors
 	Err  error  // the problem; wraps ErrSyntax, ErrUnknownKey or ErrInvalid
 
 	// alts are other keys the same problem can be reported at, each with
 	// the problem phrased for it: Parse reports the first of Key and alts
 	// that the file defines.
 	alts []alt
+	// elem is set when Key is in a table of an array of tables.
+	elem *elemRef
 }
 
 type alt struct {
@@ -116,11 +118,16 @@ type parser struct {
 	data []byte
 	md   toml.MetaData
 	raw  map[string]any
+
+	arrays map[string]bool // arrays of tables applied (at their first key)
 }
 
 // apply sets the value of key k, one of the file's keys in document order,
 // and checks it on its own.
 func (p *parser) apply(c *Config, k toml.Key) error {
+	if done, err := p.applyArray(c, k); done {
+		return err
+	}
 	path := k.String()
 	if isTable(path) {
 		if v := p.value(k); !isMap(v) {
@@ -171,6 +178,9 @@ func (p *parser) place(err error) error {
 	var e *Error
 	if !errors.As(err, &e) {
 		return err
+	}
+	if e.elem != nil {
+		return p.errElem(*e.elem, e.Err)
 	}
 	for _, a := range append([]alt{{e.Key, e.Err}}, e.alts...) {
 		k := toml.Key(strings.Split(a.key, "."))

@@ -29,7 +29,9 @@ type tableDef struct {
 }
 
 // tableDefs are the tables in the order String writes them.
-var tableDefs = []tableDef{
+var tableDefs = slices.Concat(coreTableDefs, notifyTableDefs)
+
+var coreTableDefs = []tableDef{
 	{"paths", `Files and directories. The defaults are those of the bash cek-bw-limit
 tool, so its files stay where they were. Absolute paths.`},
 	{"ssh", `SSH users: Linux accounts, counted and blocked by UID in the kernel.`},
@@ -45,8 +47,11 @@ them). Changing a key here needs a restart.`},
 }
 
 // keyDefs are the keys in the order String writes them: the top-level keys,
-// then each table's in the order of tableDefs.
-var keyDefs = []*keyDef{
+// then each table's in the order of tableDefs. The arrays of tables
+// (arrayDefs) come after them.
+var keyDefs = slices.Concat(coreKeyDefs, notifyKeyDefs)
+
+var coreKeyDefs = []*keyDef{
 	durationKey("interval", `How often the agent reads the counters and applies limits, from 1s to 5s.
 Durations are strings such as "2s" or "1500ms", or whole seconds.`,
 		func(c *Config) *time.Duration { return &c.Interval }, durationRange(MinInterval, MaxInterval)),
@@ -305,6 +310,9 @@ var knownPaths = func() []string {
 	}
 	for _, d := range keyDefs {
 		s = append(s, d.path)
+	}
+	for _, a := range arrayDefs {
+		s = append(s, a.path)
 	}
 	return s
 }()

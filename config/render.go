@@ -37,6 +37,7 @@ func (c Config) String() string {
 		comment(&b, d.doc)
 		b.WriteString(key + " = " + d.value(&c) + "\n")
 	}
+	renderArrays(&b, &c)
 	return b.String()
 }
 

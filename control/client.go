@@ -190,6 +190,7 @@ func (c *Client) Status(ctx context.Context) (Health, error) {
 			DroppedBlocked: r.DroppedBlocked, DroppedQuota: r.DroppedQuota,
 			CountersFull: r.CountersFull, QuotaFull: r.QuotaFull,
 		},
+		Notify: notifyFromPB(r.Notify),
 	}
 	if r.LastTickUnixNano != 0 {
 		h.LastTick = time.Unix(0, r.LastTickUnixNano)

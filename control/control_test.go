@@ -53,7 +53,12 @@ func newFake() *fake {
 		changed: make(chan struct{}),
 		health: control.Health{LastTick: time.Unix(1700000000, 123456789), TickDuration: 3 * time.Millisecond, Ticks: 4242, Users: 2,
 			Errors: map[string]string{"xray": "down"}, Components: map[string]string{"kernel": "ok", "xray": "down"},
-			Kernel: control.KernelStats{DroppedBlocked: 11, DroppedQuota: 22, CountersFull: 33, QuotaFull: 44}},
+			Kernel: control.KernelStats{DroppedBlocked: 11, DroppedQuota: 22, CountersFull: 33, QuotaFull: 44},
+			Notify: []control.NotifyChannel{
+				{Name: "webhook https://hooks.example.com/bw", Backlog: 3, Delivered: 40, Expired: 1, Attempts: 2,
+					NextTry: time.Unix(1700000060, 5), LastError: "connection refused", ErrorTime: time.Unix(1700000000, 7)},
+				{Name: "telegram chat 5", Delivered: 9},
+			}},
 	}
 }
 
@@ -291,7 +296,11 @@ func TestRoundTrip(t *testing.T) {
 	}
 	h, err := c.Status(ctx)
 	if err != nil || !h.LastTick.Equal(f.health.LastTick) || h.TickDuration != f.health.TickDuration || h.Ticks != 4242 || h.Users != 2 ||
-		!maps.Equal(h.Errors, f.health.Errors) || !maps.Equal(h.Components, f.health.Components) || h.Kernel != f.health.Kernel {
+		!maps.Equal(h.Errors, f.health.Errors) || !maps.Equal(h.Components, f.health.Components) || h.Kernel != f.health.Kernel ||
+		!slices.EqualFunc(h.Notify, f.health.Notify, func(a, b control.NotifyChannel) bool {
+			return a.Name == b.Name && a.Backlog == b.Backlog && a.Delivered == b.Delivered && a.Expired == b.Expired &&
+				a.Attempts == b.Attempts && a.NextTry.Equal(b.NextTry) && a.LastError == b.LastError && a.ErrorTime.Equal(b.ErrorTime)
+		}) || !h.Notify[1].NextTry.IsZero() || !h.Notify[1].ErrorTime.IsZero() {
 		t.Errorf("Status = %+v, %v", h, err)
 	}
 	wantCalls := []string{

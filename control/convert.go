@@ -53,3 +53,38 @@ func snapshotToPB(rows []UserRow) *controlpb.Snapshot {
 	}
 	return snap
 }
+
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+func fromUnixNano(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
+
+func notifyToPB(chs []NotifyChannel) []*controlpb.NotifyChannel {
+	out := make([]*controlpb.NotifyChannel, len(chs))
+	for i, c := range chs {
+		out[i] = &controlpb.NotifyChannel{Name: c.Name, Backlog: c.Backlog, Delivered: c.Delivered, Expired: c.Expired,
+			Attempts: c.Attempts, NextTryUnixNano: unixNano(c.NextTry), LastError: c.LastError, ErrorUnixNano: unixNano(c.ErrorTime)}
+	}
+	return out
+}
+
+func notifyFromPB(chs []*controlpb.NotifyChannel) []NotifyChannel {
+	if len(chs) == 0 {
+		return nil
+	}
+	out := make([]NotifyChannel, len(chs))
+	for i, c := range chs {
+		out[i] = NotifyChannel{Name: c.Name, Backlog: c.Backlog, Delivered: c.Delivered, Expired: c.Expired,
+			Attempts: c.Attempts, NextTry: fromUnixNano(c.NextTryUnixNano), LastError: c.LastError, ErrorTime: fromUnixNano(c.ErrorUnixNano)}
+	}
+	return out
+}

@@ -42,6 +42,9 @@ type (
 	UserRow     = view.UserRow
 )
 
+// NotifyChannel is one notification channel's state in Health (view).
+type NotifyChannel = view.NotifyChannel
+
 // ErrorCode maps a backend error (matched with errors.Is) to a gRPC code.
 type ErrorCode struct {
 	Err  error

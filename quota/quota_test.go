@@ -239,3 +239,41 @@ func TestScheduledResetAndRollover(t *testing.T) {
 		t.Errorf("next reset %v, want %v", s.NextReset, want)
 	}
 }
+
+func TestReached(t *testing.T) {
+	th := []int{80, 90}
+	for _, tc := range []struct {
+		used, limit uint64
+		want        int
+	}{
+		{0, 100, 0},
+		{79, 100, 0},
+		{80, 100, 80},
+		{89, 100, 80},
+		{90, 100, 90},
+		{200, 100, 90},
+		{5, 0, 0},                               // unlimited
+		{MaxLimit / 5 * 4, MaxLimit, 0},         // 0.4 byte under 80% of 1 EiB
+		{80 << 54, 100 << 54, 80},               // exactly 80%: 100 x used overflows 64 bits
+		{^uint64(0), ^uint64(0) / 100 * 90, 90}, // above the limit at the largest counts
+		{8_000_000_000, 10_000_000_001, 0},
+		{8_000_000_001, 10_000_000_001, 80},
+	} {
+		if got := Reached(tc.used, tc.limit, th); got != tc.want {
+			t.Errorf("Reached(%d, %d) = %d, want %d", tc.used, tc.limit, got, tc.want)
+		}
+	}
+	if got := Reached(50, 100, nil); got != 0 {
+		t.Errorf("Reached without thresholds = %d", got)
+	}
+}
+
+func TestWarnFrom(t *testing.T) {
+	exp := At(time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC))
+	if got, want := WarnFrom(exp, 3), At(time.Date(2026, 11, 28, 0, 0, 0, 0, time.UTC)); got != want {
+		t.Errorf("WarnFrom 3 days = %v, want %v", got.Time().UTC(), want.Time().UTC())
+	}
+	if WarnFrom(0, 3) != 0 || WarnFrom(exp, 0) != 0 {
+		t.Error("WarnFrom without an expiry or days is not zero")
+	}
+}

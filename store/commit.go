@@ -65,15 +65,26 @@ type DayUsage struct {
 	Up, Down  uint64
 }
 
-// Event is one entry of the event log: a change of a user's status.
+// Event is one entry of the event log: a change of a user's status, or a
+// notice recorded only to be notified (a threshold reached, an expiry
+// coming, a part of the agent failing or recovering).
 type Event struct {
 	ID       int64     // assigned by the store on commit, ascending; ignored on input
 	Time     time.Time // may be zero
-	Protocol string
-	Name     string
-	Action   string // "block", "unblock", "disable", "enable", "reset", "limit", "import", ...
+	Protocol string    // "" for events of the agent itself
+	Name     string    // the user; for events of the agent, the part ("xray api")
+	Action   string    // "block", "unblock", "disable", "enable", "reset", "import", "threshold", ...
 	Reason   string
 	Logged   bool // appended to the operators' block log
+
+	// The user's usage (the counted metric), limit (0: unlimited) and
+	// status when the event happened; zero for events of the agent and
+	// for events of schema version 1.
+	Used, Limit uint64
+	Status      string
+	// Detail is what the action needs besides: the percentage of a
+	// "threshold", the RFC 3339 expiry of an "expiring"; "" for others.
+	Detail string
 }
 
 // Batch is everything that changed in one tick. [Store.Commit] applies it
@@ -105,7 +116,8 @@ type Batch struct {
 	// failure it leaves them alone, so the batch can be retried as it is.
 	Events []Event
 	Logged []int64 // IDs of earlier events to mark Logged; unknown IDs are ignored
-	// Meta is upserted. The key "schema_version" is reserved.
+	// Meta is upserted. The keys "schema_version" and "event_id_prefix"
+	// are reserved.
 	Meta map[string]string
 }
 
@@ -137,7 +149,7 @@ const (
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 	sqlUpsertBaseline = `INSERT OR REPLACE INTO baselines (source, epoch, rx, tx) VALUES (?, ?, ?, ?)`
 	sqlUpsertHistory  = `INSERT OR REPLACE INTO history (name, day, up, down) VALUES (?, ?, ?, ?)`
-	sqlInsertEvent    = `INSERT INTO events (time, protocol, name, action, reason, logged) VALUES (?, ?, ?, ?, ?, ?)`
+	sqlInsertEvent    = `INSERT INTO events (time, protocol, name, action, reason, logged, used, usage_limit, status, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 	sqlUpsertMeta     = `INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)`
 )
 
@@ -340,7 +352,7 @@ func (s *Store) commit(b *Batch) (ids []int64, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("event %d (%s %q): Time: %w", i, e.Action, e.Name, err)
 		}
-		r, err := w.insEvent.Exec(t, e.Protocol, e.Name, e.Action, e.Reason, e.Logged)
+		r, err := w.insEvent.Exec(t, e.Protocol, e.Name, e.Action, e.Reason, e.Logged, int64(e.Used), int64(e.Limit), e.Status, e.Detail)
 		if err != nil {
 			return nil, fmt.Errorf("event %d (%s %q): %w", i, e.Action, e.Name, err)
 		}
@@ -362,7 +374,7 @@ func (s *Store) commit(b *Batch) (ids []int64, err error) {
 	}
 
 	for k, v := range b.Meta {
-		if k == schemaVersionKey {
+		if k == schemaVersionKey || k == eventPrefixKey {
 			return nil, fmt.Errorf("%w: meta key %q is reserved", ErrInvalid, k)
 		}
 		if _, err := w.upMeta.Exec(k, v); err != nil {

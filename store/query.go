@@ -175,9 +175,9 @@ func (s *Store) Events(name string, limit int) ([]Event, error) {
 	if limit <= 0 {
 		limit = -1 // no limit, to SQLite
 	}
-	q := "SELECT id, time, protocol, name, action, reason, logged FROM events ORDER BY id DESC LIMIT ?2"
+	q := "SELECT " + eventColumns + " FROM events ORDER BY id DESC LIMIT ?2"
 	if name != "" {
-		q = "SELECT id, time, protocol, name, action, reason, logged FROM events WHERE name = ?1 ORDER BY id DESC LIMIT ?2"
+		q = "SELECT " + eventColumns + " FROM events WHERE name = ?1 ORDER BY id DESC LIMIT ?2"
 	}
 	es, err := s.events(q, name, limit)
 	if err != nil {
@@ -188,27 +188,37 @@ func (s *Store) Events(name string, limit int) ([]Event, error) {
 
 // UnloggedEvents returns the events not yet marked Logged, oldest first.
 func (s *Store) UnloggedEvents() ([]Event, error) {
-	es, err := s.events("SELECT id, time, protocol, name, action, reason, logged FROM events WHERE logged = 0 ORDER BY id")
+	es, err := s.events("SELECT " + eventColumns + " FROM events WHERE logged = 0 ORDER BY id")
 	if err != nil {
 		return nil, s.wrap("read events from", err)
 	}
 	return es, nil
 }
 
+// eventColumns are the columns scanEvents reads, in its order.
+const eventColumns = "id, time, protocol, name, action, reason, logged, used, usage_limit, status, detail"
+
 func (s *Store) events(q string, args ...any) ([]Event, error) {
 	rows, err := s.db.Query(q, args...)
 	if err != nil {
 		return nil, err
 	}
+	return scanEvents(rows)
+}
+
+// scanEvents reads rows of eventColumns and closes rows.
+func scanEvents(rows *sql.Rows) ([]Event, error) {
 	defer rows.Close()
 	var es []Event
 	for rows.Next() {
 		var e Event
-		var t int64
-		if err := rows.Scan(&e.ID, &t, &e.Protocol, &e.Name, &e.Action, &e.Reason, &e.Logged); err != nil {
+		var t, used, limit int64
+		if err := rows.Scan(&e.ID, &t, &e.Protocol, &e.Name, &e.Action, &e.Reason, &e.Logged,
+			&used, &limit, &e.Status, &e.Detail); err != nil {
 			return nil, err
 		}
 		e.Time = fromUnixNano(t)
+		e.Used, e.Limit = uint64(used), uint64(limit)
 		es = append(es, e)
 	}
 	return es, rows.Err()

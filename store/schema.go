@@ -72,14 +72,44 @@ CREATE TABLE events (
 CREATE INDEX events_by_name ON events (name, id);
 CREATE INDEX events_unlogged ON events (id) WHERE logged = 0;
 `,
+	// 1 -> 2: notifications. Each event keeps the user's usage, limit and
+	// status when it happened, and a detail of its action (the threshold,
+	// the expiry); deliveries is the outbox's state per channel; the event
+	// id prefix makes event ids unique across databases.
+	`
+ALTER TABLE events ADD COLUMN used INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE events ADD COLUMN usage_limit INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE events ADD COLUMN status TEXT NOT NULL DEFAULT '';
+ALTER TABLE events ADD COLUMN detail TEXT NOT NULL DEFAULT '';
+CREATE INDEX events_by_action ON events (action, name, id);
+
+CREATE TABLE deliveries (
+	channel    TEXT PRIMARY KEY,
+	cursor     INTEGER NOT NULL,
+	attempts   INTEGER NOT NULL,
+	next_try   INTEGER NOT NULL,
+	last_error TEXT NOT NULL,
+	error_time INTEGER NOT NULL,
+	delivered  INTEGER NOT NULL,
+	expired    INTEGER NOT NULL,
+	updated_at INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+INSERT INTO meta (key, value) VALUES ('event_id_prefix', lower(hex(randomblob(8))));
+`,
 }
 
 // SchemaVersion is the schema version this package writes and reads.
-const SchemaVersion = 1
+const SchemaVersion = 2
 
 // schemaVersionKey is the meta key holding the schema version. Batch.Meta
 // may not set it.
 const schemaVersionKey = "schema_version"
+
+// eventPrefixKey is the meta key holding the prefix of event ids (see
+// [Store.EventIDPrefix]), set once by the migration to version 2. Batch.Meta
+// may not set it.
+const eventPrefixKey = "event_id_prefix"
 
 // walCheckpointPages is the WAL size, in pages, past which a commit copies
 // the WAL back into the database file. When many users change per tick,

@@ -31,11 +31,25 @@
 //	history   (name, day, up, down,
 //	           PRIMARY KEY (name, day))            WITHOUT ROWID
 //	events    (id INTEGER PRIMARY KEY AUTOINCREMENT, time, protocol, name,
-//	           action, reason, logged)
+//	           action, reason, logged, used, usage_limit, status, detail)
+//	deliveries (channel PRIMARY KEY, cursor, attempts, next_try,
+//	           last_error, error_time, delivered, expired,
+//	           updated_at)                         WITHOUT ROWID
 //
 // meta holds "schema_version", which [Open] uses to create or migrate the
-// schema; a database written by a newer bwagent is refused with
-// [ErrSchemaVersion]. The file carries SQLite application id 0x62776167
+// schema in place (version 1 to 2 added the events' used, usage_limit,
+// status and detail, the deliveries table and "event_id_prefix"); a
+// database written by a newer bwagent is refused with [ErrSchemaVersion].
+//
+// # Outbox
+//
+// The events table is also the outbox of notifications: an event is
+// committed in the same transaction as the change that caused it, so no
+// notification is lost and none is sent for a change that was not saved.
+// Each channel's row in deliveries ([Delivery]) holds its cursor, the id of
+// the last event it is done with, and its retries; [Store.PendingEvents]
+// reads what comes after. An event's id for receivers is
+// [Store.EventIDPrefix], "-", and its row id. The file carries SQLite application id 0x62776167
 // ("bwag"), so another program's SQLite database is recognised and refused.
 // Open decides this reading the file read-only, before anything writes to
 // it: a file it refuses (another program's database, a newer schema, not

@@ -64,6 +64,29 @@ type Health struct {
 	// dropped for a block or a spent budget, and packets the maps had no
 	// room for.
 	Kernel KernelStats
+	// Notify holds each notification channel's delivery state, in the
+	// order of the configuration; empty when there is none.
+	Notify []NotifyChannel
+}
+
+// NotifyChannel is one notification channel's delivery state.
+type NotifyChannel struct {
+	// Name is the channel's kind and receiver, without secrets:
+	// "webhook https://hooks.example.com/bw", "exec /usr/local/bin/x",
+	// "telegram chat 123456789".
+	Name      string
+	Backlog   uint64 // events waiting to be sent to it
+	Delivered uint64 // events delivered since it was first configured
+	Expired   uint64 // events given up: older than notify.max_age
+	// Attempts counts the failed attempts at the oldest waiting event; 0
+	// when the last attempt succeeded. NextTry is when it tries again
+	// (zero: as soon as there is an event).
+	Attempts uint64
+	NextTry  time.Time
+	// LastError is the last failed attempt's error, kept after a
+	// success; ErrorTime is when it happened (zero: never).
+	LastError string
+	ErrorTime time.Time
 }
 
 // KernelStats are the data plane's own counters since its maps were

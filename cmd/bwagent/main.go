@@ -124,6 +124,7 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	}
 	defer st.Close()
 	mx := newMetricsServer(cfg.Metrics)
+	notes := openNotifications(cfg, st, log) // notify.go
 	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Firewall: fw, Store: st, Log: log,
 		Observers: mx.observers()})
 	if err != nil {
@@ -145,6 +146,8 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	case err := <-runErr:
 		return err
 	}
+	notes.start(ctx)
+	defer notes.wait() // before the state database closes
 	go func() {
 		for range hup {
 			next, err := config.Load(path)
@@ -156,6 +159,7 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 				log.Error("reload refused; keeping the running configuration", "err", err)
 				continue
 			}
+			notes.reload(next)
 			log.Info("configuration reloaded")
 		}
 	}()
@@ -166,7 +170,7 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	// The control socket, for bwctl, opens last: every change goes through
 	// the agent's loop like a limit crossing.
 	passwdPath := cfg.Paths.Passwd
-	srv := control.NewServer(agentbackend.New(a), control.Options{
+	srv := control.NewServer(notes.backend(agentbackend.New(a)), control.Options{
 		AdminGroup: cfg.Control.AdminGroup,
 		ErrorCodes: agentbackend.ErrorCodes,
 		// A caller's account is looked up where the agent finds its SSH

@@ -132,7 +132,15 @@ func (f *fake) Health() control.Health {
 		return control.Health{LastTick: t0, TickDuration: time.Millisecond, Users: 3}
 	}
 	return control.Health{LastTick: t0.Add(90 * time.Second), TickDuration: 42 * time.Millisecond, Users: 3,
-		Errors: map[string]string{"xray": "stats API unreachable"}}
+		Errors: map[string]string{"xray": "stats API unreachable"},
+		Notify: []control.NotifyChannel{
+			{Name: "webhook https://hooks.example.com/bw", Backlog: 3, Delivered: 40, Expired: 1, Attempts: 2,
+				NextTry: t0.Add(2 * time.Minute), LastError: "POST https://hooks.example.com/bw: dial tcp 192.0.2.1:443: connect: connection refused",
+				ErrorTime: t0.Add(80 * time.Second)},
+			{Name: "telegram chat 123456789", Delivered: 12, LastError: "telegram sendMessage to chat 123456789: refused: 429 Too Many Requests: retry after 7",
+				ErrorTime: t0.Add(-time.Hour)},
+			{Name: "exec /usr/local/bin/on-bw-event"},
+		}}
 }
 
 // Updates reports a snapshot that never changes: the fake's users are fixed.

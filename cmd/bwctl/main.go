@@ -50,8 +50,11 @@
 //     "today", "reason", "block_time", "last_reset", "next_reset", "expires",
 //     "updated", "manual_unblock" (bool), "manual_unblock_until"}.
 //   - history: an array of {"day", "upload", "download", "total"}.
-//   - status: {"last_tick", "tick_duration_ns", "users", "errors"} where
-//     errors is an object of subject → message ({} when healthy).
+//   - status: {"last_tick", "tick_duration_ns", "users", "errors",
+//     "notify"} where errors is an object of subject → message ({} when
+//     healthy) and notify an array of the notification channels: {"name",
+//     "backlog", "delivered", "expired", "attempts", "next_try",
+//     "last_error", "last_error_time"} ([] when none is configured).
 //   - reset --all: {"ok": true, "count": N}.
 //   - version: {"version"}.
 //   - every other changing command: {"ok": true}.
@@ -653,8 +656,9 @@ func cmdStatus(ctx context.Context, e *env) error {
 			Kernel       kernel            `json:"kernel_packets"`
 			Components   map[string]string `json:"components"`
 			Errors       map[string]string `json:"errors"`
+			Notify       []notifyOut       `json:"notify"`
 		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Ticks, h.Users,
-			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull}, comps, errs})
+			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull}, comps, errs, notifyJSON(h.Notify)})
 	}
 	tw := tabwriter.NewWriter(e.out, 0, 0, 1, ' ', 0)
 	last := "never"
@@ -687,6 +691,7 @@ func cmdStatus(ctx context.Context, e *env) error {
 			fmt.Fprintf(tw, "  %s:\t%s\n", k, h.Errors[k])
 		}
 	}
+	printNotify(tw, h.Notify)
 	return tw.Flush()
 }
 

@@ -210,3 +210,44 @@ func (e *env) printUser(u control.User) error {
 	}
 	return tw.Flush()
 }
+
+// notifyOut is a notification channel in JSON output.
+type notifyOut struct {
+	Name          string   `json:"name"`
+	Backlog       uint64   `json:"backlog"`
+	Delivered     uint64   `json:"delivered"`
+	Expired       uint64   `json:"expired"`
+	Attempts      uint64   `json:"attempts"`
+	NextTry       jsonTime `json:"next_try"`
+	LastError     string   `json:"last_error"`
+	LastErrorTime jsonTime `json:"last_error_time"`
+}
+
+func notifyJSON(chs []control.NotifyChannel) []notifyOut {
+	out := make([]notifyOut, len(chs))
+	for i, c := range chs {
+		out[i] = notifyOut{c.Name, c.Backlog, c.Delivered, c.Expired, c.Attempts, jsonTime(c.NextTry), c.LastError, jsonTime(c.ErrorTime)}
+	}
+	return out
+}
+
+// printNotify writes the notification channels' lines of status: each
+// channel's backlog and counts, its retries, and its last error.
+func printNotify(tw io.Writer, chs []control.NotifyChannel) {
+	if len(chs) == 0 {
+		return
+	}
+	fmt.Fprintf(tw, "notify:\t%d channels\n", len(chs))
+	// Lines without tabs: the channels' long names do not widen the
+	// columns above.
+	for _, c := range chs {
+		fmt.Fprintf(tw, "  %s\n    %d waiting, %d delivered, %d expired", c.Name, c.Backlog, c.Delivered, c.Expired)
+		if c.Attempts > 0 {
+			fmt.Fprintf(tw, "; failing: %d attempts, next try %s", c.Attempts, timeOr(c.NextTry, "now"))
+		}
+		fmt.Fprintln(tw)
+		if c.LastError != "" {
+			fmt.Fprintf(tw, "    last error %s: %s\n", timeOr(c.ErrorTime, "at an unknown time"), c.LastError)
+		}
+	}
+}

@@ -768,8 +768,11 @@ type StatusResponse struct {
 	DroppedQuota   uint64 `protobuf:"varint,8,opt,name=dropped_quota,json=droppedQuota,proto3" json:"dropped_quota,omitempty"`
 	CountersFull   uint64 `protobuf:"varint,9,opt,name=counters_full,json=countersFull,proto3" json:"counters_full,omitempty"`
 	QuotaFull      uint64 `protobuf:"varint,10,opt,name=quota_full,json=quotaFull,proto3" json:"quota_full,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Each notification channel's delivery state, in the order of the
+	// configuration.
+	Notify        []*NotifyChannel `protobuf:"bytes,11,rep,name=notify,proto3" json:"notify,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -872,6 +875,114 @@ func (x *StatusResponse) GetQuotaFull() uint64 {
 	return 0
 }
 
+func (x *StatusResponse) GetNotify() []*NotifyChannel {
+	if x != nil {
+		return x.Notify
+	}
+	return nil
+}
+
+// NotifyChannel is one notification channel's delivery state.
+type NotifyChannel struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Name            string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`        // kind and receiver, without secrets
+	Backlog         uint64                 `protobuf:"varint,2,opt,name=backlog,proto3" json:"backlog,omitempty"` // events waiting to be sent to it
+	Delivered       uint64                 `protobuf:"varint,3,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	Expired         uint64                 `protobuf:"varint,4,opt,name=expired,proto3" json:"expired,omitempty"`                                            // given up: older than notify.max_age
+	Attempts        uint64                 `protobuf:"varint,5,opt,name=attempts,proto3" json:"attempts,omitempty"`                                          // failed attempts at the oldest waiting event
+	NextTryUnixNano int64                  `protobuf:"varint,6,opt,name=next_try_unix_nano,json=nextTryUnixNano,proto3" json:"next_try_unix_nano,omitempty"` // 0: as soon as there is an event
+	LastError       string                 `protobuf:"bytes,7,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`                        // kept after a success
+	ErrorUnixNano   int64                  `protobuf:"varint,8,opt,name=error_unix_nano,json=errorUnixNano,proto3" json:"error_unix_nano,omitempty"`         // 0: never
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *NotifyChannel) Reset() {
+	*x = NotifyChannel{}
+	mi := &file_control_proto_control_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NotifyChannel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NotifyChannel) ProtoMessage() {}
+
+func (x *NotifyChannel) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_control_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NotifyChannel.ProtoReflect.Descriptor instead.
+func (*NotifyChannel) Descriptor() ([]byte, []int) {
+	return file_control_proto_control_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *NotifyChannel) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *NotifyChannel) GetBacklog() uint64 {
+	if x != nil {
+		return x.Backlog
+	}
+	return 0
+}
+
+func (x *NotifyChannel) GetDelivered() uint64 {
+	if x != nil {
+		return x.Delivered
+	}
+	return 0
+}
+
+func (x *NotifyChannel) GetExpired() uint64 {
+	if x != nil {
+		return x.Expired
+	}
+	return 0
+}
+
+func (x *NotifyChannel) GetAttempts() uint64 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
+}
+
+func (x *NotifyChannel) GetNextTryUnixNano() int64 {
+	if x != nil {
+		return x.NextTryUnixNano
+	}
+	return 0
+}
+
+func (x *NotifyChannel) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *NotifyChannel) GetErrorUnixNano() int64 {
+	if x != nil {
+		return x.ErrorUnixNano
+	}
+	return 0
+}
+
 // UserRow is the part of a user a live monitor shows.
 type UserRow struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -888,7 +999,7 @@ type UserRow struct {
 
 func (x *UserRow) Reset() {
 	*x = UserRow{}
-	mi := &file_control_proto_control_proto_msgTypes[13]
+	mi := &file_control_proto_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -900,7 +1011,7 @@ func (x *UserRow) String() string {
 func (*UserRow) ProtoMessage() {}
 
 func (x *UserRow) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[13]
+	mi := &file_control_proto_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -913,7 +1024,7 @@ func (x *UserRow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserRow.ProtoReflect.Descriptor instead.
 func (*UserRow) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{13}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *UserRow) GetName() string {
@@ -974,7 +1085,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_control_proto_control_proto_msgTypes[14]
+	mi := &file_control_proto_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -986,7 +1097,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[14]
+	mi := &file_control_proto_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -999,7 +1110,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{14}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Snapshot) GetUsers() []*UserRow {
@@ -1065,7 +1176,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
 	"\x10duration_seconds\x18\x02 \x01(\x03R\x0fdurationSeconds\"(\n" +
 	"\x10ResetAllResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x03R\x05count\"\xc3\x04\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\xfe\x04\n" +
 	"\x0eStatusResponse\x12-\n" +
 	"\x13last_tick_unix_nano\x18\x01 \x01(\x03R\x10lastTickUnixNano\x12.\n" +
 	"\x13tick_duration_nanos\x18\x02 \x01(\x03R\x11tickDurationNanos\x12\x14\n" +
@@ -1080,13 +1191,24 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\rcounters_full\x18\t \x01(\x04R\fcountersFull\x12\x1d\n" +
 	"\n" +
 	"quota_full\x18\n" +
-	" \x01(\x04R\tquotaFull\x1a9\n" +
+	" \x01(\x04R\tquotaFull\x129\n" +
+	"\x06notify\x18\v \x03(\v2!.bwagent.control.v1.NotifyChannelR\x06notify\x1a9\n" +
 	"\vErrorsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a=\n" +
 	"\x0fComponentsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xaf\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x85\x02\n" +
+	"\rNotifyChannel\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\abacklog\x18\x02 \x01(\x04R\abacklog\x12\x1c\n" +
+	"\tdelivered\x18\x03 \x01(\x04R\tdelivered\x12\x18\n" +
+	"\aexpired\x18\x04 \x01(\x04R\aexpired\x12\x1a\n" +
+	"\battempts\x18\x05 \x01(\x04R\battempts\x12+\n" +
+	"\x12next_try_unix_nano\x18\x06 \x01(\x03R\x0fnextTryUnixNano\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\a \x01(\tR\tlastError\x12&\n" +
+	"\x0ferror_unix_nano\x18\b \x01(\x03R\rerrorUnixNano\"\xaf\x01\n" +
 	"\aUserRow\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x16\n" +
@@ -1124,7 +1246,7 @@ func file_control_proto_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_control_proto_rawDescData
 }
 
-var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_control_proto_control_proto_goTypes = []any{
 	(*Empty)(nil),             // 0: bwagent.control.v1.Empty
 	(*NameRequest)(nil),       // 1: bwagent.control.v1.NameRequest
@@ -1139,48 +1261,50 @@ var file_control_proto_control_proto_goTypes = []any{
 	(*UnblockRequest)(nil),    // 10: bwagent.control.v1.UnblockRequest
 	(*ResetAllResponse)(nil),  // 11: bwagent.control.v1.ResetAllResponse
 	(*StatusResponse)(nil),    // 12: bwagent.control.v1.StatusResponse
-	(*UserRow)(nil),           // 13: bwagent.control.v1.UserRow
-	(*Snapshot)(nil),          // 14: bwagent.control.v1.Snapshot
-	nil,                       // 15: bwagent.control.v1.StatusResponse.ErrorsEntry
-	nil,                       // 16: bwagent.control.v1.StatusResponse.ComponentsEntry
+	(*NotifyChannel)(nil),     // 13: bwagent.control.v1.NotifyChannel
+	(*UserRow)(nil),           // 14: bwagent.control.v1.UserRow
+	(*Snapshot)(nil),          // 15: bwagent.control.v1.Snapshot
+	nil,                       // 16: bwagent.control.v1.StatusResponse.ErrorsEntry
+	nil,                       // 17: bwagent.control.v1.StatusResponse.ComponentsEntry
 }
 var file_control_proto_control_proto_depIdxs = []int32{
 	5,  // 0: bwagent.control.v1.ListUsersResponse.users:type_name -> bwagent.control.v1.User
 	7,  // 1: bwagent.control.v1.HistoryResponse.days:type_name -> bwagent.control.v1.Day
-	15, // 2: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
-	16, // 3: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
-	13, // 4: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
-	2,  // 5: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
-	4,  // 6: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
-	6,  // 7: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
-	9,  // 8: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
-	1,  // 9: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
-	1,  // 10: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
-	0,  // 11: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
-	1,  // 12: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
-	1,  // 13: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
-	10, // 14: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
-	0,  // 15: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
-	0,  // 16: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
-	0,  // 17: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
-	3,  // 18: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
-	5,  // 19: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
-	8,  // 20: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
-	0,  // 21: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 22: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 23: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
-	11, // 24: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
-	0,  // 25: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
-	0,  // 26: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
-	0,  // 27: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
-	0,  // 28: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
-	12, // 29: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
-	14, // 30: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
-	18, // [18:31] is the sub-list for method output_type
-	5,  // [5:18] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	16, // 2: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
+	17, // 3: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
+	13, // 4: bwagent.control.v1.StatusResponse.notify:type_name -> bwagent.control.v1.NotifyChannel
+	14, // 5: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
+	2,  // 6: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
+	4,  // 7: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
+	6,  // 8: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
+	9,  // 9: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
+	1,  // 10: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
+	1,  // 11: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
+	0,  // 12: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
+	1,  // 13: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
+	1,  // 14: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
+	10, // 15: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
+	0,  // 16: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
+	0,  // 17: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
+	0,  // 18: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
+	3,  // 19: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
+	5,  // 20: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
+	8,  // 21: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
+	0,  // 22: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 23: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 24: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
+	11, // 25: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
+	0,  // 26: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
+	0,  // 27: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
+	0,  // 28: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
+	0,  // 29: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
+	12, // 30: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
+	15, // 31: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
+	19, // [19:32] is the sub-list for method output_type
+	6,  // [6:19] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_control_proto_init() }
@@ -1194,7 +1318,7 @@ func file_control_proto_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_control_proto_rawDesc), len(file_control_proto_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
