@@ -1,0 +1,39 @@
+// Package sshtest runs real SSH servers, accounts and clients for the
+// project's tests, as package xraytest runs a real Xray: an OpenSSH server
+// (sshd, with PAM) and a Dropbear server on 127.0.0.1 (see [Start]); real
+// Linux accounts that log in to them with a password or a key (see
+// [NewAccount]); and OpenSSH's client, under sshpass for passwords, that
+// opens a SOCKS tunnel (`ssh -N -D`), runs a command or copies a file with
+// scp, from a chosen source address, as root or as another UID, in a
+// cgroup of its own (see [Server.Tunnel], [Server.Exec], [Server.Fetch]).
+// Each server has a TCP sink in its network namespace that a tunnel's
+// connections reach (xraytest's sink: see [Session.Transfer] and
+// [Session.Stream]).
+//
+// It is the ground the tests of SSH accounting stand on: which sockets an
+// SSH login creates, which UID and which cgroup each belongs to, which
+// process opens the forwarded connections, and what the servers log about
+// it (Dropbear: `Password auth succeeded for 'USER' from IP:PORT` with its
+// session process's PID; see [Login]).
+//
+// # Lifetime
+//
+// Everything is removed in t.Cleanup, also when t fails: a server or a
+// client is killed with every process of its cgroup (session processes,
+// sshpass and ssh alike), an account is removed with its home directory
+// after every process of its UID is killed. Accounts that a test binary
+// killed before its cleanup left behind are removed by the next
+// [NewAccount] of any test binary (their comment field names the PID and
+// start time of their creator). Processes started without a network
+// namespace die with the test binary; in one, they die with their cgroup
+// only (as package nettest's).
+//
+// # Requirements
+//
+// Root, and the programs that scripts/install-deps.sh --test installs:
+// openssh-server, openssh-client, dropbear-bin and sshpass. Without a
+// program a test is skipped, except in CI (CI=true), where it fails.
+// Accounts need /bin/sh in /etc/shells (Dropbear refuses other accounts).
+// Ports are free ones of 127.0.0.1, reserved for the test (as
+// xraytest.FreePort does); account UIDs are from [FirstUID] to [LastUID].
+package sshtest
