@@ -58,7 +58,8 @@ type Account struct {
 // [LastUID] (useradd, chpasswd). In t.Cleanup every process that runs as
 // its UID is killed and the account is removed with its home directory
 // and group (userdel -r), also when t failed. Accounts that an earlier test
-// binary left behind, killed before its cleanup, are removed first.
+// binary left behind, killed before its cleanup, are removed first (once
+// per test binary).
 func NewAccount(t testing.TB) *Account {
 	t.Helper()
 	nettest.RequireRoot(t)
@@ -70,9 +71,8 @@ func NewAccount(t testing.TB) *Account {
 	}
 	sweepOnce.Do(func() { sweep(t) })
 
-	me := os.Getpid()
-	start, _ := startTime(me)
-	gecos := fmt.Sprintf("%s pid=%d start=%d", gecosTag, me, start)
+	pid, start := owner()
+	gecos := fmt.Sprintf("%s pid=%d start=%d", gecosTag, pid, start)
 	a := &Account{Password: rand.Text()}
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -235,7 +235,7 @@ func sweep(t testing.TB) {
 		if _, err := fmt.Sscanf(rest, "pid=%d start=%d", &pid, &start); err != nil {
 			continue
 		}
-		if now, alive := startTime(pid); alive && now == start {
+		if running(pid, start) {
 			continue
 		}
 		if err := removeAccount(name, e.uid); err != nil {

@@ -21,12 +21,12 @@
 // Everything is removed in t.Cleanup, also when t fails: a server or a
 // client is killed with every process of its cgroup (session processes,
 // sshpass and ssh alike), an account is removed with its home directory
-// after every process of its UID is killed. Accounts that a test binary
-// killed before its cleanup left behind are removed by the next
-// [NewAccount] of any test binary (their comment field names the PID and
-// start time of their creator). Processes started without a network
-// namespace die with the test binary; in one, they die with their cgroup
-// only (as package nettest's).
+// after every process of its UID is killed. A test binary killed before its
+// cleanup (by go test's -timeout, say) leaves its accounts and cgroups
+// behind, with the processes in them that did not die with it: the first
+// test binary that makes an account or a cgroup here next removes them
+// (their comment field and their names hold the PID and start time of
+// their creator).
 //
 // # Requirements
 //

@@ -34,17 +34,97 @@ type place struct {
 
 // newPlace makes a cgroup of its own under parent ("": the cgroup v2
 // root) in which every process started there is killed, and the cgroup
-// removed, in t.Cleanup.
+// removed, in t.Cleanup. Its name, "bwssh-PID-START-RANDOM", names the test
+// binary that made it, so that the cgroups of one that was killed before
+// its cleanup can be found and removed: the first newPlace of any test
+// binary does so.
 func newPlace(t testing.TB, ns netns.NsHandle, parent string) place {
 	t.Helper()
+	root, err := bpf.CgroupV2Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cgroupSweep.Do(func() { sweepCgroups(t, root) })
 	if parent == "" {
-		root, err := bpf.CgroupV2Root()
-		if err != nil {
-			t.Fatal(err)
-		}
 		parent = root
 	}
-	return place{ns: ns, cgroup: nettest.NewCgroup(t, parent)}
+	pid, start := owner()
+	dir := filepath.Join(parent, fmt.Sprintf("%s%d-%d-%s", cgroupPrefix, pid, start, nettest.Name("")))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatalf("create cgroup: %v", err)
+	}
+	p := place{ns: ns, cgroup: dir}
+	t.Cleanup(func() {
+		if err := p.remove(5 * time.Second); err != nil {
+			t.Error(err)
+		}
+	})
+	return p
+}
+
+// cgroupPrefix starts the names of the cgroups that newPlace makes.
+const cgroupPrefix = "bwssh-"
+
+var cgroupSweep sync.Once
+
+// sweepCgroups removes the cgroups directly under root that newPlace made
+// in a test binary that is gone, with every process in them.
+func sweepCgroups(t testing.TB, root string) {
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), cgroupPrefix)
+		if !ok || !e.IsDir() {
+			continue
+		}
+		var pid int
+		var start uint64
+		if _, err := fmt.Sscanf(rest, "%d-%d-", &pid, &start); err != nil || running(pid, start) {
+			continue
+		}
+		p := place{cgroup: filepath.Join(root, e.Name())}
+		if err := p.remove(2 * time.Second); err != nil {
+			t.Logf("sshtest: stale cgroup: %v", err)
+		} else {
+			t.Logf("sshtest: removed stale cgroup %s of a test binary that was killed", p.cgroup)
+		}
+	}
+}
+
+// remove kills every process of p's cgroup and removes the cgroup, trying
+// for up to timeout while its processes exit. A cgroup already gone is no
+// error.
+func (p place) remove(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		p.kill()
+		err := os.Remove(p.cgroup)
+		if err == nil || os.IsNotExist(err) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("remove cgroup %s: %w", p.cgroup, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// owner returns this process's PID and start time, which name the test
+// binary in the names of the cgroups and the comments of the accounts it
+// makes.
+func owner() (pid int, start uint64) {
+	pid = os.Getpid()
+	start, _ = startTime(pid)
+	return pid, start
+}
+
+// running tells whether the process that owner returned pid and start for
+// still runs.
+func running(pid int, start uint64) bool {
+	now, ok := startTime(pid)
+	return ok && now == start
 }
 
 // start starts cmd as uid (and the group of the same number) in p.
