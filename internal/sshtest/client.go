@@ -18,12 +18,13 @@ import (
 )
 
 // ClientOptions says how a client logs in and where it runs. The zero
-// ClientOptions logs in with the account's password, as root, from
-// 127.0.0.1, in a cgroup of its own under the cgroup v2 root.
+// ClientOptions logs in with the account's password, as root, from the
+// kernel's choice of address, in a cgroup of its own under the cgroup v2
+// root.
 type ClientOptions struct {
 	// Source is the local address that the client connects from (ssh's
 	// BindAddress, as `ssh -b`), such as "127.0.0.2"; "" for the
-	// kernel's choice, 127.0.0.1.
+	// kernel's choice (127.0.0.1 for a server on 127.0.0.1).
 	Source string
 	// Cgroup is the cgroup v2 directory under which the client's own
 	// cgroup is made; "" for the cgroup v2 root. Clients run in the
@@ -155,9 +156,9 @@ func (s *Server) Tunnel(t testing.TB, a *Account, o ClientOptions) *Session {
 // client and returns why.
 func (s *Server) TryTunnel(t testing.TB, a *Account, o ClientOptions, timeout time.Duration) (*Session, error) {
 	t.Helper()
-	port := s.place.freePort(t)
+	port := s.place.freePort(t, netip.Addr{})
 	ss := s.start(t, a, o, "ssh", "-N", "-o", "ExitOnForwardFailure=yes",
-		"-D", "127.0.0.1:"+strconv.Itoa(port), "127.0.0.1")
+		"-D", "127.0.0.1:"+strconv.Itoa(port), s.Addr.Addr().String())
 	if err := ss.open(port, time.Now().Add(timeout)); err != nil {
 		ss.Close()
 		return nil, fmt.Errorf("%s: tunnel as %s: %w", s.Kind, a.Name, err)
@@ -224,12 +225,12 @@ func (ss *Session) open(port int, deadline time.Time) error {
 }
 
 // Exec logs in as a and runs command on the server with the account's
-// shell (`ssh 127.0.0.1 COMMAND`), such as "head -c 16M /dev/zero", and
+// shell (`ssh ADDR COMMAND`), such as "head -c 16M /dev/zero", and
 // returns at once. What the command writes to its stdout is counted (see
 // [Session.Received]) and its first MiB kept ([Session.Output]).
 func (s *Server) Exec(t testing.TB, a *Account, o ClientOptions, command string) *Session {
 	t.Helper()
-	return s.start(t, a, o, "ssh", "127.0.0.1", command)
+	return s.start(t, a, o, "ssh", s.Addr.Addr().String(), command)
 }
 
 // Run runs command as [Server.Exec] does and waits up to 30 s for it to
@@ -248,7 +249,11 @@ func (s *Server) Run(t testing.TB, a *Account, o ClientOptions, command string) 
 // scp uses the SFTP protocol (both servers run sftp-server for it).
 func (s *Server) Fetch(t testing.TB, a *Account, o ClientOptions, remote, local string) error {
 	t.Helper()
-	ss := s.start(t, a, o, "scp", "-q", "127.0.0.1:"+remote, local)
+	host := s.Addr.Addr().String()
+	if s.Addr.Addr().Is6() {
+		host = "[" + host + "]"
+	}
+	ss := s.start(t, a, o, "scp", "-q", host+":"+remote, local)
 	return ss.Wait(60 * time.Second)
 }
 

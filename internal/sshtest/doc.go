@@ -1,11 +1,12 @@
 // Package sshtest runs real SSH servers, accounts and clients for the
 // project's tests, as package xraytest runs a real Xray: an OpenSSH server
-// (sshd, with PAM) and a Dropbear server on 127.0.0.1 (see [Start]); real
-// Linux accounts that log in to them with a password or a key (see
-// [NewAccount]); and OpenSSH's client, under sshpass for passwords, that
-// opens a SOCKS tunnel (`ssh -N -D`), runs a command or copies a file with
-// scp, from a chosen source address, as root or as another UID, in a
-// cgroup of its own (see [Server.Tunnel], [Server.Exec], [Server.Fetch]).
+// (sshd, with PAM) and a Dropbear server on 127.0.0.1 or another address
+// (see [Start]); real Linux accounts that log in to them with a password or
+// a key (see [NewAccount]); and OpenSSH's client, under sshpass for
+// passwords, that opens a SOCKS tunnel (`ssh -N -D`), runs a command or
+// copies a file with scp, from a chosen source address, as root or as
+// another UID, in a cgroup of its own (see [Server.Tunnel], [Server.Exec],
+// [Server.Fetch]).
 // Each server has a TCP sink in its network namespace that a tunnel's
 // connections reach (xraytest's sink: see [Session.Transfer] and
 // [Session.Stream]).
@@ -34,6 +35,6 @@
 // openssh-server, openssh-client, dropbear-bin and sshpass. Without a
 // program a test is skipped, except in CI (CI=true), where it fails.
 // Accounts need /bin/sh in /etc/shells (Dropbear refuses other accounts).
-// Ports are free ones of 127.0.0.1, reserved for the test (as
-// xraytest.FreePort does); account UIDs are from [FirstUID] to [LastUID].
+// Ports are free ones, reserved for the test (as xraytest.FreePort
+// does); account UIDs are from [FirstUID] to [LastUID].
 package sshtest

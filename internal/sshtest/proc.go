@@ -196,18 +196,26 @@ func (p place) listen() (net.Listener, error) {
 	return l, err
 }
 
-// freePort reserves a TCP port of 127.0.0.1 in p's network namespace for
-// the rest of the test and returns it, as xraytest.FreePort does in the
-// test's own: a socket bound to the port with SO_REUSEADDR and
-// SO_REUSEPORT that never listens, which the SSH servers and clients,
-// setting SO_REUSEADDR, can bind beside, while the kernel gives the port to
-// no one who asks for a free one.
-func (p place) freePort(t testing.TB) int {
+// freePort reserves a TCP port of addr (127.0.0.1 if zero) in p's
+// network namespace for the rest of the test and returns it, as
+// xraytest.FreePort does in the test's own: a socket bound to the port with
+// SO_REUSEADDR and SO_REUSEPORT that never listens, which the SSH servers
+// and clients, setting SO_REUSEADDR, can bind beside, while the kernel
+// gives the port to no one who asks for a free one.
+func (p place) freePort(t testing.TB, addr netip.Addr) int {
 	t.Helper()
+	if !addr.IsValid() {
+		addr = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	}
 	var fd, port int
 	err := p.do(func() error {
+		family := unix.AF_INET6
+		var sa unix.Sockaddr = &unix.SockaddrInet6{Addr: addr.As16()}
+		if addr.Is4() {
+			family, sa = unix.AF_INET, &unix.SockaddrInet4{Addr: addr.As4()}
+		}
 		var err error
-		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err != nil {
+		if fd, err = unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err != nil {
 			return err
 		}
 		for _, opt := range []int{unix.SO_REUSEADDR, unix.SO_REUSEPORT} {
@@ -216,20 +224,24 @@ func (p place) freePort(t testing.TB) int {
 				return err
 			}
 		}
-		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		if err := unix.Bind(fd, sa); err != nil {
 			unix.Close(fd)
 			return err
 		}
-		sa, err := unix.Getsockname(fd)
-		if err != nil {
+		if sa, err = unix.Getsockname(fd); err != nil {
 			unix.Close(fd)
 			return err
 		}
-		port = sa.(*unix.SockaddrInet4).Port
+		switch sa := sa.(type) {
+		case *unix.SockaddrInet4:
+			port = sa.Port
+		case *unix.SockaddrInet6:
+			port = sa.Port
+		}
 		return nil
 	})
 	if err != nil {
-		t.Fatalf("reserve a port: %v", err)
+		t.Fatalf("reserve a port of %s: %v", addr, err)
 	}
 	t.Cleanup(func() { unix.Close(fd) })
 	return port

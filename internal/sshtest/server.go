@@ -35,10 +35,14 @@ const (
 // each.
 var Kinds = []Kind{OpenSSH, Dropbear}
 
-// Options says where a server runs and how. The zero Options runs it in the
-// test's network namespace, in a cgroup of its own under the cgroup v2
-// root.
+// Options says where a server runs and how. The zero Options runs it on
+// 127.0.0.1 in the test's network namespace, in a cgroup of its own under
+// the cgroup v2 root.
 type Options struct {
+	// Addr is the address the server listens on, 127.0.0.1 if zero. It
+	// must be an address of the server's network namespace, such as ::1
+	// or one the test added to an interface there.
+	Addr netip.Addr
 	// NS is the network namespace that the server, its clients and its
 	// sink run in; 0 for the test's own.
 	NS netns.NsHandle
@@ -51,7 +55,7 @@ type Options struct {
 	Args []string
 }
 
-// Server is a running SSH server on 127.0.0.1 that lets the accounts of
+// Server is a running SSH server that lets the accounts of
 // [NewAccount] log in with their password or a key (see
 // [Account.AuthorizeKey]) and forward TCP connections.
 type Server struct {
@@ -60,7 +64,7 @@ type Server struct {
 	// Version is the program's version: "OpenSSH_9.2" (sshd -V),
 	// "2022.83" (dropbear -V).
 	Version string
-	// Addr is where the server listens: 127.0.0.1 and a free port.
+	// Addr is where the server listens: Options.Addr and a free port.
 	Addr netip.AddrPort
 	// NS is the server's network namespace, as in [Options].
 	NS netns.NsHandle
@@ -99,8 +103,8 @@ var errExited = errors.New("server exited while starting")
 //
 // OpenSSH runs as `sshd -D -e -f CONFIG`, where CONFIG allows password
 // (through PAM) and public key logins, TCP forwarding and sftp, and logs at
-// level VERBOSE. Dropbear runs as `dropbear -F -E -r HOSTKEY -p
-// 127.0.0.1:PORT -P PIDFILE`, its defaults otherwise.
+// level VERBOSE. Dropbear runs as `dropbear -F -E -r HOSTKEY -p ADDR:PORT
+// -P PIDFILE`, its defaults otherwise.
 //
 // t is skipped if the server's program is not installed, except in CI
 // (CI=true), where that is a failure.
@@ -138,8 +142,11 @@ func Start(t testing.TB, kind Kind, o Options) *Server {
 
 	key := s.hostKey(t)
 	for try := 0; ; try++ {
-		port := s.place.freePort(t)
-		s.Addr = netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(port))
+		addr := o.Addr
+		if !addr.IsValid() {
+			addr = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+		}
+		s.Addr = netip.AddrPortFrom(addr, uint16(s.place.freePort(t, addr)))
 		var argv []string
 		switch kind {
 		case OpenSSH:

@@ -14,6 +14,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/internal/nettest"
 	"github.com/myvpn/bwagent/internal/sshtest"
@@ -165,6 +168,68 @@ func TestNamespace(t *testing.T) {
 			if out, err := srv.Run(t, a, sshtest.ClientOptions{UID: a.UID}, "echo $SSH_CONNECTION"); err != nil ||
 				!strings.HasSuffix(strings.TrimSpace(string(out)), fmt.Sprintf("127.0.0.1 %d", srv.Addr.Port())) {
 				t.Errorf("command: %q, %v", out, err)
+			}
+		})
+	}
+}
+
+// TestIPv6: a server on an IPv6 address in a network namespace of the
+// test's; clients from two other addresses of its /64 log in, tunnel and
+// copy with scp, and the server logs their addresses.
+func TestIPv6(t *testing.T) {
+	for _, kind := range sshtest.Kinds {
+		t.Run(string(kind), func(t *testing.T) {
+			t.Parallel()
+			nettest.RequireRoot(t)
+			ns := nettest.NewNetNS(t)
+			h, err := netlink.NewHandleAt(ns)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer h.Close()
+			lo, err := h.LinkByName("lo")
+			if err != nil {
+				t.Fatal(err)
+			}
+			server := netip.MustParseAddr("fd00:b1::1")
+			sources := []netip.Addr{netip.MustParseAddr("fd00:b1::2"), netip.MustParseAddr("fd00:b1::3")}
+			for _, a := range append([]netip.Addr{server}, sources...) {
+				addr, err := netlink.ParseAddr(a.String() + "/64")
+				if err != nil {
+					t.Fatal(err)
+				}
+				addr.Flags = unix.IFA_F_NODAD
+				if err := h.AddrAdd(lo, addr); err != nil {
+					t.Fatalf("add %s: %v", a, err)
+				}
+			}
+
+			a := sshtest.NewAccount(t)
+			srv := sshtest.Start(t, kind, sshtest.Options{NS: ns, Addr: server})
+			if srv.Addr.Addr() != server {
+				t.Errorf("server on %s, want %s", srv.Addr, server)
+			}
+			for _, src := range sources {
+				tun := srv.Tunnel(t, a, sshtest.ClientOptions{Source: src.String()})
+				if tun.Local.Addr() != src {
+					t.Errorf("tunnel from %s, want %s", tun.Local, src)
+				}
+				if l := tun.Login(t); l.From != tun.Local || l.User != a.Name {
+					t.Errorf("login %+v, want %s from %s", l, a.Name, tun.Local)
+				}
+				if _, received, err := tun.Transfer(0, 1<<20); err != nil || received != 1+1<<20 {
+					t.Errorf("download from %s: %d bytes, %v", src, received, err)
+				}
+			}
+			if _, err := srv.Run(t, a, sshtest.ClientOptions{}, "echo hello > f"); err != nil {
+				t.Fatal(err)
+			}
+			local := filepath.Join(t.TempDir(), "f")
+			if err := srv.Fetch(t, a, sshtest.ClientOptions{Source: sources[1].String()}, "f", local); err != nil {
+				t.Fatalf("scp: %v", err)
+			}
+			if b, err := os.ReadFile(local); err != nil || string(b) != "hello\n" {
+				t.Errorf("scp copied %q, %v", b, err)
 			}
 		})
 	}
