@@ -3,7 +3,7 @@
 # and mounts bpffs if nothing did. Safe to run again: it skips what is there.
 #
 #   install-deps.sh          what building and running the agent needs
-#   install-deps.sh --test   and what the tests need (an Xray server)
+#   install-deps.sh --test   and what the tests need (SSH servers and clients, an Xray server)
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -21,6 +21,14 @@ packages=(
 	openssh-server          # SSH users in the agent's tests
 	protobuf-compiler       # protoc, for make generate (xraystats)
 )
+# With --test: the real SSH servers and clients of internal/sshtest.
+if [ "${1:-}" = "--test" ]; then
+	packages+=(
+		openssh-client  # ssh and scp, the users' client
+		dropbear-bin    # a Dropbear server next to OpenSSH's (Debian 12: 2022.83)
+		sshpass         # password logins of OpenSSH's client
+	)
+fi
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

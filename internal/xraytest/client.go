@@ -170,7 +170,12 @@ func (c *Client) connect() (net.Conn, error) {
 // way, which is what Xray counts: sent includes the request's 17-byte
 // header, and received the sink's one-byte answer to it.
 func (c *Client) Transfer(up, down int64) (sent, received int64, err error) {
-	conn, err := c.connect()
+	return transfer(c.connect, up, down)
+}
+
+// transfer is Transfer on a connection to the sink that connect opens.
+func transfer(connect func() (net.Conn, error), up, down int64) (sent, received int64, err error) {
+	conn, err := connect()
 	if err != nil {
 		return 0, 0, err
 	}
@@ -287,6 +292,14 @@ func (e *Echo) RoundTrip(n int) error {
 		return errors.New("echo mismatch")
 	}
 	return nil
+}
+
+// DialSOCKS5 connects to target, an IPv4 "host:port", through the SOCKS5
+// proxy at proxyAddr (no authentication), within 5 s: as [Client.Dial]
+// does through a client Xray, and as other proxies' harnesses (package
+// sshtest, through `ssh -D`) do.
+func DialSOCKS5(proxyAddr, target string) (net.Conn, error) {
+	return socks5Dial(proxyAddr, target)
 }
 
 // socks5Dial connects to target (an IPv4 "host:port") through the SOCKS5

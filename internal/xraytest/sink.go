@@ -30,18 +30,56 @@ type sink struct {
 	open map[net.Conn]struct{}
 }
 
-// newSink starts a sink, closed with its connections in t.Cleanup.
+// newSink starts a sink on 127.0.0.1, closed with its connections in
+// t.Cleanup.
 func newSink(t testing.TB) *sink {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serveSink(t, l)
+}
+
+// serveSink serves a sink on l, closed with its connections in t.Cleanup.
+func serveSink(t testing.TB, l net.Listener) *sink {
 	s := &sink{addr: l.Addr().String(), l: l, open: map[net.Conn]struct{}{}}
 	s.wg.Add(1)
 	go s.serve()
 	t.Cleanup(s.close)
 	return s
+}
+
+// Sink is the sink of [Server] for the harnesses of other proxies (package
+// sshtest): the far end of connections through the proxy under test, which
+// moves exactly the bytes it is asked to, at a set rate if need be.
+type Sink struct {
+	// Addr is the "host:port" that the sink listens on.
+	Addr string
+}
+
+// ServeSink serves a sink on l until t's end, when l and the sink's
+// connections are closed. l may listen in any network namespace.
+func ServeSink(t testing.TB, l net.Listener) *Sink {
+	t.Helper()
+	return &Sink{Addr: serveSink(t, l).addr}
+}
+
+// Transfer sends up bytes to the sink and receives down bytes back, on one
+// new connection that dial opens to k.Addr, within 10 s, as
+// [Client.Transfer] does. It returns the payload bytes that went each way:
+// sent includes the request's 17-byte header, and received the sink's
+// one-byte answer to it.
+func (k *Sink) Transfer(dial func(addr string) (net.Conn, error), up, down int64) (sent, received int64, err error) {
+	return transfer(func() (net.Conn, error) { return dial(k.Addr) }, up, down)
+}
+
+// Stream opens a [Stream] to the sink on a connection that dial opens to
+// k.Addr, as [Client.Stream] does; who names the stream's user in t's
+// failure messages.
+func (k *Sink) Stream(t testing.TB, who string, dial func(addr string) (net.Conn, error), up, down int64) *Stream {
+	t.Helper()
+	return openStream(t, who, func() (net.Conn, error) { return dial(k.Addr) }, up, down)
 }
 
 func (s *sink) serve() {

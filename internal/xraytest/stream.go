@@ -34,9 +34,16 @@ type Stream struct {
 // not count.
 func (c *Client) Stream(t testing.TB, up, down int64) *Stream {
 	t.Helper()
-	conn, err := c.connect()
+	return openStream(t, c.User.Email, c.connect, up, down)
+}
+
+// openStream opens a Stream on a connection to the sink that connect opens;
+// who is the user, for t's failure messages.
+func openStream(t testing.TB, who string, connect func() (net.Conn, error), up, down int64) *Stream {
+	t.Helper()
+	conn, err := connect()
 	if err != nil {
-		t.Fatalf("stream as %s: %v", c.User.Email, err)
+		t.Fatalf("stream as %s: %v", who, err)
 	}
 	conn.SetDeadline(time.Now().Add(5 * time.Second))
 	var hdr [9]byte
@@ -49,7 +56,7 @@ func (c *Client) Stream(t testing.TB, up, down int64) *Stream {
 	}
 	if err != nil {
 		conn.Close()
-		t.Fatalf("stream as %s: open: %v", c.User.Email, err)
+		t.Fatalf("stream as %s: open: %v", who, err)
 	}
 	conn.SetDeadline(time.Time{})
 
