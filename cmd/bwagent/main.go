@@ -36,7 +36,7 @@ import (
 )
 
 func main() {
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	log := newLogger(os.Stderr)
 	if err := run(os.Args[1:], log); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(2)
@@ -120,7 +120,10 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 		return err
 	}
 	defer st.Close()
-	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Firewall: fw, Store: st, Log: log})
+	sm := newServiceManager(log, cfg.Interval) // systemd's notify protocol
+	defer sm.close()
+	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Firewall: fw, Store: st, Log: log,
+		Observers: []agent.Observer{sm}})
 	if err != nil {
 		return err
 	}
@@ -181,6 +184,7 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 		}
 		serveErr <- err
 	}()
+	sm.ready(ctx, a.Users, cfg.Paths.Socket)
 
 	log.Info("bwagent running", "cgroup", dp.CgroupPath(), "pins", dp.PinPath(), "table", cfg.NFT.Table,
 		"interval", cfg.Interval, "state", cfg.Paths.StateDB, "limits", cfg.Paths.Limits, "socket", cfg.Paths.Socket)
