@@ -10,13 +10,18 @@
 GO      ?= go
 BIN     := bin
 GOFILES := $(shell git ls-files '*.go' 2>/dev/null)
+# The version the binaries print (bwagent version, bwctl version) and the
+# package carries: scripts/version.sh, from git describe.
+VERSION ?= $(shell ./scripts/version.sh)
+# Static binaries: neither needs the C library (SQLite is pure Go).
+GOBUILD := CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$(VERSION)"
 
 .PHONY: all build generate deps test-deps test lint bench run install clean
 
 all: build
 
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GOBUILD) -o $(BIN)/ ./cmd/...
 
 generate:
 	$(GO) generate ./...

@@ -16,8 +16,8 @@ import (
 	"github.com/myvpn/bwagent/internal/nettest"
 )
 
-// buildBinary builds the real bwagent binary, as make build does, into a
-// temporary directory (the go tool's cache makes it a link step).
+// buildBinary builds the real bwagent binary, static as make build makes
+// it, into a temporary directory (the go tool's cache makes it a link step).
 func buildBinary(t *testing.T) string {
 	t.Helper()
 	gotool, err := exec.LookPath("go")
@@ -25,7 +25,9 @@ func buildBinary(t *testing.T) string {
 		t.Fatalf("the real-binary tests build bwagent with the go tool: %v", err)
 	}
 	bin := filepath.Join(t.TempDir(), "bwagent")
-	if out, err := exec.Command(gotool, "build", "-o", bin, ".").CombinedOutput(); err != nil {
+	cmd := exec.Command(gotool, "build", "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	return bin

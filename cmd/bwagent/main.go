@@ -6,6 +6,7 @@
 //	bwagent [--config FILE]            run the agent (as root)
 //	bwagent print-config [--config F]  print the effective configuration
 //	bwagent uninstall [--config FILE]  detach the programs, remove pins and the table
+//	bwagent version                    print the version
 //
 // Every setting has a working default; see config/example.toml. SIGHUP
 // reloads the configuration and the limits file; SIGTERM commits the last
@@ -47,6 +48,10 @@ func main() {
 }
 
 func run(args []string, log *slog.Logger) error {
+	if len(args) == 1 && args[0] == "version" {
+		_, err := fmt.Printf("bwagent %s\n", version)
+		return err
+	}
 	cmd := ""
 	if len(args) > 0 && (args[0] == "uninstall" || args[0] == "print-config") {
 		cmd, args = args[0], args[1:]
@@ -57,7 +62,7 @@ func run(args []string, log *slog.Logger) error {
 		return err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q (commands: uninstall, print-config)", fs.Arg(0))
+		return fmt.Errorf("unexpected argument %q (commands: uninstall, print-config, version)", fs.Arg(0))
 	}
 	cfg, err := config.Load(*path)
 	if err != nil {
@@ -186,7 +191,7 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	}()
 	sm.ready(ctx, a.Users, cfg.Paths.Socket)
 
-	log.Info("bwagent running", "cgroup", dp.CgroupPath(), "pins", dp.PinPath(), "table", cfg.NFT.Table,
+	log.Info("bwagent running", "version", version, "cgroup", dp.CgroupPath(), "pins", dp.PinPath(), "table", cfg.NFT.Table,
 		"interval", cfg.Interval, "state", cfg.Paths.StateDB, "limits", cfg.Paths.Limits, "socket", cfg.Paths.Socket)
 	err = <-runErr
 	stop()
