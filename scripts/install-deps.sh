@@ -3,7 +3,8 @@
 # and mounts bpffs if nothing did. Safe to run again: it skips what is there.
 #
 #   install-deps.sh          what building and running the agent needs
-#   install-deps.sh --test   and what the tests need (an Xray server)
+#   install-deps.sh --test   and what the tests need (systemd-analyze, strace,
+#                            an Xray server)
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -21,6 +22,12 @@ packages=(
 	openssh-server          # SSH users in the agent's tests
 	protobuf-compiler       # protoc, for make generate (xraystats)
 )
+if [ "${1:-}" = "--test" ]; then
+	packages+=(
+		systemd             # systemd-analyze: verify the unit, expand its system call filter
+		strace              # the agent's system calls checked against that filter
+	)
+fi
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -23,21 +23,21 @@ import (
 	"github.com/myvpn/bwagent/view"
 )
 
-// notifySocket is a service manager's notify socket in a temporary
+// sdNotifySocket is a service manager's notify socket in a temporary
 // directory: each datagram received arrives on the channel.
-type notifySocket struct {
+type sdNotifySocket struct {
 	path string
 	msgs chan string
 }
 
-func newNotifySocket(t *testing.T) *notifySocket {
+func newSdNotifySocket(t *testing.T) *sdNotifySocket {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "notify")
 	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &notifySocket{path: path, msgs: make(chan string, 1024)}
+	s := &sdNotifySocket{path: path, msgs: make(chan string, 1024)}
 	go func() {
 		buf := make([]byte, 4096)
 		for {
@@ -54,7 +54,7 @@ func newNotifySocket(t *testing.T) *notifySocket {
 }
 
 // next returns the next message, or "" after timeout.
-func (s *notifySocket) next(timeout time.Duration) string {
+func (s *sdNotifySocket) next(timeout time.Duration) string {
 	select {
 	case m := <-s.msgs:
 		return m
@@ -65,7 +65,7 @@ func (s *notifySocket) next(timeout time.Duration) string {
 
 // expect returns the first message that starts with prefix within timeout,
 // and the messages before it.
-func (s *notifySocket) expect(t *testing.T, prefix string, timeout time.Duration) (msg string, before []string) {
+func (s *sdNotifySocket) expect(t *testing.T, prefix string, timeout time.Duration) (msg string, before []string) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -84,7 +84,7 @@ func (s *notifySocket) expect(t *testing.T, prefix string, timeout time.Duration
 // sent and at most one per gap; STATUS lines follow ticks only when the
 // summary changes; STOPPING=1 ends both.
 func TestServiceManager(t *testing.T) {
-	sock := newNotifySocket(t)
+	sock := newSdNotifySocket(t)
 	t.Setenv("NOTIFY_SOCKET", sock.path)
 	t.Setenv("WATCHDOG_USEC", "400000") // pings at most every 100 ms
 	t.Setenv("WATCHDOG_PID", "")
@@ -242,16 +242,16 @@ func TestJournalLogger(t *testing.T) {
 	}
 }
 
-// TestNotifyProtocol runs the real bwagent binary as systemd would run it
+// TestSdNotifyProtocol runs the real bwagent binary as systemd would run it
 // with Type=notify and WatchdogSec=3s, its stderr the "journal": READY=1
 // comes after the first tick has enforced (pins in place, control socket
 // answering) with nothing before it, WATCHDOG=1 at least twice per period,
 // a STATUS line when a user is disabled, STOPPING=1 at SIGTERM; the log
 // lines carry their priority and no time.
-func TestNotifyProtocol(t *testing.T) {
+func TestSdNotifyProtocol(t *testing.T) {
 	e := newAgentEnv(t, "john:x:2751:2751::/:/bin/false\n", "")
-	bin := buildBinary(t)
-	sock := newNotifySocket(t)
+	bin := buildRealAgent(t)
+	sock := newSdNotifySocket(t)
 	journal, err := os.Create(filepath.Join(t.TempDir(), "journal"))
 	if err != nil {
 		t.Fatal(err)
@@ -262,7 +262,7 @@ func TestNotifyProtocol(t *testing.T) {
 		t.Fatal(err)
 	}
 	const period = 3 * time.Second
-	p := startBinary(t, e.pair.A, []string{"NOTIFY_SOCKET=" + sock.path,
+	p := startRealAgent(t, e.pair.A, []string{"NOTIFY_SOCKET=" + sock.path,
 		fmt.Sprintf("WATCHDOG_USEC=%d", period.Microseconds()), fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino)},
 		journal, bin, "--config", e.conf)
 
@@ -311,7 +311,7 @@ func TestNotifyProtocol(t *testing.T) {
 	// At once, not at the next periodic count (10 s).
 	sock.expect(t, "STATUS=1 user, 1 blocked, last tick ", 2*time.Second)
 
-	p.signal(t, syscall.SIGTERM)
+	p.signal(t, bin, syscall.SIGTERM)
 	stopping, _ := sock.expect(t, "STOPPING=1", 5*time.Second)
 	if stopping != "STOPPING=1\nSTATUS=stopping: committing the last counts" {
 		t.Errorf("stopping message %q", stopping)
@@ -332,12 +332,12 @@ func TestNotifyProtocol(t *testing.T) {
 	}
 }
 
-// TestNotifyNoReadyOnFailure: a start-up that fails (an invalid
+// TestSdNotifyNoReadyOnFailure: a start-up that fails (an invalid
 // configuration; a pin directory not on bpffs) exits with status 1 and
 // sends systemd nothing, so the start fails instead of looking ready.
-func TestNotifyNoReadyOnFailure(t *testing.T) {
+func TestSdNotifyNoReadyOnFailure(t *testing.T) {
 	e := newAgentEnv(t, "john:x:2752:2752::/:/bin/false\n", "")
-	bin := buildBinary(t)
+	bin := buildRealAgent(t)
 	conf, err := os.ReadFile(e.conf)
 	if err != nil {
 		t.Fatal(err)
@@ -353,9 +353,9 @@ func TestNotifyNoReadyOnFailure(t *testing.T) {
 			if err := os.WriteFile(path, []byte(c.conf), 0o644); err != nil {
 				t.Fatal(err)
 			}
-			sock := newNotifySocket(t)
+			sock := newSdNotifySocket(t)
 			var stderr bytes.Buffer
-			p := startBinary(t, e.pair.A, []string{"NOTIFY_SOCKET=" + sock.path, "WATCHDOG_USEC=3000000"}, &stderr,
+			p := startRealAgent(t, e.pair.A, []string{"NOTIFY_SOCKET=" + sock.path, "WATCHDOG_USEC=3000000"}, &stderr,
 				bin, "--config", path)
 			err := p.wait(20 * time.Second)
 			if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
