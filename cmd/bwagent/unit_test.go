@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -29,8 +30,8 @@ func verifyUnit(t *testing.T, unit, bin string) string {
 
 // TestUnitVerify: systemd-analyze verify finds nothing to say about the
 // unit (and does find a misspelt key and a bad value in it, so its silence
-// means something); `make install` installs the same unit with its
-// /usr/local paths.
+// means something); systemd-analyze security scores it at most 2.1; `make
+// install` installs the same unit with its /usr/local paths.
 func TestUnitVerify(t *testing.T) {
 	if _, err := exec.LookPath("systemd-analyze"); err != nil {
 		t.Skip("systemd-analyze not installed (make test-deps installs the systemd package)")
@@ -56,6 +57,16 @@ func TestUnitVerify(t *testing.T) {
 		}
 	}
 
+	// The exposure score, measured as the README reports it; it must not
+	// grow unnoticed.
+	score := securityScore(t, unit)
+	if score > 2.1 {
+		t.Errorf("systemd-analyze security: exposure %.1f, was 2.1 (README)", score)
+	}
+	if weaker := securityScore(t, strings.Replace(unit, "\nCapabilityBoundingSet=", "\n#", 1)); weaker <= score {
+		t.Errorf("exposure %.1f with every capability, %.1f with two", weaker, score)
+	}
+
 	installed, err := exec.Command("../../scripts/install.sh", "--print-unit").Output()
 	if err != nil {
 		t.Fatal(err)
@@ -65,4 +76,24 @@ func TestUnitVerify(t *testing.T) {
 	if string(installed) != want || want == unit {
 		t.Errorf("make install's unit is not the package's with /usr/local paths:\n%s", installed)
 	}
+}
+
+// securityScore returns systemd-analyze security's overall exposure of the
+// unit text, from 0 (safe) to 10.
+func securityScore(t *testing.T, unit string) float64 {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "bwagent.service")
+	if err := os.WriteFile(path, []byte(unit), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("systemd-analyze", "security", "--offline=true", path).CombinedOutput()
+	m := regexp.MustCompile(`Overall exposure level for bwagent.service: (\d+\.\d)`).FindSubmatch(out)
+	if err != nil || m == nil {
+		t.Fatalf("systemd-analyze security: %v\n%s", err, out)
+	}
+	score, err := strconv.ParseFloat(string(m[1]), 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return score
 }
