@@ -22,10 +22,11 @@ import (
 )
 
 // Notifier sends messages to one notification socket. A nil *Notifier
-// sends nothing, so callers need not check whether a manager listens.
+// sends nothing, so callers need not check whether a manager listens. Send
+// may be called from several goroutines at once.
 type Notifier struct {
-	fd   int
-	addr unix.SockaddrUnix
+	fd     int
+	socket string
 }
 
 // New returns a Notifier for socket, the value of $NOTIFY_SOCKET.
@@ -37,8 +38,7 @@ func New(socket string) (*Notifier, error) {
 	if err != nil {
 		return nil, fmt.Errorf("notify socket: %w", err)
 	}
-	// x/sys/unix turns a leading '@' into the abstract namespace's NUL.
-	return &Notifier{fd: fd, addr: unix.SockaddrUnix{Name: socket}}, nil
+	return &Notifier{fd: fd, socket: socket}, nil
 }
 
 // Send sends the lines as one message, such as Send("READY=1",
@@ -47,9 +47,12 @@ func (n *Notifier) Send(lines ...string) error {
 	if n == nil {
 		return nil
 	}
-	err := unix.Sendto(n.fd, []byte(strings.Join(lines, "\n")), unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL, &n.addr)
+	// x/sys/unix turns a leading '@' into the abstract namespace's NUL,
+	// in the address's own buffer: one address per call.
+	addr := &unix.SockaddrUnix{Name: n.socket}
+	err := unix.Sendto(n.fd, []byte(strings.Join(lines, "\n")), unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL, addr)
 	if err != nil {
-		return fmt.Errorf("notify %s: %w", n.addr.Name, err)
+		return fmt.Errorf("notify %s: %w", n.socket, err)
 	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -62,6 +63,31 @@ func TestSend(t *testing.T) {
 		}
 		if got := receive(t, c); got != "WATCHDOG=1" {
 			t.Errorf("%s: second message %q", name, got)
+		}
+	}
+}
+
+// TestSendConcurrently: goroutines share a Notifier (run with -race).
+func TestSendConcurrently(t *testing.T) {
+	name := "@" + nettest.Name("bwtest-notify-")
+	c := listen(t, name)
+	n, err := sdnotify.New(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ {
+		wg.Go(func() {
+			if err := n.Send("WATCHDOG=1"); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	for i := 0; i < 4; i++ {
+		if got := receive(t, c); got != "WATCHDOG=1" {
+			t.Errorf("message %d: %q", i, got)
 		}
 	}
 }
