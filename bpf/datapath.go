@@ -298,7 +298,7 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 // of privilege.
 func permission(err error) error {
 	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-		return fmt.Errorf("%w: run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): %v", ErrPermission, err)
+		return fmt.Errorf("%w: run as root (or with CAP_BPF and CAP_NET_ADMIN; CAP_SYS_ADMIN before Linux 5.8): %v", ErrPermission, err)
 	}
 	return err
 }

@@ -3,7 +3,8 @@
 # and mounts bpffs if nothing did. Safe to run again: it skips what is there.
 #
 #   install-deps.sh          what building and running the agent needs
-#   install-deps.sh --test   and what the tests need (SSH servers and clients, an Xray server)
+#   install-deps.sh --test   and what the tests need (SSH servers and clients,
+#                            systemd-analyze, strace, an Xray server)
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -21,12 +22,15 @@ packages=(
 	openssh-server          # SSH users in the agent's tests
 	protobuf-compiler       # protoc, for make generate (xraystats)
 )
-# With --test: the real SSH servers and clients of internal/sshtest.
+# With --test: the real SSH servers and clients of internal/sshtest, and
+# what checks the systemd unit.
 if [ "${1:-}" = "--test" ]; then
 	packages+=(
 		openssh-client  # ssh and scp, the users' client
 		dropbear-bin    # a Dropbear server next to OpenSSH's (Debian 12: 2022.83)
 		sshpass         # password logins of OpenSSH's client
+		systemd         # systemd-analyze: verify the unit, expand its system call filter
+		strace          # the agent's system calls checked against that filter
 	)
 fi
 missing=()

@@ -5,8 +5,21 @@
 # Safe to run again: it replaces the binary and restarts the service.
 #
 #   install.sh BINARY
+#   install.sh --print-unit    print the unit it installs
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The unit is the Debian package's (scripts/bwagent.service) with this
+# install's paths under /usr/local.
+unit() {
+	sed -e 's|^ExecStart=/usr/sbin/bwagent$|ExecStart=/usr/local/sbin/bwagent|' \
+		-e 's|^Documentation=file:///usr/share/doc/bwagent/|Documentation=file:///usr/local/share/doc/bwagent/|' \
+		scripts/bwagent.service
+}
+if [ "${1:-}" = "--print-unit" ]; then
+	unit
+	exit 0
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
 	echo "install: run as root (sudo $0)" >&2
@@ -18,10 +31,14 @@ install -D -m 0755 "$bin" /usr/local/sbin/bwagent
 install -D -m 0755 "$(dirname "$bin")/bwctl" /usr/local/bin/bwctl
 # The bash tool's command, for operators' scripts: mapped onto bwctl.
 install -D -m 0755 scripts/cek-bw-limit /usr/bin/cek-bw-limit
-install -D -m 0644 scripts/bwagent.service /etc/systemd/system/bwagent.service
+unit >/etc/systemd/system/bwagent.service.tmp
+chmod 0644 /etc/systemd/system/bwagent.service.tmp
+mv /etc/systemd/system/bwagent.service.tmp /etc/systemd/system/bwagent.service
 install -D -m 0644 config/example.toml /etc/bwagent/bwagent.toml.example
 install -D -m 0644 README.md /usr/local/share/doc/bwagent/README.md
-install -d -m 0755 /etc/myvpn/usage /etc/myvpn/blocked_users
+# The unit lets the agent write only where these exist (ProtectSystem=strict):
+# the operators' files and the limits file's directory.
+install -d -m 0755 /etc/myvpn/usage /etc/myvpn/blocked_users /etc/xray
 install -d -m 0700 /var/lib/bwagent
 
 if [ -d /run/systemd/system ]; then

@@ -6,6 +6,7 @@
 //	bwagent [--config FILE]            run the agent (as root)
 //	bwagent print-config [--config F]  print the effective configuration
 //	bwagent uninstall [--config FILE]  detach the programs, remove pins and the table
+//	bwagent version                    print the version
 //
 // Prometheus metrics are served at http://127.0.0.1:9477/metrics by default
 // ([metrics] in the configuration).
@@ -39,7 +40,7 @@ import (
 )
 
 func main() {
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	log := newLogger(os.Stderr)
 	if err := run(os.Args[1:], log); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(2)
@@ -50,6 +51,10 @@ func main() {
 }
 
 func run(args []string, log *slog.Logger) error {
+	if len(args) == 1 && args[0] == "version" {
+		_, err := fmt.Printf("bwagent %s\n", version)
+		return err
+	}
 	cmd := ""
 	if len(args) > 0 && (args[0] == "uninstall" || args[0] == "print-config") {
 		cmd, args = args[0], args[1:]
@@ -60,7 +65,7 @@ func run(args []string, log *slog.Logger) error {
 		return err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q (commands: uninstall, print-config)", fs.Arg(0))
+		return fmt.Errorf("unexpected argument %q (commands: uninstall, print-config, version)", fs.Arg(0))
 	}
 	cfg, err := config.Load(*path)
 	if err != nil {
@@ -125,8 +130,10 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	defer st.Close()
 	mx := newMetricsServer(cfg.Metrics)
 	notes := openNotifications(cfg, st, log) // notify.go
+	sm := newServiceManager(log, cfg.Interval) // systemd's notify protocol
+	defer sm.close()
 	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Firewall: fw, Store: st, Log: log,
-		Observers: mx.observers()})
+		Observers: append(mx.observers(), sm)})
 	if err != nil {
 		return err
 	}
@@ -193,8 +200,9 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 		}
 		serveErr <- err
 	}()
+	sm.ready(ctx, a.Users, cfg.Paths.Socket)
 
-	log.Info("bwagent running", "cgroup", dp.CgroupPath(), "pins", dp.PinPath(), "table", cfg.NFT.Table,
+	log.Info("bwagent running", "version", version, "cgroup", dp.CgroupPath(), "pins", dp.PinPath(), "table", cfg.NFT.Table,
 		"interval", cfg.Interval, "state", cfg.Paths.StateDB, "limits", cfg.Paths.Limits, "socket", cfg.Paths.Socket)
 	err = <-runErr
 	stop()

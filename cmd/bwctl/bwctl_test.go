@@ -212,6 +212,7 @@ func TestCommands(t *testing.T) {
 		{"set", []string{"set", "john", "10G"}, []string{"SetLimit 10737418240 john"}},
 		{"set_mib", []string{"set", "john", "10240"}, []string{"SetLimit 10737418240 john"}},
 		{"set_unlimited", []string{"set", "john", "unlimited"}, []string{"SetLimit 0 john"}},
+		{"set_protocol", []string{"set", "john", "10G", "--protocol", "SSH"}, []string{"User john", "SetLimit 10737418240 john"}},
 		{"remove_limit", []string{"remove-limit", "john"}, []string{"RemoveLimit john"}},
 		{"usage", []string{"usage"}, []string{"User john"}},
 		{"usage_mary", []string{"usage", "mary"}, []string{"User mary"}},
@@ -248,6 +249,32 @@ func TestCommands(t *testing.T) {
 					t.Errorf("backend calls %q, want %q", got, c.calls)
 				}
 			})
+		}
+	}
+}
+
+// TestSetProtocol: set --protocol changes nothing unless the user connects
+// with that protocol; an unknown protocol is wrong usage.
+func TestSetProtocol(t *testing.T) {
+	for _, c := range []struct {
+		args  []string
+		code  int
+		calls []string
+		says  string
+	}{
+		{[]string{"set", "bob", "500", "--protocol", "trojan"}, 0, []string{"User bob", "SetLimit 524288000 bob"}, ""},
+		{[]string{"set", "bob", "500", "--protocol", "vmess"}, 1, []string{"User bob"}, "bob connects with trojan, not vmess; nothing changed"},
+		{[]string{"set", "nosuch", "500", "--protocol", "ssh"}, 1, []string{"User nosuch"}, "unknown user"},
+		{[]string{"set", "bob", "500", "--protocol", "ftp"}, 2, nil, `unknown protocol "ftp"`},
+		{[]string{"set", "bob", "--protocol", "ssh"}, 2, nil, "missing argument"},
+	} {
+		f, sock := serve(t)
+		code, _, errs := runCmd(sock, c.args...)
+		if code != c.code || !strings.Contains(errs, c.says) {
+			t.Errorf("%q: exit %d, stderr %q; want %d, %q", c.args, code, errs, c.code, c.says)
+		}
+		if got := f.Calls(); !slices.Equal(got, c.calls) {
+			t.Errorf("%q: backend calls %q, want %q", c.args, got, c.calls)
 		}
 	}
 }
@@ -483,6 +510,16 @@ func TestCekBwLimit(t *testing.T) {
 		{[]string{"set", "john"}, 2, ""},
 		{[]string{"frobnicate"}, 2, ""},
 		{[]string{"set", "john", "abc"}, 2, ""},
+		// The old tool's variants: add USER MB [PROTOCOL], checked
+		// against the user's protocol, in any case.
+		{[]string{"add", "john", "2048"}, 0, "SetLimit 2147483648 john"},
+		{[]string{"add", "john", "4096", "ssh"}, 0, "SetLimit 4294967296 john"},
+		{[]string{"add", "bob", "4096", "TROJAN"}, 0, "SetLimit 4294967296 bob"},
+		{[]string{"add", "bob", "4096", "vmess"}, 1, "User bob"},
+		{[]string{"add", "john", "4096", "ftp"}, 2, ""},
+		{[]string{"add", "john"}, 2, ""},
+		{[]string{"add", "john", "1", "ssh", "extra"}, 2, ""},
+		{[]string{"menu", "extra"}, 2, ""},
 	} {
 		before := len(f.Calls())
 		code, out := cek(c.args...)
@@ -496,5 +533,22 @@ func TestCekBwLimit(t *testing.T) {
 		if c.code == 2 && len(calls) > 0 {
 			t.Errorf("cek-bw-limit %v: wrong usage reached the agent: %q", c.args, calls)
 		}
+		if c.code != 0 && slices.ContainsFunc(calls, func(s string) bool { return strings.HasPrefix(s, "SetLimit") }) {
+			t.Errorf("cek-bw-limit %v failed but set a limit: %q", c.args, calls)
+		}
+	}
+
+	// menu: the numbered menu, driven from standard input: option 3 sets a
+	// limit, 0 exits.
+	before := len(f.Calls())
+	cmd := exec.Command("../../scripts/cek-bw-limit", "menu")
+	cmd.Env = append(os.Environ(), "BWCTL="+wrapper)
+	cmd.Stdin = strings.NewReader("3\nmary\n700\n\n0\n")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "===== Bandwidth Menu =====") {
+		t.Errorf("cek-bw-limit menu: %v\n%s", err, out)
+	}
+	if calls := f.Calls()[before:]; !slices.Equal(calls, []string{"SetLimit 734003200 mary"}) {
+		t.Errorf("cek-bw-limit menu, option 3: calls %q", calls)
 	}
 }

@@ -37,10 +37,11 @@ var completed = []struct{ name, desc string }{
 // Argument kinds of the completion scripts.
 const (
 	statuses   = "active warning blocked unlimited disabled"
+	protocols  = "ssh vmess vless trojan shadowsocks"
 	userCmds   = "set remove-limit usage reset disable enable unblock history"
 	shells     = "bash zsh fish"
 	listUsers  = `bwctl list 2>/dev/null | awk 'NR > 1 { print $1 }'`
-	valueFlags = "-o|--socket|-socket|--status|-status|--for|-for|--from|-from|--to|-to"
+	valueFlags = "-o|--socket|-socket|--status|-status|--protocol|-protocol|--for|-for|--from|-from|--to|-to"
 )
 
 func cmdCompletion(_ context.Context, e *env) error {
@@ -130,6 +131,10 @@ _bwctl() {
             COMPREPLY=($(compgen -W "` + statuses + `" -- "$cur"))
             return
             ;;
+        --protocol|-protocol)
+            COMPREPLY=($(compgen -W "` + protocols + `" -- "$cur"))
+            return
+            ;;
         --for|-for|--from|-from|--to|-to)
             return
             ;;
@@ -138,6 +143,7 @@ _bwctl() {
     if [[ $cur == -* ]]; then
         local flags="-o --socket --bytes --help"
         case $cmd in
+            set) flags="$flags --protocol" ;;
             list) flags="$flags --status" ;;
             reset) flags="$flags --all" ;;
             unblock) flags="$flags --for" ;;
@@ -207,7 +213,7 @@ _bwctl() {
     args)
       case $words[1] in
         set)
-          _arguments $global '1:user:_bwctl_users' '2:limit (MiB, 500M, 10G, 1.5T):(unlimited)' && ret=0
+          _arguments $global '--protocol[only if the user connects with this protocol]:protocol:(` + protocols + `)' '1:user:_bwctl_users' '2:limit (MiB, 500M, 10G, 1.5T):(unlimited)' && ret=0
           ;;
         list)
           _arguments $global '--status[only users with this status]:status:(` + statuses + `)' && ret=0
@@ -263,7 +269,8 @@ complete -c bwctl -l bytes -d 'print byte counts instead of KiB..TiB'
 	for _, c := range completed {
 		fmt.Fprintf(&b, "complete -c bwctl -n 'not __fish_seen_subcommand_from %s' -a %s -d '%s'\n", commandNames(), c.name, c.desc)
 	}
-	b.WriteString(`complete -c bwctl -n '__fish_seen_subcommand_from list' -l status -x -a '` + statuses + `' -d 'only users with this status'
+	b.WriteString(`complete -c bwctl -n '__fish_seen_subcommand_from set' -l protocol -x -a '` + protocols + `' -d 'only if the user connects with this protocol'
+complete -c bwctl -n '__fish_seen_subcommand_from list' -l status -x -a '` + statuses + `' -d 'only users with this status'
 complete -c bwctl -n '__fish_seen_subcommand_from reset' -l all -d 'reset every user'
 complete -c bwctl -n '__fish_seen_subcommand_from unblock' -l for -x -d 'unblock for a duration (1h, 2d)'
 complete -c bwctl -n '__fish_seen_subcommand_from history' -l from -x -d 'first day (YYYY-MM-DD)'

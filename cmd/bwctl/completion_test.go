@@ -21,8 +21,8 @@ func TestCompletion(t *testing.T) {
 					t.Errorf("script lacks command %q", name)
 				}
 			}
-			for _, s := range []string{"socket", "bytes", "json", "status", "all", "for", "from", "to",
-				"active warning blocked unlimited disabled", "bwctl list"} {
+			for _, s := range []string{"socket", "bytes", "json", "status", "all", "for", "from", "to", "protocol",
+				"active warning blocked unlimited disabled", "ssh vmess vless trojan shadowsocks", "bwctl list"} {
 				if !strings.Contains(out, s) {
 					t.Errorf("script lacks %q", s)
 				}
@@ -91,6 +91,9 @@ func TestCompletionBash(t *testing.T) {
 		{"bwctl set j", "john"},
 		{"bwctl --bytes usage ", "bob john mary"},
 		{"bwctl set john ", "unlimited"},
+		{"bwctl set john 10G --", "--socket --bytes --help --protocol"},
+		{"bwctl set --protocol v", "vmess vless"},
+		{"bwctl set --protocol ssh j", "john"},
 		{"bwctl completion ", "bash zsh fish"},
 	} {
 		t.Run(c.line, func(t *testing.T) {

@@ -7,8 +7,11 @@
 //
 // Commands:
 //
-//	set USER LIMIT            set USER's limit: a bare number is MiB (10240),
-//	                          or 500M, 10G, 1.5T, unlimited
+//	set USER LIMIT [--protocol P]
+//	                          set USER's limit: a bare number is MiB (10240),
+//	                          or 500M, 10G, 1.5T, unlimited; with --protocol
+//	                          only if USER connects with P (ssh, vmess, vless,
+//	                          trojan or shadowsocks), else nothing changes
 //	remove-limit USER         remove USER's limit line
 //	usage [USER]              show one user's usage (default: your own)
 //	list [--status STATUS]    list users (STATUS: active, warning, blocked,
@@ -98,6 +101,10 @@ func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 // stdin is the input of interactive commands; tests replace it.
 var stdin io.Reader = os.Stdin
 
+// errWrongProtocol is set --protocol's refusal: the user connects with
+// another protocol.
+var errWrongProtocol = errors.New("wrong protocol")
+
 // usageError is wrong usage: exit status 2.
 type usageError struct{ msg string }
 
@@ -142,7 +149,9 @@ type env struct {
 const usageText = `usage: bwctl [-o table|json] [--socket PATH] [--bytes] COMMAND [ARGS]
 
 commands:
-  set USER LIMIT           set a limit: MiB (10240) or 500M, 10G, 1.5T, unlimited
+  set USER LIMIT [--protocol P]
+                           set a limit: MiB (10240) or 500M, 10G, 1.5T, unlimited;
+                           with --protocol only if the user connects with P
   remove-limit USER        remove a user's limit
   usage [USER]             show a user's usage (default: your own)
   list [--status STATUS]   list users
@@ -374,7 +383,10 @@ func simple(call func(c *control.Client, ctx context.Context, name string) error
 }
 
 var commands = map[string]command{
-	"set": {args: "USER LIMIT", run: cmdSet},
+	"set": {args: "USER LIMIT [--protocol PROTOCOL]", run: cmdSet, flags: func(fs *flag.FlagSet) func() any {
+		p := fs.String("protocol", "", "only if the user connects with this `protocol`")
+		return func() any { return *p }
+	}},
 	"remove-limit": simple(func(c *control.Client, ctx context.Context, n string) error {
 		return c.RemoveLimit(ctx, n)
 	}, "limit removed"),
@@ -420,7 +432,27 @@ func cmdSet(ctx context.Context, e *env) error {
 	if err != nil {
 		return usagef("%v", err)
 	}
-	if err := e.do(ctx, func(c *control.Client) error { return c.SetLimit(ctx, name, limit) }); err != nil {
+	var proto quota.Protocol
+	if p := e.flags.(string); p != "" {
+		if proto, err = quota.ParseProtocol(p); err != nil {
+			return usagef("%v", err)
+		}
+	}
+	err = e.do(ctx, func(c *control.Client) error {
+		if proto != "" {
+			// The limits file has one line per name: the protocol is a
+			// check that the name is the user meant, not a second key.
+			u, err := c.User(ctx, name)
+			if err != nil {
+				return err
+			}
+			if u.Protocol != proto {
+				return fmt.Errorf("%w: %s connects with %s, not %s; nothing changed", errWrongProtocol, name, u.Protocol, proto)
+			}
+		}
+		return c.SetLimit(ctx, name, limit)
+	})
+	if err != nil {
 		return err
 	}
 	if limit == 0 {
