@@ -129,7 +129,7 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	}
 	defer st.Close()
 	mx := newMetricsServer(cfg.Metrics)
-	notes := openNotifications(cfg, st, log) // notify.go
+	notes := openNotifications(cfg, st, log)   // notify.go
 	sm := newServiceManager(log, cfg.Interval) // systemd's notify protocol
 	defer sm.close()
 	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Firewall: fw, Store: st, Log: log,
