@@ -15,6 +15,12 @@
 //      dropped (never UID 0),
 //   3. otherwise add the packet to the UID's per-CPU counters in bw_counters.
 //
+// Two cgroup sock_addr programs (connect4 and connect6) make a blocked UID's
+// new connections fail at once: connect() returns EPERM, where a dropped SYN
+// would leave the caller waiting for its own timeout (an SSH tunnel's SOCKS
+// client, a curl). They look up the calling task's UID, as the packet
+// programs look up the socket's.
+//
 // The Go side (maps.go) owns bw_policy and bw_policy_bits; the kernel owns bw_counters,
 // bw_quota_used and bw_stats. All maps are pinned by name, so counters outlive
 // the agent.
@@ -33,7 +39,7 @@ char __license[] SEC("license") = "GPL";
 #define STAT_DROP_BLOCKED  1 // packets dropped because the UID is blocked
 #define STAT_DROP_QUOTA    2 // packets dropped because the budget is spent
 #define STAT_QUOTA_FULL    3 // a UID could not get a quota slot (dropped)
-#define STAT_MAX           4
+#define STAT_MAX           4 // bw_stats' size: changing it breaks pins of a running install
 
 #define MAX_UIDS 65536 // default; the loader sets max_entries from its config
 
@@ -247,4 +253,35 @@ SEC("cgroup_skb/egress")
 int bw_egress(struct __sk_buff *skb)
 {
 	return account(skb, 1);
+}
+
+// blocked reports whether uid has a blocking policy.
+static __always_inline int blocked(__u32 uid)
+{
+	struct policy *p;
+
+	if (uid == 0 || !may_have_policy(uid))
+		return 0;
+	p = bpf_map_lookup_elem(&bw_policy, &uid);
+	return p && (p->flags & POLICY_BLOCKED);
+}
+
+// allow_connect refuses a blocked UID's connect() with EPERM (return 0).
+static __always_inline int allow_connect(void)
+{
+	__u32 uid = (__u32)bpf_get_current_uid_gid();
+
+	return !blocked(uid);
+}
+
+SEC("cgroup/connect4")
+int bw_connect4(struct bpf_sock_addr *ctx)
+{
+	return allow_connect();
+}
+
+SEC("cgroup/connect6")
+int bw_connect6(struct bpf_sock_addr *ctx)
+{
+	return allow_connect();
 }

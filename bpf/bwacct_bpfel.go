@@ -38,6 +38,8 @@ const (
 	bwacctMapBwPolicyBits = "bw_policy_bits"
 	bwacctMapBwQuotaUsed  = "bw_quota_used"
 	bwacctMapBwStats      = "bw_stats"
+	bwacctProgBwConnect4  = "bw_connect4"
+	bwacctProgBwConnect6  = "bw_connect6"
 	bwacctProgBwEgress    = "bw_egress"
 	bwacctProgBwIngress   = "bw_ingress"
 )
@@ -84,8 +86,10 @@ type bwacctSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bwacctProgramSpecs struct {
-	BwEgress  *ebpf.ProgramSpec `ebpf:"bw_egress"`
-	BwIngress *ebpf.ProgramSpec `ebpf:"bw_ingress"`
+	BwConnect4 *ebpf.ProgramSpec `ebpf:"bw_connect4"`
+	BwConnect6 *ebpf.ProgramSpec `ebpf:"bw_connect6"`
+	BwEgress   *ebpf.ProgramSpec `ebpf:"bw_egress"`
+	BwIngress  *ebpf.ProgramSpec `ebpf:"bw_ingress"`
 }
 
 // bwacctMapSpecs contains maps before they are loaded into the kernel.
@@ -155,12 +159,16 @@ type bwacctVariables struct {
 //
 // It can be passed to loadBwacctObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bwacctPrograms struct {
-	BwEgress  *ebpf.Program `ebpf:"bw_egress"`
-	BwIngress *ebpf.Program `ebpf:"bw_ingress"`
+	BwConnect4 *ebpf.Program `ebpf:"bw_connect4"`
+	BwConnect6 *ebpf.Program `ebpf:"bw_connect6"`
+	BwEgress   *ebpf.Program `ebpf:"bw_egress"`
+	BwIngress  *ebpf.Program `ebpf:"bw_ingress"`
 }
 
 func (p *bwacctPrograms) Close() error {
 	return _BwacctClose(
+		p.BwConnect4,
+		p.BwConnect6,
 		p.BwEgress,
 		p.BwIngress,
 	)

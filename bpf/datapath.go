@@ -184,8 +184,10 @@ type Datapath struct {
 
 // linkPins names the pinned link of each attach type.
 var linkPins = map[ebpf.AttachType]string{
-	ebpf.AttachCGroupInetIngress: "link_ingress",
-	ebpf.AttachCGroupInetEgress:  "link_egress",
+	ebpf.AttachCGroupInetIngress:  "link_ingress",
+	ebpf.AttachCGroupInetEgress:   "link_egress",
+	ebpf.AttachCGroupInet4Connect: "link_connect4",
+	ebpf.AttachCGroupInet6Connect: "link_connect6",
 }
 
 // Load loads the programs and maps, reusing pinned maps and links found
@@ -303,7 +305,8 @@ func permission(err error) error {
 	return err
 }
 
-// EnsureAttached checks that both programs are attached to the configured
+// EnsureAttached checks that every program (packets in and out, connect
+// for IPv4 and IPv6) is attached to the configured
 // cgroup through links pinned under PinPath, and that every map is pinned
 // there, and repairs whatever is not: a link detached by someone else or
 // left over for another cgroup, a removed pin of a link or a map, a removed
@@ -329,6 +332,10 @@ func (d *Datapath) EnsureAttached() (repaired []string, err error) {
 	}{
 		{"ingress", ebpf.AttachCGroupInetIngress, d.objs.BwIngress},
 		{"egress", ebpf.AttachCGroupInetEgress, d.objs.BwEgress},
+		// An agent of an earlier version left no connect links: they are
+		// made here, at its first start, as a first attachment.
+		{"connect4", ebpf.AttachCGroupInet4Connect, d.objs.BwConnect4},
+		{"connect6", ebpf.AttachCGroupInet6Connect, d.objs.BwConnect6},
 	} {
 		reattached, repinned, err := d.ensureLink(a.typ, a.prog)
 		if reattached {
@@ -540,8 +547,9 @@ func (d *Datapath) CgroupPath() string { return d.cfg.CgroupPath }
 func (d *Datapath) PinPath() string { return d.cfg.PinPath }
 
 // AttachedPrograms returns the IDs of the programs attached to the
-// configured cgroup for typ (AttachCGroupInetIngress or
-// AttachCGroupInetEgress), ours and anyone else's.
+// configured cgroup for typ (AttachCGroupInetIngress, AttachCGroupInetEgress,
+// AttachCGroupInet4Connect or AttachCGroupInet6Connect), ours and anyone
+// else's.
 func (d *Datapath) AttachedPrograms(typ ebpf.AttachType) ([]ebpf.ProgramID, error) {
 	f, err := os.Open(d.cfg.CgroupPath)
 	if err != nil {

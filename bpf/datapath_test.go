@@ -492,6 +492,12 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 				t.Errorf("%v: attached %v, want only our program %d", typ, ids, want)
 			}
 		}
+		// The connect hooks: one each, after any number of loads.
+		for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect} {
+			if ids, err := e.dp.AttachedPrograms(typ); err != nil || len(ids) != 1 {
+				t.Errorf("%v: attached %v, %v; want one program", typ, ids, err)
+			}
+		}
 	}
 	checkOne()
 
@@ -546,6 +552,7 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	}
 	repaired("pin directory "+e.pin+" re-created",
 		"pin link_ingress re-created", "pin link_egress re-created",
+		"pin link_connect4 re-created", "pin link_connect6 re-created",
 		"pin bw_counters re-created", "pin bw_policy re-created", "pin bw_policy_bits re-created",
 		"pin bw_quota_used re-created", "pin bw_stats re-created", "pin bw_moved re-created")
 	repaired()
