@@ -16,6 +16,7 @@ import (
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/config"
 	"github.com/myvpn/bwagent/internal/nettest"
+	"github.com/myvpn/bwagent/internal/sshtest"
 	"github.com/myvpn/bwagent/nft"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/store"
@@ -195,4 +196,38 @@ func TestSSHUserRealKernel(t *testing.T) {
 	if _, _, err := nettest.ParseDone(r.Expect(t, "DONE", 20*time.Second)); err != nil {
 		t.Errorf("john after reset: %v", err)
 	}
+}
+
+// TestSSHTunnelFailsFastWhenBlocked: a real OpenSSH server whose session
+// process runs as the user: once the agent blocks the user, a new
+// connection through their open tunnel fails at once (the connect hook
+// refuses the session process's connect() with EPERM, so sshd answers the
+// tunnel's request with a failure) instead of waiting out a timeout; the
+// open tunnel carried traffic before.
+func TestSSHTunnelFailsFastWhenBlocked(t *testing.T) {
+	acct := sshtest.NewAccount(t)
+	k := newKernelEnv(t, acct.PasswdLine()+"\n", acct.Name+" 100\n")
+	k.step(t)
+	srv := sshtest.Start(t, sshtest.OpenSSH, sshtest.Options{Cgroup: k.cg})
+	tun := srv.Tunnel(t, acct, sshtest.ClientOptions{})
+	if _, got, err := tun.Transfer(0, 1<<20); err != nil || got != 1+1<<20 {
+		t.Fatalf("download through the tunnel before the block: %d bytes, %v", got, err)
+	}
+	if err := k.a.Disable(context.Background(), acct.Name); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := k.a.User(context.Background(), acct.Name); v.Status != quota.Disabled {
+		t.Fatalf("%s: %+v", acct.Name, v)
+	}
+	start := time.Now()
+	c, err := tun.Dial(srv.Sink.Addr)
+	took := time.Since(start)
+	if err == nil {
+		c.Close()
+		t.Fatal("a blocked user opened a connection through the tunnel")
+	}
+	if took > 2*time.Second {
+		t.Errorf("the blocked tunnel connection failed after %v (%v), want at once", took, err)
+	}
+	t.Logf("refused after %v: %v", took, err)
 }
