@@ -113,13 +113,13 @@ func (a *Agent) evaluate(now time.Time) {
 		y, m, d := now.Date()
 		w.nextWake = time.Date(y, m, d+1, 0, 0, 0, 0, now.Location())
 		for _, u := range a.users {
-			if u.r.present {
+			if u.r.present() {
 				a.evaluateUser(u, now, today)
 			}
 		}
 	} else {
 		for _, u := range w.evalQ {
-			if u.r.present {
+			if u.r.present() {
 				a.evaluateUser(u, now, today)
 			}
 		}
@@ -168,7 +168,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 			a.work.nextWake = w.Time()
 		}
 	}
-	if r.proto.Xray() && r.st.Blocked != wasBlocked {
+	if r.xray && r.st.Blocked != wasBlocked {
 		a.markersDirty = true
 	}
 	if r.proto == quota.SSH && a.byUID[r.uid] == u {

@@ -64,7 +64,7 @@ func (a *Agent) reset(u *user, now time.Time) {
 // effect (an unblock after a reset, say) is enforced in the same tick.
 func (a *Agent) settle(u *user, now time.Time) {
 	a.touch(u, now, jsonUrgent)
-	if u.r.present {
+	if u.r.present() {
 		a.evaluateUser(u, now, a.day(now))
 	}
 }
@@ -201,21 +201,21 @@ func (a *Agent) Reload(ctx context.Context, cfg config.Config) error {
 			// Turned off: nobody is an SSH user any more, so no UID keeps a
 			// block or a budget in the kernel or the nft set.
 			for _, u := range a.users {
-				if u.r.proto == quota.SSH && u.r.present {
-					a.leave(u, now)
+				if u.r.ssh {
+					a.leaveSSH(u, now)
 				}
 			}
 			a.kernel.releaseAll()
 		}
 		if old.Xray.Enabled && !cfg.Xray.Enabled {
 			for _, u := range a.users {
-				if u.r.proto.Xray() && u.r.present {
-					a.leave(u, now)
+				if u.r.xray {
+					a.leaveXray(u, now)
 				}
 			}
 		}
 		for _, u := range a.users {
-			if u.r.present {
+			if u.r.present() {
 				a.markJSON(u, jsonUrgent) // the metric or time zone may have changed the files
 			}
 		}

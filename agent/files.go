@@ -85,7 +85,7 @@ func (w *fileWriter) flush() error {
 		var fileNames []string
 		for _, name := range chunk {
 			r := s.find(name)
-			if r == nil || !r.present {
+			if r == nil || !r.present() {
 				continue
 			}
 			data, err := s.usageDoc(r).Marshal()
@@ -158,7 +158,7 @@ func (a *Agent) queueJSON(now time.Time) {
 			continue
 		}
 		switch {
-		case a.users[u.r.name] != u || !u.r.present:
+		case a.users[u.r.name] != u || !u.r.present():
 			u.json = jsonClean // forgotten, or left: its file stays as it was
 		case u.json == jsonUrgent || (all && u.json == jsonUsage):
 			docs = append(docs, u.r.name)
@@ -182,13 +182,13 @@ func (a *Agent) repairJSON() error {
 	names, all, err := a.watch.drain()
 	if all {
 		for _, u := range a.users {
-			if u.r.present {
+			if u.r.present() {
 				a.markJSON(u, jsonUrgent)
 			}
 		}
 	}
 	for _, name := range names {
-		if u := a.users[name]; u != nil && u.r.present {
+		if u := a.users[name]; u != nil && u.r.present() {
 			a.markJSON(u, jsonUrgent)
 		}
 	}
@@ -212,6 +212,9 @@ func (s *snapshot) usageDoc(r *record) opsfiles.Usage {
 		Download:    r.st.Total.Down,
 		UpdatedAt:   opsfiles.FormatTime(r.updated.Time(), s.loc),
 	}
+	for _, p := range r.protocols() {
+		d.Protocols = append(d.Protocols, string(p))
+	}
 	if r.st.Day == s.today {
 		d.DailyUsage = s.rules.Metric.Of(r.st.Today)
 	}
@@ -227,7 +230,7 @@ func (a *Agent) syncMarkers() error {
 	if a.markersDirty {
 		a.markers = make(map[string]opsfiles.Marker)
 		for _, u := range a.users {
-			if r := u.r; r.present && r.proto.Xray() && r.st.Blocked {
+			if r := u.r; r.xray && r.st.Blocked {
 				a.markers[r.name] = opsfiles.Marker{Reason: r.st.Reason, Time: r.st.BlockTime.Time()}
 			}
 		}

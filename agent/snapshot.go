@@ -75,7 +75,7 @@ func (a *Agent) publish(now time.Time) {
 func (s *snapshot) view(r *record) view.User {
 	p := r.plan
 	v := view.User{
-		Name: r.name, Protocol: r.proto, UID: r.uid, Present: r.present,
+		Name: r.name, Protocol: r.proto, Protocols: r.protocols(), UID: r.uid, Present: r.present(),
 		Status: r.st.Status(p, s.rules), Used: r.st.Used(s.rules), Limit: p.Limit,
 		Upload: r.st.Total.Up, Download: r.st.Total.Down,
 		Reason: r.st.Reason, BlockTime: r.st.BlockTime.Time(), LastReset: r.st.LastReset.Time(),

@@ -18,15 +18,50 @@ import (
 // it. A record is immutable once published (see publisher): the loop
 // changes a user only through Agent.edit, which copies a published record
 // first, so a reader holding an older snapshot never sees it move.
+//
+// A user is one name with one limit, whatever its sources: an SSH account
+// (a UID), an Xray client (an email), or both (the same customer sold
+// both): every source counts against the one limit, and a block stops all
+// of them.
 type record struct {
 	name    string
-	proto   quota.Protocol
-	uid     uint32 // SSH users
-	gen     uint32 // the publication this record was created after
+	proto   quota.Protocol // ssh for an SSH account, else the Xray client's protocol
+	xproto  quota.Protocol // the Xray client's protocol while the user is one, else ""
+	uid     uint32         // the SSH account's
+	gen     uint32         // the publication this record was created after
 	st      quota.State
 	plan    quota.Plan    // from the limits file
 	updated quota.Instant // last change of usage or state
-	present bool          // an account in the passwd file (or an Xray client) right now
+	ssh     bool          // an account in the passwd file right now
+	xray    bool          // a client in Xray's config right now
+}
+
+// present reports whether the user has a source now: an account or an
+// Xray client.
+func (r *record) present() bool { return r.ssh || r.xray }
+
+// protocols lists the user's sources now, the SSH account first.
+func (r *record) protocols() []quota.Protocol {
+	var ps []quota.Protocol
+	if r.ssh {
+		ps = append(ps, quota.SSH)
+	}
+	if r.xray {
+		ps = append(ps, r.xproto)
+	}
+	return ps
+}
+
+// mainProto is the protocol a user is shown and logged with: ssh while it
+// has an account, else its Xray protocol (or the last it had).
+func (r *record) mainProto() quota.Protocol {
+	switch {
+	case r.ssh:
+		return quota.SSH
+	case r.xray:
+		return r.xproto
+	}
+	return r.proto // gone from every source: as it was last
 }
 
 // user is the loop's handle on one user: its current record and the loop's
@@ -84,9 +119,7 @@ func (a *Agent) dropUser(u *user) {
 	delete(a.users, r.name)
 	a.pub.changed, a.pub.membership = true, true
 	a.rec.dropUsers = append(a.rec.dropUsers, r.name)
-	if r.proto.Xray() {
-		a.xr.dropBaseline(r.name, &a.rec)
-	}
+	a.xr.dropBaseline(r.name, &a.rec)
 	a.log.Info("user forgotten: gone longer than the retention", "user", r.name, "protocol", r.proto,
 		"last_seen", r.updated.Time().In(a.loc).Format(time.DateTime), "retention", a.cfg.Retention)
 }
@@ -103,13 +136,13 @@ func (a *Agent) expire(now time.Time) {
 	cutoff := quota.At(now.Add(-a.cfg.Retention))
 	for _, u := range a.users {
 		r := u.r
-		if r.present || r.updated >= cutoff {
+		if r.present() || r.updated >= cutoff {
 			continue
 		}
 		sshKnown := a.passwdStamp.valid || !a.cfg.SSH.Enabled
 		xrayKnown := a.xr.conf != nil || !a.cfg.Xray.Enabled
 		switch {
-		case r.proto == quota.SSH && !sshKnown, r.proto.Xray() && !xrayKnown, r.proto == "" && !(sshKnown && xrayKnown):
+		case r.proto == quota.SSH && !sshKnown, (r.proto.Xray() || r.xproto != "") && !xrayKnown, r.proto == "" && !(sshKnown && xrayKnown):
 			continue
 		}
 		a.dropUser(u)
@@ -173,21 +206,21 @@ func (a *Agent) loadAccounts(now time.Time) error {
 		case u == nil:
 			u = a.newUser(ac.Name, quota.SSH)
 			a.touch(u, now, jsonUrgent)
-		case u.r.proto != quota.SSH && u.r.proto != "" && u.r.present:
-			a.logs.warnOnce("clash:"+ac.Name, "an SSH account has the name of an Xray user; the SSH account is not accounted",
-				"name", ac.Name, "protocol", u.r.proto)
-			continue
+		case u.r.xray && !u.r.ssh:
+			a.log.Info("an SSH account has the name of an Xray client: one user, one limit, counted from both",
+				"name", ac.Name, "protocols", "ssh+"+string(u.r.xproto))
 		}
 		if prev := a.byUID[ac.UID]; prev != nil && prev != u {
 			a.log.Warn("UID changed owner: its usage and blocks are now the new account's", "uid", ac.UID,
 				"from", prev.r.name, "to", ac.Name)
 		}
-		if r := u.r; r.proto != quota.SSH || r.uid != ac.UID || !r.present {
-			if r.present && r.proto == quota.SSH && r.uid != ac.UID {
+		if r := u.r; !r.ssh || r.uid != ac.UID {
+			if r.ssh && r.uid != ac.UID {
 				a.kernel.release(r.uid) // the old UID is no longer this user's
 			}
 			w := a.edit(u)
-			w.proto, w.uid, w.present = quota.SSH, ac.UID, true
+			w.uid, w.ssh = ac.UID, true
+			w.proto = w.mainProto()
 			u.hasAnchor = false
 			a.touch(u, now, jsonUrgent)
 			a.queue(u)
@@ -196,8 +229,8 @@ func (a *Agent) loadAccounts(now time.Time) error {
 		seen[ac.Name] = true
 	}
 	for name, u := range a.users {
-		if r := u.r; r.proto == quota.SSH && r.present && !seen[name] {
-			a.leave(u, now) // the account is gone; its record and usage stay
+		if u.r.ssh && !seen[name] {
+			a.leaveSSH(u, now) // the account is gone; its record and usage stay
 		}
 	}
 	a.byUID = owners
@@ -205,21 +238,41 @@ func (a *Agent) loadAccounts(now time.Time) error {
 	return nil
 }
 
-// leave marks u as gone from its source (passwd, Xray's config): it is no
-// longer accounted or enforced; its record stays for the retention.
-func (a *Agent) leave(u *user, now time.Time) {
+// leaveSSH marks u's SSH account as gone: its UID is no longer counted or
+// enforced for u. A user with no source left keeps its record for the
+// retention.
+func (a *Agent) leaveSSH(u *user, now time.Time) {
 	w := a.edit(u)
-	w.present = false
-	w.updated = quota.At(now)
-	a.touch(u, now, jsonClean)
+	w.ssh = false
+	w.proto = w.mainProto()
 	u.hasAnchor = false
-	if w.proto == quota.SSH && a.byUID[w.uid] == u {
+	if a.byUID[w.uid] == u {
 		delete(a.byUID, w.uid)
 		a.kernel.release(w.uid)
 	}
-	if w.proto.Xray() {
-		a.markersDirty = true
+	a.left(u, now)
+}
+
+// leaveXray marks u's Xray client as gone from Xray's config.
+func (a *Agent) leaveXray(u *user, now time.Time) {
+	w := a.edit(u)
+	w.xray = false
+	w.proto = w.mainProto()
+	a.markersDirty = true
+	a.left(u, now)
+}
+
+// left records that u lost a source: its file is rewritten while it has
+// another, and the retention counts from now when it has none.
+func (a *Agent) left(u *user, now time.Time) {
+	w := a.edit(u)
+	w.updated = quota.At(now)
+	js := jsonUrgent
+	if !w.present() {
+		js = jsonClean
 	}
+	a.touch(u, now, js)
+	a.queue(u)
 }
 
 // loadLimits re-reads the limits file when it changed. A bad line is logged

@@ -156,7 +156,7 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 	}
 	for email, t := range traffic {
 		u := a.users[email]
-		if u == nil || !u.r.proto.Xray() || !u.r.present {
+		if u == nil || !u.r.xray {
 			continue
 		}
 		cur := quota.Sample{Epoch: a.xr.epoch, Up: uint64(max(t.Uplink, 0)), Down: uint64(max(t.Downlink, 0))}
@@ -175,6 +175,9 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 		b.Sample, b.dirty = cur, true
 		if (d != quota.Usage{}) {
 			a.charge(u, now, d)
+			// The kernel budget of a user who is an SSH account too is what
+			// the limit leaves after every source: granted again.
+			u.hasAnchor = false
 		}
 	}
 	return confErr, nil
@@ -254,21 +257,22 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 		case u == nil:
 			u = a.newUser(email, xus[0].Protocol)
 			a.touch(u, now, jsonUrgent)
-		case u.r.proto == quota.SSH && u.r.present:
-			a.logs.warnOnce("clash:"+email, "an Xray user has the name of an SSH account; the Xray user is not accounted", "name", email)
-			delete(byEmail, email)
-			continue
+		case u.r.ssh && !u.r.xray:
+			a.log.Info("an Xray client has the name of an SSH account: one user, one limit, counted from both",
+				"name", email, "protocols", "ssh+"+string(xus[0].Protocol))
 		}
-		if r := u.r; !r.present || r.proto != xus[0].Protocol {
+		if r := u.r; !r.xray || r.xproto != xus[0].Protocol {
 			w := a.edit(u)
-			w.present, w.proto = true, xus[0].Protocol
+			w.xray, w.xproto = true, xus[0].Protocol
+			w.proto = w.mainProto()
 			a.touch(u, now, jsonUrgent)
+			a.markersDirty = true
 		}
 		a.queue(u)
 	}
 	for name, u := range a.users {
-		if u.r.proto.Xray() && u.r.present && byEmail[name] == nil {
-			a.leave(u, now) // gone from the config; the record and usage stay
+		if u.r.xray && byEmail[name] == nil {
+			a.leaveXray(u, now) // gone from the config; the record and usage stay
 		}
 	}
 	a.xr.conf, a.xr.users = conf, byEmail

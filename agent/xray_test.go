@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/xraystats"
 )
@@ -461,5 +462,69 @@ func TestXrayCutFailsClosed(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSSHAndXrayOneUser: a name that is both an SSH account and an Xray
+// client is one user with one limit: counted from both, the kernel budget
+// of the account shrinks as the Xray client uses data, and when the sum
+// reaches the limit the user is blocked on both (the UID in the kernel and
+// nft, the client removed from Xray); the JSON says both protocols; a reset
+// lets both back.
+func TestSSHAndXrayOneUser(t *testing.T) {
+	e, fx, _ := newXrayEnv(t, "alice 1\n")
+	e.write("passwd", passwd+"alice:x:1005:1005::/:/bin/false\n")
+	e.step(0)
+	v := e.user("alice")
+	if v.Protocol != quota.SSH || !slices.Equal(v.Protocols, []quota.Protocol{quota.SSH, quota.VLESS}) || v.UID != 1005 {
+		t.Fatalf("alice: %+v", v)
+	}
+	if l := e.logs.String(); strings.Contains(l, "the Xray user is not accounted") || strings.Contains(l, "the SSH account is not accounted") {
+		t.Errorf("a source left unaccounted:\n%s", e.logs)
+	}
+	fx.use("alice", 200_000, 300_000)
+	e.dp.blast(1005, 100_000, 1400, false)
+	e.step(2 * time.Second)
+	if v := e.user("alice"); v.Used != 600_000 || v.Status != quota.Active {
+		t.Fatalf("alice counted from both: %+v", v)
+	}
+	// The kernel lets the account use only what the limit leaves after the
+	// Xray client's bytes.
+	passed := e.dp.blast(1005, quota.MiB, 1400, false)
+	if left := quota.MiB - 600_000; passed > left || passed < left-1400 {
+		t.Errorf("the account passed %d bytes, want the %d the limit leaves", passed, left)
+	}
+	e.step(2 * time.Second)
+	v = e.user("alice")
+	if v.Status != quota.Blocked {
+		t.Fatalf("alice at the limit: %+v", v)
+	}
+	if !e.fw.has(1005) || e.dp.policies[1005] != (bpf.Policy{Blocked: true}) {
+		t.Errorf("the account is not blocked in the kernel: nft %v policy %+v", e.fw.set, e.dp.policies[1005])
+	}
+	if fx.has("vless-in", "alice") || fx.has("vmess-in", "alice") {
+		t.Error("the Xray client is still in an inbound")
+	}
+	if _, err := os.Stat(filepath.Join(e.cfg.Paths.MarkerDir, "alice")); err != nil {
+		t.Errorf("marker: %v", err)
+	}
+	if j := e.usage("alice"); !slices.Equal(j.Protocols, []string{"ssh", "vless"}) || !j.Blocked || j.Protocol != "ssh" {
+		t.Errorf("alice.json: %+v", j)
+	}
+	if lines := e.logLines(); len(lines) != 1 || !strings.HasSuffix(lines[0], "| ssh | alice | Bandwidth Limit Reached") {
+		t.Errorf("log: %q", lines)
+	}
+	if err := e.a.Reset(context.Background(), "alice"); err != nil {
+		t.Fatal(err)
+	}
+	e.step(time.Second)
+	if !fx.has("vless-in", "alice") || e.fw.has(1005) || e.dp.policies[1005].Blocked {
+		t.Errorf("reset did not let both back: xray %v nft %v policy %+v", fx.has("vless-in", "alice"), e.fw.set, e.dp.policies[1005])
+	}
+	// The account leaves: the Xray client stays accounted.
+	e.write("passwd", passwd)
+	e.step(2 * time.Second)
+	if v := e.user("alice"); !v.Present || v.Protocol != quota.VLESS || !slices.Equal(v.Protocols, []quota.Protocol{quota.VLESS}) {
+		t.Errorf("alice without her account: %+v", v)
 	}
 }

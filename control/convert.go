@@ -29,7 +29,16 @@ func userToPB(u User) *controlpb.User {
 		BlockTime: unixSec(u.BlockTime), LastReset: unixSec(u.LastReset),
 		OverrideActive: u.Override.Active, OverrideLimit: u.Override.Limit, OverrideUntil: unixSec(u.Override.Until),
 		NextReset: unixSec(u.NextReset), Expires: unixSec(u.Expires), Updated: unixSec(u.Updated),
+		Protocols: protocolNames(u.Protocols),
 	}
+}
+
+func protocolNames(ps []quota.Protocol) []string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, string(p))
+	}
+	return out
 }
 
 func userFromPB(p *controlpb.User) User {
@@ -40,7 +49,16 @@ func userFromPB(p *controlpb.User) User {
 		BlockTime: fromUnix(p.BlockTime), LastReset: fromUnix(p.LastReset),
 		Override:  Override{Active: p.OverrideActive, Limit: p.OverrideLimit, Until: fromUnix(p.OverrideUntil)},
 		NextReset: fromUnix(p.NextReset), Expires: fromUnix(p.Expires), Updated: fromUnix(p.Updated),
+		Protocols: protocols(p.Protocols),
 	}
+}
+
+func protocols(names []string) []quota.Protocol {
+	var out []quota.Protocol
+	for _, n := range names {
+		out = append(out, quota.Protocol(n))
+	}
+	return out
 }
 
 func snapshotToPB(rows []UserRow) *controlpb.Snapshot {

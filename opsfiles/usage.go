@@ -37,6 +37,10 @@ type Usage struct {
 	Download    uint64  `json:"download"`     // bytes to the user since the last reset
 	Remaining   *uint64 `json:"remaining"`    // bytes left before the limit; null when unlimited
 	UpdatedAt   string  `json:"updated_at"`   // TimeLayout, local time
+	// Protocols are the user's sources now: "ssh" for an SSH account, then
+	// an Xray client's protocol; both for a user who is both. Omitted when
+	// unknown (a file of an earlier version).
+	Protocols []string `json:"protocols,omitempty"`
 }
 
 // TimeLayout is the layout of every timestamp in the operators' files:

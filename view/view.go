@@ -16,8 +16,12 @@ import (
 
 // User is one user as the agent last saw it. Zero times mean none.
 type User struct {
-	Name      string
-	Protocol  quota.Protocol
+	Name     string
+	Protocol quota.Protocol // ssh for an SSH account, else the Xray client's protocol
+	// Protocols are all the user's sources now: ssh, an Xray protocol, or
+	// both for a user who is an SSH account and an Xray client; empty for a
+	// user who left.
+	Protocols []quota.Protocol
 	UID       uint32 // SSH users
 	Present   bool   // the account or Xray client exists now
 	Status    quota.Status

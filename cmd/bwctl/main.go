@@ -51,7 +51,9 @@
 //     {"name", "protocol", "uid", "present", "status", "used", "limit"
 //     (0 = unlimited), "remaining" (0 when unlimited), "upload", "download",
 //     "today", "reason", "block_time", "last_reset", "next_reset", "expires",
-//     "updated", "manual_unblock" (bool), "manual_unblock_until"}.
+//     "updated", "manual_unblock" (bool), "manual_unblock_until",
+//     "protocols" (the user's sources now: ["ssh"], ["vless"], or
+//     ["ssh", "vless"] for a user who is both; [] for one who left)}.
 //   - history: an array of {"day", "upload", "download", "total"}.
 //   - status: {"last_tick", "tick_duration_ns", "users", "errors",
 //     "notify"} where errors is an object of subject → message ({} when
@@ -446,8 +448,8 @@ func cmdSet(ctx context.Context, e *env) error {
 			if err != nil {
 				return err
 			}
-			if u.Protocol != proto {
-				return fmt.Errorf("%w: %s connects with %s, not %s; nothing changed", errWrongProtocol, name, u.Protocol, proto)
+			if !slices.Contains(u.Protocols, proto) && u.Protocol != proto {
+				return fmt.Errorf("%w: %s connects with %s, not %s; nothing changed", errWrongProtocol, name, protocolCell(u), proto)
 			}
 		}
 		return c.SetLimit(ctx, name, limit)

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -122,6 +123,20 @@ type userOut struct {
 	Updated            jsonTime `json:"updated"`
 	ManualUnblock      bool     `json:"manual_unblock"`
 	ManualUnblockUntil jsonTime `json:"manual_unblock_until"`
+	Protocols          []string `json:"protocols"`
+}
+
+// userProtocols are u's sources now (ssh, an Xray protocol, or both); a
+// present user of an agent that does not say has its one protocol.
+func userProtocols(u control.User) []string {
+	out := []string{}
+	for _, p := range u.Protocols {
+		out = append(out, string(p))
+	}
+	if len(out) == 0 && u.Present {
+		out = append(out, string(u.Protocol))
+	}
+	return out
 }
 
 func userJSON(u control.User) userOut {
@@ -135,6 +150,7 @@ func userJSON(u control.User) userOut {
 		Reason: u.Reason, BlockTime: jsonTime(u.BlockTime), LastReset: jsonTime(u.LastReset),
 		NextReset: jsonTime(u.NextReset), Expires: jsonTime(u.Expires), Updated: jsonTime(u.Updated),
 		ManualUnblock: u.Override.Active, ManualUnblockUntil: jsonTime(u.Override.Until),
+		Protocols: userProtocols(u),
 	}
 }
 
@@ -190,7 +206,7 @@ func (e *env) printUser(u control.User) error {
 	}
 	rows := [][2]string{
 		{"user", u.Name},
-		{"protocol", string(u.Protocol)},
+		{"protocol", protocolCell(u)},
 		{"status", e.status(string(u.Status))},
 		{"used", used},
 		{"limit", limit},
@@ -250,4 +266,13 @@ func printNotify(tw io.Writer, chs []control.NotifyChannel) {
 			fmt.Fprintf(tw, "    last error %s: %s\n", timeOr(c.ErrorTime, "at an unknown time"), c.LastError)
 		}
 	}
+}
+
+// protocolCell shows u's protocol, or its protocols joined with "+" for a
+// user who is an SSH account and an Xray client.
+func protocolCell(u control.User) string {
+	if ps := userProtocols(u); len(ps) > 1 {
+		return strings.Join(ps, "+")
+	}
+	return string(u.Protocol)
 }

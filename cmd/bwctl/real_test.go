@@ -85,6 +85,15 @@ func realAgentWith(t *testing.T, change func(*config.Config)) (sock, limits, cgr
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { a.Run(ctx) })
+	// As bwagent does: the socket opens once the first tick has run, so
+	// the first read already sees the accounts.
+	select {
+	case <-a.Ready():
+	case <-time.After(30 * time.Second):
+		cancel()
+		wg.Wait()
+		t.Fatal("the agent's first tick did not end")
+	}
 	wg.Go(func() { srv.Serve(ctx, cfg.Paths.Socket) })
 	t.Cleanup(func() { cancel(); wg.Wait() })
 	for i := 0; ; i++ {

@@ -264,8 +264,10 @@ type User struct {
 	NextReset      int64                  `protobuf:"varint,18,opt,name=next_reset,json=nextReset,proto3" json:"next_reset,omitempty"`
 	Expires        int64                  `protobuf:"varint,19,opt,name=expires,proto3" json:"expires,omitempty"`
 	Updated        int64                  `protobuf:"varint,20,opt,name=updated,proto3" json:"updated,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// All the user's sources now (ssh, an Xray protocol, or both).
+	Protocols     []string `protobuf:"bytes,21,rep,name=protocols,proto3" json:"protocols,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *User) Reset() {
@@ -436,6 +438,13 @@ func (x *User) GetUpdated() int64 {
 		return x.Updated
 	}
 	return 0
+}
+
+func (x *User) GetProtocols() []string {
+	if x != nil {
+		return x.Protocols
+	}
+	return nil
 }
 
 type HistoryRequest struct {
@@ -1133,7 +1142,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x11ListUsersResponse\x12.\n" +
 	"\x05users\x18\x01 \x03(\v2\x18.bwagent.control.v1.UserR\x05users\"$\n" +
 	"\x0eGetUserRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\xac\x04\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xca\x04\n" +
 	"\x04User\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x10\n" +
@@ -1158,7 +1167,8 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\n" +
 	"next_reset\x18\x12 \x01(\x03R\tnextReset\x12\x18\n" +
 	"\aexpires\x18\x13 \x01(\x03R\aexpires\x12\x18\n" +
-	"\aupdated\x18\x14 \x01(\x03R\aupdated\"H\n" +
+	"\aupdated\x18\x14 \x01(\x03R\aupdated\x12\x1c\n" +
+	"\tprotocols\x18\x15 \x03(\tR\tprotocols\"H\n" +
 	"\x0eHistoryRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04from\x18\x02 \x01(\tR\x04from\x12\x0e\n" +
