@@ -8,6 +8,7 @@
 package nettest
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -189,4 +191,29 @@ func killAll(cgroup string) {
 			unix.Kill(pid, unix.SIGKILL)
 		}
 	}
+}
+
+// Listeners counts the TCP sockets that listen on port, on any IPv4 or IPv6
+// address, in the network namespace whose /proc net directory is dir
+// ("/proc/PID/net", or "/proc/thread-self/net" for the calling thread's).
+func Listeners(dir string, port int) (int, error) {
+	n := 0
+	for _, file := range []string{"tcp", "tcp6"} {
+		b, err := os.ReadFile(filepath.Join(dir, file))
+		if err != nil {
+			return 0, err
+		}
+		for _, line := range bytes.Split(b, []byte("\n"))[1:] {
+			// sl local_address rem_address st ...; addresses are HEX:PORT.
+			f := bytes.Fields(line)
+			if len(f) < 4 || string(f[3]) != "0A" { // TCP_LISTEN
+				continue
+			}
+			_, hexPort, ok := bytes.Cut(f[1], []byte(":"))
+			if p, err := strconv.ParseUint(string(hexPort), 16, 16); ok && err == nil && int(p) == port {
+				n++
+			}
+		}
+	}
+	return n, nil
 }

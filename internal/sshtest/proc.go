@@ -247,27 +247,12 @@ func (p place) freePort(t testing.TB, addr netip.Addr) int {
 	return port
 }
 
-// listeners counts the TCP sockets that listen on port, on any address, in
-// the network namespace of process pid. It returns -1 if the process is
-// gone.
+// listeners counts the TCP sockets that listen on port in the network
+// namespace of process pid. It returns -1 if the process is gone.
 func listeners(pid, port int) int {
-	n := 0
-	for _, file := range []string{"tcp", "tcp6"} {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, file))
-		if err != nil {
-			return -1
-		}
-		for _, line := range bytes.Split(b, []byte("\n"))[1:] {
-			// sl local_address rem_address st ...; addresses are HEX:PORT.
-			f := bytes.Fields(line)
-			if len(f) < 4 || string(f[3]) != "0A" { // TCP_LISTEN
-				continue
-			}
-			_, hexPort, ok := bytes.Cut(f[1], []byte(":"))
-			if p, err := strconv.ParseUint(string(hexPort), 16, 16); ok && err == nil && int(p) == port {
-				n++
-			}
-		}
+	n, err := nettest.Listeners(fmt.Sprintf("/proc/%d/net", pid), port)
+	if err != nil {
+		return -1
 	}
 	return n
 }

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/myvpn/bwagent/internal/nettest"
 )
 
 // proc is an Xray process.
@@ -145,23 +147,9 @@ func listeners(t testing.TB, port int) int {
 	// thread there (the runtime parks a locked main thread, never exits it).
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	n := 0
-	for _, path := range []string{"/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"} {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, line := range bytes.Split(b, []byte("\n"))[1:] {
-			// sl local_address rem_address st ...; addresses are HEX:PORT.
-			f := bytes.Fields(line)
-			if len(f) < 4 || string(f[3]) != "0A" { // TCP_LISTEN
-				continue
-			}
-			_, hexPort, ok := bytes.Cut(f[1], []byte(":"))
-			if p, err := strconv.ParseUint(string(hexPort), 16, 16); ok && err == nil && int(p) == port {
-				n++
-			}
-		}
+	n, err := nettest.Listeners("/proc/thread-self/net", port)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return n
 }
