@@ -178,7 +178,7 @@ func TestSSHTurnedOff(t *testing.T) {
 // tables, while their per-day history stays.
 func TestRetention(t *testing.T) {
 	e := newEnv(t)
-	e.write("bw-limit.conf", "john 100\n")
+	e.write("bw-limit.conf", "john 6\n") // 5 MiB of 6: past the 80% notice
 	e.step(0)
 	e.dp.blast(1001, 5*quota.MiB, 64*quota.KiB, false)
 	e.step(2 * time.Second)
@@ -188,8 +188,11 @@ func TestRetention(t *testing.T) {
 	if v := e.user("john"); v.Present || v.Download < 5*quota.MiB {
 		t.Fatalf("john just gone: %+v", v)
 	}
+	if _, noted := e.a.notes.threshold["john"]; !noted {
+		t.Fatal("no threshold notice remembered for john")
+	}
 	e.step(89 * 24 * time.Hour)
-	if v := e.user("john"); v.Download < 5*quota.MiB || v.Limit != 100*quota.MiB {
+	if v := e.user("john"); v.Download < 5*quota.MiB || v.Limit != 6*quota.MiB {
 		t.Errorf("john within the retention: %+v", v)
 	}
 	e.step(2 * 24 * time.Hour)
@@ -208,6 +211,9 @@ func TestRetention(t *testing.T) {
 	hist, err := e.a.store.History("john", "", "")
 	if err != nil || len(hist) == 0 {
 		t.Errorf("john's history: %v, %v (must stay)", hist, err)
+	}
+	if _, kept := e.a.notes.threshold["john"]; kept {
+		t.Error("john's threshold notice is still remembered")
 	}
 	if !strings.Contains(e.logs.String(), "user forgotten") {
 		t.Errorf("no log line for the drop:\n%s", e.logs)

@@ -120,6 +120,8 @@ func (a *Agent) dropUser(u *user) {
 	a.pub.changed, a.pub.membership = true, true
 	a.rec.dropUsers = append(a.rec.dropUsers, r.name)
 	a.xr.dropBaseline(r.name, &a.rec)
+	delete(a.notes.threshold, r.name) // nil maps before the first tick: a no-op
+	delete(a.notes.expiring, r.name)
 	a.log.Info("user forgotten: gone longer than the retention", "user", r.name, "protocol", r.proto,
 		"last_seen", r.updated.Time().In(a.loc).Format(time.DateTime), "retention", a.cfg.Retention)
 }
