@@ -28,20 +28,37 @@ type bwacctPolicy struct {
 	Ceiling uint64
 }
 
+type bwacctSockOwner struct {
+	_         structs.HostLayout
+	Uid       uint32
+	Flags     uint32
+	PendingRx uint64
+	PendingTx uint64
+	Deadline  uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	bwacctMapBwCounters   = "bw_counters"
-	bwacctMapBwMoved      = "bw_moved"
-	bwacctMapBwPolicy     = "bw_policy"
-	bwacctMapBwPolicyBits = "bw_policy_bits"
-	bwacctMapBwQuotaUsed  = "bw_quota_used"
-	bwacctMapBwStats      = "bw_stats"
-	bwacctProgBwConnect4  = "bw_connect4"
-	bwacctProgBwConnect6  = "bw_connect6"
-	bwacctProgBwEgress    = "bw_egress"
-	bwacctProgBwIngress   = "bw_ingress"
+	bwacctMapBwCounters    = "bw_counters"
+	bwacctMapBwCredit      = "bw_credit"
+	bwacctMapBwMoved       = "bw_moved"
+	bwacctMapBwPolicy      = "bw_policy"
+	bwacctMapBwPolicyBits  = "bw_policy_bits"
+	bwacctMapBwQuotaUsed   = "bw_quota_used"
+	bwacctMapBwServers     = "bw_servers"
+	bwacctMapBwSock        = "bw_sock"
+	bwacctMapBwSshPorts    = "bw_ssh_ports"
+	bwacctMapBwSstats      = "bw_sstats"
+	bwacctMapBwStats       = "bw_stats"
+	bwacctMapBwTagged      = "bw_tagged"
+	bwacctProgBwConnect4   = "bw_connect4"
+	bwacctProgBwConnect6   = "bw_connect6"
+	bwacctProgBwEgress     = "bw_egress"
+	bwacctProgBwIngress    = "bw_ingress"
+	bwacctProgBwSockCreate = "bw_sock_create"
+	bwacctProgBwSockops    = "bw_sockops"
 )
 
 // loadBwacct returns the embedded CollectionSpec for bwacct.
@@ -86,10 +103,12 @@ type bwacctSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bwacctProgramSpecs struct {
-	BwConnect4 *ebpf.ProgramSpec `ebpf:"bw_connect4"`
-	BwConnect6 *ebpf.ProgramSpec `ebpf:"bw_connect6"`
-	BwEgress   *ebpf.ProgramSpec `ebpf:"bw_egress"`
-	BwIngress  *ebpf.ProgramSpec `ebpf:"bw_ingress"`
+	BwConnect4   *ebpf.ProgramSpec `ebpf:"bw_connect4"`
+	BwConnect6   *ebpf.ProgramSpec `ebpf:"bw_connect6"`
+	BwEgress     *ebpf.ProgramSpec `ebpf:"bw_egress"`
+	BwIngress    *ebpf.ProgramSpec `ebpf:"bw_ingress"`
+	BwSockCreate *ebpf.ProgramSpec `ebpf:"bw_sock_create"`
+	BwSockops    *ebpf.ProgramSpec `ebpf:"bw_sockops"`
 }
 
 // bwacctMapSpecs contains maps before they are loaded into the kernel.
@@ -97,11 +116,17 @@ type bwacctProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type bwacctMapSpecs struct {
 	BwCounters   *ebpf.MapSpec `ebpf:"bw_counters"`
+	BwCredit     *ebpf.MapSpec `ebpf:"bw_credit"`
 	BwMoved      *ebpf.MapSpec `ebpf:"bw_moved"`
 	BwPolicy     *ebpf.MapSpec `ebpf:"bw_policy"`
 	BwPolicyBits *ebpf.MapSpec `ebpf:"bw_policy_bits"`
 	BwQuotaUsed  *ebpf.MapSpec `ebpf:"bw_quota_used"`
+	BwServers    *ebpf.MapSpec `ebpf:"bw_servers"`
+	BwSock       *ebpf.MapSpec `ebpf:"bw_sock"`
+	BwSshPorts   *ebpf.MapSpec `ebpf:"bw_ssh_ports"`
+	BwSstats     *ebpf.MapSpec `ebpf:"bw_sstats"`
 	BwStats      *ebpf.MapSpec `ebpf:"bw_stats"`
+	BwTagged     *ebpf.MapSpec `ebpf:"bw_tagged"`
 }
 
 // bwacctVariableSpecs contains global variables before they are loaded into the kernel.
@@ -131,21 +156,33 @@ func (o *bwacctObjects) Close() error {
 // It can be passed to loadBwacctObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bwacctMaps struct {
 	BwCounters   *ebpf.Map `ebpf:"bw_counters"`
+	BwCredit     *ebpf.Map `ebpf:"bw_credit"`
 	BwMoved      *ebpf.Map `ebpf:"bw_moved"`
 	BwPolicy     *ebpf.Map `ebpf:"bw_policy"`
 	BwPolicyBits *ebpf.Map `ebpf:"bw_policy_bits"`
 	BwQuotaUsed  *ebpf.Map `ebpf:"bw_quota_used"`
+	BwServers    *ebpf.Map `ebpf:"bw_servers"`
+	BwSock       *ebpf.Map `ebpf:"bw_sock"`
+	BwSshPorts   *ebpf.Map `ebpf:"bw_ssh_ports"`
+	BwSstats     *ebpf.Map `ebpf:"bw_sstats"`
 	BwStats      *ebpf.Map `ebpf:"bw_stats"`
+	BwTagged     *ebpf.Map `ebpf:"bw_tagged"`
 }
 
 func (m *bwacctMaps) Close() error {
 	return _BwacctClose(
 		m.BwCounters,
+		m.BwCredit,
 		m.BwMoved,
 		m.BwPolicy,
 		m.BwPolicyBits,
 		m.BwQuotaUsed,
+		m.BwServers,
+		m.BwSock,
+		m.BwSshPorts,
+		m.BwSstats,
 		m.BwStats,
+		m.BwTagged,
 	)
 }
 
@@ -159,10 +196,12 @@ type bwacctVariables struct {
 //
 // It can be passed to loadBwacctObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bwacctPrograms struct {
-	BwConnect4 *ebpf.Program `ebpf:"bw_connect4"`
-	BwConnect6 *ebpf.Program `ebpf:"bw_connect6"`
-	BwEgress   *ebpf.Program `ebpf:"bw_egress"`
-	BwIngress  *ebpf.Program `ebpf:"bw_ingress"`
+	BwConnect4   *ebpf.Program `ebpf:"bw_connect4"`
+	BwConnect6   *ebpf.Program `ebpf:"bw_connect6"`
+	BwEgress     *ebpf.Program `ebpf:"bw_egress"`
+	BwIngress    *ebpf.Program `ebpf:"bw_ingress"`
+	BwSockCreate *ebpf.Program `ebpf:"bw_sock_create"`
+	BwSockops    *ebpf.Program `ebpf:"bw_sockops"`
 }
 
 func (p *bwacctPrograms) Close() error {
@@ -171,6 +210,8 @@ func (p *bwacctPrograms) Close() error {
 		p.BwConnect6,
 		p.BwEgress,
 		p.BwIngress,
+		p.BwSockCreate,
+		p.BwSockops,
 	)
 }
 

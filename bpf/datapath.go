@@ -159,13 +159,20 @@ type Stats struct {
 	// QuotaFull counts packets of budgeted UIDs dropped because the quota
 	// map had no room for their UID; they are in DroppedQuota too.
 	QuotaFull uint64
+	// SSHHeld counts packets of pending SSH connections held (dropped)
+	// while the agent had not attributed them yet (Attribution.Pending).
+	SSHHeld uint64
+	// SSHUnattributed counts packets of SSH connections that passed
+	// unattributed, their hold over: no agent ran, or it could not tell
+	// whose session it was.
+	SSHUnattributed uint64
 }
 
 // Datapath is a loaded, attached data plane.
 type Datapath struct {
 	cfg       Config
 	cgroupID  uint64
-	objs      bwacctObjects
+	objs      objects
 	links     map[ebpf.AttachType]link.Link
 	protected uidguard.Set
 	lock      *os.File // flock on the pin directory
@@ -177,6 +184,8 @@ type Datapath struct {
 	keys   []uint32
 	values []bwacctCounters
 
+	credits map[uint32]Counters // bw_credit, of which the Datapath is the only writer
+
 	epoch Epoch             // cached by Epoch
 	have  map[uint32]Policy // ReconcilePolicies' read-back, reused
 	moved []byte            // EachMoved's copy of bw_moved
@@ -184,11 +193,49 @@ type Datapath struct {
 
 // linkPins names the pinned link of each attach type.
 var linkPins = map[ebpf.AttachType]string{
-	ebpf.AttachCGroupInetIngress:  "link_ingress",
-	ebpf.AttachCGroupInetEgress:   "link_egress",
-	ebpf.AttachCGroupInet4Connect: "link_connect4",
-	ebpf.AttachCGroupInet6Connect: "link_connect6",
+	ebpf.AttachCGroupInetIngress:    "link_ingress",
+	ebpf.AttachCGroupInetEgress:     "link_egress",
+	ebpf.AttachCGroupInet4Connect:   "link_connect4",
+	ebpf.AttachCGroupInet6Connect:   "link_connect6",
+	ebpf.AttachCGroupInetSockCreate: "link_sock_create",
+	ebpf.AttachCGroupSockOps:        "link_sockops",
 }
+
+// objects are the loaded maps and programs. The SSH session programs,
+// BwSockCreate and BwSockops, are nil on kernels before sockCreateKernel,
+// which refuse their helpers.
+type objects struct {
+	programs
+	BwSockCreate *ebpf.Program // loaded on its own: see load
+	BwSockops    *ebpf.Program
+}
+
+// programs are what load's first LoadAndAssign loads: every map and the
+// programs that every supported kernel runs.
+type programs struct {
+	bwacctMaps
+	BwIngress  *ebpf.Program `ebpf:"bw_ingress"`
+	BwEgress   *ebpf.Program `ebpf:"bw_egress"`
+	BwConnect4 *ebpf.Program `ebpf:"bw_connect4"`
+	BwConnect6 *ebpf.Program `ebpf:"bw_connect6"`
+}
+
+// Close closes every map and program.
+func (o *objects) Close() error {
+	var errs []error
+	for _, p := range []*ebpf.Program{o.BwIngress, o.BwEgress, o.BwConnect4, o.BwConnect6, o.BwSockCreate, o.BwSockops} {
+		if p != nil {
+			errs = append(errs, p.Close())
+		}
+	}
+	errs = append(errs, o.bwacctMaps.Close())
+	return errors.Join(errs...)
+}
+
+// sockCreateKernel is the first Linux release whose cgroup/sock_create
+// programs may call bpf_get_current_pid_tgid (6.0): before it, the sockets
+// of SSH server processes are not tagged (see Datapath.SupportsServerTagging).
+var sockCreateKernel = [2]int{6, 0}
 
 // Load loads the programs and maps, reusing pinned maps and links found
 // under cfg.PinPath, and makes sure each program is attached exactly once to
@@ -266,7 +313,7 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 		lock.Close()
 		return nil, err
 	}
-	for _, name := range []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwQuotaUsed} {
+	for _, name := range []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwQuotaUsed, bwacctMapBwCredit} {
 		spec.Maps[name].MaxEntries = cfg.MaxUIDs
 	}
 
@@ -278,7 +325,21 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 		lock:      lock,
 	}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.PinPath}}
-	if err := spec.LoadAndAssign(&d.objs, opts); err != nil {
+	err = spec.LoadAndAssign(&d.objs.programs, opts)
+	if err == nil && serverTaggingKernel() {
+		// A second load of the same spec: its maps are the pins the first
+		// made.
+		var sc struct {
+			SockCreate *ebpf.Program `ebpf:"bw_sock_create"`
+			Sockops    *ebpf.Program `ebpf:"bw_sockops"`
+		}
+		if err = spec.LoadAndAssign(&sc, opts); err == nil {
+			d.objs.BwSockCreate, d.objs.BwSockops = sc.SockCreate, sc.Sockops
+		} else {
+			d.objs.Close()
+		}
+	}
+	if err != nil {
 		lock.Close()
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
 			return nil, fmt.Errorf("%w under %s (an older bwagent, or a different max_uids): %v; "+
@@ -286,6 +347,10 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 				"the agent's saved totals are kept), or set max_uids back", ErrIncompatiblePin, cfg.PinPath, err)
 		}
 		return nil, permission(fmt.Errorf("load BPF objects: %w", err))
+	}
+	if err := d.loadCredits(); err != nil {
+		d.Close()
+		return nil, err
 	}
 	// Attaching for the first time, or finding a previous agent's links,
 	// is no repair to report.
@@ -336,7 +401,12 @@ func (d *Datapath) EnsureAttached() (repaired []string, err error) {
 		// made here, at its first start, as a first attachment.
 		{"connect4", ebpf.AttachCGroupInet4Connect, d.objs.BwConnect4},
 		{"connect6", ebpf.AttachCGroupInet6Connect, d.objs.BwConnect6},
+		{"sock_create", ebpf.AttachCGroupInetSockCreate, d.objs.BwSockCreate},
+		{"sockops", ebpf.AttachCGroupSockOps, d.objs.BwSockops},
 	} {
+		if a.prog == nil {
+			continue // not on this kernel
+		}
 		reattached, repinned, err := d.ensureLink(a.typ, a.prog)
 		if reattached {
 			repaired = append(repaired, a.name+" program re-attached")
@@ -358,6 +428,12 @@ func (d *Datapath) EnsureAttached() (repaired []string, err error) {
 		{bwacctMapBwQuotaUsed, d.objs.BwQuotaUsed},
 		{bwacctMapBwStats, d.objs.BwStats},
 		{bwacctMapBwMoved, d.objs.BwMoved},
+		{bwacctMapBwSock, d.objs.BwSock},
+		{bwacctMapBwTagged, d.objs.BwTagged},
+		{bwacctMapBwServers, d.objs.BwServers},
+		{bwacctMapBwCredit, d.objs.BwCredit},
+		{bwacctMapBwSshPorts, d.objs.BwSshPorts},
+		{bwacctMapBwSstats, d.objs.BwSstats},
 	} {
 		pin := filepath.Join(d.cfg.PinPath, m.name)
 		if _, err := os.Stat(pin); !errors.Is(err, os.ErrNotExist) {
@@ -518,7 +594,8 @@ func removePins(pinPath string) error {
 	if err != nil {
 		return permission(fmt.Errorf("uninstall: %w", err))
 	}
-	known := []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwPolicyBits, bwacctMapBwQuotaUsed, bwacctMapBwStats, bwacctMapBwMoved}
+	known := []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwPolicyBits, bwacctMapBwQuotaUsed,
+		bwacctMapBwStats, bwacctMapBwMoved, bwacctMapBwSock, bwacctMapBwTagged, bwacctMapBwServers, bwacctMapBwCredit, bwacctMapBwSshPorts, bwacctMapBwSstats}
 	for _, name := range linkPins {
 		known = append(known, name)
 	}

@@ -550,11 +550,17 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	if err := os.RemoveAll(e.pin); err != nil {
 		t.Fatal(err)
 	}
-	repaired("pin directory "+e.pin+" re-created",
+	want := []string{"pin directory " + e.pin + " re-created",
 		"pin link_ingress re-created", "pin link_egress re-created",
-		"pin link_connect4 re-created", "pin link_connect6 re-created",
-		"pin bw_counters re-created", "pin bw_policy re-created", "pin bw_policy_bits re-created",
-		"pin bw_quota_used re-created", "pin bw_stats re-created", "pin bw_moved re-created")
+		"pin link_connect4 re-created", "pin link_connect6 re-created"}
+	if e.dp.SupportsServerTagging() {
+		want = append(want, "pin link_sock_create re-created", "pin link_sockops re-created")
+	}
+	want = append(want, "pin bw_counters re-created", "pin bw_policy re-created", "pin bw_policy_bits re-created",
+		"pin bw_quota_used re-created", "pin bw_stats re-created", "pin bw_moved re-created",
+		"pin bw_sock re-created", "pin bw_tagged re-created", "pin bw_servers re-created", "pin bw_credit re-created",
+		"pin bw_ssh_ports re-created", "pin bw_sstats re-created")
+	repaired(want...)
 	repaired()
 	checkOne()
 	if _, err := bpf.Load(e.cfg); !errors.Is(err, bpf.ErrInUse) {

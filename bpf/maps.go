@@ -321,11 +321,23 @@ func (d *Datapath) Stats() (Stats, error) {
 			vals[i] += v
 		}
 	}
+	var ssh [2]uint64
+	for i := range ssh {
+		var per []uint64
+		if err := d.objs.BwSstats.Lookup(uint32(i), &per); err != nil {
+			return Stats{}, fmt.Errorf("read stats: %w", err)
+		}
+		for _, v := range per {
+			ssh[i] += v
+		}
+	}
 	return Stats{
-		CountersFull:   vals[statCountersFull],
-		DroppedBlocked: vals[statDropBlocked],
-		DroppedQuota:   vals[statDropQuota],
-		QuotaFull:      vals[statQuotaFull],
+		CountersFull:    vals[statCountersFull],
+		DroppedBlocked:  vals[statDropBlocked],
+		DroppedQuota:    vals[statDropQuota],
+		QuotaFull:       vals[statQuotaFull],
+		SSHHeld:         ssh[0],
+		SSHUnattributed: ssh[1],
 	}, nil
 }
 
@@ -350,19 +362,23 @@ func (d *Datapath) CountersOf(uid uint32) (Counters, error) {
 	var vals []bwacctCounters
 	err := d.objs.BwCounters.Lookup(uid, &vals)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return Counters{}, nil
+		return d.credits[uid], nil
 	}
 	if err != nil {
 		return Counters{}, fmt.Errorf("read counters of UID %d: %w", uid, err)
 	}
-	var c Counters
+	c := d.credits[uid]
 	for _, v := range vals {
-		c.RxBytes += v.RxBytes
-		c.RxPackets += v.RxPackets
-		c.TxBytes += v.TxBytes
-		c.TxPackets += v.TxPackets
+		c.add(v)
 	}
 	return c, nil
+}
+
+func (c *Counters) add(v bwacctCounters) {
+	c.RxBytes += v.RxBytes
+	c.RxPackets += v.RxPackets
+	c.TxBytes += v.TxBytes
+	c.TxPackets += v.TxPackets
 }
 
 // ApplyPolicies writes the given policies (the zero Policy deletes the
@@ -389,7 +405,35 @@ func (d *Datapath) ApplyPolicies(changes map[uint32]Policy) error {
 
 // EachCounter calls fn with every UID's counters, summed over CPUs, reading
 // thousands of UIDs per syscall. It is Counters without building a map.
+// Counters include the UID's credits (see Credit).
 func (d *Datapath) EachCounter(fn func(uid uint32, c Counters)) error {
+	var credited map[uint32]bool
+	if len(d.credits) > 0 {
+		credited = make(map[uint32]bool, len(d.credits))
+	}
+	err := d.eachCounter(func(uid uint32, c Counters) {
+		if cr, ok := d.credits[uid]; ok {
+			credited[uid] = true
+			c.RxBytes += cr.RxBytes
+			c.RxPackets += cr.RxPackets
+			c.TxBytes += cr.TxBytes
+			c.TxPackets += cr.TxPackets
+		}
+		fn(uid, c)
+	})
+	if err != nil {
+		return err
+	}
+	for uid, cr := range d.credits {
+		if !credited[uid] {
+			fn(uid, cr)
+		}
+	}
+	return nil
+}
+
+// eachCounter is EachCounter without the credits.
+func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		return err
@@ -404,10 +448,7 @@ func (d *Datapath) EachCounter(fn func(uid uint32, c Counters)) error {
 		for i := range n {
 			var c Counters
 			for _, v := range d.values[i*ncpu : (i+1)*ncpu] {
-				c.RxBytes += v.RxBytes
-				c.RxPackets += v.RxPackets
-				c.TxBytes += v.TxBytes
-				c.TxPackets += v.TxPackets
+				c.add(v)
 			}
 			fn(d.keys[i], c)
 		}

@@ -18,6 +18,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -216,4 +217,32 @@ func Listeners(dir string, port int) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// spawner runs the functions sent to it on one OS thread that never exits.
+var spawner struct {
+	once sync.Once
+	fns  chan func()
+}
+
+// Spawn runs fn, which starts child processes with a parent-death signal,
+// on an OS thread that lives as long as the test binary. Linux sends that
+// signal when the *thread* that forked the child exits, and Go ends a thread
+// whenever a goroutine locked to it returns (as Do's, and any library's that
+// switches network namespace, do): started from an ordinary goroutine, a
+// child could be killed in the middle of a test by some other goroutine's
+// thread ending. Started here, it dies with the test binary only.
+func Spawn(fn func() error) error {
+	spawner.once.Do(func() {
+		spawner.fns = make(chan func())
+		go func() {
+			runtime.LockOSThread() // never unlocked, never returns
+			for f := range spawner.fns {
+				f()
+			}
+		}()
+	})
+	errc := make(chan error, 1)
+	spawner.fns <- func() { errc <- fn() }
+	return <-errc
 }

@@ -153,7 +153,7 @@ func start(t testing.TB, spec Spec, name string, cmd *exec.Cmd) *Proc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	start := cmd.Start
+	start := func() error { return Spawn(cmd.Start) }
 	if spec.NS != 0 {
 		// The child is forked from the calling thread and so is born in
 		// its network namespace. That thread ends right after, which

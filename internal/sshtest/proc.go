@@ -147,7 +147,7 @@ func (p place) start(cmd *exec.Cmd, uid uint32) error {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uid, Gid: uid}
 	}
 	if p.ns == 0 {
-		return cmd.Start()
+		return nettest.Spawn(cmd.Start)
 	}
 	cmd.SysProcAttr.Pdeathsig = 0
 	return p.do(cmd.Start)
@@ -363,6 +363,7 @@ func startTime(pid int) (ticks uint64, ok bool) {
 // lineLog collects the lines written to a pipe, for the life of every
 // process that holds its write end.
 type lineLog struct {
+	copyTo  *os.File // each line is appended to it too, if not nil
 	mu      sync.Mutex
 	lines   []string
 	changed chan struct{} // closed and replaced when a line arrives or the log ends
@@ -371,21 +372,27 @@ type lineLog struct {
 
 // newLineLog returns a lineLog and the write end of its pipe, which the
 // caller gives to its processes and then closes.
-func newLineLog() (*lineLog, *os.File, error) {
+func newLineLog(copyTo *os.File) (*lineLog, *os.File, error) {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, nil, err
 	}
-	l := &lineLog{changed: make(chan struct{})}
+	l := &lineLog{changed: make(chan struct{}), copyTo: copyTo}
 	go l.read(r)
 	return l, w, nil
 }
 
 func (l *lineLog) read(r io.ReadCloser) {
 	defer r.Close()
+	if l.copyTo != nil {
+		defer l.copyTo.Close()
+	}
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
+		if l.copyTo != nil {
+			l.copyTo.WriteString(sc.Text() + "\n")
+		}
 		l.mu.Lock()
 		l.lines = append(l.lines, sc.Text())
 		close(l.changed)

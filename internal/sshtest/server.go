@@ -76,6 +76,10 @@ type Server struct {
 	Cgroup string
 	// Dir is the server's temp dir: its config, host key and PID file.
 	Dir string
+	// LogFile is a file in Dir that the server's output (its log) is
+	// appended to, line by line, as a syslog file would have it: what an
+	// agent reads as the servers' auth log.
+	LogFile string
 	// Sink is a TCP sink on 127.0.0.1 in the server's network
 	// namespace: the destination of tunnels' connections (see
 	// [Session.Transfer] and [Session.Stream]).
@@ -123,6 +127,7 @@ func Start(t testing.TB, kind Kind, o Options) *Server {
 		t.Fatalf("sshtest: unknown server kind %q", kind)
 	}
 	s := &Server{Kind: kind, NS: o.NS, Dir: t.TempDir()}
+	s.LogFile = filepath.Join(s.Dir, "server.log")
 	s.place = newPlace(t, o.NS, o.Cgroup)
 	s.Cgroup = s.place.cgroup
 	t.Cleanup(func() {
@@ -234,8 +239,13 @@ Subsystem sftp /usr/lib/openssh/sftp-server
 // run starts the server process and waits until it listens on s.Addr,
 // alone, or fails with errExited if it exits first.
 func (s *Server) run(argv []string) error {
-	log, w, err := newLineLog()
+	copyTo, err := os.OpenFile(s.LogFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
+		return err
+	}
+	log, w, err := newLineLog(copyTo)
+	if err != nil {
+		copyTo.Close()
 		return err
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)

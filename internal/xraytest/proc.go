@@ -97,9 +97,9 @@ func (p *proc) start(t testing.TB) error {
 	defer logf.Close()
 	cmd := exec.Command(p.cmdline[0], p.cmdline[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	// Dies with the test binary, should that be killed.
+	// Dies with the test binary, should that be killed (see nettest.Spawn).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := nettest.Spawn(cmd.Start); err != nil {
 		t.Fatalf("start %s: %v", p.name, err)
 	}
 	done := make(chan struct{})
