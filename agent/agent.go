@@ -92,6 +92,9 @@ type Options struct {
 	Now func() time.Time
 	// Observers are told of each tick, charge, event and commit.
 	Observers []Observer
+	// Sessions attributes SSH sessions to their users in the kernel; nil
+	// leaves them uncounted (see SessionKernel).
+	Sessions SessionKernel
 }
 
 // Agent runs the control loop. Its exported methods may be called from any
@@ -118,10 +121,11 @@ type Agent struct {
 	byUID map[uint32]*user      // present SSH users by UID
 	plans map[string]quota.Plan // limits of names that are no user yet
 
-	work   tickWork   // what this tick must evaluate, commit and write
-	kernel kernelSide // SSH users: kernel counters, policies and the nft set
-	xr     xrayState  // Xray users: config, counters, inbounds, connections
-	rec    records    // rows and events waiting for the next commit
+	work   tickWork    // what this tick must evaluate, commit and write
+	kernel kernelSide  // SSH users: kernel counters, policies and the nft set
+	xr     xrayState   // Xray users: config, counters, inbounds, connections
+	sess   sessionSide // SSH sessions: attribution in the kernel, cuts
+	rec    records     // rows and events waiting for the next commit
 
 	markers      map[string]opsfiles.Marker // blocked Xray users
 	markersDirty bool
@@ -205,6 +209,9 @@ func New(o Options) (*Agent, error) {
 		}
 	}
 	a.xr = newXrayState()
+	a.sess.k = o.Sessions
+	a.sess.forks = make(chan uint32, 256)
+	a.sess.execs = make(chan uint32, 256)
 	a.files = newFileWriter(a.cfg.Paths.UsageDir, a.pub.snap.Load)
 	a.watch = newDirWatch(a.cfg.Paths.UsageDir)
 	if err := a.load(); err != nil {
@@ -246,6 +253,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { a.files.run(fctx) })
 	wg.Go(func() { a.commits.run(fctx) })
+	if a.sess.k != nil {
+		wg.Go(func() { a.watchProcesses(fctx) })
+	}
 	defer func() {
 		stopFiles()
 		wg.Wait()
@@ -274,6 +284,12 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.tick()
 		case r := <-a.cmds:
 			r.done <- a.apply(r.fn)
+		case pid := <-a.sess.forks:
+			a.sessionProcess(pid, false, a.now())
+		case pid := <-a.sess.execs:
+			a.sessionProcess(pid, true, a.now())
+		case <-a.polling():
+			a.pollSessions(a.now())
 		}
 		if iv := a.currentInterval(); iv != interval {
 			interval = iv
@@ -335,7 +351,8 @@ func (a *Agent) tick() {
 	h := &view.Health{LastTick: now, TickDuration: time.Since(start), Ticks: a.ticks, Users: len(a.users),
 		Errors: a.logs.errors(),
 		Kernel: view.KernelStats{DroppedBlocked: st.DroppedBlocked, DroppedQuota: st.DroppedQuota,
-			CountersFull: st.CountersFull, QuotaFull: st.QuotaFull}}
+			CountersFull: st.CountersFull, QuotaFull: st.QuotaFull,
+			SSHSessions: uint64(len(a.sess.live)), SSHHeld: st.SSHHeld, SSHUnattributed: st.SSHUnattributed}}
 	h.Components = a.components(h.Errors)
 	a.health.Store(h)
 	a.files.kick()
@@ -370,6 +387,7 @@ func (a *Agent) components(errs map[string]string) map[string]string {
 	if !a.cfg.SSH.Enabled {
 		c["kernel"], c["nftables"] = "disabled (ssh.enabled = false)", "disabled (ssh.enabled = false)"
 	}
+	c["ssh sessions"] = first(a.sessionsComponent(), "ssh sessions", "ssh session cuts")
 	switch {
 	case !a.cfg.Xray.Enabled:
 		c["xray"] = "disabled (xray.enabled = false)"
@@ -430,6 +448,7 @@ func (a *Agent) step(now time.Time) error {
 	attachErr, mapsErr := a.checkDataplane()
 	part("attach", attachErr)
 	part("kernel maps", mapsErr)
+	part("ssh sessions", a.sampleSessions(now))
 	part("kernel counters", a.sampleKernel(now))
 	xconf, xapi := a.sampleXray(ctx, now)
 	part("xray config", xconf)
@@ -440,6 +459,7 @@ func (a *Agent) step(now time.Time) error {
 	// Enforcers.
 	part("kernel policy", a.enforceKernel())
 	part("nftables", a.enforceNFT())
+	part("ssh session cuts", a.enforceSessions())
 	part("xray users", a.enforceXray(ctx))
 	part("marker files", a.syncMarkers())
 	a.noteHealth(now) // notices.go: parts failing and recovering

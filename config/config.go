@@ -179,6 +179,17 @@ type SSH struct {
 	UIDMin, UIDMax uint32
 	// Exclude lists account names that are never SSH users. Default none.
 	Exclude []string
+	// Sessions counts each SSH login's own connection for its user (shell,
+	// scp, sftp and tunnels, on the wire), instead of only the sockets the
+	// user's UID owns. Default true.
+	Sessions bool
+	// Servers are the SSH servers' executables, absolute paths; those not
+	// installed are skipped. Default sshsess.DefaultPrograms.
+	Servers []string
+	// AuthLogs are log files where SSH servers log logins, read for the
+	// session processes that stay root after a login (Dropbear before
+	// 2025.89). Default /var/log/auth.log.
+	AuthLogs []string
 }
 
 // Kernel configures the BPF data plane (package bpf).
@@ -268,9 +279,13 @@ func Default() Config {
 			Passwd:    "/etc/passwd",
 		},
 		SSH: SSH{
-			Enabled: true,
-			UIDMin:  1000,
-			UIDMax:  65534,
+			Enabled:  true,
+			UIDMin:   1000,
+			UIDMax:   65534,
+			Sessions: true,
+			// sshsess.DefaultPrograms; config imports no agent package.
+			Servers:  []string{"/usr/sbin/sshd", "/usr/lib/openssh/sshd-session", "/usr/sbin/dropbear"},
+			AuthLogs: []string{"/var/log/auth.log"},
 		},
 		Kernel: Kernel{
 			PinPath: defaultPinPath,

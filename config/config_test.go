@@ -48,6 +48,9 @@ enabled = false
 uid_min = 2000
 uid_max = 60000
 exclude = ["ubuntu", "backup$", "svc.deploy"]
+sessions = false
+servers = ["/opt/dropbear/sbin/dropbear"]
+auth_logs = ["/var/log/secure", "/var/log/dropbear.log"]
 
 [kernel]
 pin_path = "/sys/fs/bpf/bw2"
@@ -125,10 +128,12 @@ func fullConfig(t testing.TB) config.Config {
 			Passwd:    "/srv/passwd",
 		},
 		SSH: config.SSH{
-			Enabled: false,
-			UIDMin:  2000,
-			UIDMax:  60000,
-			Exclude: []string{"ubuntu", "backup$", "svc.deploy"},
+			Enabled:  false,
+			UIDMin:   2000,
+			UIDMax:   60000,
+			Exclude:  []string{"ubuntu", "backup$", "svc.deploy"},
+			Servers:  []string{"/opt/dropbear/sbin/dropbear"},
+			AuthLogs: []string{"/var/log/secure", "/var/log/dropbear.log"},
 		},
 		Kernel: config.Kernel{
 			PinPath:       "/sys/fs/bpf/bw2",
@@ -414,8 +419,8 @@ func TestExample(t *testing.T) {
 			}
 		}
 	}
-	if n := len(leafKeys(t, ex)); n != 37 {
-		t.Errorf("example.toml has %d keys, want 37", n)
+	if n := len(leafKeys(t, ex)); n != 40 {
+		t.Errorf("example.toml has %d keys, want 40", n)
 	}
 }
 

@@ -196,6 +196,18 @@ least 1 (root never is one), uid_max at most 65534 (nobody).`,
 			return nil
 		}),
 
+	boolKey("ssh.sessions", `Count each SSH login's own connection for its user: shell, scp, sftp and
+tunnels, as the bytes between server and client. Off: only the sockets the
+user's UID owns count (OpenSSH tunnels; not Dropbear before 2025.89).`,
+		func(c *Config) *bool { return &c.SSH.Sessions }),
+	stringsKey("ssh.servers", `The SSH servers' programs, absolute paths; those not installed are skipped.
+Their session processes are told by their executable, never by name.`,
+		func(c *Config) *[]string { return &c.SSH.Servers }, checkPath(true)),
+	stringsKey("ssh.auth_logs", `Log files where the SSH servers log logins: Dropbear before 2025.89 keeps
+its session process as root, and its login line ("Password auth succeeded
+for 'USER' from IP:PORT", with the PID) tells whose session it is.`,
+		func(c *Config) *[]string { return &c.SSH.AuthLogs }, checkPath(true)),
+
 	pathKey("kernel.pin_path", "The bpffs directory where maps and links are pinned; they outlive the agent.", true,
 		func(c *Config) *string { return &c.Kernel.PinPath }),
 	pathKey("kernel.cgroup", `The cgroup v2 directory the programs attach to. "" is the root of the

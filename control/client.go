@@ -189,6 +189,7 @@ func (c *Client) Status(ctx context.Context) (Health, error) {
 		Kernel: KernelStats{
 			DroppedBlocked: r.DroppedBlocked, DroppedQuota: r.DroppedQuota,
 			CountersFull: r.CountersFull, QuotaFull: r.QuotaFull,
+			SSHSessions: r.SshSessions, SSHHeld: r.SshHeld, SSHUnattributed: r.SshUnattributed,
 		},
 		Notify: notifyFromPB(r.Notify),
 	}

@@ -495,6 +495,7 @@ func (s *Server) Status(context.Context, *controlpb.Empty) (*controlpb.StatusRes
 		Errors: h.Errors, Components: h.Components,
 		DroppedBlocked: h.Kernel.DroppedBlocked, DroppedQuota: h.Kernel.DroppedQuota,
 		CountersFull: h.Kernel.CountersFull, QuotaFull: h.Kernel.QuotaFull,
+		SshSessions: h.Kernel.SSHSessions, SshHeld: h.Kernel.SSHHeld, SshUnattributed: h.Kernel.SSHUnattributed,
 		Notify: notifyToPB(h.Notify),
 	}
 	if !h.LastTick.IsZero() {

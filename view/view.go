@@ -100,6 +100,13 @@ type KernelStats struct {
 	DroppedQuota   uint64 // packets over a budget
 	CountersFull   uint64 // packets of UIDs the counter map had no room for: not counted
 	QuotaFull      uint64 // packets of budgeted UIDs the quota map had no room for: dropped
+	// SSH sessions: those counted for their users as of the last tick;
+	// packets of SSH connections held while their user was not known yet;
+	// packets that passed unattributed, their hold over (no agent, or no
+	// way to tell whose session it was).
+	SSHSessions     uint64
+	SSHHeld         uint64
+	SSHUnattributed uint64
 }
 
 // UserRow is the part of a user that a live monitor shows (Watch).

@@ -680,6 +680,8 @@ func cmdStatus(ctx context.Context, e *env) error {
 			DroppedQuota   uint64 `json:"dropped_quota"`
 			CountersFull   uint64 `json:"counters_full"`
 			QuotaFull      uint64 `json:"quota_full"`
+			SSHHeld        uint64 `json:"ssh_held"`
+			SSHUnattrib    uint64 `json:"ssh_unattributed"`
 		}
 		k := h.Kernel
 		return writeJSON(e.out, struct {
@@ -687,12 +689,14 @@ func cmdStatus(ctx context.Context, e *env) error {
 			TickDuration int64             `json:"tick_duration_ns"`
 			Ticks        uint64            `json:"ticks"`
 			Users        int               `json:"users"`
+			SSHSessions  uint64            `json:"ssh_sessions"`
 			Kernel       kernel            `json:"kernel_packets"`
 			Components   map[string]string `json:"components"`
 			Errors       map[string]string `json:"errors"`
 			Notify       []notifyOut       `json:"notify"`
-		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Ticks, h.Users,
-			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull}, comps, errs, notifyJSON(h.Notify)})
+		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Ticks, h.Users, k.SSHSessions,
+			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull, k.SSHHeld, k.SSHUnattributed},
+			comps, errs, notifyJSON(h.Notify)})
 	}
 	tw := tabwriter.NewWriter(e.out, 0, 0, 1, ' ', 0)
 	last := "never"
@@ -709,6 +713,8 @@ func cmdStatus(ctx context.Context, e *env) error {
 		noRoom = fmt.Sprintf("%d packets uncounted (counter map full), %d dropped (quota map full): raise kernel.max_uids", k.CountersFull, k.QuotaFull)
 	}
 	fmt.Fprintf(tw, "kernel no room:\t%s\n", noRoom)
+	fmt.Fprintf(tw, "ssh sessions:\t%d counted; %d packets held before attribution, %d never attributed\n",
+		k.SSHSessions, k.SSHHeld, k.SSHUnattributed)
 	for _, k := range slices.Sorted(maps.Keys(h.Components)) {
 		fmt.Fprintf(tw, "%s:\t%s\n", k, h.Components[k])
 	}

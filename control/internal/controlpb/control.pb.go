@@ -779,9 +779,15 @@ type StatusResponse struct {
 	QuotaFull      uint64 `protobuf:"varint,10,opt,name=quota_full,json=quotaFull,proto3" json:"quota_full,omitempty"`
 	// Each notification channel's delivery state, in the order of the
 	// configuration.
-	Notify        []*NotifyChannel `protobuf:"bytes,11,rep,name=notify,proto3" json:"notify,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Notify []*NotifyChannel `protobuf:"bytes,11,rep,name=notify,proto3" json:"notify,omitempty"`
+	// SSH sessions: those counted for their users now; packets of SSH
+	// connections held while their user was not known yet, and packets that
+	// passed unattributed (never attributed within the hold).
+	SshSessions     uint64 `protobuf:"varint,12,opt,name=ssh_sessions,json=sshSessions,proto3" json:"ssh_sessions,omitempty"`
+	SshHeld         uint64 `protobuf:"varint,13,opt,name=ssh_held,json=sshHeld,proto3" json:"ssh_held,omitempty"`
+	SshUnattributed uint64 `protobuf:"varint,14,opt,name=ssh_unattributed,json=sshUnattributed,proto3" json:"ssh_unattributed,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -889,6 +895,27 @@ func (x *StatusResponse) GetNotify() []*NotifyChannel {
 		return x.Notify
 	}
 	return nil
+}
+
+func (x *StatusResponse) GetSshSessions() uint64 {
+	if x != nil {
+		return x.SshSessions
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetSshHeld() uint64 {
+	if x != nil {
+		return x.SshHeld
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetSshUnattributed() uint64 {
+	if x != nil {
+		return x.SshUnattributed
+	}
+	return 0
 }
 
 // NotifyChannel is one notification channel's delivery state.
@@ -1186,7 +1213,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
 	"\x10duration_seconds\x18\x02 \x01(\x03R\x0fdurationSeconds\"(\n" +
 	"\x10ResetAllResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x03R\x05count\"\xfe\x04\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\xe7\x05\n" +
 	"\x0eStatusResponse\x12-\n" +
 	"\x13last_tick_unix_nano\x18\x01 \x01(\x03R\x10lastTickUnixNano\x12.\n" +
 	"\x13tick_duration_nanos\x18\x02 \x01(\x03R\x11tickDurationNanos\x12\x14\n" +
@@ -1202,7 +1229,10 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\n" +
 	"quota_full\x18\n" +
 	" \x01(\x04R\tquotaFull\x129\n" +
-	"\x06notify\x18\v \x03(\v2!.bwagent.control.v1.NotifyChannelR\x06notify\x1a9\n" +
+	"\x06notify\x18\v \x03(\v2!.bwagent.control.v1.NotifyChannelR\x06notify\x12!\n" +
+	"\fssh_sessions\x18\f \x01(\x04R\vsshSessions\x12\x19\n" +
+	"\bssh_held\x18\r \x01(\x04R\asshHeld\x12)\n" +
+	"\x10ssh_unattributed\x18\x0e \x01(\x04R\x0fsshUnattributed\x1a9\n" +
 	"\vErrorsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a=\n" +

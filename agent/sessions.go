@@ -1,0 +1,332 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/sshsess"
+)
+
+// SessionKernel is the data plane's part for SSH sessions: attributing a
+// session's connection to its user (package sshsess) and crediting what it
+// moved before. *bpf.Datapath is one; nil in Options leaves SSH sessions
+// uncounted.
+type SessionKernel interface {
+	sshsess.Kernel
+	Credit(uid uint32, c bpf.Counters) error
+}
+
+// loginTTL is how long a logged login waits for its session process to be
+// seen: a login whose process never shows (another host's log, a forged
+// line) is dropped after it.
+const loginTTL = 10 * time.Minute
+
+// sessionSide is the SSH sessions' part of the loop: a source (each
+// session's connection, attributed to its user in the kernel, and the
+// credit of what it moved before) and an enforcer (a blocked user's
+// sessions are cut). Their bytes then reach usage through the kernel's
+// counters, as the UIDs' own sockets' do.
+type sessionSide struct {
+	// Shared with the process watcher (watchProcesses): the server
+	// processes it reports forks and execs of, and where it reports them.
+	known atomic.Pointer[map[uint32]bool]
+	forks chan uint32
+	execs chan uint32
+
+	// Owned by the loop.
+	k       SessionKernel
+	tr      *sshsess.Tracker
+	servers []string // the programs tr was made for
+	logs    map[string]*sshsess.AuthLog
+	logins  map[int]loggedLogin
+	live    map[int]sshsess.Session // the last scan's sessions
+	result  sshsess.Result
+}
+
+type loggedLogin struct {
+	sshsess.Login
+	at time.Time
+}
+
+// sampleSessions reads the servers' logs, finds the sessions and
+// attributes the new ones, crediting what they moved before; a new session
+// of a user who is blocked is cut at once.
+func (a *Agent) sampleSessions(now time.Time) error {
+	s := &a.sess
+	if s.k == nil || !a.cfg.SSH.Enabled || !a.cfg.SSH.Sessions {
+		s.live, s.result = nil, sshsess.Result{}
+		return nil
+	}
+	if s.tr == nil || !slices.Equal(s.servers, a.cfg.SSH.Servers) {
+		tr, err := sshsess.New(sshsess.Config{
+			Programs: a.cfg.SSH.Servers,
+			User:     func(uid uint32) bool { return a.byUID[uid] != nil },
+		}, s.k)
+		if err != nil {
+			return err
+		}
+		s.tr, s.servers = tr, slices.Clone(a.cfg.SSH.Servers)
+	}
+	var errs []error
+	errs = append(errs, a.readAuthLogs(now))
+	logins := make(map[int]sshsess.Login, len(s.logins))
+	for pid, l := range s.logins {
+		logins[pid] = l.Login
+	}
+	res, err := s.tr.Scan(logins, a.sshUID)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	return errors.Join(append(errs, a.takeSessions(res))...)
+}
+
+// sshUID returns the UID of the SSH user name.
+func (a *Agent) sshUID(name string) (uint32, bool) {
+	u := a.users[name]
+	if u == nil || !u.r.ssh {
+		return 0, false
+	}
+	return u.r.uid, true
+}
+
+// takeSessions credits what a scan or poll attributed, cuts the new
+// sessions of blocked users and tells the process watcher which processes
+// to report.
+func (a *Agent) takeSessions(res sshsess.Result) error {
+	s := &a.sess
+	var errs []error
+	for _, p := range res.Problems {
+		a.logs.warnOnce("session:"+p.Error(), "SSH session not attributed", "err", p)
+	}
+	cut := make(map[uint32]bool)
+	for _, n := range res.New {
+		delete(s.logins, n.PID)
+		if err := s.k.Credit(n.UID, n.Credit); err != nil {
+			errs = append(errs, err)
+		}
+		name := ""
+		if u := a.byUID[n.UID]; u != nil {
+			name = u.r.name
+			// The credit is usage the kernel's charged total lacks: the
+			// budget is granted anew from the usage with it.
+			u.hasAnchor = false
+		}
+		a.log.Info("SSH session attributed", "user", name, "pid", n.PID, "client", n.Remote,
+			"credited", n.Credit.RxBytes+n.Credit.TxBytes)
+		if a.kernel.policy[n.UID].Blocked {
+			cut[n.UID] = true
+		}
+	}
+	s.live, s.result = res.Sessions, res
+	for uid := range cut {
+		errs = append(errs, a.cutSessions(uid))
+	}
+	known := s.tr.Known()
+	s.known.Store(&known)
+	return errors.Join(errs...)
+}
+
+// pollInterval is how often the sessions of logins under way are looked
+// for between ticks.
+const pollInterval = 20 * time.Millisecond
+
+// pollSessions looks for the sessions of the logins under way, between
+// ticks: a session is attributed (and, if its user is blocked, cut) within
+// milliseconds of the login, while the kernel holds its connection.
+func (a *Agent) pollSessions(now time.Time) {
+	s := &a.sess
+	if s.tr == nil {
+		return
+	}
+	err := a.readAuthLogs(now)
+	logins := make(map[int]sshsess.Login, len(s.logins))
+	for pid, l := range s.logins {
+		logins[pid] = l.Login
+	}
+	res := s.tr.Poll(logins, a.sshUID)
+	err = errors.Join(err, a.takeSessions(res))
+	if len(res.New) > 0 {
+		// A credit is usage the kernel's budget did not charge: grant the
+		// budgets anew now, not at the next tick.
+		for _, n := range res.New {
+			if u := a.byUID[n.UID]; u != nil {
+				a.updatePolicy(u)
+			}
+		}
+		err = errors.Join(err, a.enforceKernel())
+	}
+	if err != nil {
+		a.logs.warnOnce("session poll:"+err.Error(), "SSH session poll failed", "err", err)
+	}
+}
+
+// sessionProcess handles a process event the watcher reported: a fork of a
+// server process (a new connection's session process), or an exec of one.
+func (a *Agent) sessionProcess(pid uint32, exec bool, now time.Time) {
+	s := &a.sess
+	if s.tr == nil {
+		return
+	}
+	var err error
+	if exec {
+		err = s.tr.Exec(int(pid))
+	} else {
+		var added bool
+		added, err = s.tr.Adopt(int(pid))
+		if added {
+			known := s.tr.Known()
+			s.known.Store(&known)
+		}
+	}
+	if err != nil {
+		a.logs.warnOnce("session process:"+err.Error(), "SSH server process not followed", "pid", pid, "err", err)
+	}
+	a.pollSessions(now)
+}
+
+// polling returns a channel that fires when the sessions should be polled
+// next: soon while logins are under way, never otherwise.
+func (a *Agent) polling() <-chan time.Time {
+	if a.sess.tr == nil || a.sess.tr.Pending() == 0 {
+		return nil
+	}
+	return time.After(pollInterval)
+}
+
+// watchProcesses reports forks and execs of the server processes to the
+// loop (netlink's process events), until ctx ends; without them (no
+// permission, no CONFIG_PROC_EVENTS) sessions are found at each tick only.
+func (a *Agent) watchProcesses(ctx context.Context) {
+	for ctx.Err() == nil {
+		err := a.watchOnce(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		a.log.Warn("process events lost; SSH sessions are found at each tick until they are back", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(5 * time.Second):
+		}
+	}
+}
+
+// watchOnce runs one subscription to the process events.
+func (a *Agent) watchOnce(ctx context.Context) error {
+	return sshsess.WatchProcesses(ctx, func(ev sshsess.ProcEvent) {
+		known := a.sess.known.Load()
+		if known == nil {
+			return
+		}
+		out := a.sess.forks
+		if ev.Exec {
+			out = a.sess.execs
+			if _, ok := (*known)[ev.PID]; !ok {
+				return
+			}
+		} else if !(*known)[ev.Parent] {
+			return
+		}
+		select {
+		case out <- ev.PID:
+		default: // the loop is behind: the next tick's scan finds it
+		}
+	})
+}
+
+// readAuthLogs adds the logins logged since the last read and forgets those
+// older than loginTTL.
+func (a *Agent) readAuthLogs(now time.Time) error {
+	s := &a.sess
+	if s.logs == nil {
+		s.logs = make(map[string]*sshsess.AuthLog)
+		s.logins = make(map[int]loggedLogin)
+	}
+	for path, l := range s.logs {
+		if !slices.Contains(a.cfg.SSH.AuthLogs, path) {
+			l.Close()
+			delete(s.logs, path)
+		}
+	}
+	var errs []error
+	for _, path := range a.cfg.SSH.AuthLogs {
+		l := s.logs[path]
+		if l == nil {
+			l = sshsess.NewAuthLog(path)
+			s.logs[path] = l
+		}
+		logins, err := l.Read()
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, in := range logins {
+			if _, dup := s.logins[in.PID]; !dup { // the first line of a process stands
+				s.logins[in.PID] = loggedLogin{Login: in, at: now}
+			}
+		}
+	}
+	for pid, l := range s.logins {
+		if now.Sub(l.at) > loginTTL {
+			delete(s.logins, pid)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// enforceSessions cuts the sessions of every blocked user that has one.
+func (a *Agent) enforceSessions() error {
+	var errs []error
+	done := make(map[uint32]bool)
+	for _, s := range a.sess.live {
+		if done[s.UID] || !a.kernel.policy[s.UID].Blocked {
+			continue
+		}
+		done[s.UID] = true
+		errs = append(errs, a.cutSessions(s.UID))
+	}
+	return errors.Join(errs...)
+}
+
+// cutSessions ends uid's SSH sessions.
+func (a *Agent) cutSessions(uid uint32) error {
+	n, err := a.sess.tr.Cut(uid)
+	if n > 0 {
+		name := ""
+		if u := a.byUID[uid]; u != nil {
+			name = u.r.name
+		}
+		a.log.Info("blocked user's SSH sessions cut", "user", name, "sessions", n)
+	}
+	for pid, s := range a.sess.live {
+		if s.UID == uid {
+			delete(a.sess.live, pid)
+		}
+	}
+	return err
+}
+
+// sessionsComponent describes the SSH sessions for Health.
+func (a *Agent) sessionsComponent() string {
+	s := &a.sess
+	switch {
+	case !a.cfg.SSH.Enabled:
+		return "disabled (ssh.enabled = false)"
+	case !a.cfg.SSH.Sessions:
+		return "disabled (ssh.sessions = false)"
+	case s.k == nil:
+		return "not available"
+	}
+	msg := fmt.Sprintf("ok: %d sessions counted, %d server processes", len(s.live), s.result.Servers)
+	if !s.k.SupportsServerTagging() {
+		msg += "; logins are not held until attributed and forwarded connections are tagged late (needs Linux 6.0)"
+	}
+	if n := len(s.logins); n > 0 {
+		msg += fmt.Sprintf("; %d logged logins waiting for their session", n)
+	}
+	return msg
+}

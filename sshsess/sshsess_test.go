@@ -1,0 +1,199 @@
+package sshsess_test
+
+import (
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/internal/nettest"
+	"github.com/myvpn/bwagent/internal/sshtest"
+	"github.com/myvpn/bwagent/sshsess"
+)
+
+func TestMain(m *testing.M) { nettest.Main(m) }
+
+// fixture is one test's data plane, SSH server and tracker.
+type fixture struct {
+	dp   *bpf.Datapath
+	srv  *sshtest.Server
+	tr   *sshsess.Tracker
+	log  *sshsess.AuthLog
+	acct map[string]*sshtest.Account
+
+	logins map[int]sshsess.Login
+}
+
+func newFixture(t *testing.T, kind sshtest.Kind) *fixture {
+	t.Helper()
+	nettest.RequireRoot(t)
+	root, err := bpf.CgroupV2Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg := nettest.NewCgroup(t, root)
+	pin := filepath.Join("/sys/fs/bpf", nettest.Name("bwsess-"))
+	t.Cleanup(func() { bpf.Uninstall(pin) })
+	dp, err := bpf.Load(bpf.Config{CgroupPath: cg, PinPath: pin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dp.Close() })
+	srv := sshtest.Start(t, kind, sshtest.Options{Cgroup: cg})
+	f := &fixture{dp: dp, srv: srv, acct: make(map[string]*sshtest.Account), logins: make(map[int]sshsess.Login)}
+	var programs []string
+	for _, name := range []string{"sshd", "dropbear"} {
+		if p, err := exec.LookPath(name); err == nil {
+			programs = append(programs, p)
+		}
+	}
+	if p, err := exec.LookPath("/usr/sbin/sshd"); err == nil {
+		programs = append(programs, p)
+	}
+	f.tr, err = sshsess.New(sshsess.Config{
+		Programs: programs,
+		User:     func(uid uint32) bool { return uid >= sshtest.FirstUID && uid <= sshtest.LastUID },
+	}, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.log = sshsess.NewAuthLog(srv.LogFile)
+	t.Cleanup(func() { f.log.Close() })
+	if _, err := f.log.Read(); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func (f *fixture) account(t *testing.T) *sshtest.Account {
+	a := sshtest.NewAccount(t)
+	f.acct[a.Name] = a
+	return a
+}
+
+// scan runs one scan and credits what it found, as the agent does.
+func (f *fixture) scan(t *testing.T) sshsess.Result {
+	t.Helper()
+	logins, err := f.log.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range logins {
+		f.logins[l.PID] = l
+	}
+	res, err := f.tr.Scan(f.logins, func(name string) (uint32, bool) {
+		a, ok := f.acct[name]
+		if !ok {
+			return 0, false
+		}
+		return a.UID, true
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range res.Problems {
+		t.Log(p)
+	}
+	for _, a := range res.New {
+		if err := f.dp.Credit(a.UID, a.Credit); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return res
+}
+
+// waitSessions scans until uid has n sessions.
+func (f *fixture) waitSessions(t *testing.T, uid uint32, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		res := f.scan(t)
+		got := 0
+		for _, s := range res.Sessions {
+			if s.UID == uid {
+				got++
+			}
+		}
+		if got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("UID %d has %d attributed sessions, want %d (%+v)", uid, got, n, res)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (f *fixture) total(t *testing.T, uid uint32) uint64 {
+	t.Helper()
+	c, err := f.dp.CountersOf(uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.RxBytes + c.TxBytes
+}
+
+const mib = 1 << 20
+
+// Every byte of a user's SSH session is counted once, for the user, on the
+// session's connection: a tunnel's download (not again on its forwarded
+// connection), and a shell command's output, with OpenSSH and with
+// Dropbear (whose old versions forward as root). A blocked user's sessions
+// are cut and carry nothing more.
+func TestSessionsCountedOnce(t *testing.T) {
+	for _, kind := range sshtest.Kinds {
+		t.Run(string(kind), func(t *testing.T) {
+			t.Parallel()
+			f := newFixture(t, kind)
+			a := f.account(t)
+			tun := f.srv.Tunnel(t, a, sshtest.ClientOptions{})
+			f.waitSessions(t, a.UID, 1)
+
+			before := f.total(t, a.UID)
+			const down = 16 * mib
+			if _, got, err := tun.Transfer(0, down); err != nil || got != down+1 { // +1: the sink's answer
+				t.Fatalf("tunnel transfer: %d bytes, %v", got, err)
+			}
+			within(t, "tunnel download", f.total(t, a.UID)-before, down)
+
+			// A shell command's output, over a second login.
+			sh := f.srv.Exec(t, a, sshtest.ClientOptions{}, "sleep 1; head -c 16777216 /dev/zero")
+			f.waitSessions(t, a.UID, 2)
+			before = f.total(t, a.UID)
+			if err := sh.Wait(30 * time.Second); err != nil {
+				t.Fatalf("shell command: %v", err)
+			}
+			if sh.Received() != 16*mib {
+				t.Fatalf("shell command output %d bytes", sh.Received())
+			}
+			// The credit covered what moved before the scan.
+			within(t, "shell output", f.total(t, a.UID)-before, 16*mib)
+
+			// Blocked: the tunnel carries nothing and is cut.
+			if err := f.dp.ApplyPolicies(map[uint32]bpf.Policy{a.UID: {Blocked: true}}); err != nil {
+				t.Fatal(err)
+			}
+			if n, err := f.tr.Cut(a.UID); err != nil || n == 0 {
+				t.Fatalf("cut: %d sessions, %v", n, err)
+			}
+			before = f.total(t, a.UID)
+			if _, got, err := tun.Transfer(0, mib); err == nil || got > 1 {
+				t.Errorf("blocked user's tunnel moved %d bytes", got)
+			}
+			if after := f.total(t, a.UID); after != before {
+				t.Errorf("blocked user counted %d more bytes", after-before)
+			}
+		})
+	}
+}
+
+// within checks that counted (wire bytes: SSH and TCP/IP overhead on top)
+// is payload plus at most 10%.
+func within(t *testing.T, what string, counted, payload uint64) {
+	t.Helper()
+	t.Logf("%s: %d payload bytes, %d counted (%+.2f%%)", what, payload, counted, 100*(float64(counted)/float64(payload)-1))
+	if counted < payload || counted > payload+payload/10 {
+		t.Errorf("%s: counted %d bytes for %d of payload, want payload to payload+10%%", what, counted, payload)
+	}
+}
