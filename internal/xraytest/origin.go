@@ -255,10 +255,17 @@ func (d *Download) Err() error {
 // Wait waits up to timeout for the download to end, and returns Err, or an
 // error if it is still running.
 func (d *Download) Wait(timeout time.Duration) error {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
 	select {
 	case <-d.done:
 		return d.err
-	case <-time.After(timeout):
+	default:
+	}
+	select {
+	case <-d.done:
+		return d.err
+	case <-t.C:
 		return fmt.Errorf("download still running after %v: %d of %d bytes", timeout, d.Received(), d.size)
 	}
 }

@@ -71,7 +71,7 @@ func TestVisionCountedAtClose(t *testing.T) {
 			t.Fatal("no sample in 20 s")
 		}
 	}
-	if err := d.Wait(0); err != nil {
+	if err := d.Err(); err != nil {
 		t.Fatalf("vision download: %v", err)
 	}
 	if err := p.Wait(time.Second); err != nil {
