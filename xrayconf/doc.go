@@ -2,8 +2,10 @@
 // JSON config: for each inbound that has users (VLESS, VMess, Trojan,
 // Shadowsocks, Shadowsocks 2022), its tag and each client's email, level and
 // account, which is what Xray's HandlerService needs to add the user again
-// after removing it. It also finds the address of Xray's gRPC API and tells
-// whether the config enables the stats that per-user accounting needs.
+// after removing it. It also finds the address of Xray's gRPC API, tells
+// whether the config enables the stats that per-user accounting needs, and
+// finds the file of Xray's access log ("log": {"access": PATH}), which names
+// the user of each connection (see [Config.AccessLog]).
 //
 // The package reads the config as Xray v26 does (the references below are to
 // Xray-core's source as of v26.3.27):
@@ -44,6 +46,9 @@
 //   - Xray refuses two clients of one VLESS, VMess or Trojan inbound with
 //     the same email, compared case-insensitively, and two inbounds with the
 //     same non-empty tag; this package does too ([ErrInvalid]).
+//   - The log (infra/conf/log.go): a later file's "log" replaces the
+//     earlier one as a whole. log.access is a file, "none" or empty (the
+//     standard output); log.loglevel "none" turns the access log off too.
 //   - The API (infra/conf/api.go, app/commander): with "api.listen" set,
 //     Xray's gRPC server listens there itself; otherwise it is reached
 //     through the inbound whose tag is "api.tag" (usually a dokodemo-door

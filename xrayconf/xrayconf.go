@@ -101,6 +101,20 @@ type Config struct {
 	UserStats bool
 	// UserOnline: policy.levels."0" has statsUserOnline.
 	UserOnline bool
+	// AccessLog is the file that Xray writes its access log to
+	// (log.access): a line per accepted connection that names the user's
+	// address and email, which package xrayaccess follows. It is as
+	// written: a relative path is relative to Xray's working directory.
+	// "" when Xray writes no access log to a file: log.access absent or
+	// empty (Xray writes it to its standard output), "none", or
+	// log.loglevel "none", which turns the access log off too
+	// (infra/conf/log.go).
+	AccessLog string
+	// LogMaskAddress is log.maskAddress as written ("half", "quarter",
+	// "full", "/16+/64", ...); "" if unset. When set, Xray masks the IP
+	// addresses in its logs, the access log included, which then cannot
+	// tell whose a connection is.
+	LogMaskAddress string
 	// Inbounds are the VLESS, VMess, Trojan and Shadowsocks inbounds, in
 	// config (merge) order, also those without users; other inbounds (the
 	// API's dokodemo-door, socks, http, ...) are left out.
@@ -370,6 +384,12 @@ type (
 		Stats    *struct{}    `json:"stats"`
 		Policy   *rawPolicy   `json:"policy"`
 		Routing  *rawRouting  `json:"routing"`
+		Log      *rawLog      `json:"log"`
+	}
+	rawLog struct {
+		Access      string `json:"access"`
+		LogLevel    string `json:"loglevel"`
+		MaskAddress string `json:"maskAddress"`
 	}
 	rawInbound struct {
 		Protocol string          `json:"protocol"`
@@ -435,6 +455,9 @@ func (m *merged) add(name string, data []byte) error {
 	if c.Routing != nil {
 		m.cfg.Routing, m.routingFile = c.Routing, name
 	}
+	if c.Log != nil {
+		m.cfg.Log = c.Log
+	}
 	// Each inbound replaces the first one so far with its tag, also one
 	// appended by this same file; an empty tag matches an empty tag.
 	for _, in := range c.Inbounds {
@@ -492,7 +515,20 @@ func (m *merged) build() (*Config, error) {
 		return nil, fmt.Errorf("xrayconf: %w", err)
 	}
 	c.policy(m)
+	c.log(raw.Log)
 	return c, nil
+}
+
+// log sets the access log's path and the address mask from "log", as Xray
+// reads them (infra/conf/log.go, LogConfig.Build).
+func (c *Config) log(l *rawLog) {
+	if l == nil {
+		return
+	}
+	c.LogMaskAddress = l.MaskAddress
+	if l.Access != "none" && !strings.EqualFold(l.LogLevel, "none") {
+		c.AccessLog = l.Access
+	}
 }
 
 // crossInbound reports emails used in inbounds of different protocols: one

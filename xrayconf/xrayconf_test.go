@@ -673,3 +673,68 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestAccessLog: the access log's file is log.access unless Xray writes none
+// to a file; a later file's "log" replaces the earlier one as a whole.
+func TestAccessLog(t *testing.T) {
+	for _, tc := range []struct {
+		config, want, mask string
+	}{
+		{`{}`, "", ""},
+		{`{"log": null}`, "", ""},
+		{`{"log": {}}`, "", ""},
+		{`{"log": {"loglevel": "warning"}}`, "", ""},
+		{`{"log": {"access": "/var/log/xray/access.log"}}`, "/var/log/xray/access.log", ""},
+		{`{"log": {"access": "/var/log/xray/access.log", "loglevel": "debug"}}`, "/var/log/xray/access.log", ""},
+		{`{"log": {"access": "./access.log"}}`, "./access.log", ""}, // 3x-ui's, relative to Xray's directory
+		{`{"log": {"access": "none"}}`, "", ""},
+		{`{"log": {"access": ""}}`, "", ""}, // Xray's standard output
+		{`{"log": {"access": "/var/log/xray/access.log", "loglevel": "none"}}`, "", ""},
+		{`{"log": {"access": "/var/log/xray/access.log", "loglevel": "None"}}`, "", ""},
+		{`{"LOG": {"Access": "/a.log", "maskAddress": "half"}}`, "/a.log", "half"},
+		{`/* comment */ {"log": {"access": "/a.log" /* comment */, "maskAddress": "/16+/64"}}`, "/a.log", "/16+/64"},
+	} {
+		c := parse(t, tc.config)
+		if c.AccessLog != tc.want || c.LogMaskAddress != tc.mask {
+			t.Errorf("%s: AccessLog %q, LogMaskAddress %q; want %q, %q", tc.config, c.AccessLog, c.LogMaskAddress, tc.want, tc.mask)
+		}
+		if len(c.Problems) != 0 {
+			t.Errorf("%s: problems %q", tc.config, problemStrings(c))
+		}
+	}
+	if _, err := Parse("test.json", []byte(`{"log": {"access": 5}}`)); !errors.Is(err, ErrInvalid) {
+		t.Errorf(`"access": 5: %v, want ErrInvalid`, err)
+	}
+	if c := mustLoad(t, []string{"testdata/3x-ui.json"}, ""); c.AccessLog != "" {
+		t.Errorf("3x-ui.json (access none): AccessLog %q", c.AccessLog)
+	}
+
+	dir := t.TempDir()
+	write := func(name, data string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(data), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	a := write("a.json", `{"log": {"access": "/a.log", "maskAddress": "full"}}`)
+	b := write("b.json", `{"log": {"loglevel": "info"}}`)
+	n := write("n.json", `{"log": null, "inbounds": []}`)
+	for _, tc := range []struct {
+		files      []string
+		want, mask string
+	}{
+		{[]string{a}, "/a.log", "full"},
+		{[]string{a, n}, "/a.log", "full"}, // "log": null replaces nothing
+		{[]string{a, b}, "", ""},           // b's "log" replaces a's as a whole
+		{[]string{b, a}, "/a.log", "full"},
+	} {
+		c, err := LoadFiles(tc.files...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.AccessLog != tc.want || c.LogMaskAddress != tc.mask {
+			t.Errorf("%q: AccessLog %q, LogMaskAddress %q; want %q, %q", tc.files, c.AccessLog, c.LogMaskAddress, tc.want, tc.mask)
+		}
+	}
+}

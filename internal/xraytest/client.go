@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -35,6 +36,7 @@ type Client struct {
 	Source string
 
 	sink string
+	srv  *Server
 }
 
 // Client returns the client of u. For one of s.Users it is a SOCKS inbound
@@ -53,7 +55,7 @@ func (s *Server) Client(t testing.TB, u User) *Client {
 	if s.inPorts[u.Inbound] == 0 {
 		t.Fatalf("xraytest: user %q: the server has no inbound %q", u.Email, u.Inbound)
 	}
-	c := &Client{User: u, Source: s.nextSource(), sink: s.sink.addr}
+	c := &Client{User: u, Source: s.nextSource(), sink: s.sink.addr, srv: s}
 	s.startClients(t, "client-"+c.Source, []*Client{c})
 	return c
 }
@@ -146,11 +148,28 @@ func (s *Server) outboundJSON(c *Client) map[string]any {
 	if protocol == Shadowsocks2022 {
 		protocol = Shadowsocks
 	}
-	return map[string]any{
+	ob := map[string]any{
 		"protocol":    protocol,
 		"sendThrough": c.Source,
 		"settings":    settings,
 	}
+	if s.isTLS(u.Inbound) {
+		ob["streamSettings"] = map[string]any{
+			"network":  "raw",
+			"security": "tls",
+			"tlsSettings": map[string]any{
+				"serverName":           TLSServerName,
+				"pinnedPeerCertSha256": s.CertSHA256,
+			},
+		}
+	}
+	return ob
+}
+
+// isTLS tells whether the server's inbound with this tag is a TLS one.
+func (s *Server) isTLS(tag string) bool {
+	i := slices.IndexFunc(s.inbounds, func(in inbound) bool { return in.tag == tag })
+	return i >= 0 && s.inbounds[i].tls
 }
 
 // Dial opens a connection to addr, an IPv4 "host:port", through the

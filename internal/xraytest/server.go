@@ -30,6 +30,16 @@ type Server struct {
 	// Sink is the "host:port" of the TCP sink that the clients' traffic
 	// goes to, through the server's freedom outbound.
 	Sink string
+	// AccessLogPath is the file of Xray's access log (log.access), in Dir,
+	// with [AccessLog]; "" without: the server's access log then goes to
+	// its output, LogPath.
+	AccessLogPath string
+	// CertFile and KeyFile are the PEM files, in Dir, of the self-signed
+	// certificate (for [TLSServerName] and 127.0.0.1) of the server's TLS
+	// inbounds; CertSHA256 is the hex SHA-256 of the certificate's DER, as
+	// the clients pin it (tlsSettings.pinnedPeerCertSha256). All "" if no
+	// inbound is a TLS one.
+	CertFile, KeyFile, CertSHA256 string
 
 	proc       *proc
 	sink       *sink
@@ -39,13 +49,15 @@ type Server struct {
 	clients    map[userKey]*Client
 
 	mu      sync.Mutex
-	sources int // source addresses given out to clients so far
+	sources int     // source addresses given out to clients so far
+	origin  *origin // the HTTPS origin, once started
 }
 
 // inbound is an inbound of the server config.
 type inbound struct {
 	tag, protocol string
 	users         []User
+	tls           bool // a user has a flow: VLESS over TLS
 }
 
 type userKey struct{ inbound, email string }
@@ -54,8 +66,9 @@ type userKey struct{ inbound, email string }
 type Option func(*options)
 
 type options struct {
-	services []string
-	classic  bool
+	services  []string
+	classic   bool
+	accessLog bool
 }
 
 // APIServices sets the services of the API (api.services); the default is
@@ -69,6 +82,13 @@ func APIServices(services ...string) Option {
 // "api" on 127.0.0.1 and a routing rule that sends it to the API.
 func ClassicAPI() Option {
 	return func(o *options) { o.classic = true }
+}
+
+// AccessLog makes the server write its access log to a file of its own,
+// [Server.AccessLogPath] ("log": {"access": PATH, "loglevel": "info"}), as
+// operators configure it.
+func AccessLog() Option {
+	return func(o *options) { o.accessLog = true }
 }
 
 // StartServer writes a config with the users to a temp dir of t's and
@@ -86,6 +106,10 @@ func ClassicAPI() Option {
 // their first users, with the users as clients (email, level and account);
 // a Shadowsocks 2022 inbound has method [SS2022Method] and a random server
 // key; and the outbounds "direct" (freedom) and "blocked" (blackhole).
+// An inbound with a VLESS user that has a flow (see [NewVisionUser]) is a
+// TLS inbound ("security": "tls") with a self-signed certificate made for
+// the test (see [Server.CertFile]); its users' clients pin that certificate
+// by its SHA-256, as this Xray refuses allowInsecure.
 //
 // Users of one inbound must have one protocol, and different emails.
 // StartServer with no users starts a server with no inbounds but the API.
@@ -106,6 +130,13 @@ func StartServer(t testing.TB, users []User, opts ...Option) *Server {
 	}
 	if err := s.plan(); err != nil {
 		t.Fatal(err)
+	}
+	if o.accessLog {
+		s.AccessLogPath = filepath.Join(dir, "access.log")
+	}
+	if slices.ContainsFunc(s.inbounds, func(in inbound) bool { return in.tls }) {
+		cert := newSelfSigned(t, dir, "server")
+		s.CertFile, s.KeyFile, s.CertSHA256 = cert.certFile, cert.keyFile, cert.sha256
 	}
 	for _, in := range s.inbounds {
 		if in.protocol == Shadowsocks2022 {
@@ -131,7 +162,7 @@ func StartServer(t testing.TB, users []User, opts ...Option) *Server {
 	if len(s.Users) > 0 {
 		var cs []*Client
 		for _, u := range s.Users {
-			c := &Client{User: u, Source: s.nextSource(), sink: s.sink.addr}
+			c := &Client{User: u, Source: s.nextSource(), sink: s.sink.addr, srv: s}
 			s.clients[userKey{u.Inbound, u.Email}] = c
 			cs = append(cs, c)
 		}
@@ -163,6 +194,9 @@ func (s *Server) plan() error {
 			return fmt.Errorf("xraytest: inbound %q: user %q is %s, user %q %s", u.Inbound, in.users[0].Email, in.protocol, u.Email, u.Protocol)
 		}
 		s.inbounds[i].users = append(s.inbounds[i].users, u)
+		if a, ok := u.Account.(xraystats.VLESS); ok && a.Flow != "" {
+			s.inbounds[i].tls = true
+		}
 	}
 	return nil
 }
@@ -227,16 +261,30 @@ func (s *Server) config(apiPort int, o options) map[string]any {
 			settings["method"] = SS2022Method
 			settings["password"] = s.ss2022Keys[in.tag]
 		}
-		inbounds = append(inbounds, map[string]any{
+		ib := map[string]any{
 			"tag":      in.tag,
 			"listen":   "127.0.0.1",
 			"port":     s.inPorts[in.tag],
 			"protocol": protocol,
 			"settings": settings,
-		})
+		}
+		if in.tls {
+			ib["streamSettings"] = map[string]any{
+				"network":  "raw",
+				"security": "tls",
+				"tlsSettings": map[string]any{
+					"certificates": []any{map[string]any{"certificateFile": s.CertFile, "keyFile": s.KeyFile}},
+				},
+			}
+		}
+		inbounds = append(inbounds, ib)
+	}
+	logCfg := map[string]any{"loglevel": "info"}
+	if s.AccessLogPath != "" {
+		logCfg["access"] = s.AccessLogPath
 	}
 	return map[string]any{
-		"log":   map[string]any{"loglevel": "info"},
+		"log":   logCfg,
 		"api":   api,
 		"stats": map[string]any{},
 		"policy": map[string]any{

@@ -7,6 +7,15 @@
 // behind the server's freedom outbound that the users' traffic goes to (see
 // [Client]).
 //
+// XTLS Vision: a VLESS user with a flow ([NewVisionUser]) makes its inbound
+// VLESS over TLS, with a self-signed certificate made in the test's temp dir
+// that the user's client pins by its SHA-256 (pinnedPeerCertSha256: Xray
+// 26 refuses allowInsecure). Inside the tunnel, an HTTPS origin (TLS 1.3,
+// a certificate of its own) serves paced downloads ([Client.Download],
+// [Client.HTTPClient]), which Vision splices. [Client.ServerSockets] reads
+// the kernel's byte counters (tcp_info) of the server's sockets that face a
+// client, and [AccessLog] has the server write its access log to a file.
+//
 // The Xray binary is $XRAY_BIN, or /usr/local/bin/xray as installed by
 // scripts/install-xray.sh; without it tests are skipped, except in CI (see
 // [Bin]). Ports are chosen free at run time and reserved for the rest of the
