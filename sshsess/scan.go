@@ -159,8 +159,12 @@ func (t *Tracker) Pending() int {
 	return n
 }
 
-// attachAll gives the kernel the listening ports and attributes every
-// session it can.
+// attachAll gives the kernel the listening ports whose sessions it has
+// attributed before, and attributes every session it can.
+//
+// A port's logins are held until attributed only once a session on it was:
+// a server whose sessions cannot be told (a Dropbear that stays root, with
+// no auth log to read) must not have every login stall for the hold.
 func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name string) (uint32, bool)) Result {
 	ports := make(map[uint64]map[uint16]bool)
 	all := make(map[uint16]bool)
@@ -173,7 +177,9 @@ func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name stri
 		}
 		for port := range p.listens {
 			ports[p.netns][port] = true
-			all[port] = true
+			if t.proven[port] {
+				all[port] = true
+			}
 		}
 	}
 	if list := slices.Sorted(maps.Keys(all)); !slices.Equal(list, t.ports) {
@@ -391,6 +397,7 @@ func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int
 	}
 	t.sessions[pid] = s
 	p.session = true
+	t.proven[s.Local.Port()] = true
 	if !tagged { // accepted before the kernel knew the port: its TCP counters
 		moved = bpf.Counters{RxBytes: sess.info.Bytes_received, TxBytes: sess.info.Bytes_acked}
 	}

@@ -134,7 +134,8 @@ func New(cfg Config, k Kernel) (*Tracker, error) {
 			return nil, fmt.Errorf("%w: %q", ErrNotAbsolute, p)
 		}
 	}
-	return &Tracker{cfg: cfg, k: k, procs: make(map[int]*proc), sessions: make(map[int]Session)}, nil
+	return &Tracker{cfg: cfg, k: k, procs: make(map[int]*proc), sessions: make(map[int]Session),
+		proven: make(map[uint16]bool)}, nil
 }
 
 // Tracker finds SSH sessions and attributes them. Its methods are for one
@@ -145,6 +146,7 @@ type Tracker struct {
 	procs    map[int]*proc   // every server process, by PID
 	sessions map[int]Session // attributed sessions, by PID
 	ports    []uint16        // the listening ports the kernel was given, sorted
+	proven   map[uint16]bool // ports a session was attributed on
 }
 
 // proc is what a Tracker knows of one server process.
