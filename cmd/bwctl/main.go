@@ -713,8 +713,8 @@ func cmdStatus(ctx context.Context, e *env) error {
 		noRoom = fmt.Sprintf("%d packets uncounted (counter map full), %d dropped (quota map full): raise kernel.max_uids", k.CountersFull, k.QuotaFull)
 	}
 	fmt.Fprintf(tw, "kernel no room:\t%s\n", noRoom)
-	fmt.Fprintf(tw, "ssh sessions:\t%d counted; %d packets held before attribution, %d never attributed\n",
-		k.SSHSessions, k.SSHHeld, k.SSHUnattributed)
+	fmt.Fprintf(tw, "kernel ssh logins:\t%d packets held until attributed, %d passed never attributed\n",
+		k.SSHHeld, k.SSHUnattributed)
 	for _, k := range slices.Sorted(maps.Keys(h.Components)) {
 		fmt.Fprintf(tw, "%s:\t%s\n", k, h.Components[k])
 	}

@@ -46,6 +46,8 @@ func realAgentWith(t *testing.T, change func(*config.Config)) (sock, limits, cgr
 	cfg.TimeZone, cfg.TimeZoneName = time.UTC, "UTC"
 	cfg.SSH.UIDMin, cfg.SSH.UIDMax = 2800, 2900
 	cfg.Xray.Enabled = false
+	// SSH sessions would count the servers other tests run on this host.
+	cfg.SSH.Sessions = false
 	cfg.Kernel.PinPath = filepath.Join("/sys/fs/bpf", nettest.Name("bwctl-"))
 	for p, name := range map[*string]string{&cfg.Paths.Limits: "bw-limit.conf", &cfg.Paths.UsageDir: "usage",
 		&cfg.Paths.MarkerDir: "blocked_users", &cfg.Paths.BlockLog: "blocked.log", &cfg.Paths.StateDB: "state.db",
@@ -74,7 +76,7 @@ func realAgentWith(t *testing.T, change func(*config.Config)) (sock, limits, cgr
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Firewall: fw, Store: st, Log: slog.New(slog.DiscardHandler)})
+	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Sessions: dp, Firewall: fw, Store: st, Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
