@@ -14,9 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/internal/nettest"
@@ -53,7 +51,7 @@ type mode struct {
 //
 // Each mode's rate is paired with the rate with nothing attached, measured
 // right before or after it; the ratio reported is the median over rounds.
-// It also reports the programs' run time per packet.
+// What the programs cost per packet is BenchmarkPacketCost's.
 func BenchmarkDatapath(b *testing.B) {
 	nettest.RequireRoot(b)
 	for _, tool := range []string{"iperf3", "iptables-restore", "nft"} {
@@ -212,27 +210,6 @@ func BenchmarkDatapath(b *testing.B) {
 			fmt.Printf("%-16s %-9s %8.2f %8.2f %6.3f  %.3f\n", m.name, p.name, median(rates), median(bases), median(ratios), ratios)
 			b.ReportMetric(median(ratios), m.name+"/none-"+p.name)
 		}
-	}
-
-	// Run time per program run, in a pass of its own: collecting it costs
-	// two clock reads per run, which the throughput rounds should not pay.
-	ours.up(b)
-	stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
-	if err != nil {
-		b.Fatal(err)
-	}
-	for _, p := range protos {
-		iperf(b, net.A, cg, net.B4.String(), p.args)
-	}
-	ns, runs, err := dp.RunStats()
-	stats.Close()
-	if err != nil {
-		b.Fatal(err)
-	}
-	ours.down(b)
-	if runs > 0 {
-		b.ReportMetric(float64(ns)/float64(runs), "bpf-ns/run")
-		fmt.Printf("bwagent programs: %.1f ns per run over %d runs (with bpf_stats_enabled)\n", float64(ns)/float64(runs), runs)
 	}
 }
 
