@@ -6,7 +6,7 @@
 #   make test       install the test dependencies, then run every test as root
 #   make generate   recompile bpf/bwacct.c and refresh the committed bindings
 #   make lint       gofmt, go vet, staticcheck
-#   make bench      data plane throughput benchmark (results go in README.md)
+#   make bench      data plane throughput and per-packet cost (results go in README.md)
 
 GO      ?= go
 BIN     ?= bin

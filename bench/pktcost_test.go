@@ -1,0 +1,302 @@
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/internal/nettest"
+)
+
+const costRounds = 7
+
+// costMode is one pair of cgroup-skb programs (ingress and egress) that
+// BenchmarkPacketCost attaches to the sender's cgroup.
+type costMode struct {
+	name string
+	// attach attaches the mode's programs to cg.
+	attach func(b *testing.B, cg string) *attachedProgs
+}
+
+// attachedProgs is a mode's programs while they are attached.
+type attachedProgs struct {
+	ingress, egress *ebpf.Program // read for their run statistics
+	// check, if set, runs after the traffic and fails if the packets did
+	// not take the mode's path (a budget never charged, a packet dropped).
+	check func() error
+	// detach detaches the programs and frees what attach made.
+	detach func() error
+}
+
+// runStats is the run time and run count of a mode's programs over one
+// traffic pattern.
+type runStats struct{ inNs, inRuns, egNs, egRuns uint64 }
+
+func (s runStats) nsPerRun() float64 {
+	if s.inRuns+s.egRuns == 0 {
+		return 0
+	}
+	return float64(s.inNs+s.egNs) / float64(s.inRuns+s.egRuns)
+}
+
+func (s runStats) sub(o runStats) runStats {
+	return runStats{s.inNs - o.inNs, s.inRuns - o.inRuns, s.egNs - o.egNs, s.egRuns - o.egRuns}
+}
+
+func (a *attachedProgs) stats() (runStats, error) {
+	in, err := a.ingress.Stats()
+	if err != nil {
+		return runStats{}, fmt.Errorf("ingress program stats: %w", err)
+	}
+	eg, err := a.egress.Stats()
+	if err != nil {
+		return runStats{}, fmt.Errorf("egress program stats: %w", err)
+	}
+	return runStats{
+		inNs: uint64(in.Runtime.Nanoseconds()), inRuns: in.RunCount,
+		egNs: uint64(eg.Runtime.Nanoseconds()), egRuns: eg.RunCount,
+	}, nil
+}
+
+// BenchmarkPacketCost measures what our cgroup-skb programs cost per run
+// (per packet; a GSO or GRO batch is one run) against an empty program
+// (r0 = 1; exit) attached the same way: to the sender's cgroup, ingress and
+// egress, under the same traffic (one UID's iperf3 TCP upload, TCP download
+// and 1400-byte UDP flood over veth between two namespaces; the receiver is
+// in a cgroup of its own, so only the sender's packets run the programs).
+//
+// The run time comes from kernel.bpf_stats_enabled, which wraps every run in
+// two clock reads: the empty program's figure is that overhead and the call,
+// and "ours minus empty" is our own work per packet. The modes take turns in
+// every round (the order rotates), so the VM's drift hits them all; a
+// difference is taken within a round, and the median over rounds reported.
+//
+// Modes: empty; ours with no policy for the sender; ours with a budget on
+// the sender (every packet charged to it); ours with 10,000 other UIDs
+// blocked. A new mode is a row of the table: a function that attaches a
+// pair of programs and returns them (attachOurs for ours with other
+// policies; a mode whose sockets carry socket storage would load ours with
+// that turned on and be one more row).
+func BenchmarkPacketCost(b *testing.B) {
+	nettest.RequireRoot(b)
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		b.Skip("needs iperf3: run `make deps`")
+	}
+	root, err := bpf.CgroupV2Root()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cg := nettest.NewCgroup(b, root)    // the sender's: the programs attach here
+	srvCg := nettest.NewCgroup(b, root) // the receiver's: nothing attached
+	net := nettest.NewPair(b)
+	pin := filepath.Join("/sys/fs/bpf", nettest.Name("bwcost-"))
+	b.Cleanup(func() { bpf.Uninstall(pin) })
+
+	stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
+	if err != nil {
+		b.Fatalf("enable bpf stats: %v", err)
+	}
+	b.Cleanup(func() { stats.Close() })
+
+	nettest.Exec(b, nettest.Spec{NS: net.B, Cgroup: srvCg, UID: receiverUID}, "iperf3", "-s", "-B", net.B4.String(), "-p", "5201", "-A", "1")
+	time.Sleep(300 * time.Millisecond)
+
+	blocked := make(map[uint32]bpf.Policy, blockedUIDs)
+	for i := range blockedUIDs {
+		blocked[firstUID+uint32(i)] = bpf.Policy{Blocked: true}
+	}
+	modes := []costMode{
+		{name: "empty", attach: attachEmpty},
+		{name: "nopolicy", attach: attachOurs(pin, nil)},
+		{name: "budget", attach: attachOurs(pin, map[uint32]bpf.Policy{
+			senderUID: {Quota: bpf.Both, Ceiling: 1 << 62}, // never reached
+		})},
+		{name: "blocked10k", attach: attachOurs(pin, blocked)},
+	}
+	traffic := []struct {
+		name string
+		args []string
+	}{
+		{"tcp-up", nil},
+		{"tcp-down", []string{"-R"}},
+		{"udp-1400", []string{"-u", "-b", "0", "-l", "1400"}},
+	}
+
+	// The mode attached when a round fails: detached before the pins go.
+	var current *attachedProgs
+	b.Cleanup(func() {
+		if current != nil {
+			current.detach()
+		}
+	})
+	res := map[string][]runStats{} // mode/traffic -> one per round
+	for range b.N {
+		for r := range costRounds {
+			for i := range modes {
+				m := modes[(i+r)%len(modes)] // each mode takes each place in turn
+				current = m.attach(b, cg)
+				time.Sleep(200 * time.Millisecond) // let the attach's deferred work settle
+				for _, t := range traffic {
+					before, err := current.stats()
+					if err != nil {
+						b.Fatal(err)
+					}
+					iperf(b, net.A, cg, net.B4.String(), t.args)
+					after, err := current.stats()
+					if err != nil {
+						b.Fatal(err)
+					}
+					d := after.sub(before)
+					if d.egRuns == 0 {
+						b.Fatalf("%s/%s: the egress program never ran", m.name, t.name)
+					}
+					res[m.name+"/"+t.name] = append(res[m.name+"/"+t.name], d)
+				}
+				if current.check != nil {
+					if err := current.check(); err != nil {
+						b.Fatalf("%s: %v", m.name, err)
+					}
+				}
+				a := current
+				current = nil
+				if err := a.detach(); err != nil {
+					b.Fatalf("%s: detach: %v", m.name, err)
+				}
+			}
+		}
+	}
+
+	// Printed, not logged: the testing package cuts a benchmark's log.
+	// Medians over rounds; "-empty" is the median of the per-round
+	// differences.
+	fmt.Printf("%-10s %-9s %7s %7s %7s %8s %8s %7s  %s\n", "mode", "traffic", "ns/run", "ingress", "egress", "in-runs", "eg-runs", "-empty", "per-round ns/run")
+	base := modes[0].name
+	for _, t := range traffic {
+		for _, m := range modes {
+			var perRun, in, eg, inRuns, egRuns, diff []float64
+			for r, s := range res[m.name+"/"+t.name] {
+				perRun = append(perRun, s.nsPerRun())
+				in = append(in, runStats{inNs: s.inNs, inRuns: s.inRuns}.nsPerRun())
+				eg = append(eg, runStats{egNs: s.egNs, egRuns: s.egRuns}.nsPerRun())
+				inRuns = append(inRuns, float64(s.inRuns))
+				egRuns = append(egRuns, float64(s.egRuns))
+				diff = append(diff, s.nsPerRun()-res[base+"/"+t.name][r].nsPerRun())
+			}
+			fmt.Printf("%-10s %-9s %7.1f %7.1f %7.1f %8.0f %8.0f %7.1f  %.1f\n", m.name, t.name,
+				median(perRun), median(in), median(eg), median(inRuns), median(egRuns), median(diff), perRun)
+			b.ReportMetric(median(perRun), m.name+"-ns/run-"+t.name)
+			if m.name != base {
+				b.ReportMetric(median(diff), m.name+"-minus-empty-ns/run-"+t.name)
+			}
+		}
+	}
+}
+
+// attachEmpty attaches a program that passes every packet and does nothing
+// else, built with the asm package: the floor of what a cgroup-skb program
+// costs, clock reads of bpf_stats_enabled included.
+func attachEmpty(b *testing.B, cg string) *attachedProgs {
+	b.Helper()
+	a := &attachedProgs{}
+	var links []link.Link
+	a.detach = func() error {
+		var errs []error
+		for _, l := range links {
+			errs = append(errs, l.Close())
+		}
+		errs = append(errs, a.ingress.Close(), a.egress.Close())
+		return errors.Join(errs...)
+	}
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInetIngress, ebpf.AttachCGroupInetEgress} {
+		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+			Name:       "bw_empty",
+			Type:       ebpf.CGroupSKB,
+			AttachType: typ,
+			License:    "GPL",
+			Instructions: asm.Instructions{
+				asm.Mov.Imm(asm.R0, 1), // pass
+				asm.Return(),
+			},
+		})
+		if err != nil {
+			b.Fatalf("load empty program: %v", err)
+		}
+		if typ == ebpf.AttachCGroupInetIngress {
+			a.ingress = prog
+		} else {
+			a.egress = prog
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: typ, Program: prog})
+		if err != nil {
+			b.Fatalf("attach empty program: %v", err)
+		}
+		links = append(links, l)
+	}
+	return a
+}
+
+// attachOurs returns a mode that loads our data plane on cg with the given
+// policies. Its check fails if a packet was dropped or went uncounted, or if
+// the sender has a budget that was never charged.
+func attachOurs(pin string, policies map[uint32]bpf.Policy) func(b *testing.B, cg string) *attachedProgs {
+	return func(b *testing.B, cg string) *attachedProgs {
+		b.Helper()
+		dp, err := bpf.Load(bpf.Config{CgroupPath: cg, PinPath: pin})
+		if err != nil {
+			b.Fatal(err)
+		}
+		a := &attachedProgs{}
+		a.detach = func() error {
+			return errors.Join(a.ingress.Close(), a.egress.Close(), dp.Uninstall())
+		}
+		fail := func(err error) {
+			a.detach()
+			b.Fatal(err)
+		}
+		if len(policies) > 0 {
+			if _, err := dp.ReconcilePolicies(policies); err != nil {
+				fail(err)
+			}
+		}
+		inID, egID, err := dp.ProgramIDs()
+		if err != nil {
+			fail(err)
+		}
+		if a.ingress, err = ebpf.NewProgramFromID(inID); err != nil {
+			fail(err)
+		}
+		if a.egress, err = ebpf.NewProgramFromID(egID); err != nil {
+			fail(err)
+		}
+		a.check = func() error {
+			s, err := dp.Stats()
+			if err != nil {
+				return err
+			}
+			if s != (bpf.Stats{}) {
+				return fmt.Errorf("the programs dropped or missed packets: %+v", s)
+			}
+			if policies[senderUID].Quota == 0 {
+				return nil
+			}
+			used, err := dp.QuotaUsed(senderUID)
+			if err != nil {
+				return err
+			}
+			if used == 0 {
+				return errors.New("the sender's budget was never charged")
+			}
+			return nil
+		}
+		return a
+	}
+}
