@@ -82,7 +82,10 @@ func (a *attachedProgs) stats() (runStats, error) {
 //
 // Modes: empty; ours with no policy for the sender; ours with a budget on
 // the sender (every packet charged to it); ours with 10,000 other UIDs
-// blocked. A new mode is a row of the table: a function that attaches a
+// blocked; ours with the sender's UID tagged as an owner of attributed
+// sockets (as an SSH user's is once a session of theirs forwarded a
+// connection, and UID 0's always is): every packet looks its socket's
+// attribution up. A new mode is a row of the table: a function that attaches a
 // pair of programs and returns them (attachOurs for ours with other
 // policies; a mode whose sockets carry socket storage would load ours with
 // that turned on and be one more row).
@@ -121,6 +124,7 @@ func BenchmarkPacketCost(b *testing.B) {
 			senderUID: {Quota: bpf.Both, Ceiling: 1 << 62}, // never reached
 		})},
 		{name: "blocked10k", attach: attachOurs(pin, blocked)},
+		{name: "tagged", attach: attachOurs(pin, nil, tagSender)},
 	}
 	traffic := []struct {
 		name string
@@ -244,10 +248,23 @@ func attachEmpty(b *testing.B, cg string) *attachedProgs {
 	return a
 }
 
+// tagSender marks the sender's UID as an owner of attributed sockets, the
+// way Attribute does for a socket's owner: by attributing a socket of the
+// benchmark's own (closed right after; the mark stays).
+func tagSender(dp *bpf.Datapath) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	_, err = dp.Attribute(fd, senderUID, bpf.Attribution{UID: senderUID})
+	return err
+}
+
 // attachOurs returns a mode that loads our data plane on cg with the given
-// policies. Its check fails if a packet was dropped or went uncounted, or if
+// policies, then runs setup. Its check fails if a packet was dropped or went uncounted, or if
 // the sender has a budget that was never charged.
-func attachOurs(pin string, policies map[uint32]bpf.Policy) func(b *testing.B, cg string) *attachedProgs {
+func attachOurs(pin string, policies map[uint32]bpf.Policy, setup ...func(*bpf.Datapath) error) func(b *testing.B, cg string) *attachedProgs {
 	return func(b *testing.B, cg string) *attachedProgs {
 		b.Helper()
 		dp, err := bpf.Load(bpf.Config{CgroupPath: cg, PinPath: pin})
@@ -264,6 +281,11 @@ func attachOurs(pin string, policies map[uint32]bpf.Policy) func(b *testing.B, c
 		}
 		if len(policies) > 0 {
 			if _, err := dp.ReconcilePolicies(policies); err != nil {
+				fail(err)
+			}
+		}
+		for _, f := range setup {
+			if err := f(dp); err != nil {
 				fail(err)
 			}
 		}

@@ -381,10 +381,11 @@ static __always_inline int account(struct __sk_buff *skb, int egress)
 		segs = 1;
 
 	if (may_be_tagged(uid)) {
+		// bpf_sk_storage_get itself answers NULL for a socket that is not
+		// a full one (a request or time-wait socket): no bpf_sk_fullsock
+		// call first, which would cost as much again.
 		struct bpf_sock *sk = skb->sk;
 
-		if (sk)
-			sk = bpf_sk_fullsock(sk);
 		if (sk) {
 			struct sock_owner *o = bpf_sk_storage_get(&bw_sock, sk, 0, 0);
 

@@ -51,10 +51,14 @@ func (t *Tracker) Scan(logins map[int]Login, uid func(name string) (uint32, bool
 			p = nil
 		}
 		if p == nil {
-			if !names[comm] || !t.isProgram(pid, ids) {
+			if !names[comm] {
 				continue
 			}
-			t.newProc(pid, start)
+			prog := t.programOf(pid, ids)
+			if prog == "" {
+				continue
+			}
+			t.newProc(pid, start, prog)
 		}
 		seen[pid] = true
 	}
@@ -64,7 +68,7 @@ func (t *Tracker) Scan(logins map[int]Login, uid func(name string) (uint32, bool
 		}
 	}
 	res.Servers = len(t.procs)
-	res = t.attachAll(res, logins, uid)
+	res = t.attachAll(res, logins, uid, false)
 	if err := t.register(); err != nil {
 		return res, err
 	}
@@ -75,7 +79,7 @@ func (t *Tracker) Scan(logins map[int]Login, uid func(name string) (uint32, bool
 // (from Scan and Adopt) without looking for new ones: it is cheap enough to
 // run every few milliseconds while a login is under way.
 func (t *Tracker) Poll(logins map[int]Login, uid func(name string) (uint32, bool)) Result {
-	return t.attachAll(Result{Servers: len(t.procs)}, logins, uid)
+	return t.attachAll(Result{Servers: len(t.procs)}, logins, uid, true)
 }
 
 // Adopt makes a process that a server process just forked (a new
@@ -89,17 +93,22 @@ func (t *Tracker) Adopt(pid int) (bool, error) {
 	}
 	ids, _ := t.programs()
 	_, start, ok := t.stat(pid)
-	if !ok || !t.isProgram(pid, ids) {
+	if !ok {
 		return false, nil
 	}
-	t.newProc(pid, start)
+	prog := t.programOf(pid, ids)
+	if prog == "" {
+		return false, nil
+	}
+	t.newProc(pid, start, prog).adopted = true
 	return true, nil
 }
 
-// newProc records a server process.
-func (t *Tracker) newProc(pid int, start uint64) *proc {
+// newProc records a server process running program.
+func (t *Tracker) newProc(pid int, start uint64, program string) *proc {
 	uid, ok := t.uidOf(pid)
-	p := &proc{seen: t.cfg.Now(), start: start, netns: t.netns(pid), root: ok && uid == 0}
+	p := &proc{seen: t.cfg.Now(), start: start, netns: t.netns(pid), root: ok && uid == 0,
+		byLog: filepath.Base(program) == "dropbear"}
 	t.procs[pid] = p
 	return p
 }
@@ -141,18 +150,24 @@ func (t *Tracker) drop(pid int, p *proc) error {
 	return errors.Join(errs...)
 }
 
+// rootGrace is how long a new OpenSSH process may stay root before it is
+// taken for a monitor or a listener rather than a session process about to
+// take its user's UID.
+const rootGrace = 2 * time.Second
+
 // loginWindow is how long after a server process appears a login may still
 // come: OpenSSH's LoginGraceTime default.
 const loginWindow = 2 * time.Minute
 
 // Pending reports how many server processes seen within the last two
-// minutes are neither attributed nor listeners: logins under way, worth a
-// Poll every few milliseconds.
+// minutes are not attributed: logins under way (and, for two minutes after
+// it is first seen, a Dropbear listener), worth a Poll every few
+// milliseconds.
 func (t *Tracker) Pending() int {
 	n := 0
 	now := t.cfg.Now()
 	for _, p := range t.procs {
-		if !p.attached && len(p.listens) == 0 && now.Sub(p.seen) < loginWindow {
+		if !p.attached && now.Sub(p.seen) < loginWindow {
 			n++
 		}
 	}
@@ -165,11 +180,17 @@ func (t *Tracker) Pending() int {
 // A port's logins are held until attributed only once a session on it was:
 // a server whose sessions cannot be told (a Dropbear that stays root, with
 // no auth log to read) must not have every login stall for the hold.
-func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name string) (uint32, bool)) Result {
+//
+// A poll looks only at processes seen within loginWindow: older ones wait
+// for the next Scan.
+func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name string) (uint32, bool), poll bool) Result {
+	now := t.cfg.Now()
 	ports := make(map[uint64]map[uint16]bool)
 	all := make(map[uint16]bool)
 	for pid, p := range t.procs {
-		if p.listens == nil {
+		if p.listens == nil && !p.adopted {
+			// A process just forked holds its listener's sockets until
+			// it closes them: only those found by a scan are looked at.
 			p.listens = t.listening(pid)
 		}
 		if ports[p.netns] == nil {
@@ -190,7 +211,7 @@ func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name stri
 		}
 	}
 	for pid, p := range t.procs {
-		if p.attached {
+		if p.attached || poll && now.Sub(p.seen) >= loginWindow {
 			continue
 		}
 		a, done, err := t.attach(pid, p, ports[p.netns], logins, uid)
@@ -306,6 +327,13 @@ func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int
 	}
 	var login *Login
 	switch {
+	case uid == 0 && !p.byLog:
+		// OpenSSH's root processes (the listener, each connection's
+		// monitor): the session is found through the process that runs
+		// as the user. That one is forked as root too and takes the
+		// user's UID within milliseconds: a root process is left alone
+		// only once it has been root for rootGrace.
+		return nil, t.cfg.Now().Sub(p.seen) > rootGrace, nil
 	case uid != 0 && !t.cfg.User(uid):
 		// OpenSSH's unprivileged pre-authentication process, or a
 		// system account's session.
@@ -313,7 +341,7 @@ func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int
 	case uid == 0:
 		l, ok := logins[pid]
 		if !ok {
-			return nil, false, nil // a listener, or not logged in yet
+			return nil, false, nil // not logged in yet
 		}
 		u, ok := uidOf(l.User)
 		if !ok || !t.cfg.User(u) {

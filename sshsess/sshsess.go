@@ -151,9 +151,13 @@ type Tracker struct {
 
 // proc is what a Tracker knows of one server process.
 type proc struct {
-	seen     time.Time // when the Tracker first saw it
-	start    uint64    // start time, to tell a reused PID
-	root     bool      // ran as root when first seen
+	seen  time.Time // when the Tracker first saw it
+	start uint64    // start time, to tell a reused PID
+	root  bool      // ran as root when first seen
+	// byLog: a Dropbear process, whose session may stay root after the
+	// login and is then told by its log line.
+	byLog    bool
+	adopted  bool // made known by Adopt: a fork of a server process
 	netns    uint64
 	listens  map[uint16]bool // the ports it listens on, once looked at
 	uid      uint32
@@ -186,25 +190,30 @@ func (t *Tracker) programs() (map[programID]string, map[string]bool) {
 // executable is the same file, or (after a package upgrade replaced the
 // file) was a file at the same path.
 func (t *Tracker) isProgram(pid int, ids map[programID]string) bool {
+	return t.programOf(pid, ids) != ""
+}
+
+// programOf returns which of the programs process pid runs, "" if none.
+func (t *Tracker) programOf(pid int, ids map[programID]string) string {
 	exe := filepath.Join(t.cfg.Proc, fmt.Sprint(pid), "exe")
 	var st syscall.Stat_t
 	if err := syscall.Stat(exe, &st); err == nil {
-		if _, ok := ids[programID{st.Dev, st.Ino}]; ok {
-			return true
+		if p, ok := ids[programID{st.Dev, st.Ino}]; ok {
+			return p
 		}
 	}
 	target, err := os.Readlink(exe)
 	if err != nil {
-		return false
+		return ""
 	}
 	path, deleted := strings.CutSuffix(target, " (deleted)")
 	if !deleted {
-		return false
+		return ""
 	}
 	for _, p := range ids {
 		if p == path {
-			return true
+			return p
 		}
 	}
-	return false
+	return ""
 }
