@@ -360,12 +360,13 @@ func (a *Agent) tick() {
 }
 
 // Close releases what the agent holds besides its boundaries (the inotify
-// watch of the usage directory, the Xray client). Run closes it when it
+// watch of the usage directory, the Xray client) and lifts the kernel's
+// hold on SSH logins, which no one would attribute any more. Run closes it when it
 // returns; an agent driven without Run (tests, benchmarks) must be closed.
 func (a *Agent) Close() error {
 	a.watch.close()
 	a.xr.close()
-	return nil
+	return a.stopSessions()
 }
 
 // components describes each part of the agent for Health.

@@ -59,8 +59,7 @@ type loggedLogin struct {
 func (a *Agent) sampleSessions(now time.Time) error {
 	s := &a.sess
 	if s.k == nil || !a.cfg.SSH.Enabled || !a.cfg.SSH.Sessions {
-		s.live, s.result = nil, sshsess.Result{}
-		return nil
+		return a.stopSessions()
 	}
 	if s.tr == nil || !slices.Equal(s.servers, a.cfg.SSH.Servers) {
 		tr, err := sshsess.New(sshsess.Config{
@@ -237,6 +236,24 @@ func (a *Agent) watchOnce(ctx context.Context) error {
 		default: // the loop is behind: the next tick's scan finds it
 		}
 	})
+}
+
+// stopSessions stops following SSH sessions (turned off, or the agent
+// stops): the kernel no longer holds logins for an attribution that would
+// not come. Sessions attributed so far go on counting for their users.
+func (a *Agent) stopSessions() error {
+	s := &a.sess
+	s.live, s.result = nil, sshsess.Result{}
+	s.known.Store(nil)
+	for path, l := range s.logs {
+		l.Close()
+		delete(s.logs, path)
+	}
+	if s.tr == nil {
+		return nil
+	}
+	s.tr = nil
+	return s.k.SetSSHPorts(nil)
 }
 
 // readAuthLogs adds the logins logged since the last read and forgets those
