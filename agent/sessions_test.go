@@ -2,11 +2,16 @@ package agent
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/myvpn/bwagent/bpf"
+	"github.com/myvpn/bwagent/store"
 
 	"github.com/myvpn/bwagent/internal/sshtest"
 	"github.com/myvpn/bwagent/quota"
@@ -23,25 +28,59 @@ func (k *kernelEnv) user(t *testing.T, name string) view.User {
 	return v
 }
 
-// run runs the agent's loop, ticking every second, until t's end.
-func (k *kernelEnv) run(t *testing.T) {
+// run runs the agent's loop, ticking every second, until t's end or
+// until the function it returns is called.
+func (k *kernelEnv) run(t *testing.T) (stop func()) {
 	t.Helper()
 	k.a.inline = false
 	k.a.interval.Store(int64(time.Second))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- k.a.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("run: %v", err)
-		}
-	})
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("run: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
 	select {
 	case <-k.a.Ready():
 	case <-time.After(10 * time.Second):
 		t.Fatal("agent not ready after 10 s")
 	}
+	return stop
+}
+
+// restart replaces the stopped agent by a new one over the same pins,
+// database and configuration, as a restart of bwagent does, and runs it.
+func (k *kernelEnv) restart(t *testing.T) {
+	t.Helper()
+	cfg := k.a.cfg
+	if err := k.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	dp, err := bpf.Load(bpf.Config{CgroupPath: k.cg, PinPath: cfg.Kernel.PinPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.dp = dp
+	st, err := store.Open(cfg.Paths.StateDB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	k.a, err = New(Options{Config: cfg, Dataplane: dp, Sessions: dp, Firewall: k.fw, Store: st,
+		Log: slog.New(slog.NewTextHandler(os.Stderr, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := k.a
+	t.Cleanup(func() { a.Close() })
+	k.run(t)
 }
 
 // waitFor waits up to timeout for cond.
@@ -157,6 +196,49 @@ func TestSSHSessions(t *testing.T) {
 			}
 			if !fs.Flowing(2 * time.Second) {
 				t.Errorf("the unlimited user's stream stopped: %v; its tunnel: %v", fs.Err(), ft.Err())
+			}
+		})
+	}
+}
+
+// TestSSHSessionsAcrossRestart: the kernel counts a session for its user
+// while no agent runs, and the next agent finds the session attributed
+// already (also a Dropbear one, whose login line it did not read): what
+// the session moved is counted once, none of it credited twice.
+func TestSSHSessionsAcrossRestart(t *testing.T) {
+	for _, kind := range sshtest.Kinds {
+		t.Run(string(kind), func(t *testing.T) {
+			t.Parallel()
+			acct := sshtest.NewAccount(t)
+			k := newKernelEnv(t, acct.PasswdLine()+"\n", "")
+			srv := sshtest.Start(t, kind, sshtest.Options{Cgroup: k.cg})
+			k.a.cfg.SSH.AuthLogs = []string{srv.LogFile}
+			stop := k.run(t)
+			tun := srv.Tunnel(t, acct, sshtest.ClientOptions{})
+			waitFor(t, "the session counted", 5*time.Second, func() bool { return k.a.Health().Kernel.SSHSessions == 1 })
+			if _, got, err := tun.Transfer(0, 4*mib); err != nil || got != 4*mib+1 {
+				t.Fatalf("download: %d, %v", got, err)
+			}
+			waitFor(t, "the download counted", 5*time.Second, func() bool { return k.user(t, acct.Name).Used >= 4*mib })
+			stop()
+			before := k.user(t, acct.Name).Used
+
+			// No agent: the kernel goes on counting the session.
+			if _, got, err := tun.Transfer(0, 4*mib); err != nil || got != 4*mib+1 {
+				t.Fatalf("download while no agent runs: %d, %v", got, err)
+			}
+			k.restart(t)
+			waitFor(t, "the session found again", 5*time.Second, func() bool { return k.a.Health().Kernel.SSHSessions == 1 })
+			var used uint64
+			waitFor(t, "the download without an agent counted", 5*time.Second, func() bool {
+				used = k.user(t, acct.Name).Used
+				return used >= before+4*mib
+			})
+			time.Sleep(1500 * time.Millisecond) // a tick more: nothing more comes
+			used = k.user(t, acct.Name).Used
+			t.Logf("before the restart %d bytes, after %d (4 MiB moved between)", before, used)
+			if used > before+4*mib+4*mib/20 {
+				t.Errorf("counted %d bytes for a 4 MiB download across the restart", used-before)
 			}
 		})
 	}

@@ -214,7 +214,7 @@ func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name stri
 		if p.attached || poll && now.Sub(p.seen) >= loginWindow {
 			continue
 		}
-		a, done, err := t.attach(pid, p, ports[p.netns], logins, uid)
+		a, done, err := t.attach(pid, p, ports[p.netns], logins, uid, poll)
 		if err != nil {
 			res.Problems = append(res.Problems, fmt.Errorf("SSH session process %d: %w", pid, err))
 		}
@@ -320,7 +320,12 @@ func (t *Tracker) netns(pid int) uint64 {
 // attach tries to attribute the session of process pid. done is true once
 // there is nothing more to do for it: its session is attributed, or it is
 // no session of a user of ours.
-func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int]Login, uidOf func(string) (uint32, bool)) (*Attributed, bool, error) {
+//
+// A Dropbear session process that stays root and has no logged login may
+// have been attributed by an earlier agent (whose log lines this one did
+// not read): a scan (not a poll, it costs the process's sockets) takes its
+// session's attribution from the kernel.
+func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int]Login, uidOf func(string) (uint32, bool), poll bool) (*Attributed, bool, error) {
 	uid, ok := t.uidOf(pid)
 	if !ok {
 		return nil, true, nil // gone
@@ -340,6 +345,9 @@ func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int
 		return nil, true, nil
 	case uid == 0:
 		l, ok := logins[pid]
+		if !ok && !poll {
+			return t.attributedBefore(pid, p, ports)
+		}
 		if !ok {
 			return nil, false, nil // not logged in yet
 		}
@@ -435,6 +443,33 @@ func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int
 		TxBytes: sub(moved.TxBytes, fwd.RxBytes),
 	}
 	return &Attributed{Session: s, Credit: credit}, true, nil
+}
+
+// attributedBefore records the session of process pid if its connection
+// has an attribution already (an earlier agent's).
+func (t *Tracker) attributedBefore(pid int, p *proc, ports map[uint16]bool) (*Attributed, bool, error) {
+	socks, err := t.borrowAll(pid)
+	if err != nil {
+		return nil, false, err
+	}
+	defer func() {
+		for _, s := range socks {
+			unix.Close(s.fd)
+		}
+	}()
+	for _, so := range socks {
+		if !so.stream || so.listening || !ports[so.local.Port()] || !so.remote.IsValid() {
+			continue
+		}
+		a, ok, err := t.k.SocketAttribution(so.fd)
+		if err != nil || !ok || a.Pending || a.Forward {
+			return nil, false, err
+		}
+		p.uid, p.session = a.UID, true
+		t.sessions[pid] = Session{PID: pid, UID: a.UID, Local: so.local, Remote: so.remote}
+		return nil, true, nil
+	}
+	return nil, false, nil
 }
 
 func sub(a, b uint64) uint64 {
