@@ -1,6 +1,7 @@
 package sshsess_test
 
 import (
+	"net/netip"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -25,7 +26,7 @@ type fixture struct {
 	logins map[int]sshsess.Login
 }
 
-func newFixture(t *testing.T, kind sshtest.Kind) *fixture {
+func newFixture(t *testing.T, kind sshtest.Kind, addr netip.Addr) *fixture {
 	t.Helper()
 	nettest.RequireRoot(t)
 	root, err := bpf.CgroupV2Root()
@@ -40,7 +41,7 @@ func newFixture(t *testing.T, kind sshtest.Kind) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { dp.Close() })
-	srv := sshtest.Start(t, kind, sshtest.Options{Cgroup: cg})
+	srv := sshtest.Start(t, kind, sshtest.Options{Cgroup: cg, Addr: addr})
 	f := &fixture{dp: dp, srv: srv, acct: make(map[string]*sshtest.Account), logins: make(map[int]sshsess.Login)}
 	var programs []string
 	for _, name := range []string{"sshd", "dropbear"} {
@@ -140,51 +141,57 @@ const mib = 1 << 20
 // session's connection: a tunnel's download (not again on its forwarded
 // connection), and a shell command's output, with OpenSSH and with
 // Dropbear (whose old versions forward as root). A blocked user's sessions
-// are cut and carry nothing more.
+// are cut and carry nothing more. Over IPv4 and IPv6.
 func TestSessionsCountedOnce(t *testing.T) {
 	for _, kind := range sshtest.Kinds {
-		t.Run(string(kind), func(t *testing.T) {
-			t.Parallel()
-			f := newFixture(t, kind)
-			a := f.account(t)
-			tun := f.srv.Tunnel(t, a, sshtest.ClientOptions{})
-			f.waitSessions(t, a.UID, 1)
+		for _, addr := range []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.IPv6Loopback()} {
+			t.Run(string(kind)+"-"+addr.String(), func(t *testing.T) {
+				t.Parallel()
+				sessionsCountedOnce(t, kind, addr)
+			})
+		}
+	}
+}
 
-			before := f.total(t, a.UID)
-			const down = 16 * mib
-			if _, got, err := tun.Transfer(0, down); err != nil || got != down+1 { // +1: the sink's answer
-				t.Fatalf("tunnel transfer: %d bytes, %v", got, err)
-			}
-			within(t, "tunnel download", f.total(t, a.UID)-before, down)
+func sessionsCountedOnce(t *testing.T, kind sshtest.Kind, addr netip.Addr) {
+	f := newFixture(t, kind, addr)
+	a := f.account(t)
+	tun := f.srv.Tunnel(t, a, sshtest.ClientOptions{})
+	f.waitSessions(t, a.UID, 1)
 
-			// A shell command's output, over a second login.
-			sh := f.srv.Exec(t, a, sshtest.ClientOptions{}, "sleep 1; head -c 16777216 /dev/zero")
-			f.waitSessions(t, a.UID, 2)
-			before = f.total(t, a.UID)
-			if err := sh.Wait(30 * time.Second); err != nil {
-				t.Fatalf("shell command: %v", err)
-			}
-			if sh.Received() != 16*mib {
-				t.Fatalf("shell command output %d bytes", sh.Received())
-			}
-			// The credit covered what moved before the scan.
-			within(t, "shell output", f.total(t, a.UID)-before, 16*mib)
+	before := f.total(t, a.UID)
+	const down = 16 * mib
+	if _, got, err := tun.Transfer(0, down); err != nil || got != down+1 { // +1: the sink's answer
+		t.Fatalf("tunnel transfer: %d bytes, %v", got, err)
+	}
+	within(t, "tunnel download", f.total(t, a.UID)-before, down)
 
-			// Blocked: the tunnel carries nothing and is cut.
-			if err := f.dp.ApplyPolicies(map[uint32]bpf.Policy{a.UID: {Blocked: true}}); err != nil {
-				t.Fatal(err)
-			}
-			if n, err := f.tr.Cut(a.UID); err != nil || n == 0 {
-				t.Fatalf("cut: %d sessions, %v", n, err)
-			}
-			before = f.total(t, a.UID)
-			if _, got, err := tun.Transfer(0, mib); err == nil || got > 1 {
-				t.Errorf("blocked user's tunnel moved %d bytes", got)
-			}
-			if after := f.total(t, a.UID); after != before {
-				t.Errorf("blocked user counted %d more bytes", after-before)
-			}
-		})
+	// A shell command's output, over a second login.
+	sh := f.srv.Exec(t, a, sshtest.ClientOptions{}, "sleep 1; head -c 16777216 /dev/zero")
+	f.waitSessions(t, a.UID, 2)
+	before = f.total(t, a.UID)
+	if err := sh.Wait(30 * time.Second); err != nil {
+		t.Fatalf("shell command: %v", err)
+	}
+	if sh.Received() != 16*mib {
+		t.Fatalf("shell command output %d bytes", sh.Received())
+	}
+	// The credit covered what moved before the scan.
+	within(t, "shell output", f.total(t, a.UID)-before, 16*mib)
+
+	// Blocked: the tunnel carries nothing and is cut.
+	if err := f.dp.ApplyPolicies(map[uint32]bpf.Policy{a.UID: {Blocked: true}}); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := f.tr.Cut(a.UID); err != nil || n == 0 {
+		t.Fatalf("cut: %d sessions, %v", n, err)
+	}
+	before = f.total(t, a.UID)
+	if _, got, err := tun.Transfer(0, mib); err == nil || got > 1 {
+		t.Errorf("blocked user's tunnel moved %d bytes", got)
+	}
+	if after := f.total(t, a.UID); after != before {
+		t.Errorf("blocked user counted %d more bytes", after-before)
 	}
 }
 
