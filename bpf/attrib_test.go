@@ -2,6 +2,7 @@ package bpf_test
 
 import (
 	"errors"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -15,16 +16,6 @@ import (
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/sockkill"
 )
-
-func addrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
-	}
-	return netip.AddrPort{}
-}
 
 // acceptedSocket returns a duplicate (pidfd_getfd) of process pid's
 // connected TCP socket on local port port, waiting up to 5 s for it.
@@ -165,15 +156,24 @@ func TestPendingConnections(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		l, _ := unix.Getsockname(fd)
-		r, _ := unix.Getpeername(fd)
+		dup, err := unix.Dup(fd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn, err := net.FileConn(os.NewFile(uintptr(dup), "accepted"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		l := conn.LocalAddr().(*net.TCPAddr).AddrPort()
+		r := conn.RemoteAddr().(*net.TCPAddr).AddrPort()
 		h, err := sockkill.NewHandleAt(e.net.B)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer h.Close()
 		start := time.Now()
-		if n, err := h.Destroy([]sockkill.Conn{{Local: addrPort(l), Remote: addrPort(r), Cookie: cookie}}); n != 1 || err != nil {
+		if n, err := h.Destroy([]sockkill.Conn{{Local: l, Remote: r, Cookie: cookie}}); n != 1 || err != nil {
 			t.Fatalf("destroy: %d, %v", n, err)
 		}
 		c.Wait(5 * time.Second)

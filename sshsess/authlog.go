@@ -51,16 +51,16 @@ func ParseLogin(line string) (l Login, ok bool) {
 	if err != nil || pid <= 0 {
 		return Login{}, false
 	}
-	from, err := parseAddrPort(m[4])
+	from, err := ParseAddrPort(m[4])
 	if err != nil || m[3] == "" || len(m[3]) > 32 {
 		return Login{}, false
 	}
 	return Login{PID: pid, User: m[3], From: from}, true
 }
 
-// parseAddrPort parses an address as Dropbear logs it: "127.0.0.1:58164",
-// IPv6 without brackets ("::1:44738") or with them.
-func parseAddrPort(s string) (netip.AddrPort, error) {
+// ParseAddrPort parses an address and port as Dropbear logs them:
+// "127.0.0.1:58164", and IPv6 without brackets ("::1:44738") or with them.
+func ParseAddrPort(s string) (netip.AddrPort, error) {
 	i := strings.LastIndexByte(s, ':')
 	if i < 0 {
 		return netip.AddrPort{}, fmt.Errorf("no port in %q", s)

@@ -370,15 +370,11 @@ func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int
 	if err != nil {
 		return nil, false, err
 	}
-	defer func() {
-		for _, s := range socks {
-			unix.Close(s.fd)
-		}
-	}()
+	defer closeAll(socks)
 	var sess *sock
 	for i := range socks {
 		s := &socks[i]
-		if sess == nil && s.stream && !s.listening && ports[s.local.Port()] && s.remote.IsValid() {
+		if sess == nil && s.sessionOn(ports) {
 			sess = s
 		}
 	}
@@ -452,13 +448,9 @@ func (t *Tracker) attributedBefore(pid int, p *proc, ports map[uint16]bool) (*At
 	if err != nil {
 		return nil, false, err
 	}
-	defer func() {
-		for _, s := range socks {
-			unix.Close(s.fd)
-		}
-	}()
+	defer closeAll(socks)
 	for _, so := range socks {
-		if !so.stream || so.listening || !ports[so.local.Port()] || !so.remote.IsValid() {
+		if !so.sessionOn(ports) {
 			continue
 		}
 		a, ok, err := t.k.SocketAttribution(so.fd)

@@ -22,7 +22,21 @@ type sock struct {
 	info          unix.TCPInfo
 }
 
-// borrowAll returns duplicates of process pid's TCP sockets.
+// sessionOn reports whether s is a connection accepted on one of ports: a
+// session's, not a forwarded one (those are opened, from ephemeral ports).
+func (s *sock) sessionOn(ports map[uint16]bool) bool {
+	return s.stream && !s.listening && ports[s.local.Port()] && s.remote.IsValid()
+}
+
+// closeAll closes the borrowed descriptors.
+func closeAll(socks []sock) {
+	for _, s := range socks {
+		unix.Close(s.fd)
+	}
+}
+
+// borrowAll returns duplicates of process pid's TCP sockets, which the
+// caller closes (closeAll).
 func (t *Tracker) borrowAll(pid int) ([]sock, error) {
 	dir := filepath.Join(t.cfg.Proc, strconv.Itoa(pid), "fd")
 	entries, err := os.ReadDir(dir)

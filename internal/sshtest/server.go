@@ -18,6 +18,7 @@ import (
 
 	"github.com/myvpn/bwagent/internal/nettest"
 	"github.com/myvpn/bwagent/internal/xraytest"
+	"github.com/myvpn/bwagent/sshsess"
 )
 
 // Kind is an SSH server program.
@@ -376,7 +377,7 @@ func parseLogin(kind Kind, line string) (Login, bool) {
 			return Login{}, false
 		}
 		pid, err1 := strconv.Atoi(m[1])
-		from, err2 := parseDropbearAddr(m[4])
+		from, err2 := sshsess.ParseAddrPort(m[4])
 		if err1 != nil || err2 != nil {
 			return Login{}, false
 		}
@@ -398,24 +399,6 @@ func parseLogin(kind Kind, line string) (Login, bool) {
 		return Login{User: m[2], Method: m[1], From: netip.AddrPortFrom(addr, uint16(port)), Line: line}, true
 	}
 	return Login{}, false
-}
-
-// parseDropbearAddr parses an address and port as Dropbear logs them:
-// "127.0.0.1:58164", and IPv6 without brackets, "::1:44738".
-func parseDropbearAddr(s string) (netip.AddrPort, error) {
-	i := strings.LastIndexByte(s, ':')
-	if i < 0 {
-		return netip.AddrPort{}, fmt.Errorf("no port in %q", s)
-	}
-	addr, err := netip.ParseAddr(strings.Trim(s[:i], "[]"))
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	port, err := strconv.ParseUint(s[i+1:], 10, 16)
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	return netip.AddrPortFrom(addr, uint16(port)), nil
 }
 
 // Logins returns the logins in the log so far, in order.
