@@ -14,6 +14,7 @@ import (
 	"github.com/myvpn/bwagent/store"
 
 	"github.com/myvpn/bwagent/internal/sshtest"
+	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/view"
 )
@@ -141,6 +142,10 @@ func TestSSHSessions(t *testing.T) {
 			waitFor(t, "the block logged", 5*time.Second, func() bool {
 				log, _ := os.ReadFile(k.cfg.Paths.BlockLog)
 				return strings.Contains(string(log), lim.Name)
+			})
+			waitFor(t, "the usage file BLOCKED", 10*time.Second, func() bool {
+				u, err := opsfiles.ReadUsage(filepath.Join(k.cfg.Paths.UsageDir, lim.Name+".json"))
+				return err == nil && u.Status == "BLOCKED" && u.Blocked
 			})
 			if !fs.Flowing(2 * time.Second) {
 				t.Error("the unlimited user's stream stopped")
