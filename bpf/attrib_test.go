@@ -100,8 +100,8 @@ func TestPendingConnections(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if st.SSHHeld == 0 || st.SSHUnattributed == 0 {
-			t.Errorf("stats %+v: want held and unattributed packets", st)
+		if st.SSHHeld == 0 || st.SSHUnattributed == 0 || st.SSHReleased != 1 {
+			t.Errorf("stats %+v: want held and unattributed packets, one connection released", st)
 		}
 	})
 

@@ -62,6 +62,7 @@ char __license[] SEC("license") = "GPL";
 // bw_sock flags; they must match bpf/attrib.go.
 #define SOCK_FORWARD (1u << 0) // a session's forwarded connection: enforce uid's policy, count nothing
 #define SOCK_PENDING (1u << 1) // an SSH connection whose user is not known yet: held, see bw_sockops
+#define SOCK_RELEASED (1u << 2) // a pending connection whose hold is over: it flows unattributed
 
 // A pending SSH connection may move PENDING_ALLOWANCE bytes (the key
 // exchange and the login take a few KiB); beyond, its packets are dropped
@@ -72,7 +73,8 @@ char __license[] SEC("license") = "GPL";
 
 #define SSTAT_HELD         0 // packets of pending SSH connections dropped past the allowance
 #define SSTAT_UNATTRIBUTED 1 // packets of SSH connections that passed unattributed after PENDING_NS
-#define SSTAT_MAX          2
+#define SSTAT_RELEASED     2 // SSH connections whose hold ended unattributed
+#define SSTAT_MAX          3
 
 struct counters {
 	__u64 rx_bytes;
@@ -256,6 +258,10 @@ static __always_inline int pending(struct sock_owner *o, __u64 len, int egress)
 		if (bpf_ktime_get_ns() < o->deadline) {
 			sstat_inc(SSTAT_HELD);
 			return 0;
+		}
+		if (!(o->flags & SOCK_RELEASED)) {
+			o->flags |= SOCK_RELEASED;
+			sstat_inc(SSTAT_RELEASED);
 		}
 		sstat_inc(SSTAT_UNATTRIBUTED);
 	}

@@ -166,6 +166,9 @@ type Stats struct {
 	// unattributed, their hold over: no agent ran, or it could not tell
 	// whose session it was.
 	SSHUnattributed uint64
+	// SSHReleased counts those connections: each whose hold ended before
+	// it was attributed.
+	SSHReleased uint64
 }
 
 // Datapath is a loaded, attached data plane.

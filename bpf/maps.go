@@ -321,7 +321,7 @@ func (d *Datapath) Stats() (Stats, error) {
 			vals[i] += v
 		}
 	}
-	var ssh [2]uint64
+	var ssh [3]uint64
 	for i := range ssh {
 		var per []uint64
 		if err := d.objs.BwSstats.Lookup(uint32(i), &per); err != nil {
@@ -338,6 +338,7 @@ func (d *Datapath) Stats() (Stats, error) {
 		QuotaFull:       vals[statQuotaFull],
 		SSHHeld:         ssh[0],
 		SSHUnattributed: ssh[1],
+		SSHReleased:     ssh[2],
 	}, nil
 }
 

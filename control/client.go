@@ -190,6 +190,7 @@ func (c *Client) Status(ctx context.Context) (Health, error) {
 			DroppedBlocked: r.DroppedBlocked, DroppedQuota: r.DroppedQuota,
 			CountersFull: r.CountersFull, QuotaFull: r.QuotaFull,
 			SSHSessions: r.SshSessions, SSHHeld: r.SshHeld, SSHUnattributed: r.SshUnattributed,
+			SSHNeverAttributed: r.SshNeverAttributed,
 		},
 		Notify: notifyFromPB(r.Notify),
 	}

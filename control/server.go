@@ -496,7 +496,8 @@ func (s *Server) Status(context.Context, *controlpb.Empty) (*controlpb.StatusRes
 		DroppedBlocked: h.Kernel.DroppedBlocked, DroppedQuota: h.Kernel.DroppedQuota,
 		CountersFull: h.Kernel.CountersFull, QuotaFull: h.Kernel.QuotaFull,
 		SshSessions: h.Kernel.SSHSessions, SshHeld: h.Kernel.SSHHeld, SshUnattributed: h.Kernel.SSHUnattributed,
-		Notify: notifyToPB(h.Notify),
+		SshNeverAttributed: h.Kernel.SSHNeverAttributed,
+		Notify:             notifyToPB(h.Notify),
 	}
 	if !h.LastTick.IsZero() {
 		out.LastTickUnixNano = h.LastTick.UnixNano()

@@ -107,6 +107,9 @@ type KernelStats struct {
 	SSHSessions     uint64
 	SSHHeld         uint64
 	SSHUnattributed uint64
+	// SSHNeverAttributed counts the SSH connections whose hold ended
+	// before they were attributed (their packets are SSHUnattributed).
+	SSHNeverAttributed uint64
 }
 
 // UserRow is the part of a user that a live monitor shows (Watch).

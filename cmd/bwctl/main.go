@@ -690,11 +690,12 @@ func cmdStatus(ctx context.Context, e *env) error {
 			Ticks        uint64            `json:"ticks"`
 			Users        int               `json:"users"`
 			SSHSessions  uint64            `json:"ssh_sessions"`
+			SSHNever     uint64            `json:"ssh_never_attributed"`
 			Kernel       kernel            `json:"kernel_packets"`
 			Components   map[string]string `json:"components"`
 			Errors       map[string]string `json:"errors"`
 			Notify       []notifyOut       `json:"notify"`
-		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Ticks, h.Users, k.SSHSessions,
+		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Ticks, h.Users, k.SSHSessions, k.SSHNeverAttributed,
 			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull, k.SSHHeld, k.SSHUnattributed},
 			comps, errs, notifyJSON(h.Notify)})
 	}
@@ -713,8 +714,8 @@ func cmdStatus(ctx context.Context, e *env) error {
 		noRoom = fmt.Sprintf("%d packets uncounted (counter map full), %d dropped (quota map full): raise kernel.max_uids", k.CountersFull, k.QuotaFull)
 	}
 	fmt.Fprintf(tw, "kernel no room:\t%s\n", noRoom)
-	fmt.Fprintf(tw, "kernel ssh logins:\t%d packets held until attributed, %d passed never attributed\n",
-		k.SSHHeld, k.SSHUnattributed)
+	fmt.Fprintf(tw, "kernel ssh logins:\t%d packets held until attributed; %d connections never attributed (%d packets)\n",
+		k.SSHHeld, k.SSHNeverAttributed, k.SSHUnattributed)
 	for _, k := range slices.Sorted(maps.Keys(h.Components)) {
 		fmt.Fprintf(tw, "%s:\t%s\n", k, h.Components[k])
 	}

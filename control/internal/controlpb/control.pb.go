@@ -786,8 +786,10 @@ type StatusResponse struct {
 	SshSessions     uint64 `protobuf:"varint,12,opt,name=ssh_sessions,json=sshSessions,proto3" json:"ssh_sessions,omitempty"`
 	SshHeld         uint64 `protobuf:"varint,13,opt,name=ssh_held,json=sshHeld,proto3" json:"ssh_held,omitempty"`
 	SshUnattributed uint64 `protobuf:"varint,14,opt,name=ssh_unattributed,json=sshUnattributed,proto3" json:"ssh_unattributed,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// SSH connections never attributed within their hold.
+	SshNeverAttributed uint64 `protobuf:"varint,15,opt,name=ssh_never_attributed,json=sshNeverAttributed,proto3" json:"ssh_never_attributed,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -914,6 +916,13 @@ func (x *StatusResponse) GetSshHeld() uint64 {
 func (x *StatusResponse) GetSshUnattributed() uint64 {
 	if x != nil {
 		return x.SshUnattributed
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetSshNeverAttributed() uint64 {
+	if x != nil {
+		return x.SshNeverAttributed
 	}
 	return 0
 }
@@ -1213,7 +1222,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
 	"\x10duration_seconds\x18\x02 \x01(\x03R\x0fdurationSeconds\"(\n" +
 	"\x10ResetAllResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x03R\x05count\"\xe7\x05\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\x99\x06\n" +
 	"\x0eStatusResponse\x12-\n" +
 	"\x13last_tick_unix_nano\x18\x01 \x01(\x03R\x10lastTickUnixNano\x12.\n" +
 	"\x13tick_duration_nanos\x18\x02 \x01(\x03R\x11tickDurationNanos\x12\x14\n" +
@@ -1232,7 +1241,8 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x06notify\x18\v \x03(\v2!.bwagent.control.v1.NotifyChannelR\x06notify\x12!\n" +
 	"\fssh_sessions\x18\f \x01(\x04R\vsshSessions\x12\x19\n" +
 	"\bssh_held\x18\r \x01(\x04R\asshHeld\x12)\n" +
-	"\x10ssh_unattributed\x18\x0e \x01(\x04R\x0fsshUnattributed\x1a9\n" +
+	"\x10ssh_unattributed\x18\x0e \x01(\x04R\x0fsshUnattributed\x120\n" +
+	"\x14ssh_never_attributed\x18\x0f \x01(\x04R\x12sshNeverAttributed\x1a9\n" +
 	"\vErrorsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a=\n" +
