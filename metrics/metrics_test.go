@@ -49,7 +49,8 @@ func healthyAgent() view.Health {
 			"state database": "ok: /var/lib/bwagent/state.db", "usage files": "ok: /etc/myvpn/usage",
 			"xray": "ok: API 127.0.0.1:10085, 2 users",
 		},
-		Kernel: view.KernelStats{DroppedBlocked: 11, DroppedQuota: 22, CountersFull: 33, QuotaFull: 44},
+		Kernel: view.KernelStats{DroppedBlocked: 11, DroppedQuota: 22, CountersFull: 33, QuotaFull: 44,
+			SSHSessions: 5, SSHHeld: 55, SSHUnattributed: 66, SSHNeverAttributed: 2},
 	}
 }
 
@@ -234,6 +235,10 @@ func TestFromSource(t *testing.T) {
 	want(t, s, 22, "bwagent_kernel_dropped_packets_total", "reason", "quota")
 	want(t, s, 33, "bwagent_kernel_no_room_packets_total", "map", "counters")
 	want(t, s, 44, "bwagent_kernel_no_room_packets_total", "map", "quota")
+	want(t, s, 5, "bwagent_ssh_sessions")
+	want(t, s, 55, "bwagent_kernel_ssh_held_packets_total")
+	want(t, s, 2, "bwagent_kernel_ssh_unattributed_total", "unit", "connections")
+	want(t, s, 66, "bwagent_kernel_ssh_unattributed_total", "unit", "packets")
 	for name, typ := range map[string]string{
 		"bwagent_users": "gauge", "bwagent_ticks_total": "counter", "bwagent_kernel_dropped_packets_total": "counter",
 		"bwagent_kernel_no_room_packets_total": "counter", "bwagent_component_healthy": "gauge",
@@ -477,7 +482,7 @@ func TestPedantic(t *testing.T) {
 				n++
 			}
 		}
-		if wantN := map[bool]int{false: 15, true: 19}[perUser]; n != wantN {
+		if wantN := map[bool]int{false: 18, true: 22}[perUser]; n != wantN {
 			t.Errorf("per_user %v: %d bwagent_ families, want %d", perUser, n, wantN)
 		}
 	}

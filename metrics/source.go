@@ -45,6 +45,15 @@ var (
 	noRoomDesc = prometheus.NewDesc("bwagent_kernel_no_room_packets_total",
 		"Packets of UIDs a data plane map had no room for, by map: counters (passed uncounted: raise kernel.max_uids) or quota (a budgeted UID's, dropped). Counted by the kernel since its maps were created.",
 		[]string{"map"}, nil)
+	sshSessionsDesc = prometheus.NewDesc("bwagent_ssh_sessions",
+		"SSH sessions counted for their users as of the last tick.",
+		nil, nil)
+	sshHeldDesc = prometheus.NewDesc("bwagent_kernel_ssh_held_packets_total",
+		"Packets of SSH logins held (dropped) while their user was not known yet. Counted by the kernel since its maps were created.",
+		nil, nil)
+	sshUnattributedDesc = prometheus.NewDesc("bwagent_kernel_ssh_unattributed_total",
+		"SSH connections whose hold ended before they were attributed, and the packets they passed then, by unit: connections or packets. Their bytes count for no user. Counted by the kernel since its maps were created.",
+		[]string{"unit"}, nil)
 
 	userUsedDesc = prometheus.NewDesc("bwagent_user_used_bytes",
 		"A user's bytes counted against their limit (the configured metric) since their last reset; only with [metrics] per_user.",
@@ -69,7 +78,7 @@ type sourceCollector struct {
 // Describe implements prometheus.Collector.
 func (c *sourceCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{usersDesc, departedDesc, componentDesc, errorsDesc, xrayUpDesc,
-		ticksDesc, lastTickDesc, droppedDesc, noRoomDesc} {
+		ticksDesc, lastTickDesc, droppedDesc, noRoomDesc, sshSessionsDesc, sshHeldDesc, sshUnattributedDesc} {
 		ch <- d
 	}
 	if c.opts.PerUser {
@@ -108,6 +117,10 @@ func (c *sourceCollector) collectHealth(ch chan<- prometheus.Metric, h view.Heal
 	ch <- prometheus.MustNewConstMetric(droppedDesc, prometheus.CounterValue, float64(k.DroppedQuota), "quota")
 	ch <- prometheus.MustNewConstMetric(noRoomDesc, prometheus.CounterValue, float64(k.CountersFull), "counters")
 	ch <- prometheus.MustNewConstMetric(noRoomDesc, prometheus.CounterValue, float64(k.QuotaFull), "quota")
+	ch <- prometheus.MustNewConstMetric(sshSessionsDesc, prometheus.GaugeValue, float64(k.SSHSessions))
+	ch <- prometheus.MustNewConstMetric(sshHeldDesc, prometheus.CounterValue, float64(k.SSHHeld))
+	ch <- prometheus.MustNewConstMetric(sshUnattributedDesc, prometheus.CounterValue, float64(k.SSHNeverAttributed), "connections")
+	ch <- prometheus.MustNewConstMetric(sshUnattributedDesc, prometheus.CounterValue, float64(k.SSHUnattributed), "packets")
 }
 
 // userKey is a label pair of bwagent_users.
