@@ -99,8 +99,8 @@ func (a *Agent) sshUID(name string) (uint32, bool) {
 func (a *Agent) takeSessions(res sshsess.Result) error {
 	s := &a.sess
 	var errs []error
-	for _, p := range res.Problems {
-		a.logs.warnOnce("session:"+p.Error(), "SSH session not attributed", "err", p)
+	for _, p := range res.Problems { // one per process at most
+		a.log.Warn("SSH session not attributed", "err", p)
 	}
 	cut := make(map[uint32]bool)
 	for _, n := range res.New {
@@ -159,8 +159,8 @@ func (a *Agent) pollSessions(now time.Time) {
 		}
 		err = errors.Join(err, a.enforceKernel())
 	}
-	if err != nil {
-		a.logs.warnOnce("session poll:"+err.Error(), "SSH session poll failed", "err", err)
+	if err != nil { // the tick's report clears it once it works again
+		a.logs.report("ssh sessions", err)
 	}
 }
 
@@ -183,7 +183,7 @@ func (a *Agent) sessionProcess(pid uint32, exec bool, now time.Time) {
 		}
 	}
 	if err != nil {
-		a.logs.warnOnce("session process:"+err.Error(), "SSH server process not followed", "pid", pid, "err", err)
+		a.log.Warn("SSH server process not followed", "pid", pid, "err", err)
 	}
 	a.pollSessions(now)
 }

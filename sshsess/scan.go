@@ -215,7 +215,8 @@ func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name stri
 			continue
 		}
 		a, done, err := t.attach(pid, p, ports[p.netns], logins, uid, poll)
-		if err != nil {
+		if err != nil && !p.reported { // once a process: polls retry it every few ms
+			p.reported = true
 			res.Problems = append(res.Problems, fmt.Errorf("SSH session process %d: %w", pid, err))
 		}
 		p.attached = done

@@ -108,7 +108,8 @@ type Result struct {
 	// Servers is how many server processes run.
 	Servers int
 	// Problems are the errors of single processes (one vanished, a socket
-	// that could not be taken); the scan went on.
+	// that could not be taken, a logged login whose client is not the
+	// session's), each process's first only; the scan went on.
 	Problems []error
 }
 
@@ -158,6 +159,7 @@ type proc struct {
 	// login and is then told by its log line.
 	byLog    bool
 	adopted  bool // made known by Adopt: a fork of a server process
+	reported bool // a problem of it is in a Result already
 	netns    uint64
 	listens  map[uint16]bool // the ports it listens on, once looked at
 	uid      uint32
