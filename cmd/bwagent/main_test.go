@@ -101,7 +101,7 @@ passwd = %[7]q
 
 [ssh]
 uid_min = 2700
-uid_max = 2800
+uid_max = 4400 # sshtest's accounts too
 
 [kernel]
 pin_path = %[8]q

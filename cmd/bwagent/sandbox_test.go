@@ -23,6 +23,7 @@ import (
 
 	"github.com/myvpn/bwagent/control"
 	"github.com/myvpn/bwagent/internal/nettest"
+	"github.com/myvpn/bwagent/internal/sshtest"
 )
 
 // unitFile is the systemd unit, the one source of both installs.
@@ -60,6 +61,7 @@ var capNumbers = map[string]int{
 	"CAP_SYS_ADMIN": unix.CAP_SYS_ADMIN, "CAP_SYS_RESOURCE": unix.CAP_SYS_RESOURCE, "CAP_NET_RAW": unix.CAP_NET_RAW,
 	"CAP_DAC_OVERRIDE": unix.CAP_DAC_OVERRIDE, "CAP_DAC_READ_SEARCH": unix.CAP_DAC_READ_SEARCH,
 	"CAP_CHOWN": unix.CAP_CHOWN, "CAP_FOWNER": unix.CAP_FOWNER, "CAP_KILL": unix.CAP_KILL,
+	"CAP_SYS_PTRACE": unix.CAP_SYS_PTRACE,
 }
 
 // unitCaps returns the unit's CapabilityBoundingSet.
@@ -128,8 +130,9 @@ const (
 // do.
 func agentJob(t *testing.T, bin string, prefix []string) (capEff uint64, problems []string) {
 	t.Helper()
-	e := newAgentEnv(t, fmt.Sprintf("john:x:%d:%d::/:/bin/false\nmary:x:%d:%d::/:/bin/false\n",
-		jobJohn, jobJohn, jobMary, jobMary), "john 1\n")
+	tunneler := sshtest.NewAccount(t)
+	e := newAgentEnv(t, fmt.Sprintf("john:x:%d:%d::/:/bin/false\nmary:x:%d:%d::/:/bin/false\n%s\n",
+		jobJohn, jobJohn, jobMary, jobMary, tunneler.PasswdLine()), "john 1\n")
 	srv := nettest.Start(t, nettest.Spec{NS: e.pair.B, Cgroup: e.cg, UID: jobServer}, "tcp-serve",
 		net.JoinHostPort(e.pair.B4.String(), "0"))
 	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
@@ -191,6 +194,31 @@ func agentJob(t *testing.T, bin string, prefix []string) (capEff uint64, problem
 	}
 	if data, _ := os.ReadFile(filepath.Join(e.dir, "bw-limit.conf")); string(data) != "john 1\nmary 5\n" {
 		problems = append(problems, fmt.Sprintf("limits file %q", data))
+	}
+	// An SSH session (OpenSSH, in the agent's network namespace): found,
+	// its connection taken from sshd and counted for its user.
+	sshd := sshtest.Start(t, sshtest.OpenSSH, sshtest.Options{NS: e.pair.A, Cgroup: e.cg})
+	tun := sshd.Tunnel(t, tunneler, sshtest.ClientOptions{})
+	var h control.Health
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if h, err = c.Status(ctx); err == nil && h.Kernel.SSHSessions == 1 {
+			break
+		}
+	}
+	if h.Kernel.SSHSessions != 1 {
+		problems = append(problems, fmt.Sprintf("SSH session not counted: %q, %v", h.Components["ssh sessions"], err))
+	} else if _, got, err := tun.Transfer(0, 2<<20); err != nil || got != 1+2<<20 {
+		problems = append(problems, fmt.Sprintf("download through the SSH tunnel: %d bytes, %v", got, err))
+	} else {
+		var u control.User
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			if u, err = c.User(ctx, tunneler.Name); err == nil && u.Used >= 2<<20 {
+				break
+			}
+		}
+		if u.Used < 2<<20 {
+			problems = append(problems, fmt.Sprintf("the SSH tunnel's 2 MiB not counted: %+v, %v", u, err))
+		}
 	}
 	if h, err := c.Status(ctx); err != nil || len(h.Errors) > 0 {
 		problems = append(problems, fmt.Sprintf("failing: %v %v", h.Errors, err))
