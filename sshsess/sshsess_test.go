@@ -17,6 +17,7 @@ func TestMain(m *testing.M) { nettest.Main(m) }
 
 // fixture is one test's data plane, SSH server and tracker.
 type fixture struct {
+	cg   string // the data plane's cgroup, the server's parent
 	dp   *bpf.Datapath
 	srv  *sshtest.Server
 	tr   *sshsess.Tracker
@@ -42,7 +43,7 @@ func newFixture(t *testing.T, kind sshtest.Kind, addr netip.Addr) *fixture {
 	}
 	t.Cleanup(func() { dp.Close() })
 	srv := sshtest.Start(t, kind, sshtest.Options{Cgroup: cg, Addr: addr})
-	f := &fixture{dp: dp, srv: srv, acct: make(map[string]*sshtest.Account), logins: make(map[int]sshsess.Login)}
+	f := &fixture{cg: cg, dp: dp, srv: srv, acct: make(map[string]*sshtest.Account), logins: make(map[int]sshsess.Login)}
 	var programs []string
 	for _, name := range []string{"sshd", "dropbear"} {
 		if p, err := exec.LookPath(name); err == nil {
