@@ -131,8 +131,13 @@ func (a *Agent) takeSessions(res sshsess.Result) error {
 }
 
 // pollInterval is how often the sessions of logins under way are looked
-// for between ticks.
-const pollInterval = 20 * time.Millisecond
+// for between ticks; pollBatch logins under way each add as much again, so
+// that a flood of connections (password guessers) costs about
+// pollBatch/pollInterval process reads a second at most.
+const (
+	pollInterval = 20 * time.Millisecond
+	pollBatch    = 25
+)
 
 // pollSessions looks for the sessions of the logins under way, between
 // ticks: a session is attributed (and, if its user is blocked, cut) within
@@ -191,10 +196,14 @@ func (a *Agent) sessionProcess(pid uint32, exec bool, now time.Time) {
 // polling returns a channel that fires when the sessions should be polled
 // next: soon while logins are under way, never otherwise.
 func (a *Agent) polling() <-chan time.Time {
-	if a.sess.tr == nil || a.sess.tr.Pending() == 0 {
+	if a.sess.tr == nil {
 		return nil
 	}
-	return time.After(pollInterval)
+	n := a.sess.tr.Pending()
+	if n == 0 {
+		return nil
+	}
+	return time.After(pollInterval * time.Duration(1+n/pollBatch))
 }
 
 // watchProcesses reports forks and execs of the server processes to the

@@ -155,19 +155,21 @@ func (t *Tracker) drop(pid int, p *proc) error {
 // take its user's UID.
 const rootGrace = 2 * time.Second
 
-// loginWindow is how long after a server process appears a login may still
-// come: OpenSSH's LoginGraceTime default.
-const loginWindow = 2 * time.Minute
+// pollWindow is how long after a server process appears Poll looks at it:
+// most logins are done by then (a password typed, a key offered), and a
+// flood of connections that never log in (password guessers) costs polls
+// for this long each, not for as long as they last. A later login is found
+// by the next Scan.
+const pollWindow = 10 * time.Second
 
-// Pending reports how many server processes seen within the last two
-// minutes are not attributed: logins under way (and, for two minutes after
-// it is first seen, a Dropbear listener), worth a Poll every few
-// milliseconds.
+// Pending reports how many server processes seen within pollWindow are not
+// attributed: logins under way (and, for a while after it is first seen, a
+// Dropbear listener), worth a Poll every few milliseconds.
 func (t *Tracker) Pending() int {
 	n := 0
 	now := t.cfg.Now()
 	for _, p := range t.procs {
-		if !p.attached && now.Sub(p.seen) < loginWindow {
+		if !p.attached && now.Sub(p.seen) < pollWindow {
 			n++
 		}
 	}
@@ -181,7 +183,7 @@ func (t *Tracker) Pending() int {
 // a server whose sessions cannot be told (a Dropbear that stays root, with
 // no auth log to read) must not have every login stall for the hold.
 //
-// A poll looks only at processes seen within loginWindow: older ones wait
+// A poll looks only at processes seen within pollWindow: older ones wait
 // for the next Scan.
 func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name string) (uint32, bool), poll bool) Result {
 	now := t.cfg.Now()
@@ -211,7 +213,7 @@ func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name stri
 		}
 	}
 	for pid, p := range t.procs {
-		if p.attached || poll && now.Sub(p.seen) >= loginWindow {
+		if p.attached || poll && now.Sub(p.seen) >= pollWindow {
 			continue
 		}
 		a, done, err := t.attach(pid, p, ports[p.netns], logins, uid, poll)
