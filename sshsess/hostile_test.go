@@ -95,4 +95,3 @@ func done(t *testing.T, p *nettest.Proc) (sent, recv uint64) {
 	}
 	return sent, recv
 }
-
