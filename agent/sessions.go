@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -42,10 +43,27 @@ type sessionSide struct {
 	k       SessionKernel
 	tr      *sshsess.Tracker
 	servers []string // the programs tr was made for
-	logs    map[string]*sshsess.AuthLog
+	logs    map[string]loginSource // by ssh.auth_logs entry
 	logins  map[int]loggedLogin
 	live    map[int]sshsess.Session // the last scan's sessions
 	result  sshsess.Result
+}
+
+// loginSource is one entry of ssh.auth_logs: a log file or the journal.
+type loginSource interface {
+	Read() ([]sshsess.Login, error)
+	Close() error
+}
+
+// newLoginSource returns the source an ssh.auth_logs entry names.
+func newLoginSource(entry string) loginSource {
+	if entry == "journal" {
+		return sshsess.NewJournal("")
+	}
+	if ns, ok := strings.CutPrefix(entry, "journal:"); ok {
+		return sshsess.NewJournal(ns)
+	}
+	return sshsess.NewAuthLog(entry)
 }
 
 type loggedLogin struct {
@@ -270,7 +288,7 @@ func (a *Agent) stopSessions() error {
 func (a *Agent) readAuthLogs(now time.Time) error {
 	s := &a.sess
 	if s.logs == nil {
-		s.logs = make(map[string]*sshsess.AuthLog)
+		s.logs = make(map[string]loginSource)
 		s.logins = make(map[int]loggedLogin)
 	}
 	for path, l := range s.logs {
@@ -283,7 +301,7 @@ func (a *Agent) readAuthLogs(now time.Time) error {
 	for _, path := range a.cfg.SSH.AuthLogs {
 		l := s.logs[path]
 		if l == nil {
-			l = sshsess.NewAuthLog(path)
+			l = newLoginSource(path)
 			s.logs[path] = l
 		}
 		logins, err := l.Read()

@@ -248,3 +248,21 @@ func TestSSHSessionsAcrossRestart(t *testing.T) {
 		})
 	}
 }
+
+// TestDropbearJournal: with `ssh.auth_logs = ["journal:NS"]` the agent reads
+// Dropbear's logins from the journal (a journald of the test's own, as on a
+// system that keeps its logs only there) and counts the session.
+func TestDropbearJournal(t *testing.T) {
+	j := sshtest.StartJournal(t)
+	acct := sshtest.NewAccount(t)
+	k := newKernelEnv(t, acct.PasswdLine()+"\n", "")
+	srv := sshtest.Start(t, sshtest.Dropbear, sshtest.Options{Cgroup: k.cg, Journal: j})
+	k.a.cfg.SSH.AuthLogs = []string{"journal:" + j.Namespace}
+	k.run(t)
+	tun := srv.Tunnel(t, acct, sshtest.ClientOptions{})
+	waitFor(t, "the session counted", 5*time.Second, func() bool { return k.a.Health().Kernel.SSHSessions == 1 })
+	if _, got, err := tun.Transfer(0, 4*mib); err != nil || got != 4*mib+1 {
+		t.Fatalf("download: %d, %v", got, err)
+	}
+	waitFor(t, "the download counted", 5*time.Second, func() bool { return k.user(t, acct.Name).Used >= 4*mib })
+}

@@ -186,9 +186,10 @@ type SSH struct {
 	// Servers are the SSH servers' executables, absolute paths; those not
 	// installed are skipped. Default sshsess.DefaultPrograms.
 	Servers []string
-	// AuthLogs are log files where SSH servers log logins, read for the
-	// session processes that stay root after a login (Dropbear before
-	// 2025.89). Default /var/log/auth.log.
+	// AuthLogs are where SSH servers log logins, read for the session
+	// processes that stay root after a login (Dropbear before 2025.89):
+	// log files, and "journal" (or "journal:NAMESPACE") for the systemd
+	// journal. Default "journal" and /var/log/auth.log.
 	AuthLogs []string
 }
 
@@ -285,7 +286,7 @@ func Default() Config {
 			Sessions: true,
 			// sshsess.DefaultPrograms; config imports no agent package.
 			Servers:  []string{"/usr/sbin/sshd", "/usr/lib/openssh/sshd-session", "/usr/sbin/dropbear"},
-			AuthLogs: []string{"/var/log/auth.log"},
+			AuthLogs: []string{"journal", "/var/log/auth.log"},
 		},
 		Kernel: Kernel{
 			PinPath: defaultPinPath,

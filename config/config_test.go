@@ -50,7 +50,7 @@ uid_max = 60000
 exclude = ["ubuntu", "backup$", "svc.deploy"]
 sessions = false
 servers = ["/opt/dropbear/sbin/dropbear"]
-auth_logs = ["/var/log/secure", "/var/log/dropbear.log"]
+auth_logs = ["/var/log/secure", "journal:vpn", "/var/log/dropbear.log"]
 
 [kernel]
 pin_path = "/sys/fs/bpf/bw2"
@@ -133,7 +133,7 @@ func fullConfig(t testing.TB) config.Config {
 			UIDMax:   60000,
 			Exclude:  []string{"ubuntu", "backup$", "svc.deploy"},
 			Servers:  []string{"/opt/dropbear/sbin/dropbear"},
-			AuthLogs: []string{"/var/log/secure", "/var/log/dropbear.log"},
+			AuthLogs: []string{"/var/log/secure", "journal:vpn", "/var/log/dropbear.log"},
 		},
 		Kernel: config.Kernel{
 			PinPath:       "/sys/fs/bpf/bw2",
@@ -470,6 +470,8 @@ var badFiles = []struct {
 	{"uid_min huge", "[ssh]\nuid_min = 5000000000", file + ":2: ssh.uid_min: must be from 1 to 65533, got 5000000000", config.ErrInvalid},
 	{"uid_max nobody", "[ssh]\nuid_max = 65535", file + ":2: ssh.uid_max: must be from 1 to 65534 (nobody, never an SSH user), got 65535", config.ErrInvalid},
 	{"uid range", "[ssh]\nuid_min = 2000\nuid_max = 1500", file + ":3: ssh.uid_max: must be more than ssh.uid_min (2000), got 1500", config.ErrInvalid},
+	{"auth log relative", "[ssh]\nauth_logs = [\"auth.log\"]", file + ":2: ssh.auth_logs: must be an absolute path, got \"auth.log\"", config.ErrInvalid},
+	{"auth log journal namespace", "[ssh]\nauth_logs = [\"journal:a/b\"]", file + ":2: ssh.auth_logs: must be \"journal\" or \"journal:NAMESPACE\" (letters, digits, '_', '-', '.', at most 64), got \"journal:a/b\"", config.ErrInvalid},
 	{"uid range min only", "[ssh]\nenabled = true\nuid_min = 65533\n[kernel]\n", "", nil}, // valid: 65533 < 65534
 	{"uid range equal", "[ssh]\nuid_min = 3000\nuid_max = 3000", file + ":3: ssh.uid_max: must be more than ssh.uid_min (3000), got 3000", config.ErrInvalid},
 	{"uid_min string", "[ssh]\nuid_min = \"1000\"", file + `:2: ssh.uid_min: must be an integer, got string "1000"`, config.ErrInvalid},

@@ -203,10 +203,12 @@ user's UID owns count (OpenSSH tunnels; not Dropbear before 2025.89).`,
 	stringsKey("ssh.servers", `The SSH servers' programs, absolute paths; those not installed are skipped.
 Their session processes are told by their executable, never by name.`,
 		func(c *Config) *[]string { return &c.SSH.Servers }, checkPath(true)),
-	stringsKey("ssh.auth_logs", `Log files where the SSH servers log logins: Dropbear before 2025.89 keeps
-its session process as root, and its login line ("Password auth succeeded
-for 'USER' from IP:PORT", with the PID) tells whose session it is.`,
-		func(c *Config) *[]string { return &c.SSH.AuthLogs }, checkPath(true)),
+	stringsKey("ssh.auth_logs", `Where the SSH servers log logins: Dropbear before 2025.89 keeps its
+session process as root, and its login line ("Password auth succeeded for
+'USER' from IP:PORT", with the PID) tells whose session it is. Log files,
+and "journal" for the systemd journal ("journal:NAMESPACE" for a journal
+namespace); sources that do not exist on this system are skipped.`,
+		func(c *Config) *[]string { return &c.SSH.AuthLogs }, checkAuthLog),
 
 	pathKey("kernel.pin_path", "The bpffs directory where maps and links are pinned; they outlive the agent.", true,
 		func(c *Config) *string { return &c.Kernel.PinPath }),
@@ -480,6 +482,33 @@ func stringKey(path, doc string, field func(*Config) *string, check func(string)
 // pathKey defines a path; an optional path may be "".
 func pathKey(path, doc string, required bool, field func(*Config) *string) *keyDef {
 	return stringKey(path, doc, field, checkPath(required))
+}
+
+// checkAuthLog checks an ssh.auth_logs entry: "journal", "journal:NAMESPACE"
+// or a log file's absolute path.
+func checkAuthLog(s string) error {
+	if ns, ok := strings.CutPrefix(s, "journal"); ok && (ns == "" || strings.HasPrefix(ns, ":")) {
+		ns = strings.TrimPrefix(ns, ":")
+		if s != "journal" && !validJournalNamespace(ns) {
+			return invalidf("must be \"journal\" or \"journal:NAMESPACE\" (letters, digits, '_', '-', '.', at most 64), got %q", s)
+		}
+		return nil
+	}
+	return checkPath(true)(s)
+}
+
+// validJournalNamespace reports whether ns is a journal namespace name
+// journald takes.
+func validJournalNamespace(ns string) bool {
+	if ns == "" || len(ns) > 64 {
+		return false
+	}
+	for _, r := range ns {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-' || r == '.') {
+			return false
+		}
+	}
+	return true
 }
 
 // checkPath returns a check of an absolute clean path.

@@ -29,17 +29,18 @@ type Login struct {
 // buffered whole.
 const maxLine = 4096
 
-// dropbearLogin matches Dropbear's login lines, as syslog writes them
-// ("... dropbear[PID]: Password auth succeeded for 'USER' from IP:PORT")
-// and as `dropbear -E` does ("[PID] Dec 04 21:49:34 Password auth ...").
-var dropbearLogin = regexp.MustCompile(`(?:dropbear\[(\d+)\]:|^\[(\d+)\]) .*\b(?:Password|Pubkey) auth succeeded for '([^']*)' (?:with .* )?from (\S+)$`)
+// dropbearLine matches a line of Dropbear's log, as syslog writes them
+// ("... dropbear[PID]: MESSAGE") and as `dropbear -E` does ("[PID] Dec 04
+// 21:49:34 MESSAGE"); the message of a login starts with "Password" or
+// "Pubkey".
+var dropbearLine = regexp.MustCompile(`(?:dropbear\[(\d+)\]:|^\[(\d+)\]) .*?\b((?:Password|Pubkey) auth succeeded .*)$`)
 
 // ParseLogin parses one line of Dropbear's log; ok is false for any other
 // line. The PID and address are checked for form only: a line can be
 // forged by anyone who may write to the log, which is why a Tracker also
 // checks the session's client address.
 func ParseLogin(line string) (l Login, ok bool) {
-	m := dropbearLogin.FindStringSubmatch(line)
+	m := dropbearLine.FindStringSubmatch(line)
 	if m == nil {
 		return Login{}, false
 	}
@@ -48,14 +49,28 @@ func ParseLogin(line string) (l Login, ok bool) {
 		pidText = m[2]
 	}
 	pid, err := strconv.Atoi(pidText)
-	if err != nil || pid <= 0 {
+	if err != nil {
 		return Login{}, false
 	}
-	from, err := ParseAddrPort(m[4])
-	if err != nil || m[3] == "" || len(m[3]) > 32 {
+	return ParseLoginMessage(pid, m[3])
+}
+
+// loginMessage matches the message of Dropbear's login line, without the
+// syslog or -E prefix that names its PID.
+var loginMessage = regexp.MustCompile(`^(?:Password|Pubkey) auth succeeded for '([^']*)' (?:with .* )?from (\S+)$`)
+
+// ParseLoginMessage parses the message of a login line whose PID is known
+// from elsewhere (the journal's _PID); ok is false for any other message.
+func ParseLoginMessage(pid int, msg string) (l Login, ok bool) {
+	m := loginMessage.FindStringSubmatch(msg)
+	if m == nil || pid <= 0 || m[1] == "" || len(m[1]) > 32 {
 		return Login{}, false
 	}
-	return Login{PID: pid, User: m[3], From: from}, true
+	from, err := ParseAddrPort(m[2])
+	if err != nil {
+		return Login{}, false
+	}
+	return Login{PID: pid, User: m[1], From: from}, true
 }
 
 // ParseAddrPort parses an address and port as Dropbear logs them:

@@ -21,13 +21,28 @@ type fixture struct {
 	dp   *bpf.Datapath
 	srv  *sshtest.Server
 	tr   *sshsess.Tracker
-	log  *sshsess.AuthLog
+	log  loginSource
 	acct map[string]*sshtest.Account
 
 	logins map[int]sshsess.Login
 }
 
+// loginSource is where a fixture reads the servers' logins: an AuthLog or
+// a Journal.
+type loginSource interface {
+	Read() ([]sshsess.Login, error)
+	Close() error
+}
+
 func newFixture(t *testing.T, kind sshtest.Kind, addr netip.Addr) *fixture {
+	t.Helper()
+	return newFixtureWith(t, kind, sshtest.Options{Addr: addr})
+}
+
+// newFixtureWith is newFixture with the server's options o (its cgroup is
+// the fixture's); a server that logs to a journal has its logins read from
+// it.
+func newFixtureWith(t *testing.T, kind sshtest.Kind, o sshtest.Options) *fixture {
 	t.Helper()
 	nettest.RequireRoot(t)
 	root, err := bpf.CgroupV2Root()
@@ -42,7 +57,8 @@ func newFixture(t *testing.T, kind sshtest.Kind, addr netip.Addr) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { dp.Close() })
-	srv := sshtest.Start(t, kind, sshtest.Options{Cgroup: cg, Addr: addr})
+	o.Cgroup = cg
+	srv := sshtest.Start(t, kind, o)
 	f := &fixture{cg: cg, dp: dp, srv: srv, acct: make(map[string]*sshtest.Account), logins: make(map[int]sshsess.Login)}
 	var programs []string
 	for _, name := range []string{"sshd", "dropbear"} {
@@ -61,6 +77,9 @@ func newFixture(t *testing.T, kind sshtest.Kind, addr netip.Addr) *fixture {
 		t.Fatal(err)
 	}
 	f.log = sshsess.NewAuthLog(srv.LogFile)
+	if o.Journal != nil {
+		f.log = sshsess.NewJournal(o.Journal.Namespace)
+	}
 	t.Cleanup(func() { f.log.Close() })
 	if _, err := f.log.Read(); err != nil {
 		t.Fatal(err)
@@ -204,4 +223,21 @@ func within(t *testing.T, what string, counted, payload uint64) {
 	if counted < payload || counted > payload+payload/10 {
 		t.Errorf("%s: counted %d bytes for %d of payload, want payload to payload+10%%", what, counted, payload)
 	}
+}
+
+// A Dropbear that logs only to the journal (syslog, as Debian's does, into
+// a journald of the test's own): its sessions are attributed from the
+// journal's entries, whose PID the journal took from the kernel.
+func TestDropbearLoginsFromJournal(t *testing.T) {
+	j := sshtest.StartJournal(t)
+	f := newFixtureWith(t, sshtest.Dropbear, sshtest.Options{Journal: j})
+	a := f.account(t)
+	tun := f.srv.Tunnel(t, a, sshtest.ClientOptions{})
+	f.waitSessions(t, a.UID, 1)
+	before := f.total(t, a.UID)
+	const down = 4 * mib
+	if _, got, err := tun.Transfer(0, down); err != nil || got != down+1 {
+		t.Fatalf("tunnel transfer: %d bytes, %v", got, err)
+	}
+	within(t, "tunnel download", f.total(t, a.UID)-before, down)
 }

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -54,6 +55,11 @@ type Options struct {
 	// Args are more arguments for the server: sshd options such as
 	// "-o", "MaxSessions=1", or dropbear flags such as "-j".
 	Args []string
+	// Journal, if not nil, is where a Dropbear server logs (through
+	// syslog, as Debian's does) instead of its standard error: its log
+	// ([Server.Log], [Server.Logins], [Server.LogFile]) then holds none of
+	// its lines. Not for OpenSSH.
+	Journal *Journal
 }
 
 // Server is a running SSH server that lets the accounts of
@@ -127,6 +133,9 @@ func Start(t testing.TB, kind Kind, o Options) *Server {
 	default:
 		t.Fatalf("sshtest: unknown server kind %q", kind)
 	}
+	if o.Journal != nil && kind != Dropbear {
+		t.Fatalf("sshtest: only Dropbear logs to a journal here, not %s", kind)
+	}
 	s := &Server{Kind: kind, NS: o.NS, Dir: t.TempDir()}
 	s.LogFile = filepath.Join(s.Dir, "server.log")
 	s.place = newPlace(t, o.NS, o.Cgroup)
@@ -159,6 +168,9 @@ func Start(t testing.TB, kind Kind, o Options) *Server {
 			argv = []string{bin, "-D", "-e", "-f", s.sshdConfig(t, key)}
 		case Dropbear:
 			argv = []string{bin, "-F", "-E", "-r", key, "-p", s.Addr.String(), "-P", filepath.Join(s.Dir, "dropbear.pid")}
+			if o.Journal != nil {
+				argv = o.Journal.syslogArgv(filepath.Join(s.Dir, "syslog"), slices.Delete(argv, 2, 3))
+			}
 		}
 		err := s.run(append(argv, o.Args...))
 		if err == nil {
