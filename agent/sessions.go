@@ -42,7 +42,7 @@ type sessionSide struct {
 	// Owned by the loop.
 	k       SessionKernel
 	tr      *sshsess.Tracker
-	servers []string // the programs tr was made for
+	servers []string               // the programs tr was made for
 	logs    map[string]loginSource // by ssh.auth_logs entry
 	logins  map[int]loggedLogin
 	live    map[int]sshsess.Session // the last scan's sessions
