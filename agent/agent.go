@@ -43,6 +43,7 @@ import (
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/sockkill"
+	"github.com/myvpn/bwagent/sshsess"
 	"github.com/myvpn/bwagent/store"
 	"github.com/myvpn/bwagent/view"
 	"github.com/myvpn/bwagent/xrayconf"
@@ -210,8 +211,7 @@ func New(o Options) (*Agent, error) {
 	}
 	a.xr = newXrayState()
 	a.sess.k = o.Sessions
-	a.sess.forks = make(chan uint32, 256)
-	a.sess.execs = make(chan uint32, 256)
+	a.sess.events = make(chan sshsess.ProcEvent, 1024)
 	a.files = newFileWriter(a.cfg.Paths.UsageDir, a.pub.snap.Load)
 	a.watch = newDirWatch(a.cfg.Paths.UsageDir)
 	if err := a.load(); err != nil {
@@ -284,10 +284,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.tick()
 		case r := <-a.cmds:
 			r.done <- a.apply(r.fn)
-		case pid := <-a.sess.forks:
-			a.sessionProcess(pid, false, a.now())
-		case pid := <-a.sess.execs:
-			a.sessionProcess(pid, true, a.now())
+		case ev := <-a.sess.events:
+			a.sessionProcess(ev, a.now())
 		case <-a.polling():
 			a.pollSessions(a.now())
 		}

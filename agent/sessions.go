@@ -34,10 +34,13 @@ const loginTTL = 10 * time.Minute
 // counters, as the UIDs' own sockets' do.
 type sessionSide struct {
 	// Shared with the process watcher (watchProcesses): the server
-	// processes it reports forks and execs of, and where it reports them.
-	known atomic.Pointer[map[uint32]bool]
-	forks chan uint32
-	execs chan uint32
+	// processes it reports forks, execs and exits of, and where it reports
+	// them; whether it is receiving events, and whether it dropped one
+	// (the loop was behind): then the next tick looks at every process.
+	known    atomic.Pointer[map[uint32]bool]
+	events   chan sshsess.ProcEvent
+	watching atomic.Bool
+	lost     atomic.Bool
 
 	// Owned by the loop.
 	k       SessionKernel
@@ -47,7 +50,15 @@ type sessionSide struct {
 	logins  map[int]loggedLogin
 	live    map[int]sshsess.Session // the last scan's sessions
 	result  sshsess.Result
+	scanIn  int    // ticks to the next look at every process, while the watcher works
+	held    uint64 // the kernel's count of held login packets at the last tick
 }
+
+// sessionScanTicks is how often a tick looks at every process on the host
+// for SSH server processes while the process events tell of new ones (each
+// look reads every process's /proc entry: about 15 µs a process here);
+// between, a tick only attributes among the processes it knows.
+const sessionScanTicks = 30
 
 // loginSource is one entry of ssh.auth_logs: a log file or the journal.
 type loginSource interface {
@@ -95,7 +106,19 @@ func (a *Agent) sampleSessions(now time.Time) error {
 	for pid, l := range s.logins {
 		logins[pid] = l.Login
 	}
-	res, err := s.tr.Scan(logins, a.sshUID)
+	var res sshsess.Result
+	var err error
+	// Logins held in the kernel that no known process attributes: a
+	// server the watcher did not tell of (started by a process that is
+	// none of ours, such as systemd restarting sshd).
+	held := a.kernel.stats.SSHHeld != s.held && s.tr.Pending() == 0
+	s.held = a.kernel.stats.SSHHeld
+	if s.scanIn--; s.scanIn <= 0 || held || !s.watching.Load() || s.lost.Swap(false) {
+		res, err = s.tr.Scan(logins, a.sshUID)
+		s.scanIn = sessionScanTicks
+	} else {
+		res, err = s.tr.Refresh(logins, a.sshUID)
+	}
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}
@@ -187,26 +210,34 @@ func (a *Agent) pollSessions(now time.Time) {
 	}
 }
 
-// sessionProcess handles a process event the watcher reported: a fork of a
-// server process (a new connection's session process), or an exec of one.
-func (a *Agent) sessionProcess(pid uint32, exec bool, now time.Time) {
+// sessionProcess handles a process event the watcher reported: a fork of
+// a root server process (a new connection's session process), an exec or
+// an exit of a server process.
+func (a *Agent) sessionProcess(ev sshsess.ProcEvent, now time.Time) {
 	s := &a.sess
 	if s.tr == nil {
 		return
 	}
 	var err error
-	if exec {
-		err = s.tr.Exec(int(pid))
-	} else {
+	switch {
+	case ev.Exit:
+		if s.tr.Exited(int(ev.PID)) {
+			s.lost.Store(true) // a server stopped: look for its next listener
+		}
+		delete(s.live, int(ev.PID))
+		return
+	case ev.Exec:
+		err = s.tr.Exec(int(ev.PID))
+	default:
 		var added bool
-		added, err = s.tr.Adopt(int(pid))
+		added, err = s.tr.Adopt(int(ev.PID))
 		if added {
 			known := s.tr.Known()
 			s.known.Store(&known)
 		}
 	}
 	if err != nil {
-		a.log.Warn("SSH server process not followed", "pid", pid, "err", err)
+		a.log.Warn("SSH server process not followed", "pid", ev.PID, "err", err)
 	}
 	a.pollSessions(now)
 }
@@ -224,12 +255,14 @@ func (a *Agent) polling() <-chan time.Time {
 	return time.After(pollInterval * time.Duration(1+n/pollBatch))
 }
 
-// watchProcesses reports forks and execs of the server processes to the
-// loop (netlink's process events), until ctx ends; without them (no
+// watchProcesses reports forks, execs and exits of the server processes to
+// the loop (netlink's process events), until ctx ends; without them (no
 // permission, no CONFIG_PROC_EVENTS) sessions are found at each tick only.
 func (a *Agent) watchProcesses(ctx context.Context) {
 	for ctx.Err() == nil {
 		err := a.watchOnce(ctx)
+		a.sess.watching.Store(false)
+		a.sess.lost.Store(true)
 		if ctx.Err() != nil {
 			return
 		}
@@ -245,22 +278,22 @@ func (a *Agent) watchProcesses(ctx context.Context) {
 // watchOnce runs one subscription to the process events.
 func (a *Agent) watchOnce(ctx context.Context) error {
 	return sshsess.WatchProcesses(ctx, func(ev sshsess.ProcEvent) {
+		a.sess.watching.Store(true)
 		known := a.sess.known.Load()
 		if known == nil {
 			return
 		}
-		out := a.sess.forks
-		if ev.Exec {
-			out = a.sess.execs
+		if ev.Exec || ev.Exit {
 			if _, ok := (*known)[ev.PID]; !ok {
 				return
 			}
 		} else if !(*known)[ev.Parent] {
-			return
+			return // only a root server process's fork is a new connection
 		}
 		select {
-		case out <- ev.PID:
-		default: // the loop is behind: the next tick's scan finds it
+		case a.sess.events <- ev:
+		default: // the loop is behind: the next tick looks at every process
+			a.sess.lost.Store(true)
 		}
 	})
 }

@@ -11,11 +11,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ProcEvent is a fork or an exec that the kernel reported.
+// ProcEvent is a fork, an exec or an exit that the kernel reported.
 type ProcEvent struct {
-	// Exec is true for an exec (PID runs a new program), false for a fork
-	// (PID is a new process of Parent's).
-	Exec bool
+	// Exec is true for an exec (PID runs a new program), Exit for the end
+	// of a process; neither for a fork (PID is a new process of Parent's).
+	Exec, Exit bool
 	// PID and Parent are thread group IDs (process IDs).
 	PID, Parent uint32
 }
@@ -27,6 +27,7 @@ const (
 	procCnMcastListen = 1
 	procEventFork     = 0x00000001
 	procEventExec     = 0x00000002
+	procEventExit     = 0x80000000
 	sizeofCnMsg       = 20 // idx, val, seq, ack, len, flags
 	sizeofEventHeader = 16 // what, cpu, timestamp
 )
@@ -34,8 +35,8 @@ const (
 // ErrProcEvents wraps a failure of the process events subscription.
 var ErrProcEvents = errors.New("process events")
 
-// WatchProcesses calls fn with every fork of a process (threads are left
-// out) and every exec on the host, as the kernel's process events connector
+// WatchProcesses calls fn with every fork and every exit of a process
+// (threads are left out) and every exec on the host, as the kernel's process events connector
 // reports them, until ctx ends (nil) or the subscription fails (the kernel
 // drops events when the reader falls behind: the caller subscribes again and
 // looks for what it missed). It needs root and CONFIG_PROC_EVENTS. fn runs
@@ -101,6 +102,12 @@ func parseProcEvent(b []byte) (ProcEvent, bool) {
 		return ProcEvent{PID: childTgid, Parent: binary.NativeEndian.Uint32(d[4:])}, true
 	case procEventExec: // process_pid, process_tgid
 		return ProcEvent{Exec: true, PID: binary.NativeEndian.Uint32(d[4:])}, true
+	case procEventExit: // process_pid, process_tgid, exit_code, exit_signal, ...
+		pid, tgid := binary.NativeEndian.Uint32(d[0:]), binary.NativeEndian.Uint32(d[4:])
+		if pid != tgid {
+			return ProcEvent{}, false // a thread
+		}
+		return ProcEvent{Exit: true, PID: tgid}, true
 	}
 	return ProcEvent{}, false
 }

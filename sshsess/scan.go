@@ -75,6 +75,27 @@ func (t *Tracker) Scan(logins map[int]Login, uid func(name string) (uint32, bool
 	return res, nil
 }
 
+// Refresh is Scan without the look at every process: it attributes what
+// it can among the server processes the Tracker knows and keeps the
+// kernel's registrations. A caller that follows the process events
+// (WatchProcesses: Adopt, Exec, Exited) refreshes at each tick and scans
+// now and then, which costs a /proc read of every process on the host.
+func (t *Tracker) Refresh(logins map[int]Login, uid func(name string) (uint32, bool)) (Result, error) {
+	res := t.attachAll(Result{Servers: len(t.procs)}, logins, uid, false)
+	return res, t.register()
+}
+
+// Exited forgets a process that ended, and reports whether it was a
+// listener: its replacement (a restarted server) is for a Scan to find.
+func (t *Tracker) Exited(pid int) (listener bool) {
+	p, ok := t.procs[pid]
+	if !ok {
+		return false
+	}
+	t.forget(pid)
+	return len(p.listens) > 0
+}
+
 // Poll attributes the sessions of the server processes the Tracker knows
 // (from Scan and Adopt) without looking for new ones: it is cheap enough to
 // run every few milliseconds while a login is under way.
@@ -348,7 +369,10 @@ func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int
 		return nil, true, nil
 	case uid == 0:
 		l, ok := logins[pid]
-		if !ok && !poll {
+		if !ok && !poll && !p.lookedBefore {
+			// Once: an earlier agent's attribution is there from the
+			// start or not at all.
+			p.lookedBefore = true
 			return t.attributedBefore(pid, p, ports)
 		}
 		if !ok {

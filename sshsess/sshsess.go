@@ -160,12 +160,15 @@ type proc struct {
 	byLog    bool
 	adopted  bool // made known by Adopt: a fork of a server process
 	reported bool // a problem of it is in a Result already
-	netns    uint64
-	listens  map[uint16]bool // the ports it listens on, once looked at
-	uid      uint32
-	attached bool // its session is attributed, or it has none to attribute
-	session  bool // its session is attributed
-	tagged   bool // its earlier sockets are tagged
+	// lookedBefore: its connection was looked at for an earlier agent's
+	// attribution (attributedBefore).
+	lookedBefore bool
+	netns        uint64
+	listens      map[uint16]bool // the ports it listens on, once looked at
+	uid          uint32
+	attached     bool // its session is attributed, or it has none to attribute
+	session      bool // its session is attributed
+	tagged       bool // its earlier sockets are tagged
 }
 
 // programs returns the identities and names of the installed programs.
