@@ -90,39 +90,41 @@ func (a *Agent) importJSON() error {
 			proto, _ := quota.ParseProtocol(d.Protocol)
 			u = a.newUser(d.Username, proto)
 		}
-		if (u.r.st.Total != quota.Usage{}) {
+		if (u.r.total != quota.Usage{}) {
 			continue // already accounted by this agent
 		}
 		w := a.edit(u)
+		st := w.state()
 		imp := func(n uint64) quota.Usage {
 			if a.rules.Metric == quota.Download {
 				return quota.Usage{Down: n}
 			}
 			return quota.Usage{Up: n}
 		}
-		w.st.Total = imp(d.TotalUsage)
+		st.Total = imp(d.TotalUsage)
 		if d.Upload+d.Download > 0 { // written by this agent: exact split
-			w.st.Total = quota.Usage{Up: d.Upload, Down: d.Download}
+			st.Total = quota.Usage{Up: d.Upload, Down: d.Download}
 		}
 		if t, ok := parseOpsTime(d.UpdatedAt, a.loc); ok && quota.Day(t) == quota.Day(now) {
-			w.st.Day, w.st.Today = quota.Day(now), imp(d.DailyUsage)
+			st.Day, st.Today = quota.Day(now), imp(d.DailyUsage)
 		}
 		if t, ok := parseOpsTime(d.LastReset, a.loc); ok {
-			w.st.LastReset = quota.At(t)
+			st.LastReset = quota.At(t)
 		}
 		if d.Blocked {
 			if d.BlockReason == quota.ReasonDisabled {
-				w.st.Disabled = true
+				st.Disabled = true
 			}
-			w.st.Blocked, w.st.Reason = true, d.BlockReason
-			if w.st.Reason == "" {
-				w.st.Reason = quota.ReasonLimit
+			st.Blocked, st.Reason = true, d.BlockReason
+			if st.Reason == "" {
+				st.Reason = quota.ReasonLimit
 			}
 			t, _ := parseOpsTime(d.BlockTime, a.loc)
-			w.st.BlockTime = quota.At(t)
+			st.BlockTime = quota.At(t)
 		}
+		w.setState(st)
 		a.touch(u, now, jsonClean) // written once the user is present
-		a.rec.events = append(a.rec.events, store.Event{Time: now, Protocol: string(w.proto), Name: w.name, Action: "import",
+		a.rec.events = append(a.rec.events, store.Event{Time: now, Protocol: string(w.proto()), Name: w.name, Action: "import",
 			Reason: fmt.Sprintf("imported %d bytes from %s", d.TotalUsage, filepath.Join(a.cfg.Paths.UsageDir, w.name+".json")), Logged: true})
 	}
 	if len(docs) > 0 {
@@ -208,11 +210,12 @@ func (a *Agent) commit(now time.Time) error {
 }
 
 func userRow(r *record, now time.Time) store.User {
-	s := &r.st
+	t := r.terms()
+	s := &t.st
 	return store.User{
-		Name: r.name, Protocol: string(r.proto), UID: r.uid,
-		Up: s.Total.Up, Down: s.Total.Down,
-		Day: s.Day, DayUp: s.Today.Up, DayDown: s.Today.Down,
+		Name: r.name, Protocol: string(t.proto), UID: r.uid,
+		Up: r.total.Up, Down: r.total.Down,
+		Day: r.day, DayUp: r.today.Up, DayDown: r.today.Down,
 		Blocked: s.Blocked, BlockReason: s.Reason, BlockTime: s.BlockTime.Time(),
 		Disabled: s.Disabled, LastReset: s.LastReset.Time(),
 		Unblocked: s.Override.Active, UnblockLimit: s.Override.Limit, UnblockUntil: s.Override.Until.Time(),
@@ -222,13 +225,15 @@ func userRow(r *record, now time.Time) store.User {
 }
 
 func fromRow(r store.User) *record {
-	return &record{name: r.Name, proto: quota.Protocol(r.Protocol), uid: r.UID, updated: quota.At(r.UpdatedAt),
-		st: quota.State{
-			Total: quota.Usage{Up: r.Up, Down: r.Down},
-			Day:   r.Day, Today: quota.Usage{Up: r.DayUp, Down: r.DayDown},
-			Blocked: r.Blocked, Reason: r.BlockReason, BlockTime: quota.At(r.BlockTime),
-			Disabled: r.Disabled, LastReset: quota.At(r.LastReset),
-			Override: quota.Override{Active: r.Unblocked, Limit: r.UnblockLimit, Until: quota.At(r.UnblockUntil)},
-			Schedule: r.Schedule, NextReset: quota.At(r.NextReset),
-		}}
+	rec := &record{name: r.Name, uid: r.UID, updated: quota.At(r.UpdatedAt), t: noTerms}
+	rec.setTerms(terms{proto: quota.Protocol(r.Protocol)})
+	rec.setState(quota.State{
+		Total: quota.Usage{Up: r.Up, Down: r.Down},
+		Day:   r.Day, Today: quota.Usage{Up: r.DayUp, Down: r.DayDown},
+		Blocked: r.Blocked, Reason: r.BlockReason, BlockTime: quota.At(r.BlockTime),
+		Disabled: r.Disabled, LastReset: quota.At(r.LastReset),
+		Override: quota.Override{Active: r.Unblocked, Limit: r.UnblockLimit, Until: quota.At(r.UnblockUntil)},
+		Schedule: r.Schedule, NextReset: quota.At(r.NextReset),
+	})
+	return rec
 }
