@@ -150,12 +150,14 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	b := &store.Batch{History: rec.history, Events: rec.events, Logged: rec.logged,
 		DropUsers: rec.dropUsers, DropBaselines: rec.dropBaselines}
 	if len(a.work.dirtyQ) > 0 {
-		b.Users = make([]store.User, 0, len(a.work.dirtyQ))
+		rows := make(userRows, 0, len(a.work.dirtyQ))
+		at := &now
 		for _, u := range a.work.dirtyQ {
 			if a.users[u.r.name] == u { // not forgotten since
-				b.Users = append(b.Users, userRow(u.r, now))
+				rows = append(rows, userRef{r: u.r, at: at})
 			}
 		}
+		b.UserRows = rows
 	}
 	k := &a.kernel
 	if n := len(k.baseQ) + len(a.xr.baseQ); n > 0 {
@@ -208,6 +210,25 @@ func (a *Agent) commit(now time.Time) error {
 	a.commits.retry()
 	return a.commits.err()
 }
+
+// userRows are the user rows of a batch as the records they are rendered
+// from when the store writes them (store.UserRows): a batch holds a pointer
+// per changed user rather than a row (about 250 bytes; every user's at the
+// first tick). The records are immutable from the end of the tick that
+// built the batch on (the loop edits copies), and nothing edits them
+// between the batch and the end of its tick.
+type userRows []userRef
+
+// userRef is a user's record as of a batch, and the batch's time, shared
+// by its rows.
+type userRef struct {
+	r  *record
+	at *time.Time
+}
+
+func (l userRows) Len() int                 { return len(l) }
+func (l userRows) Name(i int) string        { return l[i].r.name }
+func (l userRows) Row(i int, u *store.User) { *u = userRow(l[i].r, *l[i].at) }
 
 func userRow(r *record, now time.Time) store.User {
 	t := r.terms()

@@ -89,7 +89,8 @@ type Event struct {
 
 // Batch is everything that changed in one tick. [Store.Commit] applies it
 // in one transaction, in this order: DropUsers and DropBaselines, then the
-// upserts of Users, Baselines and History, then Events, Logged and Meta.
+// upserts of Users, UserRows, Baselines and History, then Events, Logged
+// and Meta.
 // Drops come first, so a key both dropped and upserted in the same batch
 // ends up present, with the upserted row; an entry listed twice ends up with
 // its last value. Commit keeps no reference to the batch.
@@ -107,7 +108,12 @@ type Event struct {
 // drop in the newer batch removes the older batch's upsert of that key, and
 // an upsert in the newer batch wins over the older batch's drop of it.
 type Batch struct {
-	Users         []User         // upserted, whole rows
+	Users []User // upserted, whole rows
+	// UserRows are more users to upsert, rendered one at a time as the
+	// commit writes them (after Users: a name in both ends up with its
+	// UserRows row), so that a batch of many users need not hold them all
+	// as rows. Nil is none.
+	UserRows      UserRows
 	DropUsers     []string       // names of users to delete; their History and Events are kept
 	Baselines     []Baseline     // upserted
 	DropBaselines []quota.Source // sources to delete
@@ -123,8 +129,28 @@ type Batch struct {
 
 // Empty reports whether the batch changes nothing.
 func (b *Batch) Empty() bool {
-	return b == nil || len(b.Users)+len(b.DropUsers)+len(b.Baselines)+len(b.DropBaselines)+
+	return b == nil || len(b.Users)+rowCount(b.UserRows)+len(b.DropUsers)+len(b.Baselines)+len(b.DropBaselines)+
 		len(b.History)+len(b.Events)+len(b.Logged)+len(b.Meta) == 0
+}
+
+// UserRows is a list of user rows that [Store.Commit] renders one at a time,
+// for a caller that keeps its users in another form. Commit calls its
+// methods from its own goroutine while it runs, so the rows must not change
+// until it returns.
+type UserRows interface {
+	Len() int
+	// Name returns the name (the key) of the i-th row.
+	Name(i int) string
+	// Row renders the i-th row into u, a whole row, all fields set.
+	Row(i int, u *User)
+}
+
+// rowCount is the number of rows of l; a nil l has none.
+func rowCount(l UserRows) int {
+	if l == nil {
+		return 0
+	}
+	return l.Len()
 }
 
 // writer is the connection all commits go through, with its statements
@@ -301,8 +327,7 @@ func (s *Store) commit(b *Batch) (ids []int64, err error) {
 		return nil, err
 	}
 
-	for _, i := range sortedBy(b.Users, func(u *User) string { return u.Name }) {
-		u := &b.Users[i]
+	upsert := func(u *User) error {
 		var t [5]int64
 		for j, f := range [...]struct {
 			name string
@@ -311,14 +336,30 @@ func (s *Store) commit(b *Batch) (ids []int64, err error) {
 			{"BlockTime", u.BlockTime}, {"LastReset", u.LastReset}, {"UnblockUntil", u.UnblockUntil},
 			{"NextReset", u.NextReset}, {"UpdatedAt", u.UpdatedAt},
 		} {
+			var err error
 			if t[j], err = unixNano(f.t); err != nil {
-				return nil, fmt.Errorf("user %q: %s: %w", u.Name, f.name, err)
+				return fmt.Errorf("user %q: %s: %w", u.Name, f.name, err)
 			}
 		}
 		if _, err := w.upUser.Exec(u.Name, u.Protocol, int64(u.UID), int64(u.Up), int64(u.Down),
 			u.Day, int64(u.DayUp), int64(u.DayDown), u.Blocked, u.BlockReason, t[0], u.Disabled,
 			t[1], u.Unblocked, int64(u.UnblockLimit), t[2], u.Schedule, t[3], t[4]); err != nil {
-			return nil, fmt.Errorf("user %q: %w", u.Name, err)
+			return fmt.Errorf("user %q: %w", u.Name, err)
+		}
+		return nil
+	}
+	for _, i := range sortedBy(b.Users, func(u *User) string { return u.Name }) {
+		if err := upsert(&b.Users[i]); err != nil {
+			return nil, err
+		}
+	}
+	if rows := b.UserRows; rowCount(rows) > 0 {
+		var u User
+		for _, i := range sortedIndexes(rows.Len(), rows.Name) {
+			rows.Row(i, &u)
+			if err := upsert(&u); err != nil {
+				return nil, err
+			}
 		}
 	}
 	if err := step("users"); err != nil {
@@ -395,15 +436,21 @@ func (s *Store) commit(b *Batch) (ids []int64, err error) {
 // their original order. Writing rows in key order visits each B-tree page
 // once, in order, instead of seeking all over the table.
 func sortedBy[T any](xs []T, key func(*T) string) []int {
-	idx := make([]int, len(xs))
+	return sortedIndexes(len(xs), func(i int) string { return key(&xs[i]) })
+}
+
+// sortedIndexes returns 0..n-1 in ascending order of key(i), equal keys in
+// their original order.
+func sortedIndexes(n int, key func(i int) string) []int {
+	idx := make([]int, n)
 	for i := range idx {
 		idx[i] = i
 	}
-	if slices.IsSortedFunc(idx, func(i, j int) int { return strings.Compare(key(&xs[i]), key(&xs[j])) }) {
+	if slices.IsSortedFunc(idx, func(i, j int) int { return strings.Compare(key(i), key(j)) }) {
 		return idx
 	}
 	slices.SortFunc(idx, func(i, j int) int {
-		if c := strings.Compare(key(&xs[i]), key(&xs[j])); c != 0 {
+		if c := strings.Compare(key(i), key(j)); c != 0 {
 			return c
 		}
 		return cmp.Compare(i, j)
