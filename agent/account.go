@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"slices"
 	"time"
 
 	"github.com/myvpn/bwagent/quota"
@@ -130,11 +131,28 @@ func (a *Agent) evaluate(now time.Time) {
 		u.queued = false
 	}
 	clear(w.evalQ)
-	w.evalQ = w.evalQ[:0]
+	w.evalQ = trimmed(w.evalQ[:0])
 	for _, u := range w.retryQ {
 		a.queue(u)
 	}
-	w.retryQ = w.retryQ[:0]
+	clear(w.retryQ)
+	w.retryQ = trimmed(w.retryQ[:0])
+}
+
+// statuses are the statuses by user.status, in a byte.
+var statuses = [...]quota.Status{"", quota.Disabled, quota.Blocked, quota.Warning, quota.Active, quota.Unlimited}
+
+func statusIndex(s quota.Status) uint8 { return uint8(slices.Index(statuses[:], s)) }
+
+// trimmed returns q, or a copy of it that holds only its elements when a
+// big tick (the first: every user) left it far larger than it is now: the
+// queues keep their memory from tick to tick, but not what one tick of
+// 100,000 users needed.
+func trimmed[T any](q []T) []T {
+	if cap(q) > 4096 && len(q) < cap(q)/4 {
+		return slices.Clone(q)
+	}
+	return q
 }
 
 func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
@@ -161,9 +179,9 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 		a.edit(u).setState(st)
 	}
 	a.record(u, ev)
-	if st := st.Status(t.plan, a.rules); st != u.status || len(ev) > 0 {
+	if st := statusIndex(st.Status(t.plan, a.rules)); st != u.status || len(ev) > 0 {
 		// The first status after a start is no change to record.
-		if u.status != "" || len(ev) > 0 {
+		if u.status != 0 || len(ev) > 0 {
 			a.touch(u, now, jsonUrgent)
 		}
 		u.status = st

@@ -168,7 +168,7 @@ func (a *Agent) queueJSON(now time.Time) {
 		}
 	}
 	clear(q[len(keep):])
-	a.work.jsonQ = keep
+	a.work.jsonQ = trimmed(keep)
 	if all {
 		a.lastJSON = now
 	}

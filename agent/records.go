@@ -181,20 +181,21 @@ func (a *Agent) clearDirty() {
 		u.dirty = false
 	}
 	clear(a.work.dirtyQ)
-	a.work.dirtyQ = a.work.dirtyQ[:0]
+	a.work.dirtyQ = trimmed(a.work.dirtyQ[:0])
 	k := &a.kernel
 	for _, uid := range k.baseQ {
 		bl := k.base[uid]
 		bl.dirty = false
 		k.base[uid] = bl
 	}
-	k.baseQ = k.baseQ[:0]
+	k.baseQ = trimmed(k.baseQ[:0])
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
 			bl.dirty = false
 		}
 	}
-	a.xr.baseQ = a.xr.baseQ[:0]
+	clear(a.xr.baseQ)
+	a.xr.baseQ = trimmed(a.xr.baseQ[:0])
 	a.rec = records{}
 }
 

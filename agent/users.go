@@ -150,11 +150,12 @@ func (r *record) mainProtoOf(t terms) quota.Protocol {
 type user struct {
 	r *record
 
-	// status is the status last decided for r: a change is recorded.
-	status quota.Status
-
 	anchor    anchor // kernel budget granted (SSH users)
 	hasAnchor bool
+
+	// status is the status last decided for r (an index into statuses; 0
+	// none yet): a change is recorded.
+	status uint8
 
 	queued bool      // in this tick's evaluation queue
 	dirty  bool      // the state row must be committed
