@@ -158,10 +158,10 @@ func rowCount(l UserRows) int {
 type writer struct {
 	c *sql.Conn
 
-	delUser, delBaseline          *sql.Stmt
-	upHistory                     *sql.Stmt
-	insEvent, logEvent, upMeta    *sql.Stmt
-	stmts                         []*sql.Stmt
+	delUser, delBaseline       *sql.Stmt
+	upHistory                  *sql.Stmt
+	insEvent, logEvent, upMeta *sql.Stmt
+	stmts                      []*sql.Stmt
 
 	// The statements a commit runs by the thousand, prepared on the
 	// driver's connection and used only inside c.Raw (see bulk), and the
