@@ -131,10 +131,8 @@ func (r *record) protocols() []quota.Protocol {
 	return ps
 }
 
-// mainProto is the protocol a user is shown and logged with: ssh while it
-// has an account, else its Xray protocol (or the last it had).
-func (r *record) mainProto() quota.Protocol { return r.mainProtoOf(r.terms()) }
-
+// mainProtoOf is the protocol a user with terms t is shown and logged with:
+// ssh while it has an account, else its Xray protocol (or the last it had).
 func (r *record) mainProtoOf(t terms) quota.Protocol {
 	switch {
 	case r.ssh:
