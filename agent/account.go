@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"slices"
 	"time"
 
 	"github.com/myvpn/bwagent/quota"
@@ -82,15 +83,17 @@ func (a *Agent) charge(u *user, now time.Time, d quota.Usage) {
 	js := jsonUsage
 	day := a.day(now)
 	w := a.edit(u)
-	if w.st.Day != day {
+	if w.day != day {
 		js = jsonUrgent
 	}
-	if fin, rolled := w.st.AddOn(day, d); rolled {
+	use := w.usage()
+	if fin, rolled := use.AddOn(day, d); rolled {
 		a.rec.history = append(a.rec.history, dayRow(w.name, fin))
 	}
+	w.setUsage(use)
 	a.touch(u, now, js)
 	a.queue(u)
-	a.obs.Charged(w.proto, d)
+	a.obs.Charged(w.proto(), d)
 }
 
 // day returns now's local day, formatted once per day.
@@ -128,50 +131,71 @@ func (a *Agent) evaluate(now time.Time) {
 		u.queued = false
 	}
 	clear(w.evalQ)
-	w.evalQ = w.evalQ[:0]
+	w.evalQ = trimmed(w.evalQ[:0])
 	for _, u := range w.retryQ {
 		a.queue(u)
 	}
-	w.retryQ = w.retryQ[:0]
+	clear(w.retryQ)
+	w.retryQ = trimmed(w.retryQ[:0])
+}
+
+// statuses are the statuses by user.status, in a byte.
+var statuses = [...]quota.Status{"", quota.Disabled, quota.Blocked, quota.Warning, quota.Active, quota.Unlimited}
+
+func statusIndex(s quota.Status) uint8 { return uint8(slices.Index(statuses[:], s)) }
+
+// trimmed returns q, or a copy of it that holds only its elements when a
+// big tick (the first: every user) left it far larger than it is now: the
+// queues keep their memory from tick to tick, but not what one tick of
+// 100,000 users needed.
+func trimmed[T any](q []T) []T {
+	if cap(q) > 4096 && len(q) < cap(q)/4 {
+		return slices.Clone(q)
+	}
+	return q
 }
 
 func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
-	if u.r.st.Day != today {
+	if u.r.day != today {
 		w := a.edit(u)
-		if fin, rolled := w.st.AddOn(today, quota.Usage{}); rolled {
+		use := w.usage()
+		if fin, rolled := use.AddOn(today, quota.Usage{}); rolled {
 			a.rec.history = append(a.rec.history, dayRow(w.name, fin))
 		}
+		w.setUsage(use)
 		a.touch(u, now, jsonUrgent)
 	}
+	t := u.r.terms()
 	var slack uint64
-	if u.r.proto == quota.SSH {
-		slack = kernelSlack(u.r.plan.Limit)
+	if t.proto == quota.SSH {
+		slack = kernelSlack(t.plan.Limit)
 	}
-	wasBlocked := u.r.st.Blocked
+	wasBlocked := t.st.Blocked
 	// On a copy: a user the rules leave alone keeps its published record.
-	st := u.r.st
-	ev := st.Advance(now, u.r.plan, a.rules, slack)
-	if st != u.r.st {
-		a.edit(u).st = st
+	old := u.r.state()
+	st := old
+	ev := st.Advance(now, t.plan, a.rules, slack)
+	if st != old {
+		a.edit(u).setState(st)
 	}
 	a.record(u, ev)
-	if st := u.r.st.Status(u.r.plan, a.rules); st != u.status || len(ev) > 0 {
+	if st := statusIndex(st.Status(t.plan, a.rules)); st != u.status || len(ev) > 0 {
 		// The first status after a start is no change to record.
-		if u.status != "" || len(ev) > 0 {
+		if u.status != 0 || len(ev) > 0 {
 			a.touch(u, now, jsonUrgent)
 		}
 		u.status = st
 	}
 	r := u.r
-	for _, w := range [...]quota.Instant{r.st.NextReset, r.st.Override.Until, r.plan.Expires} {
+	for _, w := range [...]quota.Instant{st.NextReset, st.Override.Until, t.plan.Expires} {
 		if !w.IsZero() && !w.Reached(now) && w < quota.At(a.work.nextWake) {
 			a.work.nextWake = w.Time()
 		}
 	}
-	if r.xray && r.st.Blocked != wasBlocked {
+	if r.xray && st.Blocked != wasBlocked {
 		a.markersDirty = true
 	}
-	if r.proto == quota.SSH && a.byUID[r.uid] == u {
+	if t.proto == quota.SSH && a.byUID[r.uid] == u {
 		a.updatePolicy(u)
 	}
 	a.noteUser(u, now) // notices.go: thresholds crossed, an expiry coming
@@ -183,13 +207,13 @@ func (a *Agent) record(u *user, ev []quota.Event) {
 	for _, e := range ev {
 		a.rec.events = append(a.rec.events, eventRow(u.r, e))
 		a.noteEvent(u, &a.rec.events[len(a.rec.events)-1]) // notices.go: usage, limit, status
-		a.log.Info("user "+e.Action, "user", u.r.name, "protocol", u.r.proto, "reason", e.Reason)
-		a.obs.Event(u.r.proto, e.Action, e.Reason)
+		a.log.Info("user "+e.Action, "user", u.r.name, "protocol", u.r.proto(), "reason", e.Reason)
+		a.obs.Event(u.r.proto(), e.Action, e.Reason)
 	}
 }
 
 func eventRow(r *record, e quota.Event) store.Event {
-	return store.Event{Time: e.Time, Protocol: string(r.proto), Name: r.name, Action: e.Action, Reason: e.Reason}
+	return store.Event{Time: e.Time, Protocol: string(r.proto()), Name: r.name, Action: e.Action, Reason: e.Reason}
 }
 
 func dayRow(name string, d quota.DayTotal) store.DayUsage {

@@ -53,10 +53,10 @@ import (
 // MemoryLimit returns the Go runtime soft memory limit bwagent keeps (unless
 // GOMEMLIMIT is set) for a live heap of live bytes: without a limit the
 // collector lets the heap grow to twice the live data before it runs; a limit
-// at or under the live heap would make it run without end. So: half again the
-// live heap plus 16 MiB of room, and never under 40 MiB.
+// at or under the live heap would make it run without end. So: a quarter
+// again the live heap plus 12 MiB of room, and never under 40 MiB.
 func MemoryLimit(live uint64) int64 {
-	return max(40<<20, int64(live+live/2)+16<<20)
+	return max(40<<20, int64(live+live/4)+12<<20)
 }
 
 // LiveHeap returns the bytes of heap the last garbage collection found

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -823,6 +824,34 @@ func TestFailedCommitRetried(t *testing.T) {
 	m = mergeBatch(m, &store.Batch{Users: []store.User{{Name: "a", Up: 9}}})
 	if len(m.DropUsers) != 1 || m.Users[len(m.Users)-1].Name != "a" {
 		t.Errorf("upsert after a drop: %+v %+v", m.DropUsers, m.Users)
+	}
+
+	// Rows rendered from records (the loop's batches) merge the same way,
+	// and a newer row of either kind replaces an older row of the other.
+	rec := func(name string, up uint64) userRef {
+		return userRef{r: &record{name: name, total: quota.Usage{Up: up}, t: noTerms}, at: new(time.Time)}
+	}
+	m = mergeBatch(m, &store.Batch{UserRows: userRows{rec("b", 3), rec("c", 1)}})
+	m = mergeBatch(m, &store.Batch{Users: []store.User{{Name: "c", Up: 2}}, UserRows: userRows{rec("a", 10)}})
+	m = mergeBatch(m, &store.Batch{DropUsers: []string{"d"}, UserRows: userRows{rec("d", 1)}})
+	got := map[string]uint64{}
+	for _, u := range m.Users {
+		got[u.Name] = u.Up
+	}
+	for _, r := range m.UserRows.(userRows) {
+		if _, dup := got[r.r.name]; dup {
+			t.Errorf("%s both a row and a record", r.r.name)
+		}
+		got[r.r.name] = r.r.total.Up
+	}
+	if want := map[string]uint64{"a": 10, "b": 3, "c": 2, "d": 1}; !maps.Equal(got, want) {
+		t.Errorf("merged rows %v, want %v", got, want)
+	}
+	m = mergeBatch(m, &store.Batch{DropUsers: []string{"b"}})
+	for _, r := range m.UserRows.(userRows) {
+		if r.r.name == "b" {
+			t.Errorf("dropped user b still upserted: %+v", m.UserRows)
+		}
 	}
 
 	e := newEnv(t)

@@ -56,8 +56,18 @@ func (a *Agent) ResetAll(ctx context.Context) (int, error) {
 }
 
 func (a *Agent) reset(u *user, now time.Time) {
-	a.record(u, a.edit(u).st.Reset(now, ""))
+	a.record(u, a.change(u, func(st *quota.State) []quota.Event { return st.Reset(now, "") }))
 	a.settle(u, now)
+}
+
+// change applies fn to u's state, on a record the loop may write, and
+// returns fn's events.
+func (a *Agent) change(u *user, fn func(st *quota.State) []quota.Event) []quota.Event {
+	w := a.edit(u)
+	st := w.state()
+	ev := fn(&st)
+	w.setState(st)
+	return ev
 }
 
 // settle applies the rules to u at once after a command, so the command's
@@ -77,7 +87,7 @@ func (a *Agent) Disable(ctx context.Context, name string) error {
 		if err != nil {
 			return err
 		}
-		a.record(u, a.edit(u).st.Disable(now))
+		a.record(u, a.change(u, func(st *quota.State) []quota.Event { return st.Disable(now) }))
 		a.settle(u, now)
 		return nil
 	})
@@ -90,7 +100,7 @@ func (a *Agent) Enable(ctx context.Context, name string) error {
 		if err != nil {
 			return err
 		}
-		a.record(u, a.edit(u).st.Enable(now))
+		a.record(u, a.change(u, func(st *quota.State) []quota.Event { return st.Enable(now) }))
 		a.settle(u, now)
 		return nil
 	})
@@ -110,12 +120,12 @@ func (a *Agent) Unblock(ctx context.Context, name string, d time.Duration) error
 		if err != nil {
 			return err
 		}
-		st := u.r.st
-		ev, err := st.Unblock(now, u.r.plan, d)
+		st := u.r.state()
+		ev, err := st.Unblock(now, u.r.plan(), d)
 		if err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
-		a.edit(u).st = st
+		a.edit(u).setState(st)
 		a.record(u, ev)
 		a.settle(u, now)
 		return nil

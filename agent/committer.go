@@ -225,8 +225,24 @@ func mergeBatch(older, newer *store.Batch) *store.Batch {
 	for _, s := range newer.DropBaselines {
 		droppedBase[s] = true
 	}
-	m.Users = mergeKeyed(slices.DeleteFunc(slices.Clone(older.Users), func(u store.User) bool { return droppedUser[u.Name] }),
+	// Rows of older that newer upserts again (as Users or UserRows) go too:
+	// the store writes Users before UserRows, so an older row of one kind
+	// must not win over a newer row of the other.
+	newerUser := make(map[string]bool, len(newer.Users))
+	for _, u := range newer.Users {
+		newerUser[u.Name] = true
+	}
+	newerRows, _ := newer.UserRows.(userRows)
+	for _, r := range newerRows {
+		newerUser[r.r.name] = true
+	}
+	olderRows, _ := older.UserRows.(userRows)
+	m.Users = mergeKeyed(slices.DeleteFunc(slices.Clone(older.Users), func(u store.User) bool { return droppedUser[u.Name] || newerUser[u.Name] }),
 		newer.Users, func(u store.User) string { return u.Name })
+	if rows := append(slices.DeleteFunc(slices.Clone(olderRows), func(r userRef) bool { return droppedUser[r.r.name] || newerUser[r.r.name] }),
+		newerRows...); len(rows) > 0 {
+		m.UserRows = rows
+	}
 	m.Baselines = mergeKeyed(slices.DeleteFunc(slices.Clone(older.Baselines), func(b store.Baseline) bool { return droppedBase[b.Source] }),
 		newer.Baselines, func(b store.Baseline) quota.Source { return b.Source })
 	m.History = mergeKeyed(older.History, newer.History, func(h store.DayUsage) [2]string { return [2]string{h.Name, h.Day} })

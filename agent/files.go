@@ -168,7 +168,7 @@ func (a *Agent) queueJSON(now time.Time) {
 		}
 	}
 	clear(q[len(keep):])
-	a.work.jsonQ = keep
+	a.work.jsonQ = trimmed(keep)
 	if all {
 		a.lastJSON = now
 	}
@@ -197,28 +197,30 @@ func (a *Agent) repairJSON() error {
 
 // usageDoc renders r's usage file.
 func (s *snapshot) usageDoc(r *record) opsfiles.Usage {
-	status := r.st.Status(r.plan, s.rules)
+	t := r.terms()
+	st, plan := r.state(), t.plan
+	status := st.Status(plan, s.rules)
 	d := opsfiles.Usage{
 		Username:    r.name,
-		TotalUsage:  r.st.Used(s.rules),
-		TotalLimit:  r.plan.Limit,
-		Blocked:     r.st.Blocked,
-		BlockReason: r.st.Reason,
-		BlockTime:   opsfiles.FormatTime(r.st.BlockTime.Time(), s.loc),
-		LastReset:   opsfiles.FormatTime(r.st.LastReset.Time(), s.loc),
-		Protocol:    string(r.proto),
+		TotalUsage:  st.Used(s.rules),
+		TotalLimit:  plan.Limit,
+		Blocked:     st.Blocked,
+		BlockReason: st.Reason,
+		BlockTime:   opsfiles.FormatTime(st.BlockTime.Time(), s.loc),
+		LastReset:   opsfiles.FormatTime(st.LastReset.Time(), s.loc),
+		Protocol:    string(t.proto),
 		Status:      string(status),
-		Upload:      r.st.Total.Up,
-		Download:    r.st.Total.Down,
+		Upload:      st.Total.Up,
+		Download:    st.Total.Down,
 		UpdatedAt:   opsfiles.FormatTime(r.updated.Time(), s.loc),
 	}
 	for _, p := range r.protocols() {
 		d.Protocols = append(d.Protocols, string(p))
 	}
-	if r.st.Day == s.today {
-		d.DailyUsage = s.rules.Metric.Of(r.st.Today)
+	if st.Day == s.today {
+		d.DailyUsage = s.rules.Metric.Of(st.Today)
 	}
-	if rem, limited := r.st.Remaining(r.plan, s.rules); limited {
+	if rem, limited := st.Remaining(plan, s.rules); limited {
 		d.Remaining = &rem
 	}
 	return d
@@ -230,8 +232,9 @@ func (a *Agent) syncMarkers() error {
 	if a.markersDirty {
 		a.markers = make(map[string]opsfiles.Marker)
 		for _, u := range a.users {
-			if r := u.r; r.xray && r.st.Blocked {
-				a.markers[r.name] = opsfiles.Marker{Reason: r.st.Reason, Time: r.st.BlockTime.Time()}
+			if r := u.r; r.xray && r.blocked() {
+				st := r.terms().st
+				a.markers[r.name] = opsfiles.Marker{Reason: st.Reason, Time: st.BlockTime.Time()}
 			}
 		}
 	}

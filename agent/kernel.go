@@ -198,11 +198,11 @@ func (a *Agent) updatePolicy(u *user) {
 		return
 	}
 	var p bpf.Policy
-	switch {
-	case u.r.st.Blocked:
+	switch t := u.r.terms(); {
+	case t.st.Blocked:
 		p = bpf.Policy{Blocked: true}
 		u.hasAnchor = false
-	case u.r.plan.Limit > 0 && !u.r.st.Override.Active:
+	case t.plan.Limit > 0 && !t.st.Override.Active:
 		an, err := a.anchor(u)
 		if err != nil {
 			a.kernel.anchorErr = err
@@ -237,8 +237,9 @@ type anchor struct {
 // stays fixed while the charged total and the usage grow in step.
 func (a *Agent) anchor(u *user) (anchor, error) {
 	r := u.r
-	p := r.plan
-	if an := u.anchor; u.hasAnchor && an.limit == p.Limit && an.lastReset == r.st.LastReset && an.metric == a.rules.Metric {
+	t := r.terms()
+	p := t.plan
+	if an := u.anchor; u.hasAnchor && an.limit == p.Limit && an.lastReset == t.st.LastReset && an.metric == a.rules.Metric {
 		return an, nil
 	}
 	q, err := a.dp.QuotaUsed(r.uid)
@@ -256,12 +257,13 @@ func (a *Agent) anchor(u *user) (anchor, error) {
 	extra := a.rules.Metric.Of(quota.Since(
 		quota.Sample{Up: sampled.Up, Down: sampled.Down},
 		quota.Sample{Up: c.TxBytes, Down: c.RxBytes}))
-	used := r.st.Used(a.rules) + extra
+	st := r.state()
+	used := st.Used(a.rules) + extra
 	var remaining uint64
 	if used < p.Limit {
 		remaining = p.Limit - used
 	}
-	u.anchor = anchor{limit: p.Limit, lastReset: r.st.LastReset, metric: a.rules.Metric, ceiling: bpf.Ceiling(q, remaining)}
+	u.anchor = anchor{limit: p.Limit, lastReset: t.st.LastReset, metric: a.rules.Metric, ceiling: bpf.Ceiling(q, remaining)}
 	u.hasAnchor = true
 	return u.anchor, nil
 }

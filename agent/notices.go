@@ -84,8 +84,8 @@ func (a *Agent) loadNotices() *notices {
 // noteEvent completes e, an event just recorded for u, with u's usage,
 // limit and status.
 func (a *Agent) noteEvent(u *user, e *store.Event) {
-	r := u.r
-	e.Used, e.Limit, e.Status = r.st.Used(a.rules), r.plan.Limit, string(r.st.Status(r.plan, a.rules))
+	st, p := u.r.state(), u.r.plan()
+	e.Used, e.Limit, e.Status = st.Used(a.rules), p.Limit, string(st.Status(p, a.rules))
 }
 
 // noteUser records u's notices after its evaluation at now: thresholds its
@@ -93,11 +93,12 @@ func (a *Agent) noteEvent(u *user, e *store.Event) {
 func (a *Agent) noteUser(u *user, now time.Time) {
 	n := a.loadNotices()
 	r := u.r
+	st, plan := r.state(), r.plan()
 	if ths := a.cfg.Notify.Thresholds; len(ths) > 0 {
-		reached := quota.Reached(r.st.Used(a.rules), r.plan.Limit, ths)
+		reached := quota.Reached(st.Used(a.rules), plan.Limit, ths)
 		orig := n.threshold[r.name]
 		m := orig
-		if m.at <= r.st.LastReset {
+		if m.at <= st.LastReset {
 			// Of an earlier period: a reset starts a new one. (A notice at
 			// the instant of the reset is older: the reset zeroes the usage
 			// that instant, and no threshold is crossed at zero.)
@@ -108,7 +109,7 @@ func (a *Agent) noteUser(u *user, now time.Time) {
 			// again is news.
 			m = thresholdMark{pct: reached, at: m.at}
 		}
-		if reached > m.pct && !r.st.Blocked {
+		if reached > m.pct && !st.Blocked {
 			// A user blocked in the same tick gets the block only.
 			for _, t := range ths {
 				if t > m.pct && t <= reached {
@@ -127,7 +128,7 @@ func (a *Agent) noteUser(u *user, now time.Time) {
 			n.threshold[r.name] = m
 		}
 	}
-	exp := r.plan.Expires
+	exp := plan.Expires
 	if from := quota.WarnFrom(exp, a.cfg.Notify.ExpiryDays); !from.IsZero() {
 		switch {
 		case !from.Reached(now):
@@ -146,10 +147,10 @@ func (a *Agent) noteUser(u *user, now time.Time) {
 // notice records a notice of u.
 func (a *Agent) notice(u *user, now time.Time, action, reason, detail string) {
 	r := u.r
-	e := store.Event{Time: now, Protocol: string(r.proto), Name: r.name, Action: action, Reason: reason, Logged: true, Detail: detail}
+	e := store.Event{Time: now, Protocol: string(r.proto()), Name: r.name, Action: action, Reason: reason, Logged: true, Detail: detail}
 	a.noteEvent(u, &e)
 	a.rec.events = append(a.rec.events, e)
-	a.log.Info("user "+action, "user", r.name, "protocol", r.proto, "reason", reason)
+	a.log.Info("user "+action, "user", r.name, "protocol", r.proto(), "reason", reason)
 }
 
 // noteHealth records the parts of the agent that started failing or work

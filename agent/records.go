@@ -90,39 +90,41 @@ func (a *Agent) importJSON() error {
 			proto, _ := quota.ParseProtocol(d.Protocol)
 			u = a.newUser(d.Username, proto)
 		}
-		if (u.r.st.Total != quota.Usage{}) {
+		if (u.r.total != quota.Usage{}) {
 			continue // already accounted by this agent
 		}
 		w := a.edit(u)
+		st := w.state()
 		imp := func(n uint64) quota.Usage {
 			if a.rules.Metric == quota.Download {
 				return quota.Usage{Down: n}
 			}
 			return quota.Usage{Up: n}
 		}
-		w.st.Total = imp(d.TotalUsage)
+		st.Total = imp(d.TotalUsage)
 		if d.Upload+d.Download > 0 { // written by this agent: exact split
-			w.st.Total = quota.Usage{Up: d.Upload, Down: d.Download}
+			st.Total = quota.Usage{Up: d.Upload, Down: d.Download}
 		}
 		if t, ok := parseOpsTime(d.UpdatedAt, a.loc); ok && quota.Day(t) == quota.Day(now) {
-			w.st.Day, w.st.Today = quota.Day(now), imp(d.DailyUsage)
+			st.Day, st.Today = quota.Day(now), imp(d.DailyUsage)
 		}
 		if t, ok := parseOpsTime(d.LastReset, a.loc); ok {
-			w.st.LastReset = quota.At(t)
+			st.LastReset = quota.At(t)
 		}
 		if d.Blocked {
 			if d.BlockReason == quota.ReasonDisabled {
-				w.st.Disabled = true
+				st.Disabled = true
 			}
-			w.st.Blocked, w.st.Reason = true, d.BlockReason
-			if w.st.Reason == "" {
-				w.st.Reason = quota.ReasonLimit
+			st.Blocked, st.Reason = true, d.BlockReason
+			if st.Reason == "" {
+				st.Reason = quota.ReasonLimit
 			}
 			t, _ := parseOpsTime(d.BlockTime, a.loc)
-			w.st.BlockTime = quota.At(t)
+			st.BlockTime = quota.At(t)
 		}
+		w.setState(st)
 		a.touch(u, now, jsonClean) // written once the user is present
-		a.rec.events = append(a.rec.events, store.Event{Time: now, Protocol: string(w.proto), Name: w.name, Action: "import",
+		a.rec.events = append(a.rec.events, store.Event{Time: now, Protocol: string(w.proto()), Name: w.name, Action: "import",
 			Reason: fmt.Sprintf("imported %d bytes from %s", d.TotalUsage, filepath.Join(a.cfg.Paths.UsageDir, w.name+".json")), Logged: true})
 	}
 	if len(docs) > 0 {
@@ -148,12 +150,14 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	b := &store.Batch{History: rec.history, Events: rec.events, Logged: rec.logged,
 		DropUsers: rec.dropUsers, DropBaselines: rec.dropBaselines}
 	if len(a.work.dirtyQ) > 0 {
-		b.Users = make([]store.User, 0, len(a.work.dirtyQ))
+		rows := make(userRows, 0, len(a.work.dirtyQ))
+		at := &now
 		for _, u := range a.work.dirtyQ {
 			if a.users[u.r.name] == u { // not forgotten since
-				b.Users = append(b.Users, userRow(u.r, now))
+				rows = append(rows, userRef{r: u.r, at: at})
 			}
 		}
+		b.UserRows = rows
 	}
 	k := &a.kernel
 	if n := len(k.baseQ) + len(a.xr.baseQ); n > 0 {
@@ -177,20 +181,21 @@ func (a *Agent) clearDirty() {
 		u.dirty = false
 	}
 	clear(a.work.dirtyQ)
-	a.work.dirtyQ = a.work.dirtyQ[:0]
+	a.work.dirtyQ = trimmed(a.work.dirtyQ[:0])
 	k := &a.kernel
 	for _, uid := range k.baseQ {
 		bl := k.base[uid]
 		bl.dirty = false
 		k.base[uid] = bl
 	}
-	k.baseQ = k.baseQ[:0]
+	k.baseQ = trimmed(k.baseQ[:0])
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
 			bl.dirty = false
 		}
 	}
-	a.xr.baseQ = a.xr.baseQ[:0]
+	clear(a.xr.baseQ)
+	a.xr.baseQ = trimmed(a.xr.baseQ[:0])
 	a.rec = records{}
 }
 
@@ -207,12 +212,32 @@ func (a *Agent) commit(now time.Time) error {
 	return a.commits.err()
 }
 
+// userRows are the user rows of a batch as the records they are rendered
+// from when the store writes them (store.UserRows): a batch holds a pointer
+// per changed user rather than a row (about 250 bytes; every user's at the
+// first tick). The records are immutable from the end of the tick that
+// built the batch on (the loop edits copies), and nothing edits them
+// between the batch and the end of its tick.
+type userRows []userRef
+
+// userRef is a user's record as of a batch, and the batch's time, shared
+// by its rows.
+type userRef struct {
+	r  *record
+	at *time.Time
+}
+
+func (l userRows) Len() int                 { return len(l) }
+func (l userRows) Name(i int) string        { return l[i].r.name }
+func (l userRows) Row(i int, u *store.User) { *u = userRow(l[i].r, *l[i].at) }
+
 func userRow(r *record, now time.Time) store.User {
-	s := &r.st
+	t := r.terms()
+	s := &t.st
 	return store.User{
-		Name: r.name, Protocol: string(r.proto), UID: r.uid,
-		Up: s.Total.Up, Down: s.Total.Down,
-		Day: s.Day, DayUp: s.Today.Up, DayDown: s.Today.Down,
+		Name: r.name, Protocol: string(t.proto), UID: r.uid,
+		Up: r.total.Up, Down: r.total.Down,
+		Day: r.day, DayUp: r.today.Up, DayDown: r.today.Down,
 		Blocked: s.Blocked, BlockReason: s.Reason, BlockTime: s.BlockTime.Time(),
 		Disabled: s.Disabled, LastReset: s.LastReset.Time(),
 		Unblocked: s.Override.Active, UnblockLimit: s.Override.Limit, UnblockUntil: s.Override.Until.Time(),
@@ -222,13 +247,15 @@ func userRow(r *record, now time.Time) store.User {
 }
 
 func fromRow(r store.User) *record {
-	return &record{name: r.Name, proto: quota.Protocol(r.Protocol), uid: r.UID, updated: quota.At(r.UpdatedAt),
-		st: quota.State{
-			Total: quota.Usage{Up: r.Up, Down: r.Down},
-			Day:   r.Day, Today: quota.Usage{Up: r.DayUp, Down: r.DayDown},
-			Blocked: r.Blocked, Reason: r.BlockReason, BlockTime: quota.At(r.BlockTime),
-			Disabled: r.Disabled, LastReset: quota.At(r.LastReset),
-			Override: quota.Override{Active: r.Unblocked, Limit: r.UnblockLimit, Until: quota.At(r.UnblockUntil)},
-			Schedule: r.Schedule, NextReset: quota.At(r.NextReset),
-		}}
+	rec := &record{name: r.Name, uid: r.UID, updated: quota.At(r.UpdatedAt), t: noTerms}
+	rec.setTerms(terms{proto: quota.Protocol(r.Protocol)})
+	rec.setState(quota.State{
+		Total: quota.Usage{Up: r.Up, Down: r.Down},
+		Day:   r.Day, Today: quota.Usage{Up: r.DayUp, Down: r.DayDown},
+		Blocked: r.Blocked, Reason: r.BlockReason, BlockTime: quota.At(r.BlockTime),
+		Disabled: r.Disabled, LastReset: quota.At(r.LastReset),
+		Override: quota.Override{Active: r.Unblocked, Limit: r.UnblockLimit, Until: quota.At(r.UnblockUntil)},
+		Schedule: r.Schedule, NextReset: quota.At(r.NextReset),
+	})
+	return rec
 }

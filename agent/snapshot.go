@@ -73,19 +73,20 @@ func (a *Agent) publish(now time.Time) {
 
 // view renders a record for readers.
 func (s *snapshot) view(r *record) view.User {
-	p := r.plan
+	t := r.terms()
+	st, p := r.state(), t.plan
 	v := view.User{
-		Name: r.name, Protocol: r.proto, Protocols: r.protocols(), UID: r.uid, Present: r.present(),
-		Status: r.st.Status(p, s.rules), Used: r.st.Used(s.rules), Limit: p.Limit,
-		Upload: r.st.Total.Up, Download: r.st.Total.Down,
-		Reason: r.st.Reason, BlockTime: r.st.BlockTime.Time(), LastReset: r.st.LastReset.Time(),
-		Override:  view.Override{Active: r.st.Override.Active, Limit: r.st.Override.Limit, Until: r.st.Override.Until.Time()},
-		NextReset: r.st.NextReset.Time(), Expires: p.Expires.Time(), Updated: r.updated.Time(),
+		Name: r.name, Protocol: t.proto, Protocols: r.protocols(), UID: r.uid, Present: r.present(),
+		Status: st.Status(p, s.rules), Used: st.Used(s.rules), Limit: p.Limit,
+		Upload: st.Total.Up, Download: st.Total.Down,
+		Reason: st.Reason, BlockTime: st.BlockTime.Time(), LastReset: st.LastReset.Time(),
+		Override:  view.Override{Active: st.Override.Active, Limit: st.Override.Limit, Until: st.Override.Until.Time()},
+		NextReset: st.NextReset.Time(), Expires: p.Expires.Time(), Updated: r.updated.Time(),
 	}
-	if r.st.Day == s.today {
-		v.Today = s.rules.Metric.Of(r.st.Today)
+	if st.Day == s.today {
+		v.Today = s.rules.Metric.Of(st.Today)
 	}
-	v.Remaining, _ = r.st.Remaining(p, s.rules)
+	v.Remaining, _ = st.Remaining(p, s.rules)
 	return v
 }
 
@@ -163,8 +164,8 @@ func (a *Agent) History(ctx context.Context, name, from, to string) ([]view.Day,
 			days[h.Day] = view.Day{Day: h.Day, Up: h.Up, Down: h.Down}
 		}
 	}
-	if in(r.st.Day) {
-		days[r.st.Day] = view.Day{Day: r.st.Day, Up: r.st.Today.Up, Down: r.st.Today.Down}
+	if in(r.day) {
+		days[r.day] = view.Day{Day: r.day, Up: r.today.Up, Down: r.today.Down}
 	}
 	out := make([]view.Day, 0, len(days))
 	for _, d := range days {

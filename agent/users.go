@@ -7,6 +7,7 @@ import (
 	"os"
 	"syscall"
 	"time"
+	"unique"
 
 	"github.com/myvpn/bwagent/bpf"
 	pw "github.com/myvpn/bwagent/internal/passwd"
@@ -23,18 +24,96 @@ import (
 // (a UID), an Xray client (an email), or both (the same customer sold
 // both): every source counts against the one limit, and a block stops all
 // of them.
+//
+// A record is small (96 bytes), since there is one per user and a new one
+// for each user whose usage moved in a tick: it holds what differs from
+// user to user and moves every tick (the usage), and a handle on its
+// terms, everything else, which seldom changes and which many users share.
 type record struct {
 	name    string
-	proto   quota.Protocol // ssh for an SSH account, else the Xray client's protocol
-	xproto  quota.Protocol // the Xray client's protocol while the user is one, else ""
-	uid     uint32         // the SSH account's
-	gen     uint32         // the publication this record was created after
-	st      quota.State
-	plan    quota.Plan    // from the limits file
-	updated quota.Instant // last change of usage or state
-	ssh     bool          // an account in the passwd file right now
-	xray    bool          // a client in Xray's config right now
+	day     string      // the local day today belongs to (quota.State.Day)
+	total   quota.Usage // quota.State.Total
+	today   quota.Usage // quota.State.Today
+	updated quota.Instant
+	uid     uint32 // the SSH account's
+	gen     uint32 // the publication this record was created after
+	ssh     bool   // an account in the passwd file right now
+	xray    bool   // a client in Xray's config right now
+	t       unique.Handle[terms]
 }
+
+// terms are the parts of a record that seldom change: the protocols, the
+// plan and the state besides the usage. They are interned (package unique):
+// users with equal terms (the same plan, not blocked, not reset by hand)
+// share one copy, which the runtime frees once no record holds it.
+type terms struct {
+	proto  quota.Protocol // ssh for an SSH account, else the Xray client's protocol
+	xproto quota.Protocol // the Xray client's protocol while the user is one, else ""
+	plan   quota.Plan     // from the limits file
+	st     quota.State    // Total, Day and Today zero: they are in the record
+}
+
+// noTerms is the terms of a new user.
+var noTerms = unique.Make(terms{})
+
+// terms returns r's terms.
+func (r *record) terms() terms { return r.t.Value() }
+
+func (r *record) proto() quota.Protocol  { return r.t.Value().proto }
+func (r *record) xproto() quota.Protocol { return r.t.Value().xproto }
+func (r *record) plan() quota.Plan       { return r.t.Value().plan }
+
+// state returns r's whole accounting state.
+func (r *record) state() quota.State {
+	st := r.t.Value().st
+	st.Total, st.Day, st.Today = r.total, r.day, r.today
+	return st
+}
+
+// blocked reports whether the user is blocked (for the limit, an expiry or
+// by an administrator).
+func (r *record) blocked() bool { return r.t.Value().st.Blocked }
+
+// setTerms makes t r's terms, r being a record the loop may write.
+func (r *record) setTerms(t terms) {
+	if t != r.t.Value() {
+		r.t = unique.Make(t)
+	}
+}
+
+// setState makes st r's accounting state, r being a record the loop may
+// write.
+func (r *record) setState(st quota.State) {
+	r.total, r.day, r.today = st.Total, st.Day, st.Today
+	st.Total, st.Day, st.Today = quota.Usage{}, "", quota.Usage{}
+	t := r.terms()
+	t.st = st
+	r.setTerms(t)
+}
+
+// setPlan makes p r's plan, r being a record the loop may write.
+func (r *record) setPlan(p quota.Plan) {
+	t := r.terms()
+	t.plan = p
+	r.setTerms(t)
+}
+
+// setProtos sets r's Xray protocol and derives its main one, r being a
+// record the loop may write.
+func (r *record) setProtos(xproto quota.Protocol) {
+	t := r.terms()
+	t.xproto = xproto
+	t.proto = r.mainProtoOf(t)
+	r.setTerms(t)
+}
+
+// usage returns r's usage as a state holding only it, for charging.
+func (r *record) usage() quota.State {
+	return quota.State{Total: r.total, Day: r.day, Today: r.today}
+}
+
+// setUsage sets r's usage from st, r being a record the loop may write.
+func (r *record) setUsage(st quota.State) { r.total, r.day, r.today = st.Total, st.Day, st.Today }
 
 // present reports whether the user has a source now: an account or an
 // Xray client.
@@ -47,21 +126,21 @@ func (r *record) protocols() []quota.Protocol {
 		ps = append(ps, quota.SSH)
 	}
 	if r.xray {
-		ps = append(ps, r.xproto)
+		ps = append(ps, r.xproto())
 	}
 	return ps
 }
 
-// mainProto is the protocol a user is shown and logged with: ssh while it
-// has an account, else its Xray protocol (or the last it had).
-func (r *record) mainProto() quota.Protocol {
+// mainProtoOf is the protocol a user with terms t is shown and logged with:
+// ssh while it has an account, else its Xray protocol (or the last it had).
+func (r *record) mainProtoOf(t terms) quota.Protocol {
 	switch {
 	case r.ssh:
 		return quota.SSH
 	case r.xray:
-		return r.xproto
+		return t.xproto
 	}
-	return r.proto // gone from every source: as it was last
+	return t.proto // gone from every source: as it was last
 }
 
 // user is the loop's handle on one user: its current record and the loop's
@@ -69,11 +148,12 @@ func (r *record) mainProto() quota.Protocol {
 type user struct {
 	r *record
 
-	// status is the status last decided for r: a change is recorded.
-	status quota.Status
-
 	anchor    anchor // kernel budget granted (SSH users)
 	hasAnchor bool
+
+	// status is the status last decided for r (an index into statuses; 0
+	// none yet): a change is recorded.
+	status uint8
 
 	queued bool      // in this tick's evaluation queue
 	dirty  bool      // the state row must be committed
@@ -104,7 +184,9 @@ const (
 // newUser adds a user to the table, with the limits line its name may
 // already have.
 func (a *Agent) newUser(name string, proto quota.Protocol) *user {
-	u := &user{r: &record{name: name, proto: proto, plan: a.plans[name], gen: a.pub.gen}}
+	r := &record{name: name, gen: a.pub.gen, t: noTerms}
+	r.setTerms(terms{proto: proto, plan: a.plans[name]})
+	u := &user{r: r}
 	delete(a.plans, name)
 	a.users[name] = u
 	a.pub.changed, a.pub.membership = true, true
@@ -122,7 +204,7 @@ func (a *Agent) dropUser(u *user) {
 	a.xr.dropBaseline(r.name, &a.rec)
 	delete(a.notes.threshold, r.name) // nil maps before the first tick: a no-op
 	delete(a.notes.expiring, r.name)
-	a.log.Info("user forgotten: gone longer than the retention", "user", r.name, "protocol", r.proto,
+	a.log.Info("user forgotten: gone longer than the retention", "user", r.name, "protocol", r.proto(),
 		"last_seen", r.updated.Time().In(a.loc).Format(time.DateTime), "retention", a.cfg.Retention)
 }
 
@@ -143,8 +225,8 @@ func (a *Agent) expire(now time.Time) {
 		}
 		sshKnown := a.passwdStamp.valid || !a.cfg.SSH.Enabled
 		xrayKnown := a.xr.conf != nil || !a.cfg.Xray.Enabled
-		switch {
-		case r.proto == quota.SSH && !sshKnown, (r.proto.Xray() || r.xproto != "") && !xrayKnown, r.proto == "" && !(sshKnown && xrayKnown):
+		switch t := r.terms(); {
+		case t.proto == quota.SSH && !sshKnown, (t.proto.Xray() || t.xproto != "") && !xrayKnown, t.proto == "" && !(sshKnown && xrayKnown):
 			continue
 		}
 		a.dropUser(u)
@@ -210,7 +292,7 @@ func (a *Agent) loadAccounts(now time.Time) error {
 			a.touch(u, now, jsonUrgent)
 		case u.r.xray && !u.r.ssh:
 			a.log.Info("an SSH account has the name of an Xray client: one user, one limit, counted from both",
-				"name", ac.Name, "protocols", "ssh+"+string(u.r.xproto))
+				"name", ac.Name, "protocols", "ssh+"+string(u.r.xproto()))
 		}
 		if prev := a.byUID[ac.UID]; prev != nil && prev != u {
 			a.log.Warn("UID changed owner: its usage and blocks are now the new account's", "uid", ac.UID,
@@ -222,7 +304,7 @@ func (a *Agent) loadAccounts(now time.Time) error {
 			}
 			w := a.edit(u)
 			w.uid, w.ssh = ac.UID, true
-			w.proto = w.mainProto()
+			w.setProtos(w.xproto())
 			u.hasAnchor = false
 			a.touch(u, now, jsonUrgent)
 			a.queue(u)
@@ -246,7 +328,7 @@ func (a *Agent) loadAccounts(now time.Time) error {
 func (a *Agent) leaveSSH(u *user, now time.Time) {
 	w := a.edit(u)
 	w.ssh = false
-	w.proto = w.mainProto()
+	w.setProtos(w.xproto())
 	u.hasAnchor = false
 	if a.byUID[w.uid] == u {
 		delete(a.byUID, w.uid)
@@ -259,7 +341,7 @@ func (a *Agent) leaveSSH(u *user, now time.Time) {
 func (a *Agent) leaveXray(u *user, now time.Time) {
 	w := a.edit(u)
 	w.xray = false
-	w.proto = w.mainProto()
+	w.setProtos(w.xproto())
 	a.markersDirty = true
 	a.left(u, now)
 }
@@ -309,8 +391,8 @@ func (a *Agent) loadLimits(now time.Time) error {
 	// Each user keeps its plan; a.plans keeps only the lines of names that
 	// are no user yet (an account created later takes its line then).
 	for name, u := range a.users {
-		if p := plans[name]; u.r.plan != p {
-			a.edit(u).plan = p
+		if p := plans[name]; u.r.plan() != p {
+			a.edit(u).setPlan(p)
 			a.touch(u, now, jsonUrgent)
 			a.queue(u)
 		}

@@ -261,10 +261,10 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 			a.log.Info("an Xray client has the name of an SSH account: one user, one limit, counted from both",
 				"name", email, "protocols", "ssh+"+string(xus[0].Protocol))
 		}
-		if r := u.r; !r.xray || r.xproto != xus[0].Protocol {
+		if r := u.r; !r.xray || r.xproto() != xus[0].Protocol {
 			w := a.edit(u)
-			w.xray, w.xproto = true, xus[0].Protocol
-			w.proto = w.mainProto()
+			w.xray = true
+			w.setProtos(xus[0].Protocol)
 			a.touch(u, now, jsonUrgent)
 			a.markersDirty = true
 		}
@@ -300,13 +300,13 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 			continue
 		}
 		switch {
-		case u.r.st.Blocked && !a.xr.removed[email]:
+		case u.r.blocked() && !a.xr.removed[email]:
 			if err := a.removeXrayUser(cctx, email, xus); err != nil {
 				errs = append(errs, err)
 				continue
 			}
 			a.xr.removed[email] = true
-		case !u.r.st.Blocked && a.xr.removed[email]:
+		case !u.r.blocked() && a.xr.removed[email]:
 			if err := a.addXrayUser(cctx, email, xus); err != nil {
 				errs = append(errs, err)
 				continue
@@ -382,7 +382,7 @@ func (a *Agent) cutXrayUser(ctx context.Context, email string, ports []uint16) {
 		if other == email || a.xr.removed[other] {
 			continue
 		}
-		if u := a.users[other]; u != nil && u.r.st.Blocked {
+		if u := a.users[other]; u != nil && u.r.blocked() {
 			continue
 		}
 		for ip := range ips {
@@ -428,7 +428,7 @@ func (a *Agent) onlineUsers(ctx context.Context, email string) (map[string]map[s
 			if a.xr.removed[other] {
 				continue
 			}
-			if u := a.users[other]; u == nil || u.r.st.Blocked || u.r.updated < recent {
+			if u := a.users[other]; u == nil || u.r.blocked() || u.r.updated < recent {
 				continue
 			}
 		}

@@ -1112,3 +1112,43 @@ func TestDropUsers(t *testing.T) {
 		t.Errorf("bob's history after drop and upsert: %+v, %v", hs, err)
 	}
 }
+
+// rowList is a UserRows over a slice, counting the rows rendered.
+type rowList struct {
+	us       []User
+	rendered *int
+}
+
+func (l rowList) Len() int           { return len(l.us) }
+func (l rowList) Name(i int) string  { return l.us[i].Name }
+func (l rowList) Row(i int, u *User) { *l.rendered++; *u = l.us[i] }
+
+// TestUserRows: rows rendered one at a time are written as whole rows, after
+// Users, so a name in both ends up with its UserRows row; a batch of only
+// UserRows is not empty.
+func TestUserRows(t *testing.T) {
+	s := openTest(t)
+	t0 := time.Date(2026, 3, 14, 12, 0, 0, 0, time.UTC)
+	var n int
+	rows := rowList{rendered: &n, us: []User{
+		{Name: "carol", Protocol: "vless", Up: 3, Day: "2026-03-14", DayUp: 3, UpdatedAt: t0},
+		{Name: "alice", Protocol: "ssh", UID: 1001, Up: 5, Down: 6, Blocked: true, BlockReason: "Expired", BlockTime: t0,
+			Schedule: "daily", NextReset: t0.Add(time.Hour), UpdatedAt: t0},
+	}}
+	if (&Batch{UserRows: rows}).Empty() {
+		t.Fatal("a batch of UserRows is empty")
+	}
+	commit(t, s, &Batch{Users: []User{{Name: "alice", Protocol: "ssh", UID: 1001, Up: 1}, {Name: "bob", Protocol: "ssh", UID: 1002, Up: 7}},
+		UserRows: rows})
+	if n != 2 {
+		t.Errorf("%d rows rendered, want 2", n)
+	}
+	want := []User{stored(rows.us[1]), {Name: "bob", Protocol: "ssh", UID: 1002, Up: 7}, stored(rows.us[0])}
+	if got := users(t, s); !reflect.DeepEqual(got, want) {
+		t.Errorf("users:\n got %+v\nwant %+v", got, want)
+	}
+	commit(t, s, &Batch{DropUsers: []string{"carol"}, UserRows: rowList{rendered: &n, us: []User{{Name: "carol", Protocol: "ssh", UID: 5}}}})
+	if got := users(t, s); len(got) != 3 || got[2].Name != "carol" || got[2].UID != 5 {
+		t.Errorf("carol dropped and upserted as a UserRows row: %+v", got)
+	}
+}
