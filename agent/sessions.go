@@ -276,19 +276,38 @@ func (a *Agent) watchProcesses(ctx context.Context) {
 }
 
 // watchOnce runs one subscription to the process events.
+//
+// A fork of a root server process is a new connection's process; so are
+// that one's own forks (OpenSSH's monitor forks the process that runs as
+// the user), which can come before the loop has made the first one known:
+// the watcher follows that one step itself.
 func (a *Agent) watchOnce(ctx context.Context) error {
+	forwarded := make(map[uint32]bool) // forks forwarded: new connections' processes
 	return sshsess.WatchProcesses(ctx, func(ev sshsess.ProcEvent) {
 		a.sess.watching.Store(true)
 		known := a.sess.known.Load()
 		if known == nil {
 			return
 		}
-		if ev.Exec || ev.Exit {
+		switch {
+		case ev.Exit:
+			delete(forwarded, ev.PID)
 			if _, ok := (*known)[ev.PID]; !ok {
 				return
 			}
-		} else if !(*known)[ev.Parent] {
-			return // only a root server process's fork is a new connection
+		case ev.Exec:
+			if _, ok := (*known)[ev.PID]; !ok {
+				return
+			}
+		case (*known)[ev.Parent]:
+			if len(forwarded) >= 1<<16 {
+				clear(forwarded) // exits lost: start over
+			}
+			forwarded[ev.PID] = true
+		case forwarded[ev.Parent]:
+			// one step further only: not the shells of sessions
+		default:
+			return
 		}
 		select {
 		case a.sess.events <- ev:

@@ -28,16 +28,45 @@ import (
 // need one, and uid resolves a login's user name. Errors of single
 // processes are in Result.Problems; the error is for the scan as a whole.
 func (t *Tracker) Scan(logins map[int]Login, uid func(name string) (uint32, bool)) (Result, error) {
+	return t.scan(logins, uid, true)
+}
+
+// Refresh is Scan for the processes that appeared since the last Scan or
+// Refresh only: it lists /proc but reads no entry of a process it has seen
+// before, which makes it cheap enough for every tick of a caller that
+// follows the process events (WatchProcesses: Adopt, Exec, Exited) and
+// scans in full now and then. What it misses (a process seen before that
+// ran a server program since without an exec event) the next Scan finds.
+func (t *Tracker) Refresh(logins map[int]Login, uid func(name string) (uint32, bool)) (Result, error) {
+	return t.scan(logins, uid, false)
+}
+
+// scan is Scan, or Refresh if full is false.
+func (t *Tracker) scan(logins map[int]Login, uid func(name string) (uint32, bool), full bool) (Result, error) {
 	var res Result
 	ids, names := t.programs()
-	entries, err := os.ReadDir(t.cfg.Proc)
+	dir, err := os.Open(t.cfg.Proc)
+	if err != nil {
+		return res, fmt.Errorf("list processes: %w", err)
+	}
+	entries, err := dir.Readdirnames(-1)
+	dir.Close()
 	if err != nil {
 		return res, fmt.Errorf("list processes: %w", err)
 	}
 	seen := make(map[int]bool, len(t.procs))
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
+	walked := make(map[int]struct{}, len(entries))
+	for _, name := range entries {
+		pid, err := strconv.Atoi(name)
 		if err != nil || pid <= 0 {
+			continue
+		}
+		walked[pid] = struct{}{}
+		if _, before := t.walked[pid]; before && !full && t.procs[pid] == nil {
+			continue // judged at an earlier walk: no server
+		}
+		if !full && t.procs[pid] != nil {
+			seen[pid] = true // known: its events tell of it
 			continue
 		}
 		comm, start, ok := t.stat(pid)
@@ -62,8 +91,9 @@ func (t *Tracker) Scan(logins map[int]Login, uid func(name string) (uint32, bool
 		}
 		seen[pid] = true
 	}
+	t.walked = walked
 	for pid := range t.procs {
-		if !seen[pid] {
+		if _, alive := walked[pid]; !alive || full && !seen[pid] {
 			t.forget(pid)
 		}
 	}
@@ -73,16 +103,6 @@ func (t *Tracker) Scan(logins map[int]Login, uid func(name string) (uint32, bool
 		return res, err
 	}
 	return res, nil
-}
-
-// Refresh is Scan without the look at every process: it attributes what
-// it can among the server processes the Tracker knows and keeps the
-// kernel's registrations. A caller that follows the process events
-// (WatchProcesses: Adopt, Exec, Exited) refreshes at each tick and scans
-// now and then, which costs a /proc read of every process on the host.
-func (t *Tracker) Refresh(logins map[int]Login, uid func(name string) (uint32, bool)) (Result, error) {
-	res := t.attachAll(Result{Servers: len(t.procs)}, logins, uid, false)
-	return res, t.register()
 }
 
 // Exited forgets a process that ended, and reports whether it was a

@@ -144,10 +144,11 @@ func New(cfg Config, k Kernel) (*Tracker, error) {
 type Tracker struct {
 	cfg      Config
 	k        Kernel
-	procs    map[int]*proc   // every server process, by PID
-	sessions map[int]Session // attributed sessions, by PID
-	ports    []uint16        // the listening ports the kernel was given, sorted
-	proven   map[uint16]bool // ports a session was attributed on
+	procs    map[int]*proc    // every server process, by PID
+	sessions map[int]Session  // attributed sessions, by PID
+	ports    []uint16         // the listening ports the kernel was given, sorted
+	proven   map[uint16]bool  // ports a session was attributed on
+	walked   map[int]struct{} // the PIDs in /proc at the last scan
 }
 
 // proc is what a Tracker knows of one server process.
