@@ -16,7 +16,7 @@
 //   - learns each session process's user: the UID it runs as (OpenSSH's
 //     session process, Dropbear 2025.89 and later), or, for a session process
 //     that stays root (older Dropbear), the login its server logged (see
-//     AuthLog), checked against the session's client address;
+//     AuthLog and Journal), checked against the session's client address;
 //   - takes the session's connection from the process (pidfd_getfd) and
 //     attributes it to the user (Kernel.Attribute): from its next packet on it
 //     is counted, budgeted and blocked as the user's; the bytes it moved

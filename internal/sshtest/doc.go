@@ -9,7 +9,8 @@
 // [Server.Fetch]).
 // Each server has a TCP sink in its network namespace that a tunnel's
 // connections reach (xraytest's sink: see [Session.Transfer] and
-// [Session.Stream]).
+// [Session.Stream]). A Dropbear server can log through syslog to a journald
+// of the test's own instead of its standard error (see [StartJournal]).
 //
 // It is the ground the tests of SSH accounting stand on: which sockets an
 // SSH login creates, which UID and which cgroup each belongs to, which
