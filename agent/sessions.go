@@ -43,15 +43,16 @@ type sessionSide struct {
 	lost     atomic.Bool
 
 	// Owned by the loop.
-	k       SessionKernel
-	tr      *sshsess.Tracker
-	servers []string               // the programs tr was made for
-	logs    map[string]loginSource // by ssh.auth_logs entry
-	logins  map[int]loggedLogin
-	live    map[int]sshsess.Session // the last scan's sessions
-	result  sshsess.Result
-	scanIn  int    // ticks to the next look at every process, while the watcher works
-	held    uint64 // the kernel's count of held login packets at the last tick
+	k        SessionKernel
+	tr       *sshsess.Tracker
+	servers  []string               // the programs tr was made for
+	logs     map[string]loginSource // by ssh.auth_logs entry
+	logins   map[int]loggedLogin
+	live     map[int]sshsess.Session // the last scan's sessions
+	result   sshsess.Result
+	scanIn   int    // ticks to the next look at every process, while the watcher works
+	held     uint64 // the kernel's count of held login packets at the last tick
+	knownGen uint64 // the Tracker's generation of the known map published
 }
 
 // sessionScanTicks is how often a tick looks at every process on the host
@@ -166,9 +167,19 @@ func (a *Agent) takeSessions(res sshsess.Result) error {
 	for uid := range cut {
 		errs = append(errs, a.cutSessions(uid))
 	}
-	known := s.tr.Known()
-	s.known.Store(&known)
+	a.publishKnown()
 	return errors.Join(errs...)
+}
+
+// publishKnown gives the process watcher the server processes, when they
+// changed.
+func (a *Agent) publishKnown() {
+	s := &a.sess
+	if g := s.tr.Generation(); g != s.knownGen || s.known.Load() == nil {
+		known := s.tr.Known()
+		s.known.Store(&known)
+		s.knownGen = g
+	}
 }
 
 // pollInterval is how often the sessions of logins under way are looked
@@ -229,12 +240,8 @@ func (a *Agent) sessionProcess(ev sshsess.ProcEvent, now time.Time) {
 	case ev.Exec:
 		err = s.tr.Exec(int(ev.PID))
 	default:
-		var added bool
-		added, err = s.tr.Adopt(int(ev.PID))
-		if added {
-			known := s.tr.Known()
-			s.known.Store(&known)
-		}
+		_, err = s.tr.Adopt(int(ev.PID))
+		a.publishKnown()
 	}
 	if err != nil {
 		a.log.Warn("SSH server process not followed", "pid", ev.PID, "err", err)

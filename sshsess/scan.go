@@ -150,6 +150,7 @@ func (t *Tracker) newProc(pid int, start uint64, program string) *proc {
 	uid, ok := t.uidOf(pid)
 	p := &proc{seen: t.cfg.Now(), start: start, netns: t.netns(pid), root: ok && uid == 0,
 		byLog: filepath.Base(program) == "dropbear"}
+	t.gen++
 	t.procs[pid] = p
 	return p
 }
@@ -278,6 +279,7 @@ func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name stri
 func (t *Tracker) forget(pid int) {
 	delete(t.procs, pid)
 	delete(t.sessions, pid)
+	t.gen++
 }
 
 // register makes the kernel's set of server processes the session
@@ -600,6 +602,9 @@ func (t *Tracker) cut(pid int, s Session) (bool, error) {
 	n, err := h.Destroy([]sockkill.Conn{*conn})
 	return n > 0, err
 }
+
+// Generation changes whenever the set Known returns does.
+func (t *Tracker) Generation() uint64 { return t.gen }
 
 // Known returns the server processes the Tracker knows, by PID, whose execs
 // it wants to hear of (Exec); those that run as root map to true: their

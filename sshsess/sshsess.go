@@ -149,6 +149,7 @@ type Tracker struct {
 	ports    []uint16         // the listening ports the kernel was given, sorted
 	proven   map[uint16]bool  // ports a session was attributed on
 	walked   map[int]struct{} // the PIDs in /proc at the last scan
+	gen      uint64           // changes with procs: see Generation
 }
 
 // proc is what a Tracker knows of one server process.
