@@ -90,7 +90,7 @@ func TestPendingConnections(t *testing.T) {
 		if recv > 64<<10 {
 			t.Errorf("a pending connection received %d bytes in its first second, want at most 64 KiB", recv)
 		}
-		if _, got := done(t, c); got != down {
+		if _, got := c.Done(t); got != down {
 			t.Fatalf("received %d bytes, want %d", got, down)
 		}
 		if took := time.Since(start); took < 4*time.Second {
@@ -124,7 +124,7 @@ func TestPendingConnections(t *testing.T) {
 		if err := e.dp.Credit(user, moved); err != nil {
 			t.Fatal(err)
 		}
-		if _, got := done(t, c); got != down {
+		if _, got := c.Done(t); got != down {
 			t.Fatalf("received %d bytes, want %d", got, down)
 		}
 		if took := time.Since(start); took > 3*time.Second {

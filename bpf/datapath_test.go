@@ -99,15 +99,6 @@ func (e *env) counters(t *testing.T, uid uint32) bpf.Counters {
 	return all[uid]
 }
 
-func done(t *testing.T, p *nettest.Proc) (sent, recv uint64) {
-	t.Helper()
-	sent, recv, err := nettest.ParseDone(p.Expect(t, "DONE", 30*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return sent, recv
-}
-
 // setPolicy writes one UID's policy through the agent's write path.
 func setPolicy(t *testing.T, dp *bpf.Datapath, uid uint32, p bpf.Policy) {
 	t.Helper()
@@ -171,8 +162,8 @@ func TestCountsPerUID(t *testing.T) {
 			addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 			const up, down = 8 << 20, 3 << 20
 			cli := e.start(t, false, client, "tcp-client", addr, fmt.Sprint(up), fmt.Sprint(down))
-			cs, cr := done(t, cli)
-			ss, sr := done(t, srv)
+			cs, cr := cli.Done(t)
+			ss, sr := srv.Done(t)
 			if cs != up || cr != down || ss != down || sr != up {
 				t.Fatalf("transfer incomplete: client %d/%d server %d/%d", cs, cr, ss, sr)
 			}
@@ -192,8 +183,8 @@ func TestCountsPerUID(t *testing.T) {
 			addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 			const count, size = 3000, 1000
 			cli := e.start(t, false, client, "udp-client", addr, fmt.Sprint(count), fmt.Sprint(size))
-			cs, cr := done(t, cli)
-			ss, sr := done(t, srv)
+			cs, cr := cli.Done(t)
+			ss, sr := srv.Done(t)
 			wire := func(payload uint64) uint64 { return payload / size * (size + fam.ipHdr + 8) }
 			c, s := e.counters(t, client), e.counters(t, server)
 			t.Logf("client sent %d received %d, counted %+v", cs, cr, c)
@@ -295,7 +286,7 @@ func TestBlockStopsBothDirections(t *testing.T) {
 		t.Errorf("unblocked stream did not resume")
 	}
 	ok := e.start(t, false, victim, "tcp-client", addr, "1000", "1000")
-	if s, r := done(t, ok); s != 1000 || r != 1000 {
+	if s, r := ok.Done(t); s != 1000 || r != 1000 {
 		t.Errorf("new connection after unblock moved %d/%d", s, r)
 	}
 }
@@ -313,7 +304,7 @@ func TestBlockHighUID(t *testing.T) {
 		t.Errorf("blocked UID %d sent: %v %q", user, err, c.Last())
 	}
 	block(t, e.dp, user, false)
-	done(t, e.start(t, false, user, "udp-client", addr, "10", "100"))
+	e.start(t, false, user, "udp-client", addr, "10", "100").Done(t)
 }
 
 // Test 3: a budget of B bytes lets at most B bytes through, however fast
@@ -327,7 +318,7 @@ func TestQuotaIsExact(t *testing.T) {
 		srv := e.start(t, true, server, "tcp-serve", listenAddr(e.net.B4))
 		addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 		cli := e.start(t, false, user, "tcp-client", addr, fmt.Sprint(10*budget), "0", "3s")
-		sent, _ := done(t, cli)
+		sent, _ := cli.Done(t)
 		cli.Wait(5 * time.Second)
 		// The client's FIN is over budget too: the server never sees the
 		// end, so take its last progress line.
@@ -362,7 +353,7 @@ func TestQuotaIsExact(t *testing.T) {
 		// 10 x budget as fast as it goes; sends fail once the budget is spent.
 		cli := e.start(t, false, user, "udp-client", addr, fmt.Sprint(10*budget/1000), "1000")
 		cli.Wait(30 * time.Second)
-		_, got := done(t, srv)
+		_, got := srv.Done(t)
 		c := e.counters(t, user)
 		t.Logf("server got %d, counted %+v", got, c)
 		if c.TxBytes > budget || got > budget {
@@ -402,8 +393,8 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	udp := func() {
 		srv := e.start(t, true, server, "udp-echo", listenAddr(e.net.B4))
 		addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
-		done(t, e.start(t, false, user, "udp-client", addr, "100", "500"))
-		done(t, srv)
+		e.start(t, false, user, "udp-client", addr, "100", "500").Done(t)
+		srv.Done(t)
 	}
 	udp()
 	before := e.counters(t, user)
@@ -806,7 +797,7 @@ func TestUninstall(t *testing.T) {
 	const user, server = 2601, 2602
 	srv := e.start(t, true, server, "udp-echo", listenAddr(e.net.B4))
 	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
-	done(t, e.start(t, false, user, "udp-client", addr, "10", "100"))
+	e.start(t, false, user, "udp-client", addr, "10", "100").Done(t)
 	if e.counters(t, user).TxPackets != 10 {
 		t.Fatalf("traffic not counted: %+v", e.counters(t, user))
 	}

@@ -81,17 +81,8 @@ func TestNameIsNotAServer(t *testing.T) {
 		}
 	}
 	counted := f.total(t, a.UID)
-	if _, got := done(t, p); got < down {
+	if _, got := p.Done(t); got < down {
 		t.Fatalf("fake sshd downloaded %d bytes", got)
 	}
 	within(t, "the fake sshd's download", f.total(t, a.UID)-counted, down)
-}
-
-func done(t *testing.T, p *nettest.Proc) (sent, recv uint64) {
-	t.Helper()
-	sent, recv, err := nettest.ParseDone(p.Expect(t, "DONE", 30*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return sent, recv
 }

@@ -218,6 +218,17 @@ func (p *Proc) Expect(t testing.TB, prefix string, timeout time.Duration) string
 	}
 }
 
+// Done waits up to 30 s for a traffic helper's "DONE sent received" line
+// and returns its payload bytes each way.
+func (p *Proc) Done(t testing.TB) (sent, received uint64) {
+	t.Helper()
+	sent, received, err := ParseDone(p.Expect(t, "DONE", 30*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sent, received
+}
+
 // Wait waits for the helper to exit and returns its exit error.
 func (p *Proc) Wait(timeout time.Duration) error {
 	select {
