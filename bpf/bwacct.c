@@ -28,10 +28,13 @@
 // it is a forwarded connection of a session, whose bytes are counted on the
 // session's own socket and must not be counted again. The packet programs look
 // bw_sock up only for sockets of UID 0 and of UIDs marked in bw_tagged, so other
-// packets pay one array read. A third program (cgroup/sock_create) tags the
-// sockets that a registered SSH server process (bw_servers) creates while it
-// runs as a user: the forwarded connections of OpenSSH and of Dropbear 2025.89
-// and later.
+// packets pay one array read. A cgroup/sock_create program tags the sockets
+// that a registered SSH session process (bw_servers) creates while it runs as
+// a user: the forwarded connections of OpenSSH and of Dropbear 2025.89 and
+// later. A sockops program makes each connection accepted on an SSH port
+// (bw_ssh_ports) pending: held after its first 64 KiB until the agent has
+// attributed it, so that a login moves next to nothing before its user's
+// limit and block apply.
 //
 // The Go side (maps.go, attrib.go) owns bw_policy, bw_policy_bits and
 // bw_servers; the kernel owns bw_counters, bw_quota_used and bw_stats; both
@@ -204,8 +207,8 @@ struct {
 } bw_tagged SEC(".maps");
 
 // bw_credit holds, per UID, bytes that the UID's attributed sockets moved
-// before they were attributed, as the agent found them (the sockets' own TCP
-// counters). Only the agent writes it and the programs never read it: the
+// before they were attributed, as the agent found them (what a pending
+// connection kept in its entry, or a socket's own TCP counters). Only the agent writes it and the programs never read it: the
 // agent adds it to the UID's counters when it reads them.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -215,9 +218,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bw_credit SEC(".maps");
 
-// bw_servers holds the thread group IDs of the SSH server processes the agent
-// found (by their executable, never by a name a user can choose): the
-// listeners and their session processes.
+// bw_servers holds the thread group IDs of the SSH session processes the
+// agent found running as one of its users (by their executable, never by a
+// name a user can choose).
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
