@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 )
 
 // Journal follows the systemd journal for Dropbear's logins, as AuthLog
@@ -29,7 +30,12 @@ type Journal struct {
 	logins  []Login
 	err     error // why the last journalctl ended
 	skipped int
+	started time.Time // when journalctl was last started
 }
+
+// restartEvery bounds how often a journalctl that keeps ending is started
+// again: Read runs every few milliseconds while logins are under way.
+const restartEvery = 5 * time.Second
 
 // maxQueued bounds the logins a Journal holds between two Reads.
 const maxQueued = 4096
@@ -49,7 +55,8 @@ func (j *Journal) socketPath() string {
 
 // Read returns the logins the journal received since the last Read. The
 // first Read starts following it from now on; a journalctl that ended is
-// started again (what was logged in between is not read). A system without
+// started again, at most every 5 s (what was logged in between is not
+// read). A system without
 // a journal, or without journalctl, has nothing to read: no error.
 func (j *Journal) Read() ([]Login, error) {
 	j.mu.Lock()
@@ -63,8 +70,9 @@ func (j *Journal) Read() ([]Login, error) {
 		}
 	}
 	var err error
-	if !running {
+	if !running && time.Since(j.started) >= restartEvery {
 		err, j.err = j.err, nil
+		j.started = time.Now()
 		if serr := j.start(); serr != nil {
 			err = serr
 		}
