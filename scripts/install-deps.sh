@@ -29,7 +29,7 @@ if [ "${1:-}" = "--test" ]; then
 		openssh-client  # ssh and scp, the users' client
 		dropbear-bin    # a Dropbear server next to OpenSSH's (Debian 12: 2022.83)
 		sshpass         # password logins of OpenSSH's client
-		systemd         # systemd-analyze: verify the unit, expand its system call filter
+		systemd         # systemd-analyze (the unit, its system call filter); journald and journalctl (Dropbear logins from the journal)
 		strace          # the agent's system calls checked against that filter
 	)
 fi
