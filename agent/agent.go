@@ -350,7 +350,7 @@ func (a *Agent) tick() {
 		Errors: a.logs.errors(),
 		Kernel: view.KernelStats{DroppedBlocked: st.DroppedBlocked, DroppedQuota: st.DroppedQuota,
 			CountersFull: st.CountersFull, QuotaFull: st.QuotaFull,
-			SSHSessions: uint64(len(a.sess.live)), SSHHeld: st.SSHHeld, SSHUnattributed: st.SSHUnattributed,
+			SSHSessions: uint64(a.sessionCount()), SSHHeld: st.SSHHeld, SSHUnattributed: st.SSHUnattributed,
 			SSHNeverAttributed: st.SSHReleased}}
 	h.Components = a.components(h.Errors)
 	a.health.Store(h)

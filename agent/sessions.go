@@ -48,8 +48,6 @@ type sessionSide struct {
 	servers  []string               // the programs tr was made for
 	logs     map[string]loginSource // by ssh.auth_logs entry
 	logins   map[int]loggedLogin
-	live     map[int]sshsess.Session // the last scan's sessions
-	result   sshsess.Result
 	scanIn   int    // ticks to the next look at every process, while the watcher works
 	held     uint64 // the kernel's count of held login packets at the last tick
 	knownGen uint64 // the Tracker's generation of the known map published
@@ -163,7 +161,6 @@ func (a *Agent) takeSessions(res sshsess.Result) error {
 			cut[n.UID] = true
 		}
 	}
-	s.live, s.result = res.Sessions, res
 	for uid := range cut {
 		errs = append(errs, a.cutSessions(uid))
 	}
@@ -235,7 +232,6 @@ func (a *Agent) sessionProcess(ev sshsess.ProcEvent, now time.Time) {
 		if s.tr.Exited(int(ev.PID)) {
 			s.lost.Store(true) // a server stopped: look for its next listener
 		}
-		delete(s.live, int(ev.PID))
 		return
 	case ev.Exec:
 		err = s.tr.Exec(int(ev.PID))
@@ -329,7 +325,6 @@ func (a *Agent) watchOnce(ctx context.Context) error {
 // not come. Sessions attributed so far go on counting for their users.
 func (a *Agent) stopSessions() error {
 	s := &a.sess
-	s.live, s.result = nil, sshsess.Result{}
 	s.known.Store(nil)
 	for path, l := range s.logs {
 		l.Close()
@@ -385,12 +380,16 @@ func (a *Agent) readAuthLogs(now time.Time) error {
 func (a *Agent) enforceSessions() error {
 	var errs []error
 	done := make(map[uint32]bool)
-	for _, s := range a.sess.live {
-		if done[s.UID] || !a.kernel.policy[s.UID].Blocked {
-			continue
+	if a.sess.tr == nil {
+		return nil
+	}
+	a.sess.tr.EachSession(func(s sshsess.Session) {
+		if a.kernel.policy[s.UID].Blocked {
+			done[s.UID] = true
 		}
-		done[s.UID] = true
-		errs = append(errs, a.cutSessions(s.UID))
+	})
+	for uid := range done {
+		errs = append(errs, a.cutSessions(uid))
 	}
 	return errors.Join(errs...)
 }
@@ -405,12 +404,15 @@ func (a *Agent) cutSessions(uid uint32) error {
 		}
 		a.log.Info("blocked user's SSH sessions cut", "user", name, "sessions", n)
 	}
-	for pid, s := range a.sess.live {
-		if s.UID == uid {
-			delete(a.sess.live, pid)
-		}
-	}
 	return err
+}
+
+// sessionCount returns how many SSH sessions are counted for their users.
+func (a *Agent) sessionCount() int {
+	if a.sess.tr == nil {
+		return 0
+	}
+	return a.sess.tr.SessionCount()
 }
 
 // sessionsComponent describes the SSH sessions for Health.
@@ -424,7 +426,11 @@ func (a *Agent) sessionsComponent() string {
 	case s.k == nil:
 		return "not available"
 	}
-	msg := fmt.Sprintf("ok: %d sessions counted, %d server processes", len(s.live), s.result.Servers)
+	servers := 0
+	if s.tr != nil {
+		servers = s.tr.ServerCount()
+	}
+	msg := fmt.Sprintf("ok: %d sessions counted, %d server processes", a.sessionCount(), servers)
 	if !s.k.SupportsServerTagging() {
 		msg += "; logins are not held until attributed and forwarded connections are tagged late (needs Linux 6.0)"
 	}

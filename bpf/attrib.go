@@ -116,7 +116,9 @@ func (d *Datapath) Credit(uid uint32, c Counters) error {
 		return fmt.Errorf("credit UID %d: %w", uid, err)
 	}
 	d.credits[uid] = cur
-	// The next EachMoved reads the UID.
+	// The next EachMoved reads the UID. Should the mark not be written,
+	// the credit is still in the counters: the next full read (EachCounter)
+	// finds it.
 	if uid < policyBitsUIDs {
 		if mem, err := d.objs.BwMoved.Memory(); err == nil {
 			mem.WriteAt([]byte{1}, int64(uid))

@@ -223,6 +223,31 @@ type programs struct {
 	BwConnect6 *ebpf.Program `ebpf:"bw_connect6"`
 }
 
+// pinnedMap is a map and the name it is pinned under.
+type pinnedMap struct {
+	name string
+	m    *ebpf.Map
+}
+
+// pinned lists every map by its pin name, in the order they are repaired;
+// on an empty objects, the names alone (what Uninstall removes).
+func (o *objects) pinned() []pinnedMap {
+	return []pinnedMap{
+		{bwacctMapBwCounters, o.BwCounters},
+		{bwacctMapBwPolicy, o.BwPolicy},
+		{bwacctMapBwPolicyBits, o.BwPolicyBits},
+		{bwacctMapBwQuotaUsed, o.BwQuotaUsed},
+		{bwacctMapBwStats, o.BwStats},
+		{bwacctMapBwMoved, o.BwMoved},
+		{bwacctMapBwSock, o.BwSock},
+		{bwacctMapBwTagged, o.BwTagged},
+		{bwacctMapBwServers, o.BwServers},
+		{bwacctMapBwCredit, o.BwCredit},
+		{bwacctMapBwSshPorts, o.BwSshPorts},
+		{bwacctMapBwSstats, o.BwSstats},
+	}
+}
+
 // Close closes every map and program.
 func (o *objects) Close() error {
 	var errs []error
@@ -421,23 +446,7 @@ func (d *Datapath) EnsureAttached() (repaired []string, err error) {
 			return repaired, err
 		}
 	}
-	for _, m := range []struct {
-		name string
-		m    *ebpf.Map
-	}{
-		{bwacctMapBwCounters, d.objs.BwCounters},
-		{bwacctMapBwPolicy, d.objs.BwPolicy},
-		{bwacctMapBwPolicyBits, d.objs.BwPolicyBits},
-		{bwacctMapBwQuotaUsed, d.objs.BwQuotaUsed},
-		{bwacctMapBwStats, d.objs.BwStats},
-		{bwacctMapBwMoved, d.objs.BwMoved},
-		{bwacctMapBwSock, d.objs.BwSock},
-		{bwacctMapBwTagged, d.objs.BwTagged},
-		{bwacctMapBwServers, d.objs.BwServers},
-		{bwacctMapBwCredit, d.objs.BwCredit},
-		{bwacctMapBwSshPorts, d.objs.BwSshPorts},
-		{bwacctMapBwSstats, d.objs.BwSstats},
-	} {
+	for _, m := range d.objs.pinned() {
 		pin := filepath.Join(d.cfg.PinPath, m.name)
 		if _, err := os.Stat(pin); !errors.Is(err, os.ErrNotExist) {
 			continue
@@ -597,8 +606,10 @@ func removePins(pinPath string) error {
 	if err != nil {
 		return permission(fmt.Errorf("uninstall: %w", err))
 	}
-	known := []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwPolicyBits, bwacctMapBwQuotaUsed,
-		bwacctMapBwStats, bwacctMapBwMoved, bwacctMapBwSock, bwacctMapBwTagged, bwacctMapBwServers, bwacctMapBwCredit, bwacctMapBwSshPorts, bwacctMapBwSstats}
+	var known []string
+	for _, m := range (&objects{}).pinned() {
+		known = append(known, m.name)
+	}
 	for _, name := range linkPins {
 		known = append(known, name)
 	}

@@ -97,7 +97,6 @@ func (t *Tracker) scan(logins map[int]Login, uid func(name string) (uint32, bool
 			t.forget(pid)
 		}
 	}
-	res.Servers = len(t.procs)
 	res = t.attachAll(res, logins, uid, false)
 	if err := t.register(); err != nil {
 		return res, err
@@ -120,7 +119,7 @@ func (t *Tracker) Exited(pid int) (listener bool) {
 // (from Scan and Adopt) without looking for new ones: it is cheap enough to
 // run every few milliseconds while a login is under way.
 func (t *Tracker) Poll(logins map[int]Login, uid func(name string) (uint32, bool)) Result {
-	return t.attachAll(Result{Servers: len(t.procs)}, logins, uid, true)
+	return t.attachAll(Result{}, logins, uid, true)
 }
 
 // Adopt makes a process that a server process just forked (a new
@@ -267,10 +266,6 @@ func (t *Tracker) attachAll(res Result, logins map[int]Login, uid func(name stri
 		if a != nil {
 			res.New = append(res.New, *a)
 		}
-	}
-	res.Sessions = make(map[int]Session, len(t.sessions))
-	for pid, s := range t.sessions {
-		res.Sessions[pid] = s
 	}
 	return res
 }
@@ -561,6 +556,7 @@ func (t *Tracker) Cut(uid uint32) (int, error) {
 		}
 		if ok {
 			n++
+			delete(t.sessions, pid) // its connection is gone: no session any more
 		}
 	}
 	return n, errors.Join(errs...)
@@ -616,6 +612,19 @@ func (t *Tracker) Known() map[uint32]bool {
 		m[uint32(pid)] = p.root
 	}
 	return m
+}
+
+// ServerCount returns how many server processes the Tracker knows.
+func (t *Tracker) ServerCount() int { return len(t.procs) }
+
+// SessionCount returns how many live sessions are attributed.
+func (t *Tracker) SessionCount() int { return len(t.sessions) }
+
+// EachSession calls fn with every live attributed session.
+func (t *Tracker) EachSession(fn func(Session)) {
+	for _, s := range t.sessions {
+		fn(s)
+	}
 }
 
 // Sessions returns the attributed sessions of uid.

@@ -101,12 +101,8 @@ type Attributed struct {
 
 // Result is what one Scan found.
 type Result struct {
-	// Sessions are every live attributed session, by PID.
-	Sessions map[int]Session
 	// New are the sessions this scan attributed.
 	New []Attributed
-	// Servers is how many server processes run.
-	Servers int
 	// Problems are the errors of single processes (one vanished, a socket
 	// that could not be taken, a logged login whose client is not the
 	// session's), each process's first only; the scan went on.

@@ -130,12 +130,7 @@ func (f *fixture) waitSessions(t *testing.T, uid uint32, n int) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		res := f.scan(t)
-		got := 0
-		for _, s := range res.Sessions {
-			if s.UID == uid {
-				got++
-			}
-		}
+		got := len(f.tr.Sessions(uid))
 		if got == n {
 			return
 		}
