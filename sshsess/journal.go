@@ -19,8 +19,9 @@ import (
 // (Debian 12 without rsyslog), that is where Dropbear's login lines are. It
 // runs `journalctl --follow` for the messages of processes named dropbear
 // and reads each login with the PID the journal took from the kernel
-// (_PID, a trusted field): unlike a syslog file, no one can forge whose
-// session a line names.
+// (_PID, a trusted field): unlike in a syslog file, no one can write a
+// line for another process's PID (and a Tracker takes a login only for a
+// PID that runs Dropbear's program).
 type Journal struct {
 	namespace string
 
@@ -28,8 +29,7 @@ type Journal struct {
 	cmd     *exec.Cmd
 	done    chan struct{} // closed when cmd ended
 	logins  []Login
-	err     error // why the last journalctl ended
-	skipped int
+	err     error     // why the last journalctl ended
 	started time.Time // when journalctl was last started
 }
 
@@ -116,7 +116,7 @@ func (j *Journal) read(cmd *exec.Cmd, out io.Reader, done chan struct{}) {
 	for {
 		line, err := r.ReadSlice('\n')
 		if errors.Is(err, bufio.ErrBufferFull) {
-			j.skip(r) // an entry too long for a login line
+			skipLine(r) // an entry too long for a login line
 			continue
 		}
 		if len(line) > 0 {
@@ -145,11 +145,8 @@ func ignoreEOF(err error) error {
 	return err
 }
 
-// skip drops the rest of an over-long entry.
-func (j *Journal) skip(r *bufio.Reader) {
-	j.mu.Lock()
-	j.skipped++
-	j.mu.Unlock()
+// skipLine drops the rest of an over-long entry.
+func skipLine(r *bufio.Reader) {
 	for {
 		_, err := r.ReadSlice('\n')
 		if !errors.Is(err, bufio.ErrBufferFull) {
