@@ -326,7 +326,7 @@ func (h *Handle) List(f Filter) ([]Conn, error) {
 	defer h.mu.RUnlock()
 	var conns []Conn
 	for _, family := range families {
-		err := h.dump(family, sport, func(c Conn) {
+		err := h.dump(family, listStates, sport, func(c Conn) {
 			if !remotes[c.Remote.Addr().Unmap()] {
 				return
 			}
@@ -345,9 +345,9 @@ func (h *Handle) List(f Filter) ([]Conn, error) {
 	return conns, nil
 }
 
-// dump calls fn with every socket of family in listStates, with local
-// port sport if it is not 0. h.mu must be held.
-func (h *Handle) dump(family uint8, sport uint16, fn func(Conn)) error {
+// dump calls fn with every socket of family in the states of mask
+// (idiag_states), with local port sport if it is not 0. h.mu must be held.
+func (h *Handle) dump(family uint8, states uint32, sport uint16, fn func(Conn)) error {
 	const attempts = 3
 	for attempt := 1; ; attempt++ {
 		req, err := h.request(nl.SOCK_DIAG_BY_FAMILY, unix.NLM_F_DUMP)
@@ -356,7 +356,7 @@ func (h *Handle) dump(family uint8, sport uint16, fn func(Conn)) error {
 		}
 		req.AddData(&diagReq{
 			family: family,
-			states: listStates,
+			states: states,
 			id:     sockID{sport: sport, cookie: [2]uint32{noCookie, noCookie}},
 		})
 		var got []Conn
@@ -524,6 +524,45 @@ func (h *Handle) Cut(f Filter) (int, error) {
 		return 0, err
 	}
 	return h.Destroy(conns)
+}
+
+// Listeners returns the listening TCP sockets, IPv4 and IPv6, on the given
+// local ports (none: no socket). Their UID is the UID whose accepted
+// connections they make: Xray's, for its inbounds' ports.
+func (h *Handle) Listeners(ports []uint16) ([]Conn, error) {
+	want := make(map[uint16]bool, len(ports))
+	for _, p := range ports {
+		if p != 0 {
+			want[p] = true
+		}
+	}
+	if len(want) == 0 {
+		return nil, nil
+	}
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	var conns []Conn
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		err := h.dump(family, 1<<StateListen, 0, func(c Conn) {
+			if want[c.Local.Port()] {
+				conns = append(conns, c)
+			}
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	return conns, nil
+}
+
+// Listeners is [Handle.Listeners] in the caller's network namespace.
+func Listeners(ports []uint16) ([]Conn, error) {
+	h, err := NewHandle()
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	return h.Listeners(ports)
 }
 
 // List is [Handle.List] in the caller's network namespace.

@@ -682,3 +682,35 @@ func TestNamespaces(t *testing.T) {
 		t.Errorf("List in the test's namespace = %v, %v; want none", conns, err)
 	}
 }
+
+// Listeners finds the listening sockets of the given ports, with the UID
+// that owns them, and no connection.
+func TestListeners(t *testing.T) {
+	for _, fam := range families {
+		t.Run(fam.name, func(t *testing.T) {
+			e := newEnv(t, fam)
+			s := e.serve(t)
+			e.dial(t, e.Addr1, s.Port)
+			otherPort := e.startEcho(t)
+			e.dial(t, e.Addr1, otherPort)
+
+			conns, err := e.H.Listeners([]uint16{s.Port, otherPort, 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			uids := map[uint16]uint32{}
+			for _, c := range conns {
+				if c.State != sockkill.StateListen {
+					t.Errorf("listed %v", c)
+				}
+				uids[c.Local.Port()] = c.UID
+			}
+			if len(conns) != 2 || uids[s.Port] != 0 || uids[otherPort] != otherUID {
+				t.Errorf("Listeners = %v; want port %d of UID 0 and port %d of UID %d", conns, s.Port, otherPort, otherUID)
+			}
+			if conns, err := e.H.Listeners(nil); err != nil || len(conns) != 0 {
+				t.Errorf("Listeners(nil) = %v, %v", conns, err)
+			}
+		})
+	}
+}

@@ -100,6 +100,29 @@ func (in *rawInbound) invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: %s: %s", ErrInvalid, in.where(), fmt.Sprintf(format, args...))
 }
 
+// transport returns the inbound's transport, by Xray's name for it, and
+// whether it takes the PROXY protocol.
+func (in *rawInbound) transport() (network string, proxied bool) {
+	network = "raw"
+	st := in.Stream
+	if st == nil {
+		return network, false
+	}
+	switch n := strings.ToLower(st.Network); n {
+	case "", "tcp", "raw":
+	case "mkcp":
+		network = "kcp"
+	case "splithttp":
+		network = "xhttp"
+	default:
+		network = n
+	}
+	for _, p := range []*rawProxied{st.Sockopt, st.Raw, st.TCP} {
+		proxied = proxied || p != nil && p.AcceptProxyProtocol
+	}
+	return network, proxied
+}
+
 // settings returns the inbound's settings; Xray takes none (or null) as {}.
 func (in *rawInbound) settings() []byte {
 	if len(in.Settings) == 0 || string(in.Settings) == "null" {
@@ -133,6 +156,7 @@ func (c *Config) inbound(raw *rawInbound) (*Inbound, error) {
 	if raw.Listen != nil {
 		in.Listen = *raw.Listen
 	}
+	in.Network, in.ProxyProtocol = raw.transport()
 	if in.Tag == "" {
 		c.problem(in, -1, "no tag: Xray counts its users' traffic, but bwagent can't remove or add them through the API")
 	}

@@ -76,9 +76,18 @@ type Inbound struct {
 	Method string
 	Listen string // "listen" as written; "" means all addresses
 	Port   int    // the first port of "port"; 0 if none or from env:
-	File   string // the file that defines the inbound
-	Pos    int    // its index in File's "inbounds" array
-	Users  []User // its clients with a usable email, in config order
+	// Network is streamSettings.network, the transport: "raw" (Xray's
+	// name for plain TCP, also when the config says "tcp" or nothing),
+	// "ws", "grpc", "xhttp", "httpupgrade", "kcp"...
+	Network string
+	// ProxyProtocol: the inbound takes the PROXY protocol
+	// (streamSettings.sockopt or rawSettings acceptProxyProtocol), so the
+	// address Xray logs is the one the proxy in front of it passed on, not
+	// its socket's peer.
+	ProxyProtocol bool
+	File          string // the file that defines the inbound
+	Pos           int    // its index in File's "inbounds" array
+	Users         []User // its clients with a usable email, in config order
 }
 
 // Config is what bwagent needs from an Xray config.
@@ -397,9 +406,19 @@ type (
 		Port     json.RawMessage `json:"port"`
 		Listen   *string         `json:"listen"`
 		Settings json.RawMessage `json:"settings"`
+		Stream   *rawStream      `json:"streamSettings"`
 
 		file string // where it came from
 		pos  int    // its index in file's "inbounds"
+	}
+	rawStream struct {
+		Network string      `json:"network"`
+		Sockopt *rawProxied `json:"sockopt"`
+		Raw     *rawProxied `json:"rawSettings"`
+		TCP     *rawProxied `json:"tcpSettings"`
+	}
+	rawProxied struct {
+		AcceptProxyProtocol bool `json:"acceptProxyProtocol"`
 	}
 	rawAPI struct {
 		Tag      string   `json:"tag"`

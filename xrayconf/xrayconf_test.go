@@ -738,3 +738,38 @@ func TestAccessLog(t *testing.T) {
 		}
 	}
 }
+
+// An inbound's transport and PROXY protocol say whether the address Xray
+// logs for a connection is its socket's peer.
+func TestTransport(t *testing.T) {
+	for _, tc := range []struct {
+		stream  string
+		network string
+		proxied bool
+	}{
+		{``, "raw", false},
+		{`, "streamSettings": null`, "raw", false},
+		{`, "streamSettings": {"network": "tcp", "security": "tls"}`, "raw", false},
+		{`, "streamSettings": {"network": "RAW"}`, "raw", false},
+		{`, "streamSettings": {"network": "ws", "wsSettings": {"path": "/v"}}`, "ws", false},
+		{`, "streamSettings": {"network": "grpc"}`, "grpc", false},
+		{`, "streamSettings": {"network": "splithttp"}`, "xhttp", false},
+		{`, "streamSettings": {"network": "mkcp"}`, "kcp", false},
+		{`, "streamSettings": {"sockopt": {"acceptProxyProtocol": true}}`, "raw", true},
+		{`, "streamSettings": {"network": "tcp", "tcpSettings": {"acceptProxyProtocol": true}}`, "raw", true},
+		{`, "streamSettings": {"network": "raw", "rawSettings": {"acceptProxyProtocol": true}}`, "raw", true},
+		{`, "streamSettings": {"network": "ws", "sockopt": {"acceptProxyProtocol": false}}`, "ws", false},
+	} {
+		c := parse(t, `{"inbounds": [{"tag": "in", "protocol": "vless", "port": 443, "settings": {"clients": [{"id": "27848739-7e62-4138-9fd3-098a63964b6b", "email": "a"}]}`+tc.stream+`}]}`)
+		in, ok := c.Inbound("in")
+		if !ok {
+			t.Fatalf("%s: no inbound", tc.stream)
+		}
+		if in.Network != tc.network || in.ProxyProtocol != tc.proxied {
+			t.Errorf("%s: Network %q, ProxyProtocol %v; want %q, %v", tc.stream, in.Network, in.ProxyProtocol, tc.network, tc.proxied)
+		}
+	}
+	if _, err := Parse("test.json", []byte(`{"inbounds": [{"protocol": "vless", "streamSettings": {"network": 5}}]}`)); !errors.Is(err, ErrInvalid) {
+		t.Errorf(`"network": 5: %v, want ErrInvalid`, err)
+	}
+}
