@@ -234,6 +234,12 @@ type Xray struct {
 	// Interval. Default 500ms (250ms when a file sets interval to 1s and
 	// no timeout).
 	Timeout time.Duration
+	// Connections counts the users' TCP connections in the kernel, live,
+	// from the connection each line of Xray's access log names (XTLS
+	// Vision included), and enforces their limits there. It needs the
+	// access log ("log": {"access": FILE} in Xray's config) and Linux 6.0.
+	// Default true.
+	Connections bool
 }
 
 // Control configures who may use bwctl.
@@ -298,9 +304,10 @@ func Default() Config {
 			Chain: defaultChain,
 		},
 		Xray: Xray{
-			Enabled: true,
-			Configs: []string{"/usr/local/etc/xray/config.json", "/etc/xray/config.json"},
-			Timeout: 500 * time.Millisecond,
+			Enabled:     true,
+			Configs:     []string{"/usr/local/etc/xray/config.json", "/etc/xray/config.json"},
+			Timeout:     500 * time.Millisecond,
+			Connections: true,
 		},
 		Metrics: Metrics{
 			Listen:     "127.0.0.1:9477",

@@ -419,8 +419,8 @@ func TestExample(t *testing.T) {
 			}
 		}
 	}
-	if n := len(leafKeys(t, ex)); n != 40 {
-		t.Errorf("example.toml has %d keys, want 40", n)
+	if n := len(leafKeys(t, ex)); n != 41 {
+		t.Errorf("example.toml has %d keys, want 41", n)
 	}
 }
 

@@ -277,6 +277,12 @@ interval. Left out, it is 500ms, or 250ms when interval is 1s.`,
 			return nil
 		}),
 
+	boolKey("xray.connections", `Count Xray users' TCP connections in the kernel, live (XTLS Vision
+included), and stop them at their limit there, from the connection each
+line of Xray's access log names: it needs "log": {"access": FILE} in
+Xray's config and Linux 6.0. Other connections are counted by Xray.`,
+		func(c *Config) *bool { return &c.Xray.Connections }),
+
 	stringKey("control.admin_group", `Members of this group may use bwctl to change anything, as root can;
 "" is root only.`,
 		func(c *Config) *string { return &c.Control.AdminGroup }, func(s string) error {

@@ -28,6 +28,12 @@ type SourceKind uint8
 const (
 	SourceUID  SourceKind = 1 + iota // one UID's counters in the kernel (SSH users)
 	SourceXray                       // one Xray user's counters in Xray, by email
+	// SourceLead is not a counter: for an Xray user whose connections the
+	// kernel counts too, how far Xray's count of the usage period is ahead
+	// of the kernel's, per direction (signed, two's complement in Up and
+	// Down), with the period's last reset in Epoch.Start. See the agent's
+	// README section on which source counted what.
+	SourceLead
 )
 
 // Source names one counter source: the key of its baseline.
@@ -42,6 +48,10 @@ func UIDSource(uid uint32) Source { return Source{Kind: SourceUID, UID: uid} }
 
 // XraySource is the source of an Xray user's counters.
 func XraySource(email string) Source { return Source{Kind: SourceXray, Name: email} }
+
+// LeadSource is the source of an Xray user's lead of Xray's count over the
+// kernel's.
+func LeadSource(email string) Source { return Source{Kind: SourceLead, Name: email} }
 
 // Epoch names the lifetime of a source's counters: within one epoch they
 // only grow; a different epoch means they restarted from zero. The zero

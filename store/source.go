@@ -23,6 +23,8 @@ func encodeSource(s quota.Source) string {
 		return "uid:" + strconv.FormatUint(uint64(s.UID), 10)
 	case quota.SourceXray:
 		return "xray:" + s.Name
+	case quota.SourceLead:
+		return "lead:" + s.Name
 	}
 	return fmt.Sprintf("kind%d:%d:%s", s.Kind, s.UID, s.Name)
 }
@@ -37,6 +39,9 @@ func decodeSource(text string) (quota.Source, error) {
 	}
 	if rest, ok := strings.CutPrefix(text, "xray:"); ok && rest != "" {
 		return quota.XraySource(rest), nil
+	}
+	if rest, ok := strings.CutPrefix(text, "lead:"); ok && rest != "" {
+		return quota.LeadSource(rest), nil
 	}
 	return quota.Source{}, fmt.Errorf("baseline source %q: unknown kind", text)
 }
