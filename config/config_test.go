@@ -69,6 +69,7 @@ configs = ["/opt/xray/config.json", "/etc/xray/a b.json"]
 config_dir = "/opt/xray/conf.d"
 api = "[::1]:10085"
 timeout = "1s"
+connections = false
 
 [control]
 admin_group = "vpnadmin"
@@ -143,11 +144,12 @@ func fullConfig(t testing.TB) config.Config {
 		},
 		NFT: config.NFT{Table: "bw_2", Set: "Blocked-UIDs", Chain: "_out"},
 		Xray: config.Xray{
-			Enabled:   false,
-			Configs:   []string{"/opt/xray/config.json", "/etc/xray/a b.json"},
-			ConfigDir: "/opt/xray/conf.d",
-			API:       "[::1]:10085",
-			Timeout:   time.Second,
+			Enabled:     false,
+			Configs:     []string{"/opt/xray/config.json", "/etc/xray/a b.json"},
+			ConfigDir:   "/opt/xray/conf.d",
+			API:         "[::1]:10085",
+			Timeout:     time.Second,
+			Connections: false,
 		},
 		Control: config.Control{AdminGroup: "vpnadmin"},
 		Metrics: config.Metrics{Listen: "[::1]:0", PerUser: true, PerUserMax: 50000},
