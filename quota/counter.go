@@ -28,12 +28,13 @@ type SourceKind uint8
 const (
 	SourceUID  SourceKind = 1 + iota // one UID's counters in the kernel (SSH users)
 	SourceXray                       // one Xray user's counters in Xray, by email
-	// SourceLead is not a counter: for an Xray user whose connections the
-	// kernel counts too, how far Xray's count of the usage period is ahead
-	// of the kernel's, per direction (signed, two's complement in Up and
-	// Down), with the period's last reset in Epoch.Start. See the agent's
-	// README section on which source counted what.
-	SourceLead
+	// SourceOwed is not a counter: for an Xray user whose connections the
+	// kernel counts, the bytes the kernel counted and charged that Xray's
+	// own counters have not reported yet (XTLS Vision's until the
+	// connection closes), per direction: Xray's next counts pay them off
+	// before anything more is charged. See the README's "which source
+	// counted what".
+	SourceOwed
 )
 
 // Source names one counter source: the key of its baseline.
@@ -49,9 +50,9 @@ func UIDSource(uid uint32) Source { return Source{Kind: SourceUID, UID: uid} }
 // XraySource is the source of an Xray user's counters.
 func XraySource(email string) Source { return Source{Kind: SourceXray, Name: email} }
 
-// LeadSource is the source of an Xray user's lead of Xray's count over the
-// kernel's.
-func LeadSource(email string) Source { return Source{Kind: SourceLead, Name: email} }
+// OwedSource is the key of what an Xray user's kernel count is ahead of
+// Xray's.
+func OwedSource(email string) Source { return Source{Kind: SourceOwed, Name: email} }
 
 // Epoch names the lifetime of a source's counters: within one epoch they
 // only grow; a different epoch means they restarted from zero. The zero

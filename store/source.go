@@ -23,8 +23,8 @@ func encodeSource(s quota.Source) string {
 		return "uid:" + strconv.FormatUint(uint64(s.UID), 10)
 	case quota.SourceXray:
 		return "xray:" + s.Name
-	case quota.SourceLead:
-		return "lead:" + s.Name
+	case quota.SourceOwed:
+		return "owed:" + s.Name
 	}
 	return fmt.Sprintf("kind%d:%d:%s", s.Kind, s.UID, s.Name)
 }
@@ -40,8 +40,8 @@ func decodeSource(text string) (quota.Source, error) {
 	if rest, ok := strings.CutPrefix(text, "xray:"); ok && rest != "" {
 		return quota.XraySource(rest), nil
 	}
-	if rest, ok := strings.CutPrefix(text, "lead:"); ok && rest != "" {
-		return quota.LeadSource(rest), nil
+	if rest, ok := strings.CutPrefix(text, "owed:"); ok && rest != "" {
+		return quota.OwedSource(rest), nil
 	}
 	return quota.Source{}, fmt.Errorf("baseline source %q: unknown kind", text)
 }

@@ -16,7 +16,7 @@ func TestSourceAndEpochText(t *testing.T) {
 	}{
 		{quota.UIDSource(1001), "uid:1001"},
 		{quota.XraySource("alice@example"), "xray:alice@example"},
-		{quota.LeadSource("alice@example"), "lead:alice@example"},
+		{quota.OwedSource("alice@example"), "owed:alice@example"},
 	} {
 		if got := encodeSource(c.src); got != c.text {
 			t.Errorf("encodeSource(%+v) = %q, want %q", c.src, got, c.text)
@@ -25,7 +25,7 @@ func TestSourceAndEpochText(t *testing.T) {
 			t.Errorf("decodeSource(%q) = %+v, %v", c.text, got, err)
 		}
 	}
-	for _, bad := range []string{"uid:x", "uid:99999999999", "xray:", "lead:", "foo:1", ""} {
+	for _, bad := range []string{"uid:x", "uid:99999999999", "xray:", "owed:", "foo:1", ""} {
 		if _, err := decodeSource(bad); err == nil {
 			t.Errorf("decodeSource(%q) succeeded", bad)
 		}
