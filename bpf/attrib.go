@@ -18,29 +18,42 @@ var (
 	ErrNoServerTagging = errors.New("tagging an SSH server's sockets needs Linux 6.0 or newer")
 )
 
-// They must match SOCK_FORWARD and SOCK_PENDING in bwacct.c.
+// They must match the SOCK_* flags in bwacct.c (SOCK_RELEASED, 1 << 2,
+// is the kernel's alone).
 const (
 	sockForward = 1 << 0
 	sockPending = 1 << 1
+	sockServer  = 1 << 3
+	sockClaim   = 1 << 4
 )
 
 // An Attribution says whom a socket counts for, when that is not its owner.
-// A connection accepted on an SSH port (SetSSHPorts) starts pending: see
-// Pending.
+// A connection accepted on an SSH port (SetSSHPorts) starts pending, one
+// accepted on an Xray port (SetXrayPorts) waits for its claim: see Pending.
 type Attribution struct {
-	// UID is the user the socket's packets count and are enforced for.
+	// UID is the user (or account) the socket's packets count and are
+	// enforced for.
 	UID uint32
 	// Forward marks a forwarded connection of an SSH session: enforced for
 	// UID (dropped while UID is blocked) but never counted, because the
 	// session's own socket carries and counts the same bytes.
 	Forward bool
-	// Pending marks a connection accepted on an SSH port whose user is not
-	// known yet. Its first 64 KiB pass and are kept in Moved; then it is
-	// held (its packets dropped) until Attribute names its user, or for 5 s
-	// at most, after which it flows unattributed (Stats.SSHUnattributed).
+	// Server marks the server's end of the user's connection (an SSH
+	// session's socket; a claimed Xray connection is one too): what it
+	// sends is the user's download, so its sent bytes count (and are
+	// charged) as the user's Rx and its received ones as Tx.
+	Server bool
+	// Pending marks a connection whose user is not known yet. One
+	// accepted on an SSH port passes its first 64 KiB, kept in Moved; then
+	// it is held (its packets dropped) until Attribute names its user, or
+	// for 5 s at most, after which it flows unattributed
+	// (Stats.SSHUnattributed). One accepted on an Xray port waits for its
+	// claim (Claim), kept pending by the kernel as long as it waits and
+	// after it was released unclaimed (when it counts for its owner).
 	Pending bool
 	// Moved is what a pending connection moved so far, in bytes with their
-	// IP and TCP headers, as the counters have them.
+	// IP and TCP headers, as the counters have them: in the socket's own
+	// directions, or the user's for a Server attribution.
 	Moved Counters
 }
 
@@ -65,7 +78,8 @@ func serverTaggingKernel() bool {
 //
 // A pending connection can be attributed: moved is what it moved while
 // pending (the bytes to credit to a.UID, see Credit), taken at the moment
-// its entry is replaced. Packets counted in the few microseconds between the
+// its entry is replaced, in the user's directions: for a.Server, RxBytes is
+// what the socket sent. Packets counted in the few microseconds between the
 // two are lost.
 func (d *Datapath) Attribute(fd int, owner uint32, a Attribution) (moved Counters, err error) {
 	cur, ok, err := d.SocketAttribution(fd)
@@ -75,12 +89,17 @@ func (d *Datapath) Attribute(fd int, owner uint32, a Attribution) (moved Counter
 	if ok && !cur.Pending {
 		return Counters{}, fmt.Errorf("attribute socket to UID %d: %w", a.UID, ErrAttributed)
 	}
-	if err := d.tag(owner); err != nil {
+	if err := d.Tag(owner); err != nil {
 		return Counters{}, err
 	}
+	// Pending bytes start at zero: moved is credited by the caller, and the
+	// programs fold only what they find in the entry.
 	v := bwacctSockOwner{Uid: a.UID}
 	if a.Forward {
-		v.Flags = sockForward
+		v.Flags |= sockForward
+	}
+	if a.Server {
+		v.Flags |= sockServer
 	}
 	flag := ebpf.UpdateNoExist
 	if ok {
@@ -94,7 +113,11 @@ func (d *Datapath) Attribute(fd int, owner uint32, a Attribution) (moved Counter
 	if err != nil {
 		return Counters{}, fmt.Errorf("attribute socket to UID %d: %w", a.UID, err)
 	}
-	return cur.Moved, nil
+	moved = cur.Moved // a pending entry's: the socket's directions
+	if a.Server {
+		moved.RxBytes, moved.TxBytes = moved.TxBytes, moved.RxBytes
+	}
+	return moved, nil
 }
 
 // Credit adds bytes to uid's counters that its attributed sockets moved
@@ -116,14 +139,7 @@ func (d *Datapath) Credit(uid uint32, c Counters) error {
 		return fmt.Errorf("credit UID %d: %w", uid, err)
 	}
 	d.credits[uid] = cur
-	// The next EachMoved reads the UID. Should the mark not be written,
-	// the credit is still in the counters: the next full read (EachCounter)
-	// finds it.
-	if uid < policyBitsUIDs {
-		if mem, err := d.objs.BwMoved.Memory(); err == nil {
-			mem.WriteAt([]byte{1}, int64(uid))
-		}
-	}
+	d.markMoved(uid) // the next EachMoved reads the UID
 	return nil
 }
 
@@ -155,12 +171,17 @@ func (d *Datapath) SocketAttribution(fd int) (a Attribution, ok bool, err error)
 	if err != nil {
 		return Attribution{}, false, fmt.Errorf("read socket attribution: %w", err)
 	}
-	return Attribution{
+	a = Attribution{
 		UID:     v.Uid,
 		Forward: v.Flags&sockForward != 0,
-		Pending: v.Flags&sockPending != 0,
+		Server:  v.Flags&sockServer != 0,
+		Pending: v.Flags&(sockPending|sockClaim) != 0,
 		Moved:   Counters{RxBytes: v.PendingRx, TxBytes: v.PendingTx},
-	}, true, nil
+	}
+	if a.Server {
+		a.Moved.RxBytes, a.Moved.TxBytes = a.Moved.TxBytes, a.Moved.RxBytes
+	}
+	return a, true, nil
 }
 
 // Untag removes the socket fd's attribution: it counts for its owner again.
@@ -173,47 +194,14 @@ func (d *Datapath) Untag(fd int) error {
 	return nil
 }
 
-// SetSSHPorts makes the ports the SSH servers listen on those whose
-// accepted connections start pending (see Attribution.Pending). It needs the
-// session programs (SupportsServerTagging): without them it does nothing.
-func (d *Datapath) SetSSHPorts(ports []uint16) error {
-	if d.objs.BwSockops == nil {
-		return nil
-	}
-	want := make(map[uint16]bool, len(ports))
-	for _, p := range ports {
-		want[p] = true
-	}
-	var have []uint16
-	var port uint16
-	var v uint8
-	it := d.objs.BwSshPorts.Iterate()
-	for it.Next(&port, &v) {
-		have = append(have, port)
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read SSH ports: %w", err)
-	}
-	for _, p := range have {
-		if !want[p] {
-			if err := d.objs.BwSshPorts.Delete(p); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				return fmt.Errorf("remove SSH port %d: %w", p, err)
-			}
-		}
-		delete(want, p)
-	}
-	for p := range want {
-		if err := d.objs.BwSshPorts.Update(p, uint8(1), ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("add SSH port %d: %w", p, err)
-		}
-	}
-	return nil
-}
-
-// tag marks uid as an owner of attributed sockets (bw_tagged), with a
-// one-byte store through the map's memory. UID 0 and UIDs from 2^20 on are
-// always looked up and have no mark.
-func (d *Datapath) tag(uid uint32) error {
+// Tag marks uid as an owner of attributed sockets (bw_tagged): from then on
+// (for good: a mark is never cleared) the packets of uid's sockets look their
+// socket's attribution up, which costs them a few tens of ns. Attribute
+// marks the owner of the socket it attributes; mark the UID Xray runs as
+// before its connections wait for their claims (SetXrayPorts): unmarked,
+// they count for it as any socket does. UID 0 and UIDs from 2^20 on are
+// always looked up and need no mark (a no-op).
+func (d *Datapath) Tag(uid uint32) error {
 	if uid == 0 || uid >= policyBitsUIDs {
 		return nil
 	}

@@ -36,10 +36,34 @@
 // attributed it, so that a login moves next to nothing before its user's
 // limit and block apply.
 //
-// The Go side (maps.go, attrib.go) owns bw_policy, bw_policy_bits and
-// bw_servers; the kernel owns bw_counters, bw_quota_used and bw_stats; both
-// write bw_sock and bw_tagged (each entry once). All maps are pinned by name,
-// so counters and attributions outlive the agent.
+// Xray users are no UIDs: each has an *account*, an ID from ACCOUNT_BASE on
+// (bw_accounts names them), counted and enforced as a UID is. A connection
+// accepted on an Xray port (bw_ssh_ports, kinds 2 and 3) waits for its
+// *claim* (SOCK_CLAIM): the agent reads Xray's access log and writes to
+// bw_claims that the connection from client IP:PORT to local port P is
+// account A's; the packet programs look the claim up and, once they find
+// it, count and enforce the connection for A from then on, the bytes it
+// moved while it waited included.
+//
+// Server sockets (SOCK_SERVER: an SSH session's, a claimed Xray
+// connection) are the server's end of the user's connection: what they send
+// is the user's download. Their egress is counted and charged as the user's
+// rx, their ingress as tx.
+//
+// The packet programs come in two variants built from one account(): the
+// plain ones (bw_ingress, bw_egress) run on every kernel from 5.7; the
+// claim ones (bw_ingress_attr, bw_egress_attr) also turn claims into
+// attributions and fold pending bytes with atomic exchanges (Linux 5.12).
+// The loader attaches the claim variants where it loads the session
+// programs (Linux 6.0), which alone make pending and claim entries.
+//
+// The Go side (maps.go, attrib.go, accounts.go) owns bw_policy,
+// bw_policy_bits, bw_servers, bw_ssh_ports, bw_credit and bw_accounts; the
+// kernel owns bw_counters, bw_quota_used and the stats maps; both write
+// bw_sock, bw_tagged, bw_moved and bw_xmoved (a byte each, or an entry once),
+// and bw_claims (the agent adds, the kernel deletes what it used). All maps
+// are pinned by name, so counters, accounts and attributions outlive the
+// agent.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -62,10 +86,27 @@ char __license[] SEC("license") = "GPL";
 
 #define MAX_UIDS 65536 // default; the loader sets max_entries from its config
 
+#define AF_INET  2
+#define AF_INET6 10
+
 // bw_sock flags; they must match bpf/attrib.go.
 #define SOCK_FORWARD (1u << 0) // a session's forwarded connection: enforce uid's policy, count nothing
 #define SOCK_PENDING (1u << 1) // an SSH connection whose user is not known yet: held, see bw_sockops
-#define SOCK_RELEASED (1u << 2) // a pending connection whose hold is over: it flows unattributed
+#define SOCK_RELEASED (1u << 2) // a pending or claim connection whose wait is over: it flows unattributed
+#define SOCK_SERVER (1u << 3) // the server's end of the user's connection: directions swapped
+#define SOCK_CLAIM (1u << 4) // an Xray connection waiting for its claim in bw_claims
+
+// bw_ssh_ports' kinds of port; they must match bpf/attrib.go.
+#define PORT_SSH 1 // SSH: connections are SOCK_PENDING (any unknown kind too)
+#define PORT_XRAY_HOLD 2 // Xray: SOCK_CLAIM|SOCK_PENDING, claim-only from a loopback peer
+#define PORT_XRAY_CLAIM 3 // Xray: SOCK_CLAIM, never held
+
+// Accounts (Xray users) are IDs from ACCOUNT_BASE on, MAX_ACCOUNTS of them;
+// they must match bpf/accounts.go. systemd documents UIDs from 2^31 on as
+// never allocated, so no account is ever a real UID.
+#define ACCOUNT_BASE 0xC0000000u
+#define MAX_ACCOUNTS (1u << 20)
+#define ACCOUNT_NAME_MAX 128
 
 // A pending SSH connection may move PENDING_ALLOWANCE bytes (the key
 // exchange and the login take a few KiB); beyond, its packets are dropped
@@ -79,6 +120,11 @@ char __license[] SEC("license") = "GPL";
 #define SSTAT_RELEASED     2 // SSH connections whose hold ended unattributed
 #define SSTAT_MAX          3
 
+#define XSTAT_CLAIMED   0 // Xray connections that found their claim
+#define XSTAT_HELD      1 // packets of Xray connections dropped while they waited for their claim
+#define XSTAT_UNCLAIMED 2 // Xray connections whose wait ended without a claim
+#define XSTAT_MAX       3
+
 struct counters {
 	__u64 rx_bytes;
 	__u64 rx_packets;
@@ -88,9 +134,12 @@ struct counters {
 
 struct policy {
 	__u32 flags;
-	__u32 _pad;
-	// Absolute ceiling for bw_quota_used[uid]: a packet that would take the
-	// charged total above it is dropped.
+	// The bw_quota_used entry this policy's packets are charged to: 0 for
+	// the policy's own ID, else another ID's (an Xray account and an SSH
+	// UID of one user share one budget).
+	__u32 quota_key;
+	// Absolute ceiling for bw_quota_used[quota_key]: a packet that would
+	// take the charged total above it is dropped.
 	__u64 ceiling;
 };
 
@@ -130,6 +179,9 @@ struct {
 // 128 KiB copy instead of 16,384 lookups.
 #define POLICY_BITS_UIDS (1u << 20)
 
+// byte_of serves the maps of a byte per UID and bw_xmoved alike.
+_Static_assert(POLICY_BITS_UIDS == MAX_ACCOUNTS, "a byte per UID and per account: one size");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
@@ -153,19 +205,35 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bw_moved SEC(".maps");
 
+// bw_xmoved is bw_moved for accounts: a byte per account index (the account
+// ID minus ACCOUNT_BASE).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, MAX_ACCOUNTS / 8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_xmoved SEC(".maps");
+
 // sock_owner is a socket's attribution in bw_sock.
 struct sock_owner {
-	__u32 uid;   // the UID the socket's packets count and are enforced for
+	__u32 uid;   // the UID or account the socket's packets count and are enforced for
 	__u32 flags; // SOCK_*
-	// While SOCK_PENDING: the bytes moved so far, which the agent credits
-	// to the user it attributes the connection to, and the end of the hold.
+	// While SOCK_PENDING or SOCK_CLAIM: the bytes moved so far, in the
+	// socket's directions, and the end of the wait. The agent credits them
+	// to the user it attributes an SSH connection to; the claim variants
+	// fold them into the account that claims an Xray connection.
 	__u64 pending_rx;
 	__u64 pending_tx;
 	__u64 deadline; // bpf_ktime_get_ns
 };
 
-// bw_ssh_ports are the TCP ports the SSH servers listen on (host order):
-// connections accepted on them are pending until attributed.
+// bw_ssh_ports are the TCP ports (host order) whose accepted connections
+// wait for their user, with their kind (PORT_*): the SSH servers' (pending
+// until attributed) and Xray's (waiting for a claim). Only the agent writes
+// it. The name is from when it held SSH ports alone: pinned on running
+// installs, it keeps it.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u16);
@@ -183,6 +251,56 @@ struct {
 	__uint(max_entries, SSTAT_MAX);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bw_sstats SEC(".maps");
+
+// bw_xstats are the Xray connections' event counters (XSTAT_*).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, XSTAT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_xstats SEC(".maps");
+
+// claim_key names an accepted TCP connection: its client's address (IPv4
+// as IPv4-mapped IPv6, since Xray usually listens dual-stack on [::]) and
+// port, and the local port, ports in host order.
+struct claim_key {
+	__u8 addr[16];
+	__u16 client_port;
+	__u16 local_port;
+};
+
+// bw_claims holds the agent's claims: the connection named by the key
+// belongs to the account in the value. The agent adds them as Xray logs its
+// connections; the claim variants delete each one they find. Least recently
+// used ones go when it is full: a claim that no connection takes is never
+// deleted otherwise.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct claim_key);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_claims SEC(".maps");
+
+// account_name is an account's name in bw_accounts: up to 128 bytes, NUL
+// padded (a name of 128 bytes has none).
+struct account_name {
+	char name[ACCOUNT_NAME_MAX];
+};
+
+// bw_accounts is the registry of accounts, ID -> name, written only by the
+// agent (an entry per account, never deleted nor changed) and never read by
+// the programs: it lives exactly as long as the counters, so an agent that
+// crashes neither loses nor reassigns an account.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct account_name);
+	__uint(max_entries, MAX_ACCOUNTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_accounts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -253,20 +371,37 @@ static __always_inline void sstat_inc(__u32 idx)
 		__sync_fetch_and_add(v, 1);
 }
 
-// pending handles a packet of a pending SSH connection: counted in its
-// entry within the allowance or after the hold, dropped (0) in between.
-static __always_inline int pending(struct sock_owner *o, __u64 len, int egress)
+static __always_inline void xstat_inc(__u32 idx)
 {
-	if (o->pending_rx + o->pending_tx + len > PENDING_ALLOWANCE) {
+	__u64 *v = bpf_map_lookup_elem(&bw_xstats, &idx);
+
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+// pending handles a packet of a connection that waits for its user: a
+// pending SSH connection, or an Xray one waiting for its claim (flags, as
+// the caller read them). The packet is counted in the entry; a SOCK_PENDING
+// connection's packets past the allowance are dropped (0) until the
+// deadline. Past it an SSH connection is released here and flows
+// unattributed; an Xray one is released by claim (claim variants).
+static __always_inline int pending(struct sock_owner *o, __u32 flags, __u64 len, int egress)
+{
+	if ((flags & SOCK_PENDING) && o->pending_rx + o->pending_tx + len > PENDING_ALLOWANCE) {
 		if (bpf_ktime_get_ns() < o->deadline) {
-			sstat_inc(SSTAT_HELD);
+			if (flags & SOCK_CLAIM)
+				xstat_inc(XSTAT_HELD);
+			else
+				sstat_inc(SSTAT_HELD);
 			return 0;
 		}
-		if (!(o->flags & SOCK_RELEASED)) {
-			o->flags |= SOCK_RELEASED;
-			sstat_inc(SSTAT_RELEASED);
+		if (!(flags & SOCK_CLAIM)) {
+			if (!(flags & SOCK_RELEASED)) {
+				o->flags |= SOCK_RELEASED;
+				sstat_inc(SSTAT_RELEASED);
+			}
+			sstat_inc(SSTAT_UNATTRIBUTED);
 		}
-		sstat_inc(SSTAT_UNATTRIBUTED);
 	}
 	if (egress)
 		__sync_fetch_and_add(&o->pending_tx, len);
@@ -275,22 +410,93 @@ static __always_inline int pending(struct sock_owner *o, __u64 len, int egress)
 	return 1;
 }
 
-// byte_of returns uid's byte in a map of a byte per UID (bw_moved, bw_tagged),
-// or NULL above POLICY_BITS_UIDS.
-static __always_inline volatile __u8 *byte_of(void *map, __u32 uid)
+// claim looks the claim of a waiting Xray connection up (claim variants
+// only: it needs BPF atomics, Linux 5.12). Found: the connection is the
+// account's server socket from now on (SOCK_SERVER) and the claim is
+// deleted. Past the deadline unclaimed: SOCK_RELEASED, and it counts for
+// its owner. It returns the flags the caller goes on with. Each change of
+// flags is a compare-and-exchange from what the caller read, so that one
+// packet alone, on one CPU, claims or releases the connection.
+static __always_inline __u32 claim(struct sock_owner *o, struct bpf_sock *sk, __u32 flags)
 {
-	__u32 word = uid / 8;
+	struct claim_key k __attribute__((aligned(8))) = {};
+	__u32 *a = (__u32 *)k.addr;
+	// Read before the branches: clang would otherwise join the two
+	// branches' last loads into one load from a chosen offset, which the
+	// verifier refuses (no pointer arithmetic on a socket).
+	__u32 ip4 = sk->dst_ip4;
+	__u32 *acct;
+
+	if (sk->family == AF_INET6) {
+		a[0] = sk->dst_ip6[0];
+		a[1] = sk->dst_ip6[1];
+		a[2] = sk->dst_ip6[2];
+		a[3] = sk->dst_ip6[3];
+	} else if (sk->family == AF_INET) {
+		a[2] = bpf_htonl(0xffff);
+		a[3] = ip4;
+	} else {
+		return flags;
+	}
+	k.client_port = bpf_ntohs(sk->dst_port);
+	k.local_port = sk->src_port;
+	acct = bpf_map_lookup_elem(&bw_claims, &k);
+	if (acct) {
+		// The account before the flag: a packet that sees SOCK_SERVER
+		// reads the account's ID. A connection released meanwhile
+		// ignores uid.
+		o->uid = *acct;
+		if (__sync_val_compare_and_swap(&o->flags, flags, SOCK_SERVER) == flags) {
+			bpf_map_delete_elem(&bw_claims, &k);
+			xstat_inc(XSTAT_CLAIMED);
+		}
+		return o->flags;
+	}
+	if (bpf_ktime_get_ns() >= o->deadline) {
+		if (__sync_val_compare_and_swap(&o->flags, flags, flags | SOCK_RELEASED) == flags)
+			xstat_inc(XSTAT_UNCLAIMED);
+		return o->flags;
+	}
+	return flags;
+}
+
+// byte_of returns byte idx of a map of a byte per ID (bw_moved, bw_tagged,
+// bw_xmoved; each POLICY_BITS_UIDS = MAX_ACCOUNTS bytes), or NULL past it.
+static __always_inline volatile __u8 *byte_of(void *map, __u32 idx)
+{
+	__u32 word = idx / 8;
 	__u64 *w;
 
-	if (uid >= POLICY_BITS_UIDS)
+	if (idx >= POLICY_BITS_UIDS)
 		return 0;
 	w = bpf_map_lookup_elem(map, &word);
 	if (!w)
 		return 0;
-	return (volatile __u8 *)w + (uid % 8);
+	// libbpf's barrier_var: the offset is added after the null check, which
+	// clang would otherwise move after the addition where mark_moved joins
+	// two lookups (the verifier refuses arithmetic on a maybe-null pointer).
+	asm volatile("" : "+r"(w));
+	return (volatile __u8 *)w + (idx % 8);
 }
 
-// charge_quota adds len to the UID's charged total and reports whether the
+// used_of returns key's charged total in bw_quota_used, made at zero if
+// need be; NULL if the map has no room (counted in STAT_QUOTA_FULL).
+static __always_inline __u64 *used_of(__u32 key)
+{
+	__u64 *used = bpf_map_lookup_elem(&bw_quota_used, &key);
+
+	if (!used) {
+		__u64 zero = 0;
+
+		bpf_map_update_elem(&bw_quota_used, &key, &zero, BPF_NOEXIST);
+		used = bpf_map_lookup_elem(&bw_quota_used, &key);
+		if (!used)
+			stat_inc(STAT_QUOTA_FULL);
+	}
+	return used;
+}
+
+// charge_quota adds len to key's charged total and reports whether the
 // packet fits under the ceiling. A packet that does not fit is taken back out,
 // so bw_quota_used only ever holds bytes that went through.
 //
@@ -300,20 +506,12 @@ static __always_inline volatile __u8 *byte_of(void *map, __u32 uid)
 // packet to pass therefore saw every passed byte: the sum of passed packets
 // never exceeds the ceiling. Concurrent packets on other CPUs can only make
 // each other fail, never overshoot.
-static __always_inline int charge_quota(__u32 uid, const struct policy *p, __u64 len)
+static __always_inline int charge_quota(__u32 key, const struct policy *p, __u64 len)
 {
-	__u64 *used = bpf_map_lookup_elem(&bw_quota_used, &uid);
+	__u64 *used = used_of(key);
 
-	if (!used) {
-		__u64 zero = 0;
-
-		bpf_map_update_elem(&bw_quota_used, &uid, &zero, BPF_NOEXIST);
-		used = bpf_map_lookup_elem(&bw_quota_used, &uid);
-		if (!used) {
-			stat_inc(STAT_QUOTA_FULL);
-			return 0; // fail closed: a quota we cannot track is spent
-		}
-	}
+	if (!used)
+		return 0; // fail closed: a quota we cannot track is spent
 	__sync_fetch_and_add(used, len);
 	if (*used > p->ceiling) {
 		__sync_fetch_and_add(used, -len);
@@ -322,10 +520,16 @@ static __always_inline int charge_quota(__u32 uid, const struct policy *p, __u64
 	return 1;
 }
 
+// mark_moved marks a UID below POLICY_BITS_UIDS in bw_moved, an account in
+// bw_xmoved.
 static __always_inline void mark_moved(__u32 uid)
 {
-	volatile __u8 *b = byte_of(&bw_moved, uid);
+	volatile __u8 *b;
 
+	if (uid - ACCOUNT_BASE < MAX_ACCOUNTS)
+		b = byte_of(&bw_xmoved, uid - ACCOUNT_BASE);
+	else
+		b = byte_of(&bw_moved, uid);
 	if (b && !*b)
 		*b = 1;
 }
@@ -379,12 +583,35 @@ static __always_inline int may_have_policy(__u32 uid)
 	return !bits || (*bits >> (uid % 64)) & 1;
 }
 
-static __always_inline int account(struct __sk_buff *skb, int egress)
+// counters_of returns uid's per-CPU counters, made at zero if need be;
+// NULL if the map has no room (counted in STAT_COUNTERS_FULL).
+static __always_inline struct counters *counters_of(__u32 uid)
+{
+	struct counters *c = bpf_map_lookup_elem(&bw_counters, &uid);
+
+	if (!c) {
+		struct counters zero = {};
+
+		bpf_map_update_elem(&bw_counters, &uid, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&bw_counters, &uid);
+		if (!c)
+			stat_inc(STAT_COUNTERS_FULL);
+	}
+	return c;
+}
+
+// account counts and enforces one packet. egress is the packet's direction
+// at the socket; attr is constant: 1 in the claim variants, which look
+// claims up and fold pending bytes with BPF atomics (Linux 5.12), 0 in the
+// plain ones, which every kernel from 5.7 loads and which leave both out.
+static __always_inline int account(struct __sk_buff *skb, int egress, const int attr)
 {
 	__u32 uid = bpf_get_socket_uid(skb);
 	__u64 len = skb->len;
 	__u64 segs = skb->gso_segs;
+	__u64 fold_rx = 0, fold_tx = 0; // pending bytes to fold, in the user's directions
 	int count = 1;
+	int tx = egress; // the user's direction: swapped on a server socket
 
 	if (segs == 0)
 		segs = 1;
@@ -399,11 +626,49 @@ static __always_inline int account(struct __sk_buff *skb, int egress)
 			struct sock_owner *o = bpf_sk_storage_get(&bw_sock, sk, 0, 0);
 
 			if (o) {
-				if (o->flags & SOCK_PENDING)
-					return pending(o, len, egress);
-				uid = o->uid;
-				count = !(o->flags & SOCK_FORWARD);
+				__u32 flags = o->flags;
+
+				if (attr && (flags & (SOCK_CLAIM | SOCK_RELEASED)) == SOCK_CLAIM)
+					flags = claim(o, sk, flags);
+				if (flags & SOCK_CLAIM) {
+					// Waiting, or released: then it counts for its
+					// owner (uid stays), what it moved while it
+					// waited included.
+					if (!(flags & SOCK_RELEASED))
+						return pending(o, flags, len, egress);
+				} else if (flags & SOCK_PENDING) {
+					return pending(o, flags, len, egress);
+				} else {
+					uid = o->uid;
+					count = !(flags & SOCK_FORWARD);
+					if (flags & SOCK_SERVER)
+						tx = !egress;
+				}
+				// Bytes a claimed or released connection moved while
+				// it waited: they passed, so they are counted and
+				// charged whatever this packet's fate. Taken with
+				// exchanges, so that bytes a packet on another CPU
+				// adds meanwhile are folded once, by whoever finds
+				// them next. (Attribute's entries start at zero: it
+				// credits what it moved itself.)
+				if (attr && count && (o->pending_rx | o->pending_tx)) {
+					__u64 rx = __sync_lock_test_and_set(&o->pending_rx, 0);
+					__u64 sent = __sync_lock_test_and_set(&o->pending_tx, 0);
+
+					fold_rx = tx == egress ? rx : sent;
+					fold_tx = tx == egress ? sent : rx;
+				}
 			}
+		}
+	}
+
+	if (attr && (fold_rx | fold_tx)) {
+		struct counters *c = counters_of(uid);
+
+		if (c) {
+			__sync_fetch_and_add(&c->rx_bytes, fold_rx);
+			__sync_fetch_and_add(&c->tx_bytes, fold_tx);
+			mark_moved(uid);
 		}
 	}
 
@@ -411,15 +676,27 @@ static __always_inline int account(struct __sk_buff *skb, int egress)
 		struct policy *p = bpf_map_lookup_elem(&bw_policy, &uid);
 
 		if (p) {
-			__u32 qbit = egress ? POLICY_QUOTA_TX : POLICY_QUOTA_RX;
+			__u32 qbit = tx ? POLICY_QUOTA_TX : POLICY_QUOTA_RX;
+			__u32 key = p->quota_key ? p->quota_key : uid;
 
+			if (attr && (fold_rx | fold_tx)) {
+				__u64 charge = 0;
+				__u64 *used;
+
+				if (p->flags & POLICY_QUOTA_RX)
+					charge += fold_rx;
+				if (p->flags & POLICY_QUOTA_TX)
+					charge += fold_tx;
+				if (charge && (used = used_of(key)))
+					__sync_fetch_and_add(used, charge);
+			}
 			if (p->flags & POLICY_BLOCKED) {
 				if (is_reset(skb))
 					return 1;
 				stat_inc(STAT_DROP_BLOCKED);
 				return 0;
 			}
-			if (count && (p->flags & qbit) && !charge_quota(uid, p, len)) {
+			if (count && (p->flags & qbit) && !charge_quota(key, p, len)) {
 				if (is_reset(skb))
 					return 1;
 				stat_inc(STAT_DROP_QUOTA);
@@ -431,21 +708,13 @@ static __always_inline int account(struct __sk_buff *skb, int egress)
 	if (!count)
 		return 1;
 
-	struct counters *c = bpf_map_lookup_elem(&bw_counters, &uid);
+	struct counters *c = counters_of(uid);
 
-	if (!c) {
-		struct counters zero = {};
-
-		bpf_map_update_elem(&bw_counters, &uid, &zero, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&bw_counters, &uid);
-		if (!c) {
-			stat_inc(STAT_COUNTERS_FULL);
-			return 1;
-		}
-	}
+	if (!c)
+		return 1;
 	// Per-CPU values, but a program in process context can be preempted by
 	// another on the same CPU: atomic adds keep every byte.
-	if (egress) {
+	if (tx) {
 		__sync_fetch_and_add(&c->tx_bytes, len);
 		__sync_fetch_and_add(&c->tx_packets, segs);
 	} else {
@@ -459,13 +728,27 @@ static __always_inline int account(struct __sk_buff *skb, int egress)
 SEC("cgroup_skb/ingress")
 int bw_ingress(struct __sk_buff *skb)
 {
-	return account(skb, 0);
+	return account(skb, 0, 0);
 }
 
 SEC("cgroup_skb/egress")
 int bw_egress(struct __sk_buff *skb)
 {
-	return account(skb, 1);
+	return account(skb, 1, 0);
+}
+
+// The claim variants: attached instead of the plain ones where the session
+// programs run (see account).
+SEC("cgroup_skb/ingress")
+int bw_ingress_attr(struct __sk_buff *skb)
+{
+	return account(skb, 0, 1);
+}
+
+SEC("cgroup_skb/egress")
+int bw_egress_attr(struct __sk_buff *skb)
+{
+	return account(skb, 1, 1);
 }
 
 // blocked reports whether uid has a blocking policy.
@@ -530,31 +813,66 @@ int bw_sock_create(struct bpf_sock *sk)
 	return 1;
 }
 
-// bw_sockops makes a connection accepted on an SSH server's port pending
-// (SOCK_PENDING): its first PENDING_ALLOWANCE bytes pass and are kept in its
-// entry; then it is held until the agent has found whose session it is and
-// attributed it (moving those bytes to the user), or for PENDING_NS at most.
-// So a session's bytes are all counted for its user, and a user's new login
-// moves next to nothing before their limit and block apply to it.
+// loopback_peer reports whether a connection's peer is a loopback address
+// (127.0.0.0/8, ::1, ::ffff:127.0.0.0/104): a local proxy's.
+static __always_inline int loopback_peer(struct bpf_sock_ops *ops)
+{
+	if (ops->family == AF_INET)
+		return (bpf_ntohl(ops->remote_ip4) >> 24) == 127;
+	if (ops->family != AF_INET6 || ops->remote_ip6[0] || ops->remote_ip6[1])
+		return 0;
+	if (ops->remote_ip6[2] == bpf_htonl(0xffff))
+		return (bpf_ntohl(ops->remote_ip6[3]) >> 24) == 127;
+	return !ops->remote_ip6[2] && ops->remote_ip6[3] == bpf_htonl(1);
+}
+
+// bw_sockops makes each connection accepted on a port of bw_ssh_ports wait
+// for its user, by the port's kind:
+//
+//   - an SSH server's port: pending (SOCK_PENDING). Its first
+//     PENDING_ALLOWANCE bytes pass and are kept in its entry; then it is held
+//     until the agent has found whose session it is and attributed it
+//     (moving those bytes to the user), or for PENDING_NS at most. So a
+//     session's bytes are all counted for its user, and a user's new login
+//     moves next to nothing before their limit and block apply to it.
+//   - an Xray port, held: the same (SOCK_CLAIM|SOCK_PENDING), until the
+//     packet programs find its claim. From a loopback peer it is claim-only:
+//     a local proxy in front of Xray (nginx, stunnel) makes the address Xray
+//     logs differ from the socket's peer, so its claim never comes.
+//   - an Xray port, claim-only (SOCK_CLAIM): never held; its bytes are kept
+//     in the entry until the claim is found or PENDING_NS pass.
 SEC("sockops")
 int bw_sockops(struct bpf_sock_ops *ops)
 {
 	struct bpf_sock *sk;
 	struct sock_owner *o;
+	__u8 *kind;
+	__u32 flags;
 	__u16 port;
 
 	if (ops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
 	port = (__u16)ops->local_port;
-	if (!bpf_map_lookup_elem(&bw_ssh_ports, &port))
+	kind = bpf_map_lookup_elem(&bw_ssh_ports, &port);
+	if (!kind)
 		return 1;
+	switch (*kind) {
+	case PORT_XRAY_HOLD:
+		flags = loopback_peer(ops) ? SOCK_CLAIM : SOCK_CLAIM | SOCK_PENDING;
+		break;
+	case PORT_XRAY_CLAIM:
+		flags = SOCK_CLAIM;
+		break;
+	default:
+		flags = SOCK_PENDING;
+	}
 	sk = ops->sk;
 	if (!sk)
 		return 1;
 	o = bpf_sk_storage_get(&bw_sock, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (o && !o->flags && !o->uid) {
 		o->deadline = bpf_ktime_get_ns() + PENDING_NS;
-		o->flags = SOCK_PENDING;
+		o->flags = flags;
 	}
 	return 1;
 }

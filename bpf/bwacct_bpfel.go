@@ -13,6 +13,18 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type bwacctAccountName struct {
+	_    structs.HostLayout
+	Name [128]int8
+}
+
+type bwacctClaimKey struct {
+	_          structs.HostLayout
+	Addr       [16]uint8
+	ClientPort uint16
+	LocalPort  uint16
+}
+
 type bwacctCounters struct {
 	_         structs.HostLayout
 	RxBytes   uint64
@@ -22,10 +34,10 @@ type bwacctCounters struct {
 }
 
 type bwacctPolicy struct {
-	_       structs.HostLayout
-	Flags   uint32
-	Pad     uint32
-	Ceiling uint64
+	_        structs.HostLayout
+	Flags    uint32
+	QuotaKey uint32
+	Ceiling  uint64
 }
 
 type bwacctSockOwner struct {
@@ -41,24 +53,30 @@ type bwacctSockOwner struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	bwacctMapBwCounters    = "bw_counters"
-	bwacctMapBwCredit      = "bw_credit"
-	bwacctMapBwMoved       = "bw_moved"
-	bwacctMapBwPolicy      = "bw_policy"
-	bwacctMapBwPolicyBits  = "bw_policy_bits"
-	bwacctMapBwQuotaUsed   = "bw_quota_used"
-	bwacctMapBwServers     = "bw_servers"
-	bwacctMapBwSock        = "bw_sock"
-	bwacctMapBwSshPorts    = "bw_ssh_ports"
-	bwacctMapBwSstats      = "bw_sstats"
-	bwacctMapBwStats       = "bw_stats"
-	bwacctMapBwTagged      = "bw_tagged"
-	bwacctProgBwConnect4   = "bw_connect4"
-	bwacctProgBwConnect6   = "bw_connect6"
-	bwacctProgBwEgress     = "bw_egress"
-	bwacctProgBwIngress    = "bw_ingress"
-	bwacctProgBwSockCreate = "bw_sock_create"
-	bwacctProgBwSockops    = "bw_sockops"
+	bwacctMapBwAccounts     = "bw_accounts"
+	bwacctMapBwClaims       = "bw_claims"
+	bwacctMapBwCounters     = "bw_counters"
+	bwacctMapBwCredit       = "bw_credit"
+	bwacctMapBwMoved        = "bw_moved"
+	bwacctMapBwPolicy       = "bw_policy"
+	bwacctMapBwPolicyBits   = "bw_policy_bits"
+	bwacctMapBwQuotaUsed    = "bw_quota_used"
+	bwacctMapBwServers      = "bw_servers"
+	bwacctMapBwSock         = "bw_sock"
+	bwacctMapBwSshPorts     = "bw_ssh_ports"
+	bwacctMapBwSstats       = "bw_sstats"
+	bwacctMapBwStats        = "bw_stats"
+	bwacctMapBwTagged       = "bw_tagged"
+	bwacctMapBwXmoved       = "bw_xmoved"
+	bwacctMapBwXstats       = "bw_xstats"
+	bwacctProgBwConnect4    = "bw_connect4"
+	bwacctProgBwConnect6    = "bw_connect6"
+	bwacctProgBwEgress      = "bw_egress"
+	bwacctProgBwEgressAttr  = "bw_egress_attr"
+	bwacctProgBwIngress     = "bw_ingress"
+	bwacctProgBwIngressAttr = "bw_ingress_attr"
+	bwacctProgBwSockCreate  = "bw_sock_create"
+	bwacctProgBwSockops     = "bw_sockops"
 )
 
 // loadBwacct returns the embedded CollectionSpec for bwacct.
@@ -103,18 +121,22 @@ type bwacctSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bwacctProgramSpecs struct {
-	BwConnect4   *ebpf.ProgramSpec `ebpf:"bw_connect4"`
-	BwConnect6   *ebpf.ProgramSpec `ebpf:"bw_connect6"`
-	BwEgress     *ebpf.ProgramSpec `ebpf:"bw_egress"`
-	BwIngress    *ebpf.ProgramSpec `ebpf:"bw_ingress"`
-	BwSockCreate *ebpf.ProgramSpec `ebpf:"bw_sock_create"`
-	BwSockops    *ebpf.ProgramSpec `ebpf:"bw_sockops"`
+	BwConnect4    *ebpf.ProgramSpec `ebpf:"bw_connect4"`
+	BwConnect6    *ebpf.ProgramSpec `ebpf:"bw_connect6"`
+	BwEgress      *ebpf.ProgramSpec `ebpf:"bw_egress"`
+	BwEgressAttr  *ebpf.ProgramSpec `ebpf:"bw_egress_attr"`
+	BwIngress     *ebpf.ProgramSpec `ebpf:"bw_ingress"`
+	BwIngressAttr *ebpf.ProgramSpec `ebpf:"bw_ingress_attr"`
+	BwSockCreate  *ebpf.ProgramSpec `ebpf:"bw_sock_create"`
+	BwSockops     *ebpf.ProgramSpec `ebpf:"bw_sockops"`
 }
 
 // bwacctMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bwacctMapSpecs struct {
+	BwAccounts   *ebpf.MapSpec `ebpf:"bw_accounts"`
+	BwClaims     *ebpf.MapSpec `ebpf:"bw_claims"`
 	BwCounters   *ebpf.MapSpec `ebpf:"bw_counters"`
 	BwCredit     *ebpf.MapSpec `ebpf:"bw_credit"`
 	BwMoved      *ebpf.MapSpec `ebpf:"bw_moved"`
@@ -127,6 +149,8 @@ type bwacctMapSpecs struct {
 	BwSstats     *ebpf.MapSpec `ebpf:"bw_sstats"`
 	BwStats      *ebpf.MapSpec `ebpf:"bw_stats"`
 	BwTagged     *ebpf.MapSpec `ebpf:"bw_tagged"`
+	BwXmoved     *ebpf.MapSpec `ebpf:"bw_xmoved"`
+	BwXstats     *ebpf.MapSpec `ebpf:"bw_xstats"`
 }
 
 // bwacctVariableSpecs contains global variables before they are loaded into the kernel.
@@ -155,6 +179,8 @@ func (o *bwacctObjects) Close() error {
 //
 // It can be passed to loadBwacctObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bwacctMaps struct {
+	BwAccounts   *ebpf.Map `ebpf:"bw_accounts"`
+	BwClaims     *ebpf.Map `ebpf:"bw_claims"`
 	BwCounters   *ebpf.Map `ebpf:"bw_counters"`
 	BwCredit     *ebpf.Map `ebpf:"bw_credit"`
 	BwMoved      *ebpf.Map `ebpf:"bw_moved"`
@@ -167,10 +193,14 @@ type bwacctMaps struct {
 	BwSstats     *ebpf.Map `ebpf:"bw_sstats"`
 	BwStats      *ebpf.Map `ebpf:"bw_stats"`
 	BwTagged     *ebpf.Map `ebpf:"bw_tagged"`
+	BwXmoved     *ebpf.Map `ebpf:"bw_xmoved"`
+	BwXstats     *ebpf.Map `ebpf:"bw_xstats"`
 }
 
 func (m *bwacctMaps) Close() error {
 	return _BwacctClose(
+		m.BwAccounts,
+		m.BwClaims,
 		m.BwCounters,
 		m.BwCredit,
 		m.BwMoved,
@@ -183,6 +213,8 @@ func (m *bwacctMaps) Close() error {
 		m.BwSstats,
 		m.BwStats,
 		m.BwTagged,
+		m.BwXmoved,
+		m.BwXstats,
 	)
 }
 
@@ -196,12 +228,14 @@ type bwacctVariables struct {
 //
 // It can be passed to loadBwacctObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bwacctPrograms struct {
-	BwConnect4   *ebpf.Program `ebpf:"bw_connect4"`
-	BwConnect6   *ebpf.Program `ebpf:"bw_connect6"`
-	BwEgress     *ebpf.Program `ebpf:"bw_egress"`
-	BwIngress    *ebpf.Program `ebpf:"bw_ingress"`
-	BwSockCreate *ebpf.Program `ebpf:"bw_sock_create"`
-	BwSockops    *ebpf.Program `ebpf:"bw_sockops"`
+	BwConnect4    *ebpf.Program `ebpf:"bw_connect4"`
+	BwConnect6    *ebpf.Program `ebpf:"bw_connect6"`
+	BwEgress      *ebpf.Program `ebpf:"bw_egress"`
+	BwEgressAttr  *ebpf.Program `ebpf:"bw_egress_attr"`
+	BwIngress     *ebpf.Program `ebpf:"bw_ingress"`
+	BwIngressAttr *ebpf.Program `ebpf:"bw_ingress_attr"`
+	BwSockCreate  *ebpf.Program `ebpf:"bw_sock_create"`
+	BwSockops     *ebpf.Program `ebpf:"bw_sockops"`
 }
 
 func (p *bwacctPrograms) Close() error {
@@ -209,7 +243,9 @@ func (p *bwacctPrograms) Close() error {
 		p.BwConnect4,
 		p.BwConnect6,
 		p.BwEgress,
+		p.BwEgressAttr,
 		p.BwIngress,
+		p.BwIngressAttr,
 		p.BwSockCreate,
 		p.BwSockops,
 	)

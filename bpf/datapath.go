@@ -2,6 +2,9 @@
 // programs that count every socket's bytes per owner UID in both directions,
 // drop the packets of blocked UIDs, and enforce per-UID byte budgets in the
 // kernel itself, so a user cannot pass a limit between two agent ticks.
+// Sockets can count for another UID than their owner's (an SSH session's,
+// see Attribute), or for an account, the ID of a user who is no UID (an
+// Xray user, see Account and Claim).
 //
 // The maps and links are pinned under a bpffs directory. A new Load with the
 // same pin directory (an agent restart) reuses the maps, so no counter is
@@ -27,9 +30,9 @@ import (
 	"github.com/myvpn/bwagent/internal/uidguard"
 )
 
-// Errors returned by Load, the policy methods and ParseEpoch. Each is
-// wrapped with the detail and, where there is one, the command that fixes
-// it.
+// Errors returned by Load, the policy methods, ParseEpoch, the account
+// registry and Claim. Each is wrapped with the detail and, where there is
+// one, the command that fixes it.
 var (
 	ErrNoCgroup2       = errors.New("no cgroup v2 filesystem is mounted")
 	ErrNotCgroup2      = errors.New("not a cgroup v2 directory")
@@ -40,6 +43,10 @@ var (
 	ErrProtectedUID    = errors.New("UID is protected and cannot be blocked or limited")
 	ErrInUse           = errors.New("pin directory is in use by another agent")
 	ErrInvalidEpoch    = errors.New("not a counter epoch (BOOTID/MAPID)")
+	ErrAccountName     = errors.New("an account name is 1 to 128 bytes, none of them NUL")
+	ErrAccountsFull    = errors.New("the account registry is full (accounts are never reused; " +
+		"`bwagent uninstall` starts a new one, with new counters)")
+	ErrInvalidClaim = errors.New("a claim needs a client's address and port, and a local port")
 )
 
 // Defaults for Config.
@@ -82,9 +89,13 @@ type Config struct {
 	ProtectedUIDs []uint32
 }
 
-// Counters are one UID's totals since the maps were created. Rx is traffic
-// its sockets received, Tx traffic they sent. Bytes include IP and transport
-// headers; Packets counts a GSO/GRO batch as its segment count.
+// Counters are one UID's (or account's) totals since the maps were created,
+// in the user's directions: Rx is the user's download, Tx their upload. For
+// the user's own sockets that is what they received and sent; for a server
+// socket attributed to the user (Attribution.Server: an SSH session's, a
+// claimed Xray connection) it is the other way round. Bytes include IP and
+// transport headers; Packets counts a GSO/GRO batch as its segment count
+// (bytes a waiting connection moved before its claim come without packets).
 type Counters struct {
 	RxBytes, RxPackets, TxBytes, TxPackets uint64
 }
@@ -99,7 +110,7 @@ const (
 	Both = Rx | Tx
 )
 
-// Policy is what the kernel enforces for one UID.
+// Policy is what the kernel enforces for one UID or account.
 type Policy struct {
 	// Blocked drops every packet the UID sends or receives.
 	Blocked bool
@@ -109,6 +120,14 @@ type Policy struct {
 	// would take QuotaUsed above it is dropped. Use Ceiling to derive it
 	// from a number of remaining bytes.
 	Ceiling uint64
+	// QuotaKey, when not zero, is the ID whose charged total (QuotaUsed of
+	// QuotaKey) this policy's packets are charged to and compared with
+	// Ceiling, instead of the policy's own: an Xray account and an SSH UID
+	// of one user share one budget when both policies name the same
+	// QuotaKey (one of them, its own ID) and Ceiling. Ignored without a
+	// Quota. Deleting the policy of the ID whose total is shared deletes
+	// that total too.
+	QuotaKey uint32
 }
 
 func (p Policy) isZero() bool { return !p.Blocked && p.Quota == 0 }
@@ -126,6 +145,7 @@ func (p Policy) encode() bwacctPolicy {
 	}
 	if p.Quota != 0 {
 		v.Ceiling = p.Ceiling
+		v.QuotaKey = p.QuotaKey
 	}
 	return v
 }
@@ -140,6 +160,7 @@ func decodePolicy(v bwacctPolicy) Policy {
 	}
 	if p.Quota != 0 {
 		p.Ceiling = v.Ceiling
+		p.QuotaKey = v.QuotaKey
 	}
 	return p
 }
@@ -169,6 +190,17 @@ type Stats struct {
 	// SSHReleased counts those connections: each whose hold ended before
 	// it was attributed.
 	SSHReleased uint64
+	// XrayClaimed counts the connections accepted on an Xray port that
+	// found their claim (Claim) and count for its account since.
+	XrayClaimed uint64
+	// XrayHeld counts packets of connections on a held Xray port dropped
+	// while they waited for their claim, past their first 64 KiB.
+	XrayHeld uint64
+	// XrayUnclaimed counts the connections on an Xray port whose wait
+	// ended, after 5 s, without a claim: no agent ran, Xray logged no
+	// such connection, or a proxy in front of Xray hid the client's
+	// address. They count for their owner, Xray's UID.
+	XrayUnclaimed uint64
 }
 
 // Datapath is a loaded, attached data plane.
@@ -191,7 +223,19 @@ type Datapath struct {
 
 	epoch Epoch             // cached by Epoch
 	have  map[uint32]Policy // ReconcilePolicies' read-back, reused
-	moved []byte            // EachMoved's copy of bw_moved
+	moved []byte            // EachMoved's copy of bw_moved, then of bw_xmoved
+
+	// acctMu protects the following: the cache of bw_accounts, of which
+	// the Datapath is the only writer.
+	acctMu      sync.Mutex
+	accountIDs  map[string]uint32
+	accountName map[uint32]string
+	nextAccount uint32 // the next free ID
+
+	// portsMu protects the following: what each setter of bw_ssh_ports
+	// wants, by kind (see writePorts).
+	portsMu sync.Mutex
+	ports   [portKinds]map[uint16]bool
 }
 
 // linkPins names the pinned link of each attach type.
@@ -205,12 +249,24 @@ var linkPins = map[ebpf.AttachType]string{
 }
 
 // objects are the loaded maps and programs. The SSH session programs,
-// BwSockCreate and BwSockops, are nil on kernels before sockCreateKernel,
-// which refuse their helpers.
+// BwSockCreate and BwSockops, and the claim variants of the packet
+// programs, BwIngressAttr and BwEgressAttr, are nil on kernels before
+// sockCreateKernel, which refuse the session programs' helpers.
 type objects struct {
 	programs
-	BwSockCreate *ebpf.Program // loaded on its own: see load
-	BwSockops    *ebpf.Program
+	BwSockCreate  *ebpf.Program // loaded on its own: see load
+	BwSockops     *ebpf.Program
+	BwIngressAttr *ebpf.Program // attached instead of BwIngress when loaded
+	BwEgressAttr  *ebpf.Program // attached instead of BwEgress when loaded
+}
+
+// packet returns the packet programs to attach: the claim variants where
+// they are loaded, the plain ones elsewhere.
+func (o *objects) packet() (ingress, egress *ebpf.Program) {
+	if o.BwIngressAttr != nil && o.BwEgressAttr != nil {
+		return o.BwIngressAttr, o.BwEgressAttr
+	}
+	return o.BwIngress, o.BwEgress
 }
 
 // programs are what load's first LoadAndAssign loads: every map and the
@@ -245,13 +301,17 @@ func (o *objects) pinned() []pinnedMap {
 		{bwacctMapBwCredit, o.BwCredit},
 		{bwacctMapBwSshPorts, o.BwSshPorts},
 		{bwacctMapBwSstats, o.BwSstats},
+		{bwacctMapBwClaims, o.BwClaims},
+		{bwacctMapBwAccounts, o.BwAccounts},
+		{bwacctMapBwXmoved, o.BwXmoved},
+		{bwacctMapBwXstats, o.BwXstats},
 	}
 }
 
 // Close closes every map and program.
 func (o *objects) Close() error {
 	var errs []error
-	for _, p := range []*ebpf.Program{o.BwIngress, o.BwEgress, o.BwConnect4, o.BwConnect6, o.BwSockCreate, o.BwSockops} {
+	for _, p := range []*ebpf.Program{o.BwIngress, o.BwEgress, o.BwConnect4, o.BwConnect6, o.BwSockCreate, o.BwSockops, o.BwIngressAttr, o.BwEgressAttr} {
 		if p != nil {
 			errs = append(errs, p.Close())
 		}
@@ -262,7 +322,9 @@ func (o *objects) Close() error {
 
 // sockCreateKernel is the first Linux release whose cgroup/sock_create
 // programs may call bpf_get_current_pid_tgid (6.0): before it, the sockets
-// of SSH server processes are not tagged (see Datapath.SupportsServerTagging).
+// of SSH server processes are not tagged (see Datapath.SupportsServerTagging)
+// and no connection waits for its user or its claim. The claim variants of
+// the packet programs, which need BPF atomics (5.12), load with them.
 var sockCreateKernel = [2]int{6, 0}
 
 // Load loads the programs and maps, reusing pinned maps and links found
@@ -358,11 +420,14 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 		// A second load of the same spec: its maps are the pins the first
 		// made.
 		var sc struct {
-			SockCreate *ebpf.Program `ebpf:"bw_sock_create"`
-			Sockops    *ebpf.Program `ebpf:"bw_sockops"`
+			SockCreate  *ebpf.Program `ebpf:"bw_sock_create"`
+			Sockops     *ebpf.Program `ebpf:"bw_sockops"`
+			IngressAttr *ebpf.Program `ebpf:"bw_ingress_attr"`
+			EgressAttr  *ebpf.Program `ebpf:"bw_egress_attr"`
 		}
 		if err = spec.LoadAndAssign(&sc, opts); err == nil {
 			d.objs.BwSockCreate, d.objs.BwSockops = sc.SockCreate, sc.Sockops
+			d.objs.BwIngressAttr, d.objs.BwEgressAttr = sc.IngressAttr, sc.EgressAttr
 		} else {
 			d.objs.Close()
 		}
@@ -376,9 +441,11 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 		}
 		return nil, permission(fmt.Errorf("load BPF objects: %w", err))
 	}
-	if err := d.loadCredits(); err != nil {
-		d.Close()
-		return nil, err
+	for _, read := range []func() error{d.loadCredits, d.loadAccounts, d.loadPorts} {
+		if err := read(); err != nil {
+			d.Close()
+			return nil, err
+		}
 	}
 	// Attaching for the first time, or finding a previous agent's links,
 	// is no repair to report.
@@ -399,7 +466,8 @@ func permission(err error) error {
 }
 
 // EnsureAttached checks that every program (packets in and out, connect
-// for IPv4 and IPv6) is attached to the configured
+// for IPv4 and IPv6, the session programs where they are loaded) is attached
+// to the configured
 // cgroup through links pinned under PinPath, and that every map is pinned
 // there, and repairs whatever is not: a link detached by someone else or
 // left over for another cgroup, a removed pin of a link or a map, a removed
@@ -418,13 +486,17 @@ func (d *Datapath) EnsureAttached() (repaired []string, err error) {
 		}
 		repaired = append(repaired, "pin directory "+d.cfg.PinPath+" re-created")
 	}
+	ingress, egress := d.objs.packet()
 	for _, a := range []struct {
 		name string
 		typ  ebpf.AttachType
 		prog *ebpf.Program
 	}{
-		{"ingress", ebpf.AttachCGroupInetIngress, d.objs.BwIngress},
-		{"egress", ebpf.AttachCGroupInetEgress, d.objs.BwEgress},
+		// One link per attach type: a link that holds the other
+		// variant (an agent on another kernel before a reboot, or of an
+		// earlier version) gets this one's program.
+		{"ingress", ebpf.AttachCGroupInetIngress, ingress},
+		{"egress", ebpf.AttachCGroupInetEgress, egress},
 		// An agent of an earlier version left no connect links: they are
 		// made here, at its first start, as a first attachment.
 		{"connect4", ebpf.AttachCGroupInet4Connect, d.objs.BwConnect4},
@@ -658,14 +730,15 @@ func (d *Datapath) AttachedPrograms(typ ebpf.AttachType) ([]ebpf.ProgramID, erro
 	return ids, nil
 }
 
-// ProgramIDs returns the IDs of this data plane's ingress and egress
-// programs.
+// ProgramIDs returns the IDs of this data plane's attached ingress and
+// egress programs (the claim variants where they are loaded).
 func (d *Datapath) ProgramIDs() (ingress, egress ebpf.ProgramID, err error) {
-	ii, err := d.objs.BwIngress.Info()
+	in, eg := d.objs.packet()
+	ii, err := in.Info()
 	if err != nil {
 		return 0, 0, err
 	}
-	ei, err := d.objs.BwEgress.Info()
+	ei, err := eg.Info()
 	if err != nil {
 		return 0, 0, err
 	}

@@ -550,7 +550,8 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	want = append(want, "pin bw_counters re-created", "pin bw_policy re-created", "pin bw_policy_bits re-created",
 		"pin bw_quota_used re-created", "pin bw_stats re-created", "pin bw_moved re-created",
 		"pin bw_sock re-created", "pin bw_tagged re-created", "pin bw_servers re-created", "pin bw_credit re-created",
-		"pin bw_ssh_ports re-created", "pin bw_sstats re-created")
+		"pin bw_ssh_ports re-created", "pin bw_sstats re-created", "pin bw_claims re-created",
+		"pin bw_accounts re-created", "pin bw_xmoved re-created", "pin bw_xstats re-created")
 	repaired(want...)
 	repaired()
 	checkOne()

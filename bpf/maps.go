@@ -331,6 +331,16 @@ func (d *Datapath) Stats() (Stats, error) {
 			ssh[i] += v
 		}
 	}
+	var xray [3]uint64
+	for i := range xray {
+		var per []uint64
+		if err := d.objs.BwXstats.Lookup(uint32(i), &per); err != nil {
+			return Stats{}, fmt.Errorf("read stats: %w", err)
+		}
+		for _, v := range per {
+			xray[i] += v
+		}
+	}
 	return Stats{
 		CountersFull:    vals[statCountersFull],
 		DroppedBlocked:  vals[statDropBlocked],
@@ -339,14 +349,18 @@ func (d *Datapath) Stats() (Stats, error) {
 		SSHHeld:         ssh[0],
 		SSHUnattributed: ssh[1],
 		SSHReleased:     ssh[2],
+		XrayClaimed:     xray[0],
+		XrayHeld:        xray[1],
+		XrayUnclaimed:   xray[2],
 	}, nil
 }
 
-// RunStats returns the programs' combined run time in nanoseconds and run
-// count. They grow only while kernel.bpf_stats_enabled is 1 (see
-// ebpf.EnableStats).
+// RunStats returns the attached packet programs' combined run time in
+// nanoseconds and run count. They grow only while kernel.bpf_stats_enabled
+// is 1 (see ebpf.EnableStats).
 func (d *Datapath) RunStats() (ns, runs uint64, err error) {
-	for _, p := range []*ebpf.Program{d.objs.BwIngress, d.objs.BwEgress} {
+	ingress, egress := d.objs.packet()
+	for _, p := range []*ebpf.Program{ingress, egress} {
 		s, err := p.Stats()
 		if err != nil {
 			return 0, 0, fmt.Errorf("program stats: %w", err)
@@ -462,17 +476,27 @@ func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 	}
 }
 
-// movedBytes is the size of bw_moved: a byte per UID below policyBitsUIDs.
+// movedBytes is the size of bw_moved and of bw_xmoved: a byte per UID
+// below policyBitsUIDs, a byte per account.
 const movedBytes = policyBitsUIDs
 
-// EachMoved calls fn with the counters of every UID whose counters grew
-// since the last call (UIDs below 2^20; others are only seen by
-// EachCounter). It clears each UID's mark before it reads the UID's
-// counters, so a packet counted after the read marks the UID again for the
-// next call: nothing is missed, and a tick reads only the UIDs that moved
-// instead of every UID on every CPU.
+// EachMoved calls fn with the counters of every UID and every account whose
+// counters grew since the last call (UIDs below 2^20 and accounts; other
+// UIDs are only seen by EachCounter). It clears each one's mark before it
+// reads its counters, so a packet counted after the read marks it again for
+// the next call: nothing is missed, and a tick reads only the UIDs and
+// accounts that moved instead of every one on every CPU.
 func (d *Datapath) EachMoved(fn func(uid uint32, c Counters)) error {
-	mem, err := d.objs.BwMoved.Memory()
+	if err := d.eachMarked(d.objs.BwMoved, 0, fn); err != nil {
+		return err
+	}
+	return d.eachMarked(d.objs.BwXmoved, AccountBase, fn)
+}
+
+// eachMarked is EachMoved over one map of marks, whose byte i stands for
+// the ID base+i.
+func (d *Datapath) eachMarked(marks *ebpf.Map, base uint32, fn func(uid uint32, c Counters)) error {
+	mem, err := marks.Memory()
 	if err != nil {
 		return fmt.Errorf("map moved marks: %w", err)
 	}
@@ -496,12 +520,30 @@ func (d *Datapath) EachMoved(fn func(uid uint32, c Counters)) error {
 			if _, err := mem.WriteAt(zero, int64(off)); err != nil {
 				return fmt.Errorf("clear moved mark: %w", err)
 			}
-			c, err := d.CountersOf(uint32(off))
+			c, err := d.CountersOf(base + uint32(off))
 			if err != nil {
 				return err
 			}
-			fn(uint32(off), c)
+			fn(base+uint32(off), c)
 		}
 	}
 	return nil
+}
+
+// markMoved sets uid's mark for the next EachMoved, as the programs do
+// after they count: in bw_moved for a UID below 2^20, in bw_xmoved for an
+// account. Others have none. A mark that cannot be written is no error:
+// the next full read (EachCounter) finds what moved.
+func (d *Datapath) markMoved(uid uint32) {
+	marks, off := d.objs.BwMoved, int64(uid)
+	switch {
+	case uid < policyBitsUIDs:
+	case uid-AccountBase < MaxAccounts:
+		marks, off = d.objs.BwXmoved, int64(uid-AccountBase)
+	default:
+		return
+	}
+	if mem, err := marks.Memory(); err == nil {
+		mem.WriteAt([]byte{1}, off)
+	}
 }

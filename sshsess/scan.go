@@ -462,7 +462,10 @@ func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int
 		}
 		p.tagged = true
 	}
-	moved, err := t.k.Attribute(sess.fd, sess.owner, bpf.Attribution{UID: uid})
+	// The session socket is the server's end of the user's connection:
+	// what it sends is the user's download (Server swaps the directions in
+	// the kernel, and in what Attribute returns).
+	moved, err := t.k.Attribute(sess.fd, sess.owner, bpf.Attribution{UID: uid, Server: true})
 	if err != nil {
 		if errors.Is(err, bpf.ErrAttributed) {
 			t.sessions[pid] = s
@@ -474,13 +477,16 @@ func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int
 	t.sessions[pid] = s
 	p.session = true
 	t.proven[s.Local.Port()] = true
-	if !tagged { // accepted before the kernel knew the port: its TCP counters
-		moved = bpf.Counters{RxBytes: sess.info.Bytes_received, TxBytes: sess.info.Bytes_acked}
+	if !tagged { // accepted before the kernel knew the port: its TCP counters, in the user's directions
+		moved = bpf.Counters{RxBytes: sess.info.Bytes_acked, TxBytes: sess.info.Bytes_received}
 	}
-	// What the forwarded sockets received, the session sent, and back.
+	// The user's download is what the session socket sent, of which the
+	// forwarded sockets' received bytes were counted already (for the
+	// user, their owner); their upload is what it received, of which the
+	// forwarded sockets' sent bytes were.
 	credit := bpf.Counters{
-		RxBytes: sub(moved.RxBytes, fwd.TxBytes),
-		TxBytes: sub(moved.TxBytes, fwd.RxBytes),
+		RxBytes: sub(moved.RxBytes, fwd.RxBytes),
+		TxBytes: sub(moved.TxBytes, fwd.TxBytes),
 	}
 	return &Attributed{Session: s, Credit: credit}, true, nil
 }

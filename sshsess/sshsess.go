@@ -18,7 +18,9 @@
 //     that stays root (older Dropbear), the login its server logged (see
 //     AuthLog and Journal), checked against the session's client address;
 //   - takes the session's connection from the process (pidfd_getfd) and
-//     attributes it to the user (Kernel.Attribute): from its next packet on it
+//     attributes it to the user (Kernel.Attribute) as the server's end of
+//     the user's connection (bpf.Attribution.Server: what it sends is the
+//     user's download): from its next packet on it
 //     is counted, budgeted and blocked as the user's; the bytes it moved
 //     before (the authentication, the start of the session) are returned as
 //     a credit, from the socket's own TCP counters.
@@ -90,8 +92,9 @@ type Session struct {
 // Attributed is a session attributed by this Scan.
 type Attributed struct {
 	Session
-	// Credit is what the connection moved before it was attributed
-	// (RxBytes: from the client, TxBytes: to it): as the kernel counted it
+	// Credit is what the connection moved before it was attributed, in
+	// the user's directions (RxBytes: what the server sent the client, the
+	// user's download; TxBytes: what it received from it): as the kernel counted it
 	// while the connection was pending (bpf.Attribution.Pending), or, for a
 	// connection accepted before the agent knew the server's port, its TCP
 	// payload so far; less what the session's forwarded connections had

@@ -143,11 +143,31 @@ func (f *fixture) waitSessions(t *testing.T, uid uint32, n int) {
 
 func (f *fixture) total(t *testing.T, uid uint32) uint64 {
 	t.Helper()
+	c := f.counters(t, uid)
+	return c.RxBytes + c.TxBytes
+}
+
+func (f *fixture) counters(t *testing.T, uid uint32) bpf.Counters {
+	t.Helper()
 	c, err := f.dp.CountersOf(uid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return c.RxBytes + c.TxBytes
+	return c
+}
+
+// downloaded checks that what a user's counters gained from before is a
+// download of payload: RxBytes within payload and its overhead, TxBytes (the
+// client's requests and ACKs) a small part of it. The session socket is the
+// server's end: what it sends is the user's download.
+func (f *fixture) downloaded(t *testing.T, what string, uid uint32, before bpf.Counters, payload uint64) {
+	t.Helper()
+	c := f.counters(t, uid)
+	rx, tx := c.RxBytes-before.RxBytes, c.TxBytes-before.TxBytes
+	within(t, what+" as the user's download", rx, payload)
+	if tx > rx/10 {
+		t.Errorf("%s: the user's upload counted %d bytes, for a download of %d", what, tx, rx)
+	}
 }
 
 const mib = 1 << 20
@@ -175,16 +195,19 @@ func sessionsCountedOnce(t *testing.T, kind sshtest.Kind, addr netip.Addr) {
 	f.waitSessions(t, a.UID, 1)
 
 	before := f.total(t, a.UID)
+	beforeC := f.counters(t, a.UID)
 	const down = 16 * mib
 	if _, got, err := tun.Transfer(0, down); err != nil || got != down+1 { // +1: the sink's answer
 		t.Fatalf("tunnel transfer: %d bytes, %v", got, err)
 	}
 	within(t, "tunnel download", f.total(t, a.UID)-before, down)
+	f.downloaded(t, "tunnel download", a.UID, beforeC, down)
 
 	// A shell command's output, over a second login.
 	sh := f.srv.Exec(t, a, sshtest.ClientOptions{}, "sleep 1; head -c 16777216 /dev/zero")
 	f.waitSessions(t, a.UID, 2)
 	before = f.total(t, a.UID)
+	beforeC = f.counters(t, a.UID)
 	if err := sh.Wait(30 * time.Second); err != nil {
 		t.Fatalf("shell command: %v", err)
 	}
@@ -193,6 +216,7 @@ func sessionsCountedOnce(t *testing.T, kind sshtest.Kind, addr netip.Addr) {
 	}
 	// The credit covered what moved before the scan.
 	within(t, "shell output", f.total(t, a.UID)-before, 16*mib)
+	f.downloaded(t, "shell output", a.UID, beforeC, 16*mib)
 
 	// Blocked: the tunnel carries nothing and is cut.
 	if err := f.dp.ApplyPolicies(map[uint32]bpf.Policy{a.UID: {Blocked: true}}); err != nil {
@@ -235,4 +259,48 @@ func TestDropbearLoginsFromJournal(t *testing.T) {
 		t.Fatalf("tunnel transfer: %d bytes, %v", got, err)
 	}
 	within(t, "tunnel download", f.total(t, a.UID)-before, down)
+}
+
+// What a session moved before it was attributed is credited in the user's
+// directions: a shell command's output, all sent before the first scan (the
+// first login on a server: credited from the socket's TCP counters), and
+// one whose first 64 KiB a held login moved (credited from its pending
+// entry), are the user's download.
+func TestCreditIsTheUsersDownload(t *testing.T) {
+	for _, kind := range sshtest.Kinds {
+		t.Run(string(kind), func(t *testing.T) {
+			t.Parallel()
+			f := newFixture(t, kind, netip.MustParseAddr("127.0.0.1"))
+			a := f.account(t)
+			const out = 4 * mib
+			cmd := "head -c 4194304 /dev/zero; sleep 3"
+
+			// Before any scan: nothing is attributed, no port held.
+			sh := f.srv.Exec(t, a, sshtest.ClientOptions{}, cmd)
+			deadline := time.Now().Add(10 * time.Second)
+			for sh.Received() < out && time.Now().Before(deadline) {
+				time.Sleep(20 * time.Millisecond)
+			}
+			if sh.Received() != out {
+				t.Fatalf("shell output %d bytes before the scan", sh.Received())
+			}
+			before := f.counters(t, a.UID)
+			f.waitSessions(t, a.UID, 1)
+			f.downloaded(t, "output sent before the attribution", a.UID, before, out)
+
+			// The next scan holds the port: then a login waits for its scan.
+			f.scan(t)
+			before = f.counters(t, a.UID)
+			sh2 := f.srv.Exec(t, a, sshtest.ClientOptions{}, cmd)
+			time.Sleep(1500 * time.Millisecond)
+			if got := sh2.Received(); got >= out {
+				t.Fatalf("a held login's output came whole (%d bytes) before its scan", got)
+			}
+			f.waitSessions(t, a.UID, 2)
+			if err := sh2.Wait(30 * time.Second); err != nil {
+				t.Fatalf("shell command: %v", err)
+			}
+			f.downloaded(t, "a held login's output", a.UID, before, out)
+		})
+	}
 }
