@@ -167,7 +167,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	}
 	t := u.r.terms()
 	var slack uint64
-	if t.proto == quota.SSH {
+	if _, n := a.kernelKeys(u); n > 0 || t.proto == quota.SSH {
 		slack = kernelSlack(t.plan.Limit)
 	}
 	wasBlocked := t.st.Blocked
@@ -195,7 +195,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	if r.xray && st.Blocked != wasBlocked {
 		a.markersDirty = true
 	}
-	if t.proto == quota.SSH && a.byUID[r.uid] == u {
+	if _, n := a.kernelKeys(u); n > 0 || r.ssh && a.byUID[r.uid] == u {
 		a.updatePolicy(u)
 	}
 	a.noteUser(u, now) // notices.go: thresholds crossed, an expiry coming

@@ -46,6 +46,7 @@ import (
 	"github.com/myvpn/bwagent/sshsess"
 	"github.com/myvpn/bwagent/store"
 	"github.com/myvpn/bwagent/view"
+	"github.com/myvpn/bwagent/xrayaccess"
 	"github.com/myvpn/bwagent/xrayconf"
 	"github.com/myvpn/bwagent/xraystats"
 )
@@ -96,6 +97,9 @@ type Options struct {
 	// Sessions attributes SSH sessions to their users in the kernel; nil
 	// leaves them uncounted (see SessionKernel).
 	Sessions SessionKernel
+	// XrayKernel counts Xray users' connections in the kernel; nil leaves
+	// them to Xray's own counters (see xrayconns.go).
+	XrayKernel XrayKernel
 }
 
 // Agent runs the control loop. Its exported methods may be called from any
@@ -121,6 +125,10 @@ type Agent struct {
 	users map[string]*user      // every user, present or left within the retention
 	byUID map[uint32]*user      // present SSH users by UID
 	plans map[string]quota.Plan // limits of names that are no user yet
+
+	// bg is Run's context for the loop's helpers (the access log's
+	// follower); nil before Run.
+	bg context.Context
 
 	work   tickWork    // what this tick must evaluate, commit and write
 	kernel kernelSide  // SSH users: kernel counters, policies and the nft set
@@ -210,6 +218,12 @@ func New(o Options) (*Agent, error) {
 		}
 	}
 	a.xr = newXrayState()
+	a.xr.conns.k = o.XrayKernel
+	a.xr.conns.entries = make(chan []xrayaccess.Entry, 64)
+	a.xr.conns.listeners = a.xray.Listeners
+	if a.xr.conns.listeners == nil {
+		a.xr.conns.listeners = sockkill.Listeners
+	}
 	a.sess.k = o.Sessions
 	a.sess.events = make(chan sshsess.ProcEvent, 1024)
 	a.files = newFileWriter(a.cfg.Paths.UsageDir, a.pub.snap.Load)
@@ -256,6 +270,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.sess.k != nil {
 		wg.Go(func() { a.watchProcesses(fctx) })
 	}
+	a.bg = fctx
 	defer func() {
 		stopFiles()
 		wg.Wait()
@@ -288,6 +303,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.sessionProcess(ev, a.now())
 		case <-a.polling():
 			a.pollSessions(a.now())
+		case es := <-a.xr.conns.entries:
+			a.claimXray(es, a.now())
 		}
 		if iv := a.currentInterval(); iv != interval {
 			interval = iv
@@ -351,7 +368,8 @@ func (a *Agent) tick() {
 		Kernel: view.KernelStats{DroppedBlocked: st.DroppedBlocked, DroppedQuota: st.DroppedQuota,
 			CountersFull: st.CountersFull, QuotaFull: st.QuotaFull,
 			SSHSessions: uint64(a.sessionCount()), SSHHeld: st.SSHHeld, SSHUnattributed: st.SSHUnattributed,
-			SSHNeverAttributed: st.SSHReleased}}
+			SSHNeverAttributed: st.SSHReleased,
+			XrayClaimed:        st.XrayClaimed, XrayHeld: st.XrayHeld, XrayUnclaimed: st.XrayUnclaimed}}
 	h.Components = a.components(h.Errors)
 	a.health.Store(h)
 	a.files.kick()
@@ -365,7 +383,7 @@ func (a *Agent) tick() {
 func (a *Agent) Close() error {
 	a.watch.close()
 	a.xr.close()
-	return a.stopSessions()
+	return errors.Join(a.xr.conns.stop(), a.stopSessions())
 }
 
 // components describes each part of the agent for Health.
@@ -453,6 +471,7 @@ func (a *Agent) step(now time.Time) error {
 	xconf, xapi := a.sampleXray(ctx, now)
 	part("xray config", xconf)
 	part("xray api", xapi)
+	part("xray connections", a.syncXrayConns(a.bg, now))
 	// Rules.
 	a.evaluate(now)
 	a.expire(now)

@@ -211,6 +211,7 @@ type env struct {
 	a         *Agent
 	logs      *strings.Builder
 	xray      Xray
+	xk        XrayKernel
 	clockFn   func() time.Time // nil: the test's clock
 	observers []Observer
 }
@@ -271,7 +272,7 @@ func (e *env) start() {
 	}
 	e.t.Cleanup(func() { st.Close() })
 	e.logs = &strings.Builder{}
-	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st, Xray: e.xray,
+	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st, Xray: e.xray, XrayKernel: e.xk,
 		Log: slog.New(slog.NewTextHandler(syncWriter{b: e.logs}, nil)), Now: now, Observers: e.observers})
 	if err != nil {
 		e.t.Fatal(err)

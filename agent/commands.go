@@ -215,7 +215,7 @@ func (a *Agent) Reload(ctx context.Context, cfg config.Config) error {
 					a.leaveSSH(u, now)
 				}
 			}
-			a.kernel.releaseAll()
+			a.kernel.releaseUIDs()
 		}
 		if old.Xray.Enabled && !cfg.Xray.Enabled {
 			for _, u := range a.users {

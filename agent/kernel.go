@@ -129,10 +129,13 @@ func (k *kernelSide) setPolicy(uid uint32, p bpf.Policy) {
 // it.
 func (k *kernelSide) release(uid uint32) { k.setPolicy(uid, bpf.Policy{}) }
 
-// releaseAll drops every policy (SSH users turned off).
-func (k *kernelSide) releaseAll() {
+// releaseUIDs drops the policy of every UID (SSH users turned off); Xray's
+// accounts keep theirs.
+func (k *kernelSide) releaseUIDs() {
 	for uid := range k.policy {
-		k.release(uid)
+		if uid < bpf.AccountBase {
+			k.release(uid)
+		}
 	}
 }
 
@@ -151,7 +154,8 @@ func (k *kernelSide) resetChanges() {
 // account created later for a UID is not charged what the UID moved before.
 // After it, each baseline is this tick's sample of its UID.
 func (a *Agent) sampleKernel(now time.Time) error {
-	if !a.cfg.SSH.Enabled {
+	ssh, xk := a.cfg.SSH.Enabled, a.xr.conns.k
+	if !ssh && xk == nil {
 		return nil
 	}
 	k := &a.kernel
@@ -170,7 +174,11 @@ func (a *Agent) sampleKernel(now time.Time) error {
 	qe := kernelEpoch(epoch)
 	eid := k.epochID(qe)
 	return each(func(uid uint32, c bpf.Counters) {
-		if uid < lo || uid >= hi {
+		acct := uid >= bpf.AccountBase
+		switch {
+		case acct && xk == nil:
+			return
+		case !acct && (!ssh || uid < lo || uid >= hi):
 			return
 		}
 		b, seen := k.base[uid]
@@ -182,19 +190,51 @@ func (a *Agent) sampleKernel(now time.Time) error {
 			k.baseQ = append(k.baseQ, uid)
 		}
 		k.base[uid] = kbase{epoch: eid, dirty: true, up: c.TxBytes, down: c.RxBytes}
-		if u := a.byUID[uid]; u != nil && (d != quota.Usage{}) {
+		if (d == quota.Usage{}) {
+			return
+		}
+		if acct {
+			if name, ok := xk.AccountName(uid); ok {
+				if u := a.users[name]; u != nil && u.r.xray {
+					a.chargeXray(u, now, d, quota.Usage{})
+				}
+			}
+			return
+		}
+		if u := a.byUID[uid]; u != nil {
 			a.charge(u, now, d)
 		}
 	})
+}
+
+// kernelKeys returns the IDs the kernel counts and enforces u under: its
+// UID while it is an SSH account (unless protected), then its Xray
+// account while it is an Xray client with one. Its budget is charged to
+// the first: the policy of the second names it as its quota key.
+func (a *Agent) kernelKeys(u *user) (keys [2]uint32, n int) {
+	r := u.r
+	if r.ssh && a.byUID[r.uid] == u && !a.dp.Protected(r.uid) {
+		keys[n] = r.uid
+		n++
+	}
+	if xk := a.xr.conns.k; r.xray && xk != nil {
+		if id, ok := xk.AccountOf(r.name); ok {
+			keys[n] = id
+			n++
+		}
+	}
+	return keys, n
 }
 
 // updatePolicy works out the kernel policy of an SSH user and queues it if
 // it changed: blocked users are dropped both ways, limited ones get a budget
 // that lets exactly their remaining bytes through, everyone else has none.
 func (a *Agent) updatePolicy(u *user) {
-	uid := u.r.uid
-	if a.dp.Protected(uid) {
+	if uid := u.r.uid; u.r.ssh && a.byUID[uid] == u && a.dp.Protected(uid) {
 		a.logs.warnOnce(fmt.Sprintf("protected:%d", uid), "UID is protected: never blocked or budgeted in the kernel", "user", u.r.name, "uid", uid)
+	}
+	keys, n := a.kernelKeys(u)
+	if n == 0 {
 		return
 	}
 	var p bpf.Policy
@@ -203,7 +243,7 @@ func (a *Agent) updatePolicy(u *user) {
 		p = bpf.Policy{Blocked: true}
 		u.hasAnchor = false
 	case t.plan.Limit > 0 && !t.st.Override.Active:
-		an, err := a.anchor(u)
+		an, err := a.anchor(u, keys[:n])
 		if err != nil {
 			a.kernel.anchorErr = err
 			a.work.retryQ = append(a.work.retryQ, u) // try again next tick
@@ -213,12 +253,19 @@ func (a *Agent) updatePolicy(u *user) {
 	default:
 		u.hasAnchor = false
 	}
-	a.kernel.setPolicy(uid, p)
+	for i, key := range keys[:n] {
+		q := p
+		if i > 0 && q.Quota != 0 {
+			q.QuotaKey = keys[0]
+		}
+		a.kernel.setPolicy(key, q)
+	}
 }
 
 // anchor is a budget granted to an SSH user in the kernel: the absolute
 // ceiling on the kernel's charged bytes, and what it was computed for.
 type anchor struct {
+	key       uint32 // the kernel ID it is charged to
 	limit     uint64
 	lastReset quota.Instant // the last reset it was granted after
 	metric    quota.Metric
@@ -235,35 +282,38 @@ type anchor struct {
 // this tick's sample (the baseline) are taken off the allowance, and those
 // that moved after q was read are charged twice. Once granted, the ceiling
 // stays fixed while the charged total and the usage grow in step.
-func (a *Agent) anchor(u *user) (anchor, error) {
+func (a *Agent) anchor(u *user, keys []uint32) (anchor, error) {
 	r := u.r
 	t := r.terms()
 	p := t.plan
-	if an := u.anchor; u.hasAnchor && an.limit == p.Limit && an.lastReset == t.st.LastReset && an.metric == a.rules.Metric {
+	if an := u.anchor; u.hasAnchor && an.key == keys[0] && an.limit == p.Limit && an.lastReset == t.st.LastReset && an.metric == a.rules.Metric {
 		return an, nil
 	}
-	q, err := a.dp.QuotaUsed(r.uid)
+	q, err := a.dp.QuotaUsed(keys[0])
 	if err != nil {
 		return anchor{}, err
 	}
-	c, err := a.dp.CountersOf(r.uid)
-	if err != nil {
-		return anchor{}, err
+	var extra uint64
+	for _, key := range keys {
+		c, err := a.dp.CountersOf(key)
+		if err != nil {
+			return anchor{}, err
+		}
+		var sampled quota.Usage
+		if b, ok := a.kernel.base[key]; ok {
+			sampled = quota.Usage{Up: b.up, Down: b.down}
+		}
+		extra += a.rules.Metric.Of(quota.Since(
+			quota.Sample{Up: sampled.Up, Down: sampled.Down},
+			quota.Sample{Up: c.TxBytes, Down: c.RxBytes}))
 	}
-	var sampled quota.Usage
-	if b, ok := a.kernel.base[r.uid]; ok {
-		sampled = quota.Usage{Up: b.up, Down: b.down}
-	}
-	extra := a.rules.Metric.Of(quota.Since(
-		quota.Sample{Up: sampled.Up, Down: sampled.Down},
-		quota.Sample{Up: c.TxBytes, Down: c.RxBytes}))
 	st := r.state()
 	used := st.Used(a.rules) + extra
 	var remaining uint64
 	if used < p.Limit {
 		remaining = p.Limit - used
 	}
-	u.anchor = anchor{limit: p.Limit, lastReset: t.st.LastReset, metric: a.rules.Metric, ceiling: bpf.Ceiling(q, remaining)}
+	u.anchor = anchor{key: keys[0], limit: p.Limit, lastReset: t.st.LastReset, metric: a.rules.Metric, ceiling: bpf.Ceiling(q, remaining)}
 	u.hasAnchor = true
 	return u.anchor, nil
 }
@@ -312,7 +362,7 @@ func (a *Agent) enforceNFT() error {
 	if k.nftDirty {
 		k.blocked = k.blocked[:0]
 		for uid, p := range k.policy {
-			if p.Blocked {
+			if p.Blocked && uid < bpf.AccountBase { // accounts are no UIDs
 				k.blocked = append(k.blocked, uid)
 			}
 		}

@@ -76,7 +76,7 @@ func newKernelEnv(t *testing.T, passwdText, limits string) *kernelEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	k.a, err = New(Options{Config: k.cfg, Dataplane: k.dp, Sessions: k.dp, Firewall: k.fw, Store: st,
+	k.a, err = New(Options{Config: k.cfg, Dataplane: k.dp, Sessions: k.dp, XrayKernel: k.dp, Firewall: k.fw, Store: st,
 		Log: slog.New(slog.NewTextHandler(os.Stderr, nil))})
 	if err != nil {
 		t.Fatal(err)

@@ -49,7 +49,10 @@ func (a *Agent) load() error {
 		case quota.SourceUID:
 			a.kernel.base[b.Source.UID] = kbase{epoch: a.kernel.epochID(b.Epoch), up: s.Up, down: s.Down}
 		case quota.SourceXray:
-			a.xr.base[b.Source.Name] = &xbase{Sample: s}
+			a.xr.baseOf(b.Source.Name).Sample = s
+		case quota.SourceOwed:
+			xb := a.xr.baseOf(b.Source.Name)
+			xb.owed, xb.owedSaved = quota.Usage{Up: s.Up, Down: s.Down}, true
 		}
 	}
 	if _, done, err := a.store.Meta(metaImported); err != nil {
@@ -170,6 +173,10 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
 			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
+			if owing := bl.owed != (quota.Usage{}); owing || bl.owedSaved {
+				b.Baselines = append(b.Baselines, store.Baseline{Source: quota.OwedSource(email), Rx: bl.owed.Down, Tx: bl.owed.Up})
+				bl.owedSaved = owing
+			}
 		}
 	}
 	return b

@@ -74,7 +74,7 @@ func (k *kernelEnv) restart(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	k.a, err = New(Options{Config: cfg, Dataplane: dp, Sessions: dp, Firewall: k.fw, Store: st,
+	k.a, err = New(Options{Config: cfg, Dataplane: dp, Sessions: dp, XrayKernel: dp, Firewall: k.fw, Store: st,
 		Log: slog.New(slog.NewTextHandler(os.Stderr, nil))})
 	if err != nil {
 		t.Fatal(err)

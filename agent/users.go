@@ -339,6 +339,12 @@ func (a *Agent) leaveSSH(u *user, now time.Time) {
 
 // leaveXray marks u's Xray client as gone from Xray's config.
 func (a *Agent) leaveXray(u *user, now time.Time) {
+	if xk := a.xr.conns.k; xk != nil {
+		if id, ok := xk.AccountOf(u.r.name); ok {
+			a.kernel.release(id)
+			u.hasAnchor = false
+		}
+	}
 	w := a.edit(u)
 	w.xray = false
 	w.setProtos(w.xproto())

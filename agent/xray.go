@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/sockkill"
 	"github.com/myvpn/bwagent/xrayconf"
 	"github.com/myvpn/bwagent/xraystats"
 )
@@ -42,6 +43,9 @@ type Xray struct {
 	// these inbound ports; nil cuts nothing (see README: what blocking an
 	// Xray user can and cannot do).
 	Cut func(remotes []netip.Addr, ports []uint16) (int, error)
+	// Listeners finds the listening sockets of ports, whose UIDs are
+	// Xray's; nil is sockkill.Listeners.
+	Listeners func(ports []uint16) ([]sockkill.Conn, error)
 }
 
 // xrayState is Xray's part of the loop, for Xray users: a source (Xray's
@@ -69,12 +73,37 @@ type xrayState struct {
 	removed map[string]bool
 	// verifyIn counts the ticks to the next listing of the inbounds.
 	verifyIn int
+
+	// conns counts the users' connections in the kernel (xrayconns.go).
+	conns xconns
 }
 
-// xbase is the baseline of one Xray user's counters.
+// xbase is the baseline of one Xray user's counters, and what the kernel
+// counted of the user's connections that they have not reported yet (see
+// chargeXray).
 type xbase struct {
 	quota.Sample
-	dirty bool
+	owed      quota.Usage
+	owedSaved bool // the store may hold a debt: a paid-off one is written as zero
+	dirty     bool
+}
+
+// baseOf returns email's baseline, a zero one if it has none yet.
+func (x *xrayState) baseOf(email string) *xbase {
+	b := x.base[email]
+	if b == nil {
+		b = &xbase{}
+		x.base[email] = b
+	}
+	return b
+}
+
+// queueBase queues email's baseline b for the next commit.
+func (x *xrayState) queueBase(email string, b *xbase) {
+	if !b.dirty {
+		b.dirty = true
+		x.baseQ = append(x.baseQ, email)
+	}
 }
 
 func newXrayState() xrayState {
@@ -94,7 +123,7 @@ func (x *xrayState) close() {
 func (x *xrayState) dropBaseline(email string, rec *records) {
 	if _, ok := x.base[email]; ok {
 		delete(x.base, email)
-		rec.dropBaselines = append(rec.dropBaselines, quota.XraySource(email))
+		rec.dropBaselines = append(rec.dropBaselines, quota.XraySource(email), quota.OwedSource(email))
 	}
 }
 
@@ -160,24 +189,15 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 			continue
 		}
 		cur := quota.Sample{Epoch: a.xr.epoch, Up: uint64(max(t.Uplink, 0)), Down: uint64(max(t.Downlink, 0))}
-		b := a.xr.base[email]
-		if b == nil {
-			b = &xbase{}
-			a.xr.base[email] = b
-		}
+		b := a.xr.baseOf(email)
 		if b.Sample == cur {
 			continue
 		}
 		d := quota.Since(b.Sample, cur)
-		if !b.dirty {
-			a.xr.baseQ = append(a.xr.baseQ, email)
-		}
-		b.Sample, b.dirty = cur, true
+		a.xr.queueBase(email, b)
+		b.Sample = cur
 		if (d != quota.Usage{}) {
-			a.charge(u, now, d)
-			// The kernel budget of a user who is an SSH account too is what
-			// the limit leaves after every source: granted again.
-			u.hasAnchor = false
+			a.chargeXray(u, now, quota.Usage{}, d)
 		}
 	}
 	return confErr, nil

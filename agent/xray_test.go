@@ -528,3 +528,139 @@ func TestSSHAndXrayOneUser(t *testing.T) {
 		t.Errorf("alice without her account: %+v", v)
 	}
 }
+
+// fakeXrayKernel hands out kernel accounts and records claims and ports.
+type fakeXrayKernel struct {
+	accounts map[string]uint32
+	claims   map[netip.AddrPort]uint32
+	hold     []uint16
+	tagged   []uint32
+}
+
+func newFakeXrayKernel() *fakeXrayKernel {
+	return &fakeXrayKernel{accounts: map[string]uint32{}, claims: map[netip.AddrPort]uint32{}}
+}
+
+func (f *fakeXrayKernel) Account(name string) (uint32, error) {
+	if id, ok := f.accounts[name]; ok {
+		return id, nil
+	}
+	id := bpf.AccountBase + uint32(len(f.accounts))
+	f.accounts[name] = id
+	return id, nil
+}
+
+func (f *fakeXrayKernel) AccountOf(name string) (uint32, bool) {
+	id, ok := f.accounts[name]
+	return id, ok
+}
+
+func (f *fakeXrayKernel) AccountName(id uint32) (string, bool) {
+	for name, a := range f.accounts {
+		if a == id {
+			return name, true
+		}
+	}
+	return "", false
+}
+
+func (f *fakeXrayKernel) Claim(client netip.AddrPort, _ uint16, account uint32) error {
+	f.claims[client] = account
+	return nil
+}
+
+func (f *fakeXrayKernel) Unclaim(client netip.AddrPort, _ uint16) error {
+	delete(f.claims, client)
+	return nil
+}
+
+func (f *fakeXrayKernel) SetXrayPorts(hold, _ []uint16) error {
+	f.hold = hold
+	return nil
+}
+
+func (f *fakeXrayKernel) Tag(uid uint32) error {
+	f.tagged = append(f.tagged, uid)
+	return nil
+}
+
+// TestXrayOwed: what the kernel counts of an Xray user's connections is
+// charged at once and owed by Xray's counters: Xray reporting the same
+// bytes later (Vision, at the close) adds nothing, what Xray counts beyond
+// the debt (connections the kernel did not see) is added, and the debt
+// survives a restart of the agent.
+func TestXrayOwed(t *testing.T) {
+	e := newEnv(t)
+	e.write("xray.json", xrayConfigJSON)
+	e.write("bw-limit.conf", "alice 100\n")
+	fx := newFakeXray(func() time.Time { return e.clock })
+	e.xray = Xray{Dial: func(context.Context, string) (XrayAPI, error) { return fx, nil },
+		Cut: func([]netip.Addr, []uint16) (int, error) { return 0, nil }}
+	fk := newFakeXrayKernel()
+	e.xk = fk
+	acct, _ := fk.Account("alice")
+	e.start()
+	e.step(0)
+	kernel := func(up, down uint64) {
+		e.dp.mu.Lock()
+		c := e.dp.counters[acct]
+		c.TxBytes += up
+		c.RxBytes += down
+		e.dp.counters[acct] = c
+		if e.dp.moved == nil {
+			e.dp.moved = map[uint32]bool{}
+		}
+		e.dp.moved[acct] = true
+		e.dp.mu.Unlock()
+	}
+	want := func(what string, up, down uint64) {
+		t.Helper()
+		if v := e.user("alice"); v.Upload != up || v.Download != down {
+			t.Errorf("%s: alice %d up, %d down; want %d, %d", what, v.Upload, v.Download, up, down)
+		}
+	}
+
+	kernel(100_000, 10_000_000)
+	e.step(2 * time.Second)
+	want("the kernel's count", 100_000, 10_000_000)
+	if p := e.dp.policies[acct]; p.Quota == 0 || p.Blocked {
+		t.Errorf("alice's account has policy %+v, want a budget", p)
+	}
+
+	fx.use("alice", 97_000, 9_700_000) // the same bytes, as payload, at the close
+	e.step(2 * time.Second)
+	want("Xray reporting the same bytes", 100_000, 10_000_000)
+
+	fx.use("alice", 0, 1_000_000) // and UDP the kernel never saw
+	e.step(2 * time.Second)
+	want("Xray beyond what it owed", 100_000, 10_700_000)
+
+	kernel(0, 5_000_000)
+	e.step(2 * time.Second)
+	e.start() // a restart of the agent: the debt is in the store
+	fx.use("alice", 0, 5_000_000)
+	e.step(2 * time.Second)
+	want("after a restart", 100_000, 15_700_000)
+
+	// Over the limit: blocked in the kernel too.
+	kernel(0, 90<<20)
+	e.step(2 * time.Second)
+	if v := e.user("alice"); v.Status != quota.Blocked {
+		t.Errorf("alice over the limit: %+v", v)
+	}
+	if p := e.dp.policies[acct]; !p.Blocked {
+		t.Errorf("blocked alice's account has policy %+v", p)
+	}
+	// What Xray then reports beyond the debt sat in the buffers of
+	// connections the kernel stopped: not charged.
+	before := e.user("alice")
+	fx.mu.Lock()
+	tr := fx.traffic["alice"]
+	tr.Downlink += 100<<20 + 2_000_000
+	fx.traffic["alice"] = tr
+	fx.mu.Unlock()
+	e.step(2 * time.Second)
+	if v := e.user("alice"); v.Used != before.Used {
+		t.Errorf("blocked alice: used %d after Xray reported buffered bytes, %d before", v.Used, before.Used)
+	}
+}

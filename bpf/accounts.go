@@ -114,3 +114,11 @@ func (d *Datapath) loadAccounts() error {
 	}
 	return nil
 }
+
+// AccountOf returns name's account ID if it has one, without allocating.
+func (d *Datapath) AccountOf(name string) (id uint32, ok bool) {
+	d.acctMu.Lock()
+	defer d.acctMu.Unlock()
+	id, ok = d.accountIDs[name]
+	return id, ok
+}

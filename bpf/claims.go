@@ -153,3 +153,15 @@ func (d *Datapath) loadPorts() error {
 	}
 	return nil
 }
+
+// Unclaim removes the claim for the connection from client to localPort,
+// if no connection took it yet: a claim should not outlive the connection
+// it was written for, or a later connection from the same address and port
+// would be counted for its account. A claim not there is no error.
+func (d *Datapath) Unclaim(client netip.AddrPort, localPort uint16) error {
+	k := bwacctClaimKey{Addr: client.Addr().As16(), ClientPort: client.Port(), LocalPort: localPort}
+	if err := d.objs.BwClaims.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("unclaim %v to port %d: %w", client, localPort, err)
+	}
+	return nil
+}

@@ -191,6 +191,7 @@ func (c *Client) Status(ctx context.Context) (Health, error) {
 			CountersFull: r.CountersFull, QuotaFull: r.QuotaFull,
 			SSHSessions: r.SshSessions, SSHHeld: r.SshHeld, SSHUnattributed: r.SshUnattributed,
 			SSHNeverAttributed: r.SshNeverAttributed,
+			XrayClaimed:        r.XrayClaimed, XrayHeld: r.XrayHeld, XrayUnclaimed: r.XrayUnclaimed,
 		},
 		Notify: notifyFromPB(r.Notify),
 	}

@@ -497,7 +497,8 @@ func (s *Server) Status(context.Context, *controlpb.Empty) (*controlpb.StatusRes
 		CountersFull: h.Kernel.CountersFull, QuotaFull: h.Kernel.QuotaFull,
 		SshSessions: h.Kernel.SSHSessions, SshHeld: h.Kernel.SSHHeld, SshUnattributed: h.Kernel.SSHUnattributed,
 		SshNeverAttributed: h.Kernel.SSHNeverAttributed,
-		Notify:             notifyToPB(h.Notify),
+		XrayClaimed:        h.Kernel.XrayClaimed, XrayHeld: h.Kernel.XrayHeld, XrayUnclaimed: h.Kernel.XrayUnclaimed,
+		Notify: notifyToPB(h.Notify),
 	}
 	if !h.LastTick.IsZero() {
 		out.LastTickUnixNano = h.LastTick.UnixNano()

@@ -50,7 +50,8 @@ func healthyAgent() view.Health {
 			"xray": "ok: API 127.0.0.1:10085, 2 users",
 		},
 		Kernel: view.KernelStats{DroppedBlocked: 11, DroppedQuota: 22, CountersFull: 33, QuotaFull: 44,
-			SSHSessions: 5, SSHHeld: 55, SSHUnattributed: 66, SSHNeverAttributed: 2},
+			SSHSessions: 5, SSHHeld: 55, SSHUnattributed: 66, SSHNeverAttributed: 2,
+			XrayClaimed: 7, XrayHeld: 77, XrayUnclaimed: 3},
 	}
 }
 
@@ -239,6 +240,9 @@ func TestFromSource(t *testing.T) {
 	want(t, s, 55, "bwagent_kernel_ssh_held_packets_total")
 	want(t, s, 2, "bwagent_kernel_ssh_unattributed_total", "unit", "connections")
 	want(t, s, 66, "bwagent_kernel_ssh_unattributed_total", "unit", "packets")
+	want(t, s, 7, "bwagent_kernel_xray_connections_total", "state", "claimed")
+	want(t, s, 3, "bwagent_kernel_xray_connections_total", "state", "unclaimed")
+	want(t, s, 77, "bwagent_kernel_xray_held_packets_total")
 	for name, typ := range map[string]string{
 		"bwagent_users": "gauge", "bwagent_ticks_total": "counter", "bwagent_kernel_dropped_packets_total": "counter",
 		"bwagent_kernel_no_room_packets_total": "counter", "bwagent_component_healthy": "gauge",
@@ -482,7 +486,7 @@ func TestPedantic(t *testing.T) {
 				n++
 			}
 		}
-		if wantN := map[bool]int{false: 18, true: 22}[perUser]; n != wantN {
+		if wantN := map[bool]int{false: 20, true: 24}[perUser]; n != wantN {
 			t.Errorf("per_user %v: %d bwagent_ families, want %d", perUser, n, wantN)
 		}
 	}

@@ -55,6 +55,13 @@ var (
 		"SSH connections whose hold ended before they were attributed, and the packets they passed then, by unit: connections or packets. Their bytes count for no user. Counted by the kernel since its maps were created.",
 		[]string{"unit"}, nil)
 
+	xrayConnsDesc = prometheus.NewDesc("bwagent_kernel_xray_connections_total",
+		"Xray connections the kernel counted for their users, claimed from Xray's access log (state claimed), or never claimed within their hold (state unclaimed: counted by Xray's counters only). Counted by the kernel since its maps were created.",
+		[]string{"state"}, nil)
+	xrayHeldDesc = prometheus.NewDesc("bwagent_kernel_xray_held_packets_total",
+		"Packets of Xray connections held (dropped) while their claim had not come yet. Counted by the kernel since its maps were created.",
+		nil, nil)
+
 	userUsedDesc = prometheus.NewDesc("bwagent_user_used_bytes",
 		"A user's bytes counted against their limit (the configured metric) since their last reset; only with [metrics] per_user.",
 		[]string{"user", "protocol"}, nil)
@@ -78,7 +85,8 @@ type sourceCollector struct {
 // Describe implements prometheus.Collector.
 func (c *sourceCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{usersDesc, departedDesc, componentDesc, errorsDesc, xrayUpDesc,
-		ticksDesc, lastTickDesc, droppedDesc, noRoomDesc, sshSessionsDesc, sshHeldDesc, sshUnattributedDesc} {
+		ticksDesc, lastTickDesc, droppedDesc, noRoomDesc, sshSessionsDesc, sshHeldDesc, sshUnattributedDesc,
+		xrayConnsDesc, xrayHeldDesc} {
 		ch <- d
 	}
 	if c.opts.PerUser {
@@ -121,6 +129,9 @@ func (c *sourceCollector) collectHealth(ch chan<- prometheus.Metric, h view.Heal
 	ch <- prometheus.MustNewConstMetric(sshHeldDesc, prometheus.CounterValue, float64(k.SSHHeld))
 	ch <- prometheus.MustNewConstMetric(sshUnattributedDesc, prometheus.CounterValue, float64(k.SSHNeverAttributed), "connections")
 	ch <- prometheus.MustNewConstMetric(sshUnattributedDesc, prometheus.CounterValue, float64(k.SSHUnattributed), "packets")
+	ch <- prometheus.MustNewConstMetric(xrayConnsDesc, prometheus.CounterValue, float64(k.XrayClaimed), "claimed")
+	ch <- prometheus.MustNewConstMetric(xrayConnsDesc, prometheus.CounterValue, float64(k.XrayUnclaimed), "unclaimed")
+	ch <- prometheus.MustNewConstMetric(xrayHeldDesc, prometheus.CounterValue, float64(k.XrayHeld))
 }
 
 // userKey is a label pair of bwagent_users.

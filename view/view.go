@@ -110,6 +110,12 @@ type KernelStats struct {
 	// SSHNeverAttributed counts the SSH connections whose hold ended
 	// before they were attributed (their packets are SSHUnattributed).
 	SSHNeverAttributed uint64
+	// Xray's connections: those the kernel counted for their users from
+	// the access log's claims; packets held while their claim had not come
+	// yet; connections never claimed (counted by Xray's counters only).
+	XrayClaimed   uint64
+	XrayHeld      uint64
+	XrayUnclaimed uint64
 }
 
 // UserRow is the part of a user that a live monitor shows (Watch).

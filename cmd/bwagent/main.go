@@ -132,7 +132,11 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	notes := openNotifications(cfg, st, log)   // notify.go
 	sm := newServiceManager(log, cfg.Interval) // systemd's notify protocol
 	defer sm.close()
-	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Sessions: dp, Firewall: fw, Store: st, Log: log,
+	var xk agent.XrayKernel
+	if dp.SupportsServerTagging() { // Linux 6.0: claims of Xray's connections
+		xk = dp
+	}
+	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Sessions: dp, XrayKernel: xk, Firewall: fw, Store: st, Log: log,
 		Observers: append(mx.observers(), sm)})
 	if err != nil {
 		return err

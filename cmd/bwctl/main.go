@@ -682,6 +682,7 @@ func cmdStatus(ctx context.Context, e *env) error {
 			QuotaFull      uint64 `json:"quota_full"`
 			SSHHeld        uint64 `json:"ssh_held"`
 			SSHUnattrib    uint64 `json:"ssh_unattributed"`
+			XrayHeld       uint64 `json:"xray_held"`
 		}
 		k := h.Kernel
 		return writeJSON(e.out, struct {
@@ -691,12 +692,15 @@ func cmdStatus(ctx context.Context, e *env) error {
 			Users        int               `json:"users"`
 			SSHSessions  uint64            `json:"ssh_sessions"`
 			SSHNever     uint64            `json:"ssh_never_attributed"`
+			XrayClaimed  uint64            `json:"xray_claimed"`
+			XrayNever    uint64            `json:"xray_unclaimed"`
 			Kernel       kernel            `json:"kernel_packets"`
 			Components   map[string]string `json:"components"`
 			Errors       map[string]string `json:"errors"`
 			Notify       []notifyOut       `json:"notify"`
 		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Ticks, h.Users, k.SSHSessions, k.SSHNeverAttributed,
-			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull, k.SSHHeld, k.SSHUnattributed},
+			k.XrayClaimed, k.XrayUnclaimed,
+			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull, k.SSHHeld, k.SSHUnattributed, k.XrayHeld},
 			comps, errs, notifyJSON(h.Notify)})
 	}
 	tw := tabwriter.NewWriter(e.out, 0, 0, 1, ' ', 0)
@@ -716,6 +720,8 @@ func cmdStatus(ctx context.Context, e *env) error {
 	fmt.Fprintf(tw, "kernel no room:\t%s\n", noRoom)
 	fmt.Fprintf(tw, "kernel ssh logins:\t%d packets held until attributed; %d connections never attributed (%d packets)\n",
 		k.SSHHeld, k.SSHNeverAttributed, k.SSHUnattributed)
+	fmt.Fprintf(tw, "kernel xray connections:\t%d counted for their users; %d packets held until claimed; %d connections never claimed (counted by Xray)\n",
+		k.XrayClaimed, k.XrayHeld, k.XrayUnclaimed)
 	for _, k := range slices.Sorted(maps.Keys(h.Components)) {
 		fmt.Fprintf(tw, "%s:\t%s\n", k, h.Components[k])
 	}

@@ -25,6 +25,7 @@ type proc struct {
 	cmdline []string
 	ports   []int // the TCP ports it listens on
 	logPath string
+	cgroup  string // the cgroup v2 directory it runs in; "" the caller's
 	mu      sync.Mutex
 	cmd     *exec.Cmd
 	done    chan struct{} // closed when cmd.Wait returned
@@ -53,11 +54,18 @@ func writeConfig(t testing.TB, path string, cfg any) {
 // t.Cleanup, where the end of its log is logged if t failed.
 func runXray(t testing.TB, name, cfgPath, logPath string, ports []int) (*proc, error) {
 	t.Helper()
+	return runXrayIn(t, name, cfgPath, logPath, ports, "")
+}
+
+// runXrayIn is runXray in the cgroup v2 directory cgroup ("": the caller's).
+func runXrayIn(t testing.TB, name, cfgPath, logPath string, ports []int, cgroup string) (*proc, error) {
+	t.Helper()
 	p := &proc{
 		name:    name,
 		cmdline: []string{Bin(t), "run", "-c", cfgPath},
 		ports:   ports,
 		logPath: logPath,
+		cgroup:  cgroup,
 	}
 	t.Cleanup(func() {
 		p.kill()
@@ -99,6 +107,16 @@ func (p *proc) start(t testing.TB) error {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Dies with the test binary, should that be killed (see nettest.Spawn).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if p.cgroup != "" {
+		// Born in it (clone3 with CLONE_INTO_CGROUP): its first socket is
+		// already the cgroup's.
+		cg, err := os.Open(p.cgroup)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cg.Close()
+		cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, int(cg.Fd())
+	}
 	if err := nettest.Spawn(cmd.Start); err != nil {
 		t.Fatalf("start %s: %v", p.name, err)
 	}

@@ -69,6 +69,14 @@ type options struct {
 	services  []string
 	classic   bool
 	accessLog bool
+	cgroup    string
+}
+
+// Cgroup starts the server (and restarts it) in the cgroup v2 directory
+// dir, so that the BPF programs attached there see its sockets: its
+// listening sockets, and so the connections they accept, belong to it.
+func Cgroup(dir string) Option {
+	return func(o *options) { o.cgroup = dir }
 }
 
 // APIServices sets the services of the API (api.services); the default is
@@ -156,7 +164,7 @@ func StartServer(t testing.TB, users []User, opts ...Option) *Server {
 		}
 		s.API = fmt.Sprintf("127.0.0.1:%d", apiPort)
 		writeConfig(t, s.ConfigPath, s.config(apiPort, o))
-		return runXray(t, "server", s.ConfigPath, s.LogPath, ports)
+		return runXrayIn(t, "server", s.ConfigPath, s.LogPath, ports, o.cgroup)
 	})
 
 	if len(s.Users) > 0 {

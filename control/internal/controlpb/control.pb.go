@@ -788,8 +788,14 @@ type StatusResponse struct {
 	SshUnattributed uint64 `protobuf:"varint,14,opt,name=ssh_unattributed,json=sshUnattributed,proto3" json:"ssh_unattributed,omitempty"`
 	// SSH connections never attributed within their hold.
 	SshNeverAttributed uint64 `protobuf:"varint,15,opt,name=ssh_never_attributed,json=sshNeverAttributed,proto3" json:"ssh_never_attributed,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Xray's connections counted in the kernel for their users (claimed
+	// from the access log); packets held while a claim had not come yet;
+	// connections never claimed, which Xray's counters count.
+	XrayClaimed   uint64 `protobuf:"varint,16,opt,name=xray_claimed,json=xrayClaimed,proto3" json:"xray_claimed,omitempty"`
+	XrayHeld      uint64 `protobuf:"varint,17,opt,name=xray_held,json=xrayHeld,proto3" json:"xray_held,omitempty"`
+	XrayUnclaimed uint64 `protobuf:"varint,18,opt,name=xray_unclaimed,json=xrayUnclaimed,proto3" json:"xray_unclaimed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -923,6 +929,27 @@ func (x *StatusResponse) GetSshUnattributed() uint64 {
 func (x *StatusResponse) GetSshNeverAttributed() uint64 {
 	if x != nil {
 		return x.SshNeverAttributed
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetXrayClaimed() uint64 {
+	if x != nil {
+		return x.XrayClaimed
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetXrayHeld() uint64 {
+	if x != nil {
+		return x.XrayHeld
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetXrayUnclaimed() uint64 {
+	if x != nil {
+		return x.XrayUnclaimed
 	}
 	return 0
 }
@@ -1222,7 +1249,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
 	"\x10duration_seconds\x18\x02 \x01(\x03R\x0fdurationSeconds\"(\n" +
 	"\x10ResetAllResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x03R\x05count\"\x99\x06\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\x80\a\n" +
 	"\x0eStatusResponse\x12-\n" +
 	"\x13last_tick_unix_nano\x18\x01 \x01(\x03R\x10lastTickUnixNano\x12.\n" +
 	"\x13tick_duration_nanos\x18\x02 \x01(\x03R\x11tickDurationNanos\x12\x14\n" +
@@ -1242,7 +1269,10 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\fssh_sessions\x18\f \x01(\x04R\vsshSessions\x12\x19\n" +
 	"\bssh_held\x18\r \x01(\x04R\asshHeld\x12)\n" +
 	"\x10ssh_unattributed\x18\x0e \x01(\x04R\x0fsshUnattributed\x120\n" +
-	"\x14ssh_never_attributed\x18\x0f \x01(\x04R\x12sshNeverAttributed\x1a9\n" +
+	"\x14ssh_never_attributed\x18\x0f \x01(\x04R\x12sshNeverAttributed\x12!\n" +
+	"\fxray_claimed\x18\x10 \x01(\x04R\vxrayClaimed\x12\x1b\n" +
+	"\txray_held\x18\x11 \x01(\x04R\bxrayHeld\x12%\n" +
+	"\x0exray_unclaimed\x18\x12 \x01(\x04R\rxrayUnclaimed\x1a9\n" +
 	"\vErrorsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a=\n" +
