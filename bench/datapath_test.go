@@ -219,7 +219,14 @@ func BenchmarkDatapath(b *testing.B) {
 func iperf(b *testing.B, ns netns.NsHandle, cg, server string, extra []string) float64 {
 	b.Helper()
 	// Sender on CPU 0, receiver (started with -A 1) on CPU 1: less noise.
-	args := append([]string{"-c", server, "-p", "5201", "-t", fmt.Sprint(seconds), "-J", "-A", "0"}, extra...)
+	return iperfAs(b, nettest.Spec{NS: ns, Cgroup: cg, UID: senderUID}, server, "5201", "0", extra)
+}
+
+// iperfAs is iperf with the client run as spec says, against port on
+// server, on CPU cpu.
+func iperfAs(b *testing.B, spec nettest.Spec, server, port, cpu string, extra []string) float64 {
+	b.Helper()
+	args := append([]string{"-c", server, "-p", port, "-t", fmt.Sprint(seconds), "-J", "-A", cpu}, extra...)
 	// TCP: what arrived. UDP: what the sender got out; the receiver of a
 	// flood on two cores loses most datagrams whatever the data plane.
 	key := "sum_received"
@@ -227,7 +234,7 @@ func iperf(b *testing.B, ns netns.NsHandle, cg, server string, extra []string) f
 		key = "sum_sent"
 	}
 	for attempt := 1; ; attempt++ {
-		p := nettest.Exec(b, nettest.Spec{NS: ns, Cgroup: cg, UID: senderUID}, "iperf3", args...)
+		p := nettest.Exec(b, spec, "iperf3", args...)
 		var out strings.Builder
 		for line := range p.Lines {
 			out.WriteString(line)

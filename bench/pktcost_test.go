@@ -3,8 +3,11 @@ package bench
 import (
 	"errors"
 	"fmt"
+	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -25,7 +28,17 @@ type costMode struct {
 	name string
 	// attach attaches the mode's programs to cg.
 	attach func(b *testing.B, cg string) *attachedProgs
+	// serves makes the measured socket the server's end of its
+	// connection, as an Xray connection is: the iperf3 client runs in the
+	// receiver's cgroup and namespace against the sender's iperf3 server
+	// (claimPort), reversed, so that "tcp-up" is still the sender's cgroup
+	// sending. Its UDP row is left out: claims are for TCP connections.
+	serves bool
 }
+
+// claimPort is the port of the sender's own iperf3 server, an Xray
+// claim-only port in the claimed mode.
+const claimPort = 5202
 
 // attachedProgs is a mode's programs while they are attached.
 type attachedProgs struct {
@@ -88,7 +101,10 @@ func (a *attachedProgs) stats() (runStats, error) {
 // attribution up. A new mode is a row of the table: a function that attaches a
 // pair of programs and returns them (attachOurs for ours with other
 // policies; a mode whose sockets carry socket storage would load ours with
-// that turned on and be one more row).
+// that turned on and be one more row). The claimed mode is the sender's
+// accepted connection (its own iperf3 server's, see costMode.serves)
+// claimed for an account with a budget: every packet finds the account in
+// its socket's attribution, and charges the account's budget.
 func BenchmarkPacketCost(b *testing.B) {
 	nettest.RequireRoot(b)
 	if _, err := exec.LookPath("iperf3"); err != nil {
@@ -111,7 +127,20 @@ func BenchmarkPacketCost(b *testing.B) {
 	b.Cleanup(func() { stats.Close() })
 
 	nettest.Exec(b, nettest.Spec{NS: net.B, Cgroup: srvCg, UID: receiverUID}, "iperf3", "-s", "-B", net.B4.String(), "-p", "5201", "-A", "1")
+	// The claimed mode's server: the sender's, in the sender's cgroup.
+	nettest.Exec(b, nettest.Spec{NS: net.A, Cgroup: cg, UID: senderUID}, "iperf3", "-s", "-B", net.A4.String(), "-p", fmt.Sprint(claimPort), "-A", "0")
 	time.Sleep(300 * time.Millisecond)
+	var ports [2]int // the receiver's namespace's ephemeral ports: the claimed mode's clients
+	err = nettest.Do(net.B, func() error {
+		r, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+		if err == nil {
+			_, err = fmt.Sscan(string(r), &ports[0], &ports[1])
+		}
+		return err
+	})
+	if err != nil {
+		b.Fatalf("ephemeral ports: %v", err)
+	}
 
 	blocked := make(map[uint32]bpf.Policy, blockedUIDs)
 	for i := range blockedUIDs {
@@ -125,6 +154,9 @@ func BenchmarkPacketCost(b *testing.B) {
 		})},
 		{name: "blocked10k", attach: attachOurs(pin, blocked)},
 		{name: "tagged", attach: attachOurs(pin, nil, tagSender)},
+		{name: "claimed", serves: true, attach: attachOurs(pin, map[uint32]bpf.Policy{
+			bpf.AccountBase: {Quota: bpf.Both, Ceiling: 1 << 62}, // the first account's: never reached
+		}, claimAll(net.B4, ports[0], ports[1]))},
 	}
 	traffic := []struct {
 		name string
@@ -150,11 +182,22 @@ func BenchmarkPacketCost(b *testing.B) {
 				current = m.attach(b, cg)
 				time.Sleep(200 * time.Millisecond) // let the attach's deferred work settle
 				for _, t := range traffic {
+					if m.serves && slices.Contains(t.args, "-u") {
+						continue
+					}
 					before, err := current.stats()
 					if err != nil {
 						b.Fatal(err)
 					}
-					iperf(b, net.A, cg, net.B4.String(), t.args)
+					if m.serves {
+						args := slices.DeleteFunc(slices.Clone(t.args), func(a string) bool { return a == "-R" })
+						if !slices.Contains(t.args, "-R") {
+							args = append(args, "-R")
+						}
+						iperfAs(b, nettest.Spec{NS: net.B, Cgroup: srvCg, UID: receiverUID}, net.A4.String(), fmt.Sprint(claimPort), "1", args)
+					} else {
+						iperf(b, net.A, cg, net.B4.String(), t.args)
+					}
 					after, err := current.stats()
 					if err != nil {
 						b.Fatal(err)
@@ -186,6 +229,9 @@ func BenchmarkPacketCost(b *testing.B) {
 	base := modes[0].name
 	for _, t := range traffic {
 		for _, m := range modes {
+			if len(res[m.name+"/"+t.name]) == 0 {
+				continue // not run: a serving mode's UDP
+			}
 			var perRun, in, eg, inRuns, egRuns, diff []float64
 			for r, s := range res[m.name+"/"+t.name] {
 				perRun = append(perRun, s.nsPerRun())
@@ -261,9 +307,40 @@ func tagSender(dp *bpf.Datapath) error {
 	return err
 }
 
+// claimAll makes claimPort a claim-only Xray port and claims every
+// connection to it from client's ports lo to hi (the receiver's namespace's
+// ephemeral ports) for the first account, the sender's UID tagged as Xray's
+// is.
+func claimAll(client netip.Addr, lo, hi int) func(*bpf.Datapath) error {
+	return func(dp *bpf.Datapath) error {
+		if !dp.SupportsServerTagging() {
+			return errors.New("claims need Linux 6.0")
+		}
+		acct, err := dp.Account("bench")
+		if err != nil {
+			return err
+		}
+		if acct != bpf.AccountBase {
+			return fmt.Errorf("the first account is %#x, want %#x: pins of an earlier run?", acct, bpf.AccountBase)
+		}
+		if err := dp.Tag(senderUID); err != nil {
+			return err
+		}
+		if err := dp.SetXrayPorts(nil, []uint16{claimPort}); err != nil {
+			return err
+		}
+		for port := lo; port <= hi; port++ {
+			if err := dp.Claim(netip.AddrPortFrom(client, uint16(port)), claimPort, acct); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
 // attachOurs returns a mode that loads our data plane on cg with the given
-// policies, then runs setup. Its check fails if a packet was dropped or went uncounted, or if
-// the sender has a budget that was never charged.
+// policies, then runs setup. Its check fails if a packet was dropped or went
+// uncounted, or if an ID with a budget never had it charged.
 func attachOurs(pin string, policies map[uint32]bpf.Policy, setup ...func(*bpf.Datapath) error) func(b *testing.B, cg string) *attachedProgs {
 	return func(b *testing.B, cg string) *attachedProgs {
 		b.Helper()
@@ -304,18 +381,21 @@ func attachOurs(pin string, policies map[uint32]bpf.Policy, setup ...func(*bpf.D
 			if err != nil {
 				return err
 			}
+			s.XrayClaimed = 0 // the claimed mode's connections
 			if s != (bpf.Stats{}) {
 				return fmt.Errorf("the programs dropped or missed packets: %+v", s)
 			}
-			if policies[senderUID].Quota == 0 {
-				return nil
-			}
-			used, err := dp.QuotaUsed(senderUID)
-			if err != nil {
-				return err
-			}
-			if used == 0 {
-				return errors.New("the sender's budget was never charged")
+			for id, p := range policies {
+				if p.Quota == 0 {
+					continue
+				}
+				used, err := dp.QuotaUsed(id)
+				if err != nil {
+					return err
+				}
+				if used == 0 {
+					return fmt.Errorf("the budget of %d was never charged", id)
+				}
 			}
 			return nil
 		}
