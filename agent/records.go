@@ -52,7 +52,7 @@ func (a *Agent) load() error {
 			a.xr.baseOf(b.Source.Name).Sample = s
 		case quota.SourceOwed:
 			xb := a.xr.baseOf(b.Source.Name)
-			xb.owed, xb.owedSaved = quota.Usage{Up: s.Up, Down: s.Down}, true
+			xb.owed, xb.moved, xb.owedSaved = quota.Usage{Up: s.Up, Down: s.Down}, b.Epoch.Start, true
 		}
 	}
 	if _, done, err := a.store.Meta(metaImported); err != nil {
@@ -174,7 +174,8 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 		if bl := a.xr.base[email]; bl != nil {
 			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
 			if owing := bl.owed != (quota.Usage{}); owing || bl.owedSaved {
-				b.Baselines = append(b.Baselines, store.Baseline{Source: quota.OwedSource(email), Rx: bl.owed.Down, Tx: bl.owed.Up})
+				b.Baselines = append(b.Baselines, store.Baseline{Source: quota.OwedSource(email),
+					Epoch: quota.Epoch{Origin: owedOrigin, Start: bl.moved}, Rx: bl.owed.Down, Tx: bl.owed.Up})
 				bl.owedSaved = owing
 			}
 		}

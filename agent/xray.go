@@ -84,7 +84,8 @@ type xrayState struct {
 type xbase struct {
 	quota.Sample
 	owed      quota.Usage
-	owedSaved bool // the store may hold a debt: a paid-off one is written as zero
+	moved     int64 // when either count of the user last moved, Unix seconds: a debt's age
+	owedSaved bool  // the store may hold a debt: a paid-off one is written as zero
 	dirty     bool
 }
 

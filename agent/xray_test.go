@@ -642,6 +642,21 @@ func TestXrayOwed(t *testing.T) {
 	e.step(2 * time.Second)
 	want("after a restart", 100_000, 15_700_000)
 
+	// A debt the counts left standing for longer than Xray keeps an idle
+	// connection (the headers the kernel counts and Xray never will) is
+	// forgiven: later bytes only Xray saw are charged again, also after a
+	// restart.
+	kernel(0, 1_000_000)
+	e.step(2 * time.Second)
+	fx.use("alice", 0, 990_000)
+	e.step(2 * time.Second)
+	want("the headers owed", 100_000, 16_700_000)
+	e.step(7 * time.Minute)
+	e.start()
+	fx.use("alice", 0, 500_000)
+	e.step(2 * time.Second)
+	want("a debt forgiven after Xray's connIdle", 100_000, 17_200_000)
+
 	// Over the limit: blocked in the kernel too.
 	kernel(0, 90<<20)
 	e.step(2 * time.Second)

@@ -362,8 +362,20 @@ func (a *Agent) expireClaims(now time.Time) {
 // Xray's count and never moved. So for a user the kernel enforces (a
 // kernel account, a budget or a block), Xray's surplus is charged only up
 // to the limit: the kernel stopped the user there.
+//
+// The debt also keeps what the kernel counts and Xray never will: the
+// TCP/IP headers and TLS records around Xray's payload. So that it does
+// not pay for the user's uncounted connections forever, a debt is
+// forgiven once neither count moved for longer than Xray keeps an idle
+// connection open (its connIdle, and a minute): every connection of the
+// user was closed then, and Xray has reported all of them.
 func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 	b := a.xr.baseOf(u.r.name)
+	was := b.owed
+	if was != (quota.Usage{}) && now.Unix()-b.moved > int64(a.xrayIdle()/time.Second) {
+		b.owed = quota.Usage{}
+	}
+	b.moved = now.Unix()
 	payUp, payDown := min(xray.Up, b.owed.Up), min(xray.Down, b.owed.Down)
 	extra := quota.Usage{Up: xray.Up - payUp, Down: xray.Down - payDown}
 	if room, ok := a.kernelRoom(u, kern); ok {
@@ -371,8 +383,8 @@ func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 	}
 	d := kern.Add(extra)
 	owed := quota.Usage{Up: b.owed.Up - payUp + kern.Up, Down: b.owed.Down - payDown + kern.Down}
-	if owed != b.owed {
-		b.owed = owed
+	b.owed = owed
+	if owed != was {
 		a.xr.queueBase(u.r.name, b)
 	}
 	if (d != quota.Usage{}) {
@@ -384,6 +396,20 @@ func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 		u.hasAnchor = false
 	}
 }
+
+// xrayIdle is how long the user's counts must stand still before the
+// debt is forgiven: Xray's connIdle and a minute.
+func (a *Agent) xrayIdle() time.Duration {
+	idle := 300 * time.Second
+	if c := a.xr.conf; c != nil && c.ConnIdle > 0 {
+		idle = c.ConnIdle
+	}
+	return idle + time.Minute
+}
+
+// owedOrigin is the Origin of a debt's row: its Start is when the
+// user's counts last moved.
+const owedOrigin = "moved"
 
 // kernelRoom returns what u's limit leaves after its usage and kern, when
 // the kernel enforces u's limit on its Xray account (ok false otherwise).

@@ -644,14 +644,18 @@ static __always_inline int account(struct __sk_buff *skb, int egress, const int 
 					if (flags & SOCK_SERVER)
 						tx = !egress;
 				}
-				// Bytes a claimed or released connection moved while
-				// it waited: they passed, so they are counted and
-				// charged whatever this packet's fate. Taken with
+				// Bytes a released connection moved while it waited:
+				// they passed, so they are counted and charged for
+				// its owner whatever this packet's fate. Taken with
 				// exchanges, so that bytes a packet on another CPU
 				// adds meanwhile are folded once, by whoever finds
-				// them next. (Attribute's entries start at zero: it
-				// credits what it moved itself.)
-				if (attr && count && (o->pending_rx | o->pending_tx)) {
+				// them next. A claimed connection's stay in its
+				// entry: Xray's own counters count them, before the
+				// claim could (the agent adds Xray's count of what
+				// the kernel did not see), so folding them too would
+				// count them twice. (Attribute's entries start at
+				// zero: it credits what it moved itself.)
+				if (attr && count && (flags & SOCK_RELEASED) && (o->pending_rx | o->pending_tx)) {
 					__u64 rx = __sync_lock_test_and_set(&o->pending_rx, 0);
 					__u64 sent = __sync_lock_test_and_set(&o->pending_tx, 0);
 
@@ -713,13 +717,19 @@ static __always_inline int account(struct __sk_buff *skb, int egress, const int 
 	if (!c)
 		return 1;
 	// Per-CPU values, but a program in process context can be preempted by
-	// another on the same CPU: atomic adds keep every byte.
+	// another on the same CPU: atomic adds keep every byte. The two empty
+	// asm statements keep the branches apart: clang would otherwise add
+	// tx * 16 to c, arithmetic on a map value pointer with an offset that
+	// differs between paths, which the verifier refuses without
+	// CAP_PERFMON (the agent has CAP_BPF and CAP_NET_ADMIN only).
 	if (tx) {
 		__sync_fetch_and_add(&c->tx_bytes, len);
 		__sync_fetch_and_add(&c->tx_packets, segs);
+		asm volatile("/* tx */");
 	} else {
 		__sync_fetch_and_add(&c->rx_bytes, len);
 		__sync_fetch_and_add(&c->rx_packets, segs);
+		asm volatile("/* rx */");
 	}
 	mark_moved(uid); // after the add: see bw_moved
 	return 1;

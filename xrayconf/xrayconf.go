@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/xraystats"
@@ -110,6 +111,10 @@ type Config struct {
 	UserStats bool
 	// UserOnline: policy.levels."0" has statsUserOnline.
 	UserOnline bool
+	// ConnIdle is the longest policy.levels.N.connIdle (Xray's default
+	// 300 s where a level sets none): a connection that moved nothing for
+	// that long has been closed by Xray.
+	ConnIdle time.Duration
 	// AccessLog is the file that Xray writes its access log to
 	// (log.access): a line per accepted connection that names the user's
 	// address and email, which package xrayaccess follows. It is as
@@ -429,9 +434,10 @@ type (
 		Levels map[uint32]*rawLevel `json:"levels"`
 	}
 	rawLevel struct {
-		StatsUserUplink   bool `json:"statsUserUplink"`
-		StatsUserDownlink bool `json:"statsUserDownlink"`
-		StatsUserOnline   bool `json:"statsUserOnline"`
+		StatsUserUplink   bool    `json:"statsUserUplink"`
+		StatsUserDownlink bool    `json:"statsUserDownlink"`
+		StatsUserOnline   bool    `json:"statsUserOnline"`
+		ConnIdle          *uint32 `json:"connIdle"`
 	}
 	rawRouting struct {
 		Rules []json.RawMessage `json:"rules"`
@@ -586,7 +592,11 @@ func (c *Config) crossInbound() {
 	}
 }
 
-// policy sets the stats flags from policy.levels, and reports levels of
+// defaultConnIdle is Xray's connIdle of a level that sets none
+// (features/policy/default.go).
+const defaultConnIdle = 300 * time.Second
+
+// policy sets the stats flags and ConnIdle from policy.levels, and reports levels of
 // users whose traffic Xray does not count.
 func (c *Config) policy(m *merged) {
 	var levels map[uint32]*rawLevel
@@ -600,6 +610,12 @@ func (c *Config) policy(m *merged) {
 	if p := levels[0]; p != nil {
 		c.UserStats = counted(0)
 		c.UserOnline = p.StatsUserOnline
+	}
+	c.ConnIdle = defaultConnIdle
+	for _, p := range levels {
+		if p != nil && p.ConnIdle != nil {
+			c.ConnIdle = max(c.ConnIdle, time.Duration(*p.ConnIdle)*time.Second)
+		}
 	}
 	// Level 0 is what UserStats tells; other levels need a word.
 	var order []uint32

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/xraystats"
@@ -771,5 +772,24 @@ func TestTransport(t *testing.T) {
 	}
 	if _, err := Parse("test.json", []byte(`{"inbounds": [{"protocol": "vless", "streamSettings": {"network": 5}}]}`)); !errors.Is(err, ErrInvalid) {
 		t.Errorf(`"network": 5: %v, want ErrInvalid`, err)
+	}
+}
+
+// ConnIdle is the longest connIdle of the policy's levels, Xray's 300 s
+// where none is set.
+func TestConnIdle(t *testing.T) {
+	for _, tc := range []struct {
+		config string
+		want   time.Duration
+	}{
+		{`{}`, 300 * time.Second},
+		{`{"policy": {"levels": {"0": {"statsUserUplink": true}}}}`, 300 * time.Second},
+		{`{"policy": {"levels": {"0": {"connIdle": 600}}}}`, 600 * time.Second},
+		{`{"policy": {"levels": {"0": {"connIdle": 120}, "1": {"connIdle": 900}}}}`, 900 * time.Second},
+		{`{"policy": {"levels": {"0": {"connIdle": 60}}}}`, 300 * time.Second}, // level 0 sets it lower; the default bounds the others
+	} {
+		if got := parse(t, tc.config).ConnIdle; got != tc.want {
+			t.Errorf("%s: ConnIdle %v, want %v", tc.config, got, tc.want)
+		}
 	}
 }
