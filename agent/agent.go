@@ -412,7 +412,11 @@ func (a *Agent) components(errs map[string]string) map[string]string {
 	case a.xr.conf == nil && errs["xray config"] == "":
 		c["xray"] = "no xray config found"
 	default:
-		c["xray"] = first(fmt.Sprintf("ok: API %s, %d users", a.xr.apiAddr, len(a.xr.users)), "xray config", "xray api", "xray users")
+		ok := fmt.Sprintf("ok: API %s, %d users", a.xr.apiAddr, len(a.xr.users))
+		if a.xr.conns.active() {
+			ok += ", connections counted in the kernel from " + a.xr.conns.fol.path
+		}
+		c["xray"] = first(ok, "xray config", "xray api", "xray users", "xray connections")
 	}
 	return c
 }

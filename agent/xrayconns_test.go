@@ -145,8 +145,9 @@ func TestXrayVision(t *testing.T) {
 	if int64(v.Upload) < sent || int64(v.Upload) > sent*103/100 || int64(v.Download) < recv || int64(v.Download) > recv*103/100 {
 		t.Errorf("plain: counted %d up, %d down for %d sent, %d received (want the wire bytes, within 3%%)", v.Upload, v.Download, sent, recv)
 	}
-	if h := k.a.Health(); h.Errors["xray connections"] != "" {
-		t.Errorf("health: %+v", h.Errors)
+	if h := k.a.Health(); h.Errors["xray connections"] != "" || !strings.Contains(h.Components["xray"], "connections counted in the kernel") ||
+		h.Kernel.XrayClaimed < 3 {
+		t.Errorf("health: %+v, xray %q, kernel %+v", h.Errors, h.Components["xray"], h.Kernel)
 	}
 }
 
