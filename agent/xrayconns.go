@@ -216,7 +216,7 @@ func (a *Agent) follow(bg context.Context, path string) (*follower, error) {
 			}
 			fol.mu.Lock()
 			if err != nil {
-				fol.err = fmt.Errorf("Xray's access log: %w", err)
+				fol.err = fmt.Errorf("access log: %w", err)
 			} else {
 				fol.err = nil
 			}
