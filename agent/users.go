@@ -367,7 +367,8 @@ func (a *Agent) left(u *user, now time.Time) {
 
 // loadLimits re-reads the limits file when it changed. A bad line is logged
 // once with its line number and skipped (again only if it changes); the
-// other lines still apply.
+// other lines still apply. A bad devices= value is logged the same way,
+// and the rest of its line applies.
 func (a *Agent) loadLimits(now time.Time) error {
 	path := a.cfg.Paths.Limits
 	s, err := statStamp(path)
@@ -385,7 +386,11 @@ func (a *Agent) loadLimits(now time.Time) error {
 	for _, le := range lineErrs {
 		msg := le.Error()
 		bad[msg] = true
-		if !a.limitsBad[msg] {
+		switch {
+		case a.limitsBad[msg]:
+		case le.Partial:
+			a.log.Warn("limits file: bad value ignored, the rest of the line applies", "err", msg)
+		default:
 			a.log.Warn("limits file: bad line skipped", "err", msg)
 		}
 	}

@@ -577,7 +577,7 @@ var badFiles = []struct {
 		file + `:2: notify.webhook[2].url: must differ from notify.webhook[1].url, got the same "http://a"`, config.ErrInvalid},
 	{"webhook timeout", "[[notify.webhook]]\nurl = \"https://a.example/\"\ntimeout = \"10m\"", file + ":3: notify.webhook[1].timeout: must be from 1s to 5m, got 10m", config.ErrInvalid},
 	{"webhook events", "[[notify.webhook]]\nurl = \"https://a.example/\"\nevents = [\"block\", \"blocked\"]",
-		file + `:3: notify.webhook[1].events: must be event types (block, unblock, disable, enable, reset, threshold, expiring, failed, recovered), got "blocked"`, config.ErrInvalid},
+		file + `:3: notify.webhook[1].events: must be event types (block, unblock, disable, enable, reset, threshold, expiring, device, failed, recovered), got "blocked"`, config.ErrInvalid},
 	{"webhook unknown key", "[[notify.webhook]]\nurl = \"https://a.example/\"\nsecrte = \"x\"",
 		file + ":3: unknown key notify.webhook[1].secrte (did you mean notify.webhook[1].secret?)", config.ErrUnknownKey},
 	{"webhook table", "[notify.webhook]\nurl = \"https://a.example/\"", file + ":1: notify.webhook: must be an array of tables ([[notify.webhook]]), got table", config.ErrInvalid},
