@@ -138,13 +138,13 @@ func (e *env) devices(name string) []string {
 	return out
 }
 
-// TestDeviceLimitXray: an Xray user with devices=2 keeps the connections
+// TestDeviceLimitXrayFake: an Xray user with devices=2 keeps the connections
 // of their first two addresses; a third address's connection is cut at its
 // access log line, by its socket's cookie, and so are its next ones while
 // the two stay, with one block log line; another user's connection from
 // the same address is never touched; once one of the two leaves, the third
 // address is let in. The user's status never changes.
-func TestDeviceLimitXray(t *testing.T) {
+func TestDeviceLimitXrayFake(t *testing.T) {
 	e, fs := newDevicesEnv(t, "alice 100 devices=2\n", nil)
 	start := e.clock
 	a1 := e.connect(fs, "alice", "vless-in", "192.0.2.1:40000")
