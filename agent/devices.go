@@ -73,6 +73,9 @@ type deviceSide struct {
 	// table is every user's devices as of the last tick, published with
 	// the users (snapshot.devices): replaced, never changed.
 	table map[string][]liveDevice
+	// limitedLines counts the limits file's lines with a device limit
+	// (loadLimits).
+	limitedLines int
 }
 
 // refusal is a device refused for its user's device limit.
@@ -106,6 +109,12 @@ type connRef struct {
 // limit.
 func (a *Agent) deviceLimit(r *record) int {
 	return r.plan().Devices.Of(int(a.cfg.Devices.Default))
+}
+
+// devicesLimited reports whether a user may have a device limit: the
+// configured default, or a line of the limits file.
+func (a *Agent) devicesLimited() bool {
+	return a.cfg.Devices.Default > 0 || a.dev.limitedLines > 0
 }
 
 // which returns the configured choice of the device to cut.

@@ -355,3 +355,33 @@ func TestLimitsBadDevices(t *testing.T) {
 		}
 	}
 }
+
+// TestDevicesWithoutLimits: without any device limit the devices are still
+// shown, and the inbounds' connections are listed every 5th tick only.
+func TestDevicesWithoutLimits(t *testing.T) {
+	e, fs := newDevicesEnv(t, "bob 1G\n", nil)
+	b := e.connect(fs, "bob", "vless-in", "192.0.2.1:1")
+	e.connect(fs, "bob", "vless-in", "192.0.2.2:1")
+	fs.mu.Lock()
+	fs.lists = 0
+	fs.mu.Unlock()
+	for range 10 {
+		e.step(time.Second)
+	}
+	fs.mu.Lock()
+	lists := fs.lists
+	fs.mu.Unlock()
+	if lists != 2 {
+		t.Errorf("listed %d times in 10 ticks, want 2", lists)
+	}
+	if v := e.user("bob"); v.Devices != 2 || v.DevicesLimit != 0 {
+		t.Errorf("bob %d/%d", v.Devices, v.DevicesLimit)
+	}
+	fs.close(b)
+	for range 5 {
+		e.step(time.Second)
+	}
+	if got := e.devices("bob"); !slices.Equal(got, []string{"192.0.2.2"}) {
+		t.Errorf("devices %v", got)
+	}
+}

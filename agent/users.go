@@ -396,8 +396,12 @@ func (a *Agent) loadLimits(now time.Time) error {
 	}
 	a.limitsBad = bad
 	plans := make(map[string]quota.Plan)
+	a.dev.limitedLines = 0
 	for _, e := range l.Entries() {
 		plans[e.User] = e.Plan(a.loc)
+		if e.Devices > 0 {
+			a.dev.limitedLines++
+		}
 	}
 	// Each user keeps its plan; a.plans keeps only the lines of names that
 	// are no user yet (an account created later takes its line then).

@@ -46,6 +46,10 @@ const (
 	// maxXconns bounds the connections kept; lines past it are not kept
 	// (logged once) until connections close.
 	maxXconns = 1 << 18
+	// xliveListTicks is how often the inbounds' connections are listed
+	// while no user has a device limit: for the devices shown (bwctl,
+	// the usage files), not for a limit. With limits, every tick.
+	xliveListTicks = 5
 )
 
 // xconnKey is a logged connection: its client's address (IPv4 unmapped)
@@ -79,6 +83,7 @@ type xlive struct {
 	// were read at: a new follower (the agent's start, a new access log)
 	// reads them again.
 	recovered *follower
+	listIn    int // ticks to the next listing while no user has a device limit
 }
 
 func (x *xlive) len() int { return len(x.owner) }
@@ -155,7 +160,9 @@ func (a *Agent) noteXrayConns(es []xrayaccess.Entry, now time.Time) {
 // at the first listing after its line, and forgotten when that socket is
 // gone; one never tied is forgotten xconnLinger after its line. Where the
 // kernel counts Xray's connections, the connections open before the
-// follower started are read back from it first.
+// follower started are read back from it first. While no user has a device
+// limit, the listing (a walk of the kernel's TCP table) is every
+// xliveListTicks ticks only.
 func (a *Agent) syncXrayLive(now time.Time) error {
 	x := &a.dev.xconns
 	var errs []error
@@ -166,6 +173,10 @@ func (a *Agent) syncXrayLive(now time.Time) error {
 	if x.len() == 0 {
 		return errors.Join(errs...)
 	}
+	if x.listIn--; x.listIn > 0 && !a.devicesLimited() {
+		return errors.Join(errs...)
+	}
+	x.listIn = xliveListTicks
 	ports := make(map[uint16]bool)
 	for k := range x.owner {
 		ports[k.port] = true
