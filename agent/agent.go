@@ -425,8 +425,11 @@ func (a *Agent) components(errs map[string]string) map[string]string {
 		c["xray"] = "no xray config found"
 	default:
 		ok := fmt.Sprintf("ok: API %s, %d users", a.xr.apiAddr, len(a.xr.users))
-		if a.xr.conns.active() {
-			ok += ", connections counted in the kernel from " + a.xr.conns.fol.path
+		switch fol := a.xr.conns.fol; {
+		case a.xr.conns.active():
+			ok += ", connections counted in the kernel from " + fol.path
+		case fol != nil:
+			ok += ", devices seen from " + fol.path
 		}
 		c["xray"] = first(ok, "xray config", "xray api", "xray users", "xray connections")
 	}
