@@ -629,17 +629,15 @@ func (t *Tracker) cut(pid int, s Session) (bool, error) {
 	if conn == nil {
 		return false, nil // closed meanwhile
 	}
-	var h *sockkill.Handle
-	if t.netns(pid) == t.netns(os.Getpid()) {
-		h, err = sockkill.NewHandle() // no thread of its own to make
-	} else {
-		ns, nerr := netns.GetFromPath(filepath.Join(t.cfg.Proc, strconv.Itoa(pid), "ns", "net"))
-		if nerr != nil {
-			return false, fmt.Errorf("network namespace: %w", nerr)
-		}
-		defer ns.Close()
-		h, err = sockkill.NewHandleAt(ns)
+	// Always in the process's own network namespace: the agent's main
+	// thread (what /proc/PID/ns/net shows of the agent) need not be in the
+	// namespace of the thread a handle would be made on.
+	ns, err := netns.GetFromPath(filepath.Join(t.cfg.Proc, strconv.Itoa(pid), "ns", "net"))
+	if err != nil {
+		return false, fmt.Errorf("network namespace: %w", err)
 	}
+	defer ns.Close()
+	h, err := sockkill.NewHandleAt(ns)
 	if err != nil {
 		return false, err
 	}
