@@ -226,7 +226,11 @@ func iperf(b *testing.B, ns netns.NsHandle, cg, server string, extra []string) f
 // server, on CPU cpu.
 func iperfAs(b *testing.B, spec nettest.Spec, server, port, cpu string, extra []string) float64 {
 	b.Helper()
-	args := append([]string{"-c", server, "-p", port, "-t", fmt.Sprint(seconds), "-J", "-A", cpu}, extra...)
+	args := []string{"-c", server, "-p", port, "-J", "-A", cpu}
+	if !slices.Contains(extra, "-n") { // an amount instead of a time
+		args = append(args, "-t", fmt.Sprint(seconds))
+	}
+	args = append(args, extra...)
 	// TCP: what arrived. UDP: what the sender got out; the receiver of a
 	// flood on two cores loses most datagrams whatever the data plane.
 	key := "sum_received"

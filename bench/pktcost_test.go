@@ -34,6 +34,11 @@ type costMode struct {
 	// (claimPort), reversed, so that "tcp-up" is still the sender's cgroup
 	// sending. Its UDP row is left out: claims are for TCP connections.
 	serves bool
+	// cold leaves the sender without a slot: our modes otherwise move a
+	// little traffic and read the counters once before measuring, as the
+	// agent's tick does, which gives the sender's UID (and the claimed
+	// mode's account) its slot (see bw_slots).
+	cold bool
 }
 
 // claimPort is the port of the sender's own iperf3 server, an Xray
@@ -46,6 +51,8 @@ type attachedProgs struct {
 	// check, if set, runs after the traffic and fails if the packets did
 	// not take the mode's path (a budget never charged, a packet dropped).
 	check func() error
+	// read, if set, reads the moved counters as the agent's tick does.
+	read func() error
 	// detach detaches the programs and frees what attach made.
 	detach func() error
 }
@@ -93,9 +100,16 @@ func (a *attachedProgs) stats() (runStats, error) {
 // every round (the order rotates), so the VM's drift hits them all; a
 // difference is taken within a round, and the median over rounds reported.
 //
-// Modes: empty; ours with no policy for the sender; ours with a budget on
-// the sender (every packet charged to it); ours with 10,000 other UIDs
-// blocked; ours with the sender's UID tagged as an owner of attributed
+// Our modes first move a little traffic and read the counters once, as the
+// agent's first tick after a UID's first packets does: that gives the
+// sender's UID (and the claimed mode's account) a slot (see bw_slots), so
+// that the traffic measured takes the path it takes in steady state.
+//
+// Modes: empty; ours with no policy for the sender; the same without the
+// read (noslot: counted in the hash, the path of a UID the agent has not
+// read yet, or of one beyond the slots); ours with a budget on the sender
+// (every packet charged to it); ours with 10,000 other UIDs blocked; ours
+// with the sender's UID tagged as an owner of attributed
 // sockets (as an SSH user's is once a session of theirs forwarded a
 // connection, and UID 0's always is): every packet looks its socket's
 // attribution up. A new mode is a row of the table: a function that attaches a
@@ -149,6 +163,7 @@ func BenchmarkPacketCost(b *testing.B) {
 	modes := []costMode{
 		{name: "empty", attach: attachEmpty},
 		{name: "nopolicy", attach: attachOurs(pin, nil)},
+		{name: "noslot", attach: attachOurs(pin, nil), cold: true},
 		{name: "budget", attach: attachOurs(pin, map[uint32]bpf.Policy{
 			senderUID: {Quota: bpf.Both, Ceiling: 1 << 62}, // never reached
 		})},
@@ -174,12 +189,30 @@ func BenchmarkPacketCost(b *testing.B) {
 			current.detach()
 		}
 	})
+	// transfer runs traffic with the given iperf3 arguments for mode m.
+	transfer := func(m costMode, args []string) {
+		if m.serves {
+			reversed := slices.DeleteFunc(slices.Clone(args), func(a string) bool { return a == "-R" })
+			if !slices.Contains(args, "-R") {
+				reversed = append(reversed, "-R")
+			}
+			iperfAs(b, nettest.Spec{NS: net.B, Cgroup: srvCg, UID: receiverUID}, net.A4.String(), fmt.Sprint(claimPort), "1", reversed)
+		} else {
+			iperf(b, net.A, cg, net.B4.String(), args)
+		}
+	}
 	res := map[string][]runStats{} // mode/traffic -> one per round
 	for range b.N {
 		for r := range costRounds {
 			for i := range modes {
 				m := modes[(i+r)%len(modes)] // each mode takes each place in turn
 				current = m.attach(b, cg)
+				if current.read != nil && !m.cold {
+					transfer(m, []string{"-n", "64K"})
+					if err := current.read(); err != nil {
+						b.Fatalf("%s: %v", m.name, err)
+					}
+				}
 				time.Sleep(200 * time.Millisecond) // let the attach's deferred work settle
 				for _, t := range traffic {
 					if m.serves && slices.Contains(t.args, "-u") {
@@ -189,15 +222,7 @@ func BenchmarkPacketCost(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					if m.serves {
-						args := slices.DeleteFunc(slices.Clone(t.args), func(a string) bool { return a == "-R" })
-						if !slices.Contains(t.args, "-R") {
-							args = append(args, "-R")
-						}
-						iperfAs(b, nettest.Spec{NS: net.B, Cgroup: srvCg, UID: receiverUID}, net.A4.String(), fmt.Sprint(claimPort), "1", args)
-					} else {
-						iperf(b, net.A, cg, net.B4.String(), t.args)
-					}
+					transfer(m, t.args)
 					after, err := current.stats()
 					if err != nil {
 						b.Fatal(err)
@@ -376,6 +401,7 @@ func attachOurs(pin string, policies map[uint32]bpf.Policy, setup ...func(*bpf.D
 		if a.egress, err = ebpf.NewProgramFromID(egID); err != nil {
 			fail(err)
 		}
+		a.read = func() error { return dp.EachMoved(func(uint32, bpf.Counters) {}) }
 		a.check = func() error {
 			s, err := dp.Stats()
 			if err != nil {

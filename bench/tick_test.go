@@ -71,7 +71,7 @@ const freshUsers = 10_000
 //
 // Before each tick the benchmark writes the kernel's per-UID counters of 10%
 // of the users (a different tenth each tick) straight into the pinned
-// bw_counters map, and makes 0.1% of the users cross their limit, so blocks,
+// bw_hash_counts map, and makes 0.1% of the users cross their limit, so blocks,
 // policy changes and nftables set updates happen every tick. Those writes
 // are not timed: each tick is timed around Tick alone. The agent's clock is
 // fake and advances by the default interval, 2s, per tick, so the
@@ -329,7 +329,7 @@ type tickEnv struct {
 	a        *agent.Agent
 	dp       *bpf.Datapath
 	fw       *nft.Firewall
-	counters *ebpf.Map // the pinned bw_counters, written by the benchmark
+	counters *ebpf.Map // the pinned bw_hash_counts, written by the benchmark
 	moved    *ebpf.Map // the pinned bw_moved marks, set by the benchmark
 	now      time.Time // the agent's clock
 	log      *errorLog
@@ -401,7 +401,7 @@ func newTickEnv(b *testing.B, users int) *tickEnv {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { e.moved.Close() })
-	e.counters, err = ebpf.LoadPinnedMap(filepath.Join(cfg.Kernel.PinPath, "bw_counters"), nil)
+	e.counters, err = ebpf.LoadPinnedMap(filepath.Join(cfg.Kernel.PinPath, "bw_hash_counts"), nil)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -13,7 +13,9 @@
 //   2. if bw_policy_bits says it may have one, look the UID up in bw_policy:
 //      a blocked UID, or a UID whose byte budget is spent, has the packet
 //      dropped (never UID 0),
-//   3. otherwise add the packet to the UID's per-CPU counters in bw_counters.
+//   3. otherwise add the packet to the UID's per-CPU counters: in
+//      bw_slot_counts if the agent gave the UID a slot (bw_slots), in
+//      bw_hash_counts otherwise.
 //
 // Two cgroup sock_addr programs (connect4 and connect6) make a blocked UID's
 // new connections fail at once: connect() returns EPERM, where a dropped SYN
@@ -57,13 +59,13 @@
 // The loader attaches the claim variants where it loads the session
 // programs (Linux 6.0), which alone make pending and claim entries.
 //
-// The Go side (maps.go, attrib.go, accounts.go) owns bw_policy,
-// bw_policy_bits, bw_servers, bw_ssh_ports, bw_credit and bw_accounts; the
-// kernel owns bw_counters, bw_quota_used and the stats maps; both write
-// bw_sock, bw_tagged, bw_moved and bw_xmoved (a byte each, or an entry once),
-// and bw_claims (the agent adds, the kernel deletes what it used). All maps
-// are pinned by name, so counters, accounts and attributions outlive the
-// agent.
+// The Go side (maps.go, attrib.go, accounts.go, slots.go) owns bw_policy,
+// bw_policy_bits, bw_servers, bw_ssh_ports, bw_credit, bw_accounts and
+// bw_slots; the kernel owns bw_hash_counts, bw_slot_counts, bw_quota_used
+// and the stats maps; both write bw_sock, bw_tagged, bw_moved and bw_xmoved
+// (a byte each, or an entry once), and bw_claims (the agent adds, the kernel
+// deletes what it used). All maps are pinned by name, so counters, accounts
+// and attributions outlive the agent.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -143,9 +145,14 @@ struct policy {
 	__u64 ceiling;
 };
 
-// Not preallocated: a per-CPU slot for every possible UID would take
-// max_entries x 32 bytes x CPUs (128 MiB on 64 CPUs); entries are made as
-// UIDs first send or receive.
+// bw_hash_counts holds the counters of IDs without a slot (see bw_slots),
+// and what an ID with one moved before it got it. Not preallocated: a
+// per-CPU entry for every possible UID would take max_entries x 32 bytes x
+// CPUs (128 MiB on 64 CPUs); entries are made as UIDs first send or receive.
+// Agents before slots pinned it as bw_counters, holding every count; the
+// loader renames that pin (bpf/slots.go), so that an agent of such a
+// version, started after this one, finds no bw_counters and starts new
+// counters, a new epoch, instead of reading a part of the counts.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__type(key, __u32);
@@ -153,7 +160,7 @@ struct {
 	__uint(max_entries, MAX_UIDS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} bw_counters SEC(".maps");
+} bw_hash_counts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -215,6 +222,42 @@ struct {
 	__uint(max_entries, MAX_ACCOUNTS / 8);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bw_xmoved SEC(".maps");
+
+// Slots: the common packet's counters without a hash lookup. The agent gives
+// each UID below POLICY_BITS_UIDS and each account whose counters it reads a
+// slot, once (a slot is never reused while the maps live), and writes it to
+// bw_slots; from then on the programs count the ID's packets in
+// bw_slot_counts[slot], a per-CPU array that the verifier turns into an
+// inlined address computation (Linux 6.10; a call before), where a lookup in
+// bw_hash_counts is a call that hashes the key and walks a bucket (40-60 ns
+// here, half of what a packet cost). An ID's counters are the sum of both
+// maps: what it moved before its slot stays in bw_hash_counts. Slot 0 is
+// none; IDs beyond the slots count in bw_hash_counts alone.
+//
+// bw_slots has a 16-bit slot per ID, four to a word: UID u at u, account
+// ACCOUNT_BASE + i at SLOT_IDS / 2 + i. Only the agent writes it (a word at
+// a time, through its memory mapping). The loader sets bw_slot_counts' size
+// from its config; both maps and bw_hash_counts are reused together or not
+// at all (see bpf/slots.go).
+#define SLOT_IDS (2 * POLICY_BITS_UIDS)
+#define MAX_SLOTS 8192 // default; the loader sets max_entries
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, SLOT_IDS / 4);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct counters);
+	__uint(max_entries, MAX_SLOTS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_slot_counts SEC(".maps");
 
 // sock_owner is a socket's attribution in bw_sock.
 struct sock_owner {
@@ -583,17 +626,46 @@ static __always_inline int may_have_policy(__u32 uid)
 	return !bits || (*bits >> (uid % 64)) & 1;
 }
 
-// counters_of returns uid's per-CPU counters, made at zero if need be;
+// slot_of returns the slot of a UID or an account in bw_slots, 0 if it has
+// none.
+static __always_inline __u32 slot_of(__u32 uid)
+{
+	__u32 idx, word;
+	__u64 *w;
+
+	if (uid < POLICY_BITS_UIDS)
+		idx = uid;
+	else if (uid - ACCOUNT_BASE < MAX_ACCOUNTS)
+		idx = SLOT_IDS / 2 + (uid - ACCOUNT_BASE);
+	else
+		return 0;
+	word = idx / 4;
+	w = bpf_map_lookup_elem(&bw_slots, &word);
+	if (!w)
+		return 0;
+	return *w >> (idx % 4 * 16) & 0xffff;
+}
+
+// counters_of returns uid's per-CPU counters: its slot's in bw_slot_counts
+// if it has one, else its entry in bw_hash_counts, made at zero if need be;
 // NULL if the map has no room (counted in STAT_COUNTERS_FULL).
 static __always_inline struct counters *counters_of(__u32 uid)
 {
-	struct counters *c = bpf_map_lookup_elem(&bw_counters, &uid);
+	__u32 slot = slot_of(uid);
+	struct counters *c;
+
+	if (slot) {
+		c = bpf_map_lookup_elem(&bw_slot_counts, &slot);
+		if (c)
+			return c;
+	}
+	c = bpf_map_lookup_elem(&bw_hash_counts, &uid);
 
 	if (!c) {
 		struct counters zero = {};
 
-		bpf_map_update_elem(&bw_counters, &uid, &zero, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&bw_counters, &uid);
+		bpf_map_update_elem(&bw_hash_counts, &uid, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&bw_hash_counts, &uid);
 		if (!c)
 			stat_inc(STAT_COUNTERS_FULL);
 	}

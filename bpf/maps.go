@@ -375,16 +375,18 @@ func (d *Datapath) RunStats() (ns, runs uint64, err error) {
 // has not seen has zero counters.
 func (d *Datapath) CountersOf(uid uint32) (Counters, error) {
 	var vals []bwacctCounters
-	err := d.objs.BwCounters.Lookup(uid, &vals)
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return d.credits[uid], nil
-	}
-	if err != nil {
+	err := d.objs.BwHashCounts.Lookup(uid, &vals)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return Counters{}, fmt.Errorf("read counters of UID %d: %w", uid, err)
 	}
 	c := d.credits[uid]
 	for _, v := range vals {
 		c.add(v)
+	}
+	if slot := d.slots.slotOf(uid); slot != 0 {
+		if err := d.slotCounters(slot, &c); err != nil {
+			return Counters{}, err
+		}
 	}
 	return c, nil
 }
@@ -394,6 +396,13 @@ func (c *Counters) add(v bwacctCounters) {
 	c.RxPackets += v.RxPackets
 	c.TxBytes += v.TxBytes
 	c.TxPackets += v.TxPackets
+}
+
+func (c *Counters) plus(o Counters) {
+	c.RxBytes += o.RxBytes
+	c.RxPackets += o.RxPackets
+	c.TxBytes += o.TxBytes
+	c.TxPackets += o.TxPackets
 }
 
 // ApplyPolicies writes the given policies (the zero Policy deletes the
@@ -429,10 +438,7 @@ func (d *Datapath) EachCounter(fn func(uid uint32, c Counters)) error {
 	err := d.eachCounter(func(uid uint32, c Counters) {
 		if cr, ok := d.credits[uid]; ok {
 			credited[uid] = true
-			c.RxBytes += cr.RxBytes
-			c.RxPackets += cr.RxPackets
-			c.TxBytes += cr.TxBytes
-			c.TxPackets += cr.TxPackets
+			c.plus(cr)
 		}
 		fn(uid, c)
 	})
@@ -447,33 +453,55 @@ func (d *Datapath) EachCounter(fn func(uid uint32, c Counters)) error {
 	return nil
 }
 
-// eachCounter is EachCounter without the credits.
+// eachCounter is EachCounter without the credits: the sum of each ID's
+// entry in bw_hash_counts and its slot's counters. It gives a slot to each ID
+// it finds without one, while slots are left.
 func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		return err
 	}
+	slotted, ids, err := d.allSlotCounters()
+	if err != nil {
+		return err
+	}
+	found := make([]bool, len(ids)) // slots whose ID has an entry in bw_hash_counts
 	if len(d.keys) != batchSize {
 		d.keys = make([]uint32, batchSize)
 		d.values = make([]bwacctCounters, batchSize*ncpu)
 	}
 	var cursor ebpf.MapBatchCursor
 	for {
-		n, err := d.objs.BwCounters.BatchLookup(&cursor, d.keys, d.values, nil)
+		n, err := d.objs.BwHashCounts.BatchLookup(&cursor, d.keys, d.values, nil)
 		for i := range n {
+			uid := d.keys[i]
 			var c Counters
 			for _, v := range d.values[i*ncpu : (i+1)*ncpu] {
 				c.add(v)
 			}
-			fn(d.keys[i], c)
+			if slot := d.slots.slotOf(uid); slot != 0 && int(slot) < len(slotted) {
+				c.plus(slotted[slot])
+				found[slot] = true
+			}
+			fn(uid, c)
+			d.slots.give(uid)
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return nil
+			break
 		}
 		if err != nil {
 			return fmt.Errorf("read counters: %w", err)
 		}
 	}
+	// An ID given its slot before a packet of its own was counted (marked
+	// for its credits, or bw_hash_counts full) has no entry there: its slot
+	// alone.
+	for slot, id := range ids {
+		if id != noID && !found[slot] {
+			fn(id, slotted[slot])
+		}
+	}
+	return nil
 }
 
 // movedBytes is the size of bw_moved and of bw_xmoved: a byte per UID
@@ -520,11 +548,13 @@ func (d *Datapath) eachMarked(marks *ebpf.Map, base uint32, fn func(uid uint32, 
 			if _, err := mem.WriteAt(zero, int64(off)); err != nil {
 				return fmt.Errorf("clear moved mark: %w", err)
 			}
-			c, err := d.CountersOf(base + uint32(off))
+			id := base + uint32(off)
+			c, err := d.CountersOf(id)
 			if err != nil {
 				return err
 			}
-			fn(base+uint32(off), c)
+			fn(id, c)
+			d.slots.give(id) // its next packets count in a slot
 		}
 	}
 	return nil
