@@ -788,12 +788,22 @@ static __always_inline int account(struct __sk_buff *skb, int egress, const int 
 
 	if (!c)
 		return 1;
-	// Per-CPU values, but a program in process context can be preempted by
-	// another on the same CPU: atomic adds keep every byte. The two empty
-	// asm statements keep the branches apart: clang would otherwise add
-	// tx * 16 to c, arithmetic on a map value pointer with an offset that
-	// differs between paths, which the verifier refuses without
-	// CAP_PERFMON (the agent has CAP_BPF and CAP_NET_ADMIN only).
+	// Per-CPU values, yet atomic adds: a plain add (load, add, store) can
+	// lose another program's add on the same CPU. Cgroup programs run with
+	// migration disabled only (bpf_prog_run_array_cg: migrate_disable and
+	// rcu_read_lock), neither preemption nor softirqs: an egress run in
+	// process context (a send, through ip_finish_output) can be interrupted
+	// by a softirq that runs these programs on the same CPU for the same
+	// UID (an ingress packet; TCP sending more data on an ACK, egress from
+	// softirq), and with preempt=full (PREEMPT_DYNAMIC kernels) by another
+	// task's send. A server socket counts its egress as rx, so even
+	// ingress and egress share a field. Both atomics together cost a few
+	// ns (measured: within the noise).
+	//
+	// The two empty asm statements keep the branches apart: clang would
+	// otherwise add tx * 16 to c, arithmetic on a map value pointer with an
+	// offset that differs between paths, which the verifier refuses
+	// without CAP_PERFMON (the agent has CAP_BPF and CAP_NET_ADMIN only).
 	if (tx) {
 		__sync_fetch_and_add(&c->tx_bytes, len);
 		__sync_fetch_and_add(&c->tx_packets, segs);
