@@ -186,7 +186,7 @@ struct {
 // 128 KiB copy instead of 16,384 lookups.
 #define POLICY_BITS_UIDS (1u << 20)
 
-// byte_of serves the maps of a byte per UID and bw_xmoved alike.
+// byte_word serves the maps of a byte per UID and bw_xmoved alike.
 _Static_assert(POLICY_BITS_UIDS == MAX_ACCOUNTS, "a byte per UID and per account: one size");
 
 struct {
@@ -503,23 +503,56 @@ static __always_inline __u32 claim(struct sock_owner *o, struct bpf_sock *sk, __
 	return flags;
 }
 
-// byte_of returns byte idx of a map of a byte per ID (bw_moved, bw_tagged,
-// bw_xmoved; each POLICY_BITS_UIDS = MAX_ACCOUNTS bytes), or NULL past it.
-static __always_inline volatile __u8 *byte_of(void *map, __u32 idx)
+// Maps of a byte per ID (bw_moved, bw_tagged, bw_xmoved; each
+// POLICY_BITS_UIDS = MAX_ACCOUNTS bytes) are arrays of words, eight bytes
+// to a word, byte i of a word in bits 8i to 8i+7 (bpfel). They are read and
+// written without pointer arithmetic: an offset computed at run time and
+// added to a map value pointer makes the verifier, without CAP_PERFMON,
+// refuse any instruction that sees it unknown on one path and known on
+// another (the byte of UID 0), or pointers into different maps.
+
+// byte_word returns the word of map that holds byte idx, NULL past the end.
+static __always_inline __u64 *byte_word(void *map, __u32 idx)
 {
 	__u32 word = idx / 8;
-	__u64 *w;
 
 	if (idx >= POLICY_BITS_UIDS)
 		return 0;
-	w = bpf_map_lookup_elem(map, &word);
-	if (!w)
-		return 0;
-	// libbpf's barrier_var: the offset is added after the null check, which
-	// clang would otherwise move after the addition where mark_moved joins
-	// two lookups (the verifier refuses arithmetic on a maybe-null pointer).
-	asm volatile("" : "+r"(w));
-	return (volatile __u8 *)w + (idx % 8);
+	return bpf_map_lookup_elem(map, &word);
+}
+
+// byte_in returns byte idx of its word w.
+static __always_inline __u8 byte_in(__u64 *w, __u32 idx)
+{
+	return *(volatile __u64 *)w >> (idx % 8 * 8);
+}
+
+// set_byte sets byte idx of its word w to 1, with a one-byte store at a
+// constant offset: it never undoes another writer's byte in the word (the
+// agent clears and sets bytes through its memory mapping, one at a time).
+static __always_inline void set_byte(__u64 *w, __u32 idx)
+{
+	volatile __u8 *b = (volatile __u8 *)w;
+
+	switch (idx % 8) {
+	case 0: b[0] = 1; break;
+	case 1: b[1] = 1; break;
+	case 2: b[2] = 1; break;
+	case 3: b[3] = 1; break;
+	case 4: b[4] = 1; break;
+	case 5: b[5] = 1; break;
+	case 6: b[6] = 1; break;
+	default: b[7] = 1;
+	}
+}
+
+// mark_byte sets byte idx of map unless it is set already.
+static __always_inline void mark_byte(void *map, __u32 idx)
+{
+	__u64 *w = byte_word(map, idx);
+
+	if (w && !byte_in(w, idx))
+		set_byte(w, idx);
 }
 
 // used_of returns key's charged total in bw_quota_used, made at zero if
@@ -567,25 +600,21 @@ static __always_inline int charge_quota(__u32 key, const struct policy *p, __u64
 // bw_xmoved.
 static __always_inline void mark_moved(__u32 uid)
 {
-	volatile __u8 *b;
-
 	if (uid - ACCOUNT_BASE < MAX_ACCOUNTS)
-		b = byte_of(&bw_xmoved, uid - ACCOUNT_BASE);
+		mark_byte(&bw_xmoved, uid - ACCOUNT_BASE);
 	else
-		b = byte_of(&bw_moved, uid);
-	if (b && !*b)
-		*b = 1;
+		mark_byte(&bw_moved, uid);
 }
 
 // may_be_tagged reports whether uid's sockets may have a bw_sock entry.
 static __always_inline int may_be_tagged(__u32 uid)
 {
-	volatile __u8 *b;
+	__u64 *w;
 
 	if (uid == 0 || uid >= POLICY_BITS_UIDS)
 		return 1;
-	b = byte_of(&bw_tagged, uid);
-	return b && *b;
+	w = byte_word(&bw_tagged, uid);
+	return w && byte_in(w, uid);
 }
 
 // is_reset reports whether a packet is a TCP reset. Resets pass a block:
@@ -672,21 +701,54 @@ static __always_inline struct counters *counters_of(__u32 uid)
 	return c;
 }
 
-// account counts and enforces one packet. egress is the packet's direction
-// at the socket; attr is constant: 1 in the claim variants, which look
-// claims up and fold pending bytes with BPF atomics (Linux 5.12), 0 in the
-// plain ones, which every kernel from 5.7 loads and which leave both out.
-static __always_inline int account(struct __sk_buff *skb, int egress, const int attr)
+// count_packet adds a packet of len bytes and segs segments to uid's
+// counters, sent (tx) or received, and marks uid as moved.
+static __always_inline void count_packet(__u32 uid, int tx, __u64 len, __u64 segs)
 {
-	__u32 uid = bpf_get_socket_uid(skb);
-	__u64 len = skb->len;
-	__u64 segs = skb->gso_segs;
+	struct counters *c = counters_of(uid);
+
+	if (!c)
+		return;
+	// Per-CPU values, yet atomic adds: a plain add (load, add, store) can
+	// lose another program's add on the same CPU. Cgroup programs run with
+	// migration disabled only (bpf_prog_run_array_cg: migrate_disable and
+	// rcu_read_lock), neither preemption nor softirqs: an egress run in
+	// process context (a send, through ip_finish_output) can be interrupted
+	// by a softirq that runs these programs on the same CPU for the same
+	// UID (an ingress packet; TCP sending more data on an ACK, egress from
+	// softirq), and with preempt=full (PREEMPT_DYNAMIC kernels) by another
+	// task's send. A server socket counts its egress as rx, so even
+	// ingress and egress share a field. Both atomics together cost a few
+	// ns (measured: within the noise).
+	//
+	// The two empty asm statements keep the branches apart: clang would
+	// otherwise add tx * 16 to c, arithmetic on a map value pointer with an
+	// offset that differs between paths, which the verifier refuses
+	// without CAP_PERFMON (the agent has CAP_BPF and CAP_NET_ADMIN only).
+	if (tx) {
+		__sync_fetch_and_add(&c->tx_bytes, len);
+		__sync_fetch_and_add(&c->tx_packets, segs);
+		asm volatile("/* tx */");
+	} else {
+		__sync_fetch_and_add(&c->rx_bytes, len);
+		__sync_fetch_and_add(&c->rx_packets, segs);
+		asm volatile("/* rx */");
+	}
+	mark_moved(uid); // after the add: see bw_moved
+}
+
+// account_policed counts and enforces a packet of uid (len bytes, segs
+// segments) that may be attributed to another ID or have a policy. egress
+// is the packet's direction at the socket; attr is constant: 1 in the claim
+// variants, which look claims up and fold pending bytes with BPF atomics
+// (Linux 5.12), 0 in the plain ones, which every kernel from 5.7 loads and
+// which leave both out.
+static __always_inline int account_policed(struct __sk_buff *skb, __u32 uid, __u64 len, __u64 segs,
+					   int egress, const int attr)
+{
 	__u64 fold_rx = 0, fold_tx = 0; // pending bytes to fold, in the user's directions
 	int count = 1;
 	int tx = egress; // the user's direction: swapped on a server socket
-
-	if (segs == 0)
-		segs = 1;
 
 	if (may_be_tagged(uid)) {
 		// bpf_sk_storage_get itself answers NULL for a socket that is not
@@ -784,37 +846,27 @@ static __always_inline int account(struct __sk_buff *skb, int egress, const int 
 	if (!count)
 		return 1;
 
-	struct counters *c = counters_of(uid);
-
-	if (!c)
-		return 1;
-	// Per-CPU values, yet atomic adds: a plain add (load, add, store) can
-	// lose another program's add on the same CPU. Cgroup programs run with
-	// migration disabled only (bpf_prog_run_array_cg: migrate_disable and
-	// rcu_read_lock), neither preemption nor softirqs: an egress run in
-	// process context (a send, through ip_finish_output) can be interrupted
-	// by a softirq that runs these programs on the same CPU for the same
-	// UID (an ingress packet; TCP sending more data on an ACK, egress from
-	// softirq), and with preempt=full (PREEMPT_DYNAMIC kernels) by another
-	// task's send. A server socket counts its egress as rx, so even
-	// ingress and egress share a field. Both atomics together cost a few
-	// ns (measured: within the noise).
-	//
-	// The two empty asm statements keep the branches apart: clang would
-	// otherwise add tx * 16 to c, arithmetic on a map value pointer with an
-	// offset that differs between paths, which the verifier refuses
-	// without CAP_PERFMON (the agent has CAP_BPF and CAP_NET_ADMIN only).
-	if (tx) {
-		__sync_fetch_and_add(&c->tx_bytes, len);
-		__sync_fetch_and_add(&c->tx_packets, segs);
-		asm volatile("/* tx */");
-	} else {
-		__sync_fetch_and_add(&c->rx_bytes, len);
-		__sync_fetch_and_add(&c->rx_packets, segs);
-		asm volatile("/* rx */");
-	}
-	mark_moved(uid); // after the add: see bw_moved
+	count_packet(uid, tx, len, segs);
 	return 1;
+}
+
+// account counts and enforces one packet (see account_policed for egress
+// and attr). The common one first: a packet of a UID that is neither
+// tagged nor may have a policy (two inlined array reads say so) goes
+// straight to its counters.
+static __always_inline int account(struct __sk_buff *skb, int egress, const int attr)
+{
+	__u32 uid = bpf_get_socket_uid(skb);
+	__u64 len = skb->len;
+	__u64 segs = skb->gso_segs;
+
+	if (segs == 0)
+		segs = 1;
+	if (!may_be_tagged(uid) && !may_have_policy(uid)) {
+		count_packet(uid, egress, len, segs);
+		return 1;
+	}
+	return account_policed(skb, uid, len, segs, egress, attr);
 }
 
 SEC("cgroup_skb/ingress")
@@ -887,16 +939,13 @@ int bw_sock_create(struct bpf_sock *sk)
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u32 uid;
 	struct sock_owner *o;
-	volatile __u8 *b;
 
 	if (!bpf_map_lookup_elem(&bw_servers, &tgid))
 		return 1;
 	uid = (__u32)bpf_get_current_uid_gid();
 	if (uid == 0)
 		return 1;
-	b = byte_of(&bw_tagged, uid);
-	if (b && !*b)
-		*b = 1; // before the entry: a packet that sees the entry was looked up
+	mark_byte(&bw_tagged, uid); // before the entry: a packet that sees the entry was looked up
 	o = bpf_sk_storage_get(&bw_sock, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (o) {
 		o->uid = uid;
