@@ -199,10 +199,12 @@ struct {
 } bw_policy_bits SEC(".maps");
 
 // bw_moved has a byte per UID below POLICY_BITS_UIDS (eight to a word),
-// set after the UID's counters grew. The agent clears the bytes it finds set
-// and then reads those UIDs' counters: a packet counted after the read sets
-// its byte again, so the agent reads only the UIDs that moved and misses
-// none. A plain byte store; only the first packet after a clear writes.
+// set after the UID's counters grew in bw_hash_counts (in its slot, it is
+// the slot's byte in bw_slot_moved). The agent clears the bytes it finds
+// set and then reads those UIDs' counters: a packet counted after the read
+// sets its byte again, so the agent reads only the UIDs that moved and
+// misses none. A plain byte store; only the first packet after a clear
+// writes.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
@@ -258,6 +260,23 @@ struct {
 	__uint(max_entries, MAX_SLOTS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bw_slot_counts SEC(".maps");
+
+// bw_slot_moved is bw_moved for slots: a byte per slot (eight to a word;
+// the loader sizes it with bw_slot_counts), set after a packet was counted
+// in the slot. A packet counted in bw_hash_counts marks its ID in bw_moved
+// or bw_xmoved instead, so the agent, which clears the marks it finds and
+// then reads what they stand for, reads a marked slot's counters alone and
+// adds the ID's entry in bw_hash_counts as it last read it: the entry has
+// not grown since, or the ID would be marked. A tick reads one map per ID
+// that moved, not two.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, MAX_SLOTS / 8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_slot_moved SEC(".maps");
 
 // sock_owner is a socket's attribution in bw_sock.
 struct sock_owner {
@@ -676,17 +695,19 @@ static __always_inline __u32 slot_of(__u32 uid)
 }
 
 // counters_of returns uid's per-CPU counters: its slot's in bw_slot_counts
-// if it has one, else its entry in bw_hash_counts, made at zero if need be;
-// NULL if the map has no room (counted in STAT_COUNTERS_FULL).
-static __always_inline struct counters *counters_of(__u32 uid)
+// if it has one (*slot is set to it), else its entry in bw_hash_counts
+// (*slot is 0), made at zero if need be; NULL if the map has no room
+// (counted in STAT_COUNTERS_FULL).
+static __always_inline struct counters *counters_of(__u32 uid, __u32 *slot)
 {
-	__u32 slot = slot_of(uid);
 	struct counters *c;
 
-	if (slot) {
-		c = bpf_map_lookup_elem(&bw_slot_counts, &slot);
+	*slot = slot_of(uid);
+	if (*slot) {
+		c = bpf_map_lookup_elem(&bw_slot_counts, slot);
 		if (c)
 			return c;
+		*slot = 0;
 	}
 	c = bpf_map_lookup_elem(&bw_hash_counts, &uid);
 
@@ -701,11 +722,22 @@ static __always_inline struct counters *counters_of(__u32 uid)
 	return c;
 }
 
+// mark_counted marks, after a count, the counters it changed: the slot in
+// bw_slot_moved, else the ID in bw_moved or bw_xmoved.
+static __always_inline void mark_counted(__u32 uid, __u32 slot)
+{
+	if (slot)
+		mark_byte(&bw_slot_moved, slot);
+	else
+		mark_moved(uid);
+}
+
 // count_packet adds a packet of len bytes and segs segments to uid's
 // counters, sent (tx) or received, and marks uid as moved.
 static __always_inline void count_packet(__u32 uid, int tx, __u64 len, __u64 segs)
 {
-	struct counters *c = counters_of(uid);
+	__u32 slot;
+	struct counters *c = counters_of(uid, &slot);
 
 	if (!c)
 		return;
@@ -734,7 +766,7 @@ static __always_inline void count_packet(__u32 uid, int tx, __u64 len, __u64 seg
 		__sync_fetch_and_add(&c->rx_packets, segs);
 		asm volatile("/* rx */");
 	}
-	mark_moved(uid); // after the add: see bw_moved
+	mark_counted(uid, slot); // after the add: see bw_moved and bw_slot_moved
 }
 
 // account_policed counts and enforces a packet of uid (len bytes, segs
@@ -801,12 +833,13 @@ static __always_inline int account_policed(struct __sk_buff *skb, __u32 uid, __u
 	}
 
 	if (attr && (fold_rx | fold_tx)) {
-		struct counters *c = counters_of(uid);
+		__u32 slot;
+		struct counters *c = counters_of(uid, &slot);
 
 		if (c) {
 			__sync_fetch_and_add(&c->rx_bytes, fold_rx);
 			__sync_fetch_and_add(&c->tx_bytes, fold_tx);
-			mark_moved(uid);
+			mark_counted(uid, slot);
 		}
 	}
 

@@ -63,6 +63,7 @@ const (
 	bwacctMapBwQuotaUsed    = "bw_quota_used"
 	bwacctMapBwServers      = "bw_servers"
 	bwacctMapBwSlotCounts   = "bw_slot_counts"
+	bwacctMapBwSlotMoved    = "bw_slot_moved"
 	bwacctMapBwSlots        = "bw_slots"
 	bwacctMapBwSock         = "bw_sock"
 	bwacctMapBwSshPorts     = "bw_ssh_ports"
@@ -147,6 +148,7 @@ type bwacctMapSpecs struct {
 	BwQuotaUsed  *ebpf.MapSpec `ebpf:"bw_quota_used"`
 	BwServers    *ebpf.MapSpec `ebpf:"bw_servers"`
 	BwSlotCounts *ebpf.MapSpec `ebpf:"bw_slot_counts"`
+	BwSlotMoved  *ebpf.MapSpec `ebpf:"bw_slot_moved"`
 	BwSlots      *ebpf.MapSpec `ebpf:"bw_slots"`
 	BwSock       *ebpf.MapSpec `ebpf:"bw_sock"`
 	BwSshPorts   *ebpf.MapSpec `ebpf:"bw_ssh_ports"`
@@ -193,6 +195,7 @@ type bwacctMaps struct {
 	BwQuotaUsed  *ebpf.Map `ebpf:"bw_quota_used"`
 	BwServers    *ebpf.Map `ebpf:"bw_servers"`
 	BwSlotCounts *ebpf.Map `ebpf:"bw_slot_counts"`
+	BwSlotMoved  *ebpf.Map `ebpf:"bw_slot_moved"`
 	BwSlots      *ebpf.Map `ebpf:"bw_slots"`
 	BwSock       *ebpf.Map `ebpf:"bw_sock"`
 	BwSshPorts   *ebpf.Map `ebpf:"bw_ssh_ports"`
@@ -215,6 +218,7 @@ func (m *bwacctMaps) Close() error {
 		m.BwQuotaUsed,
 		m.BwServers,
 		m.BwSlotCounts,
+		m.BwSlotMoved,
 		m.BwSlots,
 		m.BwSock,
 		m.BwSshPorts,

@@ -221,9 +221,10 @@ type Datapath struct {
 
 	credits map[uint32]Counters // bw_credit, of which the Datapath is the only writer
 
-	epoch Epoch             // cached by Epoch
-	have  map[uint32]Policy // ReconcilePolicies' read-back, reused
-	moved []byte            // EachMoved's copy of bw_moved, then of bw_xmoved
+	epoch  Epoch             // cached by Epoch
+	have   map[uint32]Policy // ReconcilePolicies' read-back, reused
+	moved  []byte            // EachMoved's copy of bw_moved, then of bw_xmoved, then of bw_slot_moved
+	marked []uint32          // EachMoved's IDs found marked
 
 	slots slotTable // bw_slots, of which the Datapath is the only writer
 
@@ -309,6 +310,7 @@ func (o *objects) pinned() []pinnedMap {
 		{bwacctMapBwXstats, o.BwXstats},
 		{bwacctMapBwSlots, o.BwSlots},
 		{bwacctMapBwSlotCounts, o.BwSlotCounts},
+		{bwacctMapBwSlotMoved, o.BwSlotMoved},
 	}
 }
 
@@ -411,6 +413,7 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 		spec.Maps[name].MaxEntries = cfg.MaxUIDs
 	}
 	spec.Maps[bwacctMapBwSlotCounts].MaxEntries = slotCount(cfg)
+	spec.Maps[bwacctMapBwSlotMoved].MaxEntries = (slotCount(cfg) + 7) / 8
 	if err := migrateCounterPins(cfg.PinPath); err != nil {
 		lock.Close()
 		return nil, err

@@ -374,21 +374,35 @@ func (d *Datapath) RunStats() (ns, runs uint64, err error) {
 // CountersOf reads one UID's counters, summed over CPUs; a UID the kernel
 // has not seen has zero counters.
 func (d *Datapath) CountersOf(uid uint32) (Counters, error) {
-	var vals []bwacctCounters
-	err := d.objs.BwHashCounts.Lookup(uid, &vals)
-	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return Counters{}, fmt.Errorf("read counters of UID %d: %w", uid, err)
+	c, _, err := d.countersOf(uid, true)
+	return c, err
+}
+
+// countersOf is CountersOf, which also returns uid's entry in
+// bw_hash_counts. Unless readHash, it takes that entry as last read if
+// there is one (see bw_slot_moved).
+func (d *Datapath) countersOf(uid uint32, readHash bool) (c, hash Counters, err error) {
+	c = d.credits[uid]
+	hash, ok := d.slots.lastHash(uid)
+	if readHash || !ok {
+		var vals []bwacctCounters
+		err := d.objs.BwHashCounts.Lookup(uid, &vals)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return c, hash, fmt.Errorf("read counters of UID %d: %w", uid, err)
+		}
+		hash = Counters{}
+		for _, v := range vals {
+			hash.add(v)
+		}
+		d.slots.read(uid, hash)
 	}
-	c := d.credits[uid]
-	for _, v := range vals {
-		c.add(v)
-	}
+	c.plus(hash)
 	if slot := d.slots.slotOf(uid); slot != 0 {
 		if err := d.slotCounters(slot, &c); err != nil {
-			return Counters{}, err
+			return c, hash, err
 		}
 	}
-	return c, nil
+	return c, hash, nil
 }
 
 func (c *Counters) add(v bwacctCounters) {
@@ -479,12 +493,14 @@ func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 			for _, v := range d.values[i*ncpu : (i+1)*ncpu] {
 				c.add(v)
 			}
+			hash := c
+			d.slots.read(uid, hash)
 			if slot := d.slots.slotOf(uid); slot != 0 && int(slot) < len(slotted) {
 				c.plus(slotted[slot])
 				found[slot] = true
 			}
 			fn(uid, c)
-			d.slots.give(uid)
+			d.slots.give(uid, hash)
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			break
@@ -504,37 +520,67 @@ func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 	return nil
 }
 
-// movedBytes is the size of bw_moved and of bw_xmoved: a byte per UID
-// below policyBitsUIDs, a byte per account.
-const movedBytes = policyBitsUIDs
-
 // EachMoved calls fn with the counters of every UID and every account whose
 // counters grew since the last call (UIDs below 2^20 and accounts; other
-// UIDs are only seen by EachCounter). It clears each one's mark before it
-// reads its counters, so a packet counted after the read marks it again for
-// the next call: nothing is missed, and a tick reads only the UIDs and
-// accounts that moved instead of every one on every CPU.
+// UIDs are only seen by EachCounter). It clears the marks (bw_moved and
+// bw_xmoved by ID, bw_slot_moved by slot) before it reads what they stand
+// for, so a packet counted after the read marks again for the next call:
+// nothing is missed, and a tick reads only the UIDs and accounts that moved
+// instead of every one on every CPU, and of those, only the counters that
+// moved: the slot of an ID marked by its slot alone (see bw_slot_moved).
 func (d *Datapath) EachMoved(fn func(uid uint32, c Counters)) error {
-	if err := d.eachMarked(d.objs.BwMoved, 0, fn); err != nil {
+	d.marked = d.marked[:0]
+	if err := d.takeMarks(d.objs.BwMoved, func(off int) (uint32, bool) { return uint32(off), true }); err != nil {
 		return err
 	}
-	return d.eachMarked(d.objs.BwXmoved, AccountBase, fn)
+	if err := d.takeMarks(d.objs.BwXmoved, func(off int) (uint32, bool) { return AccountBase + uint32(off), true }); err != nil {
+		return err
+	}
+	byID := len(d.marked) // marked by ID: their entries in bw_hash_counts grew, or their credits
+	d.slots.mu.Lock()
+	ids := d.slots.ids
+	d.slots.mu.Unlock()
+	taken := make(map[uint32]bool, len(d.marked))
+	for _, id := range d.marked {
+		taken[id] = true
+	}
+	// A slot's ID marked too is read in full already.
+	err := d.takeMarks(d.objs.BwSlotMoved, func(slot int) (uint32, bool) {
+		if slot >= len(ids) || ids[slot] == noID || taken[ids[slot]] {
+			return 0, false
+		}
+		return ids[slot], true
+	})
+	if err != nil {
+		return err
+	}
+	for i, id := range d.marked {
+		c, hash, err := d.countersOf(id, i < byID)
+		if err != nil {
+			return err
+		}
+		fn(id, c)
+		d.slots.give(id, hash) // its next packets count in a slot
+	}
+	return nil
 }
 
-// eachMarked is EachMoved over one map of marks, whose byte i stands for
-// the ID base+i.
-func (d *Datapath) eachMarked(marks *ebpf.Map, base uint32, fn func(uid uint32, c Counters)) error {
+// takeMarks clears the marks set in marks, a map of a byte per ID or slot,
+// and appends to d.marked the IDs that id gives for their offsets.
+func (d *Datapath) takeMarks(marks *ebpf.Map, id func(off int) (uint32, bool)) error {
 	mem, err := marks.Memory()
 	if err != nil {
 		return fmt.Errorf("map moved marks: %w", err)
 	}
-	if len(d.moved) != movedBytes {
-		d.moved = make([]byte, movedBytes)
+	size := int(mem.Size())
+	if len(d.moved) < size {
+		d.moved = make([]byte, size)
 	}
-	if _, err := mem.ReadAt(d.moved, 0); err != nil {
+	moved := d.moved[:size]
+	if _, err := mem.ReadAt(moved, 0); err != nil {
 		return fmt.Errorf("read moved marks: %w", err)
 	}
-	words := unsafe.Slice((*uint64)(unsafe.Pointer(&d.moved[0])), movedBytes/8)
+	words := unsafe.Slice((*uint64)(unsafe.Pointer(&moved[0])), size/8)
 	zero := []byte{0}
 	for i, w := range words {
 		if w == 0 {
@@ -542,19 +588,15 @@ func (d *Datapath) eachMarked(marks *ebpf.Map, base uint32, fn func(uid uint32, 
 		}
 		for j := 0; j < 8; j++ {
 			off := i*8 + j
-			if d.moved[off] == 0 {
+			if moved[off] == 0 {
 				continue
 			}
 			if _, err := mem.WriteAt(zero, int64(off)); err != nil {
 				return fmt.Errorf("clear moved mark: %w", err)
 			}
-			id := base + uint32(off)
-			c, err := d.CountersOf(id)
-			if err != nil {
-				return err
+			if id, ok := id(off); ok {
+				d.marked = append(d.marked, id)
 			}
-			fn(id, c)
-			d.slots.give(id) // its next packets count in a slot
 		}
 	}
 	return nil

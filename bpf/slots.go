@@ -65,6 +65,10 @@ type slotTable struct {
 	words []uint64          // mem as words
 	of    map[uint32]uint32 // ID -> slot
 	ids   []uint32          // slot -> ID or noID; len(ids) is the next free slot
+	// hash holds the entry in bw_hash_counts of each ID with a slot as it
+	// was last read, summed over CPUs (see bw_slot_moved): an ID whose
+	// slot alone is marked as moved has that entry still.
+	hash map[uint32]Counters
 }
 
 // noID marks a slot that is no ID's in slotTable.ids: slot 0, and one that
@@ -91,6 +95,7 @@ func (d *Datapath) loadSlots() error {
 	s.words = unsafe.Slice((*uint64)(unsafe.Pointer(&mem[0])), size/8)
 	s.of = make(map[uint32]uint32)
 	s.ids = []uint32{noID}
+	s.hash = make(map[uint32]Counters)
 	given := make(map[uint32]bool)
 	for i, w := range s.words {
 		for j := range uint32(4) {
@@ -134,10 +139,30 @@ func (s *slotTable) slotOf(id uint32) uint32 {
 	return s.of[id]
 }
 
-// give gives id the next free slot if it has none and one is left. The
-// slot's counters are zero: no ID had it, and the programs count in a slot
-// only for the ID bw_slots gives it to.
-func (s *slotTable) give(id uint32) {
+// lastHash returns id's entry in bw_hash_counts as it was last read (see
+// read); ok is false if it has no slot or was not read since it got it.
+func (s *slotTable) lastHash(id uint32) (c Counters, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, ok = s.hash[id]
+	return c, ok
+}
+
+// read records c, just read, as id's entry in bw_hash_counts if id has a
+// slot.
+func (s *slotTable) read(id uint32, c Counters) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.of[id] != 0 {
+		s.hash[id] = c
+	}
+}
+
+// give gives id the next free slot if it has none and one is left, hash
+// being its entry in bw_hash_counts as just read. The slot's counters are
+// zero: no ID had it, and the programs count in a slot only for the ID
+// bw_slots gives it to.
+func (s *slotTable) give(id uint32, hash Counters) {
 	idx, ok := slotIndex(id)
 	if !ok {
 		return
@@ -151,6 +176,9 @@ func (s *slotTable) give(id uint32) {
 	s.store(idx, slot)
 	s.ids = append(s.ids, id)
 	s.of[id] = slot
+	// The entry may still grow by packets that read no slot yet: they
+	// mark the ID, which makes the next EachMoved read it again.
+	s.hash[id] = hash
 }
 
 // unmap releases the mapping of bw_slots.

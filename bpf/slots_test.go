@@ -1,6 +1,7 @@
 package bpf_test
 
 import (
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -106,13 +107,60 @@ func TestSlots(t *testing.T) {
 	if hash != before {
 		t.Fatalf("before its slot, the hash has %+v of %+v", hash, before)
 	}
-	send(user)
-	if c := moved()[user]; c != check(user, "in its slot") {
-		t.Errorf("EachMoved reported %+v", c)
+	for round := range 3 { // the first read of its entry since the slot, then the slot alone
+		send(user)
+		if c := moved()[user]; c != check(user, fmt.Sprintf("in its slot, round %d", round)) {
+			t.Errorf("round %d: EachMoved reported %+v", round, c)
+		}
+		if h := hashCounts(t, e.pin, user); h != hash {
+			t.Errorf("the hash entry of a UID with a slot grew: %+v -> %+v", hash, h)
+		}
 	}
-	if h := hashCounts(t, e.pin, user); h != hash {
-		t.Errorf("the hash entry of a UID with a slot grew: %+v -> %+v", hash, h)
+
+	// A packet that read no slot yet when the slot was given counts in the
+	// hash entry and marks the ID: EachMoved reads the entry again. (Written
+	// here as such a packet would.) Without the mark, EachMoved keeps the
+	// entry it read last, and the next full read finds the change.
+	straggler := bpf.Counters{TxBytes: wire, TxPackets: 1}
+	grow := func(mark bool) {
+		t.Helper()
+		h, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_hash_counts"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.Close()
+		var per []bpf.Counters
+		if err := h.Lookup(uint32(user), &per); err != nil {
+			t.Fatal(err)
+		}
+		per[0].TxBytes += straggler.TxBytes
+		per[0].TxPackets += straggler.TxPackets
+		if err := h.Put(uint32(user), per); err != nil {
+			t.Fatal(err)
+		}
+		sent[user]++
+		if mark {
+			m, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_moved"), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			if err := m.Put(uint32(user/8), uint64(1)<<(8*(user%8))); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
+	grow(true)
+	if c := moved()[user]; c != check(user, "a straggler") {
+		t.Errorf("EachMoved after a straggler reported %+v", c)
+	}
+	grow(false)
+	send(user) // marks the slot alone
+	if c := moved()[user]; c.TxBytes != (sent[user]-1)*wire {
+		t.Errorf("EachMoved reported %+v, want %d bytes sent: the slot's counters and the entry as last read", c, (sent[user]-1)*wire)
+	}
+	check(user, "an unmarked change, at a full read")
+	hash = hashCounts(t, e.pin, user)
 
 	// The slots are kept with the pins.
 	if err := e.dp.Close(); err != nil {
