@@ -312,33 +312,13 @@ func Ceiling(quotaUsed, remaining uint64) uint64 {
 // Stats returns the data plane's event counters, summed over CPUs.
 func (d *Datapath) Stats() (Stats, error) {
 	var vals [statMax]uint64
-	for i := range vals {
-		var per []uint64
-		if err := d.objs.BwStats.Lookup(uint32(i), &per); err != nil {
-			return Stats{}, fmt.Errorf("read stats: %w", err)
-		}
-		for _, v := range per {
-			vals[i] += v
-		}
-	}
-	var ssh [3]uint64
-	for i := range ssh {
-		var per []uint64
-		if err := d.objs.BwSstats.Lookup(uint32(i), &per); err != nil {
-			return Stats{}, fmt.Errorf("read stats: %w", err)
-		}
-		for _, v := range per {
-			ssh[i] += v
-		}
-	}
-	var xray [3]uint64
-	for i := range xray {
-		var per []uint64
-		if err := d.objs.BwXstats.Lookup(uint32(i), &per); err != nil {
-			return Stats{}, fmt.Errorf("read stats: %w", err)
-		}
-		for _, v := range per {
-			xray[i] += v
+	var ssh, xray [3]uint64
+	for _, m := range []struct {
+		m   *ebpf.Map
+		dst []uint64
+	}{{d.objs.BwStats, vals[:]}, {d.objs.BwSstats, ssh[:]}, {d.objs.BwXstats, xray[:]}} {
+		if err := sumPerCPU(m.m, m.dst); err != nil {
+			return Stats{}, err
 		}
 	}
 	return Stats{
@@ -353,6 +333,22 @@ func (d *Datapath) Stats() (Stats, error) {
 		XrayHeld:        xray[1],
 		XrayUnclaimed:   xray[2],
 	}, nil
+}
+
+// sumPerCPU sets each dst[i] to the sum over CPUs of entry i of the per-CPU
+// array m.
+func sumPerCPU(m *ebpf.Map, dst []uint64) error {
+	for i := range dst {
+		var per []uint64
+		if err := m.Lookup(uint32(i), &per); err != nil {
+			return fmt.Errorf("read stats: %w", err)
+		}
+		dst[i] = 0
+		for _, v := range per {
+			dst[i] += v
+		}
+	}
+	return nil
 }
 
 // RunStats returns the attached packet programs' combined run time in
