@@ -37,13 +37,19 @@ type Entry struct {
 	// Devices is the user's device limit (devices=N or devices=unlimited);
 	// quota.DevicesDefault when the line has none.
 	Devices quota.DeviceLimit
+	// Speed is the user's speed caps (speed=RATE or speed=DOWN/UP); zero
+	// when the line has none.
+	Speed quota.Speed
+	// Throttle is the user's throttle rate (throttle=RATE or DOWN/UP): at
+	// the limit they are slowed to it instead of blocked; zero when none.
+	Throttle quota.Speed
 }
 
 // Plan returns the entry as a quota.Plan, the expiry at the start of its day
 // in loc (UTC if nil). An invalid Expires (Set and the parser refuse one) is
 // ignored.
 func (e Entry) Plan(loc *time.Location) quota.Plan {
-	p := quota.Plan{Limit: e.Limit, Reset: e.Reset, Devices: e.Devices}
+	p := quota.Plan{Limit: e.Limit, Reset: e.Reset, Devices: e.Devices, Speed: e.Speed, Throttle: e.Throttle}
 	if e.Expires != "" {
 		if loc == nil {
 			loc = time.UTC
@@ -142,8 +148,8 @@ func ParseLimits(name string, data []byte) (*Limits, []LineError) {
 			errs = append(errs, l.lineError(i, err))
 			continue
 		}
-		if ignored != nil {
-			le := l.lineError(i, ignored)
+		for _, ig := range ignored {
+			le := l.lineError(i, ig)
 			le.Partial = true
 			errs = append(errs, le)
 		}
@@ -202,9 +208,9 @@ func commentStart(text string) int {
 
 // parseLimitLine parses the text of one line. A blank or comment line gives
 // the zero Entry and no error. user is the first token if it is a valid
-// name, even if the rest of the line is bad. ignored is a bad devices=
-// value, left out of e: the rest of the line applies.
-func parseLimitLine(text string) (e Entry, user string, err, ignored error) {
+// name, even if the rest of the line is bad. ignored are bad devices=,
+// speed= and throttle= values, left out of e: the rest of the line applies.
+func parseLimitLine(text string) (e Entry, user string, err error, ignored []error) {
 	tok := strings.FieldsFunc(text[:commentStart(text)], isSep)
 	if len(tok) == 0 {
 		return Entry{}, "", nil, nil
@@ -240,12 +246,23 @@ func parseLimitLine(text string) (e Entry, user string, err, ignored error) {
 		case "devices":
 			d, err := quota.ParseDevices(val)
 			if err != nil {
-				ignored = fmt.Errorf("devices= ignored, the rest of the line applies: %w", err)
+				ignored = append(ignored, fmt.Errorf("devices= ignored, the rest of the line applies: %w", err))
 				continue
 			}
 			e.Devices = d
+		case "speed", "throttle":
+			sp, err := quota.ParseSpeed(val)
+			if err != nil {
+				ignored = append(ignored, fmt.Errorf("%s= ignored, the rest of the line applies: %w", key, err))
+				continue
+			}
+			if key == "speed" {
+				e.Speed = sp
+			} else {
+				e.Throttle = sp
+			}
 		default:
-			return Entry{}, user, fmt.Errorf("%w: unknown option %q after the limit (want reset=SCHEDULE, expires=YYYY-MM-DD or devices=N)", ErrSyntax, t), nil
+			return Entry{}, user, fmt.Errorf("%w: unknown option %q after the limit (want reset=SCHEDULE, expires=YYYY-MM-DD, devices=N, speed=RATE or throttle=RATE)", ErrSyntax, t), nil
 		}
 	}
 	return e, user, nil, ignored
@@ -349,6 +366,11 @@ func (l *Limits) Set(e Entry) error {
 	if !e.Devices.Valid() {
 		return fmt.Errorf("%w: %d: want 1 to %d, or unlimited", quota.ErrBadDevices, e.Devices, quota.MaxDevices)
 	}
+	for _, sp := range []quota.Speed{e.Speed, e.Throttle} {
+		if !sp.Valid() {
+			return fmt.Errorf("%w: %d/%d bit/s: want both rates from %s to %s", quota.ErrBadRate, sp.Down, sp.Up, quota.MinRate, quota.MaxRate)
+		}
+	}
 	e.Line = 0
 	if l.index == nil {
 		l.index = map[string]int{}
@@ -406,6 +428,12 @@ func formatEntry(e Entry) string {
 	}
 	if e.Devices != quota.DevicesDefault {
 		s += " devices=" + e.Devices.String()
+	}
+	if !e.Speed.IsZero() {
+		s += " speed=" + e.Speed.String()
+	}
+	if !e.Throttle.IsZero() {
+		s += " throttle=" + e.Throttle.String()
 	}
 	return s
 }
