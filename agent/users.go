@@ -70,9 +70,13 @@ func (r *record) state() quota.State {
 	return st
 }
 
-// blocked reports whether the user is blocked (for the limit, an expiry or
-// by an administrator).
-func (r *record) blocked() bool { return r.t.Value().st.Blocked }
+// blocked reports whether the user is blocked outright under rl (for the
+// limit, an expiry or by an administrator): not a user throttled at the
+// limit, who keeps working at their throttle rate.
+func (r *record) blocked(rl quota.Rules) bool {
+	t := r.t.Value()
+	return t.st.Enforced(t.plan, rl)
+}
 
 // setTerms makes t r's terms, r being a record the loop may write.
 func (r *record) setTerms(t terms) {

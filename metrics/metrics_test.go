@@ -230,7 +230,7 @@ func TestFromSource(t *testing.T) {
 	want(t, s, 0, "bwagent_users", "protocol", "ssh", "status", "WARNING")
 	want(t, s, 1, "bwagent_users", "protocol", "vless", "status", "UNLIMITED")
 	want(t, s, 0, "bwagent_users", "protocol", "shadowsocks", "status", "DISABLED")
-	if n := s.Series("bwagent_users"); n != 25 {
+	if n := s.Series("bwagent_users"); n != 30 {
 		t.Errorf("%d bwagent_users series, want 5 protocols x 5 statuses", n)
 	}
 	want(t, s, 1, "bwagent_departed_users")
