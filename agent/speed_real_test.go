@@ -178,6 +178,10 @@ func TestSpeedCapsSSH(t *testing.T) {
 			checkCap(t, "speed=20mbit, 4 tunnels together", r[2][2:], 20, 0.10)
 			checkFree(t, "no cap, at the same time", r[3][2:], 5*20)
 			ff.ss[0].Close()
+			if h := k.a.Health(); h.Components["speed caps"] != "ok: policing (a token bucket per user and direction in the packet programs; no EDT pacing), 3 kernel IDs capped" ||
+				h.Kernel.DroppedRate == 0 {
+				t.Errorf("health: speed caps %q, %d packets dropped over a cap", h.Components["speed caps"], h.Kernel.DroppedRate)
+			}
 
 			// bwctl speed USER 8mbit during the download.
 			if err := k.a.SetSpeed(context.Background(), down.Name, false, quota.Speed{Down: 8e6, Up: 8e6}); err != nil {

@@ -218,6 +218,7 @@ func (c *Client) Status(ctx context.Context) (Health, error) {
 			SSHSessions: r.SshSessions, SSHHeld: r.SshHeld, SSHUnattributed: r.SshUnattributed,
 			SSHNeverAttributed: r.SshNeverAttributed,
 			XrayClaimed:        r.XrayClaimed, XrayHeld: r.XrayHeld, XrayUnclaimed: r.XrayUnclaimed,
+			DroppedRate: r.DroppedRate,
 		},
 		Notify: notifyFromPB(r.Notify),
 	}

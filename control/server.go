@@ -529,7 +529,8 @@ func (s *Server) Status(context.Context, *controlpb.Empty) (*controlpb.StatusRes
 		SshSessions: h.Kernel.SSHSessions, SshHeld: h.Kernel.SSHHeld, SshUnattributed: h.Kernel.SSHUnattributed,
 		SshNeverAttributed: h.Kernel.SSHNeverAttributed,
 		XrayClaimed:        h.Kernel.XrayClaimed, XrayHeld: h.Kernel.XrayHeld, XrayUnclaimed: h.Kernel.XrayUnclaimed,
-		Notify: notifyToPB(h.Notify),
+		DroppedRate: h.Kernel.DroppedRate,
+		Notify:      notifyToPB(h.Notify),
 	}
 	if !h.LastTick.IsZero() {
 		out.LastTickUnixNano = h.LastTick.UnixNano()

@@ -151,6 +151,8 @@ type KernelStats struct {
 	XrayClaimed   uint64
 	XrayHeld      uint64
 	XrayUnclaimed uint64
+	// DroppedRate counts packets dropped over a user's speed cap.
+	DroppedRate uint64
 }
 
 // UserRow is the part of a user that a live monitor shows (Watch).

@@ -819,6 +819,7 @@ func cmdStatus(ctx context.Context, e *env) error {
 			SSHHeld        uint64 `json:"ssh_held"`
 			SSHUnattrib    uint64 `json:"ssh_unattributed"`
 			XrayHeld       uint64 `json:"xray_held"`
+			DroppedRate    uint64 `json:"dropped_rate"`
 		}
 		k := h.Kernel
 		return writeJSON(e.out, struct {
@@ -836,7 +837,7 @@ func cmdStatus(ctx context.Context, e *env) error {
 			Notify       []notifyOut       `json:"notify"`
 		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Ticks, h.Users, k.SSHSessions, k.SSHNeverAttributed,
 			k.XrayClaimed, k.XrayUnclaimed,
-			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull, k.SSHHeld, k.SSHUnattributed, k.XrayHeld},
+			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull, k.SSHHeld, k.SSHUnattributed, k.XrayHeld, k.DroppedRate},
 			comps, errs, notifyJSON(h.Notify)})
 	}
 	tw := tabwriter.NewWriter(e.out, 0, 0, 1, ' ', 0)
@@ -848,7 +849,7 @@ func cmdStatus(ctx context.Context, e *env) error {
 	fmt.Fprintf(tw, "tick duration:\t%s\n", h.TickDuration)
 	fmt.Fprintf(tw, "users:\t%d\n", h.Users)
 	k := h.Kernel
-	fmt.Fprintf(tw, "kernel drops:\t%d packets of blocked users, %d over a budget\n", k.DroppedBlocked, k.DroppedQuota)
+	fmt.Fprintf(tw, "kernel drops:\t%d packets of blocked users, %d over a budget, %d over a speed cap\n", k.DroppedBlocked, k.DroppedQuota, k.DroppedRate)
 	noRoom := "none"
 	if k.CountersFull+k.QuotaFull > 0 {
 		noRoom = fmt.Sprintf("%d packets uncounted (counter map full), %d dropped (quota map full): raise kernel.max_uids", k.CountersFull, k.QuotaFull)

@@ -1084,6 +1084,8 @@ type StatusResponse struct {
 	XrayClaimed   uint64 `protobuf:"varint,16,opt,name=xray_claimed,json=xrayClaimed,proto3" json:"xray_claimed,omitempty"`
 	XrayHeld      uint64 `protobuf:"varint,17,opt,name=xray_held,json=xrayHeld,proto3" json:"xray_held,omitempty"`
 	XrayUnclaimed uint64 `protobuf:"varint,18,opt,name=xray_unclaimed,json=xrayUnclaimed,proto3" json:"xray_unclaimed,omitempty"`
+	// Packets dropped over a user's speed cap.
+	DroppedRate   uint64 `protobuf:"varint,19,opt,name=dropped_rate,json=droppedRate,proto3" json:"dropped_rate,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1240,6 +1242,13 @@ func (x *StatusResponse) GetXrayHeld() uint64 {
 func (x *StatusResponse) GetXrayUnclaimed() uint64 {
 	if x != nil {
 		return x.XrayUnclaimed
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetDroppedRate() uint64 {
+	if x != nil {
+		return x.DroppedRate
 	}
 	return 0
 }
@@ -1578,7 +1587,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
 	"\x10duration_seconds\x18\x02 \x01(\x03R\x0fdurationSeconds\"(\n" +
 	"\x10ResetAllResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x03R\x05count\"\x80\a\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\xa3\a\n" +
 	"\x0eStatusResponse\x12-\n" +
 	"\x13last_tick_unix_nano\x18\x01 \x01(\x03R\x10lastTickUnixNano\x12.\n" +
 	"\x13tick_duration_nanos\x18\x02 \x01(\x03R\x11tickDurationNanos\x12\x14\n" +
@@ -1601,7 +1610,8 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x14ssh_never_attributed\x18\x0f \x01(\x04R\x12sshNeverAttributed\x12!\n" +
 	"\fxray_claimed\x18\x10 \x01(\x04R\vxrayClaimed\x12\x1b\n" +
 	"\txray_held\x18\x11 \x01(\x04R\bxrayHeld\x12%\n" +
-	"\x0exray_unclaimed\x18\x12 \x01(\x04R\rxrayUnclaimed\x1a9\n" +
+	"\x0exray_unclaimed\x18\x12 \x01(\x04R\rxrayUnclaimed\x12!\n" +
+	"\fdropped_rate\x18\x13 \x01(\x04R\vdroppedRate\x1a9\n" +
 	"\vErrorsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a=\n" +
