@@ -170,7 +170,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	if _, n := a.kernelKeys(u); n > 0 || t.proto == quota.SSH {
 		slack = kernelSlack(t.plan.Limit)
 	}
-	wasBlocked := u.r.blocked(a.rules)
+	wasBlocked := a.xrayBlocked(u.r)
 	// On a copy: a user the rules leave alone keeps its published record.
 	old := u.r.state()
 	st := old
@@ -192,7 +192,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 			a.work.nextWake = w.Time()
 		}
 	}
-	if r.xray && r.blocked(a.rules) != wasBlocked {
+	if r.xray && a.xrayBlocked(r) != wasBlocked {
 		a.markersDirty = true
 	}
 	if _, n := a.kernelKeys(u); n > 0 || r.ssh && a.byUID[r.uid] == u {

@@ -247,7 +247,7 @@ func (a *Agent) syncMarkers() error {
 	if a.markersDirty {
 		a.markers = make(map[string]opsfiles.Marker)
 		for _, u := range a.users {
-			if r := u.r; r.xray && r.blocked(a.rules) {
+			if r := u.r; r.xray && a.xrayBlocked(r) {
 				st := r.terms().st
 				a.markers[r.name] = opsfiles.Marker{Reason: st.Reason, Time: st.BlockTime.Time()}
 			}

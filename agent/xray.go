@@ -321,13 +321,13 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 			continue
 		}
 		switch {
-		case u.r.blocked(a.rules) && !a.xr.removed[email]:
+		case a.xrayBlocked(u.r) && !a.xr.removed[email]:
 			if err := a.removeXrayUser(cctx, email, xus); err != nil {
 				errs = append(errs, err)
 				continue
 			}
 			a.xr.removed[email] = true
-		case !u.r.blocked(a.rules) && a.xr.removed[email]:
+		case !a.xrayBlocked(u.r) && a.xr.removed[email]:
 			if err := a.addXrayUser(cctx, email, xus); err != nil {
 				errs = append(errs, err)
 				continue
@@ -403,7 +403,7 @@ func (a *Agent) cutXrayUser(ctx context.Context, email string, ports []uint16) {
 		if other == email || a.xr.removed[other] {
 			continue
 		}
-		if u := a.users[other]; u != nil && u.r.blocked(a.rules) {
+		if u := a.users[other]; u != nil && a.xrayBlocked(u.r) {
 			continue
 		}
 		for ip := range ips {
@@ -449,7 +449,7 @@ func (a *Agent) onlineUsers(ctx context.Context, email string) (map[string]map[s
 			if a.xr.removed[other] {
 				continue
 			}
-			if u := a.users[other]; u == nil || u.r.blocked(a.rules) || u.r.updated < recent {
+			if u := a.users[other]; u == nil || a.xrayBlocked(u.r) || u.r.updated < recent {
 				continue
 			}
 		}
