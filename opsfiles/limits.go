@@ -142,7 +142,7 @@ func ParseLimits(name string, data []byte) (*Limits, []LineError) {
 	var errs []LineError
 	for i := range l.lines {
 		ln := &l.lines[i]
-		e, user, err, ignored := parseLimitLine(ln.text)
+		e, user, ignored, err := parseLimitLine(ln.text)
 		ln.user = user
 		if err != nil {
 			errs = append(errs, l.lineError(i, err))
@@ -210,37 +210,37 @@ func commentStart(text string) int {
 // the zero Entry and no error. user is the first token if it is a valid
 // name, even if the rest of the line is bad. ignored are bad devices=,
 // speed= and throttle= values, left out of e: the rest of the line applies.
-func parseLimitLine(text string) (e Entry, user string, err error, ignored []error) {
+func parseLimitLine(text string) (e Entry, user string, ignored []error, err error) {
 	tok := strings.FieldsFunc(text[:commentStart(text)], isSep)
 	if len(tok) == 0 {
 		return Entry{}, "", nil, nil
 	}
 	if err := quota.ValidName(tok[0]); err != nil {
-		return Entry{}, "", err, nil
+		return Entry{}, "", nil, err
 	}
 	user = tok[0]
 	if len(tok) < 2 {
-		return Entry{}, user, fmt.Errorf("%w: user %q has no limit (want USER LIMIT, e.g. %q)", ErrSyntax, user, user+" 10240"), nil
+		return Entry{}, user, nil, fmt.Errorf("%w: user %q has no limit (want USER LIMIT, e.g. %q)", ErrSyntax, user, user+" 10240")
 	}
 	e.User = user
 	if e.Limit, err = quota.ParseLimit(tok[1]); err != nil {
-		return Entry{}, user, err, nil
+		return Entry{}, user, nil, err
 	}
 	seen := map[string]bool{}
 	for _, t := range tok[2:] {
 		key, val, _ := strings.Cut(t, "=")
 		if seen[key] {
-			return Entry{}, user, fmt.Errorf("%w: %s= given twice", ErrSyntax, key), nil
+			return Entry{}, user, nil, fmt.Errorf("%w: %s= given twice", ErrSyntax, key)
 		}
 		seen[key] = true
 		switch key {
 		case "reset":
 			if e.Reset, err = quota.ParseSchedule(val); err != nil {
-				return Entry{}, user, err, nil
+				return Entry{}, user, nil, err
 			}
 		case "expires":
 			if err := checkDate(val); err != nil {
-				return Entry{}, user, err, nil
+				return Entry{}, user, nil, err
 			}
 			e.Expires = val
 		case "devices":
@@ -262,10 +262,10 @@ func parseLimitLine(text string) (e Entry, user string, err error, ignored []err
 				e.Throttle = sp
 			}
 		default:
-			return Entry{}, user, fmt.Errorf("%w: unknown option %q after the limit (want reset=SCHEDULE, expires=YYYY-MM-DD, devices=N, speed=RATE or throttle=RATE)", ErrSyntax, t), nil
+			return Entry{}, user, nil, fmt.Errorf("%w: unknown option %q after the limit (want reset=SCHEDULE, expires=YYYY-MM-DD, devices=N, speed=RATE or throttle=RATE)", ErrSyntax, t)
 		}
 	}
-	return e, user, nil, ignored
+	return e, user, ignored, nil
 }
 
 // checkDate checks an expiry date.
