@@ -185,10 +185,8 @@ func (d *Datapath) writeRates(uid uint32, p Policy, r Rate) error {
 	own := rateKeys(uid)
 	for dir, rate := range [2]uint64{r.Rx, r.Tx} {
 		if rate == 0 {
-			{
-				if err := d.objs.BwRates.Delete(own[dir]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-					return fmt.Errorf("delete speed cap of ID %d: %w", uid, err)
-				}
+			if err := d.objs.BwRates.Delete(own[dir]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("delete speed cap of ID %d: %w", uid, err)
 			}
 			continue
 		}
