@@ -1,11 +1,15 @@
 package bpf_test
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/internal/nettest"
@@ -195,4 +199,84 @@ func TestSpeedCapChangesAndSurvives(t *testing.T) {
 	if n, err := e.dp.ReconcilePolicies(map[uint32]bpf.Policy{}); err != nil || n != 0 {
 		t.Errorf("a removed cap left something to reconcile: %d, %v", n, err)
 	}
+}
+
+// TestSpeedCapRepaired: a bucket someone changed behind the agent's back
+// (another depth) or deleted is found and written again by
+// ReconcilePolicies; an account that names a UID as its key shares the
+// UID's buckets and has none of its own.
+func TestSpeedCapRepaired(t *testing.T) {
+	e := newEnv(t)
+	const uid = 2321
+	acct := bpf.AccountBase + 7
+	r := bpf.Rate{Rx: mbit(20), Tx: mbit(8)}
+	want := map[uint32]bpf.Policy{uid: {Rate: r}, acct: {Rate: r, QuotaKey: uid}}
+	if n, err := e.dp.ReconcilePolicies(want); err != nil || n != 2 {
+		t.Fatalf("first reconcile: %d, %v", n, err)
+	}
+	rates, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_rates"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rates.Close()
+	if n := countEntries(t, rates); n != 2 {
+		t.Errorf("bw_rates holds %d buckets, want the UID's two", n)
+	}
+	for id, p := range want {
+		if got, err := e.dp.Policy(id); err != nil || got != p {
+			t.Errorf("Policy(%d) = %+v, %v; want %+v", id, got, err, p)
+		}
+	}
+	if n, err := e.dp.ReconcilePolicies(want); err != nil || n != 0 {
+		t.Errorf("nothing changed, yet reconcile wrote %d (%v)", n, err)
+	}
+
+	// The download bucket's depth changed, the upload one deleted.
+	key := make([]byte, 8)
+	binary.LittleEndian.PutUint32(key, uid)
+	val := make([]byte, rates.ValueSize())
+	if err := rates.Lookup(key, &val); err != nil {
+		t.Fatal(err)
+	}
+	binary.LittleEndian.PutUint64(val[16:], 1) // depth
+	if err := rates.Update(key, val, ebpf.UpdateLock); err != nil {
+		t.Fatal(err)
+	}
+	binary.LittleEndian.PutUint32(key[4:], 1)
+	if err := rates.Delete(key); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := e.dp.ReconcilePolicies(want); err != nil || n == 0 {
+		t.Errorf("altered buckets not repaired: %d, %v", n, err)
+	}
+	for id, p := range want {
+		if got, err := e.dp.Policy(id); err != nil || got != p {
+			t.Errorf("after the repair, Policy(%d) = %+v, %v; want %+v", id, got, err, p)
+		}
+	}
+	if n, err := e.dp.ReconcilePolicies(want); err != nil || n != 0 {
+		t.Errorf("after the repair, reconcile wrote %d (%v)", n, err)
+	}
+
+	// Caps removed: no bucket left.
+	if _, err := e.dp.ReconcilePolicies(nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := countEntries(t, rates); n != 0 {
+		t.Errorf("%d buckets left after the caps were removed", n)
+	}
+}
+
+func countEntries(t *testing.T, m *ebpf.Map) int {
+	t.Helper()
+	var k, v []byte
+	n := 0
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
