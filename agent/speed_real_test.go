@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -307,4 +308,68 @@ func TestSpeedCapsXray(t *testing.T) {
 	checkCap(t, "Vision, 4 connections from 4 addresses together", r[2][2:], 20, 0.10)
 	checkFree(t, "no cap, at the same time", r[3][2:], 5*20)
 	checkCap(t, "Vision upload, speed=20mbit/8mbit", r[4][2:], 8, 0.10)
+}
+
+// TestSpeedCapOneUserSSHAndXray: a user who is both an SSH account and an
+// Xray client has one cap: a download as the account's UID and a Vision
+// download through Xray, at once, share 20 Mbit/s (the account's policy
+// names the UID's buckets).
+func TestSpeedCapOneUserSSHAndXray(t *testing.T) {
+	const mixUID, server = 2621, 2623
+	mix := xraytest.NewVisionUser("mix")
+	k, srv := xrayKernelEnv(t, fmt.Sprintf("mix:x:%d:%d::/:/bin/false\nsrv:x:%d:1::/:/bin/false\n", mixUID, mixUID, server),
+		"mix unlimited speed=20mbit\n", mix)
+	waitFor(t, "mix's kernel account", 5*time.Second, func() bool { _, ok := k.dp.AccountOf("mix"); return ok })
+	acct, _ := k.dp.AccountOf("mix")
+	waitFor(t, "both of mix's IDs capped", 5*time.Second, func() bool {
+		pu, _ := k.dp.Policy(mixUID)
+		pa, _ := k.dp.Policy(acct)
+		return pu.Rate.Rx != 0 && pa.Rate.Rx != 0 && pa.QuotaKey == mixUID
+	})
+
+	sink := k.start(t, true, server, "tcp-serve", net.JoinHostPort(k.pair.B4.String(), "0"))
+	addr := strings.Fields(sink.Expect(t, "ADDR", 5*time.Second))[1]
+	c := k.start(t, false, mixUID, "tcp-client", addr, "0", "inf")
+	c.Expect(t, "CONNECTED", 5*time.Second)
+	d := srv.Client(t, mix).Download(t, 1<<30, 0)
+	// The UID's stream by its socket's tcp_info in its namespace, the Xray
+	// download by what it received.
+	sinkAddr := netip.MustParseAddrPort(addr)
+	uidBytes := func() int64 {
+		var conns []nettest.TCPConn
+		if err := nettest.Do(k.pair.A, func() (err error) {
+			conns, err = nettest.TCPConns()
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		var n int64
+		for _, c := range conns {
+			if c.Remote == sinkAddr {
+				n += int64(c.BytesReceived)
+			}
+		}
+		return n
+	}
+	var last, lastX int64
+	var per []float64
+	measureBoth := func(n int) {
+		per = per[:0]
+		last, lastX = uidBytes(), d.Received()
+		start := time.Now()
+		for i := range n {
+			time.Sleep(time.Until(start.Add(time.Duration(i+1) * time.Second)))
+			u, x := uidBytes(), d.Received()
+			per = append(per, float64(u-last+x-lastX)*8/1e6)
+			last, lastX = u, x
+		}
+	}
+	measureBoth(2)
+	measureBoth(8)
+	checkCap(t, "SSH account's UID and Xray client together", per, 20, 0.10)
+	u, x := uidBytes(), d.Received()
+	t.Logf("moved as the UID %d bytes, through Xray %d", u, x)
+	if u < 1<<20 || x < 1<<20 {
+		t.Errorf("one of the two hardly moved: UID %d bytes, Xray %d", u, x)
+	}
 }
