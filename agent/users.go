@@ -395,6 +395,7 @@ func (a *Agent) loadLimits(now time.Time) error {
 		}
 	}
 	a.limitsBad = bad
+	a.fleetLimitsRead(s, l.Entries())
 	plans := make(map[string]quota.Plan)
 	a.dev.limitedLines = 0
 	for _, e := range l.Entries() {

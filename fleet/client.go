@@ -72,22 +72,44 @@ type Client struct {
 	RoundTrips int
 }
 
-// Connect opens the node's connection, creates or migrates the schema (or
-// refuses a newer one, ErrSchemaVersion), takes the node's name (or refuses
-// it while another running agent holds it, ErrNodeTaken) and records the
-// node. The context bounds all of it.
+// Connect is New and Open.
 func Connect(ctx context.Context, o Options) (*Client, error) {
+	c := New(o)
+	if err := c.Open(ctx); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// New returns a node's client without connecting: Sync connects when it
+// has no connection.
+func New(o Options) *Client {
 	if o.Fresh == 0 {
 		o.Fresh = 10 * time.Second
 	}
 	host, _ := os.Hostname()
 	var b [8]byte
 	rand.Read(b[:])
-	c := &Client{o: o, instance: hex.EncodeToString(b[:]), host: host}
-	if err := c.connect(ctx); err != nil {
-		return nil, err
+	return &Client{o: o, instance: hex.EncodeToString(b[:]), host: host}
+}
+
+// Open opens the node's connection, creates or migrates the schema (or
+// refuses a newer one, ErrSchemaVersion), takes the node's name (or refuses
+// it while another running agent holds it, ErrNodeTaken) and records the
+// node. The context bounds all of it.
+func (c *Client) Open(ctx context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn != nil {
+		return nil
 	}
-	return c, nil
+	return c.connect(ctx)
+}
+
+// Fatal reports whether err is one no retry mends: a newer schema, a name
+// in use, another metric.
+func Fatal(err error) bool {
+	return errors.Is(err, ErrSchemaVersion) || errors.Is(err, ErrNodeTaken) || errors.Is(err, ErrMetric)
 }
 
 // Node returns the node's name.
@@ -245,8 +267,7 @@ type User struct {
 	UnblockLimit uint64
 	UnblockUntil time.Time
 	LastReset    time.Time
-	// Others is the other nodes' usage in Period (Sync); Total every
-	// node's (the commands).
+	// Others is the other nodes' usage in Period.
 	Others quota.Usage
 }
 
@@ -375,8 +396,8 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 		b.Queue(`SELECT name, period, limit_bytes, disabled OR unblocked OR NOT has_line OR limit_bytes = 0 FROM plans WHERE name = ANY($1)`, leaseNames)
 		b.Queue(`SELECT l.name, l.node, l.ceiling, l.rate, l.updated_at > now() - $2::interval
 			FROM leases l JOIN plans p ON p.name = l.name AND p.period = l.period WHERE l.name = ANY($1)`, leaseNames, c.o.Fresh)
-		b.Queue(`SELECT u.name, u.node, u.up, u.down FROM usage u JOIN plans p ON p.name = u.name AND p.period = u.period
-			WHERE u.name = ANY($1)`, leaseNames)
+		b.Queue(`SELECT u.name, u.node, u.up, u.down, u.updated_at > now() - $2::interval FROM usage u JOIN plans p ON p.name = u.name AND p.period = u.period
+			WHERE u.name = ANY($1)`, leaseNames, c.o.Fresh)
 	}
 	res := &Result{}
 	type planRow struct {
@@ -482,10 +503,13 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 		for rows.Next() {
 			var n, node string
 			var up, down int64
-			if err := rows.Scan(&n, &node, &up, &down); err != nil {
+			var fresh bool
+			if err := rows.Scan(&n, &node, &up, &down, &fresh); err != nil {
 				return err
 			}
-			at(n, node).used = c.o.Metric.Of(quota.Usage{Up: uint64(up), Down: uint64(down)})
+			h := at(n, node)
+			h.used = c.o.Metric.Of(quota.Usage{Up: uint64(up), Down: uint64(down)})
+			h.fresh = h.fresh || fresh
 		}
 		return rows.Err()
 	}()
@@ -499,12 +523,20 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 	// The grants, then round trip 2.
 	var gNames, gNodes []string
 	var gPeriod, gCeil, gRate []int64
+	var touch []string
 	for _, l := range r.Leases {
 		p, ok := plans[l.Name]
 		if !ok || p.nolease || p.period != l.Period {
 			continue
 		}
-		ceiling, record := grant(p.limit, me, l.Held, l.Rate, holders[l.Name])
+		ceiling, record, starved := grant(p.limit, me, l.Held, l.Rate, holders[l.Name])
+		if starved || ceiling < l.Held {
+			// Another node holds what this one needs, or this one gives
+			// room back: the user's row changes, so every node renews its
+			// lease at its next sync (an idle one gives room back, a
+			// starved one takes it).
+			touch = append(touch, l.Name)
+		}
 		res.Grants = append(res.Grants, Grant{Name: l.Name, Period: l.Period, Ceiling: ceiling})
 		gNames, gNodes = append(gNames, l.Name), append(gNodes, me)
 		gPeriod, gCeil, gRate = append(gPeriod, int64(l.Period)), append(gCeil, int64(record)), append(gRate, int64(l.Rate))
@@ -515,6 +547,9 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 			SELECT n, node, p, c, r, now() FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS g(n, node, p, c, r)
 			ON CONFLICT (name, node) DO UPDATE SET period = excluded.period, ceiling = excluded.ceiling, rate = excluded.rate, updated_at = excluded.updated_at`,
 			gNames, gNodes, gPeriod, gCeil, gRate)
+	}
+	if len(touch) > 0 {
+		b.Queue("UPDATE plans SET xid = pg_current_xact_id() WHERE name = ANY($1)", touch)
 	}
 	b.Queue("UPDATE nodes SET last_report = now(), reports = reports + 1 WHERE name = $1 AND instance = $2", me, c.instance)
 	b.Queue("SELECT pg_snapshot_xmin(pg_current_snapshot())::text, now()")
@@ -531,9 +566,11 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 	c.RoundTrips++
 	var xmin string
 	err = func() error {
-		if len(gNames) > 0 {
-			if _, err := br.Exec(); err != nil {
-				return err
+		for _, n := range []int{len(gNames), len(touch)} {
+			if n > 0 {
+				if _, err := br.Exec(); err != nil {
+					return err
+				}
 			}
 		}
 		if _, err := br.Exec(); err != nil {
@@ -646,7 +683,7 @@ func (c *Client) command(ctx context.Context, name string, fn func(tx pgx.Tx) (b
 	if !found {
 		return User{}, fmt.Errorf("%w %q: no node of the fleet has seen it", ErrUnknownUser, name)
 	}
-	rows, err := tx.Query(ctx, userSelect+" WHERE p.name = $2", "", name)
+	rows, err := tx.Query(ctx, userSelect+" WHERE p.name = $2", c.o.Node, name)
 	if err != nil {
 		return User{}, err
 	}
@@ -753,7 +790,7 @@ func (c *Client) Unblock(ctx context.Context, name string, until, at time.Time) 
 // whether the user has a line, and sets them.
 func (c *Client) EditPlan(ctx context.Context, name string, at time.Time, edit func(e *opsfiles.Entry, line *bool) error) (User, error) {
 	return c.command(ctx, name, func(tx pgx.Tx) (bool, error) {
-		rows, err := tx.Query(ctx, userSelect+" WHERE p.name = $2 FOR UPDATE OF p", "", name)
+		rows, err := tx.Query(ctx, userSelect+" WHERE p.name = $2 FOR UPDATE OF p", c.o.Node, name)
 		if err != nil {
 			return false, err
 		}

@@ -212,12 +212,12 @@ func BenchmarkGrant(b *testing.B) {
 
 func TestGrantShares(t *testing.T) {
 	// Two equally active nodes share what remains.
-	c, _ := grant(1000, "a", 0, 100, []holder{{node: "a"}, {node: "b", rate: 100, fresh: true}})
+	c, _, _ := grant(1000, "a", 0, 100, []holder{{node: "a"}, {node: "b", rate: 100, fresh: true}})
 	if c < 450 || c > 500 {
 		t.Errorf("share of two equal nodes: %d", c)
 	}
 	// An idle node keeps little and gives back what it held.
-	c, rec := grant(1000, "b", 900, 0, []holder{{node: "a", rate: 1000, fresh: true, used: 50, ceiling: 60}, {node: "b", ceiling: 900, used: 10}})
+	c, rec, _ := grant(1000, "b", 900, 0, []holder{{node: "a", rate: 1000, fresh: true, used: 50, ceiling: 60}, {node: "b", ceiling: 900, used: 10}})
 	if c > 10+60 || rec != 900 {
 		t.Errorf("idle node: ceiling %d, record %d", c, rec)
 	}

@@ -34,8 +34,9 @@ type holder struct {
 // node's row (me included, after this report's usage), the ceiling me
 // enforces now (held) and its rate. The returned ceiling is what me should
 // enforce from now on; record is what the database must keep for me
-// (max(ceiling, held): me enforces held until it applies the grant).
-func grant(limit uint64, me string, held, rate uint64, nodes []holder) (ceiling, record uint64) {
+// (max(ceiling, held): me enforces held until it applies the grant);
+// starved says that other nodes hold room me's share calls for.
+func grant(limit uint64, me string, held, rate uint64, nodes []holder) (ceiling, record uint64, starved bool) {
 	var used, holdOthers, myUsed, sumRate uint64
 	fresh := 0
 	for _, h := range nodes {
@@ -66,5 +67,5 @@ func grant(limit uint64, me string, held, rate uint64, nodes []holder) (ceiling,
 	target := uint64(float64(remaining) * mine / total)
 	room := min(target, myHold-myUsed+free)
 	ceiling = myUsed + room
-	return ceiling, max(ceiling, held)
+	return ceiling, max(ceiling, held), room < target/2
 }

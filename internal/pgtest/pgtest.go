@@ -10,8 +10,7 @@ package pgtest
 import (
 	"errors"
 	"fmt"
-	"io"
-	"net"
+		"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -197,10 +196,11 @@ func (c *Cluster) Restart(t testing.TB) {
 	c.start(t)
 }
 
-// Proxy is a TCP port on 127.0.0.1 forwarding to a Unix socket, which a
-// test can cut.
+// Proxy is a Unix socket in a directory of its own forwarding to a
+// cluster's, which a test can cut. A Unix socket reaches across network
+// namespaces, so agents in a namespace of their own reach it.
 type Proxy struct {
-	Addr   string
+	Dir    string
 	ln     net.Listener
 	target string
 	mu     sync.Mutex
@@ -208,23 +208,27 @@ type Proxy struct {
 	conns  map[net.Conn]bool
 }
 
-// NewProxy starts a proxy to the Unix socket path; it closes in t.Cleanup.
-func NewProxy(t testing.TB, path string) *Proxy {
+// NewProxy starts a proxy to the cluster; it closes in t.Cleanup.
+func (c *Cluster) NewProxy(t testing.TB) *Proxy {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	dir, err := os.MkdirTemp("", "bwpgproxy-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &Proxy{Addr: ln.Addr().String(), ln: ln, target: path, conns: map[net.Conn]bool{}}
-	t.Cleanup(func() { ln.Close(); p.Cut(); p.Restore() })
+	os.Chmod(dir, 0o755)
+	ln, err := net.Listen("unix", filepath.Join(dir, fmt.Sprintf(".s.PGSQL.%d", c.Port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Proxy{Dir: dir, ln: ln, target: c.SocketPath(), conns: map[net.Conn]bool{}}
+	t.Cleanup(func() { ln.Close(); p.Cut(); p.Restore(); os.RemoveAll(dir) })
 	go p.serve()
 	return p
 }
 
 // DSN returns a key=value connection string to db through the proxy.
 func (p *Proxy) DSN(db string) string {
-	host, port, _ := net.SplitHostPort(p.Addr)
-	return fmt.Sprintf("host=%s port=%s user=postgres dbname=%s sslmode=disable connect_timeout=2", host, port, db)
+	return fmt.Sprintf("host=%s port=5432 user=postgres dbname=%s sslmode=disable connect_timeout=2", p.Dir, db)
 }
 
 func (p *Proxy) serve() {
@@ -256,7 +260,18 @@ func (p *Proxy) forward(c net.Conn) {
 	var wg sync.WaitGroup
 	pipe := func(dst, src net.Conn) {
 		defer wg.Done()
-		io.Copy(dst, src)
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if n > 0 && !p.isCut() {
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					break
+				}
+			}
+			if err != nil {
+				break
+			}
+		}
 		dst.Close()
 		src.Close()
 	}
@@ -270,26 +285,16 @@ func (p *Proxy) forward(c net.Conn) {
 	p.mu.Unlock()
 }
 
-// Cut partitions the network: every open connection stops moving (it is
-// closed on the server's side only, so the client sees nothing until its
-// own timeouts) and new ones are accepted but never answered.
+// Cut partitions the network: the open connections go silent (what either
+// side sends goes nowhere), and new ones are accepted but never answered.
 func (p *Proxy) Cut() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.cut = true
-	for c := range p.conns {
-		if uc, ok := c.(*net.UnixConn); ok {
-			uc.Close()
-			delete(p.conns, c)
-		} else if tc, ok := c.(*net.TCPConn); ok {
-			// Stop reading the client: what it sends goes nowhere.
-			tc.SetReadDeadline(time.Unix(1, 0))
-		}
-	}
 }
 
-// Restore ends the partition: the stalled connections are reset (as a
-// peer's TCP would after a long partition) and new ones are forwarded.
+// Restore ends the partition: the silent connections are reset (as a peer
+// would after a long partition) and new ones are forwarded.
 func (p *Proxy) Restore() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -298,4 +303,10 @@ func (p *Proxy) Restore() {
 		c.Close()
 		delete(p.conns, c)
 	}
+}
+
+func (p *Proxy) isCut() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cut
 }
