@@ -51,6 +51,7 @@ type fleetUser struct {
 	hasLease bool
 	fallback uint64 // ceiling enforced without a lease, before the database answered once
 	rateMark uint64 // metric of own at the last report
+	rate     uint64 // the rate of the last lease request
 	changed  bool   // others or the plan changed: renew the lease
 	dirty    bool   // in baseQ
 }
@@ -96,6 +97,7 @@ type fleetSide struct {
 	editAt    time.Time
 	edited    []opsfiles.Entry
 	importing bool // an import is out
+	released  bool // a reply lowered a lease
 	rewrite   bool
 
 	events    []fleet.Event
@@ -273,8 +275,16 @@ func (a *Agent) fleetReport(now time.Time) error {
 			continue
 		}
 		m := a.rules.Metric.Of(f.own)
-		if f.own != f.acked || f.changed || !f.hasLease || full {
+		// At its ceiling the node's traffic waits for room (the kernel
+		// drops it): it renews every tick, and its demand is the rate it
+		// had, not the nothing it moves now.
+		atCeiling := f.hasLease && m+kernelSlack(t.plan.Limit) >= f.lease
+		if f.own != f.acked || f.changed || !f.hasLease || full || atCeiling {
 			rate := (m - min(m, f.rateMark)) * uint64(time.Second) / uint64(a.currentInterval())
+			if atCeiling {
+				rate = max(rate, f.rate)
+			}
+			f.rate = rate
 			r.Leases = append(r.Leases, fleet.LeaseReq{Name: name, Period: f.period, Held: f.held(), Rate: rate})
 			f.changed = false
 		}
@@ -417,6 +427,9 @@ func (a *Agent) fleetApply(rep fleetReply, now time.Time) {
 			continue
 		}
 		if !f.hasLease || f.lease != g.Ceiling {
+			if f.hasLease && g.Ceiling < f.lease {
+				fl.released = true // say so at once: another node waits for it
+			}
 			f.lease, f.hasLease = g.Ceiling, true
 			a.fleetDirty(g.Name, f)
 			if u != nil {
@@ -430,6 +443,13 @@ func (a *Agent) fleetApply(rep fleetReply, now time.Time) {
 		a.logs.report("limits file", a.fleetWriteLimits(now))
 	}
 	a.settleFleet(now)
+	if fl.released {
+		// The kernel enforces the smaller leases now: report them, so that
+		// the database hands the room to the nodes that wait for it
+		// without waiting for the next tick.
+		fl.released = false
+		a.logs.report("fleet", a.fleetReport(now))
+	}
 }
 
 // fleetUsers applies the users the database says changed.

@@ -211,6 +211,10 @@ func BenchmarkGrant(b *testing.B) {
 }
 
 func TestGrantShares(t *testing.T) {
+	// Nobody moves: a little room.
+	if c, _, _ := grant(3200, "a", 0, 0, []holder{{node: "a"}, {node: "b", fresh: true}}); c != 100 {
+		t.Errorf("idle grant: %d", c)
+	}
 	// Two equally active nodes share what remains.
 	c, _, _ := grant(1000, "a", 0, 100, []holder{{node: "a"}, {node: "b", rate: 100, fresh: true}})
 	if c < 450 || c > 500 {

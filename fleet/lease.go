@@ -18,7 +18,10 @@ package fleet
 // recent rate plus a floor of 1/32 of the user's total rate, so one active
 // node's share is nearly all the remainder (32/34 beside two idle nodes),
 // two active nodes share by rate, and idle nodes keep a little room for a
-// new connection to start before the next tick.
+// new connection to start before the next tick. While nobody moves, each
+// node keeps 1/32 of the remainder and the rest stays free, so that the
+// node the user comes to takes it at its next renewal without waiting for
+// the others to give room back.
 
 // holder is what the database knows of one node's lease on a user in the
 // current period.
@@ -61,10 +64,17 @@ func grant(limit uint64, me string, held, rate uint64, nodes []holder) (ceiling,
 	if limit > used {
 		remaining = limit - used
 	}
-	floor := max(sumRate/32, 1)
-	mine := float64(rate + floor)
-	total := mine + float64(sumRate-rate) + float64(fresh)*float64(floor)
-	target := uint64(float64(remaining) * mine / total)
+	var target uint64
+	if sumRate == 0 {
+		// Nobody moves: a little room each, the rest free for whichever
+		// node the user comes to first.
+		target = remaining / 32
+	} else {
+		floor := max(sumRate/32, 1)
+		mine := float64(rate + floor)
+		total := mine + float64(sumRate-rate) + float64(fresh)*float64(floor)
+		target = uint64(float64(remaining) * mine / total)
+	}
 	room := min(target, myHold-myUsed+free)
 	ceiling = myUsed + room
 	return ceiling, max(ceiling, held), room < target/2

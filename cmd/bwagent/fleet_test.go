@@ -189,12 +189,24 @@ func (n *fleetNode) stream(t *testing.T, rate uint64) *nettest.Proc {
 	return c
 }
 
+// client dials the node's control socket, which comes up beside its first
+// tick.
+func (n *fleetNode) client(t *testing.T) *control.Client {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		c, err := control.Dial(context.Background(), filepath.Join(n.dir, "bwagent.sock"))
+		if err == nil {
+			return c
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node %s: %v", n.name, err)
+		}
+	}
+}
+
 func (n *fleetNode) user(t *testing.T) control.User {
 	t.Helper()
-	c, err := control.Dial(context.Background(), filepath.Join(n.dir, "bwagent.sock"))
-	if err != nil {
-		t.Fatalf("node %s: %v", n.name, err)
-	}
+	c := n.client(t)
 	defer c.Close()
 	u, err := c.User(context.Background(), "john")
 	if err != nil {
@@ -205,10 +217,7 @@ func (n *fleetNode) user(t *testing.T) control.User {
 
 func (n *fleetNode) ctl(t *testing.T, fn func(c *control.Client) error) error {
 	t.Helper()
-	c, err := control.Dial(context.Background(), filepath.Join(n.dir, "bwagent.sock"))
-	if err != nil {
-		t.Fatalf("node %s: %v", n.name, err)
-	}
+	c := n.client(t)
 	defer c.Close()
 	return fn(c)
 }
@@ -422,7 +431,7 @@ func TestFleetCommands(t *testing.T) {
 	f.startAll(t)
 	time.Sleep(2500 * time.Millisecond)
 	a, b, c := f.nodes[0], f.nodes[1], f.nodes[2]
-	s := b.stream(t, 0)
+	s := b.stream(t, 4<<20)
 	f.waitStatus(t, quota.Blocked, 20*time.Second)
 	s.Cmd.Process.Kill()
 
@@ -444,11 +453,11 @@ func TestFleetCommands(t *testing.T) {
 		t.Fatalf("a's limit of john after a set on b: %d", u.Limit)
 	}
 	limits, _ := os.ReadFile(filepath.Join(a.dir, "bw-limit.conf"))
-	if !strings.Contains(string(limits), "john 2M") {
+	if !strings.Contains(string(limits), "john 2\n") {
 		t.Errorf("a's limits file: %q", limits)
 	}
 	ka0 := a.kernel(t)
-	sa := a.stream(t, 0)
+	sa := a.stream(t, 4<<20)
 	f.waitStatus(t, quota.Blocked, 20*time.Second)
 	sa.Cmd.Process.Kill()
 	time.Sleep(1500 * time.Millisecond)
