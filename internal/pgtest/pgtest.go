@@ -10,7 +10,7 @@ package pgtest
 import (
 	"errors"
 	"fmt"
-		"net"
+	"net"
 	"os"
 	"os/exec"
 	"os/user"
