@@ -13,6 +13,7 @@ import (
 	"github.com/myvpn/bwagent/fleet"
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/view"
 )
 
 // Fleet mode (package fleet): one quota per user across nodes, kept in
@@ -730,4 +731,20 @@ func (a *Agent) fleetEditPlan(ctx context.Context, name string, edit func(l *ops
 			return nil
 		})
 	})
+}
+
+// fleetShares adds each node's share of the user, from the database.
+func (a *Agent) fleetShares(ctx context.Context, v *view.User) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	_, shares, err := a.fl.c.Shares(ctx, v.Name)
+	if err != nil {
+		v.FleetNote = "the fleet database did not answer: " + err.Error()
+		return
+	}
+	for _, s := range shares {
+		use := quota.Usage{Up: s.Up, Down: s.Down}
+		v.Fleet = append(v.Fleet, view.NodeShare{Node: s.Node, Upload: s.Up, Download: s.Down,
+			Used: a.rules.Metric.Of(use), Lease: s.Ceiling})
+	}
 }

@@ -365,7 +365,26 @@ func TestFleetOneLimitTwoNodes(t *testing.T) {
 			t.Errorf("node %s shows john used %d, the kernels counted %d", n.name, u.Used, total)
 		}
 	}
-	t.Logf("a %d + b %d = %d of %d; blocked %v apart", ka, kb, total, limit, spread(at))
+	// bwctl usage: the global figure and each node's share; bwctl status:
+	// the fleet's nodes and their last reports.
+	u := f.nodes[2].user(t)
+	var fromShares uint64
+	for _, s := range u.Fleet {
+		fromShares += s.Used
+		if s.Used != k[s.Node] {
+			t.Errorf("node %s's share %d, its kernel counted %d", s.Node, s.Used, k[s.Node])
+		}
+	}
+	if fromShares != u.Used || len(u.Fleet) != 3 {
+		t.Errorf("usage on c: used %d, shares %+v", u.Used, u.Fleet)
+	}
+	var h control.Health
+	f.nodes[2].ctl(t, func(c *control.Client) (err error) { h, err = c.Status(context.Background()); return err })
+	fc := h.Components["fleet"]
+	if !strings.HasPrefix(fc, "ok: node c, database ") || !strings.Contains(fc, "nodes: a (last report ") || !strings.Contains(fc, "c (last report ") {
+		t.Errorf("fleet component on c: %q", fc)
+	}
+	t.Logf("a %d + b %d = %d of %d; blocked %v apart; %s", ka, kb, total, limit, spread(at), fc)
 }
 
 // TestFleetCutOff (point 2): john streams through a and b at 2 MiB/s each;

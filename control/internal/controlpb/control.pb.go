@@ -268,8 +268,12 @@ type User struct {
 	Protocols []string `protobuf:"bytes,21,rep,name=protocols,proto3" json:"protocols,omitempty"`
 	// Devices (client addresses) with a connection of the user open now, and
 	// how many may be (0: no limit).
-	Devices       int32 `protobuf:"varint,22,opt,name=devices,proto3" json:"devices,omitempty"`
-	DevicesLimit  int32 `protobuf:"varint,23,opt,name=devices_limit,json=devicesLimit,proto3" json:"devices_limit,omitempty"`
+	Devices      int32 `protobuf:"varint,22,opt,name=devices,proto3" json:"devices,omitempty"`
+	DevicesLimit int32 `protobuf:"varint,23,opt,name=devices_limit,json=devicesLimit,proto3" json:"devices_limit,omitempty"`
+	// Fleet mode: each node's share of the usage (asked for one user), or
+	// why it could not be read.
+	Fleet         []*NodeShare `protobuf:"bytes,40,rep,name=fleet,proto3" json:"fleet,omitempty"`
+	FleetNote     string       `protobuf:"bytes,41,opt,name=fleet_note,json=fleetNote,proto3" json:"fleet_note,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -465,6 +469,97 @@ func (x *User) GetDevicesLimit() int32 {
 	return 0
 }
 
+func (x *User) GetFleet() []*NodeShare {
+	if x != nil {
+		return x.Fleet
+	}
+	return nil
+}
+
+func (x *User) GetFleetNote() string {
+	if x != nil {
+		return x.FleetNote
+	}
+	return ""
+}
+
+// NodeShare mirrors view.NodeShare: one node's usage of a user.
+type NodeShare struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Upload        uint64                 `protobuf:"varint,2,opt,name=upload,proto3" json:"upload,omitempty"`
+	Download      uint64                 `protobuf:"varint,3,opt,name=download,proto3" json:"download,omitempty"`
+	Used          uint64                 `protobuf:"varint,4,opt,name=used,proto3" json:"used,omitempty"`
+	Lease         uint64                 `protobuf:"varint,5,opt,name=lease,proto3" json:"lease,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeShare) Reset() {
+	*x = NodeShare{}
+	mi := &file_control_proto_control_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeShare) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeShare) ProtoMessage() {}
+
+func (x *NodeShare) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_control_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeShare.ProtoReflect.Descriptor instead.
+func (*NodeShare) Descriptor() ([]byte, []int) {
+	return file_control_proto_control_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *NodeShare) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *NodeShare) GetUpload() uint64 {
+	if x != nil {
+		return x.Upload
+	}
+	return 0
+}
+
+func (x *NodeShare) GetDownload() uint64 {
+	if x != nil {
+		return x.Download
+	}
+	return 0
+}
+
+func (x *NodeShare) GetUsed() uint64 {
+	if x != nil {
+		return x.Used
+	}
+	return 0
+}
+
+func (x *NodeShare) GetLease() uint64 {
+	if x != nil {
+		return x.Lease
+	}
+	return 0
+}
+
 // Device mirrors view.Device: one of a user's devices.
 type Device struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -480,7 +575,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_control_proto_control_proto_msgTypes[6]
+	mi := &file_control_proto_control_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -492,7 +587,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[6]
+	mi := &file_control_proto_control_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -505,7 +600,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{6}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Device) GetAddress() string {
@@ -559,7 +654,7 @@ type ListDevicesResponse struct {
 
 func (x *ListDevicesResponse) Reset() {
 	*x = ListDevicesResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[7]
+	mi := &file_control_proto_control_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -571,7 +666,7 @@ func (x *ListDevicesResponse) String() string {
 func (*ListDevicesResponse) ProtoMessage() {}
 
 func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[7]
+	mi := &file_control_proto_control_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -584,7 +679,7 @@ func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesResponse.ProtoReflect.Descriptor instead.
 func (*ListDevicesResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{7}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListDevicesResponse) GetDevices() []*Device {
@@ -606,7 +701,7 @@ type SetDevicesRequest struct {
 
 func (x *SetDevicesRequest) Reset() {
 	*x = SetDevicesRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[8]
+	mi := &file_control_proto_control_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -618,7 +713,7 @@ func (x *SetDevicesRequest) String() string {
 func (*SetDevicesRequest) ProtoMessage() {}
 
 func (x *SetDevicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[8]
+	mi := &file_control_proto_control_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -631,7 +726,7 @@ func (x *SetDevicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDevicesRequest.ProtoReflect.Descriptor instead.
 func (*SetDevicesRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{8}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SetDevicesRequest) GetName() string {
@@ -660,7 +755,7 @@ type HistoryRequest struct {
 
 func (x *HistoryRequest) Reset() {
 	*x = HistoryRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[9]
+	mi := &file_control_proto_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -672,7 +767,7 @@ func (x *HistoryRequest) String() string {
 func (*HistoryRequest) ProtoMessage() {}
 
 func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[9]
+	mi := &file_control_proto_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -685,7 +780,7 @@ func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryRequest.ProtoReflect.Descriptor instead.
 func (*HistoryRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{9}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *HistoryRequest) GetName() string {
@@ -720,7 +815,7 @@ type Day struct {
 
 func (x *Day) Reset() {
 	*x = Day{}
-	mi := &file_control_proto_control_proto_msgTypes[10]
+	mi := &file_control_proto_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -732,7 +827,7 @@ func (x *Day) String() string {
 func (*Day) ProtoMessage() {}
 
 func (x *Day) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[10]
+	mi := &file_control_proto_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -745,7 +840,7 @@ func (x *Day) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Day.ProtoReflect.Descriptor instead.
 func (*Day) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{10}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Day) GetDay() string {
@@ -778,7 +873,7 @@ type HistoryResponse struct {
 
 func (x *HistoryResponse) Reset() {
 	*x = HistoryResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[11]
+	mi := &file_control_proto_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -790,7 +885,7 @@ func (x *HistoryResponse) String() string {
 func (*HistoryResponse) ProtoMessage() {}
 
 func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[11]
+	mi := &file_control_proto_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -803,7 +898,7 @@ func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryResponse.ProtoReflect.Descriptor instead.
 func (*HistoryResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{11}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *HistoryResponse) GetDays() []*Day {
@@ -823,7 +918,7 @@ type SetLimitRequest struct {
 
 func (x *SetLimitRequest) Reset() {
 	*x = SetLimitRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[12]
+	mi := &file_control_proto_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -835,7 +930,7 @@ func (x *SetLimitRequest) String() string {
 func (*SetLimitRequest) ProtoMessage() {}
 
 func (x *SetLimitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[12]
+	mi := &file_control_proto_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -848,7 +943,7 @@ func (x *SetLimitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLimitRequest.ProtoReflect.Descriptor instead.
 func (*SetLimitRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{12}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetLimitRequest) GetName() string {
@@ -875,7 +970,7 @@ type UnblockRequest struct {
 
 func (x *UnblockRequest) Reset() {
 	*x = UnblockRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[13]
+	mi := &file_control_proto_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -887,7 +982,7 @@ func (x *UnblockRequest) String() string {
 func (*UnblockRequest) ProtoMessage() {}
 
 func (x *UnblockRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[13]
+	mi := &file_control_proto_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -900,7 +995,7 @@ func (x *UnblockRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnblockRequest.ProtoReflect.Descriptor instead.
 func (*UnblockRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{13}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *UnblockRequest) GetName() string {
@@ -926,7 +1021,7 @@ type ResetAllResponse struct {
 
 func (x *ResetAllResponse) Reset() {
 	*x = ResetAllResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[14]
+	mi := &file_control_proto_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -938,7 +1033,7 @@ func (x *ResetAllResponse) String() string {
 func (*ResetAllResponse) ProtoMessage() {}
 
 func (x *ResetAllResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[14]
+	mi := &file_control_proto_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -951,7 +1046,7 @@ func (x *ResetAllResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResetAllResponse.ProtoReflect.Descriptor instead.
 func (*ResetAllResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{14}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ResetAllResponse) GetCount() int64 {
@@ -1001,7 +1096,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[15]
+	mi := &file_control_proto_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1013,7 +1108,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[15]
+	mi := &file_control_proto_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1026,7 +1121,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{15}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StatusResponse) GetLastTickUnixNano() int64 {
@@ -1172,7 +1267,7 @@ type NotifyChannel struct {
 
 func (x *NotifyChannel) Reset() {
 	*x = NotifyChannel{}
-	mi := &file_control_proto_control_proto_msgTypes[16]
+	mi := &file_control_proto_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1184,7 +1279,7 @@ func (x *NotifyChannel) String() string {
 func (*NotifyChannel) ProtoMessage() {}
 
 func (x *NotifyChannel) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[16]
+	mi := &file_control_proto_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1197,7 +1292,7 @@ func (x *NotifyChannel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotifyChannel.ProtoReflect.Descriptor instead.
 func (*NotifyChannel) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{16}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *NotifyChannel) GetName() string {
@@ -1272,7 +1367,7 @@ type UserRow struct {
 
 func (x *UserRow) Reset() {
 	*x = UserRow{}
-	mi := &file_control_proto_control_proto_msgTypes[17]
+	mi := &file_control_proto_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1284,7 +1379,7 @@ func (x *UserRow) String() string {
 func (*UserRow) ProtoMessage() {}
 
 func (x *UserRow) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[17]
+	mi := &file_control_proto_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1297,7 +1392,7 @@ func (x *UserRow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserRow.ProtoReflect.Descriptor instead.
 func (*UserRow) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{17}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UserRow) GetName() string {
@@ -1358,7 +1453,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_control_proto_control_proto_msgTypes[18]
+	mi := &file_control_proto_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1370,7 +1465,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[18]
+	mi := &file_control_proto_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1383,7 +1478,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{18}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Snapshot) GetUsers() []*UserRow {
@@ -1406,7 +1501,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x11ListUsersResponse\x12.\n" +
 	"\x05users\x18\x01 \x03(\v2\x18.bwagent.control.v1.UserR\x05users\"$\n" +
 	"\x0eGetUserRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x89\x05\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xdd\x05\n" +
 	"\x04User\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x10\n" +
@@ -1434,7 +1529,16 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\aupdated\x18\x14 \x01(\x03R\aupdated\x12\x1c\n" +
 	"\tprotocols\x18\x15 \x03(\tR\tprotocols\x12\x18\n" +
 	"\adevices\x18\x16 \x01(\x05R\adevices\x12#\n" +
-	"\rdevices_limit\x18\x17 \x01(\x05R\fdevicesLimit\"\xa8\x01\n" +
+	"\rdevices_limit\x18\x17 \x01(\x05R\fdevicesLimit\x123\n" +
+	"\x05fleet\x18( \x03(\v2\x1d.bwagent.control.v1.NodeShareR\x05fleet\x12\x1d\n" +
+	"\n" +
+	"fleet_note\x18) \x01(\tR\tfleetNote\"}\n" +
+	"\tNodeShare\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
+	"\x06upload\x18\x02 \x01(\x04R\x06upload\x12\x1a\n" +
+	"\bdownload\x18\x03 \x01(\x04R\bdownload\x12\x12\n" +
+	"\x04used\x18\x04 \x01(\x04R\x04used\x12\x14\n" +
+	"\x05lease\x18\x05 \x01(\x04R\x05lease\"\xa8\x01\n" +
 	"\x06Device\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x1c\n" +
 	"\tprotocols\x18\x02 \x03(\tR\tprotocols\x12 \n" +
@@ -1544,7 +1648,7 @@ func file_control_proto_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_control_proto_rawDescData
 }
 
-var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_control_proto_control_proto_goTypes = []any{
 	(*Empty)(nil),               // 0: bwagent.control.v1.Empty
 	(*NameRequest)(nil),         // 1: bwagent.control.v1.NameRequest
@@ -1552,65 +1656,67 @@ var file_control_proto_control_proto_goTypes = []any{
 	(*ListUsersResponse)(nil),   // 3: bwagent.control.v1.ListUsersResponse
 	(*GetUserRequest)(nil),      // 4: bwagent.control.v1.GetUserRequest
 	(*User)(nil),                // 5: bwagent.control.v1.User
-	(*Device)(nil),              // 6: bwagent.control.v1.Device
-	(*ListDevicesResponse)(nil), // 7: bwagent.control.v1.ListDevicesResponse
-	(*SetDevicesRequest)(nil),   // 8: bwagent.control.v1.SetDevicesRequest
-	(*HistoryRequest)(nil),      // 9: bwagent.control.v1.HistoryRequest
-	(*Day)(nil),                 // 10: bwagent.control.v1.Day
-	(*HistoryResponse)(nil),     // 11: bwagent.control.v1.HistoryResponse
-	(*SetLimitRequest)(nil),     // 12: bwagent.control.v1.SetLimitRequest
-	(*UnblockRequest)(nil),      // 13: bwagent.control.v1.UnblockRequest
-	(*ResetAllResponse)(nil),    // 14: bwagent.control.v1.ResetAllResponse
-	(*StatusResponse)(nil),      // 15: bwagent.control.v1.StatusResponse
-	(*NotifyChannel)(nil),       // 16: bwagent.control.v1.NotifyChannel
-	(*UserRow)(nil),             // 17: bwagent.control.v1.UserRow
-	(*Snapshot)(nil),            // 18: bwagent.control.v1.Snapshot
-	nil,                         // 19: bwagent.control.v1.StatusResponse.ErrorsEntry
-	nil,                         // 20: bwagent.control.v1.StatusResponse.ComponentsEntry
+	(*NodeShare)(nil),           // 6: bwagent.control.v1.NodeShare
+	(*Device)(nil),              // 7: bwagent.control.v1.Device
+	(*ListDevicesResponse)(nil), // 8: bwagent.control.v1.ListDevicesResponse
+	(*SetDevicesRequest)(nil),   // 9: bwagent.control.v1.SetDevicesRequest
+	(*HistoryRequest)(nil),      // 10: bwagent.control.v1.HistoryRequest
+	(*Day)(nil),                 // 11: bwagent.control.v1.Day
+	(*HistoryResponse)(nil),     // 12: bwagent.control.v1.HistoryResponse
+	(*SetLimitRequest)(nil),     // 13: bwagent.control.v1.SetLimitRequest
+	(*UnblockRequest)(nil),      // 14: bwagent.control.v1.UnblockRequest
+	(*ResetAllResponse)(nil),    // 15: bwagent.control.v1.ResetAllResponse
+	(*StatusResponse)(nil),      // 16: bwagent.control.v1.StatusResponse
+	(*NotifyChannel)(nil),       // 17: bwagent.control.v1.NotifyChannel
+	(*UserRow)(nil),             // 18: bwagent.control.v1.UserRow
+	(*Snapshot)(nil),            // 19: bwagent.control.v1.Snapshot
+	nil,                         // 20: bwagent.control.v1.StatusResponse.ErrorsEntry
+	nil,                         // 21: bwagent.control.v1.StatusResponse.ComponentsEntry
 }
 var file_control_proto_control_proto_depIdxs = []int32{
 	5,  // 0: bwagent.control.v1.ListUsersResponse.users:type_name -> bwagent.control.v1.User
-	6,  // 1: bwagent.control.v1.ListDevicesResponse.devices:type_name -> bwagent.control.v1.Device
-	10, // 2: bwagent.control.v1.HistoryResponse.days:type_name -> bwagent.control.v1.Day
-	19, // 3: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
-	20, // 4: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
-	16, // 5: bwagent.control.v1.StatusResponse.notify:type_name -> bwagent.control.v1.NotifyChannel
-	17, // 6: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
-	2,  // 7: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
-	4,  // 8: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
-	9,  // 9: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
-	1,  // 10: bwagent.control.v1.Control.ListDevices:input_type -> bwagent.control.v1.NameRequest
-	12, // 11: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
-	1,  // 12: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
-	8,  // 13: bwagent.control.v1.Control.SetDevices:input_type -> bwagent.control.v1.SetDevicesRequest
-	1,  // 14: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
-	0,  // 15: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
-	1,  // 16: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
-	1,  // 17: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
-	13, // 18: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
-	0,  // 19: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
-	0,  // 20: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
-	0,  // 21: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
-	3,  // 22: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
-	5,  // 23: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
-	11, // 24: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
-	7,  // 25: bwagent.control.v1.Control.ListDevices:output_type -> bwagent.control.v1.ListDevicesResponse
-	0,  // 26: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 27: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 28: bwagent.control.v1.Control.SetDevices:output_type -> bwagent.control.v1.Empty
-	0,  // 29: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
-	14, // 30: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
-	0,  // 31: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
-	0,  // 32: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
-	0,  // 33: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
-	0,  // 34: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
-	15, // 35: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
-	18, // 36: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
-	22, // [22:37] is the sub-list for method output_type
-	7,  // [7:22] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	6,  // 1: bwagent.control.v1.User.fleet:type_name -> bwagent.control.v1.NodeShare
+	7,  // 2: bwagent.control.v1.ListDevicesResponse.devices:type_name -> bwagent.control.v1.Device
+	11, // 3: bwagent.control.v1.HistoryResponse.days:type_name -> bwagent.control.v1.Day
+	20, // 4: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
+	21, // 5: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
+	17, // 6: bwagent.control.v1.StatusResponse.notify:type_name -> bwagent.control.v1.NotifyChannel
+	18, // 7: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
+	2,  // 8: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
+	4,  // 9: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
+	10, // 10: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
+	1,  // 11: bwagent.control.v1.Control.ListDevices:input_type -> bwagent.control.v1.NameRequest
+	13, // 12: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
+	1,  // 13: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
+	9,  // 14: bwagent.control.v1.Control.SetDevices:input_type -> bwagent.control.v1.SetDevicesRequest
+	1,  // 15: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
+	0,  // 16: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
+	1,  // 17: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
+	1,  // 18: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
+	14, // 19: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
+	0,  // 20: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
+	0,  // 21: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
+	0,  // 22: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
+	3,  // 23: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
+	5,  // 24: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
+	12, // 25: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
+	8,  // 26: bwagent.control.v1.Control.ListDevices:output_type -> bwagent.control.v1.ListDevicesResponse
+	0,  // 27: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 28: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 29: bwagent.control.v1.Control.SetDevices:output_type -> bwagent.control.v1.Empty
+	0,  // 30: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
+	15, // 31: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
+	0,  // 32: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
+	0,  // 33: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
+	0,  // 34: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
+	0,  // 35: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
+	16, // 36: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
+	19, // 37: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
+	23, // [23:38] is the sub-list for method output_type
+	8,  // [8:23] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_control_proto_init() }
@@ -1624,7 +1730,7 @@ func file_control_proto_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_control_proto_rawDesc), len(file_control_proto_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   21,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
