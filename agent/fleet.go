@@ -552,24 +552,29 @@ func (a *Agent) fleetWriteLimits(now time.Time) error {
 		return err
 	}
 	fl.wrote = s
+	a.limitsStamp = stamp{}
 	return a.loadLimits(now)
 }
 
 // fleetLimitsRead is called by loadLimits with the file it read: a file
-// this node did not write is a hand edit, imported into the fleet.
-func (a *Agent) fleetLimitsRead(s stamp, entries []opsfiles.Entry) {
+// this node did not write is a hand edit, imported into the fleet. Once
+// the node has read the fleet's plans, it reports true: the edit applies
+// here when the fleet took it (within a tick), or is undone. Before (the
+// database unreachable since the start) the file applies here at once.
+func (a *Agent) fleetLimitsRead(s stamp, entries []opsfiles.Entry) (wait bool) {
 	if a.fl == nil || s == a.fl.wrote {
-		return
+		return false
 	}
 	if s.missing {
 		a.fl.rewrite = true
-		return
+		return a.fl.synced
 	}
 	a.fl.edited = append([]opsfiles.Entry{}, entries...)
 	if a.fl.edited == nil {
 		a.fl.edited = []opsfiles.Entry{}
 	}
 	a.fl.editAt = s.mtime
+	return a.fl.synced
 }
 
 // settleFleet evaluates and enforces the users a reply changed, without

@@ -395,7 +395,11 @@ func (a *Agent) loadLimits(now time.Time) error {
 		}
 	}
 	a.limitsBad = bad
-	a.fleetLimitsRead(s, l.Entries())
+	if a.fleetLimitsRead(s, l.Entries()) {
+		// A hand edit in fleet mode applies once the fleet took it.
+		a.limitsStamp = s
+		return nil
+	}
 	plans := make(map[string]quota.Plan)
 	a.dev.limitedLines = 0
 	for _, e := range l.Entries() {

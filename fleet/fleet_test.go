@@ -127,6 +127,45 @@ func TestUsageIdempotent(t *testing.T) {
 	if _, err := a.Reset(context.Background(), "nobody", time.Now()); !errors.Is(err, ErrUnknownUser) {
 		t.Errorf("reset of an unknown user: %v", err)
 	}
+	// A scheduled reset both nodes saw due moves the period once.
+	at := time.Now()
+	syncT(t, a, &Report{Rollovers: []Rollover{{Name: "john", From: 2, At: at}}})
+	res = syncT(t, b, &Report{Rollovers: []Rollover{{Name: "john", From: 2, At: at}}})
+	if u, _ := userOf(res, "john"); u.Period != 3 {
+		t.Errorf("john after a scheduled reset seen by two nodes: period %d", u.Period)
+	}
+}
+
+// TestImports: a hand edit of a limits file is applied unless the fleet's
+// plan changed after the file.
+func TestImports(t *testing.T) {
+	_, _, dsn := db(t)
+	a := connect(t, dsn, "a")
+	old := time.Now().Add(-time.Hour)
+	e := opsfiles.Entry{User: "john", Limit: 5 << 30}
+	res := syncT(t, a, &Report{Imports: []Import{{Entry: e, Line: true, At: old}}})
+	if len(res.Refused) != 0 {
+		t.Fatalf("first import refused: %+v", res.Refused)
+	}
+	if u, _ := userOf(res, "john"); !u.Line || u.Entry.Limit != 5<<30 {
+		t.Fatalf("john after the import: %+v", u)
+	}
+	if _, err := a.EditPlan(context.Background(), "john", time.Now(), func(e *opsfiles.Entry, line *bool) error {
+		e.Limit = 7 << 30
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// An older file's line is refused; a newer one applies.
+	e.Limit = 6 << 30
+	res = syncT(t, a, &Report{Imports: []Import{{Entry: e, Line: true, At: old.Add(time.Minute)}}})
+	if len(res.Refused) != 1 {
+		t.Errorf("stale import applied: %+v", res)
+	}
+	res = syncT(t, a, &Report{Imports: []Import{{Entry: opsfiles.Entry{User: "john"}, Line: false, At: time.Now().Add(time.Minute)}}})
+	if u, _ := userOf(res, "john"); len(res.Refused) != 0 || u.Line {
+		t.Errorf("newer removal: %+v", res)
+	}
 }
 
 // TestLeasesNeverExceed: three nodes take leases and spend them at random

@@ -501,6 +501,27 @@ func TestFleetCommands(t *testing.T) {
 	if got := f.pg.SQL(t, f.db, "SELECT count(*) FROM events WHERE name = 'john' AND kind = 'block'"); got != "2" {
 		t.Errorf("block events in the database: %s, want 2 (one per block, not one per node)", got)
 	}
+	// A hand edit of c's limits file is the fleet's new plan; an edit of
+	// b's older than the fleet's plan is undone.
+	if err := os.WriteFile(filepath.Join(c.dir, "bw-limit.conf"), []byte("# by hand\njohn 8\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2500 * time.Millisecond)
+	for _, n := range f.nodes {
+		if u := n.user(t); u.Limit != 8<<20 {
+			t.Errorf("node %s: john's limit after a hand edit on c: %d", n.name, u.Limit)
+		}
+	}
+	stale := filepath.Join(b.dir, "bw-limit.conf")
+	os.WriteFile(stale, []byte("john 1\n"), 0o644)
+	os.Chtimes(stale, time.Now().Add(-time.Hour), time.Now().Add(-time.Hour))
+	time.Sleep(2500 * time.Millisecond)
+	if data, _ := os.ReadFile(stale); string(data) != "john 8\n" {
+		t.Errorf("b's limits file after a stale edit: %q", data)
+	}
+	if u := b.user(t); u.Limit != 8<<20 {
+		t.Errorf("b: john's limit after a stale edit: %d", u.Limit)
+	}
 	for _, n := range f.nodes {
 		log, _ := os.ReadFile(filepath.Join(n.dir, "blocked.log"))
 		if strings.Count(string(log), "| john | Bandwidth Limit Reached") != 2 {
