@@ -485,7 +485,9 @@ func (a *Agent) fleetUsers(us []fleet.User, now time.Time) {
 			a.fleetNewPeriod(d.Name, f, d.Period)
 		}
 		if d.Period == f.period {
-			f.others = d.Others
+			// The others' usage: the sum less this node's row, which the
+			// database has as this node last sent it.
+			f.others = quota.Usage{Up: d.Used.Up - min(d.Used.Up, f.acked.Up), Down: d.Used.Down - min(d.Used.Down, f.acked.Down)}
 			f.changed = true
 		}
 		if d.Rev != f.rev {
@@ -607,7 +609,9 @@ func (a *Agent) fleetBaselines(add func(src quota.Source, e quota.Epoch, u quota
 
 // fleetLoad restores a user's fleet journal row.
 func (a *Agent) fleetLoad(name string, e quota.Epoch, own quota.Usage) {
-	f := &fleetUser{period: max(e.Gen, 1), own: own}
+	// Its row in the database is taken to be as the journal has it
+	// (reported before the crash, or at the first sync after it).
+	f := &fleetUser{period: max(e.Gen, 1), own: own, acked: own}
 	if e.Start > 0 {
 		f.lease, f.hasLease = uint64(e.Start-1), true
 	}

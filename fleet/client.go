@@ -267,8 +267,8 @@ type User struct {
 	UnblockLimit uint64
 	UnblockUntil time.Time
 	LastReset    time.Time
-	// Others is the other nodes' usage in Period.
-	Others quota.Usage
+	// Used is the sum of every node's usage in Period.
+	Used quota.Usage
 }
 
 // Grant is a node's new lease: the ceiling on its own count of the user in
@@ -355,7 +355,8 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 	b.Queue("SELECT 1 FROM plans WHERE name = ANY($1) ORDER BY name FOR UPDATE", lock)
 	if len(r.Rollovers) > 0 {
 		names, from, at, _ := rolloverCols(r.Rollovers)
-		b.Queue(`UPDATE plans SET period = period + 1, rev = rev + 1, last_reset = r.at, unblocked = false, xid = pg_current_xact_id()
+		b.Queue(`UPDATE plans SET period = period + 1, rev = rev + 1, last_reset = r.at, unblocked = false, used_up = 0, used_down = 0,
+				xid = pg_current_xact_id()
 			FROM unnest($1::text[], $2::bigint[], $3::timestamptz[]) AS r(name, from_period, at)
 			WHERE plans.name = r.name AND plans.period = r.from_period`, names, from, at)
 	}
@@ -374,11 +375,20 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 		for i, u := range r.Usage {
 			names[i], period[i], up[i], down[i] = u.Name, int64(u.Period), int64(u.Up), int64(u.Down)
 		}
-		b.Queue(`INSERT INTO usage (name, period, node, up, down, updated_at, xid)
-			SELECT n, p, $5, u, d, now(), pg_current_xact_id() FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS r(n, p, u, d)
-			ON CONFLICT (name, period, node) DO UPDATE SET up = GREATEST(usage.up, excluded.up), down = GREATEST(usage.down, excluded.down),
-				updated_at = excluded.updated_at, xid = excluded.xid
-			WHERE usage.up < excluded.up OR usage.down < excluded.down`, names, period, up, down, me)
+		// The rows, and what they add to the period's sums in the plans
+		// (the rows before the statement: only this node writes its own).
+		b.Queue(`WITH r AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS r(n, p, u, d)),
+			old AS (SELECT u.name, u.period, u.up, u.down FROM usage u JOIN r ON u.name = r.n AND u.period = r.p AND u.node = $5),
+			ins AS (INSERT INTO usage (name, period, node, up, down, updated_at, xid)
+				SELECT n, p, $5, u, d, now(), pg_current_xact_id() FROM r
+				ON CONFLICT (name, period, node) DO UPDATE SET up = GREATEST(usage.up, excluded.up), down = GREATEST(usage.down, excluded.down),
+					updated_at = excluded.updated_at, xid = excluded.xid
+				WHERE usage.up < excluded.up OR usage.down < excluded.down
+				RETURNING name, period, up, down)
+			UPDATE plans SET used_up = used_up + ins.up - coalesce(old.up, 0), used_down = used_down + ins.down - coalesce(old.down, 0),
+				xid = pg_current_xact_id()
+			FROM ins LEFT JOIN old ON old.name = ins.name AND old.period = ins.period
+			WHERE plans.name = ins.name AND plans.period = ins.period`, names, period, up, down, me)
 	}
 	if len(r.Events) > 0 {
 		n := len(r.Events)
@@ -558,9 +568,7 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 	if full {
 		since = "0"
 	}
-	b.Queue(userSelect+`
-		WHERE $2 OR p.name IN (SELECT name FROM plans WHERE xid >= $3::text::xid8
-			UNION SELECT name FROM usage WHERE xid >= $3::text::xid8 AND node <> $1)`, me, full, since)
+	b.Queue(userSelect+` WHERE $1 OR p.xid >= $2::text::xid8`, full, since)
 	b.Queue("COMMIT")
 	br = c.conn.SendBatch(ctx, b)
 	c.RoundTrips++
@@ -600,13 +608,10 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 	return res, nil
 }
 
-// userSelect reads users with the usage of the nodes other than $1 in
-// their current period.
+// userSelect reads users.
 const userSelect = `SELECT p.name, p.period, p.rev, p.has_line, p.limit_bytes, p.reset, p.expires, p.devices, p.plan_at,
-	p.disabled, p.unblocked, p.unblock_limit, p.unblock_until, p.last_reset,
-	coalesce(s.up, 0), coalesce(s.down, 0)
-	FROM plans p LEFT JOIN LATERAL (SELECT sum(up)::bigint AS up, sum(down)::bigint AS down FROM usage u
-		WHERE u.name = p.name AND u.period = p.period AND u.node <> $1) s ON true`
+	p.disabled, p.unblocked, p.unblock_limit, p.unblock_until, p.last_reset, p.used_up, p.used_down
+	FROM plans p`
 
 func scanUsers(rows pgx.Rows) ([]User, error) {
 	var out []User
@@ -631,7 +636,7 @@ func scanUsers(rows pgx.Rows) ([]User, error) {
 				*p.dst = *p.src
 			}
 		}
-		u.Others = quota.Usage{Up: uint64(up), Down: uint64(down)}
+		u.Used = quota.Usage{Up: uint64(up), Down: uint64(down)}
 		out = append(out, u)
 	}
 	return out, rows.Err()
@@ -683,7 +688,7 @@ func (c *Client) command(ctx context.Context, name string, fn func(tx pgx.Tx) (b
 	if !found {
 		return User{}, fmt.Errorf("%w %q: no node of the fleet has seen it", ErrUnknownUser, name)
 	}
-	rows, err := tx.Query(ctx, userSelect+" WHERE p.name = $2", c.o.Node, name)
+	rows, err := tx.Query(ctx, userSelect+" WHERE p.name = $1", name)
 	if err != nil {
 		return User{}, err
 	}
@@ -714,7 +719,7 @@ func (c *Client) event(ctx context.Context, tx pgx.Tx, name, kind, reason string
 // counted against the limit restarts from zero, a manual unblock ends.
 func (c *Client) Reset(ctx context.Context, name string, at time.Time) (User, error) {
 	return c.command(ctx, name, func(tx pgx.Tx) (bool, error) {
-		ok, err := update(ctx, tx, name, "period = period + 1, last_reset = $2, unblocked = false", at)
+		ok, err := update(ctx, tx, name, "period = period + 1, last_reset = $2, unblocked = false, used_up = 0, used_down = 0", at)
 		if ok && err == nil {
 			err = c.event(ctx, tx, name, quota.ActReset, "Usage reset", at)
 		}
@@ -737,7 +742,7 @@ func (c *Client) ResetAll(ctx context.Context, at time.Time) (int, error) {
 	if _, err := tx.Exec(ctx, "SELECT 1 FROM plans ORDER BY name FOR UPDATE"); err != nil {
 		return 0, err
 	}
-	ct, err := tx.Exec(ctx, "UPDATE plans SET period = period + 1, rev = rev + 1, last_reset = $1, unblocked = false, xid = pg_current_xact_id()", at)
+	ct, err := tx.Exec(ctx, "UPDATE plans SET period = period + 1, rev = rev + 1, last_reset = $1, unblocked = false, used_up = 0, used_down = 0, xid = pg_current_xact_id()", at)
 	if err != nil {
 		return 0, err
 	}
@@ -790,7 +795,7 @@ func (c *Client) Unblock(ctx context.Context, name string, until, at time.Time) 
 // whether the user has a line, and sets them.
 func (c *Client) EditPlan(ctx context.Context, name string, at time.Time, edit func(e *opsfiles.Entry, line *bool) error) (User, error) {
 	return c.command(ctx, name, func(tx pgx.Tx) (bool, error) {
-		rows, err := tx.Query(ctx, userSelect+" WHERE p.name = $2 FOR UPDATE OF p", c.o.Node, name)
+		rows, err := tx.Query(ctx, userSelect+" WHERE p.name = $1 FOR UPDATE OF p", name)
 		if err != nil {
 			return false, err
 		}

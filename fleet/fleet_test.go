@@ -104,11 +104,11 @@ func TestUsageIdempotent(t *testing.T) {
 	syncT(t, a, &Report{Usage: []Usage{{Name: "john", Period: 1, Up: 50, Down: 500}}}) // a stale report
 	res := syncT(t, b, &Report{Usage: []Usage{{Name: "john", Period: 1, Up: 7, Down: 70}}})
 	u, ok := userOf(res, "john")
-	if !ok || u.Others != (quota.Usage{Up: 100, Down: 1000}) || u.Period != 1 {
+	if !ok || u.Used != (quota.Usage{Up: 107, Down: 1070}) || u.Period != 1 {
 		t.Fatalf("john seen by b: %+v", u)
 	}
 	res = syncT(t, a, &Report{})
-	if u, _ := userOf(res, "john"); u.Others != (quota.Usage{Up: 7, Down: 70}) {
+	if u, _ := userOf(res, "john"); u.Used != (quota.Usage{Up: 107, Down: 1070}) {
 		t.Errorf("john seen by a: %+v", u)
 	}
 	// Nothing changed: nothing comes back.
@@ -121,7 +121,7 @@ func TestUsageIdempotent(t *testing.T) {
 		t.Fatalf("reset: %+v %v", r, err)
 	}
 	res = syncT(t, b, &Report{Usage: []Usage{{Name: "john", Period: 1, Up: 8, Down: 80}}})
-	if u, _ := userOf(res, "john"); u.Period != 2 || u.Others != (quota.Usage{}) {
+	if u, _ := userOf(res, "john"); u.Period != 2 || u.Used != (quota.Usage{}) {
 		t.Errorf("john after the reset: %+v", u)
 	}
 	if _, err := a.Reset(context.Background(), "nobody", time.Now()); !errors.Is(err, ErrUnknownUser) {

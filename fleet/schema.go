@@ -42,9 +42,10 @@ CREATE TABLE nodes (
 -- The user's global plan and state: the limits line (has_line, limit_bytes,
 -- reset, expires, devices; plan_at is when it last changed, NULL for a row
 -- only a report created), the current usage period (bumped by every reset),
--- the administrator's switches. rev is bumped by every change a command
--- makes; xid is the transaction that last wrote the row, for the nodes'
--- incremental reads.
+-- the administrator's switches, the sum of the nodes' usage in the period
+-- (used_up, used_down: kept with the usage rows, in the same statement).
+-- rev is bumped by every change a command makes; xid is the transaction
+-- that last wrote the row, for the nodes' incremental reads.
 CREATE TABLE plans (
 	name          text PRIMARY KEY,
 	period        bigint NOT NULL DEFAULT 1,
@@ -60,6 +61,8 @@ CREATE TABLE plans (
 	unblock_limit bigint NOT NULL DEFAULT 0,
 	unblock_until timestamptz,
 	last_reset    timestamptz,
+	used_up       bigint NOT NULL DEFAULT 0,
+	used_down     bigint NOT NULL DEFAULT 0,
 	xid           xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
 CREATE INDEX plans_xid ON plans (xid);
