@@ -5,7 +5,6 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -14,8 +13,6 @@ import (
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
 )
-
-var cluster *pgtest.Cluster
 
 func requireRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
@@ -264,5 +261,4 @@ func TestGrantShares(t *testing.T) {
 	if c > 10+60 || rec != 900 {
 		t.Errorf("idle node: ceiling %d, record %d", c, rec)
 	}
-	_ = strconv.Itoa
 }
