@@ -375,20 +375,17 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 		for i, u := range r.Usage {
 			names[i], period[i], up[i], down[i] = u.Name, int64(u.Period), int64(u.Up), int64(u.Down)
 		}
-		// The rows, and what they add to the period's sums in the plans
-		// (the rows before the statement: only this node writes its own).
-		b.Queue(`WITH r AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS r(n, p, u, d)),
-			old AS (SELECT u.name, u.period, u.up, u.down FROM usage u JOIN r ON u.name = r.n AND u.period = r.p AND u.node = $5),
-			ins AS (INSERT INTO usage (name, period, node, up, down, updated_at, xid)
-				SELECT n, p, $5, u, d, now(), pg_current_xact_id() FROM r
-				ON CONFLICT (name, period, node) DO UPDATE SET up = GREATEST(usage.up, excluded.up), down = GREATEST(usage.down, excluded.down),
-					updated_at = excluded.updated_at, xid = excluded.xid
-				WHERE usage.up < excluded.up OR usage.down < excluded.down
-				RETURNING name, period, up, down)
-			UPDATE plans SET used_up = used_up + ins.up - coalesce(old.up, 0), used_down = used_down + ins.down - coalesce(old.down, 0),
-				xid = pg_current_xact_id()
-			FROM ins LEFT JOIN old ON old.name = ins.name AND old.period = ins.period
-			WHERE plans.name = ins.name AND plans.period = ins.period`, names, period, up, down, me)
+		b.Queue(`INSERT INTO usage (name, period, node, up, down, updated_at, xid)
+			SELECT n, p, $5, u, d, now(), pg_current_xact_id() FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS r(n, p, u, d)
+			ON CONFLICT (name, period, node) DO UPDATE SET up = GREATEST(usage.up, excluded.up), down = GREATEST(usage.down, excluded.down),
+				updated_at = excluded.updated_at, xid = excluded.xid
+			WHERE usage.up < excluded.up OR usage.down < excluded.down`, names, period, up, down, me)
+		// The period's sums in the plans rows (locked above), from the
+		// rows: exact whatever any report did before.
+		b.Queue(`UPDATE plans p SET used_up = s.up, used_down = s.down, xid = pg_current_xact_id()
+			FROM (SELECT u.name, sum(u.up)::bigint AS up, sum(u.down)::bigint AS down FROM usage u
+				JOIN plans q ON q.name = u.name AND q.period = u.period WHERE u.name = ANY($1) GROUP BY u.name) s
+			WHERE p.name = s.name AND (p.used_up <> s.up OR p.used_down <> s.down)`, names)
 	}
 	if len(r.Events) > 0 {
 		n := len(r.Events)
@@ -452,7 +449,7 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 				}
 			}
 		}
-		for _, n := range []int{len(r.Usage), len(r.Events)} {
+		for _, n := range []int{len(r.Usage), len(r.Usage), len(r.Events)} {
 			if n > 0 {
 				if _, err := br.Exec(); err != nil {
 					return err
@@ -563,12 +560,12 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 	}
 	b.Queue("UPDATE nodes SET last_report = now(), reports = reports + 1 WHERE name = $1 AND instance = $2", me, c.instance)
 	b.Queue("SELECT pg_snapshot_xmin(pg_current_snapshot())::text, now()")
-	full := c.xmin == ""
-	since := c.xmin
+	full, since := c.xmin == "", c.xmin
 	if full {
-		since = "0"
+		b.Queue(userSelect)
+	} else {
+		b.Queue(userSelect+` WHERE p.xid >= $1::text::xid8`, since)
 	}
-	b.Queue(userSelect+` WHERE $1 OR p.xid >= $2::text::xid8`, full, since)
 	b.Queue("COMMIT")
 	br = c.conn.SendBatch(ctx, b)
 	c.RoundTrips++
