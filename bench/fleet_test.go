@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -39,9 +40,10 @@ var fleetSizes = []int{1, 10, 50, 100}
 // nodes of a fleet would within a tick: its report (the counts of its
 // moving users and their lease requests) and the changes of every user
 // any node moved. Reported per size: the database time of a tick (from
-// the tick's start until the last node's sync returned), a node's sync
-// latency (median and the slowest), and the round trips per node per
-// tick.
+// the tick's start until the last node's sync returned; median and the
+// slowest), a node's sync latency (median and the slowest), the CPU the
+// simulated nodes themselves used (they share the machine's two cores with
+// PostgreSQL), and the round trips per node per tick.
 func BenchmarkFleet(b *testing.B) {
 	if os.Geteuid() != 0 {
 		b.Skip("needs root to run PostgreSQL as postgres: run `make bench`")
@@ -55,7 +57,7 @@ func BenchmarkFleet(b *testing.B) {
 				tick = runFleet(b, pg, n)
 			}
 		})
-		if tick > 0 && tick < fleetTick {
+		if tick > 0 && tick <= fleetTick {
 			largest = max(largest, n)
 		} else if over == 0 || n < over {
 			over = n
@@ -74,8 +76,8 @@ func BenchmarkFleet(b *testing.B) {
 	fmt.Printf("BenchmarkFleet: the largest fleet sustained at a %v tick: %d nodes (%d did not hold)\n", fleetTick, largest, over)
 }
 
-// runFleet measures one size and returns the median database time of a
-// tick.
+// runFleet measures one size and returns the database time of its slowest
+// tick: a fleet is sustained when every tick fits in the interval.
 func runFleet(b *testing.B, pg *pgtest.Cluster, n int) time.Duration {
 	db := fmt.Sprintf("bench%d", n)
 	dsn := pg.CreateDB(b, db)
@@ -107,6 +109,7 @@ func runFleet(b *testing.B, pg *pgtest.Cluster, n int) time.Duration {
 		}
 	}
 	var ticks, lat []time.Duration
+	var cpu time.Duration
 	trips := 0
 	for t := range fleetWarmup + fleetMeasured {
 		reports := make([]*fleet.Report, n)
@@ -132,6 +135,7 @@ func runFleet(b *testing.B, pg *pgtest.Cluster, n int) time.Duration {
 		var wg sync.WaitGroup
 		var mu sync.Mutex
 		var tickLat []time.Duration
+		cpu0 := cpuTime()
 		start := time.Now()
 		for i, c := range nodes {
 			wg.Go(func() {
@@ -155,6 +159,7 @@ func runFleet(b *testing.B, pg *pgtest.Cluster, n int) time.Duration {
 		wg.Wait()
 		took := time.Since(start)
 		if t >= fleetWarmup {
+			cpu += cpuTime() - cpu0
 			ticks = append(ticks, took)
 			lat = append(lat, tickLat...)
 			after := 0
@@ -167,10 +172,18 @@ func runFleet(b *testing.B, pg *pgtest.Cluster, n int) time.Duration {
 	slices.Sort(ticks)
 	slices.Sort(lat)
 	med := ticks[len(ticks)/2]
+	b.ReportMetric(float64(cpu.Microseconds())/1000/fleetMeasured, "ms-client-cpu/tick")
 	b.ReportMetric(float64(med.Microseconds())/1000, "ms-db/tick")
 	b.ReportMetric(float64(ticks[len(ticks)-1].Microseconds())/1000, "ms-db/slowest-tick")
 	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "ms/node-sync")
 	b.ReportMetric(float64(lat[len(lat)-1].Microseconds())/1000, "ms/slowest-node-sync")
 	b.ReportMetric(float64(trips)/float64(n*fleetMeasured), "roundtrips/node/tick")
-	return med
+	return ticks[len(ticks)-1]
+}
+
+// cpuTime is the CPU time this process (the simulated nodes) used.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
