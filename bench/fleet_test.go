@@ -48,6 +48,9 @@ func BenchmarkFleet(b *testing.B) {
 	if os.Geteuid() != 0 {
 		b.Skip("needs root to run PostgreSQL as postgres: run `make bench`")
 	}
+	if _, err := pgtest.Bin(); err != nil {
+		b.Skip(err)
+	}
 	pg := pgtest.Start(b, pgtest.Options{MaxConnections: 1100, Settings: []string{"shared_buffers = 256MB"}})
 	largest, over := 0, 0
 	run := func(n int) {
