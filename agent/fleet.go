@@ -53,7 +53,6 @@ type fleetUser struct {
 	fallback uint64 // ceiling enforced without a lease, before the database answered once
 	rateMark uint64 // metric of own at the last report
 	rate     uint64 // the rate of the last lease request
-	changed  bool   // others or the plan changed: renew the lease
 	dirty    bool   // in baseQ
 }
 
@@ -91,6 +90,7 @@ type fleetSide struct {
 	syncs     int
 
 	plans map[string]fleet.User // every user's plan as the fleet has it
+	pend  map[string]bool       // users the next report looks at
 
 	// The limits file: its stamp as this node last wrote it, and a hand
 	// edit to import.
@@ -109,7 +109,7 @@ type fleetSide struct {
 
 func newFleetSide(c *fleet.Client, dsn string) *fleetSide {
 	return &fleetSide{c: c, dsn: dsn, users: map[string]*fleetUser{}, in: make(chan *fleet.Report, 1),
-		out: make(chan fleetReply, 1), plans: map[string]fleet.User{}}
+		out: make(chan fleetReply, 1), plans: map[string]fleet.User{}, pend: map[string]bool{}}
 }
 
 // fleetOut is the channel of the fleet client's replies (nil: no fleet).
@@ -191,6 +191,7 @@ func (a *Agent) fleetDirty(name string, f *fleetUser) {
 func (a *Agent) fleetCharge(name string, d quota.Usage) {
 	f := a.fleetUserOf(name)
 	f.own = f.own.Add(d)
+	a.fl.pend[name] = true
 	a.fleetDirty(name, f)
 }
 
@@ -216,7 +217,7 @@ func (a *Agent) fleetNewPeriod(name string, f *fleetUser, period uint64) {
 	f.period = period
 	f.own, f.others, f.acked, f.sent = quota.Usage{}, quota.Usage{}, quota.Usage{}, quota.Usage{}
 	f.hasLease, f.lease, f.fallback, f.rateMark = false, 0, 0, 0
-	f.changed = true
+	a.fl.pend[name] = true
 	a.fleetDirty(name, f)
 	if u := a.users[name]; u != nil {
 		u.hasAnchor = false
@@ -261,9 +262,31 @@ func (a *Agent) fleetReport(now time.Time) error {
 	}
 	r := &fleet.Report{Events: fl.events, Rollovers: fl.rollovers}
 	fl.events, fl.rollovers = nil, nil
-	full := fl.ticks%30 == 1 // every user's lease renewed now and then
-	for name, f := range fl.users {
+	// The users to look at: those that moved, changed or wait for room
+	// (fl.pend), and every 30 ticks every user (leases renewed now and
+	// then, rows for users the fleet may not know).
+	names := fl.pend
+	fl.pend = make(map[string]bool, len(names))
+	if fl.ticks%30 == 1 {
+		for name := range a.users {
+			names[name] = true
+		}
+		for name := range fl.users {
+			names[name] = true
+		}
+	}
+	for name := range names {
 		u := a.users[name]
+		f := fl.users[name]
+		if f == nil {
+			if u == nil || !u.r.present() {
+				continue
+			}
+			// A row for a user the fleet may not know yet, so that a
+			// command on any node knows them.
+			f = a.fleetUserOf(name)
+			r.Usage = append(r.Usage, fleet.Usage{Name: name, Period: f.period})
+		}
 		if f.own != f.acked || (!fl.reached && f.own != (quota.Usage{})) {
 			r.Usage = append(r.Usage, fleet.Usage{Name: name, Period: f.period, Up: f.own.Up, Down: f.own.Down})
 		}
@@ -280,22 +303,14 @@ func (a *Agent) fleetReport(now time.Time) error {
 		// drops it): it renews every tick, and its demand is the rate it
 		// had, not the nothing it moves now.
 		atCeiling := f.hasLease && m+kernelSlack(t.plan.Limit) >= f.lease
-		if f.own != f.acked || f.changed || !f.hasLease || full || atCeiling {
-			rate := (m - min(m, f.rateMark)) * uint64(time.Second) / uint64(a.currentInterval())
-			if atCeiling {
-				rate = max(rate, f.rate)
-			}
-			f.rate = rate
-			r.Leases = append(r.Leases, fleet.LeaseReq{Name: name, Period: f.period, Held: f.held(), Rate: rate})
-			f.changed = false
+		rate := (m - min(m, f.rateMark)) * uint64(time.Second) / uint64(a.currentInterval())
+		if atCeiling {
+			rate = max(rate, f.rate)
 		}
-		f.rateMark = m
-	}
-	// Users present here that the fleet may have no row of yet: a row
-	// for each, so that a command on any node knows them.
-	for name, u := range a.users {
-		if _, ok := fl.users[name]; !ok && u.r.present() {
-			r.Usage = append(r.Usage, fleet.Usage{Name: name, Period: a.fleetUserOf(name).period})
+		f.rate, f.rateMark = rate, m
+		r.Leases = append(r.Leases, fleet.LeaseReq{Name: name, Period: f.period, Held: f.held(), Rate: rate})
+		if atCeiling || !f.hasLease {
+			fl.pend[name] = true // again next tick
 		}
 	}
 	if fl.synced && fl.edited != nil && !fl.importing {
@@ -386,8 +401,11 @@ func (a *Agent) fleetApply(rep fleetReply, now time.Time) {
 				}
 			}
 		}
-		for _, f := range fl.users {
-			f.changed = true
+		for _, u := range rep.report.Usage {
+			fl.pend[u.Name] = true
+		}
+		for _, l := range rep.report.Leases {
+			fl.pend[l.Name] = true
 		}
 		a.logs.report("fleet", fl.status(now))
 		a.settleFleet(now)
@@ -488,7 +506,7 @@ func (a *Agent) fleetUsers(us []fleet.User, now time.Time) {
 			// The others' usage: the sum less this node's row, which the
 			// database has as this node last sent it.
 			f.others = quota.Usage{Up: d.Used.Up - min(d.Used.Up, f.acked.Up), Down: d.Used.Down - min(d.Used.Down, f.acked.Down)}
-			f.changed = true
+			fl.pend[d.Name] = true // renew its lease
 		}
 		if d.Rev != f.rev {
 			// The administrator's switches, as the last command left them.
@@ -620,6 +638,7 @@ func (a *Agent) fleetLoad(name string, e quota.Epoch, own quota.Usage) {
 		f.others = quota.Usage{Up: t.Up - min(t.Up, own.Up), Down: t.Down - min(t.Down, own.Down)}
 	}
 	a.fl.users[name] = f
+	a.fl.pend[name] = true
 }
 
 // fleetComponent describes the fleet for Health.

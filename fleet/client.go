@@ -823,13 +823,19 @@ type Node struct {
 	Online     bool // its connection holds the name now
 }
 
-// Nodes lists the fleet's nodes, and the database's clock.
+// Nodes lists the fleet's nodes, and the database's clock, on Sync's
+// connection when it has one (it waits for a Sync under way).
 func (c *Client) Nodes(ctx context.Context) ([]Node, time.Time, error) {
-	conn, err := c.dial(ctx)
-	if err != nil {
-		return nil, time.Time{}, err
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	conn := c.conn
+	if conn == nil {
+		var err error
+		if conn, err = c.dial(ctx); err != nil {
+			return nil, time.Time{}, err
+		}
+		defer conn.Close(context.Background())
 	}
-	defer conn.Close(context.Background())
 	var now time.Time
 	if err := conn.QueryRow(ctx, "SELECT now()").Scan(&now); err != nil {
 		return nil, now, err
