@@ -14,14 +14,12 @@ package fleet
 // its next report (held), never the other way round, so the database never
 // records less than a node may be enforcing.
 //
-// How the remainder is shared follows demand: each fresh node weighs its
-// recent rate plus a floor of 1/32 of the user's total rate, so one active
-// node's share is nearly all the remainder (32/34 beside two idle nodes),
-// two active nodes share by rate, and idle nodes keep a little room for a
-// new connection to start before the next tick. While nobody moves, each
-// node keeps 1/32 of the remainder and the rest stays free, so that the
-// node the user comes to takes it at its next renewal without waiting for
-// the others to give room back.
+// How the remainder is shared follows demand: the nodes that moved the
+// user recently share it by their rates (one active node gets all of it
+// that no other node holds, two share it by rate); a node where the user
+// is idle gets a little room for a new connection to start before the
+// next tick, the idle nodes together 1/32 of the remainder however many
+// they are, so that an active node never waits for a crowd of idle ones.
 
 // holder is what the database knows of one node's lease on a user in the
 // current period.
@@ -41,7 +39,6 @@ type holder struct {
 // starved says that other nodes hold room me's share calls for.
 func grant(limit uint64, me string, held, rate uint64, nodes []holder) (ceiling, record uint64, starved bool) {
 	var used, holdOthers, myUsed, sumRate uint64
-	fresh := 0
 	for _, h := range nodes {
 		used += h.used
 		if h.node == me {
@@ -51,7 +48,6 @@ func grant(limit uint64, me string, held, rate uint64, nodes []holder) (ceiling,
 		holdOthers += max(h.ceiling, h.used)
 		if h.fresh {
 			sumRate += h.rate
-			fresh++
 		}
 	}
 	sumRate += rate
@@ -65,15 +61,12 @@ func grant(limit uint64, me string, held, rate uint64, nodes []holder) (ceiling,
 		remaining = limit - used
 	}
 	var target uint64
-	if sumRate == 0 {
-		// Nobody moves: a little room each, the rest free for whichever
-		// node the user comes to first.
-		target = remaining / 32
+	if rate == 0 {
+		// Idle here: a little room for a connection to start, the idle
+		// nodes together 1/32 of the remainder however many they are.
+		target = remaining / (32 * uint64(max(len(nodes), 1)))
 	} else {
-		floor := max(sumRate/32, 1)
-		mine := float64(rate + floor)
-		total := mine + float64(sumRate-rate) + float64(fresh)*float64(floor)
-		target = uint64(float64(remaining) * mine / total)
+		target = uint64(float64(remaining) * float64(rate) / float64(sumRate))
 	}
 	room := min(target, myHold-myUsed+free)
 	ceiling = myUsed + room
