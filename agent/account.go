@@ -91,6 +91,9 @@ func (a *Agent) charge(u *user, now time.Time, d quota.Usage) {
 		a.rec.history = append(a.rec.history, dayRow(w.name, fin))
 	}
 	w.setUsage(use)
+	if a.fl != nil {
+		a.fleetCharge(w.name, d)
+	}
 	a.touch(u, now, js)
 	a.queue(u)
 	a.obs.Charged(w.proto(), d)
@@ -205,6 +208,9 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 // logs them.
 func (a *Agent) record(u *user, ev []quota.Event) {
 	for _, e := range ev {
+		if a.fl != nil {
+			a.fleetEvent(u.r.name, e)
+		}
 		a.rec.events = append(a.rec.events, eventRow(u.r, e))
 		a.noteEvent(u, &a.rec.events[len(a.rec.events)-1]) // notices.go: usage, limit, status
 		a.log.Info("user "+e.Action, "user", u.r.name, "protocol", u.r.proto(), "reason", e.Reason)

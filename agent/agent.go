@@ -42,6 +42,7 @@ import (
 
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/config"
+	"github.com/myvpn/bwagent/fleet"
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/sockkill"
@@ -105,6 +106,10 @@ type Options struct {
 	// Sockets lists and destroys the servers' connections, for the device
 	// limits (devices.go); nil is package sockkill's.
 	Sockets Sockets
+	// Fleet is the fleet database's client in fleet mode (Config.Fleet
+	// set), opened or not: the agent syncs through it beside the loop
+	// (fleet.go). Nil: no fleet.
+	Fleet *fleet.Client
 }
 
 // Agent runs the control loop. Its exported methods may be called from any
@@ -148,6 +153,7 @@ type Agent struct {
 	watch        *dirWatch   // the usage directory, for files others touched
 	lastJSON     time.Time
 	commits      *committer // writes the state database and the block log beside the loop
+	fl           *fleetSide // fleet mode (fleet.go); nil without
 
 	passwdStamp, limitsStamp stamp
 	limitsBad                map[string]bool // bad lines of the limits file, logged once
@@ -236,6 +242,9 @@ func New(o Options) (*Agent, error) {
 	if a.dev.socks == nil {
 		a.dev.socks = kernelSockets{}
 	}
+	if o.Fleet != nil {
+		a.fl = newFleetSide(o.Fleet, fleet.Describe(o.Config.Fleet.Database))
+	}
 	a.files = newFileWriter(a.cfg.Paths.UsageDir, a.pub.snap.Load)
 	a.watch = newDirWatch(a.cfg.Paths.UsageDir)
 	if err := a.load(); err != nil {
@@ -281,6 +290,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.sess.k != nil {
 		wg.Go(func() { a.watchProcesses(fctx) })
 	}
+	if a.fl != nil {
+		wg.Go(func() { a.fl.run(fctx, a.currentInterval()) })
+	}
 	a.bg = fctx
 	defer func() {
 		stopFiles()
@@ -314,6 +326,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.sessionProcess(ev, a.now())
 		case <-a.polling():
 			a.pollSessions(a.now())
+		case rep := <-a.fleetOut():
+			a.fleetApply(rep, a.now())
 		case es := <-a.xr.conns.entries:
 			now := a.now()
 			a.claimXray(es, now)
@@ -421,6 +435,9 @@ func (a *Agent) components(errs map[string]string) map[string]string {
 	}
 	c["ssh sessions"] = first(a.sessionsComponent(), "ssh sessions", "ssh session cuts")
 	c["speed caps"] = first(a.speedComponent(), "kernel policy")
+	if a.fl != nil {
+		c["fleet"] = a.fleetComponent(errs)
+	}
 	switch {
 	case !a.cfg.Xray.Enabled:
 		c["xray"] = "disabled (xray.enabled = false)"
@@ -512,24 +529,45 @@ func (a *Agent) step(now time.Time) error {
 	part("xray api", xapi)
 	part("xray connections", a.syncXrayConns(a.bg, now))
 	part("xray devices", a.syncXrayLive(now))
+	a.decide(now, part, true)
+	return errors.Join(errs...)
+}
+
+// decide is the second half of a tick: the rules, the enforcers and the
+// records. With tick false (a fleet reply applied between ticks) it
+// evaluates what the reply queued and enforces and records it, leaving the
+// tick's own chores (expiry, device limits, health notices, the fleet
+// report, the usage directory's repair) to the tick.
+func (a *Agent) decide(now time.Time, part func(subject string, err error), tick bool) {
+	ctx := context.Background()
 	// Rules.
 	a.evaluate(now)
-	a.expire(now)
+	if tick {
+		a.expire(now)
+	}
 	// Enforcers.
 	part("kernel policy", a.enforceKernel())
 	part("nftables", a.enforceNFT())
 	part("ssh session cuts", a.enforceSessions())
-	part("device limits", a.enforceDevices(now))
+	if tick {
+		part("device limits", a.enforceDevices(now))
+	}
 	part("xray users", a.enforceXray(ctx))
 	part("marker files", a.syncMarkers())
-	a.noteHealth(now) // notices.go: parts failing and recovering
+	if tick {
+		a.noteHealth(now) // notices.go: parts failing and recovering
+		if a.fl != nil {
+			part("fleet", a.fleetReport(now))
+		}
+	}
 	// Records.
 	part("state database", a.commit(now))
 	part("block log", a.commits.logError())
-	part("usage directory watch", a.repairJSON())
+	if tick {
+		part("usage directory watch", a.repairJSON())
+	}
 	a.queueJSON(now)
 	part("usage files", a.files.err())
-	return errors.Join(errs...)
 }
 
 // reporter logs each failing part of the agent once per change of its

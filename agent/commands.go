@@ -32,6 +32,9 @@ func (a *Agent) Check(ctx context.Context) error {
 // Reset zeroes the user's usage and lifts a block for the limit (a renewal).
 // A disabled user stays disabled.
 func (a *Agent) Reset(ctx context.Context, name string) error {
+	if a.fl != nil {
+		return a.fleetReset(ctx, name)
+	}
 	return a.do(ctx, func(now time.Time) error {
 		u, err := a.lookup(name)
 		if err != nil {
@@ -44,6 +47,9 @@ func (a *Agent) Reset(ctx context.Context, name string) error {
 
 // ResetAll resets every user; it returns how many.
 func (a *Agent) ResetAll(ctx context.Context) (int, error) {
+	if a.fl != nil {
+		return a.fleetResetAll(ctx)
+	}
 	n := 0
 	err := a.do(ctx, func(now time.Time) error {
 		for _, u := range a.users {
@@ -82,6 +88,9 @@ func (a *Agent) settle(u *user, now time.Time) {
 // Disable blocks the user administratively (reason "Disabled by
 // administrator") until Enable; a reset does not lift it.
 func (a *Agent) Disable(ctx context.Context, name string) error {
+	if a.fl != nil {
+		return a.fleetSwitch(ctx, name, true)
+	}
 	return a.do(ctx, func(now time.Time) error {
 		u, err := a.lookup(name)
 		if err != nil {
@@ -95,6 +104,9 @@ func (a *Agent) Disable(ctx context.Context, name string) error {
 
 // Enable lifts Disable. A user still over the limit stays blocked for it.
 func (a *Agent) Enable(ctx context.Context, name string) error {
+	if a.fl != nil {
+		return a.fleetSwitch(ctx, name, false)
+	}
 	return a.do(ctx, func(now time.Time) error {
 		u, err := a.lookup(name)
 		if err != nil {
@@ -114,6 +126,9 @@ func (a *Agent) Enable(ctx context.Context, name string) error {
 func (a *Agent) Unblock(ctx context.Context, name string, d time.Duration) error {
 	if d < 0 {
 		return fmt.Errorf("unblock duration must not be negative, got %v", d)
+	}
+	if a.fl != nil {
+		return a.fleetUnblock(ctx, name, d)
 	}
 	return a.do(ctx, func(now time.Time) error {
 		u, err := a.lookup(name)
@@ -211,6 +226,9 @@ func (a *Agent) SetSpeed(ctx context.Context, name string, throttle bool, s quot
 }
 
 func (a *Agent) editLimits(ctx context.Context, name string, edit func(*opsfiles.Limits) error) error {
+	if a.fl != nil {
+		return a.fleetEditPlan(ctx, name, edit)
+	}
 	return a.do(ctx, func(now time.Time) error {
 		u, err := a.lookup(name)
 		if err != nil {

@@ -296,7 +296,10 @@ func (a *Agent) anchor(u *user, keys []uint32) (anchor, error) {
 	r := u.r
 	t := r.terms()
 	p := t.plan
-	if an := u.anchor; u.hasAnchor && an.key == keys[0] && an.limit == p.Limit && an.lastReset == t.st.LastReset && an.metric == a.rules.Metric {
+	st := r.state()
+	// In fleet mode the budget is the node's lease on its own count.
+	limit, used := a.fleetBudget(u, p.Limit, st.Used(a.rules))
+	if an := u.anchor; u.hasAnchor && an.key == keys[0] && an.limit == limit && an.lastReset == t.st.LastReset && an.metric == a.rules.Metric {
 		return an, nil
 	}
 	q, err := a.dp.QuotaUsed(keys[0])
@@ -317,13 +320,12 @@ func (a *Agent) anchor(u *user, keys []uint32) (anchor, error) {
 			quota.Sample{Up: sampled.Up, Down: sampled.Down},
 			quota.Sample{Up: c.TxBytes, Down: c.RxBytes}))
 	}
-	st := r.state()
-	used := st.Used(a.rules) + extra
+	used += extra
 	var remaining uint64
-	if used < p.Limit {
-		remaining = p.Limit - used
+	if used < limit {
+		remaining = limit - used
 	}
-	u.anchor = anchor{key: keys[0], limit: p.Limit, lastReset: t.st.LastReset, metric: a.rules.Metric, ceiling: bpf.Ceiling(q, remaining)}
+	u.anchor = anchor{key: keys[0], limit: limit, lastReset: t.st.LastReset, metric: a.rules.Metric, ceiling: bpf.Ceiling(q, remaining)}
 	u.hasAnchor = true
 	return u.anchor, nil
 }

@@ -53,6 +53,12 @@ func (a *Agent) load() error {
 		case quota.SourceOwed:
 			xb := a.xr.baseOf(b.Source.Name)
 			xb.owed, xb.moved, xb.owedSaved = quota.Usage{Up: s.Up, Down: s.Down}, b.Epoch.Start, true
+		case quota.SourceFleet:
+			if a.fl == nil {
+				a.rec.dropBaselines = append(a.rec.dropBaselines, b.Source) // fleet mode turned off
+				continue
+			}
+			a.fleetLoad(b.Source.Name, b.Epoch, quota.Usage{Up: s.Up, Down: s.Down})
 		}
 	}
 	if _, done, err := a.store.Meta(metaImported); err != nil {
@@ -170,6 +176,9 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 		bl := k.base[uid]
 		b.Baselines = append(b.Baselines, store.Baseline{Source: quota.UIDSource(uid), Epoch: k.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
 	}
+	a.fleetBaselines(func(src quota.Source, e quota.Epoch, u quota.Usage) {
+		b.Baselines = append(b.Baselines, store.Baseline{Source: src, Epoch: e, Rx: u.Down, Tx: u.Up})
+	})
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
 			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})

@@ -134,7 +134,11 @@ func (a *Agent) User(ctx context.Context, name string) (view.User, error) {
 	if err != nil {
 		return view.User{}, err
 	}
-	return s.view(r), ctx.Err()
+	v := s.view(r)
+	if a.fl != nil {
+		a.fleetShares(ctx, &v)
+	}
+	return v, ctx.Err()
 }
 
 // Updates returns the version of the users' snapshot now and a channel

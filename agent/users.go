@@ -202,6 +202,9 @@ func (a *Agent) newUser(name string, proto quota.Protocol) *user {
 	u := &user{r: r}
 	delete(a.plans, name)
 	a.users[name] = u
+	if a.fl != nil {
+		a.fl.pend[name] = true
+	}
 	a.pub.changed, a.pub.membership = true, true
 	return u
 }
@@ -215,6 +218,10 @@ func (a *Agent) dropUser(u *user) {
 	a.pub.changed, a.pub.membership = true, true
 	a.rec.dropUsers = append(a.rec.dropUsers, r.name)
 	a.xr.dropBaseline(r.name, &a.rec)
+	if a.fl != nil {
+		delete(a.fl.users, r.name)
+		a.rec.dropBaselines = append(a.rec.dropBaselines, quota.FleetSource(r.name))
+	}
 	delete(a.notes.threshold, r.name) // nil maps before the first tick: a no-op
 	delete(a.notes.expiring, r.name)
 	a.log.Info("user forgotten: gone longer than the retention", "user", r.name, "protocol", r.proto(),
@@ -408,6 +415,11 @@ func (a *Agent) loadLimits(now time.Time) error {
 		}
 	}
 	a.limitsBad = bad
+	if a.fleetLimitsRead(s, l.Entries()) {
+		// A hand edit in fleet mode applies once the fleet took it.
+		a.limitsStamp = s
+		return nil
+	}
 	plans := make(map[string]quota.Plan)
 	a.dev.limitedLines = 0
 	for _, e := range l.Entries() {

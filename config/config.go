@@ -154,6 +154,7 @@ type Config struct {
 	Speed   Speed   // [speed]
 	Control Control // [control]
 	Metrics Metrics // [metrics]
+	Fleet   Fleet   // [fleet]
 	Notify  Notify  // [notify], [[notify.webhook]], [[notify.exec]], [[notify.telegram]]
 }
 
@@ -492,6 +493,8 @@ func (c Config) NeedsRestart(next Config) []string {
 		}
 	}
 	add("control.admin_group", c.Control.AdminGroup != next.Control.AdminGroup)
+	add("fleet.database", c.Fleet.Database != next.Fleet.Database)
+	add("fleet.node", c.Fleet.Node != next.Fleet.Node)
 	add("kernel.cgroup", c.Kernel.Cgroup != next.Kernel.Cgroup)
 	add("kernel.max_uids", c.Kernel.MaxUIDs != next.Kernel.MaxUIDs)
 	add("kernel.pin_path", c.Kernel.PinPath != next.Kernel.PinPath)

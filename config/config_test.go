@@ -87,6 +87,9 @@ admin_group = "vpnadmin"
 listen = "[::1]:0"
 per_user = true
 per_user_max = 50000
+[fleet]
+database = "postgres://bwagent:secret@db.example:5432/bwagent"
+node = "vpn-sg-1"
 [notify]
 node = "vpn-sg-1"
 thresholds = [50, 75, 99]
@@ -164,6 +167,7 @@ func fullConfig(t testing.TB) config.Config {
 		Speed:   config.Speed{Default: quota.Speed{Down: 20e6, Up: 20e6}, Throttle: quota.Speed{Down: 10e6, Up: 1.5e6}},
 		Control: config.Control{AdminGroup: "vpnadmin"},
 		Metrics: config.Metrics{Listen: "[::1]:0", PerUser: true, PerUserMax: 50000},
+		Fleet:   config.Fleet{Database: "postgres://bwagent:secret@db.example:5432/bwagent", Node: "vpn-sg-1"},
 		Notify: config.Notify{
 			Node:       "vpn-sg-1",
 			Thresholds: []int{50, 75, 99},
@@ -432,8 +436,8 @@ func TestExample(t *testing.T) {
 			}
 		}
 	}
-	if n := len(leafKeys(t, ex)); n != 46 {
-		t.Errorf("example.toml has %d keys, want 46", n)
+	if n := len(leafKeys(t, ex)); n != 48 {
+		t.Errorf("example.toml has %d keys, want 48", n)
 	}
 }
 
@@ -574,6 +578,8 @@ var badFiles = []struct {
 	{"thresholds string", "[notify]\nthresholds = \"80\"", file + `:2: notify.thresholds: must be an array of percentages, got string "80"`, config.ErrInvalid},
 	{"expiry_days", "[notify]\nexpiry_days = -1", file + ":2: notify.expiry_days: must be from 0 to 3650, got -1", config.ErrInvalid},
 	{"max_age", "[notify]\nmax_age = \"30s\"", file + ":2: notify.max_age: must be from 1m to 30d, got 30s", config.ErrInvalid},
+	{"fleet node", "[fleet]\nnode = \"a b\"", file + `:2: fleet.node: must be 1 to 63 letters, digits, '.', '_' or '-', or "" for the host name, got "a b"`, config.ErrInvalid},
+	{"fleet database", "[fleet]\ndatabase = \"postgres://h:notaport/db\"", file + `:2: fleet.database: must be a PostgreSQL connection string (a postgres:// URL or key=value pairs): invalid port`, config.ErrInvalid},
 	{"node", "[notify]\nnode = \"a\\nb\"", file + `:2: notify.node: must be at most 64 characters, none a control character, got "a\nb"`, config.ErrInvalid},
 	{"webhook url", "[notify]\n\n[[notify.webhook]]\nurl = \"https://a.example/\"\n\n[[notify.webhook]]\nsecret = \"x\"\nurl = \"ftp://b.example/\"\n",
 		file + `:8: notify.webhook[2].url: must be an http or https URL such as "https://hooks.example.com/bwagent", got "ftp://b.example/"`, config.ErrInvalid},

@@ -31,7 +31,7 @@ type tableDef struct {
 }
 
 // tableDefs are the tables in the order String writes them.
-var tableDefs = slices.Concat(coreTableDefs, notifyTableDefs)
+var tableDefs = slices.Concat(coreTableDefs, fleetTableDefs, notifyTableDefs)
 
 var coreTableDefs = []tableDef{
 	{"paths", `Files and directories. The defaults are those of the bash cek-bw-limit
@@ -59,7 +59,7 @@ them). Changing a key here needs a restart.`},
 // keyDefs are the keys in the order String writes them: the top-level keys,
 // then each table's in the order of tableDefs. The arrays of tables
 // (arrayDefs) come after them.
-var keyDefs = slices.Concat(coreKeyDefs, notifyKeyDefs)
+var keyDefs = slices.Concat(coreKeyDefs, fleetKeyDefs, notifyKeyDefs)
 
 var coreKeyDefs = []*keyDef{
 	durationKey("interval", `How often the agent reads the counters and applies limits, from 1s to 5s.

@@ -1,6 +1,7 @@
 package control
 
 import (
+	"github.com/myvpn/bwagent/view"
 	"time"
 
 	"github.com/myvpn/bwagent/control/internal/controlpb"
@@ -32,7 +33,24 @@ func userToPB(u User) *controlpb.User {
 		Protocols: protocolNames(u.Protocols),
 		Devices:   int32(u.Devices), DevicesLimit: int32(u.DevicesLimit),
 		SpeedDown: uint64(u.Speed.Down), SpeedUp: uint64(u.Speed.Up),
+		Fleet: sharesToPB(u.Fleet), FleetNote: u.FleetNote,
 	}
+}
+
+func sharesToPB(ss []view.NodeShare) []*controlpb.NodeShare {
+	var out []*controlpb.NodeShare
+	for _, s := range ss {
+		out = append(out, &controlpb.NodeShare{Node: s.Node, Upload: s.Upload, Download: s.Download, Used: s.Used, Lease: s.Lease})
+	}
+	return out
+}
+
+func sharesFromPB(ps []*controlpb.NodeShare) []view.NodeShare {
+	var out []view.NodeShare
+	for _, p := range ps {
+		out = append(out, view.NodeShare{Node: p.Node, Upload: p.Upload, Download: p.Download, Used: p.Used, Lease: p.Lease})
+	}
+	return out
 }
 
 func protocolNames(ps []quota.Protocol) []string {
@@ -54,6 +72,7 @@ func userFromPB(p *controlpb.User) User {
 		Protocols: protocols(p.Protocols),
 		Devices:   int(p.Devices), DevicesLimit: int(p.DevicesLimit),
 		Speed: quota.Speed{Down: quota.Rate(p.SpeedDown), Up: quota.Rate(p.SpeedUp)},
+		Fleet: sharesFromPB(p.Fleet), FleetNote: p.FleetNote,
 	}
 }
 

@@ -35,6 +35,11 @@ const (
 	// before anything more is charged. See the README's "which source
 	// counted what".
 	SourceOwed
+	// SourceFleet is not a counter either: in fleet mode, the node's own
+	// cumulative count of a user in the fleet's usage period (Epoch.Gen the
+	// period, Epoch.Start one more than the node's lease, 0 for none):
+	// the journal the node reports from. See package fleet.
+	SourceFleet
 )
 
 // Source names one counter source: the key of its baseline.
@@ -53,6 +58,9 @@ func XraySource(email string) Source { return Source{Kind: SourceXray, Name: ema
 // OwedSource is the key of what an Xray user's kernel count is ahead of
 // Xray's.
 func OwedSource(email string) Source { return Source{Kind: SourceOwed, Name: email} }
+
+// FleetSource is the key of a user's count in fleet mode.
+func FleetSource(name string) Source { return Source{Kind: SourceFleet, Name: name} }
 
 // Epoch names the lifetime of a source's counters: within one epoch they
 // only grow; a different epoch means they restarted from zero. The zero

@@ -4,7 +4,8 @@
 #
 #   install-deps.sh          what building and running the agent needs
 #   install-deps.sh --test   and what the tests need (SSH servers and clients,
-#                            systemd-analyze, strace, an Xray server)
+#                            systemd-analyze, strace, an Xray server,
+#                            PostgreSQL for the fleet tests)
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -31,6 +32,7 @@ if [ "${1:-}" = "--test" ]; then
 		sshpass         # password logins of OpenSSH's client
 		systemd         # systemd-analyze (the unit, its system call filter); journald and journalctl (Dropbear logins from the journal)
 		strace          # the agent's system calls checked against that filter
+		postgresql      # the fleet tests' throwaway clusters (initdb, pg_ctl; Debian 12: 15)
 	)
 fi
 missing=()

@@ -12,8 +12,8 @@ import (
 // agent has always written, so that databases of earlier versions read the
 // same:
 //
-//	source  uid:1001                  xray:alice@example
-//	epoch   BOOT-ID/COUNTER-MAP-ID    xray@START.ALLOCS
+//	source  uid:1001                  xray:alice@example   fleet:alice
+//	epoch   BOOT-ID/COUNTER-MAP-ID    xray@START.ALLOCS    fleet/PERIOD@LEASE+1
 //
 // Only this file turns them into strings and back.
 
@@ -25,6 +25,8 @@ func encodeSource(s quota.Source) string {
 		return "xray:" + s.Name
 	case quota.SourceOwed:
 		return "owed:" + s.Name
+	case quota.SourceFleet:
+		return "fleet:" + s.Name
 	}
 	return fmt.Sprintf("kind%d:%d:%s", s.Kind, s.UID, s.Name)
 }
@@ -42,6 +44,9 @@ func decodeSource(text string) (quota.Source, error) {
 	}
 	if rest, ok := strings.CutPrefix(text, "owed:"); ok && rest != "" {
 		return quota.OwedSource(rest), nil
+	}
+	if rest, ok := strings.CutPrefix(text, "fleet:"); ok && rest != "" {
+		return quota.FleetSource(rest), nil
 	}
 	return quota.Source{}, fmt.Errorf("baseline source %q: unknown kind", text)
 }

@@ -48,6 +48,20 @@ type User struct {
 	// throttle rate while THROTTLED, else the user's speed= (or the
 	// configured default); zero: none that way.
 	Speed quota.Speed
+	// Fleet is each node's share of the usage in fleet mode, read from
+	// the fleet database when one user is asked for (nil otherwise, or
+	// when the database did not answer: FleetNote says why).
+	Fleet     []NodeShare
+	FleetNote string
+}
+
+// NodeShare is one node's usage of a user in the current usage period.
+type NodeShare struct {
+	Node     string
+	Upload   uint64
+	Download uint64
+	Used     uint64 // the counted metric
+	Lease    uint64 // the node's lease, on its own count (0: none)
 }
 
 // Device is one of a user's devices as of the agent's last tick: a client

@@ -34,6 +34,7 @@ import (
 	"github.com/myvpn/bwagent/config"
 	"github.com/myvpn/bwagent/control"
 	"github.com/myvpn/bwagent/control/agentbackend"
+	"github.com/myvpn/bwagent/fleet"
 	"github.com/myvpn/bwagent/internal/passwd"
 	"github.com/myvpn/bwagent/nft"
 	"github.com/myvpn/bwagent/store"
@@ -90,6 +91,40 @@ func firewallConfig(cfg config.Config) nft.Config {
 	return nft.Config{Table: cfg.NFT.Table, Set: cfg.NFT.Set, Chain: cfg.NFT.Chain, Protected: cfg.Kernel.ProtectedUIDs}
 }
 
+// openFleet returns the fleet client of [fleet] (nil without), connected
+// if the database answers within a few seconds. A database of a newer
+// schema, a node name another running agent holds or another metric stop
+// the start; an unreachable database does not: the agent enforces each
+// limit locally until it answers, and says so.
+func openFleet(cfg config.Config, log *slog.Logger) (*fleet.Client, error) {
+	if !cfg.Fleet.Enabled() {
+		return nil, nil
+	}
+	node := cfg.Fleet.Node
+	if node == "" {
+		h, err := os.Hostname()
+		if err != nil || !config.ValidNodeName(h) {
+			return nil, fmt.Errorf("fleet.node: the host name %q is no valid node name; set fleet.node", h)
+		}
+		node = h
+	}
+	c := fleet.New(fleet.Options{DSN: cfg.Fleet.Database, Node: node, Metric: cfg.Rules().Metric, Version: version,
+		Fresh: max(5*cfg.Interval, 10*time.Second)})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := c.Open(ctx)
+	switch {
+	case fleet.Fatal(err):
+		return nil, fmt.Errorf("fleet: %w", err)
+	case err != nil:
+		log.Warn("fleet database unreachable at start: enforcing each limit locally on the usage this node knows until it answers (other nodes may use the same remainder meanwhile); retrying every tick",
+			"database", fleet.Describe(cfg.Fleet.Database), "node", node, "err", err)
+	default:
+		log.Info("fleet mode", "database", fleet.Describe(cfg.Fleet.Database), "node", node)
+	}
+	return c, nil
+}
+
 func uninstall(cfg config.Config) error {
 	fw, err := nft.New(firewallConfig(cfg))
 	if err != nil {
@@ -136,8 +171,15 @@ func serve(cfg config.Config, path string, log *slog.Logger) error {
 	if dp.SupportsServerTagging() { // Linux 6.0: claims of Xray's connections
 		xk = dp
 	}
+	fc, err := openFleet(cfg, log)
+	if err != nil {
+		return err
+	}
+	if fc != nil {
+		defer fc.Close()
+	}
 	a, err := agent.New(agent.Options{Config: cfg, Dataplane: dp, Sessions: dp, XrayKernel: xk, Firewall: fw, Store: st, Log: log,
-		Observers: append(mx.observers(), sm)})
+		Observers: append(mx.observers(), sm), Fleet: fc})
 	if err != nil {
 		return err
 	}

@@ -129,6 +129,17 @@ type userOut struct {
 	DevicesLimit       *int     `json:"devices_limit"`
 	SpeedDown          *uint64  `json:"speed_down"`
 	SpeedUp            *uint64  `json:"speed_up"`
+	// Fleet mode: each node's share (bwctl usage USER), else absent.
+	Fleet []nodeShareOut `json:"fleet,omitempty"`
+}
+
+// nodeShareOut is one node's share of a user in JSON output.
+type nodeShareOut struct {
+	Node     string `json:"node"`
+	Used     uint64 `json:"used"`
+	Upload   uint64 `json:"upload"`
+	Download uint64 `json:"download"`
+	Lease    uint64 `json:"lease"`
 }
 
 // userProtocols are u's sources now (ssh, an Xray protocol, or both); a
@@ -158,6 +169,7 @@ func userJSON(u control.User) userOut {
 		Protocols: userProtocols(u),
 		Devices:   u.Devices, DevicesLimit: devicesLimit(u),
 		SpeedDown: rateJSON(u.Speed.Down), SpeedUp: rateJSON(u.Speed.Up),
+		Fleet: sharesJSON(u),
 	}
 }
 
@@ -185,6 +197,14 @@ func speedOf(s quota.Speed) string {
 		return s.Down.String() + "/off"
 	}
 	return s.String()
+}
+
+func sharesJSON(u control.User) []nodeShareOut {
+	var out []nodeShareOut
+	for _, s := range u.Fleet {
+		out = append(out, nodeShareOut{Node: s.Node, Used: s.Used, Upload: s.Upload, Download: s.Download, Lease: s.Lease})
+	}
+	return out
 }
 
 // devicesLimit is u's device limit for JSON: nil for none.
@@ -329,6 +349,16 @@ func (e *env) printUser(u control.User) error {
 		{"manual unblock until", unblock},
 		{"devices", devicesCell(u)},
 		{"speed", speedCell(u)},
+	}
+	for _, sh := range u.Fleet {
+		lease := "-"
+		if sh.Lease > 0 {
+			lease = e.size(sh.Lease)
+		}
+		rows = append(rows, [2]string{"node " + sh.Node, e.size(sh.Used) + " (upload " + e.size(sh.Upload) + ", download " + e.size(sh.Download) + ", lease " + lease + ")"})
+	}
+	if u.FleetNote != "" {
+		rows = append(rows, [2]string{"nodes", u.FleetNote})
 	}
 	for _, r := range rows {
 		fmt.Fprintf(tw, "%s:\t%s\n", r[0], r[1])

@@ -272,8 +272,12 @@ type User struct {
 	DevicesLimit int32 `protobuf:"varint,23,opt,name=devices_limit,json=devicesLimit,proto3" json:"devices_limit,omitempty"`
 	// The speed caps in force now, in bits per second (the throttle rate
 	// while THROTTLED); 0: none that way.
-	SpeedDown     uint64 `protobuf:"varint,24,opt,name=speed_down,json=speedDown,proto3" json:"speed_down,omitempty"`
-	SpeedUp       uint64 `protobuf:"varint,25,opt,name=speed_up,json=speedUp,proto3" json:"speed_up,omitempty"`
+	SpeedDown uint64 `protobuf:"varint,24,opt,name=speed_down,json=speedDown,proto3" json:"speed_down,omitempty"`
+	SpeedUp   uint64 `protobuf:"varint,25,opt,name=speed_up,json=speedUp,proto3" json:"speed_up,omitempty"`
+	// Fleet mode: each node's share of the usage (asked for one user), or
+	// why it could not be read.
+	Fleet         []*NodeShare `protobuf:"bytes,40,rep,name=fleet,proto3" json:"fleet,omitempty"`
+	FleetNote     string       `protobuf:"bytes,41,opt,name=fleet_note,json=fleetNote,proto3" json:"fleet_note,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -483,6 +487,97 @@ func (x *User) GetSpeedUp() uint64 {
 	return 0
 }
 
+func (x *User) GetFleet() []*NodeShare {
+	if x != nil {
+		return x.Fleet
+	}
+	return nil
+}
+
+func (x *User) GetFleetNote() string {
+	if x != nil {
+		return x.FleetNote
+	}
+	return ""
+}
+
+// NodeShare mirrors view.NodeShare: one node's usage of a user.
+type NodeShare struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Upload        uint64                 `protobuf:"varint,2,opt,name=upload,proto3" json:"upload,omitempty"`
+	Download      uint64                 `protobuf:"varint,3,opt,name=download,proto3" json:"download,omitempty"`
+	Used          uint64                 `protobuf:"varint,4,opt,name=used,proto3" json:"used,omitempty"`
+	Lease         uint64                 `protobuf:"varint,5,opt,name=lease,proto3" json:"lease,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeShare) Reset() {
+	*x = NodeShare{}
+	mi := &file_control_proto_control_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeShare) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeShare) ProtoMessage() {}
+
+func (x *NodeShare) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_control_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeShare.ProtoReflect.Descriptor instead.
+func (*NodeShare) Descriptor() ([]byte, []int) {
+	return file_control_proto_control_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *NodeShare) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *NodeShare) GetUpload() uint64 {
+	if x != nil {
+		return x.Upload
+	}
+	return 0
+}
+
+func (x *NodeShare) GetDownload() uint64 {
+	if x != nil {
+		return x.Download
+	}
+	return 0
+}
+
+func (x *NodeShare) GetUsed() uint64 {
+	if x != nil {
+		return x.Used
+	}
+	return 0
+}
+
+func (x *NodeShare) GetLease() uint64 {
+	if x != nil {
+		return x.Lease
+	}
+	return 0
+}
+
 // Device mirrors view.Device: one of a user's devices.
 type Device struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -498,7 +593,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_control_proto_control_proto_msgTypes[6]
+	mi := &file_control_proto_control_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -510,7 +605,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[6]
+	mi := &file_control_proto_control_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -523,7 +618,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{6}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Device) GetAddress() string {
@@ -577,7 +672,7 @@ type ListDevicesResponse struct {
 
 func (x *ListDevicesResponse) Reset() {
 	*x = ListDevicesResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[7]
+	mi := &file_control_proto_control_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -589,7 +684,7 @@ func (x *ListDevicesResponse) String() string {
 func (*ListDevicesResponse) ProtoMessage() {}
 
 func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[7]
+	mi := &file_control_proto_control_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -602,7 +697,7 @@ func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesResponse.ProtoReflect.Descriptor instead.
 func (*ListDevicesResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{7}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListDevicesResponse) GetDevices() []*Device {
@@ -624,7 +719,7 @@ type SetDevicesRequest struct {
 
 func (x *SetDevicesRequest) Reset() {
 	*x = SetDevicesRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[8]
+	mi := &file_control_proto_control_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -636,7 +731,7 @@ func (x *SetDevicesRequest) String() string {
 func (*SetDevicesRequest) ProtoMessage() {}
 
 func (x *SetDevicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[8]
+	mi := &file_control_proto_control_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -649,7 +744,7 @@ func (x *SetDevicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDevicesRequest.ProtoReflect.Descriptor instead.
 func (*SetDevicesRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{8}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SetDevicesRequest) GetName() string {
@@ -681,7 +776,7 @@ type SetSpeedRequest struct {
 
 func (x *SetSpeedRequest) Reset() {
 	*x = SetSpeedRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[9]
+	mi := &file_control_proto_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -693,7 +788,7 @@ func (x *SetSpeedRequest) String() string {
 func (*SetSpeedRequest) ProtoMessage() {}
 
 func (x *SetSpeedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[9]
+	mi := &file_control_proto_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -706,7 +801,7 @@ func (x *SetSpeedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetSpeedRequest.ProtoReflect.Descriptor instead.
 func (*SetSpeedRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{9}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SetSpeedRequest) GetName() string {
@@ -749,7 +844,7 @@ type HistoryRequest struct {
 
 func (x *HistoryRequest) Reset() {
 	*x = HistoryRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[10]
+	mi := &file_control_proto_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -761,7 +856,7 @@ func (x *HistoryRequest) String() string {
 func (*HistoryRequest) ProtoMessage() {}
 
 func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[10]
+	mi := &file_control_proto_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -774,7 +869,7 @@ func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryRequest.ProtoReflect.Descriptor instead.
 func (*HistoryRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{10}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *HistoryRequest) GetName() string {
@@ -809,7 +904,7 @@ type Day struct {
 
 func (x *Day) Reset() {
 	*x = Day{}
-	mi := &file_control_proto_control_proto_msgTypes[11]
+	mi := &file_control_proto_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -821,7 +916,7 @@ func (x *Day) String() string {
 func (*Day) ProtoMessage() {}
 
 func (x *Day) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[11]
+	mi := &file_control_proto_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -834,7 +929,7 @@ func (x *Day) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Day.ProtoReflect.Descriptor instead.
 func (*Day) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{11}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Day) GetDay() string {
@@ -867,7 +962,7 @@ type HistoryResponse struct {
 
 func (x *HistoryResponse) Reset() {
 	*x = HistoryResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[12]
+	mi := &file_control_proto_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -879,7 +974,7 @@ func (x *HistoryResponse) String() string {
 func (*HistoryResponse) ProtoMessage() {}
 
 func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[12]
+	mi := &file_control_proto_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -892,7 +987,7 @@ func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryResponse.ProtoReflect.Descriptor instead.
 func (*HistoryResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{12}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *HistoryResponse) GetDays() []*Day {
@@ -912,7 +1007,7 @@ type SetLimitRequest struct {
 
 func (x *SetLimitRequest) Reset() {
 	*x = SetLimitRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[13]
+	mi := &file_control_proto_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -924,7 +1019,7 @@ func (x *SetLimitRequest) String() string {
 func (*SetLimitRequest) ProtoMessage() {}
 
 func (x *SetLimitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[13]
+	mi := &file_control_proto_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -937,7 +1032,7 @@ func (x *SetLimitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLimitRequest.ProtoReflect.Descriptor instead.
 func (*SetLimitRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{13}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SetLimitRequest) GetName() string {
@@ -964,7 +1059,7 @@ type UnblockRequest struct {
 
 func (x *UnblockRequest) Reset() {
 	*x = UnblockRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[14]
+	mi := &file_control_proto_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -976,7 +1071,7 @@ func (x *UnblockRequest) String() string {
 func (*UnblockRequest) ProtoMessage() {}
 
 func (x *UnblockRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[14]
+	mi := &file_control_proto_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -989,7 +1084,7 @@ func (x *UnblockRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnblockRequest.ProtoReflect.Descriptor instead.
 func (*UnblockRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{14}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *UnblockRequest) GetName() string {
@@ -1015,7 +1110,7 @@ type ResetAllResponse struct {
 
 func (x *ResetAllResponse) Reset() {
 	*x = ResetAllResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[15]
+	mi := &file_control_proto_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1027,7 +1122,7 @@ func (x *ResetAllResponse) String() string {
 func (*ResetAllResponse) ProtoMessage() {}
 
 func (x *ResetAllResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[15]
+	mi := &file_control_proto_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1040,7 +1135,7 @@ func (x *ResetAllResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResetAllResponse.ProtoReflect.Descriptor instead.
 func (*ResetAllResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{15}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ResetAllResponse) GetCount() int64 {
@@ -1092,7 +1187,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[16]
+	mi := &file_control_proto_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1104,7 +1199,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[16]
+	mi := &file_control_proto_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1117,7 +1212,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{16}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StatusResponse) GetLastTickUnixNano() int64 {
@@ -1270,7 +1365,7 @@ type NotifyChannel struct {
 
 func (x *NotifyChannel) Reset() {
 	*x = NotifyChannel{}
-	mi := &file_control_proto_control_proto_msgTypes[17]
+	mi := &file_control_proto_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1282,7 +1377,7 @@ func (x *NotifyChannel) String() string {
 func (*NotifyChannel) ProtoMessage() {}
 
 func (x *NotifyChannel) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[17]
+	mi := &file_control_proto_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1295,7 +1390,7 @@ func (x *NotifyChannel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotifyChannel.ProtoReflect.Descriptor instead.
 func (*NotifyChannel) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{17}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *NotifyChannel) GetName() string {
@@ -1373,7 +1468,7 @@ type UserRow struct {
 
 func (x *UserRow) Reset() {
 	*x = UserRow{}
-	mi := &file_control_proto_control_proto_msgTypes[18]
+	mi := &file_control_proto_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1385,7 +1480,7 @@ func (x *UserRow) String() string {
 func (*UserRow) ProtoMessage() {}
 
 func (x *UserRow) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[18]
+	mi := &file_control_proto_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1398,7 +1493,7 @@ func (x *UserRow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserRow.ProtoReflect.Descriptor instead.
 func (*UserRow) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{18}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *UserRow) GetName() string {
@@ -1473,7 +1568,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_control_proto_control_proto_msgTypes[19]
+	mi := &file_control_proto_control_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1485,7 +1580,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[19]
+	mi := &file_control_proto_control_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1498,7 +1593,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{19}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Snapshot) GetUsers() []*UserRow {
@@ -1521,7 +1616,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x11ListUsersResponse\x12.\n" +
 	"\x05users\x18\x01 \x03(\v2\x18.bwagent.control.v1.UserR\x05users\"$\n" +
 	"\x0eGetUserRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\xc3\x05\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x97\x06\n" +
 	"\x04User\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x10\n" +
@@ -1552,7 +1647,16 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\rdevices_limit\x18\x17 \x01(\x05R\fdevicesLimit\x12\x1d\n" +
 	"\n" +
 	"speed_down\x18\x18 \x01(\x04R\tspeedDown\x12\x19\n" +
-	"\bspeed_up\x18\x19 \x01(\x04R\aspeedUp\"\xa8\x01\n" +
+	"\bspeed_up\x18\x19 \x01(\x04R\aspeedUp\x123\n" +
+	"\x05fleet\x18( \x03(\v2\x1d.bwagent.control.v1.NodeShareR\x05fleet\x12\x1d\n" +
+	"\n" +
+	"fleet_note\x18) \x01(\tR\tfleetNote\"}\n" +
+	"\tNodeShare\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x16\n" +
+	"\x06upload\x18\x02 \x01(\x04R\x06upload\x12\x1a\n" +
+	"\bdownload\x18\x03 \x01(\x04R\bdownload\x12\x12\n" +
+	"\x04used\x18\x04 \x01(\x04R\x04used\x12\x14\n" +
+	"\x05lease\x18\x05 \x01(\x04R\x05lease\"\xa8\x01\n" +
 	"\x06Device\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x1c\n" +
 	"\tprotocols\x18\x02 \x03(\tR\tprotocols\x12 \n" +
@@ -1672,7 +1776,7 @@ func file_control_proto_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_control_proto_rawDescData
 }
 
-var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_control_proto_control_proto_goTypes = []any{
 	(*Empty)(nil),               // 0: bwagent.control.v1.Empty
 	(*NameRequest)(nil),         // 1: bwagent.control.v1.NameRequest
@@ -1680,68 +1784,70 @@ var file_control_proto_control_proto_goTypes = []any{
 	(*ListUsersResponse)(nil),   // 3: bwagent.control.v1.ListUsersResponse
 	(*GetUserRequest)(nil),      // 4: bwagent.control.v1.GetUserRequest
 	(*User)(nil),                // 5: bwagent.control.v1.User
-	(*Device)(nil),              // 6: bwagent.control.v1.Device
-	(*ListDevicesResponse)(nil), // 7: bwagent.control.v1.ListDevicesResponse
-	(*SetDevicesRequest)(nil),   // 8: bwagent.control.v1.SetDevicesRequest
-	(*SetSpeedRequest)(nil),     // 9: bwagent.control.v1.SetSpeedRequest
-	(*HistoryRequest)(nil),      // 10: bwagent.control.v1.HistoryRequest
-	(*Day)(nil),                 // 11: bwagent.control.v1.Day
-	(*HistoryResponse)(nil),     // 12: bwagent.control.v1.HistoryResponse
-	(*SetLimitRequest)(nil),     // 13: bwagent.control.v1.SetLimitRequest
-	(*UnblockRequest)(nil),      // 14: bwagent.control.v1.UnblockRequest
-	(*ResetAllResponse)(nil),    // 15: bwagent.control.v1.ResetAllResponse
-	(*StatusResponse)(nil),      // 16: bwagent.control.v1.StatusResponse
-	(*NotifyChannel)(nil),       // 17: bwagent.control.v1.NotifyChannel
-	(*UserRow)(nil),             // 18: bwagent.control.v1.UserRow
-	(*Snapshot)(nil),            // 19: bwagent.control.v1.Snapshot
-	nil,                         // 20: bwagent.control.v1.StatusResponse.ErrorsEntry
-	nil,                         // 21: bwagent.control.v1.StatusResponse.ComponentsEntry
+	(*NodeShare)(nil),           // 6: bwagent.control.v1.NodeShare
+	(*Device)(nil),              // 7: bwagent.control.v1.Device
+	(*ListDevicesResponse)(nil), // 8: bwagent.control.v1.ListDevicesResponse
+	(*SetDevicesRequest)(nil),   // 9: bwagent.control.v1.SetDevicesRequest
+	(*SetSpeedRequest)(nil),     // 10: bwagent.control.v1.SetSpeedRequest
+	(*HistoryRequest)(nil),      // 11: bwagent.control.v1.HistoryRequest
+	(*Day)(nil),                 // 12: bwagent.control.v1.Day
+	(*HistoryResponse)(nil),     // 13: bwagent.control.v1.HistoryResponse
+	(*SetLimitRequest)(nil),     // 14: bwagent.control.v1.SetLimitRequest
+	(*UnblockRequest)(nil),      // 15: bwagent.control.v1.UnblockRequest
+	(*ResetAllResponse)(nil),    // 16: bwagent.control.v1.ResetAllResponse
+	(*StatusResponse)(nil),      // 17: bwagent.control.v1.StatusResponse
+	(*NotifyChannel)(nil),       // 18: bwagent.control.v1.NotifyChannel
+	(*UserRow)(nil),             // 19: bwagent.control.v1.UserRow
+	(*Snapshot)(nil),            // 20: bwagent.control.v1.Snapshot
+	nil,                         // 21: bwagent.control.v1.StatusResponse.ErrorsEntry
+	nil,                         // 22: bwagent.control.v1.StatusResponse.ComponentsEntry
 }
 var file_control_proto_control_proto_depIdxs = []int32{
 	5,  // 0: bwagent.control.v1.ListUsersResponse.users:type_name -> bwagent.control.v1.User
-	6,  // 1: bwagent.control.v1.ListDevicesResponse.devices:type_name -> bwagent.control.v1.Device
-	11, // 2: bwagent.control.v1.HistoryResponse.days:type_name -> bwagent.control.v1.Day
-	20, // 3: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
-	21, // 4: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
-	17, // 5: bwagent.control.v1.StatusResponse.notify:type_name -> bwagent.control.v1.NotifyChannel
-	18, // 6: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
-	2,  // 7: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
-	4,  // 8: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
-	10, // 9: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
-	1,  // 10: bwagent.control.v1.Control.ListDevices:input_type -> bwagent.control.v1.NameRequest
-	13, // 11: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
-	1,  // 12: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
-	8,  // 13: bwagent.control.v1.Control.SetDevices:input_type -> bwagent.control.v1.SetDevicesRequest
-	9,  // 14: bwagent.control.v1.Control.SetSpeed:input_type -> bwagent.control.v1.SetSpeedRequest
-	1,  // 15: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
-	0,  // 16: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
-	1,  // 17: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
-	1,  // 18: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
-	14, // 19: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
-	0,  // 20: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
-	0,  // 21: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
-	0,  // 22: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
-	3,  // 23: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
-	5,  // 24: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
-	12, // 25: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
-	7,  // 26: bwagent.control.v1.Control.ListDevices:output_type -> bwagent.control.v1.ListDevicesResponse
-	0,  // 27: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 28: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 29: bwagent.control.v1.Control.SetDevices:output_type -> bwagent.control.v1.Empty
-	0,  // 30: bwagent.control.v1.Control.SetSpeed:output_type -> bwagent.control.v1.Empty
-	0,  // 31: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
-	15, // 32: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
-	0,  // 33: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
-	0,  // 34: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
-	0,  // 35: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
-	0,  // 36: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
-	16, // 37: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
-	19, // 38: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
-	23, // [23:39] is the sub-list for method output_type
-	7,  // [7:23] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	6,  // 1: bwagent.control.v1.User.fleet:type_name -> bwagent.control.v1.NodeShare
+	7,  // 2: bwagent.control.v1.ListDevicesResponse.devices:type_name -> bwagent.control.v1.Device
+	12, // 3: bwagent.control.v1.HistoryResponse.days:type_name -> bwagent.control.v1.Day
+	21, // 4: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
+	22, // 5: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
+	18, // 6: bwagent.control.v1.StatusResponse.notify:type_name -> bwagent.control.v1.NotifyChannel
+	19, // 7: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
+	2,  // 8: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
+	4,  // 9: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
+	11, // 10: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
+	1,  // 11: bwagent.control.v1.Control.ListDevices:input_type -> bwagent.control.v1.NameRequest
+	14, // 12: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
+	1,  // 13: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
+	9,  // 14: bwagent.control.v1.Control.SetDevices:input_type -> bwagent.control.v1.SetDevicesRequest
+	10, // 15: bwagent.control.v1.Control.SetSpeed:input_type -> bwagent.control.v1.SetSpeedRequest
+	1,  // 16: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
+	0,  // 17: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
+	1,  // 18: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
+	1,  // 19: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
+	15, // 20: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
+	0,  // 21: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
+	0,  // 22: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
+	0,  // 23: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
+	3,  // 24: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
+	5,  // 25: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
+	13, // 26: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
+	8,  // 27: bwagent.control.v1.Control.ListDevices:output_type -> bwagent.control.v1.ListDevicesResponse
+	0,  // 28: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 29: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 30: bwagent.control.v1.Control.SetDevices:output_type -> bwagent.control.v1.Empty
+	0,  // 31: bwagent.control.v1.Control.SetSpeed:output_type -> bwagent.control.v1.Empty
+	0,  // 32: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
+	16, // 33: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
+	0,  // 34: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
+	0,  // 35: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
+	0,  // 36: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
+	0,  // 37: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
+	17, // 38: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
+	20, // 39: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
+	24, // [24:40] is the sub-list for method output_type
+	8,  // [8:24] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_control_proto_init() }
@@ -1755,7 +1861,7 @@ func file_control_proto_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_control_proto_rawDesc), len(file_control_proto_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
