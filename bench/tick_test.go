@@ -131,33 +131,41 @@ func BenchmarkTick(b *testing.B) {
 			var runs []tickResult
 			for range b.N {
 				if sz.users >= freshUsers && os.Getenv(tickChildEnv) == "" && !profiling() {
-					runs = append(runs, tickChild(b, sz.users))
+					runs = append(runs, freshChild(b, "BenchmarkTick", sz.users, tickChildEnv, tickChildWait))
 				} else {
 					runs = append(runs, runTick(b, sz.users, sz.budget))
 				}
 			}
-			res := runs[len(runs)-1]
-			for unit := range res.Metrics {
-				var vals []float64
-				for _, r := range runs {
-					vals = append(vals, r.Metrics[unit])
-				}
-				b.ReportMetric(median(vals), unit)
-			}
-			// Printed, not logged: the testing package cuts a benchmark's log.
-			for _, r := range runs {
-				fmt.Print(r.Summary)
-			}
-			if path := os.Getenv(tickChildEnv); path != "" {
-				data, err := json.Marshal(res)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if err := os.WriteFile(path, data, 0o600); err != nil {
-					b.Fatal(err)
-				}
-			}
+			reportRuns(b, runs, tickChildEnv)
 		})
+	}
+}
+
+// reportRuns reports the median of each metric over runs and prints their
+// summaries; in a fresh process (childEnv naming the file for its
+// results), it writes the last run's results there.
+func reportRuns(b *testing.B, runs []tickResult, childEnv string) {
+	b.Helper()
+	res := runs[len(runs)-1]
+	for unit := range res.Metrics {
+		var vals []float64
+		for _, r := range runs {
+			vals = append(vals, r.Metrics[unit])
+		}
+		b.ReportMetric(median(vals), unit)
+	}
+	// Printed, not logged: the testing package cuts a benchmark's log.
+	for _, r := range runs {
+		fmt.Print(r.Summary)
+	}
+	if path := os.Getenv(childEnv); path != "" {
+		data, err := json.Marshal(res)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
 
@@ -173,23 +181,24 @@ func profiling() bool {
 	return f != nil && f.Value.String() != ""
 }
 
-// tickChild measures users in a fresh process: this test binary, running
-// that size alone, and returns what it measured.
-func tickChild(b *testing.B, users int) tickResult {
+// freshChild measures users in a fresh process: this test binary, running
+// that size of the benchmark bench alone with childEnv naming the file for
+// its results, within wait; it returns what it measured.
+func freshChild(b *testing.B, bench string, users int, childEnv string, wait time.Duration) tickResult {
 	b.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		b.Fatal(err)
 	}
 	out := filepath.Join(b.TempDir(), "result.json")
-	ctx, cancel := context.WithTimeout(context.Background(), tickChildWait+time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), wait+time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, exe,
 		"-test.run=^$",
-		fmt.Sprintf("-test.bench=^BenchmarkTick$/^users=%d$", users),
+		fmt.Sprintf("-test.bench=^%s$/^users=%d$", bench, users),
 		"-test.benchtime=1x",
-		"-test.timeout="+tickChildWait.String())
-	cmd.Env = append(os.Environ(), tickChildEnv+"="+out)
+		"-test.timeout="+wait.String())
+	cmd.Env = append(os.Environ(), childEnv+"="+out)
 	text, err := cmd.CombinedOutput()
 	if err != nil {
 		b.Fatalf("fresh process for %d users: %v\n%s", users, err, text)
