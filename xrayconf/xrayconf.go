@@ -86,9 +86,15 @@ type Inbound struct {
 	// address Xray logs is the one the proxy in front of it passed on, not
 	// its socket's peer.
 	ProxyProtocol bool
-	File          string // the file that defines the inbound
-	Pos           int    // its index in File's "inbounds" array
-	Users         []User // its clients with a usable email, in config order
+	// UDP: the users' traffic also reaches the inbound's own UDP socket,
+	// where no connection is there to attribute: a UDP transport ("kcp",
+	// "quic"), or a Shadowsocks inbound with "udp" in settings.network
+	// (Xray's default for it is "tcp" alone). VLESS, VMess and Trojan carry
+	// their users' UDP inside the TCP connection.
+	UDP   bool
+	File  string // the file that defines the inbound
+	Pos   int    // its index in File's "inbounds" array
+	Users []User // its clients with a usable email, in config order
 }
 
 // Config is what bwagent needs from an Xray config.
