@@ -228,6 +228,7 @@ func New(o Options) (*Agent, error) {
 	a.sess.events = make(chan sshsess.ProcEvent, 1024)
 	a.files = newFileWriter(a.cfg.Paths.UsageDir, a.pub.snap.Load)
 	a.watch = newDirWatch(a.cfg.Paths.UsageDir)
+	a.files.pump = a.watch.pump
 	if err := a.load(); err != nil {
 		return nil, err
 	}
