@@ -34,6 +34,7 @@ import (
 	"log/slog"
 	"maps"
 	"net/netip"
+	"runtime/debug"
 	"runtime/metrics"
 	"sync"
 	"sync/atomic"
@@ -52,16 +53,64 @@ import (
 )
 
 // MemoryLimit returns the Go runtime soft memory limit bwagent keeps (unless
-// GOMEMLIMIT is set) for a live heap of live bytes: without a limit the
-// collector lets the heap grow to twice the live data before it runs; a limit
-// at or under the live heap would make it run without end. So: a quarter
-// again the live heap plus 12 MiB of room, and never under 40 MiB.
-func MemoryLimit(live uint64) int64 {
-	return max(40<<20, int64(live+live/4)+12<<20)
+// GOMEMLIMIT is set) for a live heap of live bytes, while the agent
+// allocates rate bytes a second: without a limit the collector lets the
+// heap grow to twice the live data before it runs; a limit at or under the
+// live heap would make it run without end, and one that leaves less room
+// than the agent allocates between two collections makes it run all the
+// time. So the room above the live heap is what memoryRoomTime of the
+// agent's allocation takes, at least a quarter of the live heap plus 12 MiB
+// (the room when little is allocated) and at most half of it plus 16 MiB
+// (a bound on the peak); the limit is never under 40 MiB.
+func MemoryLimit(live, rate uint64) int64 {
+	lo, hi := live/4+12<<20, live/2+16<<20
+	room := min(max(rate*uint64(memoryRoomTime/time.Second), lo), hi)
+	return max(40<<20, int64(live+room))
+}
+
+// memoryRoomTime is how long the agent's steady allocation takes to fill
+// the room MemoryLimit leaves: the collector runs about that often at most,
+// up to the room's bound.
+const memoryRoomTime = 2 * time.Second
+
+// MemoryLimiter keeps the soft memory limit following the live heap and
+// the allocation rate (see MemoryLimit). Call Update often (bwagent: every
+// second), from one goroutine: the limit follows the live heap as of the
+// last collection at each call, and the rate measured over the last
+// memoryRateWindow.
+type MemoryLimiter struct {
+	from   time.Time // the start of the window the rate is being measured over
+	allocs uint64    // heap bytes allocated before from
+	rate   uint64    // bytes a second over the last whole window
+}
+
+// memoryRateWindow is how long MemoryLimiter measures the allocation rate
+// over.
+const memoryRateWindow = 10 * time.Second
+
+// Update sets the runtime's soft memory limit (debug.SetMemoryLimit) for the
+// live heap and the allocation rate, at now, and returns it.
+func (m *MemoryLimiter) Update(now time.Time) int64 {
+	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}, {Name: "/gc/heap/allocs:bytes"}}
+	metrics.Read(s)
+	var live, allocs uint64
+	if s[0].Value.Kind() == metrics.KindUint64 && s[1].Value.Kind() == metrics.KindUint64 {
+		live, allocs = s[0].Value.Uint64(), s[1].Value.Uint64()
+	}
+	switch d := now.Sub(m.from); {
+	case m.from.IsZero() || d < 0 || allocs < m.allocs:
+		m.from, m.allocs = now, allocs
+	case d >= memoryRateWindow:
+		m.rate = uint64(float64(allocs-m.allocs) / d.Seconds())
+		m.from, m.allocs = now, allocs
+	}
+	limit := MemoryLimit(live, m.rate)
+	debug.SetMemoryLimit(limit)
+	return limit
 }
 
 // LiveHeap returns the bytes of heap the last garbage collection found
-// live, for MemoryLimit.
+// live.
 func LiveHeap() uint64 {
 	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
 	metrics.Read(s)

@@ -124,7 +124,7 @@ func BenchmarkTick(b *testing.B) {
 	// The soft memory limit bwagent's main sets, so peak memory is the
 	// agent's as it runs.
 	if os.Getenv("GOMEMLIMIT") == "" {
-		defer debug.SetMemoryLimit(debug.SetMemoryLimit(agent.MemoryLimit(0)))
+		defer debug.SetMemoryLimit(debug.SetMemoryLimit(agent.MemoryLimit(0, 0)))
 	}
 	for _, sz := range tickSizes {
 		b.Run("users="+strconv.Itoa(sz.users), func(b *testing.B) {
@@ -345,6 +345,7 @@ type tickEnv struct {
 
 	commitTimes []float64 // ms, of the steady ticks' background commits
 	ticks       int
+	mem         agent.MemoryLimiter
 
 	ncpu      int
 	up, down  []uint64 // per user: the kernel counters' totals
@@ -543,10 +544,11 @@ func (e *tickEnv) tick(b *testing.B, ctx context.Context, label string) time.Dur
 	start := time.Now()
 	pprof.Do(ctx, pprof.Labels("bwtick", label), func(context.Context) { err = e.a.Tick() })
 	total := time.Since(start)
-	// As bwagent does every 10 s (5 ticks): the soft memory limit follows
-	// the live heap. Untimed.
-	if e.ticks++; e.ticks%5 == 0 && os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(agent.MemoryLimit(agent.LiveHeap()))
+	// As bwagent does (every second, and here after each tick): the soft
+	// memory limit follows the live heap and the allocation rate (on the
+	// agent's clock). Untimed.
+	if e.ticks++; os.Getenv("GOMEMLIMIT") == "" {
+		e.mem.Update(e.now)
 	}
 	if err != nil {
 		b.Fatalf("check: %v", err)

@@ -167,19 +167,22 @@ func xraySource(i int) string { return fmt.Sprintf("127.1.%d.%d", i/250, i%250+1
 func runXrayTick(b *testing.B, root string, users int) tickResult {
 	b.Helper()
 	if os.Getenv("GOMEMLIMIT") == "" {
-		defer debug.SetMemoryLimit(debug.SetMemoryLimit(agent.MemoryLimit(0)))
-		// As bwagent's main does: the soft limit follows the live heap.
+		defer debug.SetMemoryLimit(debug.SetMemoryLimit(-1))
+		// As bwagent's main does: the soft limit follows the live heap
+		// and the allocation rate, every second.
+		var ml agent.MemoryLimiter
+		ml.Update(time.Now())
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		go func() {
-			t := time.NewTicker(10 * time.Second)
+			t := time.NewTicker(time.Second)
 			defer t.Stop()
 			for {
 				select {
 				case <-ctx.Done():
 					return
-				case <-t.C:
-					debug.SetMemoryLimit(agent.MemoryLimit(agent.LiveHeap()))
+				case now := <-t.C:
+					ml.Update(now)
 				}
 			}
 		}()
