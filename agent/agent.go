@@ -267,6 +267,7 @@ func New(o Options) (*Agent, error) {
 		}
 	}
 	a.xr = newXrayState()
+	a.xr.see = a.seeCounter
 	a.xr.conns.k = o.XrayKernel
 	a.xr.conns.entries = make(chan []xrayaccess.Entry, 64)
 	a.xr.conns.listeners = a.xray.Listeners

@@ -17,7 +17,7 @@ import (
 // XrayAPI is the part of xraystats.Client the loop drives.
 type XrayAPI interface {
 	SysStats(ctx context.Context) (xraystats.SysStats, error)
-	UserTraffic(ctx context.Context) (map[string]xraystats.Traffic, error)
+	ScanUserTraffic(ctx context.Context, fn func(email []byte, downlink bool, value int64)) error
 	AddUser(ctx context.Context, inboundTag, email string, acct xraystats.Account) error
 	RemoveUser(ctx context.Context, inboundTag, email string) error
 	OnlineIPs(ctx context.Context, email string) (map[string]int64, error)
@@ -60,6 +60,11 @@ type xrayState struct {
 	// Source: the last sample of each user's counters folded into usage.
 	base  map[string]*xbase
 	baseQ []string // baselines to commit
+	// changed are the baselines whose counters this read found moved
+	// (seeCounter), to fold into usage after it.
+	changed []*xbase
+	// see is seeCounter as a func value, made once (New), not per read.
+	see func(email []byte, downlink bool, value int64)
 
 	// The counters' epoch: Xray's start, from its uptime, kept while
 	// consecutive reads agree on it within a few seconds.
@@ -71,6 +76,10 @@ type xrayState struct {
 	// must put back when they are unblocked), as far as this Xray process
 	// goes: a restart reloads every user from the config.
 	removed map[string]bool
+	// enforceAll makes the next enforceXray look at every user, not only
+	// those who changed since the last commit: at start, after a new config
+	// or a new epoch (Xray reloaded every user), after a failure.
+	enforceAll bool
 	// verifyIn counts the ticks to the next listing of the inbounds.
 	verifyIn int
 
@@ -83,17 +92,20 @@ type xrayState struct {
 // chargeXray).
 type xbase struct {
 	quota.Sample
+	name      string // the user's email
 	owed      quota.Usage
-	moved     int64 // when either count of the user last moved, Unix seconds: a debt's age
-	owedSaved bool  // the store may hold a debt: a paid-off one is written as zero
+	read      quota.Usage // the counters as the read under way finds them
+	moved     int64       // when either count of the user last moved, Unix seconds: a debt's age
+	owedSaved bool        // the store may hold a debt: a paid-off one is written as zero
 	dirty     bool
+	pending   bool // in changed
 }
 
 // baseOf returns email's baseline, a zero one if it has none yet.
 func (x *xrayState) baseOf(email string) *xbase {
 	b := x.base[email]
 	if b == nil {
-		b = &xbase{}
+		b = &xbase{name: email}
 		x.base[email] = b
 	}
 	return b
@@ -108,7 +120,7 @@ func (x *xrayState) queueBase(email string, b *xbase) {
 }
 
 func newXrayState() xrayState {
-	return xrayState{removed: make(map[string]bool), base: make(map[string]*xbase)}
+	return xrayState{removed: make(map[string]bool), base: make(map[string]*xbase), enforceAll: true}
 }
 
 // close drops the API client.
@@ -180,28 +192,86 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 		return confErr, err
 	}
 	a.xrayEpoch(now, sys)
-	traffic, err := a.xr.api.UserTraffic(cctx)
-	if err != nil {
+	if err := a.xr.api.ScanUserTraffic(cctx, a.xr.see); err != nil {
+		a.xr.dropChanged()
 		return confErr, err
 	}
-	for email, t := range traffic {
-		u := a.users[email]
+	a.foldXray(now)
+	return confErr, nil
+}
+
+// seeCounter takes one of a user's counters from the read under way:
+// nothing is done for a counter that did not move, and nothing allocated
+// but a new user's baseline. A user whose counter moved goes on the
+// changed list, with this read's values as they come.
+func (a *Agent) seeCounter(email []byte, downlink bool, value int64) {
+	x := &a.xr
+	b := x.base[string(email)]
+	if b == nil {
+		u := a.users[string(email)]
+		if u == nil || !u.r.xray {
+			return // not a client of Xray's config now
+		}
+		b = x.baseOf(u.r.name)
+	}
+	v := uint64(max(value, 0))
+	if !b.pending {
+		same := b.Epoch == x.epoch
+		last := b.Up
+		if downlink {
+			last = b.Down
+		}
+		if same && v == last {
+			return
+		}
+		// The other counter, should this read not list it: as it was,
+		// or none yet in a new epoch.
+		b.read = quota.Usage{}
+		if same {
+			b.read = quota.Usage{Up: b.Up, Down: b.Down}
+		}
+		b.pending = true
+		x.changed = append(x.changed, b)
+	}
+	if downlink {
+		b.read.Down = v
+	} else {
+		b.read.Up = v
+	}
+}
+
+// foldXray charges the users whose counters the read found moved.
+func (a *Agent) foldXray(now time.Time) {
+	x := &a.xr
+	for _, b := range x.changed {
+		b.pending = false
+		u := a.users[b.name]
 		if u == nil || !u.r.xray {
 			continue
 		}
-		cur := quota.Sample{Epoch: a.xr.epoch, Up: uint64(max(t.Uplink, 0)), Down: uint64(max(t.Downlink, 0))}
-		b := a.xr.baseOf(email)
+		cur := quota.Sample{Epoch: x.epoch, Up: b.read.Up, Down: b.read.Down}
 		if b.Sample == cur {
 			continue
 		}
 		d := quota.Since(b.Sample, cur)
-		a.xr.queueBase(email, b)
+		x.queueBase(b.name, b)
 		b.Sample = cur
 		if (d != quota.Usage{}) {
 			a.chargeXray(u, now, quota.Usage{}, d)
 		}
 	}
-	return confErr, nil
+	clear(x.changed)
+	x.changed = trimmed(x.changed[:0])
+}
+
+// dropChanged forgets what a read that failed half way found: the next
+// read finds it again.
+func (x *xrayState) dropChanged() {
+	for _, b := range x.changed {
+		b.pending = false
+	}
+	clear(x.changed)
+	x.changed = trimmed(x.changed[:0])
 }
 
 // xrayEpoch names the lifetime of Xray's counters from its uptime. A start
@@ -235,6 +305,7 @@ func (a *Agent) xrayEpoch(now time.Time, sys xraystats.SysStats) {
 	}
 	a.xr.start, a.xr.epoch = start, epoch
 	clear(a.xr.removed)
+	a.xr.enforceAll = true
 }
 
 // xrayOrigin is the Origin of the epochs of Xray's counters.
@@ -297,15 +368,22 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 		}
 	}
 	a.xr.conf, a.xr.users = conf, byEmail
+	a.xr.enforceAll = true
 	return nil
 }
 
 // enforceXray makes Xray's inbounds hold exactly the users who are not
 // blocked: a blocked user is removed from every inbound that has them and
 // their connections are cut; an unblocked one is added back with the
-// account from the config.
+// account from the config. It looks at the users who changed since the
+// last commit (a block or an unblock changes the user's row), and at every
+// user only when the whole may be off (see xrayState.enforceAll).
 func (a *Agent) enforceXray(ctx context.Context) error {
-	if !a.cfg.Xray.Enabled || a.xr.api == nil || a.xr.epoch.IsZero() {
+	if !a.cfg.Xray.Enabled {
+		return nil
+	}
+	if a.xr.api == nil || a.xr.epoch.IsZero() {
+		a.xr.enforceAll = true // whatever changed meanwhile, once Xray answers
 		return nil
 	}
 	cctx, cancel := context.WithTimeout(ctx, a.cfg.Xray.Timeout)
@@ -315,27 +393,46 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 		a.xr.verifyIn = xrayVerifyTicks
 		errs = append(errs, a.verifyXrayRemoved(cctx))
 	}
-	for email, xus := range a.xr.users {
-		u := a.users[email]
-		if u == nil {
-			continue
-		}
-		switch {
-		case u.r.blocked() && !a.xr.removed[email]:
-			if err := a.removeXrayUser(cctx, email, xus); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			a.xr.removed[email] = true
-		case !u.r.blocked() && a.xr.removed[email]:
-			if err := a.addXrayUser(cctx, email, xus); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			delete(a.xr.removed, email)
+	enforce := func(u *user, xus []xrayconf.User) {
+		if err := a.enforceXrayUser(cctx, u, xus); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	return errors.Join(errs...)
+	if a.xr.enforceAll {
+		for email, xus := range a.xr.users {
+			if u := a.users[email]; u != nil {
+				enforce(u, xus)
+			}
+		}
+	} else {
+		for _, u := range a.work.dirtyQ {
+			if xus := a.xr.users[u.r.name]; xus != nil && u.r.xray && a.users[u.r.name] == u {
+				enforce(u, xus)
+			}
+		}
+	}
+	err := errors.Join(errs...)
+	a.xr.enforceAll = err != nil // a user that failed is tried again next tick
+	return err
+}
+
+// enforceXrayUser removes u from its inbounds (xus) if it is blocked, or
+// adds it back if it is not and was removed.
+func (a *Agent) enforceXrayUser(ctx context.Context, u *user, xus []xrayconf.User) error {
+	email := u.r.name
+	switch {
+	case u.r.blocked() && !a.xr.removed[email]:
+		if err := a.removeXrayUser(ctx, email, xus); err != nil {
+			return err
+		}
+		a.xr.removed[email] = true
+	case !u.r.blocked() && a.xr.removed[email]:
+		if err := a.addXrayUser(ctx, email, xus); err != nil {
+			return err
+		}
+		delete(a.xr.removed, email)
+	}
+	return nil
 }
 
 // verifyXrayRemoved lists the inbounds that should be without a removed
@@ -359,6 +456,7 @@ func (a *Agent) verifyXrayRemoved(ctx context.Context) error {
 			if a.xr.removed[email] {
 				a.log.Warn("a blocked xray user was added back by someone else; removing again", "user", email, "inbound", tag)
 				delete(a.xr.removed, email)
+				a.xr.enforceAll = true
 			}
 		}
 	}

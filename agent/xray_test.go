@@ -112,17 +112,17 @@ func (f *fakeXray) SysStats(context.Context) (xraystats.SysStats, error) {
 	return xraystats.SysStats{Uptime: f.now().Sub(f.started).Truncate(time.Second)}, nil
 }
 
-func (f *fakeXray) UserTraffic(context.Context) (map[string]xraystats.Traffic, error) {
+func (f *fakeXray) ScanUserTraffic(_ context.Context, fn func(email []byte, downlink bool, value int64)) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.check("traffic"); err != nil {
-		return nil, err
+		return err
 	}
-	out := map[string]xraystats.Traffic{}
-	for k, v := range f.traffic {
-		out[k] = v
+	for email, t := range f.traffic {
+		fn([]byte(email), false, t.Uplink)
+		fn([]byte(email), true, t.Downlink)
 	}
-	return out, nil
+	return nil
 }
 
 func (f *fakeXray) AddUser(_ context.Context, tag, email string, acct xraystats.Account) error {
