@@ -338,6 +338,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			a.state.Store(loopStopped)
 			a.drain()
+			a.xr.readNow = true // what only Xray counted since its last read
 			a.tick()
 			if err := a.commits.flush(); err != nil {
 				a.log.Error("last commit failed at shutdown", "err", err)

@@ -31,6 +31,23 @@ type XrayAPI interface {
 // tick, one call per such inbound.
 const xrayVerifyTicks = 5
 
+// Reading every user's counters costs Xray and the agent in proportion to
+// the users (some 80 ms at 50,000 users), however few moved. It is needed
+// every tick only for bytes the kernel does not count. Where the kernel
+// counts every connection Xray's users can make (kernelCountsXray), Xray
+// counts nothing more than the first bytes of a connection before its
+// claim (at most xrayPendingMax), so its counters are read every
+// xrayReadTicks ticks to pay off the debt and charge those, and at once
+// whenever bytes the kernel did not count may be flowing: after a new
+// config or a new epoch of Xray's counters, when the kernel let a
+// connection go unclaimed, and while the last read found a user with more
+// bytes than the kernel counted beyond xrayPendingMax for each new
+// connection (see chargeXray).
+const (
+	xrayReadTicks  = 5
+	xrayPendingMax = 64 * quota.KiB
+)
+
 // Xray is how the agent finds and reaches Xray: its config (users and the
 // API address) and a client for the API.
 type Xray struct {
@@ -83,6 +100,20 @@ type xrayState struct {
 	// verifyIn counts the ticks to the next listing of the inbounds.
 	verifyIn int
 
+	// When the counters are read (see xrayReadTicks): readIn counts the
+	// ticks to the next read, readNow asks for one at the next tick,
+	// excess is set by a read that found bytes the kernel did not count,
+	// unclaimed is the kernel's count of connections it let go
+	// unclaimed, as of the last tick, reads counts the reads (an epoch of
+	// the claims counted in xbase), and allHeld says the config's inbounds
+	// are all ones whose connections the kernel holds until claimed.
+	readIn    int
+	readNow   bool
+	excess    bool
+	unclaimed uint64
+	reads     uint32
+	allHeld   bool
+
 	// conns counts the users' connections in the kernel (xrayconns.go).
 	conns xconns
 }
@@ -98,7 +129,27 @@ type xbase struct {
 	moved     int64       // when either count of the user last moved, Unix seconds: a debt's age
 	owedSaved bool        // the store may hold a debt: a paid-off one is written as zero
 	dirty     bool
-	pending   bool // in changed
+	pending   bool   // in changed
+	claims    uint32 // connections claimed for the user since read number claimRead
+	claimRead uint32
+}
+
+// claimsSince returns the connections claimed for b's user since read
+// number read.
+func (b *xbase) claimsSince(read uint32) uint32 {
+	if b.claimRead != read {
+		return 0
+	}
+	return b.claims
+}
+
+// claimed counts a connection claimed for email, for the next read.
+func (x *xrayState) claimed(email string) {
+	b := x.baseOf(email)
+	if b.claimRead != x.reads {
+		b.claims, b.claimRead = 0, x.reads
+	}
+	b.claims++
 }
 
 // baseOf returns email's baseline, a zero one if it has none yet.
@@ -120,7 +171,7 @@ func (x *xrayState) queueBase(email string, b *xbase) {
 }
 
 func newXrayState() xrayState {
-	return xrayState{removed: make(map[string]bool), base: make(map[string]*xbase), enforceAll: true}
+	return xrayState{removed: make(map[string]bool), base: make(map[string]*xbase), enforceAll: true, readNow: true}
 }
 
 // close drops the API client.
@@ -192,12 +243,51 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 		return confErr, err
 	}
 	a.xrayEpoch(now, sys)
+	if !a.xrayReadDue() {
+		return confErr, nil
+	}
 	if err := a.xr.api.ScanUserTraffic(cctx, a.xr.see); err != nil {
 		a.xr.dropChanged()
+		a.xr.readNow = true
 		return confErr, err
 	}
+	a.xr.excess = false
 	a.foldXray(now)
+	a.xr.reads++
 	return confErr, nil
+}
+
+// xrayReadDue reports whether every user's counters are read this tick
+// (see xrayReadTicks).
+func (a *Agent) xrayReadDue() bool {
+	x := &a.xr
+	unclaimed := a.kernel.stats.XrayUnclaimed
+	grew := unclaimed != x.unclaimed
+	x.unclaimed = unclaimed
+	x.readIn--
+	if x.readNow || x.excess || grew || x.readIn <= 0 || !a.kernelCountsXray() {
+		x.readNow, x.readIn = false, xrayReadTicks
+		return true
+	}
+	return false
+}
+
+// kernelCountsXray reports whether the kernel counts every connection
+// Xray's users can make: it claims them from the access log
+// (xrayconns.go), it has found Xray's sockets, and every inbound with users
+// takes plain TCP (raw) without the PROXY protocol and no UDP, so the
+// address Xray logs is the connection's and a connection is held until its
+// claim comes.
+func (a *Agent) kernelCountsXray() bool {
+	x := &a.xr
+	return x.allHeld && x.conns.active() && len(x.conns.tagged) > 0
+}
+
+// heldInbound reports whether the kernel holds the connections of in's
+// port until they are claimed, and has no other traffic of its users to
+// miss: plain TCP (raw), without the PROXY protocol, and no UDP.
+func heldInbound(in xrayconf.Inbound) bool {
+	return in.Network == "raw" && !in.ProxyProtocol && !in.UDP && in.Port > 0 && in.Port <= 65535
 }
 
 // seeCounter takes one of a user's counters from the read under way:
@@ -305,7 +395,7 @@ func (a *Agent) xrayEpoch(now time.Time, sys xraystats.SysStats) {
 	}
 	a.xr.start, a.xr.epoch = start, epoch
 	clear(a.xr.removed)
-	a.xr.enforceAll = true
+	a.xr.enforceAll, a.xr.readNow = true, true
 }
 
 // xrayOrigin is the Origin of the epochs of Xray's counters.
@@ -367,8 +457,14 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 			a.leaveXray(u, now) // gone from the config; the record and usage stay
 		}
 	}
+	a.xr.allHeld = true
+	for _, in := range conf.Inbounds {
+		if len(in.Users) > 0 && !heldInbound(in) {
+			a.xr.allHeld = false
+		}
+	}
 	a.xr.conf, a.xr.users = conf, byEmail
-	a.xr.enforceAll = true
+	a.xr.enforceAll, a.xr.readNow = true, true
 	return nil
 }
 

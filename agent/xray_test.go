@@ -15,6 +15,7 @@ import (
 
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/sockkill"
 	"github.com/myvpn/bwagent/xraystats"
 )
 
@@ -677,5 +678,92 @@ func TestXrayOwed(t *testing.T) {
 	e.step(2 * time.Second)
 	if v := e.user("alice"); v.Used != before.Used {
 		t.Errorf("blocked alice: used %d after Xray reported buffered bytes, %d before", v.Used, before.Used)
+	}
+}
+
+// TestXrayReadsWhenNeeded: where the kernel counts every connection Xray's
+// users can make, every user's counters are read every xrayReadTicks
+// ticks, and at once after a connection went unclaimed, while a read finds
+// bytes the kernel did not count, and after a new config; with an inbound
+// whose traffic the kernel cannot count, every tick. Nothing is lost: what
+// Xray alone counted is charged at the next read.
+func TestXrayReadsWhenNeeded(t *testing.T) {
+	e := newEnv(t)
+	held := strings.Replace(xrayConfigJSON, `"api":`, `"log": {"access": "/var/log/xray/access.log"}, "api":`, 1)
+	e.write("xray.json", held)
+	e.write("bw-limit.conf", "bob 100\n")
+	fx := newFakeXray(func() time.Time { return e.clock })
+	e.xray = Xray{Dial: func(context.Context, string) (XrayAPI, error) { return fx, nil },
+		Cut:       func([]netip.Addr, []uint16) (int, error) { return 0, nil },
+		Listeners: func([]uint16) ([]sockkill.Conn, error) { return nil, nil }}
+	fk := newFakeXrayKernel()
+	e.xk = fk
+	e.start()
+	// The access log followed, Xray's sockets found: as Run makes them.
+	done := make(chan struct{})
+	close(done)
+	e.a.xr.conns.fol = &follower{path: "/var/log/xray/access.log", cancel: func() {}, done: done}
+	e.a.xr.conns.tagged = map[uint32]bool{0: true}
+
+	reads := func() int { return strings.Count(strings.Join(fx.calls, " "), "traffic") }
+	ticks := func(n int) (read []int) {
+		t.Helper()
+		for i := range n {
+			before := reads()
+			e.step(2 * time.Second)
+			if reads() > before {
+				read = append(read, i)
+			}
+		}
+		return read
+	}
+	if got := ticks(11); !slices.Equal(got, []int{0, 5, 10}) {
+		t.Fatalf("counters read at ticks %v, want every 5th: [0 5 10]", got)
+	}
+
+	// The same bytes from the kernel and from Xray: no need to read more.
+	acct, _ := fk.Account("bob")
+	e.dp.mu.Lock()
+	e.dp.counters[acct] = bpf.Counters{TxBytes: 10_000, RxBytes: 2_000_000}
+	e.dp.moved = map[uint32]bool{acct: true}
+	e.dp.mu.Unlock()
+	fx.use("bob", 9_000, 1_990_000)
+	if got := ticks(5); !slices.Equal(got, []int{4}) {
+		t.Errorf("after bytes both counted: read at ticks %v, want [4]", got)
+	}
+	if v := e.user("bob"); v.Upload != 10_000 || v.Download != 2_000_000 {
+		t.Errorf("bob: %d up, %d down; want the kernel's 10000, 2000000", v.Upload, v.Download)
+	}
+
+	// Bytes only Xray saw (UDP, a connection the kernel never claimed):
+	// charged at the next read, and read every tick while they flow.
+	fx.use("bob", 0, 1<<20)
+	got := ticks(5)
+	if !slices.Equal(got, []int{4}) {
+		t.Errorf("Xray's bytes read at ticks %v, want [4]", got)
+	}
+	// (What Xray reports pays off the 10,000 bytes of wire the kernel
+	// counted beyond its count first.)
+	if v, want := e.user("bob"), uint64(2_000_000+1<<20-10_000); v.Download != want {
+		t.Errorf("bob's download %d, want %d", v.Download, want)
+	}
+	fx.use("bob", 0, 1<<20)
+	if got := ticks(3); !slices.Equal(got, []int{0, 1}) {
+		t.Errorf("while Xray's bytes flow: read at ticks %v, want [0 1] (the second finds none)", got)
+	}
+
+	// A connection the kernel let go unclaimed: read at once.
+	ticks(5)
+	e.dp.mu.Lock()
+	e.dp.stats.XrayUnclaimed++
+	e.dp.mu.Unlock()
+	if got := ticks(2); !slices.Equal(got, []int{0}) {
+		t.Errorf("after an unclaimed connection: read at ticks %v, want [0]", got)
+	}
+
+	// An inbound behind a proxy (WebSocket): every tick.
+	e.write("xray.json", strings.Replace(held, `"port": 10002, "protocol": "vmess",`, `"port": 10002, "protocol": "vmess", "streamSettings": {"network": "ws"},`, 1))
+	if got := ticks(3); !slices.Equal(got, []int{0, 1, 2}) {
+		t.Errorf("with a WebSocket inbound: read at ticks %v, want every tick", got)
 	}
 }

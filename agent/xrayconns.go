@@ -31,10 +31,12 @@ import (
 // crash of Xray loses nothing the kernel counted, and a limit stops the
 // connection at the packet.
 //
-// Xray's own counters are still read every tick: they count what the kernel
-// could not attribute (UDP, connections through a proxy in front of Xray,
-// lines lost or never written). The kernel's count of a user is charged as
-// it comes and is owed by Xray, whose counters report the same connection's
+// Xray's own counters are still read: they count what the kernel could not
+// attribute (UDP, connections through a proxy in front of Xray, lines lost
+// or never written, the first bytes of a connection before its claim):
+// every tick, unless the kernel counts every connection Xray's users can
+// make (see xrayReadTicks). The kernel's count of a user is charged as it
+// comes and is owed by Xray, whose counters report the same connection's
 // bytes later (at the connection's close for Vision); Xray's next counts
 // pay off what is owed before anything more is charged (chargeXray). So
 // nothing is counted twice, and nothing the kernel counted waits for Xray.
@@ -315,6 +317,7 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 		}
 		x.claims = append(x.claims, claim{client: e.Source, port: uint16(in.Port), at: now})
 		x.claimed++
+		a.xr.claimed(e.Email)
 	}
 }
 
@@ -378,6 +381,11 @@ func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 	b.moved = now.Unix()
 	payUp, payDown := min(xray.Up, b.owed.Up), min(xray.Down, b.owed.Down)
 	extra := quota.Usage{Up: xray.Up - payUp, Down: xray.Down - payDown}
+	if extra.Up+extra.Down > xrayPendingMax*uint64(1+b.claimsSince(a.xr.reads)) {
+		// More than the first bytes of the user's new connections: some
+		// of its traffic is Xray's alone to count. Read every tick.
+		a.xr.excess = true
+	}
 	if room, ok := a.kernelRoom(u, kern); ok {
 		extra = capUsage(extra, a.rules.Metric, room)
 	}
