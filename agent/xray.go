@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -429,16 +430,28 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 	if !conf.Stats || !conf.UserStats {
 		a.logs.warnOnce("xray-nostats", "xray config does not count users' traffic: add \"stats\": {} and policy.levels.\"0\" statsUserUplink and statsUserDownlink true", "files", conf.Files)
 	}
+	// Each user's entries are a window on its inbound's list in conf (no
+	// copy), and a list of their own for a user of several inbounds.
 	byEmail := make(map[string][]xrayconf.User)
-	for _, xu := range conf.Users() {
-		byEmail[xu.Email] = append(byEmail[xu.Email], xu)
+	for i := range conf.Inbounds {
+		us := conf.Inbounds[i].Users
+		for j := range us {
+			email := us[j].Email
+			if have := byEmail[email]; have != nil {
+				byEmail[email] = append(slices.Clip(have), us[j])
+			} else {
+				byEmail[email] = us[j : j+1 : j+1]
+			}
+		}
 	}
+	created := false
 	for email, xus := range byEmail {
 		u := a.users[email]
 		switch {
 		case u == nil:
 			u = a.newUser(email, xus[0].Protocol)
 			a.touch(u, now, jsonUrgent)
+			created = true
 		case u.r.ssh && !u.r.xray:
 			a.log.Info("an Xray client has the name of an SSH account: one user, one limit, counted from both",
 				"name", email, "protocols", "ssh+"+string(xus[0].Protocol))
@@ -456,6 +469,9 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 		if u.r.xray && byEmail[name] == nil {
 			a.leaveXray(u, now) // gone from the config; the record and usage stay
 		}
+	}
+	if created {
+		a.compactPlans()
 	}
 	a.xr.allHeld = true
 	for _, in := range conf.Inbounds {
