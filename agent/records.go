@@ -49,7 +49,7 @@ func (a *Agent) load() error {
 		case quota.SourceUID:
 			a.kernel.base[b.Source.UID] = kbase{epoch: a.kernel.epochID(b.Epoch), up: s.Up, down: s.Down}
 		case quota.SourceXray:
-			a.xr.baseOf(b.Source.Name).Sample = s
+			a.xr.setSample(a.xr.baseOf(b.Source.Name), s)
 		case quota.SourceOwed:
 			xb := a.xr.baseOf(b.Source.Name)
 			xb.owed, xb.moved, xb.owedSaved = quota.Usage{Up: s.Up, Down: s.Down}, b.Epoch.Start, true
@@ -172,7 +172,7 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	}
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
-			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
+			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: a.xr.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
 			if owing := bl.owed != (quota.Usage{}); owing || bl.owedSaved {
 				b.Baselines = append(b.Baselines, store.Baseline{Source: quota.OwedSource(email),
 					Epoch: quota.Epoch{Origin: owedOrigin, Start: bl.moved}, Rx: bl.owed.Down, Tx: bl.owed.Up})

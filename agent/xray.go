@@ -78,9 +78,13 @@ type xrayState struct {
 	// Source: the last sample of each user's counters folded into usage.
 	base  map[string]*xbase
 	baseQ []string // baselines to commit
-	// changed are the baselines whose counters this read found moved
-	// (seeCounter), to fold into usage after it.
-	changed []*xbase
+	// epochs are the epochs of the baselines, by xbase.epoch; the first is
+	// none (a user not read yet). epochID is x.epoch's.
+	epochs  []quota.Epoch
+	epochID uint32
+	// changed are the users whose counters this read found moved
+	// (seeCounter), with their values, to fold into usage after it.
+	changed []xread
 	// see is seeCounter as a func value, made once (New), not per read.
 	see func(email []byte, downlink bool, value int64)
 
@@ -121,18 +125,43 @@ type xrayState struct {
 
 // xbase is the baseline of one Xray user's counters, and what the kernel
 // counted of the user's connections that they have not reported yet (see
-// chargeXray).
+// chargeXray). There is one for every Xray user: it is small (80 bytes).
 type xbase struct {
-	quota.Sample
 	name      string // the user's email
+	up, down  uint64 // the counters as last folded into usage
 	owed      quota.Usage
-	read      quota.Usage // the counters as the read under way finds them
-	moved     int64       // when either count of the user last moved, Unix seconds: a debt's age
-	owedSaved bool        // the store may hold a debt: a paid-off one is written as zero
-	dirty     bool
-	pending   bool   // in changed
+	moved     int64  // when either count of the user last moved, Unix seconds: a debt's age
+	epoch     uint32 // of up and down: an index into xrayState.epochs
+	changed   uint32 // 1 + the index of this read's values in xrayState.changed; 0: none
 	claims    uint32 // connections claimed for the user since read number claimRead
 	claimRead uint32
+	owedSaved bool // the store may hold a debt: a paid-off one is written as zero
+	dirty     bool
+}
+
+// xread is what a read found of a user whose counters moved.
+type xread struct {
+	b        *xbase
+	up, down uint64
+}
+
+// sample returns b's baseline as a sample of the counters.
+func (x *xrayState) sample(b *xbase) quota.Sample {
+	return quota.Sample{Epoch: x.epochs[b.epoch], Up: b.up, Down: b.down}
+}
+
+// setSample makes s b's baseline.
+func (x *xrayState) setSample(b *xbase, s quota.Sample) {
+	b.up, b.down, b.epoch = s.Up, s.Down, x.epochIndex(s.Epoch)
+}
+
+// epochIndex returns the index of e in x.epochs, adding it if new.
+func (x *xrayState) epochIndex(e quota.Epoch) uint32 {
+	if i := slices.Index(x.epochs, e); i >= 0 {
+		return uint32(i)
+	}
+	x.epochs = append(x.epochs, e)
+	return uint32(len(x.epochs) - 1)
 }
 
 // claimsSince returns the connections claimed for b's user since read
@@ -172,7 +201,8 @@ func (x *xrayState) queueBase(email string, b *xbase) {
 }
 
 func newXrayState() xrayState {
-	return xrayState{removed: make(map[string]bool), base: make(map[string]*xbase), enforceAll: true, readNow: true}
+	return xrayState{removed: make(map[string]bool), base: make(map[string]*xbase), enforceAll: true, readNow: true,
+		epochs: []quota.Epoch{{}}}
 }
 
 // close drops the API client.
@@ -306,47 +336,49 @@ func (a *Agent) seeCounter(email []byte, downlink bool, value int64) {
 		b = x.baseOf(u.r.name)
 	}
 	v := uint64(max(value, 0))
-	if !b.pending {
-		same := b.Epoch == x.epoch
-		last := b.Up
+	if b.changed == 0 {
+		same := b.epoch == x.epochID
+		last := b.up
 		if downlink {
-			last = b.Down
+			last = b.down
 		}
 		if same && v == last {
 			return
 		}
 		// The other counter, should this read not list it: as it was,
 		// or none yet in a new epoch.
-		b.read = quota.Usage{}
+		r := xread{b: b}
 		if same {
-			b.read = quota.Usage{Up: b.Up, Down: b.Down}
+			r.up, r.down = b.up, b.down
 		}
-		b.pending = true
-		x.changed = append(x.changed, b)
+		x.changed = append(x.changed, r)
+		b.changed = uint32(len(x.changed))
 	}
+	r := &x.changed[b.changed-1]
 	if downlink {
-		b.read.Down = v
+		r.down = v
 	} else {
-		b.read.Up = v
+		r.up = v
 	}
 }
 
 // foldXray charges the users whose counters the read found moved.
 func (a *Agent) foldXray(now time.Time) {
 	x := &a.xr
-	for _, b := range x.changed {
-		b.pending = false
+	for _, r := range x.changed {
+		b := r.b
+		b.changed = 0
 		u := a.users[b.name]
 		if u == nil || !u.r.xray {
 			continue
 		}
-		cur := quota.Sample{Epoch: x.epoch, Up: b.read.Up, Down: b.read.Down}
-		if b.Sample == cur {
+		cur, last := quota.Sample{Epoch: x.epoch, Up: r.up, Down: r.down}, x.sample(b)
+		if last == cur {
 			continue
 		}
-		d := quota.Since(b.Sample, cur)
+		d := quota.Since(last, cur)
 		x.queueBase(b.name, b)
-		b.Sample = cur
+		b.up, b.down, b.epoch = r.up, r.down, x.epochID
 		if (d != quota.Usage{}) {
 			a.chargeXray(u, now, quota.Usage{}, d)
 		}
@@ -358,8 +390,8 @@ func (a *Agent) foldXray(now time.Time) {
 // dropChanged forgets what a read that failed half way found: the next
 // read finds it again.
 func (x *xrayState) dropChanged() {
-	for _, b := range x.changed {
-		b.pending = false
+	for _, r := range x.changed {
+		r.b.changed = 0
 	}
 	clear(x.changed)
 	x.changed = trimmed(x.changed[:0])
@@ -385,8 +417,8 @@ func (a *Agent) xrayEpoch(now time.Time, sys xraystats.SysStats) {
 	// same seconds apart.
 	epoch := quota.Epoch{Origin: xrayOrigin, Start: start.Unix(), Gen: sys.Mallocs}
 	if a.xr.start.IsZero() {
-		for _, b := range a.xr.base {
-			if e := b.Epoch; e.Origin == xrayOrigin && absDur(start.Sub(time.Unix(e.Start, 0))) <= xrayEpochSlack {
+		for _, e := range a.xr.epochs { // those of the saved baselines
+			if e.Origin == xrayOrigin && absDur(start.Sub(time.Unix(e.Start, 0))) <= xrayEpochSlack {
 				epoch = e
 				break
 			}
@@ -394,7 +426,7 @@ func (a *Agent) xrayEpoch(now time.Time, sys xraystats.SysStats) {
 	} else {
 		a.log.Warn("xray restarted: its counters start from zero; blocked users are removed again", "uptime", uptime)
 	}
-	a.xr.start, a.xr.epoch = start, epoch
+	a.xr.start, a.xr.epoch, a.xr.epochID = start, epoch, a.xr.epochIndex(epoch)
 	clear(a.xr.removed)
 	a.xr.enforceAll, a.xr.readNow = true, true
 }
