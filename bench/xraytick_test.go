@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"runtime/pprof"
@@ -58,7 +59,11 @@ const (
 	// xrayProfileEnv, if set, is where the N-user agent's idle and moving
 	// phases write their CPU profiles (see phaseProfile).
 	xrayProfileEnv = "BWBENCH_XRAY_PROFILE"
-	xrayChildWait  = 20 * time.Minute
+	// xrayJSONEnv, if set, is the agents' json_interval (a Go duration):
+	// how often a moving user's usage file is written (5 s by default),
+	// to tell the files' share of the agent's work.
+	xrayJSONEnv   = "BWBENCH_XRAY_JSON_INTERVAL"
+	xrayChildWait = 20 * time.Minute
 	// xraySettleWait bounds the wait for the first start to settle; the
 	// phases run after it in any case.
 	xraySettleWait = 90 * time.Second
@@ -119,9 +124,13 @@ var xrayTickSizes = []struct {
 // reads again only when it changed) and its allocations.
 //
 // MiB-rss-peak is the process's peak resident set (VmHWM) from just
-// before the N-user agent starts to its end, after the empty agent
-// stopped; each size runs in a fresh process (the test binary again, for
+// before the N-user agent starts (built: agent.New, with its store empty)
+// to its end, after the empty agent stopped; each size runs in a fresh process (the test binary again, for
 // that size alone), so it is its own. It includes the test binary.
+//
+// With $BWBENCH_XRAY_PROFILE set, the N-user agent's idle and moving
+// phases write CPU profiles, and heap profiles are written before and
+// after the moving phase (see phaseProfile and heapProfile).
 //
 // The 50,000 size takes about three minutes; the whole benchmark about
 // six.
@@ -194,11 +203,15 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 	drv := startXrayDriver(b, users, bigCg, emptyCg)
 	var sb strings.Builder
 	m := map[string]float64{}
-	fmt.Fprintf(&sb, "tick xray users=%d: driver set up %d users in %.1f s (%d connections failed)\n",
+	fmt.Fprintf(&sb, "tick xray users=%d: driver set up %d users in %.1f s (%d connections failed)",
 		users, users, drv.ready.SetupSeconds, drv.ready.Failed)
+	if v := os.Getenv(xrayJSONEnv); v != "" {
+		fmt.Fprintf(&sb, "; json_interval %s", v)
+	}
+	sb.WriteString("\n")
 
 	// The agent with 0 Xray users, idle and while the traffic runs.
-	empty := newXrayAgent(b, 0, emptyCg, drv.ready.EmptyConfig)
+	empty := newXrayAgent(b, 0, emptyCg, drv.ready.EmptyConfig, drv.ready.EmptyAPI)
 	empty.start(b)
 	empty.ticks(b, xrayWarmup, nil)
 	eIdle := empty.phase(b, nil)
@@ -206,22 +219,27 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 	empty.stop(b)
 
 	// The agent with N users: its first start, idle, moving.
+	big := newXrayAgent(b, users, bigCg, drv.ready.Config, drv.ready.API)
 	hwm := resetPeakRSS()
-	big := newXrayAgent(b, users, bigCg, drv.ready.Config)
 	start := time.Now()
 	big.start(b)
 	first := <-big.watch.marks
 	policies := big.accountPolicies(b)
 	settle, settled := big.settle(b, start)
+	rssStart := peakRSS(b)
 	big.ticks(b, xrayWarmup, nil)
 	stopProfile := phaseProfile(b, users, "idle")
 	idle := big.phase(b, nil)
 	stopProfile()
+	rssIdle := peakRSS(b)
 	big.ticks(b, 1, nil)
+	heapProfile(b, users, "before-moving")
 	stopProfile = phaseProfile(b, users, "moving")
 	moving := big.phase(b, drv)
 	stopProfile()
 	big.ticks(b, 1, nil) // the last round's bytes
+	rssMoving := peakRSS(b)
+	heapProfile(b, users, "heap")
 	live := agent.LiveHeap()
 	claimed := big.a.Health().Kernel.XrayClaimed
 	big.stop(b)
@@ -276,8 +294,8 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 		fmt.Fprintf(&sb, "  first start: first tick %.1f ms, every account's budget written in it (%d of %d); NOT settled after %.0f s: usage files still being written\n",
 			ms(first.tick), policies, users, settle.Seconds())
 	}
-	fmt.Fprintf(&sb, "  peak RSS %.1f MiB%s, live heap %.1f MiB; one UserTraffic %.1f ms, %.0f KiB allocated; Xray's config (%.1f MB) read in %.1f ms, %.0f KiB allocated\n",
-		rss, hwm, float64(live)/(1<<20), ms(query), queryAlloc/1024, float64(confSize)/1e6, ms(conf), confAlloc/1024)
+	fmt.Fprintf(&sb, "  peak RSS %.1f MiB%s (%.1f after the first start, %.1f after idle, %.1f after moving), live heap %.1f MiB; one UserTraffic %.1f ms, %.0f KiB allocated; Xray's config (%.1f MB) read in %.1f ms, %.0f KiB allocated\n",
+		rss, hwm, rssStart, rssIdle, rssMoving, float64(live)/(1<<20), ms(query), queryAlloc/1024, float64(confSize)/1e6, ms(conf), confAlloc/1024)
 	return tickResult{Metrics: m, Summary: sb.String()}
 }
 
@@ -303,6 +321,25 @@ func phaseProfile(b *testing.B, users int, phase string) func() {
 	}
 }
 
+// heapProfile writes a heap profile, after a collection, to
+// $BWBENCH_XRAY_PROFILE-USERS-NAME.prof, if that variable is set.
+func heapProfile(b *testing.B, users int, name string) {
+	b.Helper()
+	prefix := os.Getenv(xrayProfileEnv)
+	if prefix == "" {
+		return
+	}
+	f, err := os.Create(fmt.Sprintf("%s-%d-%s.prof", prefix, users, name))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	runtime.GC()
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		b.Fatal(err)
+	}
+}
+
 // xrayAgent is one agent under measurement, with its own cgroup (where its
 // Xray runs), pins, nftables table, state database and files.
 type xrayAgent struct {
@@ -319,13 +356,20 @@ type xrayAgent struct {
 }
 
 // newXrayAgent builds an agent for the Xray config at xrayConfig, whose
-// users x00000... each get a 10 GiB limit.
-func newXrayAgent(b *testing.B, users int, cg, xrayConfig string) *xrayAgent {
+// users x00000... each get a 10 GiB limit, and whose API is at api.
+func newXrayAgent(b *testing.B, users int, cg, xrayConfig, api string) *xrayAgent {
 	b.Helper()
 	dir := b.TempDir()
 	cfg := config.Default()
 	cfg.TimeZone, cfg.TimeZoneName = time.UTC, "UTC"
 	cfg.Interval = xrayInterval
+	if v := os.Getenv(xrayJSONEnv); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			b.Fatalf("%s: %v", xrayJSONEnv, err)
+		}
+		cfg.JSONInterval = d
+	}
 	cfg.SSH.Enabled = false
 	cfg.Xray.Configs = []string{xrayConfig}
 	cfg.Kernel.Cgroup = cg
@@ -345,13 +389,9 @@ func newXrayAgent(b *testing.B, users int, cg, xrayConfig string) *xrayAgent {
 	if err := os.WriteFile(cfg.Paths.Limits, limits, 0o644); err != nil {
 		b.Fatal(err)
 	}
-	xc, err := xrayconf.Load(cfg.Xray.Configs, "")
-	if err != nil {
-		b.Fatal(err)
-	}
-
-	e := &xrayAgent{users: users, cfg: cfg, log: &errorLog{}, api: xc.API, watch: newTickWatch()}
+	e := &xrayAgent{users: users, cfg: cfg, log: &errorLog{}, api: api, watch: newTickWatch()}
 	b.Cleanup(func() { bpf.Uninstall(cfg.Kernel.PinPath) })
+	var err error
 	e.dp, err = bpf.Load(bpf.Config{CgroupPath: cg, PinPath: cfg.Kernel.PinPath, MaxUIDs: tickMaxUIDs})
 	if err != nil {
 		b.Fatal(err)
@@ -678,7 +718,7 @@ type tickMark struct {
 }
 
 func newTickWatch() *tickWatch {
-	w := &tickWatch{marks: make(chan tickMark, 4096)}
+	w := &tickWatch{marks: make(chan tickMark, 256)}
 	for _, name := range []string{"/gc/heap/allocs:bytes", "/gc/heap/allocs:objects", "/gc/cycles/total:gc-cycles"} {
 		w.samples = append(w.samples, metrics.Sample{Name: name})
 	}
@@ -747,7 +787,9 @@ type driverParams struct {
 // connected once.
 type driverReady struct {
 	Config       string  `json:"config"`
+	API          string  `json:"api"`
 	EmptyConfig  string  `json:"empty_config"`
+	EmptyAPI     string  `json:"empty_api"`
 	SetupSeconds float64 `json:"setup_seconds"`
 	OK           int     `json:"ok"`
 	Failed       int     `json:"failed"`
@@ -939,7 +981,7 @@ func TestXrayTrafficDriver(t *testing.T) {
 	empty := xraytest.StartServer(t, nil, xraytest.AccessLog(), xraytest.Cgroup(p.EmptyCgroup))
 	t.Logf("servers started in %v", time.Since(start))
 	ok, failed := move(t, srv, users, 0, 1, 0)
-	ready, _ := json.Marshal(driverReady{Config: srv.ConfigPath, EmptyConfig: empty.ConfigPath,
+	ready, _ := json.Marshal(driverReady{Config: srv.ConfigPath, API: srv.API, EmptyConfig: empty.ConfigPath, EmptyAPI: empty.API,
 		SetupSeconds: time.Since(start).Seconds(), OK: ok, Failed: failed})
 	fmt.Fprintf(out, "%s\n", ready)
 	sc := bufio.NewScanner(os.Stdin)
