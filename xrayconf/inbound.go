@@ -254,7 +254,8 @@ func (c *Config) vless(raw *rawInbound, in *Inbound) error {
 	if err := json.Unmarshal(raw.settings(), &s); err != nil {
 		return raw.invalid("%s", jsonErr("settings", err))
 	}
-	seen := emails{}
+	seen := make(emails, len(s.Clients))
+	in.Users = slices.Grow(in.Users, len(s.Clients))
 	for i, rc := range s.Clients {
 		var cl vlessClient
 		if err := json.Unmarshal(rc, &cl); err != nil {
@@ -280,7 +281,8 @@ func (c *Config) vmess(raw *rawInbound, in *Inbound) error {
 	if err := json.Unmarshal(raw.settings(), &s); err != nil {
 		return raw.invalid("%s", jsonErr("settings", err))
 	}
-	seen := emails{}
+	seen := make(emails, len(s.Clients))
+	in.Users = slices.Grow(in.Users, len(s.Clients))
 	for i, rc := range s.Clients {
 		var cl vmessClient
 		if err := json.Unmarshal(rc, &cl); err != nil {
@@ -302,7 +304,8 @@ func (c *Config) trojan(raw *rawInbound, in *Inbound) error {
 	if err := json.Unmarshal(raw.settings(), &s); err != nil {
 		return raw.invalid("%s", jsonErr("settings", err))
 	}
-	seen := emails{}
+	seen := make(emails, len(s.Clients))
+	in.Users = slices.Grow(in.Users, len(s.Clients))
 	for i, cl := range s.Clients {
 		switch {
 		case cl == nil:
@@ -347,7 +350,8 @@ func (c *Config) shadowsocks(raw *rawInbound, in *Inbound) error {
 		c.addUser(in, -1, s.Email, uint32(s.Level), xraystats.Shadowsocks{Method: s.Method, Password: s.Password})
 		return nil
 	}
-	seen := emails{}
+	seen := make(emails, len(s.Clients))
+	in.Users = slices.Grow(in.Users, len(s.Clients))
 	for i, cl := range s.Clients {
 		switch {
 		case cl.Password == "":
@@ -382,7 +386,8 @@ func (c *Config) shadowsocks2022(raw *rawInbound, in *Inbound, s *ssSettings) er
 	if relay {
 		c.problem(in, -1, "Shadowsocks 2022 relay: Xray counts its users, but can't remove or add them through the API")
 	}
-	seen := emails{}
+	seen := make(emails, len(s.Clients))
+	in.Users = slices.Grow(in.Users, len(s.Clients))
 	for i, cl := range s.Clients {
 		switch {
 		case cl.Method != "":
