@@ -297,6 +297,9 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 	if !x.active() || a.xr.conf == nil {
 		return
 	}
+	// The claims of 10 s ago go as new ones come, between ticks; the tick
+	// takes back those of a quiet access log.
+	a.expireClaims(now)
 	for _, e := range es {
 		if !a.xrayClientOf(e.Email, e.InboundTag) {
 			x.strays++
