@@ -80,12 +80,15 @@ const memoryRoomTime = time.Second
 // MemoryLimiter keeps the soft memory limit following the memory in use
 // and the allocation rate (see MemoryLimit). Call Update often (bwagent:
 // every second), from one goroutine: the limit follows the memory in use as
-// of the last collection at each call, and the rate measured over the last
-// memoryRateWindow.
+// of the last collection at each call, and the steady rate of allocation:
+// the lower of the rates over the last two memoryRateWindows, so that a
+// burst (a first start's reading of every user and file) does not raise
+// the peak, but steady garbage gets its room after two windows.
 type MemoryLimiter struct {
 	from   time.Time // the start of the window the rate is being measured over
 	allocs uint64    // heap bytes allocated before from
-	rate   uint64    // bytes a second over the last whole window
+	last   uint64    // bytes a second over the last whole window
+	rate   uint64    // the lower of the last two windows'
 }
 
 // memoryRateWindow is how long MemoryLimiter measures the allocation rate
@@ -128,7 +131,8 @@ func (m *MemoryLimiter) Update(now time.Time) int64 {
 	case m.from.IsZero() || d < 0 || allocs < m.allocs:
 		m.from, m.allocs = now, allocs
 	case d >= memoryRateWindow:
-		m.rate = uint64(float64(allocs-m.allocs) / d.Seconds())
+		r := uint64(float64(allocs-m.allocs) / d.Seconds())
+		m.rate, m.last = min(r, m.last), r
 		m.from, m.allocs = now, allocs
 	}
 	limit := MemoryLimit(inUse, m.rate)
