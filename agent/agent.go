@@ -8,7 +8,8 @@
 //   - enforcers make the world match: the BPF policy map and the nft set of
 //     blocked UIDs, both derived from one desired state (kernel.go); Xray's
 //     inbounds, the cut of a blocked user's connections and the marker
-//     files (xray.go, files.go);
+//     files (xray.go, files.go); the device limits, which cut a user's
+//     device one too many (devices.go, xraydevices.go);
 //   - records persist it: the state database, beside the loop (records.go),
 //     the usage JSON files, beside the loop (files.go), and the block log.
 //
@@ -180,6 +181,9 @@ type Options struct {
 	// XrayKernel counts Xray users' connections in the kernel; nil leaves
 	// them to Xray's own counters (see xrayconns.go).
 	XrayKernel XrayKernel
+	// Sockets lists and destroys the servers' connections, for the device
+	// limits (devices.go); nil is package sockkill's.
+	Sockets Sockets
 }
 
 // Agent runs the control loop. Its exported methods may be called from any
@@ -214,6 +218,7 @@ type Agent struct {
 	kernel kernelSide  // SSH users: kernel counters, policies and the nft set
 	xr     xrayState   // Xray users: config, counters, inbounds, connections
 	sess   sessionSide // SSH sessions: attribution in the kernel, cuts
+	dev    deviceSide  // device limits: Xray's open connections, refused devices
 	rec    records     // rows and events waiting for the next commit
 
 	markers      map[string]opsfiles.Marker // blocked Xray users
@@ -307,6 +312,10 @@ func New(o Options) (*Agent, error) {
 	}
 	a.sess.k = o.Sessions
 	a.sess.events = make(chan sshsess.ProcEvent, 1024)
+	a.dev.socks = o.Sockets
+	if a.dev.socks == nil {
+		a.dev.socks = kernelSockets{}
+	}
 	a.files = newFileWriter(a.cfg.Paths.UsageDir, a.pub.snap.Load)
 	a.watch = newDirWatch(a.cfg.Paths.UsageDir)
 	a.files.pump = a.watch.pump
@@ -332,6 +341,7 @@ func (a *Agent) applyConfig(cfg config.Config) {
 	a.rules = cfg.Rules()
 	a.interval.Store(int64(cfg.Interval))
 	a.passwdStamp, a.limitsStamp = stamp{}, stamp{}
+	a.pub.changed = true // the default device limit is in the snapshot
 	a.work.fullEval = true
 	a.nextExpire = time.Time{}
 }
@@ -387,7 +397,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-a.polling():
 			a.pollSessions(a.now())
 		case es := <-a.xr.conns.entries:
-			a.claimXray(es, a.now())
+			now := a.now()
+			a.claimXray(es, now)
+			a.noteXrayConns(es, now)
 		}
 		if iv := a.currentInterval(); iv != interval {
 			interval = iv
@@ -496,8 +508,11 @@ func (a *Agent) components(errs map[string]string) map[string]string {
 		c["xray"] = "no xray config found"
 	default:
 		ok := fmt.Sprintf("ok: API %s, %d users", a.xr.apiAddr, len(a.xr.users))
-		if a.xr.conns.active() {
-			ok += ", connections counted in the kernel from " + a.xr.conns.fol.path
+		switch fol := a.xr.conns.fol; {
+		case a.xr.conns.active():
+			ok += ", connections counted in the kernel from " + fol.path
+		case fol != nil:
+			ok += ", devices seen from " + fol.path
 		}
 		c["xray"] = first(ok, "xray config", "xray api", "xray users", "xray connections")
 	}
@@ -559,6 +574,7 @@ func (a *Agent) step(now time.Time) error {
 	part("xray config", xconf)
 	part("xray api", xapi)
 	part("xray connections", a.syncXrayConns(a.bg, now))
+	part("xray devices", a.syncXrayLive(now))
 	// Rules.
 	a.evaluate(now)
 	a.expire(now)
@@ -566,6 +582,7 @@ func (a *Agent) step(now time.Time) error {
 	part("kernel policy", a.enforceKernel())
 	part("nftables", a.enforceNFT())
 	part("ssh session cuts", a.enforceSessions())
+	part("device limits", a.enforceDevices(now))
 	part("xray users", a.enforceXray(ctx))
 	part("marker files", a.syncMarkers())
 	a.noteHealth(now) // notices.go: parts failing and recovering

@@ -212,6 +212,7 @@ type env struct {
 	logs      *strings.Builder
 	xray      Xray
 	xk        XrayKernel
+	socks     Sockets          // nil: sockkill's
 	clockFn   func() time.Time // nil: the test's clock
 	observers []Observer
 }
@@ -272,7 +273,7 @@ func (e *env) start() {
 	}
 	e.t.Cleanup(func() { st.Close() })
 	e.logs = &strings.Builder{}
-	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st, Xray: e.xray, XrayKernel: e.xk,
+	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st, Xray: e.xray, XrayKernel: e.xk, Sockets: e.socks,
 		Log: slog.New(slog.NewTextHandler(syncWriter{b: e.logs}, nil)), Now: now, Observers: e.observers})
 	if err != nil {
 		e.t.Fatal(err)

@@ -145,13 +145,40 @@ func (a *Agent) SetLimit(ctx context.Context, name string, limit uint64) error {
 	})
 }
 
-// RemoveLimit removes the user's line from the limits file: unlimited.
+// RemoveLimit removes the user's line from the limits file: unlimited. A
+// device limit on the line stays: the line becomes "USER unlimited
+// devices=N".
 func (a *Agent) RemoveLimit(ctx context.Context, name string) error {
 	return a.editLimits(ctx, name, func(l *opsfiles.Limits) error {
+		if e, ok := l.Lookup(name); ok && e.Devices != quota.DevicesDefault {
+			return l.Set(opsfiles.Entry{User: name, Devices: e.Devices})
+		}
 		if !l.Remove(name) {
 			return fmt.Errorf("%w: %s", ErrNoLimit, name)
 		}
 		return nil
+	})
+}
+
+// SetDevices sets the user's device limit (devices=N on their line of the
+// limits file, quota.DevicesUnlimited for none whatever the default) or,
+// with quota.DevicesDefault, removes it, so that the configured default
+// applies; the rest of the line stays. A line left with nothing to say is
+// removed; a user without a line gets "USER unlimited devices=N".
+func (a *Agent) SetDevices(ctx context.Context, name string, d quota.DeviceLimit) error {
+	if !d.Valid() {
+		return fmt.Errorf("%w %d: want 1 to %d devices, or unlimited", quota.ErrBadDevices, d, quota.MaxDevices)
+	}
+	return a.editLimits(ctx, name, func(l *opsfiles.Limits) error {
+		e, ok := l.Lookup(name)
+		e.User, e.Devices = name, d
+		if d == quota.DevicesDefault && e == (opsfiles.Entry{User: name, Line: e.Line}) {
+			if ok {
+				l.Remove(name)
+			}
+			return nil
+		}
+		return l.Set(e)
 	})
 }
 

@@ -33,6 +33,8 @@ type kernelEnv struct {
 	dp   *bpf.Datapath
 	fw   *nft.Firewall
 	a    *Agent
+	// stop stops the loop that run started.
+	stop func()
 }
 
 func newKernelEnv(t *testing.T, passwdText, limits string) *kernelEnv {

@@ -212,6 +212,12 @@ func (a *Agent) pollSessions(now time.Time) {
 			}
 		}
 		err = errors.Join(err, a.enforceKernel())
+		// A login from a refused device, or one too many: cut now.
+		for _, n := range res.New {
+			if u := a.byUID[n.UID]; u != nil {
+				a.limitUserDevices(u, now)
+			}
+		}
 	}
 	if err != nil { // the tick's report clears it once it works again
 		a.logs.report("ssh sessions", err)

@@ -48,6 +48,7 @@ func (k *kernelEnv) run(t *testing.T) (stop func()) {
 		})
 	}
 	t.Cleanup(stop)
+	k.stop = stop
 	select {
 	case <-k.a.Ready():
 	case <-time.After(10 * time.Second):

@@ -383,7 +383,8 @@ func (a *Agent) left(u *user, now time.Time) {
 
 // loadLimits re-reads the limits file when it changed. A bad line is logged
 // once with its line number and skipped (again only if it changes); the
-// other lines still apply.
+// other lines still apply. A bad devices= value is logged the same way,
+// and the rest of its line applies.
 func (a *Agent) loadLimits(now time.Time) error {
 	path := a.cfg.Paths.Limits
 	s, err := statStamp(path)
@@ -401,14 +402,22 @@ func (a *Agent) loadLimits(now time.Time) error {
 	for _, le := range lineErrs {
 		msg := le.Error()
 		bad[msg] = true
-		if !a.limitsBad[msg] {
+		switch {
+		case a.limitsBad[msg]:
+		case le.Partial:
+			a.log.Warn("limits file: bad value ignored, the rest of the line applies", "err", msg)
+		default:
 			a.log.Warn("limits file: bad line skipped", "err", msg)
 		}
 	}
 	a.limitsBad = bad
 	plans := make(map[string]quota.Plan)
+	a.dev.limitedLines = 0
 	for _, e := range l.Entries() {
 		plans[e.User] = e.Plan(a.loc)
+		if e.Devices > 0 {
+			a.dev.limitedLines++
+		}
 	}
 	// Each user keeps its plan; a.plans keeps only the lines of names that
 	// are no user yet (an account created later takes its line then).

@@ -585,6 +585,10 @@ func (f *fakeXrayKernel) Tag(uid uint32) error {
 	return nil
 }
 
+func (f *fakeXrayKernel) SocketAttribution(int) (bpf.Attribution, bool, error) {
+	return bpf.Attribution{}, false, nil
+}
+
 // TestXrayOwed: what the kernel counts of an Xray user's connections is
 // charged at once and owed by Xray's counters: Xray reporting the same
 // bytes later (Vision, at the close) adds nothing, what Xray counts beyond

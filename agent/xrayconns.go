@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/sockkill"
 	"github.com/myvpn/bwagent/xrayaccess"
@@ -60,6 +61,10 @@ type XrayKernel interface {
 	// Tag makes the packets of a UID's sockets (Xray's) look their
 	// attribution up.
 	Tag(uid uint32) error
+	// SocketAttribution returns the attribution of the socket fd (a
+	// descriptor of the agent's): a claimed connection's is its user's
+	// account, which the agent reads back at its start (xraydevices.go).
+	SocketAttribution(fd int) (a bpf.Attribution, ok bool, err error)
 }
 
 // Timings of the claims.
@@ -86,6 +91,11 @@ type xconns struct {
 	// goroutine to the loop.
 	entries chan []xrayaccess.Entry
 	fol     *follower
+
+	// kernel: claims are written (x.k and xray.connections); without it
+	// the access log is followed for the users' devices alone
+	// (devices.go).
+	kernel bool
 
 	// The ports and Xray's UIDs as last written; refreshIn counts the
 	// ticks to the next writing.
@@ -117,7 +127,7 @@ type follower struct {
 }
 
 // active reports whether Xray's connections are counted in the kernel.
-func (x *xconns) active() bool { return x.k != nil && x.fol != nil }
+func (x *xconns) active() bool { return x.kernel && x.fol != nil }
 
 // stop stops the follower and lifts the hold on Xray's ports.
 func (x *xconns) stop() error {
@@ -126,6 +136,12 @@ func (x *xconns) stop() error {
 		<-x.fol.done
 		x.fol = nil
 	}
+	x.kernel = false
+	return x.release()
+}
+
+// release lifts the hold on Xray's ports.
+func (x *xconns) release() error {
 	if x.k == nil || x.hold == nil && x.claimOnly == nil {
 		return nil
 	}
@@ -135,8 +151,11 @@ func (x *xconns) stop() error {
 
 // syncXrayConns keeps Xray's connections counted in the kernel as the
 // config says: the ports pending, Xray's UIDs tagged, every user with an
-// account, the access log followed. bg is the context the follower runs
-// in; nil (an agent driven without Run) follows nothing.
+// account, the access log followed. The access log is followed too where
+// the kernel cannot count them (no x.k, xray.connections off): its lines
+// say which devices the users' connections come from (devices.go). bg is
+// the context the follower runs in; nil (an agent driven without Run)
+// follows nothing.
 func (a *Agent) syncXrayConns(bg context.Context, now time.Time) error {
 	x := &a.xr.conns
 	conf := a.xr.conf
@@ -144,9 +163,7 @@ func (a *Agent) syncXrayConns(bg context.Context, now time.Time) error {
 	x.synced = conf
 	path, why := "", ""
 	switch {
-	case x.k == nil:
-		return nil
-	case !a.cfg.Xray.Enabled || !a.cfg.Xray.Connections:
+	case !a.cfg.Xray.Enabled:
 		return x.stop()
 	case conf == nil:
 		return nil // no config (yet): Xray's counters alone, as before
@@ -160,7 +177,7 @@ func (a *Agent) syncXrayConns(bg context.Context, now time.Time) error {
 		path = conf.AccessLog
 	}
 	if why != "" {
-		a.logs.warnOnce("xconns:"+why, "xray connections are not counted in the kernel, only by Xray: "+why)
+		a.logs.warnOnce("xconns:"+why, "xray connections are not counted in the kernel, only by Xray, and their devices are not seen: "+why)
 		return x.stop()
 	}
 	var errs []error
@@ -179,6 +196,17 @@ func (a *Agent) syncXrayConns(bg context.Context, now time.Time) error {
 	}
 	if x.fol == nil {
 		return nil
+	}
+	kernel := x.k != nil && a.cfg.Xray.Connections
+	if !kernel {
+		x.kernel = false
+		x.fol.mu.Lock()
+		err := x.fol.err
+		x.fol.mu.Unlock()
+		return errors.Join(x.release(), err)
+	}
+	if !x.kernel {
+		x.kernel, confChanged = true, true
 	}
 	if x.refreshIn--; confChanged || x.refreshIn <= 0 {
 		x.refreshIn = xconnRefreshTicks
@@ -233,7 +261,7 @@ func (a *Agent) follow(bg context.Context, path string) (*follower, error) {
 			}
 		}
 	}()
-	a.log.Info("xray connections counted in the kernel, from the access log", "file", path)
+	a.log.Info("xray's access log followed: whose each connection is", "file", path)
 	return fol, nil
 }
 

@@ -226,7 +226,11 @@ func iperf(b *testing.B, ns netns.NsHandle, cg, server string, extra []string) f
 // server, on CPU cpu.
 func iperfAs(b *testing.B, spec nettest.Spec, server, port, cpu string, extra []string) float64 {
 	b.Helper()
-	args := append([]string{"-c", server, "-p", port, "-t", fmt.Sprint(seconds), "-J", "-A", cpu}, extra...)
+	args := []string{"-c", server, "-p", port, "-J", "-A", cpu}
+	if !slices.Contains(extra, "-n") { // an amount instead of a time
+		args = append(args, "-t", fmt.Sprint(seconds))
+	}
+	args = append(args, extra...)
 	// TCP: what arrived. UDP: what the sender got out; the receiver of a
 	// flood on two cores loses most datagrams whatever the data plane.
 	key := "sum_received"
@@ -241,13 +245,20 @@ func iperfAs(b *testing.B, spec nettest.Spec, server, port, cpu string, extra []
 			out.WriteByte('\n')
 		}
 		var res struct {
-			End   map[string]json.RawMessage `json:"end"`
-			Error string                     `json:"error"`
+			Intervals []json.RawMessage          `json:"intervals"`
+			End       map[string]json.RawMessage `json:"end"`
+			Error     string                     `json:"error"`
 		}
 		if err := json.Unmarshal([]byte(out.String()), &res); err != nil {
 			b.Fatalf("iperf3 output: %v\n%s", err, out.String())
 		}
-		if strings.Contains(res.Error, "busy") && attempt < 20 {
+		// A server that has not finished the previous test answers "busy",
+		// or, in a race, resets the new control connection before the
+		// test starts ("unable to send cookie", "unable to receive control
+		// message"): both are a try again.
+		refused := strings.Contains(res.Error, "busy") ||
+			strings.Contains(res.Error, "Connection reset by peer") && len(res.Intervals) == 0
+		if refused && attempt < 20 {
 			p.Wait(time.Minute)
 			time.Sleep(100 * time.Millisecond)
 			continue

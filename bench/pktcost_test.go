@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -34,6 +35,11 @@ type costMode struct {
 	// (claimPort), reversed, so that "tcp-up" is still the sender's cgroup
 	// sending. Its UDP row is left out: claims are for TCP connections.
 	serves bool
+	// cold leaves the sender without a slot: our modes otherwise move a
+	// little traffic and read the counters once before measuring, as the
+	// agent's tick does, which gives the sender's UID (and the claimed
+	// mode's account) its slot (see bw_slots).
+	cold bool
 }
 
 // claimPort is the port of the sender's own iperf3 server, an Xray
@@ -46,6 +52,8 @@ type attachedProgs struct {
 	// check, if set, runs after the traffic and fails if the packets did
 	// not take the mode's path (a budget never charged, a packet dropped).
 	check func() error
+	// read, if set, reads the moved counters as the agent's tick does.
+	read func() error
 	// detach detaches the programs and frees what attach made.
 	detach func() error
 }
@@ -93,9 +101,16 @@ func (a *attachedProgs) stats() (runStats, error) {
 // every round (the order rotates), so the VM's drift hits them all; a
 // difference is taken within a round, and the median over rounds reported.
 //
-// Modes: empty; ours with no policy for the sender; ours with a budget on
-// the sender (every packet charged to it); ours with 10,000 other UIDs
-// blocked; ours with the sender's UID tagged as an owner of attributed
+// Our modes first move a little traffic and read the counters once, as the
+// agent's first tick after a UID's first packets does: that gives the
+// sender's UID (and the claimed mode's account) a slot (see bw_slots), so
+// that the traffic measured takes the path it takes in steady state.
+//
+// Modes: empty; ours with no policy for the sender; the same without the
+// read (noslot: counted in the hash, the path of a UID the agent has not
+// read yet, or of one beyond the slots); ours with a budget on the sender
+// (every packet charged to it); ours with 10,000 other UIDs blocked; ours
+// with the sender's UID tagged as an owner of attributed
 // sockets (as an SSH user's is once a session of theirs forwarded a
 // connection, and UID 0's always is): every packet looks its socket's
 // attribution up. A new mode is a row of the table: a function that attaches a
@@ -106,6 +121,62 @@ func (a *attachedProgs) stats() (runStats, error) {
 // claimed for an account with a budget: every packet finds the account in
 // its socket's attribution, and charges the account's budget.
 func BenchmarkPacketCost(b *testing.B) {
+	e := newCostEnv(b)
+	blocked := make(map[uint32]bpf.Policy, blockedUIDs)
+	for i := range blockedUIDs {
+		blocked[firstUID+uint32(i)] = bpf.Policy{Blocked: true}
+	}
+	e.run(b, []costMode{
+		{name: "empty", attach: attachEmpty},
+		{name: "nopolicy", attach: attachOurs(e.pin, nil)},
+		{name: "noslot", attach: attachOurs(e.pin, nil), cold: true},
+		{name: "budget", attach: attachOurs(e.pin, map[uint32]bpf.Policy{
+			senderUID: {Quota: bpf.Both, Ceiling: 1 << 62}, // never reached
+		})},
+		{name: "blocked10k", attach: attachOurs(e.pin, blocked)},
+		{name: "tagged", attach: attachOurs(e.pin, nil, tagSender)},
+		{name: "claimed", serves: true, attach: attachOurs(e.pin, map[uint32]bpf.Policy{
+			bpf.AccountBase: {Quota: bpf.Both, Ceiling: 1 << 62}, // the first account's: never reached
+		}, claimAll(e.net.B4, e.ports[0], e.ports[1]))},
+	})
+}
+
+// BenchmarkPacketCostVariants measures variants of bwacct.c as
+// BenchmarkPacketCost measures ours, against the empty program: objects
+// built from edited copies of it (clang with bpf/gen.go's flags), named in
+// BWCOST_VARIANTS as NAME=FILE.o,NAME=FILE.o... It is how the README's
+// "where the time goes" was measured; without the variable it is skipped.
+// Each variant's maps are its own and unpinned; if it has bw_slots, the
+// sender's UID gets slot 1 (what the agent's first read does); it runs its
+// claim variants of the packet programs where it has them.
+func BenchmarkPacketCostVariants(b *testing.B) {
+	variants := os.Getenv("BWCOST_VARIANTS")
+	if variants == "" {
+		b.Skip("no BWCOST_VARIANTS=NAME=FILE.o,...")
+	}
+	e := newCostEnv(b)
+	modes := []costMode{{name: "empty", attach: attachEmpty}}
+	for _, v := range strings.Split(variants, ",") {
+		name, file, ok := strings.Cut(v, "=")
+		if !ok {
+			b.Fatalf("BWCOST_VARIANTS: %q is not NAME=FILE.o", v)
+		}
+		modes = append(modes, costMode{name: name, attach: attachObject(file)})
+	}
+	e.run(b, modes)
+}
+
+// costEnv is where the modes run: the sender's and the receiver's cgroups
+// and namespaces, iperf3 servers, bpf statistics on.
+type costEnv struct {
+	cg    string // the sender's: the programs attach here
+	srvCg string // the receiver's: nothing attached
+	net   *nettest.Pair
+	pin   string // our modes' pins
+	ports [2]int // the receiver's namespace's ephemeral ports: the claimed mode's clients
+}
+
+func newCostEnv(b *testing.B) *costEnv {
 	nettest.RequireRoot(b)
 	if _, err := exec.LookPath("iperf3"); err != nil {
 		b.Skip("needs iperf3: run `make deps`")
@@ -114,11 +185,13 @@ func BenchmarkPacketCost(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	cg := nettest.NewCgroup(b, root)    // the sender's: the programs attach here
-	srvCg := nettest.NewCgroup(b, root) // the receiver's: nothing attached
-	net := nettest.NewPair(b)
-	pin := filepath.Join("/sys/fs/bpf", nettest.Name("bwcost-"))
-	b.Cleanup(func() { bpf.Uninstall(pin) })
+	e := &costEnv{
+		cg:    nettest.NewCgroup(b, root),
+		srvCg: nettest.NewCgroup(b, root),
+		net:   nettest.NewPair(b),
+		pin:   filepath.Join("/sys/fs/bpf", nettest.Name("bwcost-")),
+	}
+	b.Cleanup(func() { bpf.Uninstall(e.pin) })
 
 	stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
 	if err != nil {
@@ -126,38 +199,27 @@ func BenchmarkPacketCost(b *testing.B) {
 	}
 	b.Cleanup(func() { stats.Close() })
 
-	nettest.Exec(b, nettest.Spec{NS: net.B, Cgroup: srvCg, UID: receiverUID}, "iperf3", "-s", "-B", net.B4.String(), "-p", "5201", "-A", "1")
+	nettest.Exec(b, nettest.Spec{NS: e.net.B, Cgroup: e.srvCg, UID: receiverUID}, "iperf3", "-s", "-B", e.net.B4.String(), "-p", "5201", "-A", "1")
 	// The claimed mode's server: the sender's, in the sender's cgroup.
-	nettest.Exec(b, nettest.Spec{NS: net.A, Cgroup: cg, UID: senderUID}, "iperf3", "-s", "-B", net.A4.String(), "-p", fmt.Sprint(claimPort), "-A", "0")
+	nettest.Exec(b, nettest.Spec{NS: e.net.A, Cgroup: e.cg, UID: senderUID}, "iperf3", "-s", "-B", e.net.A4.String(), "-p", fmt.Sprint(claimPort), "-A", "0")
 	time.Sleep(300 * time.Millisecond)
-	var ports [2]int // the receiver's namespace's ephemeral ports: the claimed mode's clients
-	err = nettest.Do(net.B, func() error {
+	err = nettest.Do(e.net.B, func() error {
 		r, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
 		if err == nil {
-			_, err = fmt.Sscan(string(r), &ports[0], &ports[1])
+			_, err = fmt.Sscan(string(r), &e.ports[0], &e.ports[1])
 		}
 		return err
 	})
 	if err != nil {
 		b.Fatalf("ephemeral ports: %v", err)
 	}
+	return e
+}
 
-	blocked := make(map[uint32]bpf.Policy, blockedUIDs)
-	for i := range blockedUIDs {
-		blocked[firstUID+uint32(i)] = bpf.Policy{Blocked: true}
-	}
-	modes := []costMode{
-		{name: "empty", attach: attachEmpty},
-		{name: "nopolicy", attach: attachOurs(pin, nil)},
-		{name: "budget", attach: attachOurs(pin, map[uint32]bpf.Policy{
-			senderUID: {Quota: bpf.Both, Ceiling: 1 << 62}, // never reached
-		})},
-		{name: "blocked10k", attach: attachOurs(pin, blocked)},
-		{name: "tagged", attach: attachOurs(pin, nil, tagSender)},
-		{name: "claimed", serves: true, attach: attachOurs(pin, map[uint32]bpf.Policy{
-			bpf.AccountBase: {Quota: bpf.Both, Ceiling: 1 << 62}, // the first account's: never reached
-		}, claimAll(net.B4, ports[0], ports[1]))},
-	}
+// run measures modes (the first is the baseline, "-empty" in the output)
+// under every traffic pattern, costRounds rounds, and prints and reports
+// the medians.
+func (e *costEnv) run(b *testing.B, modes []costMode) {
 	traffic := []struct {
 		name string
 		args []string
@@ -166,7 +228,6 @@ func BenchmarkPacketCost(b *testing.B) {
 		{"tcp-down", []string{"-R"}},
 		{"udp-1400", []string{"-u", "-b", "0", "-l", "1400"}},
 	}
-
 	// The mode attached when a round fails: detached before the pins go.
 	var current *attachedProgs
 	b.Cleanup(func() {
@@ -174,12 +235,30 @@ func BenchmarkPacketCost(b *testing.B) {
 			current.detach()
 		}
 	})
+	// transfer runs traffic with the given iperf3 arguments for mode m.
+	transfer := func(m costMode, args []string) {
+		if m.serves {
+			reversed := slices.DeleteFunc(slices.Clone(args), func(a string) bool { return a == "-R" })
+			if !slices.Contains(args, "-R") {
+				reversed = append(reversed, "-R")
+			}
+			iperfAs(b, nettest.Spec{NS: e.net.B, Cgroup: e.srvCg, UID: receiverUID}, e.net.A4.String(), fmt.Sprint(claimPort), "1", reversed)
+		} else {
+			iperf(b, e.net.A, e.cg, e.net.B4.String(), args)
+		}
+	}
 	res := map[string][]runStats{} // mode/traffic -> one per round
 	for range b.N {
 		for r := range costRounds {
 			for i := range modes {
 				m := modes[(i+r)%len(modes)] // each mode takes each place in turn
-				current = m.attach(b, cg)
+				current = m.attach(b, e.cg)
+				if current.read != nil && !m.cold {
+					transfer(m, []string{"-n", "64K"})
+					if err := current.read(); err != nil {
+						b.Fatalf("%s: %v", m.name, err)
+					}
+				}
 				time.Sleep(200 * time.Millisecond) // let the attach's deferred work settle
 				for _, t := range traffic {
 					if m.serves && slices.Contains(t.args, "-u") {
@@ -189,15 +268,7 @@ func BenchmarkPacketCost(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					if m.serves {
-						args := slices.DeleteFunc(slices.Clone(t.args), func(a string) bool { return a == "-R" })
-						if !slices.Contains(t.args, "-R") {
-							args = append(args, "-R")
-						}
-						iperfAs(b, nettest.Spec{NS: net.B, Cgroup: srvCg, UID: receiverUID}, net.A4.String(), fmt.Sprint(claimPort), "1", args)
-					} else {
-						iperf(b, net.A, cg, net.B4.String(), t.args)
-					}
+					transfer(m, t.args)
 					after, err := current.stats()
 					if err != nil {
 						b.Fatal(err)
@@ -294,6 +365,75 @@ func attachEmpty(b *testing.B, cg string) *attachedProgs {
 	return a
 }
 
+// attachObject returns a mode that loads the packet programs of the object
+// file (a variant of bwacct.c) with maps of their own, unpinned, and
+// attaches them: the claim variants where the object has them. Its check
+// fails if the programs counted a packet in bw_stats (dropped or missed).
+func attachObject(file string) func(b *testing.B, cg string) *attachedProgs {
+	return func(b *testing.B, cg string) *attachedProgs {
+		b.Helper()
+		spec, err := ebpf.LoadCollectionSpec(file)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, m := range spec.Maps {
+			m.Pinning = ebpf.PinNone
+		}
+		in, eg := "bw_ingress_attr", "bw_egress_attr"
+		if spec.Programs[in] == nil || spec.Programs[eg] == nil {
+			in, eg = "bw_ingress", "bw_egress"
+		}
+		for name := range spec.Programs {
+			if name != in && name != eg {
+				delete(spec.Programs, name)
+			}
+		}
+		coll, err := ebpf.NewCollection(spec)
+		if err != nil {
+			b.Fatalf("%s: %v", file, err)
+		}
+		if m := coll.Maps["bw_slots"]; m != nil {
+			if err := m.Put(uint32(senderUID/4), uint64(1)<<(16*(senderUID%4))); err != nil {
+				b.Fatal(err)
+			}
+		}
+		a := &attachedProgs{ingress: coll.Programs[in], egress: coll.Programs[eg]}
+		var links []link.Link
+		a.detach = func() error {
+			var errs []error
+			for _, l := range links {
+				errs = append(errs, l.Close())
+			}
+			coll.Close()
+			return errors.Join(errs...)
+		}
+		for _, at := range []struct {
+			typ  ebpf.AttachType
+			prog *ebpf.Program
+		}{{ebpf.AttachCGroupInetIngress, a.ingress}, {ebpf.AttachCGroupInetEgress, a.egress}} {
+			l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: at.typ, Program: at.prog})
+			if err != nil {
+				a.detach()
+				b.Fatalf("%s: attach: %v", file, err)
+			}
+			links = append(links, l)
+		}
+		a.check = func() error {
+			stats := coll.Maps["bw_stats"]
+			var per []uint64
+			for i := uint32(0); stats != nil && stats.Lookup(i, &per) == nil; i++ {
+				for _, v := range per {
+					if v != 0 {
+						return fmt.Errorf("%s: bw_stats[%d] = %v", file, i, per)
+					}
+				}
+			}
+			return nil
+		}
+		return a
+	}
+}
+
 // tagSender marks the sender's UID as an owner of attributed sockets, the
 // way Attribute does for a socket's owner: by attributing a socket of the
 // benchmark's own (closed right after; the mark stays).
@@ -376,6 +516,7 @@ func attachOurs(pin string, policies map[uint32]bpf.Policy, setup ...func(*bpf.D
 		if a.egress, err = ebpf.NewProgramFromID(egID); err != nil {
 			fail(err)
 		}
+		a.read = func() error { return dp.EachMoved(func(uint32, bpf.Counters) {}) }
 		a.check = func() error {
 			s, err := dp.Stats()
 			if err != nil {

@@ -71,7 +71,7 @@ const freshUsers = 10_000
 //
 // Before each tick the benchmark writes the kernel's per-UID counters of 10%
 // of the users (a different tenth each tick) straight into the pinned
-// bw_counters map, and makes 0.1% of the users cross their limit, so blocks,
+// bw_hash_counts map, and makes 0.1% of the users cross their limit, so blocks,
 // policy changes and nftables set updates happen every tick. Those writes
 // are not timed: each tick is timed around Tick alone. The agent's clock is
 // fake and advances by the default interval, 2s, per tick, so the
@@ -338,10 +338,14 @@ type tickEnv struct {
 	a        *agent.Agent
 	dp       *bpf.Datapath
 	fw       *nft.Firewall
-	counters *ebpf.Map // the pinned bw_counters, written by the benchmark
+	counters *ebpf.Map // the pinned bw_hash_counts, written by the benchmark
 	moved    *ebpf.Map // the pinned bw_moved marks, set by the benchmark
 	now      time.Time // the agent's clock
 	log      *errorLog
+
+	// The slots the agent gave (bw_slots) and, where the kernel counts and
+	// marks a UID with a slot, bw_slot_counts and bw_slot_moved.
+	slots, slotCounts, slotMoved *ebpf.Map
 
 	commitTimes []float64 // ms, of the steady ticks' background commits
 	ticks       int
@@ -352,8 +356,9 @@ type tickEnv struct {
 	crossedAt []int    // per user: the round it crossed its limit, -1 if never
 	next      [trafficEvery]int
 	blocked   int // users made to cross so far
-	keys      []uint32
-	vals      []bpf.Counters
+	// Per user: what its entry in bw_hash_counts holds, written until it
+	// had a slot; the rest goes to its slot.
+	hashUp, hashDown []uint64
 }
 
 // newTickEnv builds an agent over users SSH accounts u00000... with UIDs
@@ -411,11 +416,13 @@ func newTickEnv(b *testing.B, users int) *tickEnv {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { e.moved.Close() })
-	e.counters, err = ebpf.LoadPinnedMap(filepath.Join(cfg.Kernel.PinPath, "bw_counters"), nil)
-	if err != nil {
-		b.Fatal(err)
+	for m, name := range map[**ebpf.Map]string{&e.counters: "bw_hash_counts", &e.slots: "bw_slots",
+		&e.slotCounts: "bw_slot_counts", &e.slotMoved: "bw_slot_moved"} {
+		if *m, err = ebpf.LoadPinnedMap(filepath.Join(cfg.Kernel.PinPath, name), nil); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { (*m).Close() })
 	}
-	b.Cleanup(func() { e.counters.Close() })
 
 	ns := nettest.NewNetNS(b)
 	e.fw, err = nft.New(nft.Config{Table: cfg.NFT.Table, NetNS: int(ns)})
@@ -448,6 +455,8 @@ func newTickEnv(b *testing.B, users int) *tickEnv {
 	}
 	e.up = make([]uint64, users)
 	e.down = make([]uint64, users)
+	e.hashUp = make([]uint64, users)
+	e.hashDown = make([]uint64, users)
 	e.crossedAt = make([]int, users)
 	for i := range e.crossedAt {
 		e.crossedAt[i] = -1
@@ -455,10 +464,12 @@ func newTickEnv(b *testing.B, users int) *tickEnv {
 	return e
 }
 
-// traffic writes the kernel counters of round's tenth of the users: each
-// gains some bytes, and 0.1% of all users (at least one) gain more than
-// their limit. A user that crossed in an earlier round is blocked, so the
-// kernel counts nothing more for it.
+// traffic writes the kernel counters of round's tenth of the users, as the
+// kernel's programs count and mark them: in bw_hash_counts and bw_moved for
+// a UID the agent gave no slot yet, in its slot (bw_slot_counts and
+// bw_slot_moved) after. Each gains some bytes, and 0.1% of all users (at
+// least one) gain more than their limit. A user that crossed in an earlier
+// round is blocked, so the kernel counts nothing more for it.
 func (e *tickEnv) traffic(b *testing.B, round int) {
 	b.Helper()
 	if e.users == 0 {
@@ -475,33 +486,58 @@ func (e *tickEnv) traffic(b *testing.B, round int) {
 		e.up[i] += userLimit
 		e.blocked++
 	}
-	e.keys, e.vals = e.keys[:0], e.vals[:0]
+	var hashKeys, slotKeys []uint32
+	var hashVals, slotVals []bpf.Counters
+	// perCPU appends one value per possible CPU, as the kernel's per-CPU
+	// maps have; the agent sums them. Each UID's bytes go on one CPU.
+	perCPU := func(vals []bpf.Counters, i int, up, down uint64) []bpf.Counters {
+		for cpu := range e.ncpu {
+			var c bpf.Counters
+			if cpu == i%e.ncpu {
+				c = bpf.Counters{RxBytes: down, RxPackets: down / 1400, TxBytes: up, TxPackets: up / 1400}
+			}
+			vals = append(vals, c)
+		}
+		return vals
+	}
 	for i := res; i < e.users; i += trafficEvery {
 		if c := e.crossedAt[i]; c >= 0 && c != round {
 			continue
 		}
 		e.up[i] += 32*quota.KiB + uint64(i%1024)
 		e.down[i] += 256*quota.KiB + uint64(i%4096)
-		e.keys = append(e.keys, uint32(tickFirstUID+i))
-		// One value per possible CPU, as the kernel's per-CPU map has;
-		// the agent sums them. Put each UID's bytes on one CPU.
-		for cpu := range e.ncpu {
-			var c bpf.Counters
-			if cpu == i%e.ncpu {
-				c = bpf.Counters{RxBytes: e.down[i], RxPackets: e.down[i] / 1400, TxBytes: e.up[i], TxPackets: e.up[i] / 1400}
-			}
-			e.vals = append(e.vals, c)
+		uid := uint32(tickFirstUID + i)
+		var word uint64
+		if err := e.slots.Lookup(uid/4, &word); err != nil {
+			b.Fatalf("read slots: %v", err)
 		}
+		if slot := uint32(word>>(16*(uid%4))) & 0xffff; slot != 0 {
+			slotKeys = append(slotKeys, slot)
+			slotVals = perCPU(slotVals, i, e.up[i]-e.hashUp[i], e.down[i]-e.hashDown[i])
+			continue
+		}
+		e.hashUp[i], e.hashDown[i] = e.up[i], e.down[i]
+		hashKeys = append(hashKeys, uid)
+		hashVals = perCPU(hashVals, i, e.up[i], e.down[i])
 	}
-	// In chunks, retrying when the kernel runs out of free elements: the
-	// map is not preallocated, and its per-CPU element caches are refilled
-	// asynchronously, so thousands of new UIDs in one batch can fail with
-	// ENOMEM. The kernel's programs create entries one packet at a time.
+	e.write(b, e.counters, hashKeys, hashVals)
+	e.write(b, e.slotCounts, slotKeys, slotVals)
+	e.mark(b, e.moved, hashKeys)
+	e.mark(b, e.slotMoved, slotKeys)
+}
+
+// write writes per-CPU counters (vals, e.ncpu per key) to m. In chunks,
+// retrying when the kernel runs out of free elements: the hash is not
+// preallocated, and its per-CPU element caches are refilled asynchronously,
+// so thousands of new UIDs in one batch can fail with ENOMEM. The kernel's
+// programs create entries one packet at a time.
+func (e *tickEnv) write(b *testing.B, m *ebpf.Map, keys []uint32, vals []bpf.Counters) {
+	b.Helper()
 	const chunk = 1024
-	for lo := 0; lo < len(e.keys); lo += chunk {
-		hi := min(lo+chunk, len(e.keys))
+	for lo := 0; lo < len(keys); lo += chunk {
+		hi := min(lo+chunk, len(keys))
 		for try := 0; ; try++ {
-			_, err := e.counters.BatchUpdate(e.keys[lo:hi], e.vals[lo*e.ncpu:hi*e.ncpu], nil)
+			_, err := m.BatchUpdate(keys[lo:hi], vals[lo*e.ncpu:hi*e.ncpu], nil)
 			if err == nil {
 				break
 			}
@@ -511,24 +547,28 @@ func (e *tickEnv) traffic(b *testing.B, round int) {
 			time.Sleep(time.Millisecond)
 		}
 	}
-	// Mark the UIDs as moved, as the kernel's programs do after counting
-	// (a byte per UID in bw_moved, eight to a word; the agent cleared the
-	// marks it read, so the words hold only this round's).
+}
+
+// mark marks keys as moved in marks, as the kernel's programs do after
+// counting (a byte per UID or slot, eight to a word; the agent cleared the
+// marks it read, so the words hold only this round's).
+func (e *tickEnv) mark(b *testing.B, marks *ebpf.Map, keys []uint32) {
+	b.Helper()
 	words := map[uint32]uint64{}
-	for _, uid := range e.keys {
-		words[uid/8] |= 1 << (8 * (uid % 8))
+	for _, k := range keys {
+		words[k/8] |= 1 << (8 * (k % 8))
 	}
 	var wk []uint32
 	var wv []uint64
 	for k, v := range words {
 		var cur uint64
-		if err := e.moved.Lookup(k, &cur); err != nil {
+		if err := marks.Lookup(k, &cur); err != nil {
 			b.Fatalf("read moved marks: %v", err)
 		}
 		wk, wv = append(wk, k), append(wv, cur|v)
 	}
 	if len(wk) > 0 {
-		if _, err := e.moved.BatchUpdate(wk, wv, nil); err != nil {
+		if _, err := marks.BatchUpdate(wk, wv, nil); err != nil {
 			b.Fatalf("write moved marks: %v", err)
 		}
 	}

@@ -13,7 +13,9 @@
 //   2. if bw_policy_bits says it may have one, look the UID up in bw_policy:
 //      a blocked UID, or a UID whose byte budget is spent, has the packet
 //      dropped (never UID 0),
-//   3. otherwise add the packet to the UID's per-CPU counters in bw_counters.
+//   3. otherwise add the packet to the UID's per-CPU counters: in
+//      bw_slot_counts if the agent gave the UID a slot (bw_slots), in
+//      bw_hash_counts otherwise.
 //
 // Two cgroup sock_addr programs (connect4 and connect6) make a blocked UID's
 // new connections fail at once: connect() returns EPERM, where a dropped SYN
@@ -57,13 +59,13 @@
 // The loader attaches the claim variants where it loads the session
 // programs (Linux 6.0), which alone make pending and claim entries.
 //
-// The Go side (maps.go, attrib.go, accounts.go) owns bw_policy,
-// bw_policy_bits, bw_servers, bw_ssh_ports, bw_credit and bw_accounts; the
-// kernel owns bw_counters, bw_quota_used and the stats maps; both write
-// bw_sock, bw_tagged, bw_moved and bw_xmoved (a byte each, or an entry once),
-// and bw_claims (the agent adds, the kernel deletes what it used). All maps
-// are pinned by name, so counters, accounts and attributions outlive the
-// agent.
+// The Go side (maps.go, attrib.go, accounts.go, slots.go) owns bw_policy,
+// bw_policy_bits, bw_servers, bw_ssh_ports, bw_credit, bw_accounts and
+// bw_slots; the kernel owns bw_hash_counts, bw_slot_counts, bw_quota_used
+// and the stats maps; both write bw_sock, bw_tagged, bw_moved and bw_xmoved
+// (a byte each, or an entry once), and bw_claims (the agent adds, the kernel
+// deletes what it used). All maps are pinned by name, so counters, accounts
+// and attributions outlive the agent.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -143,9 +145,14 @@ struct policy {
 	__u64 ceiling;
 };
 
-// Not preallocated: a per-CPU slot for every possible UID would take
-// max_entries x 32 bytes x CPUs (128 MiB on 64 CPUs); entries are made as
-// UIDs first send or receive.
+// bw_hash_counts holds the counters of IDs without a slot (see bw_slots),
+// and what an ID with one moved before it got it. Not preallocated: a
+// per-CPU entry for every possible UID would take max_entries x 32 bytes x
+// CPUs (128 MiB on 64 CPUs); entries are made as UIDs first send or receive.
+// Agents before slots pinned it as bw_counters, holding every count; the
+// loader renames that pin (bpf/slots.go), so that an agent of such a
+// version, started after this one, finds no bw_counters and starts new
+// counters, a new epoch, instead of reading a part of the counts.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__type(key, __u32);
@@ -153,7 +160,7 @@ struct {
 	__uint(max_entries, MAX_UIDS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} bw_counters SEC(".maps");
+} bw_hash_counts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -179,7 +186,7 @@ struct {
 // 128 KiB copy instead of 16,384 lookups.
 #define POLICY_BITS_UIDS (1u << 20)
 
-// byte_of serves the maps of a byte per UID and bw_xmoved alike.
+// byte_word serves the maps of a byte per UID and bw_xmoved alike.
 _Static_assert(POLICY_BITS_UIDS == MAX_ACCOUNTS, "a byte per UID and per account: one size");
 
 struct {
@@ -192,10 +199,12 @@ struct {
 } bw_policy_bits SEC(".maps");
 
 // bw_moved has a byte per UID below POLICY_BITS_UIDS (eight to a word),
-// set after the UID's counters grew. The agent clears the bytes it finds set
-// and then reads those UIDs' counters: a packet counted after the read sets
-// its byte again, so the agent reads only the UIDs that moved and misses
-// none. A plain byte store; only the first packet after a clear writes.
+// set after the UID's counters grew in bw_hash_counts (in its slot, it is
+// the slot's byte in bw_slot_moved). The agent clears the bytes it finds
+// set and then reads those UIDs' counters: a packet counted after the read
+// sets its byte again, so the agent reads only the UIDs that moved and
+// misses none. A plain byte store; only the first packet after a clear
+// writes.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
@@ -215,6 +224,61 @@ struct {
 	__uint(max_entries, MAX_ACCOUNTS / 8);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bw_xmoved SEC(".maps");
+
+// Slots: the common packet's counters without a hash lookup. The agent gives
+// each UID below POLICY_BITS_UIDS and each account whose counters it reads a
+// slot, once (a slot is never reused while the maps live), and writes it to
+// bw_slots; from then on the programs count the ID's packets in
+// bw_slot_counts[slot], a per-CPU array whose lookup the verifier of recent
+// kernels turns into an inlined address computation (seen in the
+// translated program on 6.18; older ones call a helper that does the same),
+// where a lookup in bw_hash_counts is a call that hashes the key and walks
+// a bucket (25-55 ns here, a third of what a packet cost). An ID's counters
+// are the sum of both maps: what it moved before its slot stays in
+// bw_hash_counts. Slot 0 is none; IDs beyond the slots count in
+// bw_hash_counts alone.
+//
+// bw_slots has a 16-bit slot per ID, four to a word: UID u at u, account
+// ACCOUNT_BASE + i at SLOT_IDS / 2 + i. Only the agent writes it (a word at
+// a time, through its memory mapping). The loader sets bw_slot_counts' size
+// from its config; both maps and bw_hash_counts are reused together or not
+// at all (see bpf/slots.go).
+#define SLOT_IDS (2 * POLICY_BITS_UIDS)
+#define MAX_SLOTS 8192 // default; the loader sets max_entries
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, SLOT_IDS / 4);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct counters);
+	__uint(max_entries, MAX_SLOTS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_slot_counts SEC(".maps");
+
+// bw_slot_moved is bw_moved for slots: a byte per slot (eight to a word;
+// the loader sizes it with bw_slot_counts), set after a packet was counted
+// in the slot. A packet counted in bw_hash_counts marks its ID in bw_moved
+// or bw_xmoved instead, so the agent, which clears the marks it finds and
+// then reads what they stand for, reads a marked slot's counters alone and
+// adds the ID's entry in bw_hash_counts as it last read it: the entry has
+// not grown since, or the ID would be marked. A tick reads one map per ID
+// that moved, not two.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, MAX_SLOTS / 8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_slot_moved SEC(".maps");
 
 // sock_owner is a socket's attribution in bw_sock.
 struct sock_owner {
@@ -460,23 +524,56 @@ static __always_inline __u32 claim(struct sock_owner *o, struct bpf_sock *sk, __
 	return flags;
 }
 
-// byte_of returns byte idx of a map of a byte per ID (bw_moved, bw_tagged,
-// bw_xmoved; each POLICY_BITS_UIDS = MAX_ACCOUNTS bytes), or NULL past it.
-static __always_inline volatile __u8 *byte_of(void *map, __u32 idx)
+// Maps of a byte per ID (bw_moved, bw_tagged, bw_xmoved; each
+// POLICY_BITS_UIDS = MAX_ACCOUNTS bytes) are arrays of words, eight bytes
+// to a word, byte i of a word in bits 8i to 8i+7 (bpfel). They are read and
+// written without pointer arithmetic: an offset computed at run time and
+// added to a map value pointer makes the verifier, without CAP_PERFMON,
+// refuse any instruction that sees it unknown on one path and known on
+// another (the byte of UID 0), or pointers into different maps.
+
+// byte_word returns the word of map that holds byte idx, NULL past the end.
+static __always_inline __u64 *byte_word(void *map, __u32 idx)
 {
 	__u32 word = idx / 8;
-	__u64 *w;
 
 	if (idx >= POLICY_BITS_UIDS)
 		return 0;
-	w = bpf_map_lookup_elem(map, &word);
-	if (!w)
-		return 0;
-	// libbpf's barrier_var: the offset is added after the null check, which
-	// clang would otherwise move after the addition where mark_moved joins
-	// two lookups (the verifier refuses arithmetic on a maybe-null pointer).
-	asm volatile("" : "+r"(w));
-	return (volatile __u8 *)w + (idx % 8);
+	return bpf_map_lookup_elem(map, &word);
+}
+
+// byte_in returns byte idx of its word w.
+static __always_inline __u8 byte_in(__u64 *w, __u32 idx)
+{
+	return *(volatile __u64 *)w >> (idx % 8 * 8);
+}
+
+// set_byte sets byte idx of its word w to 1, with a one-byte store at a
+// constant offset: it never undoes another writer's byte in the word (the
+// agent clears and sets bytes through its memory mapping, one at a time).
+static __always_inline void set_byte(__u64 *w, __u32 idx)
+{
+	volatile __u8 *b = (volatile __u8 *)w;
+
+	switch (idx % 8) {
+	case 0: b[0] = 1; break;
+	case 1: b[1] = 1; break;
+	case 2: b[2] = 1; break;
+	case 3: b[3] = 1; break;
+	case 4: b[4] = 1; break;
+	case 5: b[5] = 1; break;
+	case 6: b[6] = 1; break;
+	default: b[7] = 1;
+	}
+}
+
+// mark_byte sets byte idx of map unless it is set already.
+static __always_inline void mark_byte(void *map, __u32 idx)
+{
+	__u64 *w = byte_word(map, idx);
+
+	if (w && !byte_in(w, idx))
+		set_byte(w, idx);
 }
 
 // used_of returns key's charged total in bw_quota_used, made at zero if
@@ -524,25 +621,21 @@ static __always_inline int charge_quota(__u32 key, const struct policy *p, __u64
 // bw_xmoved.
 static __always_inline void mark_moved(__u32 uid)
 {
-	volatile __u8 *b;
-
 	if (uid - ACCOUNT_BASE < MAX_ACCOUNTS)
-		b = byte_of(&bw_xmoved, uid - ACCOUNT_BASE);
+		mark_byte(&bw_xmoved, uid - ACCOUNT_BASE);
 	else
-		b = byte_of(&bw_moved, uid);
-	if (b && !*b)
-		*b = 1;
+		mark_byte(&bw_moved, uid);
 }
 
 // may_be_tagged reports whether uid's sockets may have a bw_sock entry.
 static __always_inline int may_be_tagged(__u32 uid)
 {
-	volatile __u8 *b;
+	__u64 *w;
 
 	if (uid == 0 || uid >= POLICY_BITS_UIDS)
 		return 1;
-	b = byte_of(&bw_tagged, uid);
-	return b && *b;
+	w = byte_word(&bw_tagged, uid);
+	return w && byte_in(w, uid);
 }
 
 // is_reset reports whether a packet is a TCP reset. Resets pass a block:
@@ -583,38 +676,113 @@ static __always_inline int may_have_policy(__u32 uid)
 	return !bits || (*bits >> (uid % 64)) & 1;
 }
 
-// counters_of returns uid's per-CPU counters, made at zero if need be;
-// NULL if the map has no room (counted in STAT_COUNTERS_FULL).
-static __always_inline struct counters *counters_of(__u32 uid)
+// slot_of returns the slot of a UID or an account in bw_slots, 0 if it has
+// none.
+static __always_inline __u32 slot_of(__u32 uid)
 {
-	struct counters *c = bpf_map_lookup_elem(&bw_counters, &uid);
+	__u32 idx, word;
+	__u64 *w;
+
+	if (uid < POLICY_BITS_UIDS)
+		idx = uid;
+	else if (uid - ACCOUNT_BASE < MAX_ACCOUNTS)
+		idx = SLOT_IDS / 2 + (uid - ACCOUNT_BASE);
+	else
+		return 0;
+	word = idx / 4;
+	w = bpf_map_lookup_elem(&bw_slots, &word);
+	if (!w)
+		return 0;
+	return *w >> (idx % 4 * 16) & 0xffff;
+}
+
+// counters_of returns uid's per-CPU counters: its slot's in bw_slot_counts
+// if it has one (*slot is set to it), else its entry in bw_hash_counts
+// (*slot is 0), made at zero if need be; NULL if the map has no room
+// (counted in STAT_COUNTERS_FULL).
+static __always_inline struct counters *counters_of(__u32 uid, __u32 *slot)
+{
+	struct counters *c;
+
+	*slot = slot_of(uid);
+	if (*slot) {
+		c = bpf_map_lookup_elem(&bw_slot_counts, slot);
+		if (c)
+			return c;
+		*slot = 0;
+	}
+	c = bpf_map_lookup_elem(&bw_hash_counts, &uid);
 
 	if (!c) {
 		struct counters zero = {};
 
-		bpf_map_update_elem(&bw_counters, &uid, &zero, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&bw_counters, &uid);
+		bpf_map_update_elem(&bw_hash_counts, &uid, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&bw_hash_counts, &uid);
 		if (!c)
 			stat_inc(STAT_COUNTERS_FULL);
 	}
 	return c;
 }
 
-// account counts and enforces one packet. egress is the packet's direction
-// at the socket; attr is constant: 1 in the claim variants, which look
-// claims up and fold pending bytes with BPF atomics (Linux 5.12), 0 in the
-// plain ones, which every kernel from 5.7 loads and which leave both out.
-static __always_inline int account(struct __sk_buff *skb, int egress, const int attr)
+// mark_counted marks, after a count, the counters it changed: the slot in
+// bw_slot_moved, else the ID in bw_moved or bw_xmoved.
+static __always_inline void mark_counted(__u32 uid, __u32 slot)
 {
-	__u32 uid = bpf_get_socket_uid(skb);
-	__u64 len = skb->len;
-	__u64 segs = skb->gso_segs;
+	if (slot)
+		mark_byte(&bw_slot_moved, slot);
+	else
+		mark_moved(uid);
+}
+
+// count_packet adds a packet of len bytes and segs segments to uid's
+// counters, sent (tx) or received, and marks uid as moved.
+static __always_inline void count_packet(__u32 uid, int tx, __u64 len, __u64 segs)
+{
+	__u32 slot;
+	struct counters *c = counters_of(uid, &slot);
+
+	if (!c)
+		return;
+	// Per-CPU values, yet atomic adds: a plain add (load, add, store) can
+	// lose another program's add on the same CPU. Cgroup programs run with
+	// migration disabled only (bpf_prog_run_array_cg: migrate_disable and
+	// rcu_read_lock), neither preemption nor softirqs: an egress run in
+	// process context (a send, through ip_finish_output) can be interrupted
+	// by a softirq that runs these programs on the same CPU for the same
+	// UID (an ingress packet; TCP sending more data on an ACK, egress from
+	// softirq), and with preempt=full (PREEMPT_DYNAMIC kernels) by another
+	// task's send. A server socket counts its egress as rx, so even
+	// ingress and egress share a field. Both atomics together cost a few
+	// ns (measured: within the noise).
+	//
+	// The two empty asm statements keep the branches apart: clang would
+	// otherwise add tx * 16 to c, arithmetic on a map value pointer with an
+	// offset that differs between paths, which the verifier refuses
+	// without CAP_PERFMON (the agent has CAP_BPF and CAP_NET_ADMIN only).
+	if (tx) {
+		__sync_fetch_and_add(&c->tx_bytes, len);
+		__sync_fetch_and_add(&c->tx_packets, segs);
+		asm volatile("/* tx */");
+	} else {
+		__sync_fetch_and_add(&c->rx_bytes, len);
+		__sync_fetch_and_add(&c->rx_packets, segs);
+		asm volatile("/* rx */");
+	}
+	mark_counted(uid, slot); // after the add: see bw_moved and bw_slot_moved
+}
+
+// account_policed counts and enforces a packet of uid (len bytes, segs
+// segments) that may be attributed to another ID or have a policy. egress
+// is the packet's direction at the socket; attr is constant: 1 in the claim
+// variants, which look claims up and fold pending bytes with BPF atomics
+// (Linux 5.12), 0 in the plain ones, which every kernel from 5.7 loads and
+// which leave both out.
+static __always_inline int account_policed(struct __sk_buff *skb, __u32 uid, __u64 len, __u64 segs,
+					   int egress, const int attr)
+{
 	__u64 fold_rx = 0, fold_tx = 0; // pending bytes to fold, in the user's directions
 	int count = 1;
 	int tx = egress; // the user's direction: swapped on a server socket
-
-	if (segs == 0)
-		segs = 1;
 
 	if (may_be_tagged(uid)) {
 		// bpf_sk_storage_get itself answers NULL for a socket that is not
@@ -667,12 +835,13 @@ static __always_inline int account(struct __sk_buff *skb, int egress, const int 
 	}
 
 	if (attr && (fold_rx | fold_tx)) {
-		struct counters *c = counters_of(uid);
+		__u32 slot;
+		struct counters *c = counters_of(uid, &slot);
 
 		if (c) {
 			__sync_fetch_and_add(&c->rx_bytes, fold_rx);
 			__sync_fetch_and_add(&c->tx_bytes, fold_tx);
-			mark_moved(uid);
+			mark_counted(uid, slot);
 		}
 	}
 
@@ -712,27 +881,27 @@ static __always_inline int account(struct __sk_buff *skb, int egress, const int 
 	if (!count)
 		return 1;
 
-	struct counters *c = counters_of(uid);
-
-	if (!c)
-		return 1;
-	// Per-CPU values, but a program in process context can be preempted by
-	// another on the same CPU: atomic adds keep every byte. The two empty
-	// asm statements keep the branches apart: clang would otherwise add
-	// tx * 16 to c, arithmetic on a map value pointer with an offset that
-	// differs between paths, which the verifier refuses without
-	// CAP_PERFMON (the agent has CAP_BPF and CAP_NET_ADMIN only).
-	if (tx) {
-		__sync_fetch_and_add(&c->tx_bytes, len);
-		__sync_fetch_and_add(&c->tx_packets, segs);
-		asm volatile("/* tx */");
-	} else {
-		__sync_fetch_and_add(&c->rx_bytes, len);
-		__sync_fetch_and_add(&c->rx_packets, segs);
-		asm volatile("/* rx */");
-	}
-	mark_moved(uid); // after the add: see bw_moved
+	count_packet(uid, tx, len, segs);
 	return 1;
+}
+
+// account counts and enforces one packet (see account_policed for egress
+// and attr). The common one first: a packet of a UID that is neither
+// tagged nor may have a policy (two inlined array reads say so) goes
+// straight to its counters.
+static __always_inline int account(struct __sk_buff *skb, int egress, const int attr)
+{
+	__u32 uid = bpf_get_socket_uid(skb);
+	__u64 len = skb->len;
+	__u64 segs = skb->gso_segs;
+
+	if (segs == 0)
+		segs = 1;
+	if (!may_be_tagged(uid) && !may_have_policy(uid)) {
+		count_packet(uid, egress, len, segs);
+		return 1;
+	}
+	return account_policed(skb, uid, len, segs, egress, attr);
 }
 
 SEC("cgroup_skb/ingress")
@@ -805,16 +974,13 @@ int bw_sock_create(struct bpf_sock *sk)
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u32 uid;
 	struct sock_owner *o;
-	volatile __u8 *b;
 
 	if (!bpf_map_lookup_elem(&bw_servers, &tgid))
 		return 1;
 	uid = (__u32)bpf_get_current_uid_gid();
 	if (uid == 0)
 		return 1;
-	b = byte_of(&bw_tagged, uid);
-	if (b && !*b)
-		*b = 1; // before the entry: a packet that sees the entry was looked up
+	mark_byte(&bw_tagged, uid); // before the entry: a packet that sees the entry was looked up
 	o = bpf_sk_storage_get(&bw_sock, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (o) {
 		o->uid = uid;

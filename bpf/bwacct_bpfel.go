@@ -55,13 +55,16 @@ type bwacctSockOwner struct {
 const (
 	bwacctMapBwAccounts     = "bw_accounts"
 	bwacctMapBwClaims       = "bw_claims"
-	bwacctMapBwCounters     = "bw_counters"
 	bwacctMapBwCredit       = "bw_credit"
+	bwacctMapBwHashCounts   = "bw_hash_counts"
 	bwacctMapBwMoved        = "bw_moved"
 	bwacctMapBwPolicy       = "bw_policy"
 	bwacctMapBwPolicyBits   = "bw_policy_bits"
 	bwacctMapBwQuotaUsed    = "bw_quota_used"
 	bwacctMapBwServers      = "bw_servers"
+	bwacctMapBwSlotCounts   = "bw_slot_counts"
+	bwacctMapBwSlotMoved    = "bw_slot_moved"
+	bwacctMapBwSlots        = "bw_slots"
 	bwacctMapBwSock         = "bw_sock"
 	bwacctMapBwSshPorts     = "bw_ssh_ports"
 	bwacctMapBwSstats       = "bw_sstats"
@@ -137,13 +140,16 @@ type bwacctProgramSpecs struct {
 type bwacctMapSpecs struct {
 	BwAccounts   *ebpf.MapSpec `ebpf:"bw_accounts"`
 	BwClaims     *ebpf.MapSpec `ebpf:"bw_claims"`
-	BwCounters   *ebpf.MapSpec `ebpf:"bw_counters"`
 	BwCredit     *ebpf.MapSpec `ebpf:"bw_credit"`
+	BwHashCounts *ebpf.MapSpec `ebpf:"bw_hash_counts"`
 	BwMoved      *ebpf.MapSpec `ebpf:"bw_moved"`
 	BwPolicy     *ebpf.MapSpec `ebpf:"bw_policy"`
 	BwPolicyBits *ebpf.MapSpec `ebpf:"bw_policy_bits"`
 	BwQuotaUsed  *ebpf.MapSpec `ebpf:"bw_quota_used"`
 	BwServers    *ebpf.MapSpec `ebpf:"bw_servers"`
+	BwSlotCounts *ebpf.MapSpec `ebpf:"bw_slot_counts"`
+	BwSlotMoved  *ebpf.MapSpec `ebpf:"bw_slot_moved"`
+	BwSlots      *ebpf.MapSpec `ebpf:"bw_slots"`
 	BwSock       *ebpf.MapSpec `ebpf:"bw_sock"`
 	BwSshPorts   *ebpf.MapSpec `ebpf:"bw_ssh_ports"`
 	BwSstats     *ebpf.MapSpec `ebpf:"bw_sstats"`
@@ -181,13 +187,16 @@ func (o *bwacctObjects) Close() error {
 type bwacctMaps struct {
 	BwAccounts   *ebpf.Map `ebpf:"bw_accounts"`
 	BwClaims     *ebpf.Map `ebpf:"bw_claims"`
-	BwCounters   *ebpf.Map `ebpf:"bw_counters"`
 	BwCredit     *ebpf.Map `ebpf:"bw_credit"`
+	BwHashCounts *ebpf.Map `ebpf:"bw_hash_counts"`
 	BwMoved      *ebpf.Map `ebpf:"bw_moved"`
 	BwPolicy     *ebpf.Map `ebpf:"bw_policy"`
 	BwPolicyBits *ebpf.Map `ebpf:"bw_policy_bits"`
 	BwQuotaUsed  *ebpf.Map `ebpf:"bw_quota_used"`
 	BwServers    *ebpf.Map `ebpf:"bw_servers"`
+	BwSlotCounts *ebpf.Map `ebpf:"bw_slot_counts"`
+	BwSlotMoved  *ebpf.Map `ebpf:"bw_slot_moved"`
+	BwSlots      *ebpf.Map `ebpf:"bw_slots"`
 	BwSock       *ebpf.Map `ebpf:"bw_sock"`
 	BwSshPorts   *ebpf.Map `ebpf:"bw_ssh_ports"`
 	BwSstats     *ebpf.Map `ebpf:"bw_sstats"`
@@ -201,13 +210,16 @@ func (m *bwacctMaps) Close() error {
 	return _BwacctClose(
 		m.BwAccounts,
 		m.BwClaims,
-		m.BwCounters,
 		m.BwCredit,
+		m.BwHashCounts,
 		m.BwMoved,
 		m.BwPolicy,
 		m.BwPolicyBits,
 		m.BwQuotaUsed,
 		m.BwServers,
+		m.BwSlotCounts,
+		m.BwSlotMoved,
+		m.BwSlots,
 		m.BwSock,
 		m.BwSshPorts,
 		m.BwSstats,

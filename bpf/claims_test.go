@@ -172,8 +172,10 @@ func TestClaimHeldConnection(t *testing.T) {
 			if err := e.dp.EachMoved(func(uid uint32, c bpf.Counters) { moved[uid] = c }); err != nil {
 				t.Fatal(err)
 			}
-			if moved[acct] != got {
-				t.Errorf("EachMoved reported %+v for the account, want %+v", moved[acct], got)
+			// The connection's last ACKs and FIN may still pass between the
+			// two reads: a few packets more, never fewer.
+			if m := moved[acct]; m.RxBytes < got.RxBytes || m.RxBytes > got.RxBytes+1024 || m.TxBytes < got.TxBytes || m.TxBytes > got.TxBytes+1024 {
+				t.Errorf("EachMoved reported %+v for the account, want %+v or a few packets more", m, got)
 			}
 			clear(moved)
 			if err := e.dp.EachMoved(func(uid uint32, c bpf.Counters) { moved[uid] = c }); err != nil {

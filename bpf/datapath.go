@@ -221,9 +221,12 @@ type Datapath struct {
 
 	credits map[uint32]Counters // bw_credit, of which the Datapath is the only writer
 
-	epoch Epoch             // cached by Epoch
-	have  map[uint32]Policy // ReconcilePolicies' read-back, reused
-	moved []byte            // EachMoved's copy of bw_moved, then of bw_xmoved
+	epoch  Epoch             // cached by Epoch
+	have   map[uint32]Policy // ReconcilePolicies' read-back, reused
+	moved  []byte            // EachMoved's copy of bw_moved, then of bw_xmoved, then of bw_slot_moved
+	marked []uint32          // EachMoved's IDs found marked
+
+	slots slotTable // bw_slots, of which the Datapath is the only writer
 
 	// acctMu protects the following: the cache of bw_accounts, of which
 	// the Datapath is the only writer.
@@ -289,7 +292,7 @@ type pinnedMap struct {
 // on an empty objects, the names alone (what Uninstall removes).
 func (o *objects) pinned() []pinnedMap {
 	return []pinnedMap{
-		{bwacctMapBwCounters, o.BwCounters},
+		{bwacctMapBwHashCounts, o.BwHashCounts},
 		{bwacctMapBwPolicy, o.BwPolicy},
 		{bwacctMapBwPolicyBits, o.BwPolicyBits},
 		{bwacctMapBwQuotaUsed, o.BwQuotaUsed},
@@ -305,6 +308,9 @@ func (o *objects) pinned() []pinnedMap {
 		{bwacctMapBwAccounts, o.BwAccounts},
 		{bwacctMapBwXmoved, o.BwXmoved},
 		{bwacctMapBwXstats, o.BwXstats},
+		{bwacctMapBwSlots, o.BwSlots},
+		{bwacctMapBwSlotCounts, o.BwSlotCounts},
+		{bwacctMapBwSlotMoved, o.BwSlotMoved},
 	}
 }
 
@@ -403,8 +409,14 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 		lock.Close()
 		return nil, err
 	}
-	for _, name := range []string{bwacctMapBwCounters, bwacctMapBwPolicy, bwacctMapBwQuotaUsed, bwacctMapBwCredit} {
+	for _, name := range []string{bwacctMapBwHashCounts, bwacctMapBwPolicy, bwacctMapBwQuotaUsed, bwacctMapBwCredit} {
 		spec.Maps[name].MaxEntries = cfg.MaxUIDs
+	}
+	spec.Maps[bwacctMapBwSlotCounts].MaxEntries = slotCount(cfg)
+	spec.Maps[bwacctMapBwSlotMoved].MaxEntries = (slotCount(cfg) + 7) / 8
+	if err := migrateCounterPins(cfg.PinPath); err != nil {
+		lock.Close()
+		return nil, err
 	}
 
 	d := &Datapath{
@@ -441,7 +453,7 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 		}
 		return nil, permission(fmt.Errorf("load BPF objects: %w", err))
 	}
-	for _, read := range []func() error{d.loadCredits, d.loadAccounts, d.loadPorts} {
+	for _, read := range []func() error{d.loadCredits, d.loadAccounts, d.loadPorts, d.loadSlots} {
 		if err := read(); err != nil {
 			d.Close()
 			return nil, err
@@ -472,7 +484,7 @@ func permission(err error) error {
 // there, and repairs whatever is not: a link detached by someone else or
 // left over for another cgroup, a removed pin of a link or a map, a removed
 // pin directory. It returns what it repaired, one readable item each (for
-// instance "egress program re-attached" or "pin bw_counters re-created"),
+// instance "egress program re-attached" or "pin bw_hash_counts re-created"),
 // and nothing when everything was in place. It is cheap enough to call
 // every tick.
 //
@@ -632,7 +644,7 @@ func (d *Datapath) release() error {
 		errs = append(errs, l.Close())
 		delete(d.links, typ)
 	}
-	errs = append(errs, d.objs.Close())
+	errs = append(errs, d.slots.unmap(), d.objs.Close())
 	return errors.Join(errs...)
 }
 
@@ -678,7 +690,7 @@ func removePins(pinPath string) error {
 	if err != nil {
 		return permission(fmt.Errorf("uninstall: %w", err))
 	}
-	var known []string
+	known := []string{legacyCounterPin}
 	for _, m := range (&objects{}).pinned() {
 		known = append(known, m.name)
 	}

@@ -412,7 +412,7 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	counterMap, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_counters"), nil)
+	counterMap, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_hash_counts"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -531,12 +531,12 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	// Someone deletes map pins: they are pinned again from the agent's
 	// handles, so the next agent finds the same maps (same epoch, same
 	// counters and budget) instead of creating empty ones.
-	for _, name := range []string{"bw_counters", "bw_quota_used"} {
+	for _, name := range []string{"bw_hash_counts", "bw_quota_used"} {
 		if err := os.Remove(filepath.Join(e.pin, name)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	repaired("pin bw_counters re-created", "pin bw_quota_used re-created")
+	repaired("pin bw_hash_counts re-created", "pin bw_quota_used re-created")
 	// And then the whole directory.
 	if err := os.RemoveAll(e.pin); err != nil {
 		t.Fatal(err)
@@ -547,11 +547,12 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 	if e.dp.SupportsServerTagging() {
 		want = append(want, "pin link_sock_create re-created", "pin link_sockops re-created")
 	}
-	want = append(want, "pin bw_counters re-created", "pin bw_policy re-created", "pin bw_policy_bits re-created",
+	want = append(want, "pin bw_hash_counts re-created", "pin bw_policy re-created", "pin bw_policy_bits re-created",
 		"pin bw_quota_used re-created", "pin bw_stats re-created", "pin bw_moved re-created",
 		"pin bw_sock re-created", "pin bw_tagged re-created", "pin bw_servers re-created", "pin bw_credit re-created",
 		"pin bw_ssh_ports re-created", "pin bw_sstats re-created", "pin bw_claims re-created",
-		"pin bw_accounts re-created", "pin bw_xmoved re-created", "pin bw_xstats re-created")
+		"pin bw_accounts re-created", "pin bw_xmoved re-created", "pin bw_xstats re-created",
+		"pin bw_slots re-created", "pin bw_slot_counts re-created", "pin bw_slot_moved re-created")
 	repaired(want...)
 	repaired()
 	checkOne()
@@ -658,7 +659,7 @@ func TestLoadErrors(t *testing.T) {
 		if err := bpf.Uninstall(pin); !errors.Is(err, bpf.ErrInUse) || !strings.Contains(err.Error(), "stop it first") {
 			t.Errorf("uninstall under a running agent: %v", err)
 		}
-		if _, err := os.Stat(filepath.Join(pin, "bw_counters")); err != nil {
+		if _, err := os.Stat(filepath.Join(pin, "bw_hash_counts")); err != nil {
 			t.Errorf("refused uninstall removed pins: %v", err)
 		}
 		dp.Close()

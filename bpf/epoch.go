@@ -14,7 +14,9 @@ import (
 type Epoch struct {
 	// Boot is the kernel's boot ID (/proc/sys/kernel/random/boot_id).
 	Boot string
-	// CounterMap is the kernel's ID of the bw_counters map.
+	// CounterMap is the kernel's ID of the counter hash, bw_hash_counts
+	// (pinned as bw_counters before slots; the slot maps live and die
+	// with it).
 	CounterMap uint32
 }
 
@@ -54,7 +56,7 @@ func (d *Datapath) Epoch() (Epoch, error) {
 	if err != nil {
 		return Epoch{}, fmt.Errorf("read boot id: %w", err)
 	}
-	info, err := d.objs.BwCounters.Info()
+	info, err := d.objs.BwHashCounts.Info()
 	if err != nil {
 		return Epoch{}, fmt.Errorf("counter map info: %w", err)
 	}

@@ -312,33 +312,13 @@ func Ceiling(quotaUsed, remaining uint64) uint64 {
 // Stats returns the data plane's event counters, summed over CPUs.
 func (d *Datapath) Stats() (Stats, error) {
 	var vals [statMax]uint64
-	for i := range vals {
-		var per []uint64
-		if err := d.objs.BwStats.Lookup(uint32(i), &per); err != nil {
-			return Stats{}, fmt.Errorf("read stats: %w", err)
-		}
-		for _, v := range per {
-			vals[i] += v
-		}
-	}
-	var ssh [3]uint64
-	for i := range ssh {
-		var per []uint64
-		if err := d.objs.BwSstats.Lookup(uint32(i), &per); err != nil {
-			return Stats{}, fmt.Errorf("read stats: %w", err)
-		}
-		for _, v := range per {
-			ssh[i] += v
-		}
-	}
-	var xray [3]uint64
-	for i := range xray {
-		var per []uint64
-		if err := d.objs.BwXstats.Lookup(uint32(i), &per); err != nil {
-			return Stats{}, fmt.Errorf("read stats: %w", err)
-		}
-		for _, v := range per {
-			xray[i] += v
+	var ssh, xray [3]uint64
+	for _, m := range []struct {
+		m   *ebpf.Map
+		dst []uint64
+	}{{d.objs.BwStats, vals[:]}, {d.objs.BwSstats, ssh[:]}, {d.objs.BwXstats, xray[:]}} {
+		if err := sumPerCPU(m.m, m.dst); err != nil {
+			return Stats{}, err
 		}
 	}
 	return Stats{
@@ -353,6 +333,22 @@ func (d *Datapath) Stats() (Stats, error) {
 		XrayHeld:        xray[1],
 		XrayUnclaimed:   xray[2],
 	}, nil
+}
+
+// sumPerCPU sets each dst[i] to the sum over CPUs of entry i of the per-CPU
+// array m.
+func sumPerCPU(m *ebpf.Map, dst []uint64) error {
+	for i := range dst {
+		var per []uint64
+		if err := m.Lookup(uint32(i), &per); err != nil {
+			return fmt.Errorf("read stats: %w", err)
+		}
+		dst[i] = 0
+		for _, v := range per {
+			dst[i] += v
+		}
+	}
+	return nil
 }
 
 // RunStats returns the attached packet programs' combined run time in
@@ -374,19 +370,35 @@ func (d *Datapath) RunStats() (ns, runs uint64, err error) {
 // CountersOf reads one UID's counters, summed over CPUs; a UID the kernel
 // has not seen has zero counters.
 func (d *Datapath) CountersOf(uid uint32) (Counters, error) {
-	var vals []bwacctCounters
-	err := d.objs.BwCounters.Lookup(uid, &vals)
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return d.credits[uid], nil
+	c, _, err := d.countersOf(uid, true)
+	return c, err
+}
+
+// countersOf is CountersOf, which also returns uid's entry in
+// bw_hash_counts. Unless readHash, it takes that entry as last read if
+// there is one (see bw_slot_moved).
+func (d *Datapath) countersOf(uid uint32, readHash bool) (c, hash Counters, err error) {
+	c = d.credits[uid]
+	hash, ok := d.slots.lastHash(uid)
+	if readHash || !ok {
+		var vals []bwacctCounters
+		err := d.objs.BwHashCounts.Lookup(uid, &vals)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return c, hash, fmt.Errorf("read counters of UID %d: %w", uid, err)
+		}
+		hash = Counters{}
+		for _, v := range vals {
+			hash.add(v)
+		}
+		d.slots.read(uid, hash)
 	}
-	if err != nil {
-		return Counters{}, fmt.Errorf("read counters of UID %d: %w", uid, err)
+	c.plus(hash)
+	if slot := d.slots.slotOf(uid); slot != 0 {
+		if err := d.slotCounters(slot, &c); err != nil {
+			return c, hash, err
+		}
 	}
-	c := d.credits[uid]
-	for _, v := range vals {
-		c.add(v)
-	}
-	return c, nil
+	return c, hash, nil
 }
 
 func (c *Counters) add(v bwacctCounters) {
@@ -394,6 +406,13 @@ func (c *Counters) add(v bwacctCounters) {
 	c.RxPackets += v.RxPackets
 	c.TxBytes += v.TxBytes
 	c.TxPackets += v.TxPackets
+}
+
+func (c *Counters) plus(o Counters) {
+	c.RxBytes += o.RxBytes
+	c.RxPackets += o.RxPackets
+	c.TxBytes += o.TxBytes
+	c.TxPackets += o.TxPackets
 }
 
 // ApplyPolicies writes the given policies (the zero Policy deletes the
@@ -429,10 +448,7 @@ func (d *Datapath) EachCounter(fn func(uid uint32, c Counters)) error {
 	err := d.eachCounter(func(uid uint32, c Counters) {
 		if cr, ok := d.credits[uid]; ok {
 			credited[uid] = true
-			c.RxBytes += cr.RxBytes
-			c.RxPackets += cr.RxPackets
-			c.TxBytes += cr.TxBytes
-			c.TxPackets += cr.TxPackets
+			c.plus(cr)
 		}
 		fn(uid, c)
 	})
@@ -447,66 +463,120 @@ func (d *Datapath) EachCounter(fn func(uid uint32, c Counters)) error {
 	return nil
 }
 
-// eachCounter is EachCounter without the credits.
+// eachCounter is EachCounter without the credits: the sum of each ID's
+// entry in bw_hash_counts and its slot's counters. It gives a slot to each ID
+// it finds without one, while slots are left.
 func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		return err
 	}
+	slotted, ids, err := d.allSlotCounters()
+	if err != nil {
+		return err
+	}
+	found := make([]bool, len(ids)) // slots whose ID has an entry in bw_hash_counts
 	if len(d.keys) != batchSize {
 		d.keys = make([]uint32, batchSize)
 		d.values = make([]bwacctCounters, batchSize*ncpu)
 	}
 	var cursor ebpf.MapBatchCursor
 	for {
-		n, err := d.objs.BwCounters.BatchLookup(&cursor, d.keys, d.values, nil)
+		n, err := d.objs.BwHashCounts.BatchLookup(&cursor, d.keys, d.values, nil)
 		for i := range n {
+			uid := d.keys[i]
 			var c Counters
 			for _, v := range d.values[i*ncpu : (i+1)*ncpu] {
 				c.add(v)
 			}
-			fn(d.keys[i], c)
+			hash := c
+			d.slots.read(uid, hash)
+			if slot := d.slots.slotOf(uid); slot != 0 && int(slot) < len(slotted) {
+				c.plus(slotted[slot])
+				found[slot] = true
+			}
+			fn(uid, c)
+			d.slots.give(uid, hash)
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return nil
+			break
 		}
 		if err != nil {
 			return fmt.Errorf("read counters: %w", err)
 		}
 	}
+	// An ID given its slot before a packet of its own was counted (marked
+	// for its credits, or bw_hash_counts full) has no entry there: its slot
+	// alone.
+	for slot, id := range ids {
+		if id != noID && !found[slot] {
+			fn(id, slotted[slot])
+		}
+	}
+	return nil
 }
-
-// movedBytes is the size of bw_moved and of bw_xmoved: a byte per UID
-// below policyBitsUIDs, a byte per account.
-const movedBytes = policyBitsUIDs
 
 // EachMoved calls fn with the counters of every UID and every account whose
 // counters grew since the last call (UIDs below 2^20 and accounts; other
-// UIDs are only seen by EachCounter). It clears each one's mark before it
-// reads its counters, so a packet counted after the read marks it again for
-// the next call: nothing is missed, and a tick reads only the UIDs and
-// accounts that moved instead of every one on every CPU.
+// UIDs are only seen by EachCounter). It clears the marks (bw_moved and
+// bw_xmoved by ID, bw_slot_moved by slot) before it reads what they stand
+// for, so a packet counted after the read marks again for the next call:
+// nothing is missed, and a tick reads only the UIDs and accounts that moved
+// instead of every one on every CPU, and of those, only the counters that
+// moved: the slot of an ID marked by its slot alone (see bw_slot_moved).
 func (d *Datapath) EachMoved(fn func(uid uint32, c Counters)) error {
-	if err := d.eachMarked(d.objs.BwMoved, 0, fn); err != nil {
+	d.marked = d.marked[:0]
+	if err := d.takeMarks(d.objs.BwMoved, func(off int) (uint32, bool) { return uint32(off), true }); err != nil {
 		return err
 	}
-	return d.eachMarked(d.objs.BwXmoved, AccountBase, fn)
+	if err := d.takeMarks(d.objs.BwXmoved, func(off int) (uint32, bool) { return AccountBase + uint32(off), true }); err != nil {
+		return err
+	}
+	byID := len(d.marked) // marked by ID: their entries in bw_hash_counts grew, or their credits
+	d.slots.mu.Lock()
+	ids := d.slots.ids
+	d.slots.mu.Unlock()
+	taken := make(map[uint32]bool, len(d.marked))
+	for _, id := range d.marked {
+		taken[id] = true
+	}
+	// A slot's ID marked too is read in full already.
+	err := d.takeMarks(d.objs.BwSlotMoved, func(slot int) (uint32, bool) {
+		if slot >= len(ids) || ids[slot] == noID || taken[ids[slot]] {
+			return 0, false
+		}
+		return ids[slot], true
+	})
+	if err != nil {
+		return err
+	}
+	for i, id := range d.marked {
+		c, hash, err := d.countersOf(id, i < byID)
+		if err != nil {
+			return err
+		}
+		fn(id, c)
+		d.slots.give(id, hash) // its next packets count in a slot
+	}
+	return nil
 }
 
-// eachMarked is EachMoved over one map of marks, whose byte i stands for
-// the ID base+i.
-func (d *Datapath) eachMarked(marks *ebpf.Map, base uint32, fn func(uid uint32, c Counters)) error {
+// takeMarks clears the marks set in marks, a map of a byte per ID or slot,
+// and appends to d.marked the IDs that id gives for their offsets.
+func (d *Datapath) takeMarks(marks *ebpf.Map, id func(off int) (uint32, bool)) error {
 	mem, err := marks.Memory()
 	if err != nil {
 		return fmt.Errorf("map moved marks: %w", err)
 	}
-	if len(d.moved) != movedBytes {
-		d.moved = make([]byte, movedBytes)
+	size := int(mem.Size())
+	if len(d.moved) < size {
+		d.moved = make([]byte, size)
 	}
-	if _, err := mem.ReadAt(d.moved, 0); err != nil {
+	moved := d.moved[:size]
+	if _, err := mem.ReadAt(moved, 0); err != nil {
 		return fmt.Errorf("read moved marks: %w", err)
 	}
-	words := unsafe.Slice((*uint64)(unsafe.Pointer(&d.moved[0])), movedBytes/8)
+	words := unsafe.Slice((*uint64)(unsafe.Pointer(&moved[0])), size/8)
 	zero := []byte{0}
 	for i, w := range words {
 		if w == 0 {
@@ -514,17 +584,15 @@ func (d *Datapath) eachMarked(marks *ebpf.Map, base uint32, fn func(uid uint32, 
 		}
 		for j := 0; j < 8; j++ {
 			off := i*8 + j
-			if d.moved[off] == 0 {
+			if moved[off] == 0 {
 				continue
 			}
 			if _, err := mem.WriteAt(zero, int64(off)); err != nil {
 				return fmt.Errorf("clear moved mark: %w", err)
 			}
-			c, err := d.CountersOf(base + uint32(off))
-			if err != nil {
-				return err
+			if id, ok := id(off); ok {
+				d.marked = append(d.marked, id)
 			}
-			fn(base+uint32(off), c)
 		}
 	}
 	return nil

@@ -47,8 +47,8 @@ func TestPlainProgramsNeedNoAtomics(t *testing.T) {
 		if ops[asm.Xchg] == 0 || ops[asm.CmpXchg] == 0 {
 			t.Errorf("%s: atomics %v, want exchanges (the fold) and compare-and-exchanges (the claim)", name, ops)
 		}
-		if !maps[bwacctMapBwClaims] || !maps[bwacctMapBwCounters] {
-			t.Errorf("%s uses maps %v, want bw_claims and bw_counters", name, maps)
+		if !maps[bwacctMapBwClaims] || !maps[bwacctMapBwHashCounts] {
+			t.Errorf("%s uses maps %v, want bw_claims and bw_hash_counts", name, maps)
 		}
 	}
 }

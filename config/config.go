@@ -150,6 +150,7 @@ type Config struct {
 	Kernel  Kernel  // [kernel]
 	NFT     NFT     // [nft]
 	Xray    Xray    // [xray]
+	Devices Devices // [devices]
 	Control Control // [control]
 	Metrics Metrics // [metrics]
 	Notify  Notify  // [notify], [[notify.webhook]], [[notify.exec]], [[notify.telegram]]
@@ -242,6 +243,39 @@ type Xray struct {
 	Connections bool
 }
 
+// Devices configures the device limits: how many devices (client
+// addresses) may have SSH sessions or Xray connections of one user open at
+// once.
+type Devices struct {
+	// Default is the device limit of every user whose line of the limits
+	// file sets none (devices=N), from 0 to quota.MaxDevices; 0 (the
+	// default) is no limit.
+	Default uint32
+	// IPv6Prefix is the length of the IPv6 prefix whose addresses are one
+	// device, from MinIPv6Prefix to 128: a device's privacy addresses
+	// rotate within its /64. Default 64.
+	IPv6Prefix uint32
+	// Cut says which device is cut when a user has more than allowed.
+	// Default CutNewest.
+	Cut DeviceCut
+}
+
+// DeviceCut says which device of a user over their device limit is cut.
+type DeviceCut string
+
+// Device cuts.
+const (
+	// CutNewest cuts the device that came last: the devices that were
+	// there keep working, and the new one is refused while they are.
+	CutNewest DeviceCut = "newest"
+	// CutOldest cuts the device that came first: the newest login wins,
+	// and the device it replaced is refused while the others are there.
+	CutOldest DeviceCut = "oldest"
+)
+
+// MinIPv6Prefix is the shortest Devices.IPv6Prefix.
+const MinIPv6Prefix = 16
+
 // Control configures who may use bwctl.
 type Control struct {
 	// AdminGroup is a group whose members may change anything, as root
@@ -308,6 +342,10 @@ func Default() Config {
 			Configs:     []string{"/usr/local/etc/xray/config.json", "/etc/xray/config.json"},
 			Timeout:     500 * time.Millisecond,
 			Connections: true,
+		},
+		Devices: Devices{
+			IPv6Prefix: 64,
+			Cut:        CutNewest,
 		},
 		Metrics: Metrics{
 			Listen:     "127.0.0.1:9477",

@@ -71,6 +71,11 @@ api = "[::1]:10085"
 timeout = "1s"
 connections = false
 
+[devices]
+default = 3
+ipv6_prefix = 56
+cut = "oldest"
+
 [control]
 admin_group = "vpnadmin"
 
@@ -151,6 +156,7 @@ func fullConfig(t testing.TB) config.Config {
 			Timeout:     time.Second,
 			Connections: false,
 		},
+		Devices: config.Devices{Default: 3, IPv6Prefix: 56, Cut: config.CutOldest},
 		Control: config.Control{AdminGroup: "vpnadmin"},
 		Metrics: config.Metrics{Listen: "[::1]:0", PerUser: true, PerUserMax: 50000},
 		Notify: config.Notify{
@@ -183,7 +189,7 @@ func TestDefault(t *testing.T) {
 	if err := d.Validate(); err != nil {
 		t.Fatalf("Default().Validate() = %v", err)
 	}
-	for _, data := range []string{"", "\n", "# nothing but a comment\n\n", "[paths]\n[ssh]\n[kernel]\n[nft]\n[xray]\n[control]\n[metrics]\n[notify]\n", "notify.webhook = []\n"} {
+	for _, data := range []string{"", "\n", "# nothing but a comment\n\n", "[paths]\n[ssh]\n[kernel]\n[nft]\n[xray]\n[devices]\n[control]\n[metrics]\n[notify]\n", "notify.webhook = []\n"} {
 		if c := mustParse(t, data); !reflect.DeepEqual(c, d) {
 			t.Errorf("Parse(%q) = %+v, want Default() %+v", data, c, d)
 		}
@@ -421,8 +427,8 @@ func TestExample(t *testing.T) {
 			}
 		}
 	}
-	if n := len(leafKeys(t, ex)); n != 41 {
-		t.Errorf("example.toml has %d keys, want 41", n)
+	if n := len(leafKeys(t, ex)); n != 44 {
+		t.Errorf("example.toml has %d keys, want 44", n)
 	}
 }
 
@@ -524,6 +530,13 @@ var badFiles = []struct {
 	{"per_user_max zero", "[metrics]\nper_user_max = 0", file + `:2: metrics.per_user_max: must be from 1 to 1000000, got 0`, config.ErrInvalid},
 	{"per_user_max big", "[metrics]\nper_user_max = 1000001", file + `:2: metrics.per_user_max: must be from 1 to 1000000, got 1000001`, config.ErrInvalid},
 	{"per_user_max negative", "[metrics]\nper_user_max = -5", file + `:2: metrics.per_user_max: must be from 1 to 1000000, got -5`, config.ErrInvalid},
+	{"devices default", "[devices]\ndefault = 1001", file + `:2: devices.default: must be from 0 (no limit) to 1000, got 1001`, config.ErrInvalid},
+	{"devices default negative", "[devices]\ndefault = -1", file + `:2: devices.default: must be from 0 (no limit) to 1000, got -1`, config.ErrInvalid},
+	{"devices default string", "[devices]\ndefault = \"two\"", file + `:2: devices.default: must be an integer, got string "two"`, config.ErrInvalid},
+	{"ipv6 prefix short", "[devices]\nipv6_prefix = 8", file + `:2: devices.ipv6_prefix: must be from 16 to 128, got 8`, config.ErrInvalid},
+	{"ipv6 prefix long", "[devices]\nipv6_prefix = 129", file + `:2: devices.ipv6_prefix: must be from 16 to 128, got 129`, config.ErrInvalid},
+	{"devices cut", "[devices]\ncut = \"random\"", file + `:2: devices.cut: must be "newest" or "oldest", got "random"`, config.ErrInvalid},
+	{"devices cut int", "[devices]\ncut = 1", file + `:2: devices.cut: must be "newest" or "oldest", got integer 1`, config.ErrInvalid},
 	{"admin group multi-line string", "[control]\nadmin_group = \"\"\"\ninterval = \"9s\"\n\"\"\"\n", file + `:2: control.admin_group: must be a group name (letters, digits, '.', '_', '-', at most 32) or "", got "interval = \"9s\"\n"`, config.ErrInvalid},
 
 	// Tables.
@@ -564,7 +577,7 @@ var badFiles = []struct {
 		file + `:2: notify.webhook[2].url: must differ from notify.webhook[1].url, got the same "http://a"`, config.ErrInvalid},
 	{"webhook timeout", "[[notify.webhook]]\nurl = \"https://a.example/\"\ntimeout = \"10m\"", file + ":3: notify.webhook[1].timeout: must be from 1s to 5m, got 10m", config.ErrInvalid},
 	{"webhook events", "[[notify.webhook]]\nurl = \"https://a.example/\"\nevents = [\"block\", \"blocked\"]",
-		file + `:3: notify.webhook[1].events: must be event types (block, unblock, disable, enable, reset, threshold, expiring, failed, recovered), got "blocked"`, config.ErrInvalid},
+		file + `:3: notify.webhook[1].events: must be event types (block, unblock, disable, enable, reset, threshold, expiring, device, failed, recovered), got "blocked"`, config.ErrInvalid},
 	{"webhook unknown key", "[[notify.webhook]]\nurl = \"https://a.example/\"\nsecrte = \"x\"",
 		file + ":3: unknown key notify.webhook[1].secrte (did you mean notify.webhook[1].secret?)", config.ErrUnknownKey},
 	{"webhook table", "[notify.webhook]\nurl = \"https://a.example/\"", file + ":1: notify.webhook: must be an array of tables ([[notify.webhook]]), got table", config.ErrInvalid},

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 	"unicode/utf8"
+
+	"github.com/myvpn/bwagent/quota"
 )
 
 // keyDef is one key of the file: how to read it, check it and write it.
@@ -41,6 +43,10 @@ Names are 1 to 31 letters, digits, '_' or '-', not starting with a digit
 or '-'.`},
 	{"xray", `Xray users (VMess, VLESS, Trojan, Shadowsocks), counted and blocked
 through Xray's API.`},
+	{"devices", `Device limits: how many devices (client addresses) may have SSH sessions
+or Xray connections of one user open at once. A user's own limit is
+devices=N on their line of the limits file; the extra device's
+connections are cut, nobody else's.`},
 	{"control", `Who may use bwctl.`},
 	{"metrics", `Prometheus metrics, served over HTTP at /metrics (the README lists
 them). Changing a key here needs a restart.`},
@@ -282,6 +288,46 @@ included), and stop them at their limit there, from the connection each
 line of Xray's access log names: it needs "log": {"access": FILE} in
 Xray's config and Linux 6.0. Other connections are counted by Xray.`,
 		func(c *Config) *bool { return &c.Xray.Connections }),
+
+	uint32Key("devices.default", `The device limit of every user whose line of the limits file sets none,
+from 0 to 1000; 0 is no limit. A line's devices=unlimited exempts its user.`,
+		func(c *Config) *uint32 { return &c.Devices.Default }, func(n int64) error {
+			if n < 0 || n > quota.MaxDevices {
+				return invalidf("must be from 0 (no limit) to %d, got %d", quota.MaxDevices, n)
+			}
+			return nil
+		}),
+	uint32Key("devices.ipv6_prefix", `IPv6 addresses within a prefix of this length are one device, from 16 to
+128: a phone's privacy addresses rotate within its /64.`,
+		func(c *Config) *uint32 { return &c.Devices.IPv6Prefix }, func(n int64) error {
+			if n < MinIPv6Prefix || n > 128 {
+				return invalidf("must be from %d to 128, got %d", MinIPv6Prefix, n)
+			}
+			return nil
+		}),
+	{
+		path: "devices.cut",
+		doc: `Which device is cut when a user has one more than allowed: "newest" (the
+one that came last; the others keep working) or "oldest" (the newest
+login wins). The cut device's new connections are cut too while the user
+has their allowed number of other devices.`,
+		value: func(c *Config) string { return quote(string(c.Devices.Cut)) },
+		set: func(c *Config, v any) error {
+			s, ok := v.(string)
+			if !ok {
+				return invalidf(`must be "newest" or "oldest", got %s`, describe(v))
+			}
+			c.Devices.Cut = DeviceCut(s)
+			return nil
+		},
+		check: func(c *Config) error {
+			switch c.Devices.Cut {
+			case CutNewest, CutOldest:
+				return nil
+			}
+			return invalidf(`must be "newest" or "oldest", got %q`, c.Devices.Cut)
+		},
+	},
 
 	stringKey("control.admin_group", `Members of this group may use bwctl to change anything, as root can;
 "" is root only.`,

@@ -90,11 +90,12 @@ const (
 
 // EventTypes are the types of the events the agent notifies, as a
 // channel's events key names them: a user blocked, unblocked, disabled,
-// enabled or reset; a threshold of usage crossed; an expiry coming; a part
-// of the agent failed or recovered.
+// enabled or reset; a threshold of usage crossed; an expiry coming; a
+// device over a user's device limit cut; a part of the agent failed or
+// recovered.
 var EventTypes = []string{
 	quota.ActBlock, quota.ActUnblock, quota.ActDisable, quota.ActEnable, quota.ActReset,
-	quota.ActThreshold, quota.ActExpiring, quota.ActFailed, quota.ActRecovered,
+	quota.ActThreshold, quota.ActExpiring, quota.ActDevice, quota.ActFailed, quota.ActRecovered,
 }
 
 func defaultNotify() Notify {
@@ -207,8 +208,8 @@ the header X-Bwagent-Signature is "sha256=" and the hex HMAC-SHA256 of the
 body under it, and X-Bwagent-Timestamp the Unix time of the request. A
 2xx answer delivers it; anything else is retried. timeout bounds a
 request (1s to 5m); events lists the types sent (block, unblock, disable,
-enable, reset, threshold, expiring, failed, recovered; [] is all). The url
-identifies the channel: a new url starts from the events after it.`,
+enable, reset, threshold, expiring, device, failed, recovered; [] is all).
+The url identifies the channel: a new url starts from the events after it.`,
 		len: func(c *Config) int { return len(c.Notify.Webhooks) },
 		add: func(c *Config) { c.Notify.Webhooks = append(c.Notify.Webhooks, defaultWebhook()) },
 		keys: func(i int) []*keyDef {

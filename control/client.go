@@ -131,9 +131,27 @@ func (c *Client) SetLimit(ctx context.Context, name string, bytes uint64) error 
 	return callErr(err)
 }
 
-// RemoveLimit removes the user's limit line.
+// RemoveLimit removes the user's limit (a device limit on the line stays).
 func (c *Client) RemoveLimit(ctx context.Context, name string) error {
 	_, err := c.c.RemoveLimit(ctx, &controlpb.NameRequest{Name: name})
+	return callErr(err)
+}
+
+// Devices returns the user's live devices, oldest first; name "" means
+// the caller's own account.
+func (c *Client) Devices(ctx context.Context, name string) ([]Device, error) {
+	r, err := c.c.ListDevices(ctx, &controlpb.NameRequest{Name: name})
+	if err != nil {
+		return nil, callErr(err)
+	}
+	return devicesFromPB(r), nil
+}
+
+// SetDevices sets the user's device limit (devices=N);
+// quota.DevicesDefault removes it (the configured default applies) and
+// quota.DevicesUnlimited exempts the user from any.
+func (c *Client) SetDevices(ctx context.Context, name string, d quota.DeviceLimit) error {
+	_, err := c.c.SetDevices(ctx, &controlpb.SetDevicesRequest{Name: name, Devices: int32(d)})
 	return callErr(err)
 }
 

@@ -46,7 +46,8 @@ func newFake() *fake {
 	return &fake{
 		users: map[string]control.User{
 			"john": {Name: "john", Protocol: "ssh", UID: 54321, Present: true, Status: quota.Active, Used: 100, Limit: 1000, Remaining: 900,
-				Upload: 40, Download: 60, Today: 10, LastReset: t0, NextReset: t0.Add(24 * time.Hour), Updated: t0.Add(time.Minute)},
+				Upload: 40, Download: 60, Today: 10, LastReset: t0, NextReset: t0.Add(24 * time.Hour), Updated: t0.Add(time.Minute),
+				Devices: 1, DevicesLimit: 2},
 			"mary": {Name: "mary", Protocol: "vless", Present: true, Status: quota.Blocked, Used: 2000, Limit: 1000,
 				Reason: quota.ReasonLimit, BlockTime: t0, Override: control.Override{Active: true, Limit: 1000, Until: t0.Add(time.Hour)}, Expires: t0.Add(48 * time.Hour)},
 		},
@@ -132,6 +133,18 @@ func (f *fake) SetLimit(_ context.Context, name string, limit uint64) error {
 }
 func (f *fake) RemoveLimit(_ context.Context, name string) error {
 	return f.call("RemoveLimit %s", name)
+}
+func (f *fake) Devices(_ context.Context, name string) ([]control.Device, error) {
+	if err := f.call("Devices %s", name); err != nil {
+		return nil, err
+	}
+	return []control.Device{
+		{Address: "203.0.113.7", Protocols: []quota.Protocol{quota.SSH, quota.VLESS}, Connections: 3, Since: time.Unix(1700000000, 0), Bytes: 12345},
+		{Address: "2001:db8:1:2::/64", Protocols: []quota.Protocol{quota.VLESS}, Connections: 1, Refused: true},
+	}, nil
+}
+func (f *fake) SetDevices(_ context.Context, name string, d quota.DeviceLimit) error {
+	return f.call("SetDevices %s %d", name, d)
 }
 func (f *fake) Health() control.Health { return f.health }
 
@@ -277,6 +290,9 @@ func TestRoundTrip(t *testing.T) {
 		func() error { return c.SetLimit(ctx, "john", 5<<30) },
 		func() error { return c.SetLimit(ctx, "john", 0) },
 		func() error { return c.RemoveLimit(ctx, "john") },
+		func() error { return c.SetDevices(ctx, "john", 2) },
+		func() error { return c.SetDevices(ctx, "john", quota.DevicesUnlimited) },
+		func() error { return c.SetDevices(ctx, "john", quota.DevicesDefault) },
 		func() error { return c.Reset(ctx, "john") },
 		func() error { return c.Disable(ctx, "mary") },
 		func() error { return c.Enable(ctx, "mary") },
@@ -294,6 +310,17 @@ func TestRoundTrip(t *testing.T) {
 	if err := c.Unblock(ctx, "mary", -time.Second); control.Code(err) != codes.InvalidArgument {
 		t.Errorf("negative Unblock: %v", err)
 	}
+	for _, d := range []quota.DeviceLimit{-2, quota.MaxDevices + 1} {
+		if err := c.SetDevices(ctx, "john", d); control.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "invalid device limit") {
+			t.Errorf("SetDevices(%d): %v", d, err)
+		}
+	}
+	ds, err := c.Devices(ctx, "john")
+	if err != nil || len(ds) != 2 || ds[0].Address != "203.0.113.7" || !slices.Equal(ds[0].Protocols, []quota.Protocol{quota.SSH, quota.VLESS}) ||
+		ds[0].Connections != 3 || !ds[0].Since.Equal(time.Unix(1700000000, 0)) || ds[0].Bytes != 12345 || ds[0].Refused ||
+		!ds[1].Since.IsZero() || !ds[1].Refused {
+		t.Errorf("Devices = %+v, %v", ds, err)
+	}
 	h, err := c.Status(ctx)
 	if err != nil || !h.LastTick.Equal(f.health.LastTick) || h.TickDuration != f.health.TickDuration || h.Ticks != 4242 || h.Users != 2 ||
 		!maps.Equal(h.Errors, f.health.Errors) || !maps.Equal(h.Components, f.health.Components) || h.Kernel != f.health.Kernel ||
@@ -305,8 +332,9 @@ func TestRoundTrip(t *testing.T) {
 	}
 	wantCalls := []string{
 		"History john 2024-01-01 ",
-		"SetLimit john 5368709120", "SetLimit john 0", "RemoveLimit john", "Reset john",
-		"Disable mary", "Enable mary", "Unblock mary 1h30m0s", "Unblock mary 0s", "Check", "ResetAll",
+		"SetLimit john 5368709120", "SetLimit john 0", "RemoveLimit john",
+		"SetDevices john 2", "SetDevices john -1", "SetDevices john 0", "Reset john",
+		"Disable mary", "Enable mary", "Unblock mary 1h30m0s", "Unblock mary 0s", "Check", "ResetAll", "Devices john",
 	}
 	if got := f.Calls(); !slices.Equal(got, wantCalls) {
 		t.Errorf("backend calls\n got %q\nwant %q", got, wantCalls)
@@ -329,7 +357,8 @@ func equalUser(a, b control.User) bool {
 		a.Today == b.Today && a.Reason == b.Reason && a.BlockTime.Equal(b.BlockTime) && a.LastReset.Equal(b.LastReset) &&
 		a.Override.Active == b.Override.Active && a.Override.Limit == b.Override.Limit && a.Override.Until.Equal(b.Override.Until) &&
 		a.NextReset.Equal(b.NextReset) && a.Expires.Equal(b.Expires) && a.Updated.Equal(b.Updated) &&
-		a.BlockTime.IsZero() == b.BlockTime.IsZero() && a.Expires.IsZero() == b.Expires.IsZero()
+		a.BlockTime.IsZero() == b.BlockTime.IsZero() && a.Expires.IsZero() == b.Expires.IsZero() &&
+		a.Devices == b.Devices && a.DevicesLimit == b.DevicesLimit
 }
 
 func TestErrors(t *testing.T) {
@@ -563,6 +592,10 @@ func clientHelper(args []string) error {
 			_, err = c.History(ctx, arg, "", "")
 		case "setlimit":
 			err = c.SetLimit(ctx, arg, 1<<30)
+		case "devices":
+			_, err = c.Devices(ctx, arg)
+		case "setdevices":
+			err = c.SetDevices(ctx, arg, 2)
 		case "reset":
 			err = c.Reset(ctx, arg)
 		case "list":
@@ -625,25 +658,28 @@ func TestPermissions(t *testing.T) {
 			return group == "bwadmin" && c.UID == adminUID, nil
 		},
 	})
-	calls := []string{"get:", "get:john", "history:john", "get:mary", "history:mary", "setlimit:john", "reset:john", "list", "status", "watch"}
+	calls := []string{"get:", "get:john", "history:john", "get:mary", "history:mary", "devices:john", "devices:mary", "setlimit:john", "setdevices:john", "reset:john", "list", "status", "watch"}
 	john := runAs(t, johnUID, path, calls...)
 	for call, want := range map[string]string{
-		"get:":          "OK",
-		"get:john":      "OK",
-		"history:john":  "OK",
-		"get:mary":      "PermissionDenied you may read only your own usage (john); reading other users' usage needs root or membership of group bwadmin",
-		"history:mary":  "PermissionDenied you may read only your own usage (john)",
-		"setlimit:john": "PermissionDenied changing limits needs root or membership of group bwadmin",
-		"reset:john":    "PermissionDenied resetting usage needs root or membership of group bwadmin",
-		"list":          "PermissionDenied listing users needs root or membership of group bwadmin",
-		"status":        "PermissionDenied reading the agent's status needs root",
-		"watch":         "PermissionDenied watching every user needs root",
+		"get:":            "OK",
+		"get:john":        "OK",
+		"history:john":    "OK",
+		"get:mary":        "PermissionDenied you may read only your own usage (john); reading other users' usage needs root or membership of group bwadmin",
+		"history:mary":    "PermissionDenied you may read only your own usage (john)",
+		"setlimit:john":   "PermissionDenied changing limits needs root or membership of group bwadmin",
+		"devices:john":    "OK",
+		"devices:mary":    "PermissionDenied you may read only your own usage (john)",
+		"setdevices:john": "PermissionDenied changing limits needs root or membership of group bwadmin",
+		"reset:john":      "PermissionDenied resetting usage needs root or membership of group bwadmin",
+		"list":            "PermissionDenied listing users needs root or membership of group bwadmin",
+		"status":          "PermissionDenied reading the agent's status needs root",
+		"watch":           "PermissionDenied watching every user needs root",
 	} {
 		if got := john[call]; !strings.HasPrefix(got, want) {
 			t.Errorf("john %s: %q, want %q", call, got, want)
 		}
 	}
-	if c := f.Calls(); !slices.Equal(c, []string{"History john  "}) {
+	if c := f.Calls(); !slices.Equal(c, []string{"History john  ", "Devices john"}) {
 		t.Errorf("backend calls by john: %q", c)
 	}
 

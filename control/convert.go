@@ -30,6 +30,7 @@ func userToPB(u User) *controlpb.User {
 		OverrideActive: u.Override.Active, OverrideLimit: u.Override.Limit, OverrideUntil: unixSec(u.Override.Until),
 		NextReset: unixSec(u.NextReset), Expires: unixSec(u.Expires), Updated: unixSec(u.Updated),
 		Protocols: protocolNames(u.Protocols),
+		Devices:   int32(u.Devices), DevicesLimit: int32(u.DevicesLimit),
 	}
 }
 
@@ -50,7 +51,26 @@ func userFromPB(p *controlpb.User) User {
 		Override:  Override{Active: p.OverrideActive, Limit: p.OverrideLimit, Until: fromUnix(p.OverrideUntil)},
 		NextReset: fromUnix(p.NextReset), Expires: fromUnix(p.Expires), Updated: fromUnix(p.Updated),
 		Protocols: protocols(p.Protocols),
+		Devices:   int(p.Devices), DevicesLimit: int(p.DevicesLimit),
 	}
+}
+
+func devicesToPB(ds []Device) *controlpb.ListDevicesResponse {
+	out := &controlpb.ListDevicesResponse{Devices: make([]*controlpb.Device, len(ds))}
+	for i, d := range ds {
+		out.Devices[i] = &controlpb.Device{Address: d.Address, Protocols: protocolNames(d.Protocols),
+			Connections: int32(d.Connections), Since: unixSec(d.Since), Bytes: d.Bytes, Refused: d.Refused}
+	}
+	return out
+}
+
+func devicesFromPB(p *controlpb.ListDevicesResponse) []Device {
+	out := make([]Device, len(p.Devices))
+	for i, d := range p.Devices {
+		out[i] = Device{Address: d.Address, Protocols: protocols(d.Protocols), Connections: int(d.Connections),
+			Since: fromUnix(d.Since), Bytes: d.Bytes, Refused: d.Refused}
+	}
+	return out
 }
 
 func protocols(names []string) []quota.Protocol {

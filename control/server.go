@@ -261,6 +261,8 @@ var methods = map[string]access{
 	controlpb.Control_History_FullMethodName:     selfOrAdmin,
 	controlpb.Control_SetLimit_FullMethodName:    adminOnly,
 	controlpb.Control_RemoveLimit_FullMethodName: adminOnly,
+	controlpb.Control_SetDevices_FullMethodName:  adminOnly,
+	controlpb.Control_ListDevices_FullMethodName: selfOrAdmin,
 	controlpb.Control_Reset_FullMethodName:       adminOnly,
 	controlpb.Control_ResetAll_FullMethodName:    adminOnly,
 	controlpb.Control_Disable_FullMethodName:     adminOnly,
@@ -316,7 +318,7 @@ func methodName(full string) string {
 
 func (s *Server) needAdmin(method string) string {
 	what := map[string]string{
-		"SetLimit": "changing limits", "RemoveLimit": "changing limits",
+		"SetLimit": "changing limits", "RemoveLimit": "changing limits", "SetDevices": "changing limits",
 		"Reset": "resetting usage", "ResetAll": "resetting usage",
 		"Disable": "disabling users", "Enable": "enabling users", "Unblock": "unblocking users",
 		"Check": "running a check", "Status": "reading the agent's status",
@@ -447,6 +449,26 @@ func (s *Server) History(ctx context.Context, r *controlpb.HistoryRequest) (*con
 		out.Days = append(out.Days, &controlpb.Day{Day: d.Day, Up: d.Up, Down: d.Down})
 	}
 	return out, nil
+}
+
+func (s *Server) ListDevices(ctx context.Context, r *controlpb.NameRequest) (*controlpb.ListDevicesResponse, error) {
+	name, err := s.own(ctx, r.Name)
+	if err != nil {
+		return nil, err
+	}
+	ds, err := s.b.Devices(ctx, name)
+	if err != nil {
+		return nil, s.fail(ctx, "ListDevices", err)
+	}
+	return devicesToPB(ds), nil
+}
+
+func (s *Server) SetDevices(ctx context.Context, r *controlpb.SetDevicesRequest) (*controlpb.Empty, error) {
+	d := quota.DeviceLimit(r.Devices)
+	if !d.Valid() {
+		return nil, status.Errorf(codes.InvalidArgument, "%v %d: want 1 to %d devices, 0 (off) or -1 (unlimited)", quota.ErrBadDevices, r.Devices, quota.MaxDevices)
+	}
+	return s.empty(ctx, "SetDevices", s.b.SetDevices(ctx, r.Name, d))
 }
 
 func (s *Server) SetLimit(ctx context.Context, r *controlpb.SetLimitRequest) (*controlpb.Empty, error) {

@@ -25,6 +25,8 @@ type Backend interface {
 	Unblock(ctx context.Context, name string, d time.Duration) error
 	SetLimit(ctx context.Context, name string, limit uint64) error
 	RemoveLimit(ctx context.Context, name string) error
+	Devices(ctx context.Context, name string) ([]Device, error)
+	SetDevices(ctx context.Context, name string, d quota.DeviceLimit) error
 	Health() Health
 	// Updates returns the version of the users' snapshot now and a channel
 	// that is closed when a newer version is published.
@@ -40,6 +42,7 @@ type (
 	Health      = view.Health
 	KernelStats = view.KernelStats
 	UserRow     = view.UserRow
+	Device      = view.Device
 )
 
 // NotifyChannel is one notification channel's state in Health (view).
@@ -55,6 +58,7 @@ type ErrorCode struct {
 var DefaultErrorCodes = []ErrorCode{
 	{quota.ErrBadName, codes.InvalidArgument},
 	{quota.ErrBadLimit, codes.InvalidArgument},
+	{quota.ErrBadDevices, codes.InvalidArgument},
 	{quota.ErrNotBlocked, codes.FailedPrecondition},
 	{quota.ErrDisabled, codes.FailedPrecondition},
 }

@@ -176,15 +176,17 @@ func (m *Metrics) Committed(d time.Duration, err error) {
 	}
 }
 
-// reasonLabel bounds the reason label: a manual unblock's duration and a
-// scheduled reset's schedule are left out, and reasons past maxReasons
-// distinct ones are "other".
+// reasonLabel bounds the reason label: a manual unblock's duration, a
+// scheduled reset's schedule and a device cut's address are left out, and
+// reasons past maxReasons distinct ones are "other".
 func (m *Metrics) reasonLabel(r string) string {
 	switch {
 	case strings.HasPrefix(r, "Unblocked manually"):
 		r = "Unblocked manually"
 	case strings.HasPrefix(r, "Usage reset (scheduled"):
 		r = "Usage reset (scheduled)"
+	case strings.HasPrefix(r, quota.ReasonDevices):
+		r = quota.ReasonDevices
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -196,6 +196,19 @@ func TestReasonCap(t *testing.T) {
 	want(t, s, 2, "bwagent_events_total", "protocol", "ssh", "action", "block", "reason", "reason 3")
 }
 
+// A device cut's reason carries the device's address: the label does not.
+func TestDeviceReason(t *testing.T) {
+	m := metrics.New(metrics.Options{})
+	for i := range 100 {
+		m.Event(quota.VLESS, quota.ActDevice, fmt.Sprintf("%s (192.0.2.%d)", quota.ReasonDevices, i))
+	}
+	s := scrape(t, m, &fakeSource{health: healthyAgent()})
+	if n := s.Series("bwagent_events_total"); n != 1 {
+		t.Errorf("%d event series, want 1", n)
+	}
+	want(t, s, 100, "bwagent_events_total", "protocol", "vless", "action", "device", "reason", quota.ReasonDevices)
+}
+
 // What the agent is, read from the Source at each scrape: users by
 // protocol and status (every pair, zeros too), departed users, component
 // health, failing subjects, ticks, the kernel's counters, Xray.

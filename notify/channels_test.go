@@ -72,6 +72,11 @@ func TestPayload(t *testing.T) {
 	if got, want := health.Text(), "[n] xray api failed: connection refused"; got != want {
 		t.Errorf("text %q, want %q", got, want)
 	}
+	dev := payloadOf("p", "n", store.Event{ID: 10, Time: t0, Protocol: "vless", Name: "mary", Action: quota.ActDevice,
+		Reason: quota.ReasonDevices + " (192.0.2.7)", Used: 5 << 20, Limit: 10 << 20, Status: "ACTIVE"})
+	if got, want := dev.Text(), "[n] mary (vless) device cut: Device Limit Exceeded (192.0.2.7)\nusage 5.0 MiB of 10.0 MiB, ACTIVE"; got != want {
+		t.Errorf("text %q, want %q", got, want)
+	}
 }
 
 // The channels of a configuration: one per webhook and program, one per

@@ -17,7 +17,8 @@ type Payload struct {
 	// channel: deduplicate on it.
 	ID string `json:"id"`
 	// Type is the event's type (config.EventTypes): block, unblock,
-	// disable, enable, reset, threshold, expiring, failed, recovered.
+	// disable, enable, reset, threshold, expiring, device, failed,
+	// recovered.
 	Type string `json:"type"`
 	// Time is when the event happened, in UTC.
 	Time time.Time `json:"time"`
@@ -117,7 +118,7 @@ func (p *Payload) Text() string {
 	}
 	fmt.Fprintf(&b, "%s (%s) ", u.Name, u.Protocol)
 	verb := map[string]string{quota.ActBlock: "blocked", quota.ActUnblock: "unblocked", quota.ActDisable: "disabled",
-		quota.ActEnable: "enabled"}[p.Type]
+		quota.ActEnable: "enabled", quota.ActDevice: "device cut"}[p.Type]
 	if verb == "" {
 		verb = p.Type // reset, threshold, expiring
 	}

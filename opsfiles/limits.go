@@ -16,11 +16,11 @@ import (
 )
 
 // Errors of the limits file's lines, besides quota.ErrBadName,
-// quota.ErrBadLimit and quota.ErrBadSchedule.
+// quota.ErrBadLimit, quota.ErrBadSchedule and quota.ErrBadDevices.
 var (
 	// ErrSyntax is a line that is not "USER LIMIT [reset=SCHEDULE]
-	// [expires=YYYY-MM-DD]": a missing limit, an unknown or repeated option,
-	// a bad date.
+	// [expires=YYYY-MM-DD] [devices=N]": a missing limit, an unknown or
+	// repeated option, a bad date.
 	ErrSyntax = errors.New("syntax error")
 	// ErrDuplicate is a line for a user that a later valid line sets again;
 	// the later line applies.
@@ -34,13 +34,16 @@ type Entry struct {
 	Limit   uint64         // bytes; 0 is unlimited
 	Reset   quota.Schedule // automatic usage reset; the zero Schedule is none
 	Expires string         // "" or YYYY-MM-DD: the user is blocked from that local day on
+	// Devices is the user's device limit (devices=N or devices=unlimited);
+	// quota.DevicesDefault when the line has none.
+	Devices quota.DeviceLimit
 }
 
 // Plan returns the entry as a quota.Plan, the expiry at the start of its day
 // in loc (UTC if nil). An invalid Expires (Set and the parser refuse one) is
 // ignored.
 func (e Entry) Plan(loc *time.Location) quota.Plan {
-	p := quota.Plan{Limit: e.Limit, Reset: e.Reset}
+	p := quota.Plan{Limit: e.Limit, Reset: e.Reset, Devices: e.Devices}
 	if e.Expires != "" {
 		if loc == nil {
 			loc = time.UTC
@@ -52,12 +55,17 @@ func (e Entry) Plan(loc *time.Location) quota.Plan {
 	return p
 }
 
-// LineError is a line of the limits file that was skipped.
+// LineError is a line of the limits file that was skipped, or an option
+// of a line that was ignored while the rest of the line applies (Partial).
 type LineError struct {
 	File string // the file's name as given to ParseLimits (ReadLimits: its base name); may be ""
 	Line int    // 1-based
 	Text string // the line as written, without its line end
 	Err  error
+	// Partial: only the option Err names was ignored (a bad devices=
+	// value); the rest of the line applies, so that a typo in it never
+	// lifts the user's data limit.
+	Partial bool
 }
 
 // Error returns "bw-limit.conf:7: problem" (or "line 7: problem" when the
@@ -74,8 +82,9 @@ func (e LineError) Unwrap() error { return e.Err }
 
 // Limits is the limits file, /etc/xray/bw-limit.conf: the operator-editable
 // source of the users' limits. Each line is "USER LIMIT" with optional
-// "reset=SCHEDULE" (quota.ParseSchedule) and "expires=YYYY-MM-DD" after the
-// limit, separated by spaces or tabs; LIMIT is read by quota.ParseLimit (a
+// "reset=SCHEDULE" (quota.ParseSchedule), "expires=YYYY-MM-DD" and
+// "devices=N" (quota.ParseDevices) after the limit, separated by spaces or
+// tabs; LIMIT is read by quota.ParseLimit (a
 // bare number is MiB: "john 10240" is 10 GiB; also 500M, 10G, 1.5T,
 // unlimited, 0). '#' starts a comment at the start of a line or after a
 // space or tab, so a '#' inside a name is part of it; blank lines, CRLF
@@ -102,7 +111,8 @@ type limitLine struct {
 
 // ParseLimits parses a limits file; name (the file's base name, or "") is
 // used in the line errors. A bad line is reported with its number and
-// skipped; the other lines still apply. If a user has several valid lines,
+// skipped; the other lines still apply. A bad devices= value is reported
+// too, as Partial: the rest of its line applies. If a user has several valid lines,
 // the last one applies and each earlier one is reported as a duplicate
 // (ErrDuplicate). The errors are in line order.
 func ParseLimits(name string, data []byte) (*Limits, []LineError) {
@@ -126,11 +136,16 @@ func ParseLimits(name string, data []byte) (*Limits, []LineError) {
 	var errs []LineError
 	for i := range l.lines {
 		ln := &l.lines[i]
-		e, user, err := parseLimitLine(ln.text)
+		e, user, err, ignored := parseLimitLine(ln.text)
 		ln.user = user
 		if err != nil {
 			errs = append(errs, l.lineError(i, err))
 			continue
+		}
+		if ignored != nil {
+			le := l.lineError(i, ignored)
+			le.Partial = true
+			errs = append(errs, le)
 		}
 		if e.User != "" {
 			ln.ok, ln.e = true, e
@@ -187,45 +202,53 @@ func commentStart(text string) int {
 
 // parseLimitLine parses the text of one line. A blank or comment line gives
 // the zero Entry and no error. user is the first token if it is a valid
-// name, even if the rest of the line is bad.
-func parseLimitLine(text string) (e Entry, user string, err error) {
+// name, even if the rest of the line is bad. ignored is a bad devices=
+// value, left out of e: the rest of the line applies.
+func parseLimitLine(text string) (e Entry, user string, err, ignored error) {
 	tok := strings.FieldsFunc(text[:commentStart(text)], isSep)
 	if len(tok) == 0 {
-		return Entry{}, "", nil
+		return Entry{}, "", nil, nil
 	}
 	if err := quota.ValidName(tok[0]); err != nil {
-		return Entry{}, "", err
+		return Entry{}, "", err, nil
 	}
 	user = tok[0]
 	if len(tok) < 2 {
-		return Entry{}, user, fmt.Errorf("%w: user %q has no limit (want USER LIMIT, e.g. %q)", ErrSyntax, user, user+" 10240")
+		return Entry{}, user, fmt.Errorf("%w: user %q has no limit (want USER LIMIT, e.g. %q)", ErrSyntax, user, user+" 10240"), nil
 	}
 	e.User = user
 	if e.Limit, err = quota.ParseLimit(tok[1]); err != nil {
-		return Entry{}, user, err
+		return Entry{}, user, err, nil
 	}
 	seen := map[string]bool{}
 	for _, t := range tok[2:] {
 		key, val, _ := strings.Cut(t, "=")
 		if seen[key] {
-			return Entry{}, user, fmt.Errorf("%w: %s= given twice", ErrSyntax, key)
+			return Entry{}, user, fmt.Errorf("%w: %s= given twice", ErrSyntax, key), nil
 		}
 		seen[key] = true
 		switch key {
 		case "reset":
 			if e.Reset, err = quota.ParseSchedule(val); err != nil {
-				return Entry{}, user, err
+				return Entry{}, user, err, nil
 			}
 		case "expires":
 			if err := checkDate(val); err != nil {
-				return Entry{}, user, err
+				return Entry{}, user, err, nil
 			}
 			e.Expires = val
+		case "devices":
+			d, err := quota.ParseDevices(val)
+			if err != nil {
+				ignored = fmt.Errorf("devices= ignored, the rest of the line applies: %w", err)
+				continue
+			}
+			e.Devices = d
 		default:
-			return Entry{}, user, fmt.Errorf("%w: unknown option %q after the limit (want reset=SCHEDULE or expires=YYYY-MM-DD)", ErrSyntax, t)
+			return Entry{}, user, fmt.Errorf("%w: unknown option %q after the limit (want reset=SCHEDULE, expires=YYYY-MM-DD or devices=N)", ErrSyntax, t), nil
 		}
 	}
-	return e, user, nil
+	return e, user, nil, ignored
 }
 
 // checkDate checks an expiry date.
@@ -297,7 +320,7 @@ func (l *Limits) Lookup(user string) (Entry, bool) {
 // Set refuses, changing nothing, an invalid user name (or one starting with
 // '#', which would read as a comment), a limit above quota.MaxLimit or one
 // that would not read back exactly (above 8 PiB and not whole MiB), an
-// invalid schedule or expiry date.
+// invalid schedule, expiry date or device limit.
 func (l *Limits) Set(e Entry) error {
 	if err := quota.ValidName(e.User); err != nil {
 		return err
@@ -322,6 +345,9 @@ func (l *Limits) Set(e Entry) error {
 		if err := checkDate(e.Expires); err != nil {
 			return err
 		}
+	}
+	if !e.Devices.Valid() {
+		return fmt.Errorf("%w: %d: want 1 to %d, or unlimited", quota.ErrBadDevices, e.Devices, quota.MaxDevices)
 	}
 	e.Line = 0
 	if l.index == nil {
@@ -377,6 +403,9 @@ func formatEntry(e Entry) string {
 	}
 	if e.Expires != "" {
 		s += " expires=" + e.Expires
+	}
+	if e.Devices != quota.DevicesDefault {
+		s += " devices=" + e.Devices.String()
 	}
 	return s
 }

@@ -405,3 +405,91 @@ func FuzzParseLimits(f *testing.F) {
 		}
 	})
 }
+
+// TestLimitsDevices: devices=N is read and written with the other options;
+// a bad value is reported with its line number and ignored, and the rest of
+// its line applies (a typo never lifts a user's data limit).
+func TestLimitsDevices(t *testing.T) {
+	in := "john 10240 devices=2\n" + // 1
+		"mary 5G reset=daily devices=unlimited expires=2030-01-01\n" + // 2
+		"bad 100 devices=-1 reset=daily\n" + // 3: -1 ignored
+		"two 100 devices=two\n" + // 4: ignored
+		"zero 100 devices=0 # keep\n" + // 5: ignored
+		"many 100 devices=1001\n" + // 6: ignored
+		"twice 100 devices=1 devices=2\n" // 7: syntax error, skipped
+	l, errs := ParseLimits("bw-limit.conf", []byte(in))
+	want := []struct {
+		line    int
+		is      error
+		text    string
+		partial bool
+	}{
+		{3, quota.ErrBadDevices, `bw-limit.conf:3: devices= ignored, the rest of the line applies: invalid device limit "-1": want a whole number of devices from 1 to 1000, or unlimited`, true},
+		{4, quota.ErrBadDevices, `"two"`, true},
+		{5, quota.ErrBadDevices, `"0"`, true},
+		{6, quota.ErrBadDevices, `"1001"`, true},
+		{7, ErrSyntax, "devices= given twice", false},
+	}
+	if len(errs) != len(want) {
+		t.Fatalf("errors: %v", errs)
+	}
+	for i, w := range want {
+		e := errs[i]
+		if e.Line != w.line || !errors.Is(e, w.is) || !strings.Contains(e.Error(), w.text) || e.Partial != w.partial {
+			t.Errorf("error %d: %v (line %d, partial %v), want line %d, %v, %q, partial %v", i, e, e.Line, e.Partial, w.line, w.is, w.text, w.partial)
+		}
+	}
+	wantEntries := []Entry{
+		{Line: 1, User: "john", Limit: 10 * quota.GiB, Devices: 2},
+		{Line: 2, User: "mary", Limit: 5 * quota.GiB, Reset: quota.Schedule{Period: quota.Daily}, Expires: "2030-01-01", Devices: quota.DevicesUnlimited},
+		{Line: 3, User: "bad", Limit: 100 * quota.MiB, Reset: quota.Schedule{Period: quota.Daily}},
+		{Line: 4, User: "two", Limit: 100 * quota.MiB},
+		{Line: 5, User: "zero", Limit: 100 * quota.MiB},
+		{Line: 6, User: "many", Limit: 100 * quota.MiB},
+	}
+	if got := l.Entries(); !reflect.DeepEqual(got, wantEntries) {
+		t.Errorf("Entries:\n%+v\nwant\n%+v", got, wantEntries)
+	}
+	if p := wantEntries[0].Plan(nil); p.Devices != 2 {
+		t.Errorf("plan: %+v", p)
+	}
+
+	// Set writes devices= last, keeps it through a change of the limit,
+	// and removes it for DevicesDefault.
+	e, _ := l.Lookup("john")
+	e.Limit = 20 * quota.GiB
+	if err := l.Set(e); err != nil {
+		t.Fatal(err)
+	}
+	e, _ = l.Lookup("zero")
+	e.Devices = 3
+	if err := l.Set(e); err != nil {
+		t.Fatal(err)
+	}
+	e, _ = l.Lookup("mary")
+	e.Devices = quota.DevicesDefault
+	if err := l.Set(e); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Set(Entry{User: "new", Devices: 1}); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []quota.DeviceLimit{-2, 0 - 5, quota.MaxDevices + 1} {
+		if err := l.Set(Entry{User: "x", Devices: d}); !errors.Is(err, quota.ErrBadDevices) {
+			t.Errorf("Set devices %d: %v", d, err)
+		}
+	}
+	got := string(l.Marshal())
+	for _, line := range []string{"john 20480 devices=2\n", "mary 5120 reset=daily expires=2030-01-01\n", "zero 100 devices=3 # keep\n", "new unlimited devices=1\n"} {
+		if !strings.Contains(got, line) {
+			t.Errorf("no %q in\n%s", line, got)
+		}
+	}
+	l2, errs := ParseLimits("", l.Marshal())
+	if len(errs) != 4 { // lines 3, 4, 6 and 7 as before
+		t.Errorf("re-parse: %v", errs)
+	}
+	if e, _ := l2.Lookup("new"); e.Devices != 1 || e.Limit != 0 {
+		t.Errorf("new: %+v", e)
+	}
+}

@@ -41,6 +41,12 @@ type Usage struct {
 	// an Xray client's protocol; both for a user who is both. Omitted when
 	// unknown (a file of an earlier version).
 	Protocols []string `json:"protocols,omitempty"`
+	// Devices is how many devices (client addresses) have an SSH session
+	// or an Xray connection of the user open now; DevicesLimit is how many
+	// may, null without a device limit. Live values, not read back by
+	// ReadUsage.
+	Devices      int  `json:"devices"`
+	DevicesLimit *int `json:"devices_limit"`
 }
 
 // TimeLayout is the layout of every timestamp in the operators' files:

@@ -43,11 +43,26 @@ func TestUsageMarshal(t *testing.T) {
   "upload": 1073741824,
   "download": 5368709120,
   "remaining": 0,
-  "updated_at": "2024-12-07 14:30:47"
+  "updated_at": "2024-12-07 14:30:47",
+  "devices": 0,
+  "devices_limit": null
 }
 `
 	if string(got) != want {
 		t.Errorf("Marshal:\n%s\nwant:\n%s", got, want)
+	}
+
+	two := 2
+	u = Usage{Username: "d", Protocols: []string{"ssh", "vless"}, Devices: 1, DevicesLimit: &two}
+	got, _ = u.Marshal()
+	if !strings.Contains(string(got), `"protocols": [
+    "ssh",
+    "vless"
+  ],
+  "devices": 1,
+  "devices_limit": 2
+}`) {
+		t.Errorf("Marshal:\n%s", got)
 	}
 
 	u = Usage{Username: "a<b>&c", Status: "UNLIMITED", BlockReason: "x<y"}

@@ -85,6 +85,10 @@ type Plan struct {
 	Limit   uint64   // bytes; 0 is unlimited
 	Reset   Schedule // automatic reset, if any
 	Expires Instant  // the user is blocked from this instant on; zero never
+	// Devices is the user's own device limit (devices=N); DevicesDefault
+	// leaves it to the configured default. It changes no status: the
+	// agent cuts a device over it.
+	Devices DeviceLimit
 }
 
 // Rules are the policy knobs shared by all users.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -20,6 +21,19 @@ const (
 
 	// noCookie in both halves of idiag_cookie: match by address alone.
 	noCookie = 0xffffffff
+
+	// inetDiagInfo is INET_DIAG_INFO, the attribute that carries a
+	// socket's struct tcp_info; a request asks for it with the bit
+	// 1 << (inetDiagInfo - 1) of idiag_ext.
+	inetDiagInfo = 2
+)
+
+// Where tcp_info's byte counts are: struct tcp_info only grows at its end,
+// so an older kernel's shorter one has them at the same place or not at
+// all.
+var (
+	offBytesAcked    = int(unsafe.Offsetof(unix.TCPInfo{}.Bytes_acked))
+	offBytesReceived = int(unsafe.Offsetof(unix.TCPInfo{}.Bytes_received))
 )
 
 // listStates is the idiag_states mask of List: every TCP state but
@@ -38,10 +52,11 @@ type sockID struct {
 	cookie       [2]uint32
 }
 
-// diagReq is struct inet_diag_req_v2 for IPPROTO_TCP, without extensions
-// (no INET_DIAG_INFO: List needs only the base message).
+// diagReq is struct inet_diag_req_v2 for IPPROTO_TCP; ext is idiag_ext,
+// the attributes asked for (INET_DIAG_INFO when byte counts are wanted).
 type diagReq struct {
 	family uint8
+	ext    uint8
 	states uint32
 	id     sockID
 }
@@ -52,7 +67,8 @@ func (r *diagReq) Serialize() []byte {
 	b := make([]byte, sizeofDiagReq)
 	b[0] = r.family
 	b[1] = unix.IPPROTO_TCP
-	// b[2] idiag_ext and b[3] pad stay 0.
+	b[2] = r.ext
+	// b[3] pad stays 0.
 	binary.NativeEndian.PutUint32(b[4:], r.states)
 	id := b[8:]
 	binary.BigEndian.PutUint16(id[0:], r.id.sport)
@@ -65,8 +81,8 @@ func (r *diagReq) Serialize() []byte {
 	return b
 }
 
-// parseMsg decodes a struct inet_diag_msg (the attributes after it are
-// ignored).
+// parseMsg decodes a struct inet_diag_msg and, of the attributes after it,
+// the byte counts of INET_DIAG_INFO.
 func parseMsg(b []byte) (Conn, error) {
 	if len(b) < sizeofDiagMsg {
 		return Conn{}, fmt.Errorf("inet_diag_msg of %d bytes, want %d", len(b), sizeofDiagMsg)
@@ -85,7 +101,7 @@ func parseMsg(b []byte) (Conn, error) {
 		return Conn{}, fmt.Errorf("inet_diag_msg of family %d", family)
 	}
 	rest := b[4+sizeofSockID:]
-	return Conn{
+	c := Conn{
 		Local:     netip.AddrPortFrom(src, binary.BigEndian.Uint16(id[0:])),
 		Remote:    netip.AddrPortFrom(dst, binary.BigEndian.Uint16(id[2:])),
 		State:     State(b[1]),
@@ -93,7 +109,24 @@ func parseMsg(b []byte) (Conn, error) {
 		Inode:     uint64(binary.NativeEndian.Uint32(rest[16:])),
 		Cookie:    uint64(binary.NativeEndian.Uint32(id[40:])) | uint64(binary.NativeEndian.Uint32(id[44:]))<<32,
 		Interface: binary.NativeEndian.Uint32(id[36:]),
-	}, nil
+	}
+	// The attributes: struct rtattr {u16 len; u16 type}, then the
+	// payload, each padded to 4 bytes.
+	for attrs := b[sizeofDiagMsg:]; len(attrs) >= 4; {
+		n, typ := int(binary.NativeEndian.Uint16(attrs)), binary.NativeEndian.Uint16(attrs[2:])
+		if n < 4 || n > len(attrs) {
+			break
+		}
+		if typ == inetDiagInfo {
+			info := attrs[4:n]
+			if len(info) >= offBytesReceived+8 {
+				c.BytesSent = binary.NativeEndian.Uint64(info[offBytesAcked:])
+				c.BytesReceived = binary.NativeEndian.Uint64(info[offBytesReceived:])
+			}
+		}
+		attrs = attrs[min((n+3)&^3, len(attrs)):]
+	}
+	return c, nil
 }
 
 // errInvalidConn: a Conn that names no established socket.

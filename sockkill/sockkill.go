@@ -34,6 +34,10 @@
 //   - Filter by local port (the inbound ports), remote address and owning
 //     UID (the socket's idiag_uid: the UID that created the listening
 //     socket, inherited by every connection it accepts).
+//   - List every connection of some local ports, from any address
+//     (Filter.AnyRemote), with each socket's byte counts (Filter.Bytes):
+//     how the agent follows the Xray connections of the users' devices and
+//     shows what each device moved.
 //   - Any network namespace, through a [Handle] opened in it (Xray in a
 //     container).
 //
@@ -170,6 +174,11 @@ type Conn struct {
 	// Interface is the index of the device the socket is bound to, 0 if
 	// none.
 	Interface uint32
+	// BytesSent and BytesReceived are the TCP payload bytes the socket
+	// sent (and the peer acknowledged) and received so far (tcp_info's
+	// bytes_acked and bytes_received), when the Filter asked for them
+	// (Filter.Bytes); 0 otherwise.
+	BytesSent, BytesReceived uint64
 }
 
 // String describes c for logs, e.g.
@@ -189,8 +198,17 @@ type Filter struct {
 	// nothing to cut. IPv4 and IPv4-mapped IPv6 addresses are the same
 	// address here; zones are ignored.
 	Remotes []netip.Addr
+	// AnyRemote selects every remote address instead of Remotes: every
+	// connection to LocalPorts, which must not be empty then (AnyRemote
+	// without LocalPorts selects nothing, so that no Filter selects every
+	// connection of the host).
+	AnyRemote bool
 	// UID, if set, is the UID the sockets must belong to: Xray's.
 	UID *uint32
+	// Bytes asks the kernel for each socket's byte counts
+	// (Conn.BytesSent, Conn.BytesReceived), which costs it a little more
+	// per socket.
+	Bytes bool
 }
 
 // Handle is a sock_diag netlink socket in one network namespace. Its
@@ -292,7 +310,9 @@ func (h *Handle) List(f Filter) ([]Conn, error) {
 		remotes[a] = true
 		need4 = need4 || a.Is4()
 	}
-	if len(remotes) == 0 {
+	if f.AnyRemote {
+		need4 = true
+	} else if len(remotes) == 0 {
 		return nil, nil
 	}
 	ports := make(map[uint16]bool, len(f.LocalPorts))
@@ -301,8 +321,8 @@ func (h *Handle) List(f Filter) ([]Conn, error) {
 			ports[p] = true
 		}
 	}
-	if len(f.LocalPorts) > 0 && len(ports) == 0 {
-		return nil, nil // only port 0, which no connection has
+	if len(f.LocalPorts) > 0 && len(ports) == 0 || f.AnyRemote && len(ports) == 0 {
+		return nil, nil // only port 0, which no connection has; or every connection
 	}
 
 	// The kernel can filter a dump by one local port (idiag_sport; 0 for
@@ -326,8 +346,8 @@ func (h *Handle) List(f Filter) ([]Conn, error) {
 	defer h.mu.RUnlock()
 	var conns []Conn
 	for _, family := range families {
-		err := h.dump(family, listStates, sport, func(c Conn) {
-			if !remotes[c.Remote.Addr().Unmap()] {
+		err := h.dump(family, listStates, sport, f.Bytes, func(c Conn) {
+			if !f.AnyRemote && !remotes[c.Remote.Addr().Unmap()] {
 				return
 			}
 			if len(ports) > 0 && !ports[c.Local.Port()] {
@@ -346,19 +366,24 @@ func (h *Handle) List(f Filter) ([]Conn, error) {
 }
 
 // dump calls fn with every socket of family in the states of mask
-// (idiag_states), with local port sport if it is not 0. h.mu must be held.
-func (h *Handle) dump(family uint8, states uint32, sport uint16, fn func(Conn)) error {
+// (idiag_states), with local port sport if it is not 0, and with its byte
+// counts if bytes is set. h.mu must be held.
+func (h *Handle) dump(family uint8, states uint32, sport uint16, bytes bool, fn func(Conn)) error {
 	const attempts = 3
 	for attempt := 1; ; attempt++ {
 		req, err := h.request(nl.SOCK_DIAG_BY_FAMILY, unix.NLM_F_DUMP)
 		if err != nil {
 			return err
 		}
-		req.AddData(&diagReq{
+		dr := &diagReq{
 			family: family,
 			states: states,
 			id:     sockID{sport: sport, cookie: [2]uint32{noCookie, noCookie}},
-		})
+		}
+		if bytes {
+			dr.ext = 1 << (inetDiagInfo - 1)
+		}
+		req.AddData(dr)
 		var got []Conn
 		var perr error
 		err = req.ExecuteIter(unix.NETLINK_SOCK_DIAG, nl.SOCK_DIAG_BY_FAMILY, func(m []byte) bool {
@@ -543,7 +568,7 @@ func (h *Handle) Listeners(ports []uint16) ([]Conn, error) {
 	defer h.mu.RUnlock()
 	var conns []Conn
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		err := h.dump(family, 1<<StateListen, 0, func(c Conn) {
+		err := h.dump(family, 1<<StateListen, 0, false, func(c Conn) {
 			if want[c.Local.Port()] {
 				conns = append(conns, c)
 			}

@@ -714,3 +714,57 @@ func TestListeners(t *testing.T) {
 		})
 	}
 }
+
+// TestListAnyRemote: AnyRemote lists every connection of the local ports,
+// from any address, with their byte counts when asked; without local ports
+// it lists nothing.
+func TestListAnyRemote(t *testing.T) {
+	for _, fam := range families {
+		t.Run(fam.name, func(t *testing.T) {
+			e := newEnv(t, fam)
+			s1, s2, other := e.serve(t), e.serve(t), e.serve(t)
+			c1 := e.dial(t, e.Addr1, s1.Port)
+			c2 := e.dial(t, e.Addr2, s2.Port)
+			e.dial(t, e.Addr1, other.Port)
+			// c2 moves 100 KiB each way on top of dial's line.
+			payload := make([]byte, 100<<10)
+			go c2.Write(payload)
+			if _, err := io.ReadFull(c2, make([]byte, len(payload))); err != nil {
+				t.Fatal(err)
+			}
+			conns, err := e.H.List(sockkill.Filter{LocalPorts: []uint16{s1.Port, s2.Port}, AnyRemote: true, Bytes: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := map[uint16]sockkill.Conn{}
+			for _, c := range conns {
+				got[c.Local.Port()] = c
+			}
+			if len(conns) != 2 || got[s1.Port].Remote.Addr().Unmap() != e.Addr1 || got[s2.Port].Remote.Addr().Unmap() != e.Addr2 {
+				t.Fatalf("listed %v", conns)
+			}
+			line := uint64(len("ping " + c1.LocalAddr().String() + "\n"))
+			if c := got[s1.Port]; c.BytesSent != line || c.BytesReceived != line {
+				t.Errorf("bytes of %v: sent %d, received %d; want %d each", c, c.BytesSent, c.BytesReceived, line)
+			}
+			line = uint64(len("ping " + c2.LocalAddr().String() + "\n"))
+			if c := got[s2.Port]; c.BytesSent != line+100<<10 || c.BytesReceived != line+100<<10 {
+				t.Errorf("bytes of %v: sent %d, received %d; want %d each", c, c.BytesSent, c.BytesReceived, line+100<<10)
+			}
+			// Without Bytes, no counts.
+			conns, err = e.H.List(sockkill.Filter{LocalPorts: []uint16{s2.Port}, AnyRemote: true})
+			if err != nil || len(conns) != 1 || conns[0].BytesSent != 0 || conns[0].Cookie != got[s2.Port].Cookie {
+				t.Errorf("without bytes: %v, %v", conns, err)
+			}
+			// No local ports: nothing, and Cut destroys nothing.
+			if conns, err := e.H.List(sockkill.Filter{AnyRemote: true}); err != nil || len(conns) != 0 {
+				t.Errorf("AnyRemote without ports: %v, %v", conns, err)
+			}
+			if n, err := e.H.Cut(sockkill.Filter{AnyRemote: true}); err != nil || n != 0 {
+				t.Errorf("Cut AnyRemote without ports: %d, %v", n, err)
+			}
+			s1.checkAlive(t, c1)
+			s2.checkAlive(t, c2)
+		})
+	}
+}

@@ -328,6 +328,32 @@ func (t *Tracker) stat(pid int) (comm string, start uint64, ok bool) {
 	return string(b[open+1 : close]), start, err == nil
 }
 
+// clockTicks is USER_HZ, the unit of /proc's process start times: 100 on
+// every Linux architecture.
+const clockTicks = 100
+
+// startOf returns when process p started, from its start time and the
+// boot time (/proc/stat's btime); the zero time if that cannot be read.
+func (t *Tracker) startOf(p *proc) time.Time {
+	if t.boot.IsZero() {
+		b, err := os.ReadFile(filepath.Join(t.cfg.Proc, "stat"))
+		if err != nil {
+			return time.Time{}
+		}
+		for line := range strings.Lines(string(b)) {
+			if v, ok := strings.CutPrefix(line, "btime "); ok {
+				if sec, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil {
+					t.boot = time.Unix(sec, 0)
+				}
+			}
+		}
+		if t.boot.IsZero() {
+			return time.Time{}
+		}
+	}
+	return t.boot.Add(time.Duration(p.start) * time.Second / clockTicks)
+}
+
 // uidOf returns a process's real UID (/proc/PID/status).
 func (t *Tracker) uidOf(pid int) (uint32, bool) {
 	f, err := os.Open(filepath.Join(t.cfg.Proc, strconv.Itoa(pid), "status"))
@@ -430,7 +456,7 @@ func (t *Tracker) attach(pid int, p *proc, ports map[uint16]bool, logins map[int
 		// another server. The process stays pending.
 		return nil, false, fmt.Errorf("logged login of %q from %s, but the session's client is %s", login.User, login.From, sess.remote)
 	}
-	s := Session{PID: pid, UID: uid, Local: sess.local, Remote: sess.remote}
+	s := Session{PID: pid, UID: uid, Local: sess.local, Remote: sess.remote, Start: t.startOf(p)}
 	cur, tagged, err := t.k.SocketAttribution(sess.fd)
 	if err != nil {
 		return nil, false, err
@@ -508,7 +534,7 @@ func (t *Tracker) attributedBefore(pid int, p *proc, ports map[uint16]bool) (*At
 			return nil, false, err
 		}
 		p.uid, p.session = a.UID, true
-		t.sessions[pid] = Session{PID: pid, UID: a.UID, Local: so.local, Remote: so.remote}
+		t.sessions[pid] = Session{PID: pid, UID: a.UID, Local: so.local, Remote: so.remote, Start: t.startOf(p)}
 		return nil, true, nil
 	}
 	return nil, false, nil
@@ -552,20 +578,37 @@ func (t *Tracker) Cut(uid uint32) (int, error) {
 		if s.UID != uid {
 			continue
 		}
-		ok, err := t.cut(pid, s)
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH) {
-			t.forget(pid) // ended since the last scan
-			continue
-		}
+		ok, err := t.CutSession(pid)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("SSH session process %d: %w", pid, err))
+			errs = append(errs, err)
 		}
 		if ok {
 			n++
-			delete(t.sessions, pid) // its connection is gone: no session any more
 		}
 	}
 	return n, errors.Join(errs...)
+}
+
+// CutSession ends the one SSH session of process pid, as Cut does, and
+// reports whether it cut it: a session that ended meanwhile is forgotten,
+// and a pid without a session is left alone.
+func (t *Tracker) CutSession(pid int) (bool, error) {
+	s, ok := t.sessions[pid]
+	if !ok {
+		return false, nil
+	}
+	cut, err := t.cut(pid, s)
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH) {
+		t.forget(pid) // ended since the last scan
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("SSH session process %d: %w", pid, err)
+	}
+	if cut {
+		delete(t.sessions, pid) // its connection is gone: no session any more
+	}
+	return cut, nil
 }
 
 // cut destroys the connection of session s of process pid.
@@ -586,17 +629,15 @@ func (t *Tracker) cut(pid int, s Session) (bool, error) {
 	if conn == nil {
 		return false, nil // closed meanwhile
 	}
-	var h *sockkill.Handle
-	if t.netns(pid) == t.netns(os.Getpid()) {
-		h, err = sockkill.NewHandle() // no thread of its own to make
-	} else {
-		ns, nerr := netns.GetFromPath(filepath.Join(t.cfg.Proc, strconv.Itoa(pid), "ns", "net"))
-		if nerr != nil {
-			return false, fmt.Errorf("network namespace: %w", nerr)
-		}
-		defer ns.Close()
-		h, err = sockkill.NewHandleAt(ns)
+	// Always in the process's own network namespace: the agent's main
+	// thread (what /proc/PID/ns/net shows of the agent) need not be in the
+	// namespace of the thread a handle would be made on.
+	ns, err := netns.GetFromPath(filepath.Join(t.cfg.Proc, strconv.Itoa(pid), "ns", "net"))
+	if err != nil {
+		return false, fmt.Errorf("network namespace: %w", err)
 	}
+	defer ns.Close()
+	h, err := sockkill.NewHandleAt(ns)
 	if err != nil {
 		return false, err
 	}

@@ -87,6 +87,9 @@ type Session struct {
 	// Local is the server's end (its listening address and port), Remote
 	// the client's.
 	Local, Remote netip.AddrPort
+	// Start is when the session process started: for OpenSSH the login,
+	// for Dropbear the connection. Zero if /proc/stat could not be read.
+	Start time.Time
 }
 
 // Attributed is a session attributed by this Scan.
@@ -149,6 +152,7 @@ type Tracker struct {
 	proven   map[uint16]bool  // ports a session was attributed on
 	walked   map[int]struct{} // the PIDs in /proc at the last scan
 	gen      uint64           // changes with procs: see Generation
+	boot     time.Time        // the boot time (btime), once read: see startOf
 }
 
 // proc is what a Tracker knows of one server process.

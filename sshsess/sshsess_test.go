@@ -191,8 +191,13 @@ func TestSessionsCountedOnce(t *testing.T) {
 func sessionsCountedOnce(t *testing.T, kind sshtest.Kind, addr netip.Addr) {
 	f := newFixture(t, kind, addr)
 	a := f.account(t)
+	login := time.Now()
 	tun := f.srv.Tunnel(t, a, sshtest.ClientOptions{})
 	f.waitSessions(t, a.UID, 1)
+	// The session's start is its process's: the login, to /proc's 10 ms.
+	if s := f.tr.Sessions(a.UID)[0]; s.Start.Before(login.Add(-time.Second)) || s.Start.After(time.Now()) {
+		t.Errorf("session started %v, logged in at %v", s.Start, login)
+	}
 
 	before := f.total(t, a.UID)
 	beforeC := f.counters(t, a.UID)
@@ -222,7 +227,21 @@ func sessionsCountedOnce(t *testing.T, kind sshtest.Kind, addr netip.Addr) {
 	if err := f.dp.ApplyPolicies(map[uint32]bpf.Policy{a.UID: {Blocked: true}}); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := f.tr.Cut(a.UID); err != nil || n == 0 {
+	// The tunnel's session cut alone (CutSession), then whatever else
+	// the user has (Cut: the shell's ended already).
+	pid := 0
+	for _, s := range f.tr.Sessions(a.UID) {
+		if s.Remote == tun.Local {
+			pid = s.PID
+		}
+	}
+	if ok, err := f.tr.CutSession(pid); err != nil || !ok {
+		t.Fatalf("cut of the tunnel's session (process %d): %v, %v", pid, ok, err)
+	}
+	if ok, err := f.tr.CutSession(pid); err != nil || ok {
+		t.Errorf("second cut of the tunnel's session: %v, %v", ok, err)
+	}
+	if n, err := f.tr.Cut(a.UID); err != nil {
 		t.Fatalf("cut: %d sessions, %v", n, err)
 	}
 	before = f.total(t, a.UID)

@@ -1,6 +1,6 @@
 // Package view holds the read-only pictures of the agent that its readers
-// share: a user (User), a day of a user's history (Day) and the agent's
-// health (Health). The agent publishes them at the end of each tick; the
+// share: a user (User), a day of a user's history (Day), a user's device
+// (Device) and the agent's health (Health). The agent publishes them at the end of each tick; the
 // control API sends them over its socket; bwctl prints them. One type each,
 // so nothing converts them field by field.
 //
@@ -38,6 +38,37 @@ type User struct {
 	NextReset time.Time
 	Expires   time.Time
 	Updated   time.Time
+	// Devices is how many devices (client addresses) have an SSH session
+	// or an Xray connection of the user open; DevicesLimit is how many
+	// may, 0 for no limit (the user's devices=N, else the configured
+	// default).
+	Devices      int
+	DevicesLimit int
+}
+
+// Device is one of a user's devices as of the agent's last tick: a client
+// address with at least one open SSH session or Xray connection of the
+// user.
+type Device struct {
+	// Address is the device's address as the block log shows it: an IPv4
+	// address, an IPv6 prefix ("2001:db8:1:2::/64"), or, for a connection
+	// through a proxy on the server, the proxy's address and port
+	// ("127.0.0.1:40312").
+	Address string
+	// Protocols are those of its connections (ssh, an Xray protocol).
+	Protocols []quota.Protocol
+	// Connections is how many connections of the user it has open.
+	Connections int
+	// Since is when its oldest open connection opened; zero for one open
+	// before the agent started, whose start is unknown.
+	Since time.Time
+	// Bytes is the TCP payload its open connections moved so far, both
+	// ways.
+	Bytes uint64
+	// Refused: the device is over the user's device limit and its
+	// connections are being cut (it is listed only when some of them
+	// cannot be: see README).
+	Refused bool
 }
 
 // Override is a manual unblock in force (quota.Override, with a time).

@@ -13,8 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/control"
 	"github.com/myvpn/bwagent/internal/nettest"
@@ -147,22 +145,12 @@ func (e *agentEnv) dial(t *testing.T) *control.Client {
 	}
 }
 
-// counters reads a UID's kernel counters straight from the pinned map.
+// counters reads a UID's kernel counters straight from the pinned maps.
 func (e *agentEnv) counters(t *testing.T, uid uint32) bpf.Counters {
 	t.Helper()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_counters"), nil)
+	c, err := bpf.PinnedCounters(e.pin, uid)
 	if err != nil {
 		t.Fatal(err)
-	}
-	defer m.Close()
-	var per []bpf.Counters
-	if err := m.Lookup(uid, &per); err != nil {
-		t.Fatal(err)
-	}
-	var c bpf.Counters
-	for _, v := range per {
-		c.RxBytes += v.RxBytes
-		c.TxBytes += v.TxBytes
 	}
 	return c
 }

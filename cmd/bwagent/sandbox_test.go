@@ -167,7 +167,7 @@ func agentJob(t *testing.T, bin string, prefix []string) (capEff uint64, problem
 			capEff, _ = strconv.ParseUint(string(m[1]), 16, 64)
 		}
 	}
-	for _, pin := range []string{"bw_counters", "bw_policy"} {
+	for _, pin := range []string{"bw_hash_counts", "bw_policy"} {
 		if _, err := os.Stat(filepath.Join(e.pin, pin)); err != nil {
 			problems = append(problems, "pin: "+err.Error())
 		}

@@ -274,7 +274,7 @@ func TestSdNotifyProtocol(t *testing.T) {
 	if !regexp.MustCompile(`^READY=1\nSTATUS=1 user, 0 blocked, last tick (<1|\d+) ms$`).MatchString(ready) {
 		t.Errorf("READY message %q", ready)
 	}
-	if _, err := os.Stat(filepath.Join(e.pin, "bw_counters")); err != nil {
+	if _, err := os.Stat(filepath.Join(e.pin, "bw_hash_counts")); err != nil {
 		t.Errorf("READY=1 before the data plane is pinned: %v", err)
 	}
 	c, err := control.Dial(context.Background(), filepath.Join(e.dir, "bwagent.sock"))

@@ -50,7 +50,7 @@ func newFake() *fake {
 			Upload: 23 * quota.MiB, Download: 100 * quota.MiB, Today: 512, LastReset: t0, Updated: t0.Add(time.Hour)},
 		{Name: "john", Protocol: quota.SSH, UID: 1001, Present: true, Status: quota.Warning, Used: 9 * quota.GiB,
 			Limit: 10 * quota.GiB, Remaining: quota.GiB, Upload: 2 * quota.GiB, Download: 7 * quota.GiB, Today: 300 * quota.MiB,
-			LastReset: t0, NextReset: t0.AddDate(0, 1, 0), Updated: t0.Add(time.Hour)},
+			LastReset: t0, NextReset: t0.AddDate(0, 1, 0), Updated: t0.Add(time.Hour), Devices: 2, DevicesLimit: 2},
 		{Name: "mary", Protocol: quota.VLESS, Present: true, Status: quota.Blocked, Used: 5*quota.GiB + 200*quota.MiB,
 			Limit: 5 * quota.GiB, Upload: quota.GiB, Download: 4*quota.GiB + 200*quota.MiB, Today: quota.GiB,
 			Reason: quota.ReasonLimit, BlockTime: t0.Add(2 * time.Hour), LastReset: t0, NextReset: t0.AddDate(0, 1, 0),
@@ -125,6 +125,22 @@ func (f *fake) SetLimit(_ context.Context, name string, limit uint64) error {
 }
 func (f *fake) RemoveLimit(_ context.Context, name string) error {
 	return f.named("RemoveLimit", name)
+}
+func (f *fake) Devices(_ context.Context, name string) ([]control.Device, error) {
+	if err := f.named("Devices", name); err != nil {
+		return nil, err
+	}
+	if name != "john" {
+		return nil, nil
+	}
+	return []control.Device{
+		{Address: "203.0.113.7", Protocols: []quota.Protocol{quota.SSH}, Connections: 2, Since: t0.Add(10 * time.Minute), Bytes: 3 * quota.MiB},
+		{Address: "2001:db8:1:2::/64", Protocols: []quota.Protocol{quota.SSH}, Connections: 1, Bytes: 4096},
+		{Address: "198.51.100.9", Protocols: []quota.Protocol{quota.SSH}, Connections: 1, Since: t0.Add(time.Hour), Refused: true},
+	}, nil
+}
+func (f *fake) SetDevices(_ context.Context, name string, d quota.DeviceLimit) error {
+	return f.named(fmt.Sprintf("SetDevices %d", d), name)
 }
 func (f *fake) Health() control.Health {
 	f.call("Health")
@@ -214,6 +230,12 @@ func TestCommands(t *testing.T) {
 		{"set_unlimited", []string{"set", "john", "unlimited"}, []string{"SetLimit 0 john"}},
 		{"set_protocol", []string{"set", "john", "10G", "--protocol", "SSH"}, []string{"User john", "SetLimit 10737418240 john"}},
 		{"remove_limit", []string{"remove-limit", "john"}, []string{"RemoveLimit john"}},
+		{"devices", []string{"devices", "john"}, []string{"User john", "Devices john"}},
+		{"devices_own", []string{"devices"}, []string{"User john", "Devices john"}},
+		{"devices_none", []string{"devices", "bob"}, []string{"User bob", "Devices bob"}},
+		{"devices_set", []string{"devices", "john", "3"}, []string{"SetDevices 3 john"}},
+		{"devices_off", []string{"devices", "john", "off"}, []string{"SetDevices 0 john"}},
+		{"devices_unlimited", []string{"devices", "john", "unlimited"}, []string{"SetDevices -1 john"}},
 		{"usage", []string{"usage"}, []string{"User john"}},
 		{"usage_mary", []string{"usage", "mary"}, []string{"User mary"}},
 		{"usage_bob", []string{"usage", "bob"}, []string{"User bob"}},
@@ -276,6 +298,35 @@ func TestSetProtocol(t *testing.T) {
 		if got := f.Calls(); !slices.Equal(got, c.calls) {
 			t.Errorf("%q: backend calls %q, want %q", c.args, got, c.calls)
 		}
+	}
+}
+
+// TestDevicesRefused: bwctl devices refuses a bad number of devices with a
+// clear message and exit status 2, before it connects.
+func TestDevicesRefused(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		says string
+	}{
+		{[]string{"devices", "john", "two"}, `invalid device limit "two": want a whole number of devices from 1 to 1000, or unlimited; or off, to leave the user to the configured default`},
+		{[]string{"devices", "john", "-1"}, `invalid device limit "-1"`},
+		{[]string{"devices", "john", "0"}, `invalid device limit "0"`},
+		{[]string{"devices", "john", "1001"}, `invalid device limit "1001"`},
+		{[]string{"devices", "john", "2", "3"}, "too many arguments"},
+		{[]string{"devices", "../x", "2"}, "invalid user name"},
+	} {
+		f, sock := serve(t)
+		code, _, errs := runCmd(sock, c.args...)
+		if code != 2 || !strings.Contains(errs, c.says) || !strings.Contains(errs, "usage: bwctl devices") {
+			t.Errorf("%q: exit %d, stderr %q; want 2, %q", c.args, code, errs, c.says)
+		}
+		if got := f.Calls(); len(got) != 0 {
+			t.Errorf("%q: backend calls %q", c.args, got)
+		}
+	}
+	_, sock := serve(t)
+	if code, _, errs := runCmd(sock, "devices", "nosuch"); code != 1 || !strings.Contains(errs, "unknown user") {
+		t.Errorf("unknown user: exit %d, %q", code, errs)
 	}
 }
 

@@ -17,6 +17,7 @@ func init() {
 var completed = []struct{ name, desc string }{
 	{"set", "set a user limit"},
 	{"remove-limit", "remove a user limit"},
+	{"devices", "list or limit a user devices"},
 	{"usage", "show a user usage"},
 	{"list", "list users"},
 	{"blocked", "list blocked and disabled users"},
@@ -38,7 +39,7 @@ var completed = []struct{ name, desc string }{
 const (
 	statuses   = "active warning blocked unlimited disabled"
 	protocols  = "ssh vmess vless trojan shadowsocks"
-	userCmds   = "set remove-limit usage reset disable enable unblock history"
+	userCmds   = "set remove-limit devices usage reset disable enable unblock history"
 	shells     = "bash zsh fish"
 	listUsers  = `bwctl list 2>/dev/null | awk 'NR > 1 { print $1 }'`
 	valueFlags = "-o|--socket|-socket|--status|-status|--protocol|-protocol|--for|-for|--from|-from|--to|-to"
@@ -162,6 +163,8 @@ _bwctl() {
                 COMPREPLY=($(compgen -W "$(_bwctl_users "$socket")" -- "$cur"))
             elif [ "$cmd" = set ] && [ "$npos" -eq 1 ]; then
                 COMPREPLY=($(compgen -W "unlimited" -- "$cur"))
+            elif [ "$cmd" = devices ] && [ "$npos" -eq 1 ]; then
+                COMPREPLY=($(compgen -W "off unlimited" -- "$cur"))
             fi
             ;;
         completion)
@@ -226,6 +229,9 @@ _bwctl() {
           ;;
         history)
           _arguments $global '--from[first day]:day (YYYY-MM-DD): ' '--to[last day]:day (YYYY-MM-DD): ' '1:user:_bwctl_users' && ret=0
+          ;;
+        devices)
+          _arguments $global '1:user:_bwctl_users' '2:devices (1 to 1000):(off unlimited)' && ret=0
           ;;
         remove-limit|usage|disable|enable)
           _arguments $global '1:user:_bwctl_users' && ret=0

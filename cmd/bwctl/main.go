@@ -12,7 +12,12 @@
 //	                          or 500M, 10G, 1.5T, unlimited; with --protocol
 //	                          only if USER connects with P (ssh, vmess, vless,
 //	                          trojan or shadowsocks), else nothing changes
-//	remove-limit USER         remove USER's limit line
+//	remove-limit USER         remove USER's limit (a device limit stays)
+//	devices [USER]            list USER's devices (default: your own)
+//	devices USER N|off|unlimited
+//	                          allow USER N devices at once (1 to 1000); off:
+//	                          the configured default applies; unlimited:
+//	                          no device limit for USER
 //	usage [USER]              show one user's usage (default: your own)
 //	list [--status STATUS]    list users (STATUS: active, warning, blocked,
 //	                          unlimited or disabled)
@@ -53,7 +58,15 @@
 //     "today", "reason", "block_time", "last_reset", "next_reset", "expires",
 //     "updated", "manual_unblock" (bool), "manual_unblock_until",
 //     "protocols" (the user's sources now: ["ssh"], ["vless"], or
-//     ["ssh", "vless"] for a user who is both; [] for one who left)}.
+//     ["ssh", "vless"] for a user who is both; [] for one who left),
+//     "devices" (devices connected now), "devices_limit" (null without a
+//     device limit)}.
+//   - devices USER: an array of {"address" ("203.0.113.7",
+//     "2001:db8:1:2::/64", or "127.0.0.1:40312" for a connection through a
+//     proxy on the server), "protocols", "connections", "since" (its
+//     oldest open connection; null if open before the agent started),
+//     "bytes" (TCP payload its open connections moved, both ways),
+//     "refused" (over the limit: its connections are being cut)}.
 //   - history: an array of {"day", "upload", "download", "total"}.
 //   - status: {"last_tick", "tick_duration_ns", "users", "errors",
 //     "notify"} where errors is an object of subject → message ({} when
@@ -154,7 +167,10 @@ commands:
   set USER LIMIT [--protocol P]
                            set a limit: MiB (10240) or 500M, 10G, 1.5T, unlimited;
                            with --protocol only if the user connects with P
-  remove-limit USER        remove a user's limit
+  remove-limit USER        remove a user's limit (a device limit stays)
+  devices [USER]           list a user's devices (default: your own)
+  devices USER N|off|unlimited
+                           allow a user N devices at once; off: the default
   usage [USER]             show a user's usage (default: your own)
   list [--status STATUS]   list users
   blocked                  list blocked and disabled users
@@ -392,7 +408,8 @@ var commands = map[string]command{
 	"remove-limit": simple(func(c *control.Client, ctx context.Context, n string) error {
 		return c.RemoveLimit(ctx, n)
 	}, "limit removed"),
-	"usage": {args: "[USER]", run: cmdUsage},
+	"usage":   {args: "[USER]", run: cmdUsage},
+	"devices": {args: "[USER] | USER N|off|unlimited", run: cmdDevices},
 	"list": {args: "[--status STATUS]", run: cmdList, flags: func(fs *flag.FlagSet) func() any {
 		st := fs.String("status", "", "only users with this `status`")
 		return func() any { return *st }
@@ -461,6 +478,67 @@ func cmdSet(ctx context.Context, e *env) error {
 		return e.ok(name + ": limit set to unlimited")
 	}
 	return e.ok(name + ": limit set to " + e.size(limit))
+}
+
+// parseDevices parses the device limit of `devices USER N|off|unlimited`.
+func parseDevices(s string) (quota.DeviceLimit, error) {
+	if strings.EqualFold(s, "off") {
+		return quota.DevicesDefault, nil
+	}
+	d, err := quota.ParseDevices(s)
+	if err != nil {
+		return 0, usagef("%v; or off, to leave the user to the configured default", err)
+	}
+	return d, nil
+}
+
+func cmdDevices(ctx context.Context, e *env) error {
+	if err := e.want(0, 2); err != nil {
+		return err
+	}
+	var name string
+	if len(e.args) > 0 {
+		var err error
+		if name, err = checkName(e.args[0]); err != nil {
+			return err
+		}
+	}
+	if len(e.args) == 2 {
+		d, err := parseDevices(e.args[1])
+		if err != nil {
+			return err
+		}
+		if err := e.do(ctx, func(c *control.Client) error { return c.SetDevices(ctx, name, d) }); err != nil {
+			return err
+		}
+		switch d {
+		case quota.DevicesDefault:
+			return e.ok(name + ": device limit removed (the configured default applies)")
+		case quota.DevicesUnlimited:
+			return e.ok(name + ": no device limit")
+		}
+		return e.ok(fmt.Sprintf("%s: device limit set to %d", name, d))
+	}
+	var u control.User
+	var ds []control.Device
+	err := e.do(ctx, func(c *control.Client) (err error) {
+		if u, err = c.User(ctx, name); err != nil {
+			return err
+		}
+		ds, err = c.Devices(ctx, u.Name)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if e.o.output == "json" {
+		out := make([]deviceOut, len(ds))
+		for i, d := range ds {
+			out[i] = deviceJSON(d)
+		}
+		return writeJSON(e.out, out)
+	}
+	return e.printDevices(u, ds)
 }
 
 func cmdUsage(ctx context.Context, e *env) error {

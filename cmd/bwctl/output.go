@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -124,6 +125,8 @@ type userOut struct {
 	ManualUnblock      bool     `json:"manual_unblock"`
 	ManualUnblockUntil jsonTime `json:"manual_unblock_until"`
 	Protocols          []string `json:"protocols"`
+	Devices            int      `json:"devices"`
+	DevicesLimit       *int     `json:"devices_limit"`
 }
 
 // userProtocols are u's sources now (ssh, an Xray protocol, or both); a
@@ -151,7 +154,82 @@ func userJSON(u control.User) userOut {
 		NextReset: jsonTime(u.NextReset), Expires: jsonTime(u.Expires), Updated: jsonTime(u.Updated),
 		ManualUnblock: u.Override.Active, ManualUnblockUntil: jsonTime(u.Override.Until),
 		Protocols: userProtocols(u),
+		Devices:   u.Devices, DevicesLimit: devicesLimit(u),
 	}
+}
+
+// devicesLimit is u's device limit for JSON: nil for none.
+func devicesLimit(u control.User) *int {
+	if u.DevicesLimit <= 0 {
+		return nil
+	}
+	n := u.DevicesLimit
+	return &n
+}
+
+// devicesCell shows u's devices and their limit: "1/2", or "1/-" without
+// a limit.
+func devicesCell(u control.User) string {
+	if u.DevicesLimit <= 0 {
+		return fmt.Sprintf("%d/-", u.Devices)
+	}
+	return fmt.Sprintf("%d/%d", u.Devices, u.DevicesLimit)
+}
+
+// deviceOut is a device in JSON output.
+type deviceOut struct {
+	Address     string   `json:"address"`
+	Protocols   []string `json:"protocols"`
+	Connections int      `json:"connections"`
+	Since       jsonTime `json:"since"`
+	Bytes       uint64   `json:"bytes"`
+	Refused     bool     `json:"refused"`
+}
+
+func deviceJSON(d control.Device) deviceOut {
+	ps := []string{}
+	for _, p := range d.Protocols {
+		ps = append(ps, string(p))
+	}
+	return deviceOut{Address: d.Address, Protocols: ps, Connections: d.Connections, Since: jsonTime(d.Since), Bytes: d.Bytes, Refused: d.Refused}
+}
+
+// printDevices prints u's devices: how many of how many, then a table.
+func (e *env) printDevices(u control.User, ds []control.Device) error {
+	limit := "no device limit"
+	if u.DevicesLimit > 0 {
+		limit = fmt.Sprintf("limit %d", u.DevicesLimit)
+	}
+	if len(ds) == 0 {
+		_, err := fmt.Fprintf(e.out, "%s: no device connected (%s)\n", u.Name, limit)
+		return err
+	}
+	fmt.Fprintf(e.out, "%s: %d devices (%s)\n", u.Name, len(ds), limit)
+	// A NOTE column only when a device is refused but still connected
+	// (its connections could not be cut).
+	refused := slices.ContainsFunc(ds, func(d control.Device) bool { return d.Refused })
+	tw := tabwriter.NewWriter(e.out, 0, 0, 2, ' ', 0)
+	fmt.Fprint(tw, "ADDRESS\tPROTOCOLS\tCONNECTIONS\tSINCE\tBYTES")
+	if refused {
+		fmt.Fprint(tw, "\tNOTE")
+	}
+	fmt.Fprintln(tw)
+	for _, d := range ds {
+		ps := make([]string, len(d.Protocols))
+		for i, p := range d.Protocols {
+			ps[i] = string(p)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s", d.Address, strings.Join(ps, "+"), d.Connections,
+			timeOr(d.Since, "before the agent started"), e.size(d.Bytes))
+		switch {
+		case d.Refused:
+			fmt.Fprint(tw, "\trefused: its connections cannot be cut")
+		case refused:
+			fmt.Fprint(tw, "\t-")
+		}
+		fmt.Fprintln(tw)
+	}
+	return tw.Flush()
 }
 
 // writeJSON writes v as one indented JSON document and a newline.
@@ -179,11 +257,11 @@ func (e *env) printList(users []control.User) error {
 	if e.o.color { // the header gets the colour cells' extra bytes too
 		head = plain + head + reset
 	}
-	fmt.Fprintf(tw, "USER\tPROTOCOL\t%s\tUSED\tLIMIT\tUSED%%\tREMAINING\tTODAY\n", head)
+	fmt.Fprintf(tw, "USER\tPROTOCOL\t%s\tUSED\tLIMIT\tUSED%%\tREMAINING\tTODAY\tDEVICES\n", head)
 	for _, u := range users {
 		limit, pct, rem := e.limitCells(u)
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", u.Name, u.Protocol, e.status(string(u.Status)),
-			e.size(u.Used), limit, pct, rem, e.size(u.Today))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", u.Name, u.Protocol, e.status(string(u.Status)),
+			e.size(u.Used), limit, pct, rem, e.size(u.Today), devicesCell(u))
 	}
 	return tw.Flush()
 }
@@ -220,6 +298,7 @@ func (e *env) printUser(u control.User) error {
 		{"next reset", timeOr(u.NextReset, "-")},
 		{"expires", timeOr(u.Expires, "never")},
 		{"manual unblock until", unblock},
+		{"devices", devicesCell(u)},
 	}
 	for _, r := range rows {
 		fmt.Fprintf(tw, "%s:\t%s\n", r[0], r[1])

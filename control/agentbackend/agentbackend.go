@@ -15,6 +15,7 @@ import (
 
 	"github.com/myvpn/bwagent/agent"
 	"github.com/myvpn/bwagent/control"
+	"github.com/myvpn/bwagent/quota"
 	"google.golang.org/grpc/codes"
 )
 
@@ -61,4 +62,12 @@ func (b *Backend) SetLimit(ctx context.Context, name string, limit uint64) error
 
 func (b *Backend) RemoveLimit(ctx context.Context, name string) error {
 	return b.a.RemoveLimit(ctx, name)
+}
+
+func (b *Backend) Devices(ctx context.Context, name string) ([]control.Device, error) {
+	return b.a.Devices(ctx, name)
+}
+
+func (b *Backend) SetDevices(ctx context.Context, name string, d quota.DeviceLimit) error {
+	return b.a.SetDevices(ctx, name, d)
 }

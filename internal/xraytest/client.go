@@ -60,6 +60,24 @@ func (s *Server) Client(t testing.TB, u User) *Client {
 	return c
 }
 
+// ClientFrom starts a client Xray of its own for u, whose connections to
+// the server come from source, a loopback address such as "127.0.0.4" that
+// other clients may have too (users behind one NAT, or a user's devices
+// behind one address), and returns it; it is stopped in t.Cleanup. u's
+// inbound must be one of the server's.
+func (s *Server) ClientFrom(t testing.TB, u User, source string) *Client {
+	t.Helper()
+	if err := checkAccount(u); err != nil {
+		t.Fatal(err)
+	}
+	if s.inPorts[u.Inbound] == 0 {
+		t.Fatalf("xraytest: user %q: the server has no inbound %q", u.Email, u.Inbound)
+	}
+	c := &Client{User: u, Source: source, sink: s.sink.addr, srv: s}
+	s.startClients(t, "client-"+u.Email+"-"+source, []*Client{c})
+	return c
+}
+
 // nextSource returns the next unused loopback address: 127.0.0.2,
 // 127.0.0.3, ..., 127.0.0.254, 127.0.1.2, ...
 func (s *Server) nextSource() string {

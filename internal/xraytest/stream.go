@@ -37,13 +37,31 @@ func (c *Client) Stream(t testing.TB, up, down int64) *Stream {
 	return openStream(t, c.User.Email, c.connect, up, down)
 }
 
+// TryStream is [Client.Stream] for a connection that may be refused or cut
+// while it opens (a device over its user's limit): it returns why instead
+// of failing t.
+func (c *Client) TryStream(t testing.TB, up, down int64) (*Stream, error) {
+	t.Helper()
+	return tryStream(t, c.connect, up, down)
+}
+
 // openStream opens a Stream on a connection to the sink that connect opens;
 // who is the user, for t's failure messages.
 func openStream(t testing.TB, who string, connect func() (net.Conn, error), up, down int64) *Stream {
 	t.Helper()
-	conn, err := connect()
+	s, err := tryStream(t, connect, up, down)
 	if err != nil {
 		t.Fatalf("stream as %s: %v", who, err)
+	}
+	return s
+}
+
+// tryStream opens a Stream on a connection to the sink that connect opens.
+func tryStream(t testing.TB, connect func() (net.Conn, error), up, down int64) (*Stream, error) {
+	t.Helper()
+	conn, err := connect()
+	if err != nil {
+		return nil, err
 	}
 	conn.SetDeadline(time.Now().Add(5 * time.Second))
 	var hdr [9]byte
@@ -56,7 +74,7 @@ func openStream(t testing.TB, who string, connect func() (net.Conn, error), up, 
 	}
 	if err != nil {
 		conn.Close()
-		t.Fatalf("stream as %s: open: %v", who, err)
+		return nil, fmt.Errorf("open: %w", err)
 	}
 	conn.SetDeadline(time.Time{})
 
@@ -79,7 +97,7 @@ func openStream(t testing.TB, who string, connect func() (net.Conn, error), up, 
 		}()
 	}
 	t.Cleanup(s.Close)
-	return s
+	return s, nil
 }
 
 // counter is a writer that counts what it gets, and drops it.

@@ -265,7 +265,11 @@ type User struct {
 	Expires        int64                  `protobuf:"varint,19,opt,name=expires,proto3" json:"expires,omitempty"`
 	Updated        int64                  `protobuf:"varint,20,opt,name=updated,proto3" json:"updated,omitempty"`
 	// All the user's sources now (ssh, an Xray protocol, or both).
-	Protocols     []string `protobuf:"bytes,21,rep,name=protocols,proto3" json:"protocols,omitempty"`
+	Protocols []string `protobuf:"bytes,21,rep,name=protocols,proto3" json:"protocols,omitempty"`
+	// Devices (client addresses) with a connection of the user open now, and
+	// how many may be (0: no limit).
+	Devices       int32 `protobuf:"varint,22,opt,name=devices,proto3" json:"devices,omitempty"`
+	DevicesLimit  int32 `protobuf:"varint,23,opt,name=devices_limit,json=devicesLimit,proto3" json:"devices_limit,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -447,6 +451,203 @@ func (x *User) GetProtocols() []string {
 	return nil
 }
 
+func (x *User) GetDevices() int32 {
+	if x != nil {
+		return x.Devices
+	}
+	return 0
+}
+
+func (x *User) GetDevicesLimit() int32 {
+	if x != nil {
+		return x.DevicesLimit
+	}
+	return 0
+}
+
+// Device mirrors view.Device: one of a user's devices.
+type Device struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Address       string                 `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"` // "203.0.113.7", "2001:db8:1:2::/64", "127.0.0.1:40312"
+	Protocols     []string               `protobuf:"bytes,2,rep,name=protocols,proto3" json:"protocols,omitempty"`
+	Connections   int32                  `protobuf:"varint,3,opt,name=connections,proto3" json:"connections,omitempty"`
+	Since         int64                  `protobuf:"varint,4,opt,name=since,proto3" json:"since,omitempty"`     // Unix seconds of its oldest open connection; 0: open before the agent started
+	Bytes         uint64                 `protobuf:"varint,5,opt,name=bytes,proto3" json:"bytes,omitempty"`     // TCP payload its open connections moved, both ways
+	Refused       bool                   `protobuf:"varint,6,opt,name=refused,proto3" json:"refused,omitempty"` // over the limit, its connections being cut
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Device) Reset() {
+	*x = Device{}
+	mi := &file_control_proto_control_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Device) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Device) ProtoMessage() {}
+
+func (x *Device) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_control_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Device.ProtoReflect.Descriptor instead.
+func (*Device) Descriptor() ([]byte, []int) {
+	return file_control_proto_control_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *Device) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Device) GetProtocols() []string {
+	if x != nil {
+		return x.Protocols
+	}
+	return nil
+}
+
+func (x *Device) GetConnections() int32 {
+	if x != nil {
+		return x.Connections
+	}
+	return 0
+}
+
+func (x *Device) GetSince() int64 {
+	if x != nil {
+		return x.Since
+	}
+	return 0
+}
+
+func (x *Device) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *Device) GetRefused() bool {
+	if x != nil {
+		return x.Refused
+	}
+	return false
+}
+
+type ListDevicesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Devices       []*Device              `protobuf:"bytes,1,rep,name=devices,proto3" json:"devices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDevicesResponse) Reset() {
+	*x = ListDevicesResponse{}
+	mi := &file_control_proto_control_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDevicesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDevicesResponse) ProtoMessage() {}
+
+func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_control_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDevicesResponse.ProtoReflect.Descriptor instead.
+func (*ListDevicesResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_control_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ListDevicesResponse) GetDevices() []*Device {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+type SetDevicesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// 1 to 1000 devices; 0: none of the user's own (the configured default
+	// applies); -1: unlimited, whatever the default.
+	Devices       int32 `protobuf:"varint,2,opt,name=devices,proto3" json:"devices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetDevicesRequest) Reset() {
+	*x = SetDevicesRequest{}
+	mi := &file_control_proto_control_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetDevicesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetDevicesRequest) ProtoMessage() {}
+
+func (x *SetDevicesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_control_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetDevicesRequest.ProtoReflect.Descriptor instead.
+func (*SetDevicesRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_control_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SetDevicesRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SetDevicesRequest) GetDevices() int32 {
+	if x != nil {
+		return x.Devices
+	}
+	return 0
+}
+
 type HistoryRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -459,7 +660,7 @@ type HistoryRequest struct {
 
 func (x *HistoryRequest) Reset() {
 	*x = HistoryRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[6]
+	mi := &file_control_proto_control_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -471,7 +672,7 @@ func (x *HistoryRequest) String() string {
 func (*HistoryRequest) ProtoMessage() {}
 
 func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[6]
+	mi := &file_control_proto_control_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -484,7 +685,7 @@ func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryRequest.ProtoReflect.Descriptor instead.
 func (*HistoryRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{6}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *HistoryRequest) GetName() string {
@@ -519,7 +720,7 @@ type Day struct {
 
 func (x *Day) Reset() {
 	*x = Day{}
-	mi := &file_control_proto_control_proto_msgTypes[7]
+	mi := &file_control_proto_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -531,7 +732,7 @@ func (x *Day) String() string {
 func (*Day) ProtoMessage() {}
 
 func (x *Day) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[7]
+	mi := &file_control_proto_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -544,7 +745,7 @@ func (x *Day) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Day.ProtoReflect.Descriptor instead.
 func (*Day) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{7}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Day) GetDay() string {
@@ -577,7 +778,7 @@ type HistoryResponse struct {
 
 func (x *HistoryResponse) Reset() {
 	*x = HistoryResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[8]
+	mi := &file_control_proto_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -589,7 +790,7 @@ func (x *HistoryResponse) String() string {
 func (*HistoryResponse) ProtoMessage() {}
 
 func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[8]
+	mi := &file_control_proto_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -602,7 +803,7 @@ func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryResponse.ProtoReflect.Descriptor instead.
 func (*HistoryResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{8}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *HistoryResponse) GetDays() []*Day {
@@ -622,7 +823,7 @@ type SetLimitRequest struct {
 
 func (x *SetLimitRequest) Reset() {
 	*x = SetLimitRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[9]
+	mi := &file_control_proto_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -634,7 +835,7 @@ func (x *SetLimitRequest) String() string {
 func (*SetLimitRequest) ProtoMessage() {}
 
 func (x *SetLimitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[9]
+	mi := &file_control_proto_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -647,7 +848,7 @@ func (x *SetLimitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLimitRequest.ProtoReflect.Descriptor instead.
 func (*SetLimitRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{9}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SetLimitRequest) GetName() string {
@@ -674,7 +875,7 @@ type UnblockRequest struct {
 
 func (x *UnblockRequest) Reset() {
 	*x = UnblockRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[10]
+	mi := &file_control_proto_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -686,7 +887,7 @@ func (x *UnblockRequest) String() string {
 func (*UnblockRequest) ProtoMessage() {}
 
 func (x *UnblockRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[10]
+	mi := &file_control_proto_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -699,7 +900,7 @@ func (x *UnblockRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnblockRequest.ProtoReflect.Descriptor instead.
 func (*UnblockRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{10}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *UnblockRequest) GetName() string {
@@ -725,7 +926,7 @@ type ResetAllResponse struct {
 
 func (x *ResetAllResponse) Reset() {
 	*x = ResetAllResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[11]
+	mi := &file_control_proto_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -737,7 +938,7 @@ func (x *ResetAllResponse) String() string {
 func (*ResetAllResponse) ProtoMessage() {}
 
 func (x *ResetAllResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[11]
+	mi := &file_control_proto_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -750,7 +951,7 @@ func (x *ResetAllResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResetAllResponse.ProtoReflect.Descriptor instead.
 func (*ResetAllResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{11}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ResetAllResponse) GetCount() int64 {
@@ -800,7 +1001,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[12]
+	mi := &file_control_proto_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -812,7 +1013,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[12]
+	mi := &file_control_proto_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -825,7 +1026,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{12}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StatusResponse) GetLastTickUnixNano() int64 {
@@ -971,7 +1172,7 @@ type NotifyChannel struct {
 
 func (x *NotifyChannel) Reset() {
 	*x = NotifyChannel{}
-	mi := &file_control_proto_control_proto_msgTypes[13]
+	mi := &file_control_proto_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -983,7 +1184,7 @@ func (x *NotifyChannel) String() string {
 func (*NotifyChannel) ProtoMessage() {}
 
 func (x *NotifyChannel) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[13]
+	mi := &file_control_proto_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -996,7 +1197,7 @@ func (x *NotifyChannel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotifyChannel.ProtoReflect.Descriptor instead.
 func (*NotifyChannel) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{13}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *NotifyChannel) GetName() string {
@@ -1071,7 +1272,7 @@ type UserRow struct {
 
 func (x *UserRow) Reset() {
 	*x = UserRow{}
-	mi := &file_control_proto_control_proto_msgTypes[14]
+	mi := &file_control_proto_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1083,7 +1284,7 @@ func (x *UserRow) String() string {
 func (*UserRow) ProtoMessage() {}
 
 func (x *UserRow) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[14]
+	mi := &file_control_proto_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1096,7 +1297,7 @@ func (x *UserRow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserRow.ProtoReflect.Descriptor instead.
 func (*UserRow) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{14}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *UserRow) GetName() string {
@@ -1157,7 +1358,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_control_proto_control_proto_msgTypes[15]
+	mi := &file_control_proto_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1169,7 +1370,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[15]
+	mi := &file_control_proto_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1182,7 +1383,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{15}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Snapshot) GetUsers() []*UserRow {
@@ -1205,7 +1406,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x11ListUsersResponse\x12.\n" +
 	"\x05users\x18\x01 \x03(\v2\x18.bwagent.control.v1.UserR\x05users\"$\n" +
 	"\x0eGetUserRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\xca\x04\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x89\x05\n" +
 	"\x04User\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x10\n" +
@@ -1231,7 +1432,21 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"next_reset\x18\x12 \x01(\x03R\tnextReset\x12\x18\n" +
 	"\aexpires\x18\x13 \x01(\x03R\aexpires\x12\x18\n" +
 	"\aupdated\x18\x14 \x01(\x03R\aupdated\x12\x1c\n" +
-	"\tprotocols\x18\x15 \x03(\tR\tprotocols\"H\n" +
+	"\tprotocols\x18\x15 \x03(\tR\tprotocols\x12\x18\n" +
+	"\adevices\x18\x16 \x01(\x05R\adevices\x12#\n" +
+	"\rdevices_limit\x18\x17 \x01(\x05R\fdevicesLimit\"\xa8\x01\n" +
+	"\x06Device\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x1c\n" +
+	"\tprotocols\x18\x02 \x03(\tR\tprotocols\x12 \n" +
+	"\vconnections\x18\x03 \x01(\x05R\vconnections\x12\x14\n" +
+	"\x05since\x18\x04 \x01(\x03R\x05since\x12\x14\n" +
+	"\x05bytes\x18\x05 \x01(\x04R\x05bytes\x12\x18\n" +
+	"\arefused\x18\x06 \x01(\bR\arefused\"K\n" +
+	"\x13ListDevicesResponse\x124\n" +
+	"\adevices\x18\x01 \x03(\v2\x1a.bwagent.control.v1.DeviceR\adevices\"A\n" +
+	"\x11SetDevicesRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\adevices\x18\x02 \x01(\x05R\adevices\"H\n" +
 	"\x0eHistoryRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04from\x18\x02 \x01(\tR\x04from\x12\x0e\n" +
@@ -1298,13 +1513,16 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x06upload\x18\x06 \x01(\x04R\x06upload\x12\x1a\n" +
 	"\bdownload\x18\a \x01(\x04R\bdownload\"=\n" +
 	"\bSnapshot\x121\n" +
-	"\x05users\x18\x01 \x03(\v2\x1b.bwagent.control.v1.UserRowR\x05users2\xcc\a\n" +
+	"\x05users\x18\x01 \x03(\v2\x1b.bwagent.control.v1.UserRowR\x05users2\xf5\b\n" +
 	"\aControl\x12X\n" +
 	"\tListUsers\x12$.bwagent.control.v1.ListUsersRequest\x1a%.bwagent.control.v1.ListUsersResponse\x12G\n" +
 	"\aGetUser\x12\".bwagent.control.v1.GetUserRequest\x1a\x18.bwagent.control.v1.User\x12R\n" +
-	"\aHistory\x12\".bwagent.control.v1.HistoryRequest\x1a#.bwagent.control.v1.HistoryResponse\x12J\n" +
+	"\aHistory\x12\".bwagent.control.v1.HistoryRequest\x1a#.bwagent.control.v1.HistoryResponse\x12W\n" +
+	"\vListDevices\x12\x1f.bwagent.control.v1.NameRequest\x1a'.bwagent.control.v1.ListDevicesResponse\x12J\n" +
 	"\bSetLimit\x12#.bwagent.control.v1.SetLimitRequest\x1a\x19.bwagent.control.v1.Empty\x12I\n" +
-	"\vRemoveLimit\x12\x1f.bwagent.control.v1.NameRequest\x1a\x19.bwagent.control.v1.Empty\x12C\n" +
+	"\vRemoveLimit\x12\x1f.bwagent.control.v1.NameRequest\x1a\x19.bwagent.control.v1.Empty\x12N\n" +
+	"\n" +
+	"SetDevices\x12%.bwagent.control.v1.SetDevicesRequest\x1a\x19.bwagent.control.v1.Empty\x12C\n" +
 	"\x05Reset\x12\x1f.bwagent.control.v1.NameRequest\x1a\x19.bwagent.control.v1.Empty\x12K\n" +
 	"\bResetAll\x12\x19.bwagent.control.v1.Empty\x1a$.bwagent.control.v1.ResetAllResponse\x12E\n" +
 	"\aDisable\x12\x1f.bwagent.control.v1.NameRequest\x1a\x19.bwagent.control.v1.Empty\x12D\n" +
@@ -1326,65 +1544,73 @@ func file_control_proto_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_control_proto_rawDescData
 }
 
-var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_control_proto_control_proto_goTypes = []any{
-	(*Empty)(nil),             // 0: bwagent.control.v1.Empty
-	(*NameRequest)(nil),       // 1: bwagent.control.v1.NameRequest
-	(*ListUsersRequest)(nil),  // 2: bwagent.control.v1.ListUsersRequest
-	(*ListUsersResponse)(nil), // 3: bwagent.control.v1.ListUsersResponse
-	(*GetUserRequest)(nil),    // 4: bwagent.control.v1.GetUserRequest
-	(*User)(nil),              // 5: bwagent.control.v1.User
-	(*HistoryRequest)(nil),    // 6: bwagent.control.v1.HistoryRequest
-	(*Day)(nil),               // 7: bwagent.control.v1.Day
-	(*HistoryResponse)(nil),   // 8: bwagent.control.v1.HistoryResponse
-	(*SetLimitRequest)(nil),   // 9: bwagent.control.v1.SetLimitRequest
-	(*UnblockRequest)(nil),    // 10: bwagent.control.v1.UnblockRequest
-	(*ResetAllResponse)(nil),  // 11: bwagent.control.v1.ResetAllResponse
-	(*StatusResponse)(nil),    // 12: bwagent.control.v1.StatusResponse
-	(*NotifyChannel)(nil),     // 13: bwagent.control.v1.NotifyChannel
-	(*UserRow)(nil),           // 14: bwagent.control.v1.UserRow
-	(*Snapshot)(nil),          // 15: bwagent.control.v1.Snapshot
-	nil,                       // 16: bwagent.control.v1.StatusResponse.ErrorsEntry
-	nil,                       // 17: bwagent.control.v1.StatusResponse.ComponentsEntry
+	(*Empty)(nil),               // 0: bwagent.control.v1.Empty
+	(*NameRequest)(nil),         // 1: bwagent.control.v1.NameRequest
+	(*ListUsersRequest)(nil),    // 2: bwagent.control.v1.ListUsersRequest
+	(*ListUsersResponse)(nil),   // 3: bwagent.control.v1.ListUsersResponse
+	(*GetUserRequest)(nil),      // 4: bwagent.control.v1.GetUserRequest
+	(*User)(nil),                // 5: bwagent.control.v1.User
+	(*Device)(nil),              // 6: bwagent.control.v1.Device
+	(*ListDevicesResponse)(nil), // 7: bwagent.control.v1.ListDevicesResponse
+	(*SetDevicesRequest)(nil),   // 8: bwagent.control.v1.SetDevicesRequest
+	(*HistoryRequest)(nil),      // 9: bwagent.control.v1.HistoryRequest
+	(*Day)(nil),                 // 10: bwagent.control.v1.Day
+	(*HistoryResponse)(nil),     // 11: bwagent.control.v1.HistoryResponse
+	(*SetLimitRequest)(nil),     // 12: bwagent.control.v1.SetLimitRequest
+	(*UnblockRequest)(nil),      // 13: bwagent.control.v1.UnblockRequest
+	(*ResetAllResponse)(nil),    // 14: bwagent.control.v1.ResetAllResponse
+	(*StatusResponse)(nil),      // 15: bwagent.control.v1.StatusResponse
+	(*NotifyChannel)(nil),       // 16: bwagent.control.v1.NotifyChannel
+	(*UserRow)(nil),             // 17: bwagent.control.v1.UserRow
+	(*Snapshot)(nil),            // 18: bwagent.control.v1.Snapshot
+	nil,                         // 19: bwagent.control.v1.StatusResponse.ErrorsEntry
+	nil,                         // 20: bwagent.control.v1.StatusResponse.ComponentsEntry
 }
 var file_control_proto_control_proto_depIdxs = []int32{
 	5,  // 0: bwagent.control.v1.ListUsersResponse.users:type_name -> bwagent.control.v1.User
-	7,  // 1: bwagent.control.v1.HistoryResponse.days:type_name -> bwagent.control.v1.Day
-	16, // 2: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
-	17, // 3: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
-	13, // 4: bwagent.control.v1.StatusResponse.notify:type_name -> bwagent.control.v1.NotifyChannel
-	14, // 5: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
-	2,  // 6: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
-	4,  // 7: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
-	6,  // 8: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
-	9,  // 9: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
-	1,  // 10: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
-	1,  // 11: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
-	0,  // 12: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
-	1,  // 13: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
-	1,  // 14: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
-	10, // 15: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
-	0,  // 16: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
-	0,  // 17: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
-	0,  // 18: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
-	3,  // 19: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
-	5,  // 20: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
-	8,  // 21: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
-	0,  // 22: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 23: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 24: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
-	11, // 25: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
-	0,  // 26: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
-	0,  // 27: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
-	0,  // 28: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
-	0,  // 29: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
-	12, // 30: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
-	15, // 31: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
-	19, // [19:32] is the sub-list for method output_type
-	6,  // [6:19] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	6,  // 1: bwagent.control.v1.ListDevicesResponse.devices:type_name -> bwagent.control.v1.Device
+	10, // 2: bwagent.control.v1.HistoryResponse.days:type_name -> bwagent.control.v1.Day
+	19, // 3: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
+	20, // 4: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
+	16, // 5: bwagent.control.v1.StatusResponse.notify:type_name -> bwagent.control.v1.NotifyChannel
+	17, // 6: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
+	2,  // 7: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
+	4,  // 8: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
+	9,  // 9: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
+	1,  // 10: bwagent.control.v1.Control.ListDevices:input_type -> bwagent.control.v1.NameRequest
+	12, // 11: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
+	1,  // 12: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
+	8,  // 13: bwagent.control.v1.Control.SetDevices:input_type -> bwagent.control.v1.SetDevicesRequest
+	1,  // 14: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
+	0,  // 15: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
+	1,  // 16: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
+	1,  // 17: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
+	13, // 18: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
+	0,  // 19: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
+	0,  // 20: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
+	0,  // 21: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
+	3,  // 22: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
+	5,  // 23: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
+	11, // 24: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
+	7,  // 25: bwagent.control.v1.Control.ListDevices:output_type -> bwagent.control.v1.ListDevicesResponse
+	0,  // 26: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 27: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 28: bwagent.control.v1.Control.SetDevices:output_type -> bwagent.control.v1.Empty
+	0,  // 29: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
+	14, // 30: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
+	0,  // 31: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
+	0,  // 32: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
+	0,  // 33: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
+	0,  // 34: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
+	15, // 35: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
+	18, // 36: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
+	22, // [22:37] is the sub-list for method output_type
+	7,  // [7:22] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_control_proto_init() }
@@ -1398,7 +1624,7 @@ func file_control_proto_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_control_proto_rawDesc), len(file_control_proto_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   18,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

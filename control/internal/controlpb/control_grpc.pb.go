@@ -27,8 +27,10 @@ const (
 	Control_ListUsers_FullMethodName   = "/bwagent.control.v1.Control/ListUsers"
 	Control_GetUser_FullMethodName     = "/bwagent.control.v1.Control/GetUser"
 	Control_History_FullMethodName     = "/bwagent.control.v1.Control/History"
+	Control_ListDevices_FullMethodName = "/bwagent.control.v1.Control/ListDevices"
 	Control_SetLimit_FullMethodName    = "/bwagent.control.v1.Control/SetLimit"
 	Control_RemoveLimit_FullMethodName = "/bwagent.control.v1.Control/RemoveLimit"
+	Control_SetDevices_FullMethodName  = "/bwagent.control.v1.Control/SetDevices"
 	Control_Reset_FullMethodName       = "/bwagent.control.v1.Control/Reset"
 	Control_ResetAll_FullMethodName    = "/bwagent.control.v1.Control/ResetAll"
 	Control_Disable_FullMethodName     = "/bwagent.control.v1.Control/Disable"
@@ -50,9 +52,12 @@ type ControlClient interface {
 	GetUser(ctx context.Context, in *GetUserRequest, opts ...grpc.CallOption) (*User, error)
 	// Per-day usage of one user. Same rule as GetUser.
 	History(ctx context.Context, in *HistoryRequest, opts ...grpc.CallOption) (*HistoryResponse, error)
+	// The live devices of one user. Same rule as GetUser.
+	ListDevices(ctx context.Context, in *NameRequest, opts ...grpc.CallOption) (*ListDevicesResponse, error)
 	// The rest are admin only.
 	SetLimit(ctx context.Context, in *SetLimitRequest, opts ...grpc.CallOption) (*Empty, error)
 	RemoveLimit(ctx context.Context, in *NameRequest, opts ...grpc.CallOption) (*Empty, error)
+	SetDevices(ctx context.Context, in *SetDevicesRequest, opts ...grpc.CallOption) (*Empty, error)
 	Reset(ctx context.Context, in *NameRequest, opts ...grpc.CallOption) (*Empty, error)
 	ResetAll(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*ResetAllResponse, error)
 	Disable(ctx context.Context, in *NameRequest, opts ...grpc.CallOption) (*Empty, error)
@@ -104,6 +109,16 @@ func (c *controlClient) History(ctx context.Context, in *HistoryRequest, opts ..
 	return out, nil
 }
 
+func (c *controlClient) ListDevices(ctx context.Context, in *NameRequest, opts ...grpc.CallOption) (*ListDevicesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListDevicesResponse)
+	err := c.cc.Invoke(ctx, Control_ListDevices_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *controlClient) SetLimit(ctx context.Context, in *SetLimitRequest, opts ...grpc.CallOption) (*Empty, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(Empty)
@@ -118,6 +133,16 @@ func (c *controlClient) RemoveLimit(ctx context.Context, in *NameRequest, opts .
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(Empty)
 	err := c.cc.Invoke(ctx, Control_RemoveLimit_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) SetDevices(ctx context.Context, in *SetDevicesRequest, opts ...grpc.CallOption) (*Empty, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Empty)
+	err := c.cc.Invoke(ctx, Control_SetDevices_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -224,9 +249,12 @@ type ControlServer interface {
 	GetUser(context.Context, *GetUserRequest) (*User, error)
 	// Per-day usage of one user. Same rule as GetUser.
 	History(context.Context, *HistoryRequest) (*HistoryResponse, error)
+	// The live devices of one user. Same rule as GetUser.
+	ListDevices(context.Context, *NameRequest) (*ListDevicesResponse, error)
 	// The rest are admin only.
 	SetLimit(context.Context, *SetLimitRequest) (*Empty, error)
 	RemoveLimit(context.Context, *NameRequest) (*Empty, error)
+	SetDevices(context.Context, *SetDevicesRequest) (*Empty, error)
 	Reset(context.Context, *NameRequest) (*Empty, error)
 	ResetAll(context.Context, *Empty) (*ResetAllResponse, error)
 	Disable(context.Context, *NameRequest) (*Empty, error)
@@ -257,11 +285,17 @@ func (UnimplementedControlServer) GetUser(context.Context, *GetUserRequest) (*Us
 func (UnimplementedControlServer) History(context.Context, *HistoryRequest) (*HistoryResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method History not implemented")
 }
+func (UnimplementedControlServer) ListDevices(context.Context, *NameRequest) (*ListDevicesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListDevices not implemented")
+}
 func (UnimplementedControlServer) SetLimit(context.Context, *SetLimitRequest) (*Empty, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetLimit not implemented")
 }
 func (UnimplementedControlServer) RemoveLimit(context.Context, *NameRequest) (*Empty, error) {
 	return nil, status.Error(codes.Unimplemented, "method RemoveLimit not implemented")
+}
+func (UnimplementedControlServer) SetDevices(context.Context, *SetDevicesRequest) (*Empty, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetDevices not implemented")
 }
 func (UnimplementedControlServer) Reset(context.Context, *NameRequest) (*Empty, error) {
 	return nil, status.Error(codes.Unimplemented, "method Reset not implemented")
@@ -362,6 +396,24 @@ func _Control_History_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_ListDevices_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(NameRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).ListDevices(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_ListDevices_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).ListDevices(ctx, req.(*NameRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Control_SetLimit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(SetLimitRequest)
 	if err := dec(in); err != nil {
@@ -394,6 +446,24 @@ func _Control_RemoveLimit_Handler(srv interface{}, ctx context.Context, dec func
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(ControlServer).RemoveLimit(ctx, req.(*NameRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_SetDevices_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetDevicesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).SetDevices(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_SetDevices_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).SetDevices(ctx, req.(*SetDevicesRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -555,12 +625,20 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Control_History_Handler,
 		},
 		{
+			MethodName: "ListDevices",
+			Handler:    _Control_ListDevices_Handler,
+		},
+		{
 			MethodName: "SetLimit",
 			Handler:    _Control_SetLimit_Handler,
 		},
 		{
 			MethodName: "RemoveLimit",
 			Handler:    _Control_RemoveLimit_Handler,
+		},
+		{
+			MethodName: "SetDevices",
+			Handler:    _Control_SetDevices_Handler,
 		},
 		{
 			MethodName: "Reset",
