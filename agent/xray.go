@@ -38,11 +38,10 @@ const xrayVerifyTicks = 5
 // counts every connection Xray's users can make (kernelCountsXray), Xray
 // counts nothing more than the first bytes of a connection before its
 // claim (at most xrayPendingMax), so its counters are read every
-// xrayReadTicks ticks to pay off the debt, and at once whenever bytes the
-// kernel did not count may be waiting: after a new config or a new epoch
-// of Xray's counters, when the kernel claimed a connection (its first
-// bytes, before the claim, are Xray's to count) or let one go unclaimed,
-// and while the last read found a user with more
+// xrayReadTicks ticks to pay off the debt and charge those, and at once
+// whenever bytes the kernel did not count may be flowing: after a new
+// config or a new epoch of Xray's counters, when the kernel let a
+// connection go unclaimed, and while the last read found a user with more
 // bytes than the kernel counted beyond xrayPendingMax for each new
 // connection (see chargeXray).
 const (
@@ -109,16 +108,14 @@ type xrayState struct {
 	// When the counters are read (see xrayReadTicks): readIn counts the
 	// ticks to the next read, readNow asks for one at the next tick,
 	// excess is set by a read that found bytes the kernel did not count,
-	// unclaimed and claims are the kernel's counts of connections it let
-	// go unclaimed and of connections claimed, as of the last tick, reads
-	// counts the reads (an epoch of
+	// unclaimed is the kernel's count of connections it let go
+	// unclaimed, as of the last tick, reads counts the reads (an epoch of
 	// the claims counted in xbase), and allHeld says the config's inbounds
 	// are all ones whose connections the kernel holds until claimed.
 	readIn    int
 	readNow   bool
 	excess    bool
 	unclaimed uint64
-	claims    uint64
 	reads     uint32
 	allHeld   bool
 
@@ -295,9 +292,9 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 // (see xrayReadTicks).
 func (a *Agent) xrayReadDue() bool {
 	x := &a.xr
-	st := a.kernel.stats
-	grew := st.XrayUnclaimed != x.unclaimed || st.XrayClaimed != x.claims
-	x.unclaimed, x.claims = st.XrayUnclaimed, st.XrayClaimed
+	unclaimed := a.kernel.stats.XrayUnclaimed
+	grew := unclaimed != x.unclaimed
+	x.unclaimed = unclaimed
 	x.readIn--
 	if x.readNow || x.excess || grew || x.readIn <= 0 || !a.kernelCountsXray() {
 		x.readNow, x.readIn = false, xrayReadTicks
