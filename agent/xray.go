@@ -125,15 +125,16 @@ type xrayState struct {
 
 // xbase is the baseline of one Xray user's counters, and what the kernel
 // counted of the user's connections that they have not reported yet (see
-// chargeXray). There is one for every Xray user: it is small (80 bytes).
+// chargeXray). There is one for every Xray user: it is small (96 bytes).
 type xbase struct {
 	name      string // the user's email
 	up, down  uint64 // the counters as last folded into usage
 	owed      quota.Usage
-	moved     int64  // when either count of the user last moved, Unix seconds: a debt's age
-	epoch     uint32 // of up and down: an index into xrayState.epochs
-	changed   uint32 // 1 + the index of this read's values in xrayState.changed; 0: none
-	claims    uint32 // connections claimed for the user since read number claimRead
+	credit    quota.Usage // reported by Xray before the kernel folded it (chargeXray)
+	moved     int64       // when either count of the user last moved, Unix seconds: a debt's age
+	epoch     uint32      // of up and down: an index into xrayState.epochs
+	changed   uint32      // 1 + the index of this read's values in xrayState.changed; 0: none
+	claims    uint32      // connections claimed for the user since read number claimRead
 	claimRead uint32
 	owedSaved bool // the store may hold a debt: a paid-off one is written as zero
 	dirty     bool

@@ -349,6 +349,12 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 		x.claims = append(x.claims, claim{client: e.Source, port: uint16(in.Port), at: now})
 		x.claimed++
 		a.xr.claimed(e.Email)
+		if e.Source.Addr().Unmap().IsLoopback() {
+			// A loopback peer is never held: what it moved before its
+			// claim is Xray's to count (the kernel folds only a held
+			// connection's), read at the next tick.
+			a.xr.readNow = true
+		}
 	}
 }
 
@@ -406,13 +412,19 @@ func (a *Agent) expireClaims(now time.Time) {
 func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 	b := a.xr.baseOf(u.r.name)
 	was := b.owed
-	if was != (quota.Usage{}) && now.Unix()-b.moved > int64(a.xrayIdle()/time.Second) {
-		b.owed = quota.Usage{}
+	if now.Unix()-b.moved > int64(a.xrayIdle()/time.Second) {
+		b.owed, b.credit = quota.Usage{}, quota.Usage{}
 	}
 	b.moved = now.Unix()
+	// What the kernel counted pays off the credit first: bytes Xray
+	// reported before the kernel folded them (see below).
+	paid := quota.Usage{Up: min(kern.Up, b.credit.Up), Down: min(kern.Down, b.credit.Down)}
+	b.credit = quota.Usage{Up: b.credit.Up - paid.Up, Down: b.credit.Down - paid.Down}
+	kern = quota.Usage{Up: kern.Up - paid.Up, Down: kern.Down - paid.Down}
 	payUp, payDown := min(xray.Up, b.owed.Up), min(xray.Down, b.owed.Down)
 	extra := quota.Usage{Up: xray.Up - payUp, Down: xray.Down - payDown}
-	if extra.Up+extra.Down > xrayPendingMax*uint64(1+b.claimsSince(a.xr.reads)) {
+	claims := uint64(b.claimsSince(a.xr.reads))
+	if extra.Up+extra.Down > xrayPendingMax*(1+claims) {
 		// More than the first bytes of the user's new connections: some
 		// of its traffic is Xray's alone to count. Read every tick.
 		a.xr.excess = true
@@ -420,10 +432,22 @@ func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 	if room, ok := a.kernelRoom(u, kern); ok {
 		extra = capUsage(extra, a.rules.Metric, room)
 	}
+	if claims > 0 && extra != (quota.Usage{}) {
+		// The first bytes of a held connection (xrayPendingMax at most)
+		// are folded into the account when its claim is taken, which
+		// can come after Xray reported them: what Xray reports beyond
+		// the debt, up to that much for each new connection, is credit
+		// the kernel's next bytes pay off rather than charged twice.
+		// Credit mistaken for such bytes only delays the charge of as
+		// many of the kernel's bytes to Xray's report of them.
+		most := xrayPendingMax * claims
+		b.credit.Up = min(b.credit.Up+extra.Up, most)
+		b.credit.Down = min(b.credit.Down+extra.Down, most)
+	}
 	d := kern.Add(extra)
 	owed := quota.Usage{Up: b.owed.Up - payUp + kern.Up, Down: b.owed.Down - payDown + kern.Down}
 	b.owed = owed
-	if owed != was {
+	if owed != was || paid != (quota.Usage{}) || claims > 0 && extra != (quota.Usage{}) {
 		a.xr.queueBase(u.r.name, b)
 	}
 	if (d != quota.Usage{}) {
