@@ -343,6 +343,7 @@ func (a *Agent) applyConfig(cfg config.Config) {
 	a.passwdStamp, a.limitsStamp = stamp{}, stamp{}
 	a.pub.changed = true // the default device limit is in the snapshot
 	a.work.fullEval = true
+	a.dev.all = true
 	a.nextExpire = time.Time{}
 }
 

@@ -412,7 +412,7 @@ func (a *Agent) loadLimits(now time.Time) error {
 	}
 	a.limitsBad = bad
 	plans := make(map[string]quota.Plan)
-	a.dev.limitedLines = 0
+	a.dev.limitedLines, a.dev.all = 0, true
 	for _, e := range l.Entries() {
 		plans[e.User] = e.Plan(a.loc)
 		if e.Devices > 0 {

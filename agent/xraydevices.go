@@ -79,6 +79,9 @@ type xconn struct {
 type xlive struct {
 	byUser map[string]map[xconnKey]*xconn
 	owner  map[xconnKey]string
+	// changed names the users whose connections came or went since the
+	// last enforceDevices, which looks at them (and takes the set).
+	changed map[string]struct{}
 	// recovered is the follower whose start the kernel's attributions
 	// were read at: a new follower (the agent's start, a new access log)
 	// reads them again.
@@ -105,12 +108,22 @@ func (x *xlive) put(k xconnKey, c *xconn) {
 	}
 	m[k] = c
 	x.owner[k] = c.user
+	x.touch(c.user)
+}
+
+// touch notes that user's connections changed.
+func (x *xlive) touch(user string) {
+	if x.changed == nil {
+		x.changed = make(map[string]struct{})
+	}
+	x.changed[user] = struct{}{}
 }
 
 // drop forgets user's connection k.
 func (x *xlive) drop(user string, k xconnKey) {
 	delete(x.owner, k)
 	if m := x.byUser[user]; m != nil {
+		x.touch(user)
 		delete(m, k)
 		if len(m) == 0 {
 			delete(x.byUser, user)
