@@ -140,7 +140,7 @@ func (a *Agent) evaluate(now time.Time) {
 }
 
 // statuses are the statuses by user.status, in a byte.
-var statuses = [...]quota.Status{"", quota.Disabled, quota.Blocked, quota.Warning, quota.Active, quota.Unlimited}
+var statuses = [...]quota.Status{"", quota.Disabled, quota.Blocked, quota.Throttled, quota.Warning, quota.Active, quota.Unlimited}
 
 func statusIndex(s quota.Status) uint8 { return uint8(slices.Index(statuses[:], s)) }
 
@@ -170,7 +170,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	if _, n := a.kernelKeys(u); n > 0 || t.proto == quota.SSH {
 		slack = kernelSlack(t.plan.Limit)
 	}
-	wasBlocked := t.st.Blocked
+	wasBlocked := a.xrayBlocked(u.r)
 	// On a copy: a user the rules leave alone keeps its published record.
 	old := u.r.state()
 	st := old
@@ -192,7 +192,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 			a.work.nextWake = w.Time()
 		}
 	}
-	if r.xray && st.Blocked != wasBlocked {
+	if r.xray && a.xrayBlocked(r) != wasBlocked {
 		a.markersDirty = true
 	}
 	if _, n := a.kernelKeys(u); n > 0 || r.ssh && a.byUID[r.uid] == u {

@@ -41,6 +41,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/config"
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
@@ -465,7 +466,8 @@ func (a *Agent) tick() {
 			CountersFull: st.CountersFull, QuotaFull: st.QuotaFull,
 			SSHSessions: uint64(a.sessionCount()), SSHHeld: st.SSHHeld, SSHUnattributed: st.SSHUnattributed,
 			SSHNeverAttributed: st.SSHReleased,
-			XrayClaimed:        st.XrayClaimed, XrayHeld: st.XrayHeld, XrayUnclaimed: st.XrayUnclaimed}}
+			XrayClaimed:        st.XrayClaimed, XrayHeld: st.XrayHeld, XrayUnclaimed: st.XrayUnclaimed,
+			DroppedRate: st.RateDropped}}
 	h.Components = a.components(h.Errors)
 	a.health.Store(h)
 	a.files.kick()
@@ -502,6 +504,7 @@ func (a *Agent) components(errs map[string]string) map[string]string {
 		c["kernel"], c["nftables"] = "disabled (ssh.enabled = false)", "disabled (ssh.enabled = false)"
 	}
 	c["ssh sessions"] = first(a.sessionsComponent(), "ssh sessions", "ssh session cuts")
+	c["speed caps"] = first(a.speedComponent(), "kernel policy")
 	switch {
 	case !a.cfg.Xray.Enabled:
 		c["xray"] = "disabled (xray.enabled = false)"
@@ -518,6 +521,23 @@ func (a *Agent) components(errs map[string]string) map[string]string {
 		c["xray"] = first(ok, "xray config", "xray api", "xray users", "xray connections")
 	}
 	return c
+}
+
+// speedComponent says how speed caps are enforced and how many users have
+// one in the kernel now. Policing is the mechanism on every machine: a
+// token bucket per user and direction in the packet programs, packets past
+// it dropped (at egress with a congestion notification, so TCP slows
+// down). Pacing (EDT: a departure time in skb->tstamp that an fq qdisc
+// holds the packet until) is not implemented: it needs fq on the egress
+// device, and the machines this was built and measured on have none.
+func (a *Agent) speedComponent() string {
+	n := 0
+	for _, p := range a.kernel.policy {
+		if p.Rate != (bpf.Rate{}) {
+			n++
+		}
+	}
+	return fmt.Sprintf("ok: policing (a token bucket per user and direction in the packet programs; no EDT pacing), %d kernel IDs capped", n)
 }
 
 // Health returns the agent's state as of the last tick.

@@ -146,12 +146,12 @@ func (a *Agent) SetLimit(ctx context.Context, name string, limit uint64) error {
 }
 
 // RemoveLimit removes the user's line from the limits file: unlimited. A
-// device limit on the line stays: the line becomes "USER unlimited
-// devices=N".
+// device limit, speed caps and a throttle rate on the line stay: the line
+// becomes "USER unlimited devices=N speed=RATE".
 func (a *Agent) RemoveLimit(ctx context.Context, name string) error {
 	return a.editLimits(ctx, name, func(l *opsfiles.Limits) error {
-		if e, ok := l.Lookup(name); ok && e.Devices != quota.DevicesDefault {
-			return l.Set(opsfiles.Entry{User: name, Devices: e.Devices})
+		if e, ok := l.Lookup(name); ok && (e.Devices != quota.DevicesDefault || !e.Speed.IsZero() || !e.Throttle.IsZero()) {
+			return l.Set(opsfiles.Entry{User: name, Devices: e.Devices, Speed: e.Speed, Throttle: e.Throttle})
 		}
 		if !l.Remove(name) {
 			return fmt.Errorf("%w: %s", ErrNoLimit, name)
@@ -173,6 +173,34 @@ func (a *Agent) SetDevices(ctx context.Context, name string, d quota.DeviceLimit
 		e, ok := l.Lookup(name)
 		e.User, e.Devices = name, d
 		if d == quota.DevicesDefault && e == (opsfiles.Entry{User: name, Line: e.Line}) {
+			if ok {
+				l.Remove(name)
+			}
+			return nil
+		}
+		return l.Set(e)
+	})
+}
+
+// SetSpeed sets the user's speed caps (speed=DOWN/UP on their line of the
+// limits file) or, with throttle, their throttle rate (throttle=); the zero
+// Speed removes it, so that the configured default applies. The rest of
+// the line stays; a line left with nothing to say is removed, and a user
+// without a line gets "USER unlimited speed=RATE". The caps apply in the
+// tick this command is followed by.
+func (a *Agent) SetSpeed(ctx context.Context, name string, throttle bool, s quota.Speed) error {
+	if !s.Valid() {
+		return fmt.Errorf("%w: %d/%d bit/s: want rates from %s to %s", quota.ErrBadRate, s.Down, s.Up, quota.MinRate, quota.MaxRate)
+	}
+	return a.editLimits(ctx, name, func(l *opsfiles.Limits) error {
+		e, ok := l.Lookup(name)
+		e.User = name
+		if throttle {
+			e.Throttle = s
+		} else {
+			e.Speed = s
+		}
+		if s.IsZero() && e == (opsfiles.Entry{User: name, Line: e.Line}) {
 			if ok {
 				l.Remove(name)
 			}

@@ -145,7 +145,7 @@ func (c *committer) appendLog() {
 	lines := make([]opsfiles.LogLine, 0, len(c.unlogged))
 	for _, e := range c.unlogged {
 		switch e.Action {
-		case quota.ActBlock, quota.ActUnblock, quota.ActDisable, quota.ActEnable, quota.ActReset, quota.ActDevice:
+		case quota.ActBlock, quota.ActThrottle, quota.ActUnblock, quota.ActDisable, quota.ActEnable, quota.ActReset, quota.ActDevice:
 			lines = append(lines, opsfiles.LogLine{Time: e.Time, Protocol: e.Protocol, Username: e.Name, Reason: e.Reason})
 		}
 	}

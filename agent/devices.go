@@ -157,7 +157,7 @@ func xrayConn(k xconnKey, c *xconn) userConn {
 // limitUserDevices applies u's device limit to u's connections now,
 // between ticks: when a new connection of u came.
 func (a *Agent) limitUserDevices(u *user, now time.Time) {
-	if a.deviceLimit(u.r) == 0 || u.r.blocked() || !u.r.present() {
+	if a.deviceLimit(u.r) == 0 || u.r.blocked(a.rules) || !u.r.present() {
 		return
 	}
 	if _, err := a.limitDevices(u, a.connsOf(u), now); err != nil {
@@ -180,7 +180,7 @@ func (a *Agent) limitDevices(u *user, conns []userConn, now time.Time) ([]liveDe
 	name := u.r.name
 	ref := a.dev.refused[name]
 	var verdicts []devices.Verdict
-	if n > 0 && !u.r.blocked() && u.r.present() {
+	if n > 0 && !u.r.blocked(a.rules) && u.r.present() {
 		verdicts = devices.Limit(devs, n, a.which(), func(k devices.Key) bool { return ref[k] != nil })
 	}
 	var errs []error

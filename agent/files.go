@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/myvpn/bwagent/opsfiles"
+	"github.com/myvpn/bwagent/quota"
 )
 
 // fileWriter writes the usage JSON files off the loop, so a slow or full disk
@@ -211,7 +212,7 @@ func (s *snapshot) usageDoc(r *record) opsfiles.Usage {
 		Username:    r.name,
 		TotalUsage:  st.Used(s.rules),
 		TotalLimit:  plan.Limit,
-		Blocked:     st.Blocked,
+		Blocked:     st.Enforced(plan, s.rules),
 		BlockReason: st.Reason,
 		BlockTime:   opsfiles.FormatTime(st.BlockTime.Time(), s.loc),
 		LastReset:   opsfiles.FormatTime(st.LastReset.Time(), s.loc),
@@ -234,6 +235,16 @@ func (s *snapshot) usageDoc(r *record) opsfiles.Usage {
 	if n := plan.Devices.Of(s.deviceDefault); n > 0 {
 		d.DevicesLimit = &n
 	}
+	sp := st.SpeedOf(plan, s.rules)
+	for _, f := range []struct {
+		r   quota.Rate
+		dst **uint64
+	}{{sp.Down, &d.SpeedDown}, {sp.Up, &d.SpeedUp}} {
+		if f.r != 0 {
+			n := uint64(f.r)
+			*f.dst = &n
+		}
+	}
 	return d
 }
 
@@ -243,7 +254,7 @@ func (a *Agent) syncMarkers() error {
 	if a.markersDirty {
 		a.markers = make(map[string]opsfiles.Marker)
 		for _, u := range a.users {
-			if r := u.r; r.xray && r.blocked() {
+			if r := u.r; r.xray && a.xrayBlocked(r) {
 				st := r.terms().st
 				a.markers[r.name] = opsfiles.Marker{Reason: st.Reason, Time: st.BlockTime.Time()}
 			}

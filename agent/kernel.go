@@ -239,8 +239,10 @@ func (a *Agent) updatePolicy(u *user) {
 	}
 	var p bpf.Policy
 	switch t := u.r.terms(); {
-	case t.st.Blocked:
+	case t.st.Enforced(t.plan, a.rules):
 		p = bpf.Policy{Blocked: true}
+		u.hasAnchor = false
+	case t.st.Blocked: // throttled: no budget, the throttle rate below
 		u.hasAnchor = false
 	case t.plan.Limit > 0 && !t.st.Override.Active:
 		an, err := a.anchor(u, keys[:n])
@@ -253,13 +255,21 @@ func (a *Agent) updatePolicy(u *user) {
 	default:
 		u.hasAnchor = false
 	}
+	st := u.r.state()
+	p.Rate = kernelRate(st.SpeedOf(u.r.plan(), a.rules))
 	for i, key := range keys[:n] {
 		q := p
-		if i > 0 && q.Quota != 0 {
-			q.QuotaKey = keys[0]
+		if i > 0 && (q.Quota != 0 || q.Rate != bpf.Rate{}) {
+			q.QuotaKey = keys[0] // one budget and one speed cap
 		}
 		a.kernel.setPolicy(key, q)
 	}
+}
+
+// kernelRate is a user's caps as the kernel takes them: download is what
+// the user receives (Rx), upload what they send (Tx), in bytes per second.
+func kernelRate(s quota.Speed) bpf.Rate {
+	return bpf.Rate{Rx: s.Down.BytesPerSecond(), Tx: s.Up.BytesPerSecond()}
 }
 
 // anchor is a budget granted to an SSH user in the kernel: the absolute

@@ -70,9 +70,22 @@ func (r *record) state() quota.State {
 	return st
 }
 
-// blocked reports whether the user is blocked (for the limit, an expiry or
-// by an administrator).
-func (r *record) blocked() bool { return r.t.Value().st.Blocked }
+// blocked reports whether the user is blocked outright under rl (for the
+// limit, an expiry or by an administrator): not a user throttled at the
+// limit, who keeps working at their throttle rate.
+func (r *record) blocked(rl quota.Rules) bool {
+	t := r.t.Value()
+	return t.st.Enforced(t.plan, rl)
+}
+
+// xrayBlocked reports whether r's Xray client is stopped as blocked:
+// blocked outright, or throttled while the kernel does not count Xray's
+// connections (xray.connections off, or Linux before 6.0), so that it
+// could not slow them: a throttle rate it cannot enforce must not become
+// a way around the limit.
+func (a *Agent) xrayBlocked(r *record) bool {
+	return r.blocked(a.rules) || (r.t.Value().st.Blocked && !a.xr.conns.active())
+}
 
 // setTerms makes t r's terms, r being a record the loop may write.
 func (r *record) setTerms(t terms) {

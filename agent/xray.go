@@ -104,6 +104,9 @@ type xrayState struct {
 	enforceAll bool
 	// verifyIn counts the ticks to the next listing of the inbounds.
 	verifyIn int
+	// wasActive is whether the kernel counted Xray's connections at the
+	// last enforceXray (see xrayBlocked).
+	wasActive bool
 
 	// When the counters are read (see xrayReadTicks): readIn counts the
 	// ticks to the next read, readNow asks for one at the next tick,
@@ -543,6 +546,10 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	if active := a.xr.conns.active(); active != a.xr.wasActive {
+		// Whether a throttled user stays in Xray depends on it.
+		a.xr.wasActive, a.xr.enforceAll = active, true
+	}
 	if a.xr.enforceAll {
 		for email, xus := range a.xr.users {
 			if u := a.users[email]; u != nil {
@@ -566,12 +573,12 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 func (a *Agent) enforceXrayUser(ctx context.Context, u *user, xus []xrayconf.User) error {
 	email := u.r.name
 	switch {
-	case u.r.blocked() && !a.xr.removed[email]:
+	case a.xrayBlocked(u.r) && !a.xr.removed[email]:
 		if err := a.removeXrayUser(ctx, email, xus); err != nil {
 			return err
 		}
 		a.xr.removed[email] = true
-	case !u.r.blocked() && a.xr.removed[email]:
+	case !a.xrayBlocked(u.r) && a.xr.removed[email]:
 		if err := a.addXrayUser(ctx, email, xus); err != nil {
 			return err
 		}
@@ -646,7 +653,7 @@ func (a *Agent) cutXrayUser(ctx context.Context, email string, ports []uint16) {
 		if other == email || a.xr.removed[other] {
 			continue
 		}
-		if u := a.users[other]; u != nil && u.r.blocked() {
+		if u := a.users[other]; u != nil && a.xrayBlocked(u.r) {
 			continue
 		}
 		for ip := range ips {
@@ -692,7 +699,7 @@ func (a *Agent) onlineUsers(ctx context.Context, email string) (map[string]map[s
 			if a.xr.removed[other] {
 				continue
 			}
-			if u := a.users[other]; u == nil || u.r.blocked() || u.r.updated < recent {
+			if u := a.users[other]; u == nil || a.xrayBlocked(u.r) || u.r.updated < recent {
 				continue
 			}
 		}

@@ -803,3 +803,27 @@ func TestXrayReadsWhenNeeded(t *testing.T) {
 		t.Errorf("with a WebSocket inbound: read at ticks %v, want every tick", got)
 	}
 }
+
+// TestXrayThrottledWithoutKernel: a throttle rate the kernel cannot
+// enforce (it does not count Xray's connections here) is no way around
+// the limit: the throttled client is removed from Xray, as a blocked one
+// is, and added back by the reset that lifts it.
+func TestXrayThrottledWithoutKernel(t *testing.T) {
+	e, fx, _ := newXrayEnv(t, "alice 1 throttle=1mbit\n")
+	e.step(0)
+	fx.use("alice", 2*int64(quota.MiB), 0)
+	e.step(2 * time.Second)
+	if v := e.user("alice"); v.Status != quota.Throttled {
+		t.Fatalf("alice over the limit: %+v", v)
+	}
+	if fx.has("vless-in", "alice") {
+		t.Error("throttled alice left in Xray, which nothing slows")
+	}
+	if err := e.a.Reset(context.Background(), "alice"); err != nil {
+		t.Fatal(err)
+	}
+	e.step(2 * time.Second)
+	if !fx.has("vless-in", "alice") || e.user("alice").Status != quota.Active {
+		t.Errorf("after a reset: in Xray %v, %s", fx.has("vless-in", "alice"), e.user("alice").Status)
+	}
+}

@@ -486,8 +486,9 @@ func (a *Agent) kernelRoom(u *user, kern quota.Usage) (room uint64, ok bool) {
 	}
 	t := u.r.terms()
 	switch {
-	case t.st.Blocked:
+	case t.st.Enforced(t.plan, a.rules):
 		return 0, true
+	case t.st.Blocked: // throttled: over the limit, counted as it goes
 	case t.plan.Limit == 0 || t.st.Override.Active:
 		return 0, false
 	}

@@ -79,6 +79,8 @@ char __license[] SEC("license") = "GPL";
 #define POLICY_BLOCKED  (1u << 0) // drop every packet of the UID
 #define POLICY_QUOTA_RX (1u << 1) // received bytes are charged to the quota
 #define POLICY_QUOTA_TX (1u << 2) // sent bytes are charged to the quota
+#define POLICY_RATE_RX  (1u << 3) // received bytes are capped: bw_rates[{key, 0}]
+#define POLICY_RATE_TX  (1u << 4) // sent bytes are capped: bw_rates[{key, 1}]
 
 #define STAT_COUNTERS_FULL 0 // a UID could not get a counter slot
 #define STAT_DROP_BLOCKED  1 // packets dropped because the UID is blocked
@@ -117,6 +119,11 @@ char __license[] SEC("license") = "GPL";
 #define PENDING_ALLOWANCE (64u << 10)
 #define PENDING_NS (5ull * 1000 * 1000 * 1000)
 
+#define RSTAT_DROPPED 0 // packets dropped over a speed cap
+#define RSTAT_MAX     1
+
+#define NSEC_PER_SEC 1000000000ull
+
 #define SSTAT_HELD         0 // packets of pending SSH connections dropped past the allowance
 #define SSTAT_UNATTRIBUTED 1 // packets of SSH connections that passed unattributed after PENDING_NS
 #define SSTAT_RELEASED     2 // SSH connections whose hold ended unattributed
@@ -136,14 +143,60 @@ struct counters {
 
 struct policy {
 	__u32 flags;
-	// The bw_quota_used entry this policy's packets are charged to: 0 for
-	// the policy's own ID, else another ID's (an Xray account and an SSH
-	// UID of one user share one budget).
+	// The bw_quota_used entry this policy's packets are charged to, and the
+	// key of its bw_rates buckets: 0 for the policy's own ID, else another
+	// ID's (an Xray account and an SSH UID of one user share one budget
+	// and one speed cap).
 	__u32 quota_key;
 	// Absolute ceiling for bw_quota_used[quota_key]: a packet that would
 	// take the charged total above it is dropped.
 	__u64 ceiling;
 };
+
+// rate_key names a speed cap's bucket in bw_rates: an ID (a policy's own,
+// or its quota_key) and a direction in the user's terms (0: what they
+// receive, their download; 1: what they send, their upload).
+struct rate_key {
+	__u32 id;
+	__u32 tx;
+};
+
+// bucket is a token bucket: a speed cap of rate bytes per second with room
+// for depth. Tokens are kept in nanobytes (bytes x 10^9), so that adding
+// elapsed_ns x rate is exact however short the time between two packets
+// (whole bytes would lose a fraction at every packet). The agent writes
+// rate and depth (and starts tokens and last at zero: a changed cap
+// starts with its bucket refilled); the programs alone change tokens and
+// last, under the lock.
+struct bucket {
+	struct bpf_spin_lock lock;
+	__u32 _pad;
+	__u64 rate;   // bytes per second, at most 1.25 x 10^9 (10gbit)
+	__u64 depth;  // nanobytes
+	__s64 tokens; // nanobytes
+	__u64 last;   // bpf_ktime_get_ns of the last refill
+};
+
+// bw_rates holds the speed caps: two buckets per capped ID at most. Its
+// packets look it up only when their policy's flags say so
+// (POLICY_RATE_RX, POLICY_RATE_TX), so the packets of IDs without a cap
+// never pay for it.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct rate_key);
+	__type(value, struct bucket);
+	__uint(max_entries, 2 * MAX_UIDS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_rates SEC(".maps");
+
+// bw_rstats are the speed caps' event counters (RSTAT_*).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, RSTAT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bw_rstats SEC(".maps");
 
 // bw_hash_counts holds the counters of IDs without a slot (see bw_slots),
 // and what an ID with one moved before it got it. Not preallocated: a
@@ -441,6 +494,50 @@ static __always_inline void xstat_inc(__u32 idx)
 
 	if (v)
 		__sync_fetch_and_add(v, 1);
+}
+
+static __always_inline void rstat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&bw_rstats, &idx);
+
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+// within_rate takes len bytes from the bucket of key in the user's
+// direction tx and reports whether they were there (a token bucket: a
+// packet passes when the bucket holds all of it). A bucket the agent has
+// not written yet caps nothing. The refill is clamped to a second, which
+// keeps elapsed x rate within 64 bits, and never goes back in time: a
+// packet on another CPU may have refilled it with a later clock.
+static __always_inline int within_rate(__u32 key, int tx, __u64 len)
+{
+	struct rate_key k = {.id = key, .tx = tx ? 1 : 0};
+	struct bucket *b = bpf_map_lookup_elem(&bw_rates, &k);
+	__u64 now, elapsed;
+	__s64 tokens, need = len * NSEC_PER_SEC;
+	int ok;
+
+	if (!b)
+		return 1;
+	now = bpf_ktime_get_ns();
+	bpf_spin_lock(&b->lock);
+	elapsed = 0;
+	if (now > b->last) {
+		elapsed = now - b->last;
+		b->last = now;
+	}
+	if (elapsed > NSEC_PER_SEC)
+		elapsed = NSEC_PER_SEC;
+	tokens = b->tokens + (__s64)(elapsed * b->rate);
+	if (tokens > (__s64)b->depth)
+		tokens = b->depth;
+	ok = tokens >= need;
+	if (ok)
+		tokens -= need;
+	b->tokens = tokens;
+	bpf_spin_unlock(&b->lock);
+	return ok;
 }
 
 // pending handles a packet of a connection that waits for its user: a
@@ -882,6 +979,16 @@ static __always_inline int account_policed(struct __sk_buff *skb, __u32 uid, __u
 					return 1;
 				stat_inc(STAT_DROP_BLOCKED);
 				return 0;
+			}
+			// A speed cap, before the budget: a packet over the cap
+			// is dropped uncharged. Only counted packets are capped
+			// (not a session's forwarded ones), so no byte is capped
+			// twice. At egress the drop says "congestion" (2: TCP
+			// backs off, cwnd reduced, instead of waiting for a
+			// retransmission timer); at ingress it is a loss.
+			if (count && (p->flags & (tx ? POLICY_RATE_TX : POLICY_RATE_RX)) && !within_rate(key, tx, len)) {
+				rstat_inc(RSTAT_DROPPED);
+				return egress ? 2 : 0;
 			}
 			if (count && (p->flags & qbit) && !charge_quota(key, p, len)) {
 				if (is_reset(skb))

@@ -18,6 +18,19 @@ type bwacctAccountName struct {
 	Name [128]int8
 }
 
+type bwacctBucket struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad    uint32
+	Rate   uint64
+	Depth  uint64
+	Tokens int64
+	Last   uint64
+}
+
 type bwacctClaimKey struct {
 	_          structs.HostLayout
 	Addr       [16]uint8
@@ -38,6 +51,12 @@ type bwacctPolicy struct {
 	Flags    uint32
 	QuotaKey uint32
 	Ceiling  uint64
+}
+
+type bwacctRateKey struct {
+	_  structs.HostLayout
+	Id uint32
+	Tx uint32
 }
 
 type bwacctSockOwner struct {
@@ -61,6 +80,8 @@ const (
 	bwacctMapBwPolicy       = "bw_policy"
 	bwacctMapBwPolicyBits   = "bw_policy_bits"
 	bwacctMapBwQuotaUsed    = "bw_quota_used"
+	bwacctMapBwRates        = "bw_rates"
+	bwacctMapBwRstats       = "bw_rstats"
 	bwacctMapBwServers      = "bw_servers"
 	bwacctMapBwSlotCounts   = "bw_slot_counts"
 	bwacctMapBwSlotMoved    = "bw_slot_moved"
@@ -146,6 +167,8 @@ type bwacctMapSpecs struct {
 	BwPolicy     *ebpf.MapSpec `ebpf:"bw_policy"`
 	BwPolicyBits *ebpf.MapSpec `ebpf:"bw_policy_bits"`
 	BwQuotaUsed  *ebpf.MapSpec `ebpf:"bw_quota_used"`
+	BwRates      *ebpf.MapSpec `ebpf:"bw_rates"`
+	BwRstats     *ebpf.MapSpec `ebpf:"bw_rstats"`
 	BwServers    *ebpf.MapSpec `ebpf:"bw_servers"`
 	BwSlotCounts *ebpf.MapSpec `ebpf:"bw_slot_counts"`
 	BwSlotMoved  *ebpf.MapSpec `ebpf:"bw_slot_moved"`
@@ -193,6 +216,8 @@ type bwacctMaps struct {
 	BwPolicy     *ebpf.Map `ebpf:"bw_policy"`
 	BwPolicyBits *ebpf.Map `ebpf:"bw_policy_bits"`
 	BwQuotaUsed  *ebpf.Map `ebpf:"bw_quota_used"`
+	BwRates      *ebpf.Map `ebpf:"bw_rates"`
+	BwRstats     *ebpf.Map `ebpf:"bw_rstats"`
 	BwServers    *ebpf.Map `ebpf:"bw_servers"`
 	BwSlotCounts *ebpf.Map `ebpf:"bw_slot_counts"`
 	BwSlotMoved  *ebpf.Map `ebpf:"bw_slot_moved"`
@@ -216,6 +241,8 @@ func (m *bwacctMaps) Close() error {
 		m.BwPolicy,
 		m.BwPolicyBits,
 		m.BwQuotaUsed,
+		m.BwRates,
+		m.BwRstats,
 		m.BwServers,
 		m.BwSlotCounts,
 		m.BwSlotMoved,

@@ -60,6 +60,8 @@ const (
 	flagBlocked = 1 << 0
 	flagQuotaRx = 1 << 1
 	flagQuotaTx = 1 << 2
+	flagRateRx  = 1 << 3
+	flagRateTx  = 1 << 4
 )
 
 // Indexes of bw_stats; they must match the STAT_* constants in bwacct.c.
@@ -125,12 +127,45 @@ type Policy struct {
 	// Ceiling, instead of the policy's own: an Xray account and an SSH UID
 	// of one user share one budget when both policies name the same
 	// QuotaKey (one of them, its own ID) and Ceiling. Ignored without a
-	// Quota. Deleting the policy of the ID whose total is shared deletes
-	// that total too.
+	// Quota and Rate. Deleting the policy of the ID whose total is shared
+	// deletes that total too. It names the speed cap's buckets too:
+	// policies with the same QuotaKey (or the ID whose QuotaKey the
+	// others name) and Rate share one cap.
 	QuotaKey uint32
+	// Rate caps the ID's traffic in each of the user's directions; zero:
+	// no cap that way.
+	Rate Rate
 }
 
-func (p Policy) isZero() bool { return !p.Blocked && p.Quota == 0 }
+// Rate is a pair of speed caps in bytes per second, in the user's
+// directions: Rx what they receive (their download), Tx what they send
+// (their upload); 0 is no cap. Each is a token bucket in the kernel
+// (bw_rates) of Burst(rate) bytes: a packet that does not fit is dropped.
+type Rate struct{ Rx, Tx uint64 }
+
+// MaxRate is the largest cap in bytes per second (10 Gbit/s): the kernel's
+// bucket arithmetic is exact up to it. Larger caps are taken as MaxRate.
+const MaxRate = 1_250_000_000
+
+// MinBurst is the smallest bucket: GSO packets at egress (and GRO ones at
+// ingress) reach 64 KiB, and a TCP connection whose window does not fit in
+// the bucket stalls for whole seconds (measured: 256 KiB at 10 Mbit/s
+// averaged 7.6 Mbit/s; 1 MiB held 10.5 in every second).
+const MinBurst = 1 << 20
+
+// Burst returns the bucket size for a cap of rate bytes per second: an
+// eighth of a second of it, at least MinBurst.
+func Burst(rate uint64) uint64 { return max(MinBurst, min(rate, MaxRate)/8) }
+
+func (p Policy) isZero() bool { return !p.Blocked && p.Quota == 0 && p.Rate == Rate{} }
+
+// rateKey returns the ID whose buckets p's packets use.
+func (p Policy) rateKey(id uint32) uint32 {
+	if p.QuotaKey != 0 {
+		return p.QuotaKey
+	}
+	return id
+}
 
 func (p Policy) encode() bwacctPolicy {
 	var v bwacctPolicy
@@ -143,8 +178,16 @@ func (p Policy) encode() bwacctPolicy {
 	if p.Quota&Tx != 0 {
 		v.Flags |= flagQuotaTx
 	}
+	if p.Rate.Rx != 0 {
+		v.Flags |= flagRateRx
+	}
+	if p.Rate.Tx != 0 {
+		v.Flags |= flagRateTx
+	}
 	if p.Quota != 0 {
 		v.Ceiling = p.Ceiling
+	}
+	if p.Quota != 0 || p.Rate != (Rate{}) {
 		v.QuotaKey = p.QuotaKey
 	}
 	return v
@@ -160,6 +203,8 @@ func decodePolicy(v bwacctPolicy) Policy {
 	}
 	if p.Quota != 0 {
 		p.Ceiling = v.Ceiling
+	}
+	if p.Quota != 0 || v.Flags&(flagRateRx|flagRateTx) != 0 {
 		p.QuotaKey = v.QuotaKey
 	}
 	return p
@@ -201,6 +246,8 @@ type Stats struct {
 	// such connection, or a proxy in front of Xray hid the client's
 	// address. They count for their owner, Xray's UID.
 	XrayUnclaimed uint64
+	// RateDropped counts packets dropped over a speed cap (Policy.Rate).
+	RateDropped uint64
 }
 
 // Datapath is a loaded, attached data plane.
@@ -311,6 +358,8 @@ func (o *objects) pinned() []pinnedMap {
 		{bwacctMapBwSlots, o.BwSlots},
 		{bwacctMapBwSlotCounts, o.BwSlotCounts},
 		{bwacctMapBwSlotMoved, o.BwSlotMoved},
+		{bwacctMapBwRates, o.BwRates},
+		{bwacctMapBwRstats, o.BwRstats},
 	}
 }
 
@@ -412,6 +461,7 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 	for _, name := range []string{bwacctMapBwHashCounts, bwacctMapBwPolicy, bwacctMapBwQuotaUsed, bwacctMapBwCredit} {
 		spec.Maps[name].MaxEntries = cfg.MaxUIDs
 	}
+	spec.Maps[bwacctMapBwRates].MaxEntries = 2 * cfg.MaxUIDs
 	spec.Maps[bwacctMapBwSlotCounts].MaxEntries = slotCount(cfg)
 	spec.Maps[bwacctMapBwSlotMoved].MaxEntries = (slotCount(cfg) + 7) / 8
 	if err := migrateCounterPins(cfg.PinPath); err != nil {

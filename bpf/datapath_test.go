@@ -552,7 +552,8 @@ func TestReloadKeepsCountersAndOneAttachment(t *testing.T) {
 		"pin bw_sock re-created", "pin bw_tagged re-created", "pin bw_servers re-created", "pin bw_credit re-created",
 		"pin bw_ssh_ports re-created", "pin bw_sstats re-created", "pin bw_claims re-created",
 		"pin bw_accounts re-created", "pin bw_xmoved re-created", "pin bw_xstats re-created",
-		"pin bw_slots re-created", "pin bw_slot_counts re-created", "pin bw_slot_moved re-created")
+		"pin bw_slots re-created", "pin bw_slot_counts re-created", "pin bw_slot_moved re-created",
+		"pin bw_rates re-created", "pin bw_rstats re-created")
 	repaired(want...)
 	repaired()
 	checkOne()

@@ -58,9 +58,10 @@ type wordEdit struct{ have, want uint64 }
 
 // policyBatch is one call of writePolicies.
 type policyBatch struct {
-	putKeys []uint32
-	putVals []bwacctPolicy
-	dels    []uint32 // UIDs whose policy and quota accounting go
+	putKeys  []uint32
+	putVals  []bwacctPolicy
+	putRates []Rate   // the caps of putKeys' policies
+	dels     []uint32 // UIDs whose policy and quota accounting go
 	// words are bitmap words the caller has read, by index, with the
 	// value each must end with (ReconcilePolicies' repairs). The bits of
 	// puts and deletes are added by writePolicies.
@@ -78,10 +79,11 @@ func (b *policyBatch) set(uid uint32, p Policy) {
 	}
 	b.putKeys = append(b.putKeys, uid)
 	b.putVals = append(b.putVals, p.encode())
+	b.putRates = append(b.putRates, p.Rate)
 }
 
-// writePolicies is the only writer of bw_policy and bw_policy_bits, and
-// the only deleter of bw_quota_used entries. It puts b's policies and
+// writePolicies is the only writer of bw_policy, bw_policy_bits and
+// bw_rates, and the only deleter of bw_quota_used entries. It puts b's policies and
 // deletes b's UIDs' policies with their quota accounting, in the order the
 // programs rely on: a policy whose bit is clear is never looked at, so the
 // bits of new policies are set before the policies are written, and the
@@ -132,6 +134,13 @@ func (d *Datapath) writePolicies(b *policyBatch) (int, error) {
 	if err := d.writeWords(b.words, func(w *wordEdit) uint64 { return w.have | w.want }); err != nil {
 		return 0, err
 	}
+	// Buckets before the policies that name them: a policy whose bucket
+	// is missing caps nothing for a moment, never something wrong.
+	for i, uid := range b.putKeys {
+		if err := d.writeRates(uid, decodePolicy(b.putVals[i]), b.putRates[i]); err != nil {
+			return 0, err
+		}
+	}
 	if len(b.putKeys) > 0 {
 		if _, err := d.objs.BwPolicy.BatchUpdate(b.putKeys, b.putVals, nil); err != nil {
 			return 0, fmt.Errorf("write policies: %w", err)
@@ -139,6 +148,9 @@ func (d *Datapath) writePolicies(b *policyBatch) (int, error) {
 	}
 	n := len(b.putKeys)
 	for _, uid := range b.dels {
+		if err := d.writeRates(uid, Policy{}, Rate{}); err != nil {
+			return n, err
+		}
 		if err := d.objs.BwPolicy.Delete(uid); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return n, fmt.Errorf("delete policy of UID %d: %w", uid, err)
 		}
@@ -152,6 +164,79 @@ func (d *Datapath) writePolicies(b *policyBatch) (int, error) {
 		return n, err
 	}
 	return n, nil
+}
+
+// nanobytes is a byte in the buckets' unit (struct bucket in bwacct.c).
+const nanobytes = 1_000_000_000
+
+// rateKeys returns the keys of an ID's two buckets in bw_rates, download
+// (Rx) first.
+func rateKeys(id uint32) [2]bwacctRateKey {
+	return [2]bwacctRateKey{{Id: id, Tx: 0}, {Id: id, Tx: 1}}
+}
+
+// writeRates makes the buckets that uid's policy p (its other fields, as
+// the kernel will read them) uses hold the caps of r: each capped direction
+// a bucket of its rate under p's rate key, written only if its rate or
+// depth differ (a rewrite refills it), and uid's own buckets removed in
+// the directions its own policy does not cap. d.mu must be held.
+func (d *Datapath) writeRates(uid uint32, p Policy, r Rate) error {
+	key := p.rateKey(uid)
+	own := rateKeys(uid)
+	for dir, rate := range [2]uint64{r.Rx, r.Tx} {
+		if rate == 0 {
+			if err := d.objs.BwRates.Delete(own[dir]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("delete speed cap of ID %d: %w", uid, err)
+			}
+			continue
+		}
+		rate = min(rate, MaxRate)
+		want := bwacctBucket{Rate: rate, Depth: Burst(rate) * nanobytes}
+		k := rateKeys(key)[dir]
+		var have bwacctBucket
+		if err := d.objs.BwRates.Lookup(k, &have); err == nil && have.Rate == want.Rate && have.Depth == want.Depth {
+			continue
+		}
+		if err := d.objs.BwRates.Update(k, want, ebpf.UpdateLock); err != nil {
+			return fmt.Errorf("write speed cap of ID %d: %w", key, err)
+		}
+	}
+	return nil
+}
+
+// readRates reads every bucket of bw_rates: its rate by key, 0 for a
+// bucket whose depth is not the one its rate is given (someone changed
+// it: the next write repairs it).
+func (d *Datapath) readRates() (map[bwacctRateKey]uint64, error) {
+	out := make(map[bwacctRateKey]uint64)
+	var k bwacctRateKey
+	var v bwacctBucket
+	it := d.objs.BwRates.Iterate()
+	for it.Next(&k, &v) {
+		if v.Depth == Burst(v.Rate)*nanobytes {
+			out[k] = v.Rate
+		} else {
+			out[k] = 0
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read speed caps: %w", err)
+	}
+	return out, nil
+}
+
+// withRate returns p, decoded from the kernel's policy of id, with the caps
+// of its buckets in rates.
+func withRate(id uint32, v bwacctPolicy, rates map[bwacctRateKey]uint64) Policy {
+	p := decodePolicy(v)
+	keys := rateKeys(p.rateKey(id))
+	if v.Flags&flagRateRx != 0 {
+		p.Rate.Rx = rates[keys[0]]
+	}
+	if v.Flags&flagRateTx != 0 {
+		p.Rate.Tx = rates[keys[1]]
+	}
+	return p
 }
 
 // writeWords writes to bw_policy_bits every word whose value to(w)
@@ -197,7 +282,16 @@ func (d *Datapath) Policy(uid uint32) (Policy, error) {
 	if err != nil {
 		return Policy{}, fmt.Errorf("read policy of UID %d: %w", uid, err)
 	}
-	return decodePolicy(v), nil
+	rates := make(map[bwacctRateKey]uint64)
+	for _, k := range rateKeys(decodePolicy(v).rateKey(uid)) {
+		var b bwacctBucket
+		if err := d.objs.BwRates.Lookup(k, &b); err == nil {
+			rates[k] = b.Rate
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Policy{}, fmt.Errorf("read speed cap of UID %d: %w", uid, err)
+		}
+	}
+	return withRate(uid, v, rates), nil
 }
 
 // Policies returns every UID's policy as the kernel has it.
@@ -206,16 +300,21 @@ func (d *Datapath) Policies() (map[uint32]Policy, error) {
 	return out, d.readPolicies(out)
 }
 
-// readPolicies reads every policy into dst, which it clears first.
+// readPolicies reads every policy, with its caps, into dst, which it
+// clears first.
 func (d *Datapath) readPolicies(dst map[uint32]Policy) error {
 	clear(dst)
+	rates, err := d.readRates()
+	if err != nil {
+		return err
+	}
 	keys := make([]uint32, batchSize)
 	vals := make([]bwacctPolicy, batchSize)
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := d.objs.BwPolicy.BatchLookup(&cursor, keys, vals, nil)
 		for i := range n {
-			dst[keys[i]] = decodePolicy(vals[i])
+			dst[keys[i]] = withRate(keys[i], vals[i], rates)
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil
@@ -266,7 +365,7 @@ func (d *Datapath) ReconcilePolicies(desired map[uint32]Policy) (int, error) {
 		if p.isZero() {
 			continue
 		}
-		if cur, ok := have[uid]; !ok || cur != decodePolicy(p.encode()) {
+		if cur, ok := have[uid]; !ok || cur != canonical(p) {
 			b.set(uid, p)
 		}
 	}
@@ -276,6 +375,14 @@ func (d *Datapath) ReconcilePolicies(desired map[uint32]Policy) (int, error) {
 		}
 	}
 	return d.writePolicies(&b)
+}
+
+// canonical returns p as the kernel keeps it (and readPolicies reads it
+// back).
+func canonical(p Policy) Policy {
+	q := decodePolicy(p.encode())
+	q.Rate = Rate{Rx: min(p.Rate.Rx, MaxRate), Tx: min(p.Rate.Tx, MaxRate)}
+	return q
 }
 
 // QuotaUsed returns the bytes charged to uid's budget since its quota entry
@@ -313,10 +420,11 @@ func Ceiling(quotaUsed, remaining uint64) uint64 {
 func (d *Datapath) Stats() (Stats, error) {
 	var vals [statMax]uint64
 	var ssh, xray [3]uint64
+	var rate [1]uint64
 	for _, m := range []struct {
 		m   *ebpf.Map
 		dst []uint64
-	}{{d.objs.BwStats, vals[:]}, {d.objs.BwSstats, ssh[:]}, {d.objs.BwXstats, xray[:]}} {
+	}{{d.objs.BwStats, vals[:]}, {d.objs.BwSstats, ssh[:]}, {d.objs.BwXstats, xray[:]}, {d.objs.BwRstats, rate[:]}} {
 		if err := sumPerCPU(m.m, m.dst); err != nil {
 			return Stats{}, err
 		}
@@ -332,6 +440,7 @@ func (d *Datapath) Stats() (Stats, error) {
 		XrayClaimed:     xray[0],
 		XrayHeld:        xray[1],
 		XrayUnclaimed:   xray[2],
+		RateDropped:     rate[0],
 	}, nil
 }
 

@@ -151,6 +151,7 @@ type Config struct {
 	NFT     NFT     // [nft]
 	Xray    Xray    // [xray]
 	Devices Devices // [devices]
+	Speed   Speed   // [speed]
 	Control Control // [control]
 	Metrics Metrics // [metrics]
 	Notify  Notify  // [notify], [[notify.webhook]], [[notify.exec]], [[notify.telegram]]
@@ -258,6 +259,17 @@ type Devices struct {
 	// Cut says which device is cut when a user has more than allowed.
 	// Default CutNewest.
 	Cut DeviceCut
+}
+
+// Speed configures the speed caps of users whose line of the limits file
+// sets none.
+type Speed struct {
+	// Default is every such user's caps (speed=); zero (the default) is
+	// none.
+	Default quota.Speed
+	// Throttle is the rate every such user is slowed to at their limit
+	// instead of being blocked (throttle=); zero (the default) blocks.
+	Throttle quota.Speed
 }
 
 // DeviceCut says which device of a user over their device limit is cut.
@@ -456,7 +468,7 @@ func (c Config) Rules() quota.Rules {
 	case MetricDownload:
 		m = quota.Download
 	}
-	return quota.Rules{Metric: m, Warning: c.WarningPercent / 100}
+	return quota.Rules{Metric: m, Warning: c.WarningPercent / 100, Speed: c.Speed.Default, Throttle: c.Speed.Throttle}
 }
 
 // Location returns the configured time zone (time.Local if unset).

@@ -76,6 +76,10 @@ default = 3
 ipv6_prefix = 56
 cut = "oldest"
 
+[speed]
+default = "20mbit"
+throttle = "10mbit/1.5mbit"
+
 [control]
 admin_group = "vpnadmin"
 
@@ -157,6 +161,7 @@ func fullConfig(t testing.TB) config.Config {
 			Connections: false,
 		},
 		Devices: config.Devices{Default: 3, IPv6Prefix: 56, Cut: config.CutOldest},
+		Speed:   config.Speed{Default: quota.Speed{Down: 20e6, Up: 20e6}, Throttle: quota.Speed{Down: 10e6, Up: 1.5e6}},
 		Control: config.Control{AdminGroup: "vpnadmin"},
 		Metrics: config.Metrics{Listen: "[::1]:0", PerUser: true, PerUserMax: 50000},
 		Notify: config.Notify{
@@ -427,8 +432,8 @@ func TestExample(t *testing.T) {
 			}
 		}
 	}
-	if n := len(leafKeys(t, ex)); n != 44 {
-		t.Errorf("example.toml has %d keys, want 44", n)
+	if n := len(leafKeys(t, ex)); n != 46 {
+		t.Errorf("example.toml has %d keys, want 46", n)
 	}
 }
 
@@ -536,6 +541,9 @@ var badFiles = []struct {
 	{"ipv6 prefix short", "[devices]\nipv6_prefix = 8", file + `:2: devices.ipv6_prefix: must be from 16 to 128, got 8`, config.ErrInvalid},
 	{"ipv6 prefix long", "[devices]\nipv6_prefix = 129", file + `:2: devices.ipv6_prefix: must be from 16 to 128, got 129`, config.ErrInvalid},
 	{"devices cut", "[devices]\ncut = \"random\"", file + `:2: devices.cut: must be "newest" or "oldest", got "random"`, config.ErrInvalid},
+	{"speed default", "[speed]\ndefault = \"20mb\"", file + `:2: speed.default: invalid rate "20mb": no unit (want a positive number with kbit, mbit or gbit, as tc writes rates: 512kbit, 20mbit, 1gbit)`, config.ErrInvalid},
+	{"speed throttle zero", "[speed]\nthrottle = \"0kbit\"", file + `:2: speed.throttle: invalid rate "0kbit": zero (want a positive number with kbit, mbit or gbit, as tc writes rates: 512kbit, 20mbit, 1gbit)`, config.ErrInvalid},
+	{"speed int", "[speed]\ndefault = 20", file + `:2: speed.default: must be a rate such as "20mbit" or "10mbit/2mbit", got integer 20`, config.ErrInvalid},
 	{"devices cut int", "[devices]\ncut = 1", file + `:2: devices.cut: must be "newest" or "oldest", got integer 1`, config.ErrInvalid},
 	{"admin group multi-line string", "[control]\nadmin_group = \"\"\"\ninterval = \"9s\"\n\"\"\"\n", file + `:2: control.admin_group: must be a group name (letters, digits, '.', '_', '-', at most 32) or "", got "interval = \"9s\"\n"`, config.ErrInvalid},
 
@@ -577,7 +585,7 @@ var badFiles = []struct {
 		file + `:2: notify.webhook[2].url: must differ from notify.webhook[1].url, got the same "http://a"`, config.ErrInvalid},
 	{"webhook timeout", "[[notify.webhook]]\nurl = \"https://a.example/\"\ntimeout = \"10m\"", file + ":3: notify.webhook[1].timeout: must be from 1s to 5m, got 10m", config.ErrInvalid},
 	{"webhook events", "[[notify.webhook]]\nurl = \"https://a.example/\"\nevents = [\"block\", \"blocked\"]",
-		file + `:3: notify.webhook[1].events: must be event types (block, unblock, disable, enable, reset, threshold, expiring, device, failed, recovered), got "blocked"`, config.ErrInvalid},
+		file + `:3: notify.webhook[1].events: must be event types (block, throttle, unblock, disable, enable, reset, threshold, expiring, device, failed, recovered), got "blocked"`, config.ErrInvalid},
 	{"webhook unknown key", "[[notify.webhook]]\nurl = \"https://a.example/\"\nsecrte = \"x\"",
 		file + ":3: unknown key notify.webhook[1].secrte (did you mean notify.webhook[1].secret?)", config.ErrUnknownKey},
 	{"webhook table", "[notify.webhook]\nurl = \"https://a.example/\"", file + ":1: notify.webhook: must be an array of tables ([[notify.webhook]]), got table", config.ErrInvalid},

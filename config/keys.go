@@ -47,6 +47,10 @@ through Xray's API.`},
 or Xray connections of one user open at once. A user's own limit is
 devices=N on their line of the limits file; the extra device's
 connections are cut, nobody else's.`},
+	{"speed", `Speed caps, enforced per user in the kernel, each direction. A user's own
+caps are speed=DOWN/UP and throttle=DOWN/UP on their line of the limits
+file; these are everyone else's. Rates as tc writes them: a positive
+number with kbit, mbit or gbit ("20mbit"; "10mbit/2mbit" is download/upload).`},
 	{"control", `Who may use bwctl.`},
 	{"metrics", `Prometheus metrics, served over HTTP at /metrics (the README lists
 them). Changing a key here needs a restart.`},
@@ -329,6 +333,15 @@ has their allowed number of other devices.`,
 		},
 	},
 
+	speedKey("speed.default", `The speed caps of every user whose line of the limits file sets none
+(speed=): "20mbit" for both directions, "10mbit/2mbit" for download/upload;
+"" is no cap.`,
+		func(c *Config) *quota.Speed { return &c.Speed.Default }),
+	speedKey("speed.throttle", `The throttle rate of every user whose line sets none (throttle=): a user
+who reaches their limit is slowed to it (status THROTTLED) instead of
+blocked, until what lifts a block lifts it. "" blocks at the limit.`,
+		func(c *Config) *quota.Speed { return &c.Speed.Throttle }),
+
 	stringKey("control.admin_group", `Members of this group may use bwctl to change anything, as root can;
 "" is root only.`,
 		func(c *Config) *string { return &c.Control.AdminGroup }, func(s string) error {
@@ -528,6 +541,32 @@ func stringKey(path, doc string, field func(*Config) *string, check func(string)
 			return nil
 		},
 		check: func(c *Config) error { return check(*field(c)) },
+	}
+}
+
+// speedKey defines a pair of rates read by quota.ParseSpeed; "" is none.
+func speedKey(path, doc string, field func(*Config) *quota.Speed) *keyDef {
+	return &keyDef{
+		path:  path,
+		doc:   doc,
+		value: func(c *Config) string { return quote(field(c).String()) },
+		set: func(c *Config, v any) error {
+			s, ok := v.(string)
+			if !ok {
+				return invalidf(`must be a rate such as "20mbit" or "10mbit/2mbit", got %s`, describe(v))
+			}
+			if s == "" {
+				*field(c) = quota.Speed{}
+				return nil
+			}
+			sp, err := quota.ParseSpeed(s)
+			if err != nil {
+				return invalidf("%v", err)
+			}
+			*field(c) = sp
+			return nil
+		},
+		check: func(*Config) error { return nil },
 	}
 }
 

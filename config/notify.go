@@ -89,12 +89,13 @@ const (
 )
 
 // EventTypes are the types of the events the agent notifies, as a
-// channel's events key names them: a user blocked, unblocked, disabled,
+// channel's events key names them: a user blocked (or throttled at the
+// limit instead), unblocked, disabled,
 // enabled or reset; a threshold of usage crossed; an expiry coming; a
 // device over a user's device limit cut; a part of the agent failed or
 // recovered.
 var EventTypes = []string{
-	quota.ActBlock, quota.ActUnblock, quota.ActDisable, quota.ActEnable, quota.ActReset,
+	quota.ActBlock, quota.ActThrottle, quota.ActUnblock, quota.ActDisable, quota.ActEnable, quota.ActReset,
 	quota.ActThreshold, quota.ActExpiring, quota.ActDevice, quota.ActFailed, quota.ActRecovered,
 }
 

@@ -155,6 +155,14 @@ func (c *Client) SetDevices(ctx context.Context, name string, d quota.DeviceLimi
 	return callErr(err)
 }
 
+// SetSpeed sets the user's speed caps (speed=) or, with throttle, their
+// throttle rate (throttle=); the zero Speed removes it (the configured
+// default applies).
+func (c *Client) SetSpeed(ctx context.Context, name string, throttle bool, s quota.Speed) error {
+	_, err := c.c.SetSpeed(ctx, &controlpb.SetSpeedRequest{Name: name, Throttle: throttle, Down: uint64(s.Down), Up: uint64(s.Up)})
+	return callErr(err)
+}
+
 // Reset zeroes the user's usage.
 func (c *Client) Reset(ctx context.Context, name string) error {
 	_, err := c.c.Reset(ctx, &controlpb.NameRequest{Name: name})
@@ -210,6 +218,7 @@ func (c *Client) Status(ctx context.Context) (Health, error) {
 			SSHSessions: r.SshSessions, SSHHeld: r.SshHeld, SSHUnattributed: r.SshUnattributed,
 			SSHNeverAttributed: r.SshNeverAttributed,
 			XrayClaimed:        r.XrayClaimed, XrayHeld: r.XrayHeld, XrayUnclaimed: r.XrayUnclaimed,
+			DroppedRate: r.DroppedRate,
 		},
 		Notify: notifyFromPB(r.Notify),
 	}
@@ -257,7 +266,8 @@ func rowsFromPB(s *controlpb.Snapshot) []UserRow {
 	out := make([]UserRow, len(s.Users))
 	for i, r := range s.Users {
 		out[i] = UserRow{Name: r.Name, Protocol: quota.Protocol(r.Protocol), Status: quota.Status(r.Status),
-			Used: r.Used, Limit: r.Limit, Upload: r.Upload, Download: r.Download}
+			Used: r.Used, Limit: r.Limit, Upload: r.Upload, Download: r.Download,
+			Speed: quota.Speed{Down: quota.Rate(r.SpeedDown), Up: quota.Rate(r.SpeedUp)}}
 	}
 	return out
 }

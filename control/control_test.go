@@ -146,6 +146,9 @@ func (f *fake) Devices(_ context.Context, name string) ([]control.Device, error)
 func (f *fake) SetDevices(_ context.Context, name string, d quota.DeviceLimit) error {
 	return f.call("SetDevices %s %d", name, d)
 }
+func (f *fake) SetSpeed(_ context.Context, name string, throttle bool, sp quota.Speed) error {
+	return f.call("SetSpeed %s %v %d/%d", name, throttle, sp.Down, sp.Up)
+}
 func (f *fake) Health() control.Health { return f.health }
 
 func (f *fake) Updates() (uint64, <-chan struct{}) {

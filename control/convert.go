@@ -31,6 +31,7 @@ func userToPB(u User) *controlpb.User {
 		NextReset: unixSec(u.NextReset), Expires: unixSec(u.Expires), Updated: unixSec(u.Updated),
 		Protocols: protocolNames(u.Protocols),
 		Devices:   int32(u.Devices), DevicesLimit: int32(u.DevicesLimit),
+		SpeedDown: uint64(u.Speed.Down), SpeedUp: uint64(u.Speed.Up),
 	}
 }
 
@@ -52,6 +53,7 @@ func userFromPB(p *controlpb.User) User {
 		NextReset: fromUnix(p.NextReset), Expires: fromUnix(p.Expires), Updated: fromUnix(p.Updated),
 		Protocols: protocols(p.Protocols),
 		Devices:   int(p.Devices), DevicesLimit: int(p.DevicesLimit),
+		Speed: quota.Speed{Down: quota.Rate(p.SpeedDown), Up: quota.Rate(p.SpeedUp)},
 	}
 }
 
@@ -87,6 +89,7 @@ func snapshotToPB(rows []UserRow) *controlpb.Snapshot {
 		snap.Users[i] = &controlpb.UserRow{
 			Name: r.Name, Protocol: string(r.Protocol), Status: string(r.Status),
 			Used: r.Used, Limit: r.Limit, Upload: r.Upload, Download: r.Download,
+			SpeedDown: uint64(r.Speed.Down), SpeedUp: uint64(r.Speed.Up),
 		}
 	}
 	return snap

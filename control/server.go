@@ -262,6 +262,7 @@ var methods = map[string]access{
 	controlpb.Control_SetLimit_FullMethodName:    adminOnly,
 	controlpb.Control_RemoveLimit_FullMethodName: adminOnly,
 	controlpb.Control_SetDevices_FullMethodName:  adminOnly,
+	controlpb.Control_SetSpeed_FullMethodName:    adminOnly,
 	controlpb.Control_ListDevices_FullMethodName: selfOrAdmin,
 	controlpb.Control_Reset_FullMethodName:       adminOnly,
 	controlpb.Control_ResetAll_FullMethodName:    adminOnly,
@@ -318,7 +319,7 @@ func methodName(full string) string {
 
 func (s *Server) needAdmin(method string) string {
 	what := map[string]string{
-		"SetLimit": "changing limits", "RemoveLimit": "changing limits", "SetDevices": "changing limits",
+		"SetLimit": "changing limits", "RemoveLimit": "changing limits", "SetDevices": "changing limits", "SetSpeed": "changing limits",
 		"Reset": "resetting usage", "ResetAll": "resetting usage",
 		"Disable": "disabling users", "Enable": "enabling users", "Unblock": "unblocking users",
 		"Check": "running a check", "Status": "reading the agent's status",
@@ -471,6 +472,14 @@ func (s *Server) SetDevices(ctx context.Context, r *controlpb.SetDevicesRequest)
 	return s.empty(ctx, "SetDevices", s.b.SetDevices(ctx, r.Name, d))
 }
 
+func (s *Server) SetSpeed(ctx context.Context, r *controlpb.SetSpeedRequest) (*controlpb.Empty, error) {
+	sp := quota.Speed{Down: quota.Rate(r.Down), Up: quota.Rate(r.Up)}
+	if !sp.Valid() {
+		return nil, status.Errorf(codes.InvalidArgument, "%v: %d/%d bit/s: want rates from %s to %s, or both 0 (off)", quota.ErrBadRate, r.Down, r.Up, quota.MinRate, quota.MaxRate)
+	}
+	return s.empty(ctx, "SetSpeed", s.b.SetSpeed(ctx, r.Name, r.Throttle, sp))
+}
+
 func (s *Server) SetLimit(ctx context.Context, r *controlpb.SetLimitRequest) (*controlpb.Empty, error) {
 	return s.empty(ctx, "SetLimit", s.b.SetLimit(ctx, r.Name, r.Bytes))
 }
@@ -520,7 +529,8 @@ func (s *Server) Status(context.Context, *controlpb.Empty) (*controlpb.StatusRes
 		SshSessions: h.Kernel.SSHSessions, SshHeld: h.Kernel.SSHHeld, SshUnattributed: h.Kernel.SSHUnattributed,
 		SshNeverAttributed: h.Kernel.SSHNeverAttributed,
 		XrayClaimed:        h.Kernel.XrayClaimed, XrayHeld: h.Kernel.XrayHeld, XrayUnclaimed: h.Kernel.XrayUnclaimed,
-		Notify: notifyToPB(h.Notify),
+		DroppedRate: h.Kernel.DroppedRate,
+		Notify:      notifyToPB(h.Notify),
 	}
 	if !h.LastTick.IsZero() {
 		out.LastTickUnixNano = h.LastTick.UnixNano()

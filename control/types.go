@@ -27,6 +27,7 @@ type Backend interface {
 	RemoveLimit(ctx context.Context, name string) error
 	Devices(ctx context.Context, name string) ([]Device, error)
 	SetDevices(ctx context.Context, name string, d quota.DeviceLimit) error
+	SetSpeed(ctx context.Context, name string, throttle bool, s quota.Speed) error
 	Health() Health
 	// Updates returns the version of the users' snapshot now and a channel
 	// that is closed when a newer version is published.

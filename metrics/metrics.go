@@ -99,7 +99,7 @@ type Metrics struct {
 // so that a count of 0 is a series, not an absence.
 var (
 	protocols = []quota.Protocol{quota.SSH, quota.VMess, quota.VLESS, quota.Trojan, quota.Shadowsocks}
-	statuses  = []quota.Status{quota.Unlimited, quota.Active, quota.Warning, quota.Blocked, quota.Disabled}
+	statuses  = []quota.Status{quota.Unlimited, quota.Active, quota.Warning, quota.Throttled, quota.Blocked, quota.Disabled}
 )
 
 // New returns the agent's metrics. Pass it to agent.Options.Observers, then

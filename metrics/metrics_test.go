@@ -49,7 +49,7 @@ func healthyAgent() view.Health {
 			"state database": "ok: /var/lib/bwagent/state.db", "usage files": "ok: /etc/myvpn/usage",
 			"xray": "ok: API 127.0.0.1:10085, 2 users",
 		},
-		Kernel: view.KernelStats{DroppedBlocked: 11, DroppedQuota: 22, CountersFull: 33, QuotaFull: 44,
+		Kernel: view.KernelStats{DroppedBlocked: 11, DroppedQuota: 22, DroppedRate: 55, CountersFull: 33, QuotaFull: 44,
 			SSHSessions: 5, SSHHeld: 55, SSHUnattributed: 66, SSHNeverAttributed: 2,
 			XrayClaimed: 7, XrayHeld: 77, XrayUnclaimed: 3},
 	}
@@ -230,8 +230,8 @@ func TestFromSource(t *testing.T) {
 	want(t, s, 0, "bwagent_users", "protocol", "ssh", "status", "WARNING")
 	want(t, s, 1, "bwagent_users", "protocol", "vless", "status", "UNLIMITED")
 	want(t, s, 0, "bwagent_users", "protocol", "shadowsocks", "status", "DISABLED")
-	if n := s.Series("bwagent_users"); n != 25 {
-		t.Errorf("%d bwagent_users series, want 5 protocols x 5 statuses", n)
+	if n := s.Series("bwagent_users"); n != 30 {
+		t.Errorf("%d bwagent_users series, want 5 protocols x 6 statuses", n)
 	}
 	want(t, s, 1, "bwagent_departed_users")
 
@@ -247,6 +247,7 @@ func TestFromSource(t *testing.T) {
 	want(t, s, 1_700_000_000.5, "bwagent_last_tick_timestamp_seconds")
 	want(t, s, 11, "bwagent_kernel_dropped_packets_total", "reason", "blocked")
 	want(t, s, 22, "bwagent_kernel_dropped_packets_total", "reason", "quota")
+	want(t, s, 55, "bwagent_kernel_dropped_packets_total", "reason", "speed")
 	want(t, s, 33, "bwagent_kernel_no_room_packets_total", "map", "counters")
 	want(t, s, 44, "bwagent_kernel_no_room_packets_total", "map", "quota")
 	want(t, s, 5, "bwagent_ssh_sessions")

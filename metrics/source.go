@@ -40,7 +40,7 @@ var (
 		"When the last tick ran, in seconds since the epoch: a loop that stopped ticking shows here.",
 		nil, nil)
 	droppedDesc = prometheus.NewDesc("bwagent_kernel_dropped_packets_total",
-		"Packets the data plane dropped, by reason: blocked (a blocked UID's) or quota (over a UID's budget). Counted by the kernel since its maps were created.",
+		"Packets the data plane dropped, by reason: blocked (a blocked UID's), quota (over a UID's budget) or speed (over a user's speed cap). Counted by the kernel since its maps were created.",
 		[]string{"reason"}, nil)
 	noRoomDesc = prometheus.NewDesc("bwagent_kernel_no_room_packets_total",
 		"Packets of UIDs a data plane map had no room for, by map: counters (passed uncounted: raise kernel.max_uids) or quota (a budgeted UID's, dropped). Counted by the kernel since its maps were created.",
@@ -123,6 +123,7 @@ func (c *sourceCollector) collectHealth(ch chan<- prometheus.Metric, h view.Heal
 	k := h.Kernel
 	ch <- prometheus.MustNewConstMetric(droppedDesc, prometheus.CounterValue, float64(k.DroppedBlocked), "blocked")
 	ch <- prometheus.MustNewConstMetric(droppedDesc, prometheus.CounterValue, float64(k.DroppedQuota), "quota")
+	ch <- prometheus.MustNewConstMetric(droppedDesc, prometheus.CounterValue, float64(k.DroppedRate), "speed")
 	ch <- prometheus.MustNewConstMetric(noRoomDesc, prometheus.CounterValue, float64(k.CountersFull), "counters")
 	ch <- prometheus.MustNewConstMetric(noRoomDesc, prometheus.CounterValue, float64(k.QuotaFull), "quota")
 	ch <- prometheus.MustNewConstMetric(sshSessionsDesc, prometheus.GaugeValue, float64(k.SSHSessions))

@@ -117,7 +117,7 @@ func (p *Payload) Text() string {
 		return b.String()
 	}
 	fmt.Fprintf(&b, "%s (%s) ", u.Name, u.Protocol)
-	verb := map[string]string{quota.ActBlock: "blocked", quota.ActUnblock: "unblocked", quota.ActDisable: "disabled",
+	verb := map[string]string{quota.ActBlock: "blocked", quota.ActThrottle: "throttled", quota.ActUnblock: "unblocked", quota.ActDisable: "disabled",
 		quota.ActEnable: "enabled", quota.ActDevice: "device cut"}[p.Type]
 	if verb == "" {
 		verb = p.Type // reset, threshold, expiring

@@ -37,13 +37,19 @@ type Entry struct {
 	// Devices is the user's device limit (devices=N or devices=unlimited);
 	// quota.DevicesDefault when the line has none.
 	Devices quota.DeviceLimit
+	// Speed is the user's speed caps (speed=RATE or speed=DOWN/UP); zero
+	// when the line has none.
+	Speed quota.Speed
+	// Throttle is the user's throttle rate (throttle=RATE or DOWN/UP): at
+	// the limit they are slowed to it instead of blocked; zero when none.
+	Throttle quota.Speed
 }
 
 // Plan returns the entry as a quota.Plan, the expiry at the start of its day
 // in loc (UTC if nil). An invalid Expires (Set and the parser refuse one) is
 // ignored.
 func (e Entry) Plan(loc *time.Location) quota.Plan {
-	p := quota.Plan{Limit: e.Limit, Reset: e.Reset, Devices: e.Devices}
+	p := quota.Plan{Limit: e.Limit, Reset: e.Reset, Devices: e.Devices, Speed: e.Speed, Throttle: e.Throttle}
 	if e.Expires != "" {
 		if loc == nil {
 			loc = time.UTC
@@ -136,14 +142,14 @@ func ParseLimits(name string, data []byte) (*Limits, []LineError) {
 	var errs []LineError
 	for i := range l.lines {
 		ln := &l.lines[i]
-		e, user, err, ignored := parseLimitLine(ln.text)
+		e, user, ignored, err := parseLimitLine(ln.text)
 		ln.user = user
 		if err != nil {
 			errs = append(errs, l.lineError(i, err))
 			continue
 		}
-		if ignored != nil {
-			le := l.lineError(i, ignored)
+		for _, ig := range ignored {
+			le := l.lineError(i, ig)
 			le.Partial = true
 			errs = append(errs, le)
 		}
@@ -202,53 +208,64 @@ func commentStart(text string) int {
 
 // parseLimitLine parses the text of one line. A blank or comment line gives
 // the zero Entry and no error. user is the first token if it is a valid
-// name, even if the rest of the line is bad. ignored is a bad devices=
-// value, left out of e: the rest of the line applies.
-func parseLimitLine(text string) (e Entry, user string, err, ignored error) {
+// name, even if the rest of the line is bad. ignored are bad devices=,
+// speed= and throttle= values, left out of e: the rest of the line applies.
+func parseLimitLine(text string) (e Entry, user string, ignored []error, err error) {
 	tok := strings.FieldsFunc(text[:commentStart(text)], isSep)
 	if len(tok) == 0 {
 		return Entry{}, "", nil, nil
 	}
 	if err := quota.ValidName(tok[0]); err != nil {
-		return Entry{}, "", err, nil
+		return Entry{}, "", nil, err
 	}
 	user = tok[0]
 	if len(tok) < 2 {
-		return Entry{}, user, fmt.Errorf("%w: user %q has no limit (want USER LIMIT, e.g. %q)", ErrSyntax, user, user+" 10240"), nil
+		return Entry{}, user, nil, fmt.Errorf("%w: user %q has no limit (want USER LIMIT, e.g. %q)", ErrSyntax, user, user+" 10240")
 	}
 	e.User = user
 	if e.Limit, err = quota.ParseLimit(tok[1]); err != nil {
-		return Entry{}, user, err, nil
+		return Entry{}, user, nil, err
 	}
 	seen := map[string]bool{}
 	for _, t := range tok[2:] {
 		key, val, _ := strings.Cut(t, "=")
 		if seen[key] {
-			return Entry{}, user, fmt.Errorf("%w: %s= given twice", ErrSyntax, key), nil
+			return Entry{}, user, nil, fmt.Errorf("%w: %s= given twice", ErrSyntax, key)
 		}
 		seen[key] = true
 		switch key {
 		case "reset":
 			if e.Reset, err = quota.ParseSchedule(val); err != nil {
-				return Entry{}, user, err, nil
+				return Entry{}, user, nil, err
 			}
 		case "expires":
 			if err := checkDate(val); err != nil {
-				return Entry{}, user, err, nil
+				return Entry{}, user, nil, err
 			}
 			e.Expires = val
 		case "devices":
 			d, err := quota.ParseDevices(val)
 			if err != nil {
-				ignored = fmt.Errorf("devices= ignored, the rest of the line applies: %w", err)
+				ignored = append(ignored, fmt.Errorf("devices= ignored, the rest of the line applies: %w", err))
 				continue
 			}
 			e.Devices = d
+		case "speed", "throttle":
+			sp, err := quota.ParseSpeed(val)
+			if err != nil {
+				ignored = append(ignored, fmt.Errorf("%s= ignored, the rest of the line applies: %w", key, err))
+				continue
+			}
+			if key == "speed" {
+				e.Speed = sp
+			} else {
+				e.Throttle = sp
+			}
 		default:
-			return Entry{}, user, fmt.Errorf("%w: unknown option %q after the limit (want reset=SCHEDULE, expires=YYYY-MM-DD or devices=N)", ErrSyntax, t), nil
+			return Entry{}, user, nil, fmt.Errorf("%w: unknown option %q after the limit (want reset=SCHEDULE, expires=YYYY-MM-DD, devices=N, speed=RATE or throttle=RATE)", ErrSyntax, t)
 		}
 	}
-	return e, user, nil, ignored
+	return e, user, ignored, nil
 }
 
 // checkDate checks an expiry date.
@@ -349,6 +366,11 @@ func (l *Limits) Set(e Entry) error {
 	if !e.Devices.Valid() {
 		return fmt.Errorf("%w: %d: want 1 to %d, or unlimited", quota.ErrBadDevices, e.Devices, quota.MaxDevices)
 	}
+	for _, sp := range []quota.Speed{e.Speed, e.Throttle} {
+		if !sp.Valid() {
+			return fmt.Errorf("%w: %d/%d bit/s: want both rates from %s to %s", quota.ErrBadRate, sp.Down, sp.Up, quota.MinRate, quota.MaxRate)
+		}
+	}
 	e.Line = 0
 	if l.index == nil {
 		l.index = map[string]int{}
@@ -406,6 +428,12 @@ func formatEntry(e Entry) string {
 	}
 	if e.Devices != quota.DevicesDefault {
 		s += " devices=" + e.Devices.String()
+	}
+	if !e.Speed.IsZero() {
+		s += " speed=" + e.Speed.String()
+	}
+	if !e.Throttle.IsZero() {
+		s += " throttle=" + e.Throttle.String()
 	}
 	return s
 }

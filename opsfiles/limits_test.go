@@ -493,3 +493,90 @@ func TestLimitsDevices(t *testing.T) {
 		t.Errorf("new: %+v", e)
 	}
 }
+
+// TestLimitsSpeed: speed= and throttle= are read and written with the other
+// options, in tc's units; a bad rate is reported once per field with its
+// line number, naming the value and the accepted units, and ignored: the
+// rest of its line applies.
+func TestLimitsSpeed(t *testing.T) {
+	in := "john 10240 speed=20mbit\n" + // 1
+		"mary 500M speed=10mbit/2mbit throttle=1mbit\n" + // 2
+		"dave unlimited speed=5mbit\n" + // 3
+		"bad 100 speed=20mb throttle=fast devices=2\n" + // 4: both ignored, devices applies
+		"zero 100 throttle=0kbit\n" + // 5: ignored
+		"neg 100 speed=-5mbit\n" + // 6: ignored
+		"huge 100 speed=99999gbit\n" + // 7: ignored
+		"upper 100 speed=20M\n" + // 8: ignored
+		"twice 100 speed=1mbit speed=2mbit\n" // 9: syntax error, skipped
+	l, errs := ParseLimits("bw-limit.conf", []byte(in))
+	want := []struct {
+		line    int
+		text    string
+		partial bool
+	}{
+		{4, `bw-limit.conf:4: speed= ignored, the rest of the line applies: invalid rate "20mb": no unit (want a positive number with kbit, mbit or gbit, as tc writes rates: 512kbit, 20mbit, 1gbit)`, true},
+		{4, `bw-limit.conf:4: throttle= ignored, the rest of the line applies: invalid rate "fast"`, true},
+		{5, `throttle= ignored, the rest of the line applies: invalid rate "0kbit": zero`, true},
+		{6, `invalid rate "-5mbit"`, true},
+		{7, `invalid rate "99999gbit": above 10gbit`, true},
+		{8, `invalid rate "20M": no unit`, true},
+		{9, "speed= given twice", false},
+	}
+	if len(errs) != len(want) {
+		t.Fatalf("errors: %v", errs)
+	}
+	for i, w := range want {
+		e := errs[i]
+		if e.Line != w.line || !strings.Contains(e.Error(), w.text) || e.Partial != w.partial || (w.partial && !errors.Is(e, quota.ErrBadRate)) {
+			t.Errorf("error %d: %v (line %d, partial %v), want line %d, %q, partial %v", i, e, e.Line, e.Partial, w.line, w.text, w.partial)
+		}
+	}
+	mb := func(n float64) quota.Rate { return quota.Rate(n * 1e6) }
+	got := map[string]Entry{}
+	for _, e := range l.Entries() {
+		got[e.User] = e
+	}
+	for user, w := range map[string][2]quota.Speed{
+		"john": {{Down: mb(20), Up: mb(20)}, {}},
+		"mary": {{Down: mb(10), Up: mb(2)}, {Down: mb(1), Up: mb(1)}},
+		"dave": {{Down: mb(5), Up: mb(5)}, {}},
+		"bad":  {}, "zero": {}, "neg": {}, "huge": {}, "upper": {},
+	} {
+		e, ok := got[user]
+		if !ok || e.Speed != w[0] || e.Throttle != w[1] {
+			t.Errorf("%s: %+v (found %v), want speed %v throttle %v", user, e, ok, w[0], w[1])
+		}
+	}
+	if got["bad"].Devices != 2 || got["mary"].Limit != 500*quota.MiB || got["dave"].Limit != 0 {
+		t.Errorf("the rest of the lines: %+v", got)
+	}
+	if p := got["mary"].Plan(nil); p.Speed != got["mary"].Speed || p.Throttle != got["mary"].Throttle {
+		t.Errorf("plan: %+v", p)
+	}
+
+	// Set writes them after the other options, keeps the comment, and
+	// removes them when zero; a rate out of bounds is refused.
+	e := got["john"]
+	e.Throttle = quota.Speed{Down: mb(4), Up: mb(4)}
+	if err := l.Set(e); err != nil {
+		t.Fatal(err)
+	}
+	e = got["mary"]
+	e.Speed = quota.Speed{}
+	if err := l.Set(e); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Set(Entry{User: "x", Speed: quota.Speed{Down: 5, Up: 5}}); !errors.Is(err, quota.ErrBadRate) {
+		t.Errorf("Set of a rate below 1kbit: %v", err)
+	}
+	out := string(l.Marshal())
+	for _, line := range []string{"john 10240 speed=20mbit throttle=4mbit\n", "mary 500 throttle=1mbit\n"} {
+		if !strings.Contains(out, line) {
+			t.Errorf("file lacks %q:\n%s", line, out)
+		}
+	}
+	back, errs := ParseLimits("", []byte(out))
+	if e, _ := back.Lookup("john"); e.Throttle.Down != mb(4) || len(errs) != 7 {
+		t.Errorf("read back: %+v, %v", e, errs)
+	}
+}

@@ -27,12 +27,12 @@ type Usage struct {
 	TotalUsage  uint64  `json:"total_usage"`  // bytes counted against the limit (per the configured metric)
 	DailyUsage  uint64  `json:"daily_usage"`  // today's bytes, same metric
 	TotalLimit  uint64  `json:"total_limit"`  // bytes, 0 = unlimited
-	Blocked     bool    `json:"blocked"`      // blocked for any reason
+	Blocked     bool    `json:"blocked"`      // blocked for any reason; false while THROTTLED
 	BlockReason string  `json:"block_reason"` // "" when not blocked
 	BlockTime   string  `json:"block_time"`   // TimeLayout, local time; "" when not blocked
 	LastReset   string  `json:"last_reset"`   // TimeLayout, local time; "" if never
 	Protocol    string  `json:"protocol"`     // ssh, vmess, vless, trojan or shadowsocks
-	Status      string  `json:"status"`       // ACTIVE, WARNING, BLOCKED, UNLIMITED or DISABLED
+	Status      string  `json:"status"`       // ACTIVE, WARNING, THROTTLED, BLOCKED, UNLIMITED or DISABLED
 	Upload      uint64  `json:"upload"`       // bytes from the user since the last reset
 	Download    uint64  `json:"download"`     // bytes to the user since the last reset
 	Remaining   *uint64 `json:"remaining"`    // bytes left before the limit; null when unlimited
@@ -47,6 +47,12 @@ type Usage struct {
 	// ReadUsage.
 	Devices      int  `json:"devices"`
 	DevicesLimit *int `json:"devices_limit"`
+	// SpeedDown and SpeedUp are the speed caps in force now, in bits per
+	// second: the throttle rate while THROTTLED, else the user's speed=
+	// (or the configured default); null without one. Live values, not
+	// read back by ReadUsage.
+	SpeedDown *uint64 `json:"speed_down"`
+	SpeedUp   *uint64 `json:"speed_up"`
 }
 
 // TimeLayout is the layout of every timestamp in the operators' files:

@@ -45,7 +45,9 @@ func TestUsageMarshal(t *testing.T) {
   "remaining": 0,
   "updated_at": "2024-12-07 14:30:47",
   "devices": 0,
-  "devices_limit": null
+  "devices_limit": null,
+  "speed_down": null,
+  "speed_up": null
 }
 `
 	if string(got) != want {
@@ -53,14 +55,17 @@ func TestUsageMarshal(t *testing.T) {
 	}
 
 	two := 2
-	u = Usage{Username: "d", Protocols: []string{"ssh", "vless"}, Devices: 1, DevicesLimit: &two}
+	u = Usage{Username: "d", Protocols: []string{"ssh", "vless"}, Devices: 1, DevicesLimit: &two, Status: "THROTTLED",
+		SpeedDown: ptr(4000000), SpeedUp: ptr(1000000)}
 	got, _ = u.Marshal()
 	if !strings.Contains(string(got), `"protocols": [
     "ssh",
     "vless"
   ],
   "devices": 1,
-  "devices_limit": 2
+  "devices_limit": 2,
+  "speed_down": 4000000,
+  "speed_up": 1000000
 }`) {
 		t.Errorf("Marshal:\n%s", got)
 	}

@@ -14,6 +14,7 @@ type Status string
 const (
 	Disabled  Status = "DISABLED"  // blocked by an administrator; a reset does not lift it
 	Blocked   Status = "BLOCKED"   // over the limit or expired
+	Throttled Status = "THROTTLED" // over the limit with a throttle rate: slowed, not blocked
 	Warning   Status = "WARNING"   // at or over the warning threshold
 	Active    Status = "ACTIVE"    // within the limit
 	Unlimited Status = "UNLIMITED" // no limit
@@ -21,12 +22,12 @@ const (
 
 // ParseStatus accepts a status name in any case.
 func ParseStatus(s string) (Status, error) {
-	for _, st := range []Status{Disabled, Blocked, Warning, Active, Unlimited} {
+	for _, st := range []Status{Disabled, Blocked, Throttled, Warning, Active, Unlimited} {
 		if strings.EqualFold(string(st), s) {
 			return st, nil
 		}
 	}
-	return "", fmt.Errorf("unknown status %q (want active, warning, blocked, unlimited or disabled)", s)
+	return "", fmt.Errorf("unknown status %q (want active, warning, blocked, throttled, unlimited or disabled)", s)
 }
 
 // Block reasons, written to the usage JSON, the marker files and the block
@@ -35,6 +36,9 @@ const (
 	ReasonLimit    = "Bandwidth Limit Reached"
 	ReasonDisabled = "Disabled by administrator"
 	ReasonExpired  = "Expired"
+	// ReasonThrottled is the block log's reason when a user reaches the
+	// limit and is slowed to their throttle rate instead of blocked.
+	ReasonThrottled = ReasonLimit + " (throttled)"
 )
 
 // Actions of the events a State change emits; the agent records them and
@@ -45,6 +49,9 @@ const (
 	ActDisable = "disable"
 	ActEnable  = "enable"
 	ActReset   = "reset"
+	// ActThrottle is a user over the limit slowed to their throttle rate
+	// instead of blocked; what lifts a block (ActUnblock) lifts it.
+	ActThrottle = "throttle"
 )
 
 // Errors of the administrative operations.
@@ -89,6 +96,13 @@ type Plan struct {
 	// leaves it to the configured default. It changes no status: the
 	// agent cuts a device over it.
 	Devices DeviceLimit
+	// Speed is the user's own speed caps (speed=); zero leaves them to
+	// Rules.Speed.
+	Speed Speed
+	// Throttle is the user's own throttle rates (throttle=): over the limit
+	// they are slowed to it instead of blocked. Zero leaves it to
+	// Rules.Throttle.
+	Throttle Speed
 }
 
 // Rules are the policy knobs shared by all users.
@@ -97,6 +111,29 @@ type Rules struct {
 	// Warning is the fraction of the limit (0 < Warning <= 1) from which a
 	// user is in WARNING.
 	Warning float64
+	// Speed and Throttle are the caps and throttle rates of users whose
+	// plan has none of their own; zero: none.
+	Speed, Throttle Speed
+}
+
+// SpeedOf returns the caps in force for a user of plan p with state s: the
+// throttle rates while throttled, else the plan's (or the default) speed
+// caps; zero is none. A blocked or disabled user has none: nothing passes.
+func (s *State) SpeedOf(p Plan, r Rules) Speed {
+	switch s.Status(p, r) {
+	case Throttled:
+		return p.Throttle.Or(r.Throttle)
+	case Blocked, Disabled:
+		return Speed{}
+	}
+	return p.Speed.Or(r.Speed)
+}
+
+// Enforced reports whether the user is blocked outright (BLOCKED or
+// DISABLED): dropped in the kernel, removed from Xray, cut. A throttled
+// user is not: they keep working at their throttle rate.
+func (s *State) Enforced(p Plan, r Rules) bool {
+	return s.Blocked && s.Status(p, r) != Throttled
 }
 
 // Override is a manual unblock in force: the user stays unblocked although
@@ -167,6 +204,8 @@ func (s *State) Status(p Plan, r Rules) Status {
 	switch {
 	case s.Disabled:
 		return Disabled
+	case s.Blocked && s.Reason == ReasonLimit && !p.Throttle.Or(r.Throttle).IsZero():
+		return Throttled
 	case s.Blocked:
 		return Blocked
 	case p.Limit == 0:
@@ -219,7 +258,11 @@ func (s *State) Advance(now time.Time, p Plan, r Rules, slack uint64) []Event {
 			s.BlockTime = At(now)
 		}
 		s.Blocked, s.Reason = true, reason
-		ev = append(ev, Event{Time: now, Action: ActBlock, Reason: reason})
+		if s.Status(p, r) == Throttled {
+			ev = append(ev, Event{Time: now, Action: ActThrottle, Reason: ReasonThrottled})
+		} else {
+			ev = append(ev, Event{Time: now, Action: ActBlock, Reason: reason})
+		}
 	case !want && s.Blocked:
 		ev = append(ev, Event{Time: now, Action: ActUnblock, Reason: "Unblocked: no longer " + unblockWhy(s.Reason)})
 		s.Blocked, s.Reason, s.BlockTime = false, "", 0

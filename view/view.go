@@ -44,6 +44,10 @@ type User struct {
 	// default).
 	Devices      int
 	DevicesLimit int
+	// Speed is the caps in force now, in bits per second each way: the
+	// throttle rate while THROTTLED, else the user's speed= (or the
+	// configured default); zero: none that way.
+	Speed quota.Speed
 }
 
 // Device is one of a user's devices as of the agent's last tick: a client
@@ -147,6 +151,8 @@ type KernelStats struct {
 	XrayClaimed   uint64
 	XrayHeld      uint64
 	XrayUnclaimed uint64
+	// DroppedRate counts packets dropped over a user's speed cap.
+	DroppedRate uint64
 }
 
 // UserRow is the part of a user that a live monitor shows (Watch).
@@ -158,9 +164,10 @@ type UserRow struct {
 	Limit    uint64
 	Upload   uint64
 	Download uint64
+	Speed    quota.Speed // the caps in force now (User.Speed)
 }
 
 // Row returns u's monitor row.
 func (u User) Row() UserRow {
-	return UserRow{Name: u.Name, Protocol: u.Protocol, Status: u.Status, Used: u.Used, Limit: u.Limit, Upload: u.Upload, Download: u.Download}
+	return UserRow{Name: u.Name, Protocol: u.Protocol, Status: u.Status, Used: u.Used, Limit: u.Limit, Upload: u.Upload, Download: u.Download, Speed: u.Speed}
 }

@@ -409,3 +409,54 @@ func TestControlPermissions(t *testing.T) {
 	a.Cmd.Process.Signal(syscall.SIGTERM)
 	a.Wait(10 * time.Second)
 }
+
+// TestSpeedCapSurvivesKill (issue 15, point 4): a user's speed cap holds a
+// download of their UID while the agent runs, after it is killed with
+// SIGKILL (nobody runs: the kernel's pinned buckets do it), and after it
+// starts again.
+func TestSpeedCapSurvivesKill(t *testing.T) {
+	const user, server = 2711, 2712
+	e := newAgentEnv(t, fmt.Sprintf("john:x:%d:%d::/:/bin/false\n", user, user), "john unlimited speed=20mbit\n")
+	srv := nettest.Start(t, nettest.Spec{NS: e.pair.B, Cgroup: e.cg, UID: server}, "tcp-serve",
+		net.JoinHostPort(e.pair.B4.String(), "0"))
+	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
+	a := e.start(t)
+	client := nettest.Start(t, nettest.Spec{NS: e.pair.A, Cgroup: e.cg, UID: user}, "tcp-client", addr, "0", "inf")
+	client.Expect(t, "CONNECTED", 5*time.Second)
+	// rate returns the download's Mbit/s over n seconds, and each second's.
+	rate := func(n int) (float64, []float64) {
+		_, last := client.Progress(t, 100*time.Millisecond)
+		start, first := time.Now(), last
+		var per []float64
+		for i := range n {
+			_, r := client.Progress(t, time.Until(start.Add(time.Duration(i+1)*time.Second)))
+			per = append(per, float64(r-last)*8/1e6)
+			last = r
+		}
+		return float64(last-first) * 8 / 1e6 / time.Since(start).Seconds(), per
+	}
+	check := func(when string) {
+		t.Helper()
+		rate(1) // TCP settles after a change
+		avg, per := rate(4)
+		if avg < 18 || avg > 22 {
+			t.Errorf("%s: %.2f Mbit/s for a cap of 20 (per second %.1f)", when, avg, per)
+			return
+		}
+		t.Logf("%s: %.2f Mbit/s for a cap of 20 (per second %.1f)", when, avg, per)
+	}
+	check("agent running")
+	if err := a.Cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	a.Wait(5 * time.Second)
+	check("agent killed")
+	a = e.start(t)
+	check("agent restarted")
+	if err := a.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Wait(10 * time.Second); err != nil {
+		t.Fatalf("agent exit after SIGTERM: %v", err)
+	}
+}

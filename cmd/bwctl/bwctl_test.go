@@ -50,7 +50,12 @@ func newFake() *fake {
 			Upload: 23 * quota.MiB, Download: 100 * quota.MiB, Today: 512, LastReset: t0, Updated: t0.Add(time.Hour)},
 		{Name: "john", Protocol: quota.SSH, UID: 1001, Present: true, Status: quota.Warning, Used: 9 * quota.GiB,
 			Limit: 10 * quota.GiB, Remaining: quota.GiB, Upload: 2 * quota.GiB, Download: 7 * quota.GiB, Today: 300 * quota.MiB,
-			LastReset: t0, NextReset: t0.AddDate(0, 1, 0), Updated: t0.Add(time.Hour), Devices: 2, DevicesLimit: 2},
+			LastReset: t0, NextReset: t0.AddDate(0, 1, 0), Updated: t0.Add(time.Hour), Devices: 2, DevicesLimit: 2,
+			Speed: quota.Speed{Down: 20e6, Up: 20e6}},
+		{Name: "dave", Protocol: quota.SSH, UID: 1002, Present: true, Status: quota.Throttled, Used: 600 * quota.MiB,
+			Limit: 500 * quota.MiB, Upload: 100 * quota.MiB, Download: 500 * quota.MiB, Today: 600 * quota.MiB,
+			Reason: quota.ReasonLimit, BlockTime: t0.Add(3 * time.Hour), LastReset: t0, Updated: t0.Add(time.Hour),
+			Speed: quota.Speed{Down: 4e6, Up: 1e6}},
 		{Name: "mary", Protocol: quota.VLESS, Present: true, Status: quota.Blocked, Used: 5*quota.GiB + 200*quota.MiB,
 			Limit: 5 * quota.GiB, Upload: quota.GiB, Download: 4*quota.GiB + 200*quota.MiB, Today: quota.GiB,
 			Reason: quota.ReasonLimit, BlockTime: t0.Add(2 * time.Hour), LastReset: t0, NextReset: t0.AddDate(0, 1, 0),
@@ -141,6 +146,9 @@ func (f *fake) Devices(_ context.Context, name string) ([]control.Device, error)
 }
 func (f *fake) SetDevices(_ context.Context, name string, d quota.DeviceLimit) error {
 	return f.named(fmt.Sprintf("SetDevices %d", d), name)
+}
+func (f *fake) SetSpeed(_ context.Context, name string, throttle bool, sp quota.Speed) error {
+	return f.named(fmt.Sprintf("SetSpeed %v %s", throttle, sp), name)
 }
 func (f *fake) Health() control.Health {
 	f.call("Health")
@@ -236,6 +244,12 @@ func TestCommands(t *testing.T) {
 		{"devices_set", []string{"devices", "john", "3"}, []string{"SetDevices 3 john"}},
 		{"devices_off", []string{"devices", "john", "off"}, []string{"SetDevices 0 john"}},
 		{"devices_unlimited", []string{"devices", "john", "unlimited"}, []string{"SetDevices -1 john"}},
+		{"speed_set", []string{"speed", "john", "20mbit"}, []string{"SetSpeed false 20mbit john"}},
+		{"speed_pair", []string{"speed", "john", "10mbit/2mbit"}, []string{"SetSpeed false 10mbit/2mbit john"}},
+		{"speed_off", []string{"speed", "john", "off"}, []string{"SetSpeed false  john"}},
+		{"throttle_set", []string{"throttle", "john", "1.5mbit"}, []string{"SetSpeed true 1500kbit john"}},
+		{"throttle_off", []string{"throttle", "john", "OFF"}, []string{"SetSpeed true  john"}},
+		{"usage_dave", []string{"usage", "dave"}, []string{"User dave"}},
 		{"usage", []string{"usage"}, []string{"User john"}},
 		{"usage_mary", []string{"usage", "mary"}, []string{"User mary"}},
 		{"usage_bob", []string{"usage", "bob"}, []string{"User bob"}},
@@ -297,6 +311,35 @@ func TestSetProtocol(t *testing.T) {
 		}
 		if got := f.Calls(); !slices.Equal(got, c.calls) {
 			t.Errorf("%q: backend calls %q, want %q", c.args, got, c.calls)
+		}
+	}
+}
+
+// TestSpeedRefused: bwctl speed and throttle refuse every rate that is not
+// tc's (a positive number with kbit, mbit or gbit) with a message naming
+// the value and the units, and exit status 2, before they connect.
+func TestSpeedRefused(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		says string
+	}{
+		{[]string{"speed", "john", "20mb"}, `invalid rate "20mb": no unit (want a positive number with kbit, mbit or gbit, as tc writes rates: 512kbit, 20mbit, 1gbit); DOWN/UP for different caps, or off, to leave the user to the configured default`},
+		{[]string{"speed", "john", "20M"}, `invalid rate "20M": no unit`},
+		{[]string{"speed", "john", "fast"}, `invalid rate "fast"`},
+		{[]string{"speed", "john", "0kbit"}, `invalid rate "0kbit": zero`},
+		{[]string{"throttle", "john", "-5mbit"}, `invalid rate "-5mbit": not a positive number`},
+		{[]string{"throttle", "john", "100000gbit"}, `invalid rate "100000gbit": above 10gbit`},
+		{[]string{"speed", "john", "10mbit/2mb"}, `invalid rate "2mb"`},
+		{[]string{"speed", "john"}, "missing argument"},
+		{[]string{"speed", "../x", "1mbit"}, "invalid user name"},
+	} {
+		f, sock := serve(t)
+		code, _, errs := runCmd(sock, c.args...)
+		if code != 2 || !strings.Contains(errs, c.says) || !strings.Contains(errs, "usage: bwctl "+c.args[0]) {
+			t.Errorf("%q: exit %d, stderr %q; want 2, %q", c.args, code, errs, c.says)
+		}
+		if got := f.Calls(); len(got) != 0 {
+			t.Errorf("%q: backend calls %q", c.args, got)
 		}
 	}
 }

@@ -18,6 +18,8 @@ var completed = []struct{ name, desc string }{
 	{"set", "set a user limit"},
 	{"remove-limit", "remove a user limit"},
 	{"devices", "list or limit a user devices"},
+	{"speed", "cap a user speed"},
+	{"throttle", "slow a user at the limit instead of blocking"},
 	{"usage", "show a user usage"},
 	{"list", "list users"},
 	{"blocked", "list blocked and disabled users"},

@@ -12,15 +12,23 @@
 //	                          or 500M, 10G, 1.5T, unlimited; with --protocol
 //	                          only if USER connects with P (ssh, vmess, vless,
 //	                          trojan or shadowsocks), else nothing changes
-//	remove-limit USER         remove USER's limit (a device limit stays)
+//	remove-limit USER         remove USER's limit (a device limit and speed
+//	                          caps stay)
 //	devices [USER]            list USER's devices (default: your own)
 //	devices USER N|off|unlimited
 //	                          allow USER N devices at once (1 to 1000); off:
 //	                          the configured default applies; unlimited:
 //	                          no device limit for USER
+//	speed USER RATE|DOWN/UP|off
+//	                          cap USER's speed, each direction: 20mbit, or
+//	                          10mbit/2mbit (download/upload), as tc writes
+//	                          rates (kbit, mbit, gbit); off: the default
+//	throttle USER RATE|DOWN/UP|off
+//	                          at the limit, slow USER to RATE (THROTTLED)
+//	                          instead of blocking; off: the default
 //	usage [USER]              show one user's usage (default: your own)
 //	list [--status STATUS]    list users (STATUS: active, warning, blocked,
-//	                          unlimited or disabled)
+//	                          throttled, unlimited or disabled)
 //	blocked                   list blocked and disabled users
 //	reset USER | --all        zero the usage of USER, or of every user
 //	disable USER              block USER until enabled
@@ -60,7 +68,9 @@
 //     "protocols" (the user's sources now: ["ssh"], ["vless"], or
 //     ["ssh", "vless"] for a user who is both; [] for one who left),
 //     "devices" (devices connected now), "devices_limit" (null without a
-//     device limit)}.
+//     device limit), "speed_down" and "speed_up" (the caps in force now in
+//     bits per second, the throttle rate while THROTTLED; null without
+//     one)}.
 //   - devices USER: an array of {"address" ("203.0.113.7",
 //     "2001:db8:1:2::/64", or "127.0.0.1:40312" for a connection through a
 //     proxy on the server), "protocols", "connections", "since" (its
@@ -167,10 +177,14 @@ commands:
   set USER LIMIT [--protocol P]
                            set a limit: MiB (10240) or 500M, 10G, 1.5T, unlimited;
                            with --protocol only if the user connects with P
-  remove-limit USER        remove a user's limit (a device limit stays)
+  remove-limit USER        remove a user's limit (devices and speed stay)
   devices [USER]           list a user's devices (default: your own)
   devices USER N|off|unlimited
                            allow a user N devices at once; off: the default
+  speed USER RATE|DOWN/UP|off
+                           cap a user's speed: 20mbit, 10mbit/2mbit (down/up)
+  throttle USER RATE|DOWN/UP|off
+                           at the limit, slow a user to RATE instead of blocking
   usage [USER]             show a user's usage (default: your own)
   list [--status STATUS]   list users
   blocked                  list blocked and disabled users
@@ -408,8 +422,10 @@ var commands = map[string]command{
 	"remove-limit": simple(func(c *control.Client, ctx context.Context, n string) error {
 		return c.RemoveLimit(ctx, n)
 	}, "limit removed"),
-	"usage":   {args: "[USER]", run: cmdUsage},
-	"devices": {args: "[USER] | USER N|off|unlimited", run: cmdDevices},
+	"usage":    {args: "[USER]", run: cmdUsage},
+	"devices":  {args: "[USER] | USER N|off|unlimited", run: cmdDevices},
+	"speed":    {args: "USER RATE|DOWN/UP|off", run: cmdSpeed(false)},
+	"throttle": {args: "USER RATE|DOWN/UP|off", run: cmdSpeed(true)},
 	"list": {args: "[--status STATUS]", run: cmdList, flags: func(fs *flag.FlagSet) func() any {
 		st := fs.String("status", "", "only users with this `status`")
 		return func() any { return *st }
@@ -490,6 +506,48 @@ func parseDevices(s string) (quota.DeviceLimit, error) {
 		return 0, usagef("%v; or off, to leave the user to the configured default", err)
 	}
 	return d, nil
+}
+
+// parseSpeed parses the caps of `speed` and `throttle`: RATE, DOWN/UP or
+// off (the zero Speed).
+func parseSpeed(s string) (quota.Speed, error) {
+	if strings.EqualFold(s, "off") {
+		return quota.Speed{}, nil
+	}
+	sp, err := quota.ParseSpeed(s)
+	if err != nil {
+		return quota.Speed{}, usagef("%v; DOWN/UP for different caps, or off, to leave the user to the configured default", err)
+	}
+	return sp, nil
+}
+
+// cmdSpeed is `speed USER RATE|DOWN/UP|off` (throttle false: the speed
+// caps) and `throttle USER ...` (the rate at the limit instead of a block).
+func cmdSpeed(throttle bool) func(ctx context.Context, e *env) error {
+	what := "speed cap"
+	if throttle {
+		what = "throttle rate"
+	}
+	return func(ctx context.Context, e *env) error {
+		if err := e.want(2, 2); err != nil {
+			return err
+		}
+		name, err := checkName(e.args[0])
+		if err != nil {
+			return err
+		}
+		sp, err := parseSpeed(e.args[1])
+		if err != nil {
+			return err
+		}
+		if err := e.do(ctx, func(c *control.Client) error { return c.SetSpeed(ctx, name, throttle, sp) }); err != nil {
+			return err
+		}
+		if sp.IsZero() {
+			return e.ok(name + ": " + what + " removed (the configured default applies)")
+		}
+		return e.ok(name + ": " + what + " set to " + sp.String() + " (download/upload)")
+	}
 }
 
 func cmdDevices(ctx context.Context, e *env) error {
@@ -761,6 +819,7 @@ func cmdStatus(ctx context.Context, e *env) error {
 			SSHHeld        uint64 `json:"ssh_held"`
 			SSHUnattrib    uint64 `json:"ssh_unattributed"`
 			XrayHeld       uint64 `json:"xray_held"`
+			DroppedRate    uint64 `json:"dropped_rate"`
 		}
 		k := h.Kernel
 		return writeJSON(e.out, struct {
@@ -778,7 +837,7 @@ func cmdStatus(ctx context.Context, e *env) error {
 			Notify       []notifyOut       `json:"notify"`
 		}{jsonTime(h.LastTick), int64(h.TickDuration), h.Ticks, h.Users, k.SSHSessions, k.SSHNeverAttributed,
 			k.XrayClaimed, k.XrayUnclaimed,
-			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull, k.SSHHeld, k.SSHUnattributed, k.XrayHeld},
+			kernel{k.DroppedBlocked, k.DroppedQuota, k.CountersFull, k.QuotaFull, k.SSHHeld, k.SSHUnattributed, k.XrayHeld, k.DroppedRate},
 			comps, errs, notifyJSON(h.Notify)})
 	}
 	tw := tabwriter.NewWriter(e.out, 0, 0, 1, ' ', 0)
@@ -790,7 +849,7 @@ func cmdStatus(ctx context.Context, e *env) error {
 	fmt.Fprintf(tw, "tick duration:\t%s\n", h.TickDuration)
 	fmt.Fprintf(tw, "users:\t%d\n", h.Users)
 	k := h.Kernel
-	fmt.Fprintf(tw, "kernel drops:\t%d packets of blocked users, %d over a budget\n", k.DroppedBlocked, k.DroppedQuota)
+	fmt.Fprintf(tw, "kernel drops:\t%d packets of blocked users, %d over a budget, %d over a speed cap\n", k.DroppedBlocked, k.DroppedQuota, k.DroppedRate)
 	noRoom := "none"
 	if k.CountersFull+k.QuotaFull > 0 {
 		noRoom = fmt.Sprintf("%d packets uncounted (counter map full), %d dropped (quota map full): raise kernel.max_uids", k.CountersFull, k.QuotaFull)

@@ -72,7 +72,7 @@ func TestMenuOptions(t *testing.T) {
 		{"bad_limit", "3\njohn\nabc\n-5\n1.5T\n\n0\n", []string{"SetLimit 1649267441664 john"}, `invalid limit "abc"`},
 		{"bad_name", "4\n../x\n\nbob\n\n0\n", []string{"RemoveLimit bob"}, `invalid user name "../x"`},
 		{"reset", "5\nmary\n\n0\n", []string{"Reset mary"}, "mary: usage reset"},
-		{"reset_all", "6\nyes\n\n0\n", []string{"ResetAll"}, "usage reset for 3 users"},
+		{"reset_all", "6\nyes\n\n0\n", []string{"ResetAll"}, "usage reset for 4 users"},
 		{"reset_all_no", "6\nno\n\n0\n", nil, "cancelled"},
 		{"disable", "7\njohn\n\n0\n", []string{"Disable john"}, "john: disabled"},
 		{"enable", "8\njohn\n\n0\n", []string{"Enable john"}, "john: enabled"},

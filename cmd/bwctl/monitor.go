@@ -219,6 +219,7 @@ func (m *monitor) rates(r control.UserRow, now time.Time) (up, down float64) {
 const (
 	colStatus = 9  // "unlimited"
 	colRate   = 12 // "1023.9 KiB/s"
+	colSpeed  = 13 // "10mbit/2mbit", "-"
 )
 
 type monRow struct {
@@ -253,11 +254,11 @@ func (m *monitor) render(b *bytes.Buffer, e *env, now time.Time, w, h int) {
 	line(cell{text: fmt.Sprintf("bwctl monitor  %s  %d users  up %s  down %s  (q quits)",
 		now.Local().Format("15:04:05"), len(rows), e.rate(upAll), e.rate(downAll))})
 
-	userW := min(max(w-(colStatus+2*colRate+4)-18, 4), 20)
-	usageW := max(w-(userW+colStatus+2*colRate+4), 0)
+	userW := min(max(w-(colStatus+2*colRate+colSpeed+5)-18, 4), 20)
+	usageW := max(w-(userW+colStatus+2*colRate+colSpeed+5), 0)
 	line(cell{text: pad("USER", userW) + " "}, cell{text: pad("STATUS", colStatus) + " "},
 		cell{text: padLeft("UP/s", colRate) + " "}, cell{text: padLeft("DOWN/s", colRate) + " "},
-		cell{text: "USAGE"})
+		cell{text: pad("SPEED", colSpeed) + " "}, cell{text: "USAGE"})
 
 	room := max(h-len(lines), 0)
 	shown := len(rows)
@@ -268,7 +269,7 @@ func (m *monitor) render(b *bytes.Buffer, e *env, now time.Time, w, h int) {
 		line(cell{text: pad(clip(r.r.Name, userW), userW) + " "},
 			cell{text: pad(string(r.r.Status), colStatus), status: string(r.r.Status)}, cell{text: " "},
 			cell{text: padLeft(e.rate(r.up), colRate) + " "}, cell{text: padLeft(e.rate(r.down), colRate) + " "},
-			cell{text: usageBar(r.r, usageW)})
+			cell{text: pad(clip(speedOf(r.r.Speed), colSpeed), colSpeed) + " "}, cell{text: usageBar(r.r, usageW)})
 	}
 	if shown < len(rows) && room > 0 {
 		line(cell{text: fmt.Sprintf("+%d more", len(rows)-shown)})

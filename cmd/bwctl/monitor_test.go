@@ -221,7 +221,7 @@ func TestMonitorPTY(t *testing.T) {
 				a, _ := lineOf(f, "bob")
 				b, _ := lineOf(f, "john")
 				c, _ := lineOf(f, "mary")
-				return strings.HasPrefix(f[0], "bwctl monitor") && strings.Contains(f[0], "3 users") &&
+				return strings.HasPrefix(f[0], "bwctl monitor") && strings.Contains(f[0], "4 users") &&
 					strings.HasPrefix(f[1], "USER") && a > 0 && b > 0 && c > 0
 			})
 			if raw, err := unix.IoctlGetTermios(int(slave.Fd()), unix.TCGETS); err != nil {
@@ -329,6 +329,8 @@ func TestMonitorRender(t *testing.T) {
 		rows = append(rows, control.UserRow{Name: fmt.Sprintf("user%02d-with-a-very-long-name", i), Status: quota.Active,
 			Used: uint64(i) * quota.GiB, Limit: 20 * quota.GiB, Upload: 0, Download: 0})
 	}
+	rows[30].Status, rows[30].Speed = quota.Throttled, quota.Speed{Down: 4e6, Up: 1e6}
+	rows[7].Speed = quota.Speed{Down: 20e6, Up: 20e6}
 	m.update(rows, t1)
 	rows = slices.Clone(rows)
 	rows[7].Download += 10 * quota.MiB // 5 MiB/s over 2s
@@ -351,10 +353,10 @@ func TestMonitorRender(t *testing.T) {
 		if w == 80 {
 			want := []string{
 				"bwctl monitor  10:00:02  40 users  up 512.0 KiB/s  down 5.0 MiB/s  (q quits)",
-				"USER                 STATUS            UP/s       DOWN/s USAGE",
-				"user07-with-a-very-~ ACTIVE           0 B/s    5.0 MiB/s [#####-----------]  35%",
-				"user30-with-a-very-~ ACTIVE     512.0 KiB/s        0 B/s [################] 150%",
-				"user00-with-a-very-~ ACTIVE           0 B/s        0 B/s [----------------]   0%",
+				"USER        STATUS            UP/s       DOWN/s SPEED         USAGE",
+				"user07-wit~ ACTIVE           0 B/s    5.0 MiB/s 20mbit        [###--------]  35%",
+				"user30-wit~ THROTTLED  512.0 KiB/s        0 B/s 4mbit/1mbit   [###########] 150%",
+				"user00-wit~ ACTIVE           0 B/s        0 B/s -             [-----------]   0%",
 			}
 			if !slices.Equal(lines[:5], want) {
 				t.Errorf("80x24:\n%s", strings.Join(lines, "\n"))

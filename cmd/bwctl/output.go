@@ -47,7 +47,7 @@ func (e *env) status(s string) string {
 	switch quota.Status(s) {
 	case quota.Blocked, quota.Disabled:
 		c = red
-	case quota.Warning:
+	case quota.Warning, quota.Throttled:
 		c = yellow
 	}
 	return c + s + reset
@@ -127,6 +127,8 @@ type userOut struct {
 	Protocols          []string `json:"protocols"`
 	Devices            int      `json:"devices"`
 	DevicesLimit       *int     `json:"devices_limit"`
+	SpeedDown          *uint64  `json:"speed_down"`
+	SpeedUp            *uint64  `json:"speed_up"`
 }
 
 // userProtocols are u's sources now (ssh, an Xray protocol, or both); a
@@ -155,7 +157,34 @@ func userJSON(u control.User) userOut {
 		ManualUnblock: u.Override.Active, ManualUnblockUntil: jsonTime(u.Override.Until),
 		Protocols: userProtocols(u),
 		Devices:   u.Devices, DevicesLimit: devicesLimit(u),
+		SpeedDown: rateJSON(u.Speed.Down), SpeedUp: rateJSON(u.Speed.Up),
 	}
+}
+
+// rateJSON is a cap for JSON: bits per second, nil for none.
+func rateJSON(r quota.Rate) *uint64 {
+	if r == 0 {
+		return nil
+	}
+	n := uint64(r)
+	return &n
+}
+
+// speedCell shows u's caps in force: "20mbit", "10mbit/2mbit" (download/
+// upload), "-" for none; "off" for a direction without one.
+func speedCell(u control.User) string { return speedOf(u.Speed) }
+
+// speedOf formats caps for a table (see speedCell).
+func speedOf(s quota.Speed) string {
+	switch {
+	case s.IsZero():
+		return "-"
+	case s.Down == 0:
+		return "off/" + s.Up.String()
+	case s.Up == 0:
+		return s.Down.String() + "/off"
+	}
+	return s.String()
 }
 
 // devicesLimit is u's device limit for JSON: nil for none.
@@ -257,11 +286,11 @@ func (e *env) printList(users []control.User) error {
 	if e.o.color { // the header gets the colour cells' extra bytes too
 		head = plain + head + reset
 	}
-	fmt.Fprintf(tw, "USER\tPROTOCOL\t%s\tUSED\tLIMIT\tUSED%%\tREMAINING\tTODAY\tDEVICES\n", head)
+	fmt.Fprintf(tw, "USER\tPROTOCOL\t%s\tUSED\tLIMIT\tUSED%%\tREMAINING\tTODAY\tDEVICES\tSPEED\n", head)
 	for _, u := range users {
 		limit, pct, rem := e.limitCells(u)
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", u.Name, u.Protocol, e.status(string(u.Status)),
-			e.size(u.Used), limit, pct, rem, e.size(u.Today), devicesCell(u))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", u.Name, u.Protocol, e.status(string(u.Status)),
+			e.size(u.Used), limit, pct, rem, e.size(u.Today), devicesCell(u), speedCell(u))
 	}
 	return tw.Flush()
 }
@@ -299,6 +328,7 @@ func (e *env) printUser(u control.User) error {
 		{"expires", timeOr(u.Expires, "never")},
 		{"manual unblock until", unblock},
 		{"devices", devicesCell(u)},
+		{"speed", speedCell(u)},
 	}
 	for _, r := range rows {
 		fmt.Fprintf(tw, "%s:\t%s\n", r[0], r[1])

@@ -158,7 +158,19 @@ func TestRealAgent(t *testing.T) {
 		{"check", []string{"check"}, 0},
 		{"list-json", []string{"-o", "json", "list"}, 0},
 		{"usage-json", []string{"-o", "json", "usage", "alice"}, 0},
+		{"speed", []string{"speed", "alice", "10mbit/2mbit"}, 0},
+		{"throttle", []string{"throttle", "alice", "1mbit"}, 0},
+		{"usage-speed-json", []string{"-o", "json", "usage", "alice"}, 0},
+		{"speed-bad", []string{"speed", "alice", "20M"}, 2},
+		{"speed-off", []string{"speed", "alice", "off"}, 0},
+		{"throttle-off", []string{"throttle", "alice", "off"}, 0},
 	} {
+		if c.name == "speed-bad" {
+			// The line as speed and throttle left it.
+			if data, _ := os.ReadFile(limits); string(data) != "# limits\nalice 10240 speed=10mbit/2mbit throttle=1mbit\n" {
+				t.Errorf("limits file after speed and throttle: %q", data)
+			}
+		}
 		code, out, errOut := runCmd(sock, c.args...)
 		if code != c.code {
 			t.Errorf("%v: exit %d, want %d\n%s%s", c.args, code, c.code, out, errOut)

@@ -68,6 +68,10 @@ func (b *Backend) Devices(ctx context.Context, name string) ([]control.Device, e
 	return b.a.Devices(ctx, name)
 }
 
+func (b *Backend) SetSpeed(ctx context.Context, name string, throttle bool, s quota.Speed) error {
+	return b.a.SetSpeed(ctx, name, throttle, s)
+}
+
 func (b *Backend) SetDevices(ctx context.Context, name string, d quota.DeviceLimit) error {
 	return b.a.SetDevices(ctx, name, d)
 }

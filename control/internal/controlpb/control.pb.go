@@ -268,8 +268,12 @@ type User struct {
 	Protocols []string `protobuf:"bytes,21,rep,name=protocols,proto3" json:"protocols,omitempty"`
 	// Devices (client addresses) with a connection of the user open now, and
 	// how many may be (0: no limit).
-	Devices       int32 `protobuf:"varint,22,opt,name=devices,proto3" json:"devices,omitempty"`
-	DevicesLimit  int32 `protobuf:"varint,23,opt,name=devices_limit,json=devicesLimit,proto3" json:"devices_limit,omitempty"`
+	Devices      int32 `protobuf:"varint,22,opt,name=devices,proto3" json:"devices,omitempty"`
+	DevicesLimit int32 `protobuf:"varint,23,opt,name=devices_limit,json=devicesLimit,proto3" json:"devices_limit,omitempty"`
+	// The speed caps in force now, in bits per second (the throttle rate
+	// while THROTTLED); 0: none that way.
+	SpeedDown     uint64 `protobuf:"varint,24,opt,name=speed_down,json=speedDown,proto3" json:"speed_down,omitempty"`
+	SpeedUp       uint64 `protobuf:"varint,25,opt,name=speed_up,json=speedUp,proto3" json:"speed_up,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -465,6 +469,20 @@ func (x *User) GetDevicesLimit() int32 {
 	return 0
 }
 
+func (x *User) GetSpeedDown() uint64 {
+	if x != nil {
+		return x.SpeedDown
+	}
+	return 0
+}
+
+func (x *User) GetSpeedUp() uint64 {
+	if x != nil {
+		return x.SpeedUp
+	}
+	return 0
+}
+
 // Device mirrors view.Device: one of a user's devices.
 type Device struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -648,6 +666,77 @@ func (x *SetDevicesRequest) GetDevices() int32 {
 	return 0
 }
 
+type SetSpeedRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// false: the speed caps (speed=); true: the throttle rate (throttle=).
+	Throttle bool `protobuf:"varint,2,opt,name=throttle,proto3" json:"throttle,omitempty"`
+	// Bits per second, 1000 to 10^10 each; both 0: none of the user's own
+	// (the configured default applies).
+	Down          uint64 `protobuf:"varint,3,opt,name=down,proto3" json:"down,omitempty"`
+	Up            uint64 `protobuf:"varint,4,opt,name=up,proto3" json:"up,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetSpeedRequest) Reset() {
+	*x = SetSpeedRequest{}
+	mi := &file_control_proto_control_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetSpeedRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetSpeedRequest) ProtoMessage() {}
+
+func (x *SetSpeedRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_control_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetSpeedRequest.ProtoReflect.Descriptor instead.
+func (*SetSpeedRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_control_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *SetSpeedRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SetSpeedRequest) GetThrottle() bool {
+	if x != nil {
+		return x.Throttle
+	}
+	return false
+}
+
+func (x *SetSpeedRequest) GetDown() uint64 {
+	if x != nil {
+		return x.Down
+	}
+	return 0
+}
+
+func (x *SetSpeedRequest) GetUp() uint64 {
+	if x != nil {
+		return x.Up
+	}
+	return 0
+}
+
 type HistoryRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -660,7 +749,7 @@ type HistoryRequest struct {
 
 func (x *HistoryRequest) Reset() {
 	*x = HistoryRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[9]
+	mi := &file_control_proto_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -672,7 +761,7 @@ func (x *HistoryRequest) String() string {
 func (*HistoryRequest) ProtoMessage() {}
 
 func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[9]
+	mi := &file_control_proto_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -685,7 +774,7 @@ func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryRequest.ProtoReflect.Descriptor instead.
 func (*HistoryRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{9}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *HistoryRequest) GetName() string {
@@ -720,7 +809,7 @@ type Day struct {
 
 func (x *Day) Reset() {
 	*x = Day{}
-	mi := &file_control_proto_control_proto_msgTypes[10]
+	mi := &file_control_proto_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -732,7 +821,7 @@ func (x *Day) String() string {
 func (*Day) ProtoMessage() {}
 
 func (x *Day) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[10]
+	mi := &file_control_proto_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -745,7 +834,7 @@ func (x *Day) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Day.ProtoReflect.Descriptor instead.
 func (*Day) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{10}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Day) GetDay() string {
@@ -778,7 +867,7 @@ type HistoryResponse struct {
 
 func (x *HistoryResponse) Reset() {
 	*x = HistoryResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[11]
+	mi := &file_control_proto_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -790,7 +879,7 @@ func (x *HistoryResponse) String() string {
 func (*HistoryResponse) ProtoMessage() {}
 
 func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[11]
+	mi := &file_control_proto_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -803,7 +892,7 @@ func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryResponse.ProtoReflect.Descriptor instead.
 func (*HistoryResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{11}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *HistoryResponse) GetDays() []*Day {
@@ -823,7 +912,7 @@ type SetLimitRequest struct {
 
 func (x *SetLimitRequest) Reset() {
 	*x = SetLimitRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[12]
+	mi := &file_control_proto_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -835,7 +924,7 @@ func (x *SetLimitRequest) String() string {
 func (*SetLimitRequest) ProtoMessage() {}
 
 func (x *SetLimitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[12]
+	mi := &file_control_proto_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -848,7 +937,7 @@ func (x *SetLimitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLimitRequest.ProtoReflect.Descriptor instead.
 func (*SetLimitRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{12}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetLimitRequest) GetName() string {
@@ -875,7 +964,7 @@ type UnblockRequest struct {
 
 func (x *UnblockRequest) Reset() {
 	*x = UnblockRequest{}
-	mi := &file_control_proto_control_proto_msgTypes[13]
+	mi := &file_control_proto_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -887,7 +976,7 @@ func (x *UnblockRequest) String() string {
 func (*UnblockRequest) ProtoMessage() {}
 
 func (x *UnblockRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[13]
+	mi := &file_control_proto_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -900,7 +989,7 @@ func (x *UnblockRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnblockRequest.ProtoReflect.Descriptor instead.
 func (*UnblockRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{13}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *UnblockRequest) GetName() string {
@@ -926,7 +1015,7 @@ type ResetAllResponse struct {
 
 func (x *ResetAllResponse) Reset() {
 	*x = ResetAllResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[14]
+	mi := &file_control_proto_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -938,7 +1027,7 @@ func (x *ResetAllResponse) String() string {
 func (*ResetAllResponse) ProtoMessage() {}
 
 func (x *ResetAllResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[14]
+	mi := &file_control_proto_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -951,7 +1040,7 @@ func (x *ResetAllResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResetAllResponse.ProtoReflect.Descriptor instead.
 func (*ResetAllResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{14}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ResetAllResponse) GetCount() int64 {
@@ -995,13 +1084,15 @@ type StatusResponse struct {
 	XrayClaimed   uint64 `protobuf:"varint,16,opt,name=xray_claimed,json=xrayClaimed,proto3" json:"xray_claimed,omitempty"`
 	XrayHeld      uint64 `protobuf:"varint,17,opt,name=xray_held,json=xrayHeld,proto3" json:"xray_held,omitempty"`
 	XrayUnclaimed uint64 `protobuf:"varint,18,opt,name=xray_unclaimed,json=xrayUnclaimed,proto3" json:"xray_unclaimed,omitempty"`
+	// Packets dropped over a user's speed cap.
+	DroppedRate   uint64 `protobuf:"varint,19,opt,name=dropped_rate,json=droppedRate,proto3" json:"dropped_rate,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_control_proto_control_proto_msgTypes[15]
+	mi := &file_control_proto_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1013,7 +1104,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[15]
+	mi := &file_control_proto_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1026,7 +1117,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{15}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StatusResponse) GetLastTickUnixNano() int64 {
@@ -1155,6 +1246,13 @@ func (x *StatusResponse) GetXrayUnclaimed() uint64 {
 	return 0
 }
 
+func (x *StatusResponse) GetDroppedRate() uint64 {
+	if x != nil {
+		return x.DroppedRate
+	}
+	return 0
+}
+
 // NotifyChannel is one notification channel's delivery state.
 type NotifyChannel struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
@@ -1172,7 +1270,7 @@ type NotifyChannel struct {
 
 func (x *NotifyChannel) Reset() {
 	*x = NotifyChannel{}
-	mi := &file_control_proto_control_proto_msgTypes[16]
+	mi := &file_control_proto_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1184,7 +1282,7 @@ func (x *NotifyChannel) String() string {
 func (*NotifyChannel) ProtoMessage() {}
 
 func (x *NotifyChannel) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[16]
+	mi := &file_control_proto_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1197,7 +1295,7 @@ func (x *NotifyChannel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotifyChannel.ProtoReflect.Descriptor instead.
 func (*NotifyChannel) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{16}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *NotifyChannel) GetName() string {
@@ -1258,21 +1356,24 @@ func (x *NotifyChannel) GetErrorUnixNano() int64 {
 
 // UserRow is the part of a user a live monitor shows.
 type UserRow struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Protocol      string                 `protobuf:"bytes,2,opt,name=protocol,proto3" json:"protocol,omitempty"`
-	Status        string                 `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
-	Used          uint64                 `protobuf:"varint,4,opt,name=used,proto3" json:"used,omitempty"`
-	Limit         uint64                 `protobuf:"varint,5,opt,name=limit,proto3" json:"limit,omitempty"`
-	Upload        uint64                 `protobuf:"varint,6,opt,name=upload,proto3" json:"upload,omitempty"`
-	Download      uint64                 `protobuf:"varint,7,opt,name=download,proto3" json:"download,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Protocol string                 `protobuf:"bytes,2,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	Status   string                 `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
+	Used     uint64                 `protobuf:"varint,4,opt,name=used,proto3" json:"used,omitempty"`
+	Limit    uint64                 `protobuf:"varint,5,opt,name=limit,proto3" json:"limit,omitempty"`
+	Upload   uint64                 `protobuf:"varint,6,opt,name=upload,proto3" json:"upload,omitempty"`
+	Download uint64                 `protobuf:"varint,7,opt,name=download,proto3" json:"download,omitempty"`
+	// The speed caps in force now, bits per second; 0: none that way.
+	SpeedDown     uint64 `protobuf:"varint,8,opt,name=speed_down,json=speedDown,proto3" json:"speed_down,omitempty"`
+	SpeedUp       uint64 `protobuf:"varint,9,opt,name=speed_up,json=speedUp,proto3" json:"speed_up,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UserRow) Reset() {
 	*x = UserRow{}
-	mi := &file_control_proto_control_proto_msgTypes[17]
+	mi := &file_control_proto_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1284,7 +1385,7 @@ func (x *UserRow) String() string {
 func (*UserRow) ProtoMessage() {}
 
 func (x *UserRow) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[17]
+	mi := &file_control_proto_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1297,7 +1398,7 @@ func (x *UserRow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserRow.ProtoReflect.Descriptor instead.
 func (*UserRow) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{17}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UserRow) GetName() string {
@@ -1349,6 +1450,20 @@ func (x *UserRow) GetDownload() uint64 {
 	return 0
 }
 
+func (x *UserRow) GetSpeedDown() uint64 {
+	if x != nil {
+		return x.SpeedDown
+	}
+	return 0
+}
+
+func (x *UserRow) GetSpeedUp() uint64 {
+	if x != nil {
+		return x.SpeedUp
+	}
+	return 0
+}
+
 type Snapshot struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Users         []*UserRow             `protobuf:"bytes,1,rep,name=users,proto3" json:"users,omitempty"`
@@ -1358,7 +1473,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_control_proto_control_proto_msgTypes[18]
+	mi := &file_control_proto_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1370,7 +1485,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_control_proto_msgTypes[18]
+	mi := &file_control_proto_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1383,7 +1498,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_control_proto_control_proto_rawDescGZIP(), []int{18}
+	return file_control_proto_control_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Snapshot) GetUsers() []*UserRow {
@@ -1406,7 +1521,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x11ListUsersResponse\x12.\n" +
 	"\x05users\x18\x01 \x03(\v2\x18.bwagent.control.v1.UserR\x05users\"$\n" +
 	"\x0eGetUserRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x89\x05\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xc3\x05\n" +
 	"\x04User\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x10\n" +
@@ -1434,7 +1549,10 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\aupdated\x18\x14 \x01(\x03R\aupdated\x12\x1c\n" +
 	"\tprotocols\x18\x15 \x03(\tR\tprotocols\x12\x18\n" +
 	"\adevices\x18\x16 \x01(\x05R\adevices\x12#\n" +
-	"\rdevices_limit\x18\x17 \x01(\x05R\fdevicesLimit\"\xa8\x01\n" +
+	"\rdevices_limit\x18\x17 \x01(\x05R\fdevicesLimit\x12\x1d\n" +
+	"\n" +
+	"speed_down\x18\x18 \x01(\x04R\tspeedDown\x12\x19\n" +
+	"\bspeed_up\x18\x19 \x01(\x04R\aspeedUp\"\xa8\x01\n" +
 	"\x06Device\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x1c\n" +
 	"\tprotocols\x18\x02 \x03(\tR\tprotocols\x12 \n" +
@@ -1446,7 +1564,12 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\adevices\x18\x01 \x03(\v2\x1a.bwagent.control.v1.DeviceR\adevices\"A\n" +
 	"\x11SetDevicesRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\adevices\x18\x02 \x01(\x05R\adevices\"H\n" +
+	"\adevices\x18\x02 \x01(\x05R\adevices\"e\n" +
+	"\x0fSetSpeedRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\bthrottle\x18\x02 \x01(\bR\bthrottle\x12\x12\n" +
+	"\x04down\x18\x03 \x01(\x04R\x04down\x12\x0e\n" +
+	"\x02up\x18\x04 \x01(\x04R\x02up\"H\n" +
 	"\x0eHistoryRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04from\x18\x02 \x01(\tR\x04from\x12\x0e\n" +
@@ -1464,7 +1587,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
 	"\x10duration_seconds\x18\x02 \x01(\x03R\x0fdurationSeconds\"(\n" +
 	"\x10ResetAllResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x03R\x05count\"\x80\a\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\xa3\a\n" +
 	"\x0eStatusResponse\x12-\n" +
 	"\x13last_tick_unix_nano\x18\x01 \x01(\x03R\x10lastTickUnixNano\x12.\n" +
 	"\x13tick_duration_nanos\x18\x02 \x01(\x03R\x11tickDurationNanos\x12\x14\n" +
@@ -1487,7 +1610,8 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x14ssh_never_attributed\x18\x0f \x01(\x04R\x12sshNeverAttributed\x12!\n" +
 	"\fxray_claimed\x18\x10 \x01(\x04R\vxrayClaimed\x12\x1b\n" +
 	"\txray_held\x18\x11 \x01(\x04R\bxrayHeld\x12%\n" +
-	"\x0exray_unclaimed\x18\x12 \x01(\x04R\rxrayUnclaimed\x1a9\n" +
+	"\x0exray_unclaimed\x18\x12 \x01(\x04R\rxrayUnclaimed\x12!\n" +
+	"\fdropped_rate\x18\x13 \x01(\x04R\vdroppedRate\x1a9\n" +
 	"\vErrorsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a=\n" +
@@ -1503,7 +1627,7 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x12next_try_unix_nano\x18\x06 \x01(\x03R\x0fnextTryUnixNano\x12\x1d\n" +
 	"\n" +
 	"last_error\x18\a \x01(\tR\tlastError\x12&\n" +
-	"\x0ferror_unix_nano\x18\b \x01(\x03R\rerrorUnixNano\"\xaf\x01\n" +
+	"\x0ferror_unix_nano\x18\b \x01(\x03R\rerrorUnixNano\"\xe9\x01\n" +
 	"\aUserRow\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x16\n" +
@@ -1511,9 +1635,12 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\x04used\x18\x04 \x01(\x04R\x04used\x12\x14\n" +
 	"\x05limit\x18\x05 \x01(\x04R\x05limit\x12\x16\n" +
 	"\x06upload\x18\x06 \x01(\x04R\x06upload\x12\x1a\n" +
-	"\bdownload\x18\a \x01(\x04R\bdownload\"=\n" +
+	"\bdownload\x18\a \x01(\x04R\bdownload\x12\x1d\n" +
+	"\n" +
+	"speed_down\x18\b \x01(\x04R\tspeedDown\x12\x19\n" +
+	"\bspeed_up\x18\t \x01(\x04R\aspeedUp\"=\n" +
 	"\bSnapshot\x121\n" +
-	"\x05users\x18\x01 \x03(\v2\x1b.bwagent.control.v1.UserRowR\x05users2\xf5\b\n" +
+	"\x05users\x18\x01 \x03(\v2\x1b.bwagent.control.v1.UserRowR\x05users2\xc1\t\n" +
 	"\aControl\x12X\n" +
 	"\tListUsers\x12$.bwagent.control.v1.ListUsersRequest\x1a%.bwagent.control.v1.ListUsersResponse\x12G\n" +
 	"\aGetUser\x12\".bwagent.control.v1.GetUserRequest\x1a\x18.bwagent.control.v1.User\x12R\n" +
@@ -1522,7 +1649,8 @@ const file_control_proto_control_proto_rawDesc = "" +
 	"\bSetLimit\x12#.bwagent.control.v1.SetLimitRequest\x1a\x19.bwagent.control.v1.Empty\x12I\n" +
 	"\vRemoveLimit\x12\x1f.bwagent.control.v1.NameRequest\x1a\x19.bwagent.control.v1.Empty\x12N\n" +
 	"\n" +
-	"SetDevices\x12%.bwagent.control.v1.SetDevicesRequest\x1a\x19.bwagent.control.v1.Empty\x12C\n" +
+	"SetDevices\x12%.bwagent.control.v1.SetDevicesRequest\x1a\x19.bwagent.control.v1.Empty\x12J\n" +
+	"\bSetSpeed\x12#.bwagent.control.v1.SetSpeedRequest\x1a\x19.bwagent.control.v1.Empty\x12C\n" +
 	"\x05Reset\x12\x1f.bwagent.control.v1.NameRequest\x1a\x19.bwagent.control.v1.Empty\x12K\n" +
 	"\bResetAll\x12\x19.bwagent.control.v1.Empty\x1a$.bwagent.control.v1.ResetAllResponse\x12E\n" +
 	"\aDisable\x12\x1f.bwagent.control.v1.NameRequest\x1a\x19.bwagent.control.v1.Empty\x12D\n" +
@@ -1544,7 +1672,7 @@ func file_control_proto_control_proto_rawDescGZIP() []byte {
 	return file_control_proto_control_proto_rawDescData
 }
 
-var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_control_proto_control_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_control_proto_control_proto_goTypes = []any{
 	(*Empty)(nil),               // 0: bwagent.control.v1.Empty
 	(*NameRequest)(nil),         // 1: bwagent.control.v1.NameRequest
@@ -1555,59 +1683,62 @@ var file_control_proto_control_proto_goTypes = []any{
 	(*Device)(nil),              // 6: bwagent.control.v1.Device
 	(*ListDevicesResponse)(nil), // 7: bwagent.control.v1.ListDevicesResponse
 	(*SetDevicesRequest)(nil),   // 8: bwagent.control.v1.SetDevicesRequest
-	(*HistoryRequest)(nil),      // 9: bwagent.control.v1.HistoryRequest
-	(*Day)(nil),                 // 10: bwagent.control.v1.Day
-	(*HistoryResponse)(nil),     // 11: bwagent.control.v1.HistoryResponse
-	(*SetLimitRequest)(nil),     // 12: bwagent.control.v1.SetLimitRequest
-	(*UnblockRequest)(nil),      // 13: bwagent.control.v1.UnblockRequest
-	(*ResetAllResponse)(nil),    // 14: bwagent.control.v1.ResetAllResponse
-	(*StatusResponse)(nil),      // 15: bwagent.control.v1.StatusResponse
-	(*NotifyChannel)(nil),       // 16: bwagent.control.v1.NotifyChannel
-	(*UserRow)(nil),             // 17: bwagent.control.v1.UserRow
-	(*Snapshot)(nil),            // 18: bwagent.control.v1.Snapshot
-	nil,                         // 19: bwagent.control.v1.StatusResponse.ErrorsEntry
-	nil,                         // 20: bwagent.control.v1.StatusResponse.ComponentsEntry
+	(*SetSpeedRequest)(nil),     // 9: bwagent.control.v1.SetSpeedRequest
+	(*HistoryRequest)(nil),      // 10: bwagent.control.v1.HistoryRequest
+	(*Day)(nil),                 // 11: bwagent.control.v1.Day
+	(*HistoryResponse)(nil),     // 12: bwagent.control.v1.HistoryResponse
+	(*SetLimitRequest)(nil),     // 13: bwagent.control.v1.SetLimitRequest
+	(*UnblockRequest)(nil),      // 14: bwagent.control.v1.UnblockRequest
+	(*ResetAllResponse)(nil),    // 15: bwagent.control.v1.ResetAllResponse
+	(*StatusResponse)(nil),      // 16: bwagent.control.v1.StatusResponse
+	(*NotifyChannel)(nil),       // 17: bwagent.control.v1.NotifyChannel
+	(*UserRow)(nil),             // 18: bwagent.control.v1.UserRow
+	(*Snapshot)(nil),            // 19: bwagent.control.v1.Snapshot
+	nil,                         // 20: bwagent.control.v1.StatusResponse.ErrorsEntry
+	nil,                         // 21: bwagent.control.v1.StatusResponse.ComponentsEntry
 }
 var file_control_proto_control_proto_depIdxs = []int32{
 	5,  // 0: bwagent.control.v1.ListUsersResponse.users:type_name -> bwagent.control.v1.User
 	6,  // 1: bwagent.control.v1.ListDevicesResponse.devices:type_name -> bwagent.control.v1.Device
-	10, // 2: bwagent.control.v1.HistoryResponse.days:type_name -> bwagent.control.v1.Day
-	19, // 3: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
-	20, // 4: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
-	16, // 5: bwagent.control.v1.StatusResponse.notify:type_name -> bwagent.control.v1.NotifyChannel
-	17, // 6: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
+	11, // 2: bwagent.control.v1.HistoryResponse.days:type_name -> bwagent.control.v1.Day
+	20, // 3: bwagent.control.v1.StatusResponse.errors:type_name -> bwagent.control.v1.StatusResponse.ErrorsEntry
+	21, // 4: bwagent.control.v1.StatusResponse.components:type_name -> bwagent.control.v1.StatusResponse.ComponentsEntry
+	17, // 5: bwagent.control.v1.StatusResponse.notify:type_name -> bwagent.control.v1.NotifyChannel
+	18, // 6: bwagent.control.v1.Snapshot.users:type_name -> bwagent.control.v1.UserRow
 	2,  // 7: bwagent.control.v1.Control.ListUsers:input_type -> bwagent.control.v1.ListUsersRequest
 	4,  // 8: bwagent.control.v1.Control.GetUser:input_type -> bwagent.control.v1.GetUserRequest
-	9,  // 9: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
+	10, // 9: bwagent.control.v1.Control.History:input_type -> bwagent.control.v1.HistoryRequest
 	1,  // 10: bwagent.control.v1.Control.ListDevices:input_type -> bwagent.control.v1.NameRequest
-	12, // 11: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
+	13, // 11: bwagent.control.v1.Control.SetLimit:input_type -> bwagent.control.v1.SetLimitRequest
 	1,  // 12: bwagent.control.v1.Control.RemoveLimit:input_type -> bwagent.control.v1.NameRequest
 	8,  // 13: bwagent.control.v1.Control.SetDevices:input_type -> bwagent.control.v1.SetDevicesRequest
-	1,  // 14: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
-	0,  // 15: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
-	1,  // 16: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
-	1,  // 17: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
-	13, // 18: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
-	0,  // 19: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
-	0,  // 20: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
-	0,  // 21: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
-	3,  // 22: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
-	5,  // 23: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
-	11, // 24: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
-	7,  // 25: bwagent.control.v1.Control.ListDevices:output_type -> bwagent.control.v1.ListDevicesResponse
-	0,  // 26: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 27: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
-	0,  // 28: bwagent.control.v1.Control.SetDevices:output_type -> bwagent.control.v1.Empty
-	0,  // 29: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
-	14, // 30: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
-	0,  // 31: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
-	0,  // 32: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
-	0,  // 33: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
-	0,  // 34: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
-	15, // 35: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
-	18, // 36: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
-	22, // [22:37] is the sub-list for method output_type
-	7,  // [7:22] is the sub-list for method input_type
+	9,  // 14: bwagent.control.v1.Control.SetSpeed:input_type -> bwagent.control.v1.SetSpeedRequest
+	1,  // 15: bwagent.control.v1.Control.Reset:input_type -> bwagent.control.v1.NameRequest
+	0,  // 16: bwagent.control.v1.Control.ResetAll:input_type -> bwagent.control.v1.Empty
+	1,  // 17: bwagent.control.v1.Control.Disable:input_type -> bwagent.control.v1.NameRequest
+	1,  // 18: bwagent.control.v1.Control.Enable:input_type -> bwagent.control.v1.NameRequest
+	14, // 19: bwagent.control.v1.Control.Unblock:input_type -> bwagent.control.v1.UnblockRequest
+	0,  // 20: bwagent.control.v1.Control.Check:input_type -> bwagent.control.v1.Empty
+	0,  // 21: bwagent.control.v1.Control.Status:input_type -> bwagent.control.v1.Empty
+	0,  // 22: bwagent.control.v1.Control.Watch:input_type -> bwagent.control.v1.Empty
+	3,  // 23: bwagent.control.v1.Control.ListUsers:output_type -> bwagent.control.v1.ListUsersResponse
+	5,  // 24: bwagent.control.v1.Control.GetUser:output_type -> bwagent.control.v1.User
+	12, // 25: bwagent.control.v1.Control.History:output_type -> bwagent.control.v1.HistoryResponse
+	7,  // 26: bwagent.control.v1.Control.ListDevices:output_type -> bwagent.control.v1.ListDevicesResponse
+	0,  // 27: bwagent.control.v1.Control.SetLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 28: bwagent.control.v1.Control.RemoveLimit:output_type -> bwagent.control.v1.Empty
+	0,  // 29: bwagent.control.v1.Control.SetDevices:output_type -> bwagent.control.v1.Empty
+	0,  // 30: bwagent.control.v1.Control.SetSpeed:output_type -> bwagent.control.v1.Empty
+	0,  // 31: bwagent.control.v1.Control.Reset:output_type -> bwagent.control.v1.Empty
+	15, // 32: bwagent.control.v1.Control.ResetAll:output_type -> bwagent.control.v1.ResetAllResponse
+	0,  // 33: bwagent.control.v1.Control.Disable:output_type -> bwagent.control.v1.Empty
+	0,  // 34: bwagent.control.v1.Control.Enable:output_type -> bwagent.control.v1.Empty
+	0,  // 35: bwagent.control.v1.Control.Unblock:output_type -> bwagent.control.v1.Empty
+	0,  // 36: bwagent.control.v1.Control.Check:output_type -> bwagent.control.v1.Empty
+	16, // 37: bwagent.control.v1.Control.Status:output_type -> bwagent.control.v1.StatusResponse
+	19, // 38: bwagent.control.v1.Control.Watch:output_type -> bwagent.control.v1.Snapshot
+	23, // [23:39] is the sub-list for method output_type
+	7,  // [7:23] is the sub-list for method input_type
 	7,  // [7:7] is the sub-list for extension type_name
 	7,  // [7:7] is the sub-list for extension extendee
 	0,  // [0:7] is the sub-list for field type_name
@@ -1624,7 +1755,7 @@ func file_control_proto_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_control_proto_rawDesc), len(file_control_proto_control_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   21,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

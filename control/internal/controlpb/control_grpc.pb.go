@@ -31,6 +31,7 @@ const (
 	Control_SetLimit_FullMethodName    = "/bwagent.control.v1.Control/SetLimit"
 	Control_RemoveLimit_FullMethodName = "/bwagent.control.v1.Control/RemoveLimit"
 	Control_SetDevices_FullMethodName  = "/bwagent.control.v1.Control/SetDevices"
+	Control_SetSpeed_FullMethodName    = "/bwagent.control.v1.Control/SetSpeed"
 	Control_Reset_FullMethodName       = "/bwagent.control.v1.Control/Reset"
 	Control_ResetAll_FullMethodName    = "/bwagent.control.v1.Control/ResetAll"
 	Control_Disable_FullMethodName     = "/bwagent.control.v1.Control/Disable"
@@ -58,6 +59,7 @@ type ControlClient interface {
 	SetLimit(ctx context.Context, in *SetLimitRequest, opts ...grpc.CallOption) (*Empty, error)
 	RemoveLimit(ctx context.Context, in *NameRequest, opts ...grpc.CallOption) (*Empty, error)
 	SetDevices(ctx context.Context, in *SetDevicesRequest, opts ...grpc.CallOption) (*Empty, error)
+	SetSpeed(ctx context.Context, in *SetSpeedRequest, opts ...grpc.CallOption) (*Empty, error)
 	Reset(ctx context.Context, in *NameRequest, opts ...grpc.CallOption) (*Empty, error)
 	ResetAll(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*ResetAllResponse, error)
 	Disable(ctx context.Context, in *NameRequest, opts ...grpc.CallOption) (*Empty, error)
@@ -143,6 +145,16 @@ func (c *controlClient) SetDevices(ctx context.Context, in *SetDevicesRequest, o
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(Empty)
 	err := c.cc.Invoke(ctx, Control_SetDevices_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) SetSpeed(ctx context.Context, in *SetSpeedRequest, opts ...grpc.CallOption) (*Empty, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Empty)
+	err := c.cc.Invoke(ctx, Control_SetSpeed_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -255,6 +267,7 @@ type ControlServer interface {
 	SetLimit(context.Context, *SetLimitRequest) (*Empty, error)
 	RemoveLimit(context.Context, *NameRequest) (*Empty, error)
 	SetDevices(context.Context, *SetDevicesRequest) (*Empty, error)
+	SetSpeed(context.Context, *SetSpeedRequest) (*Empty, error)
 	Reset(context.Context, *NameRequest) (*Empty, error)
 	ResetAll(context.Context, *Empty) (*ResetAllResponse, error)
 	Disable(context.Context, *NameRequest) (*Empty, error)
@@ -296,6 +309,9 @@ func (UnimplementedControlServer) RemoveLimit(context.Context, *NameRequest) (*E
 }
 func (UnimplementedControlServer) SetDevices(context.Context, *SetDevicesRequest) (*Empty, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetDevices not implemented")
+}
+func (UnimplementedControlServer) SetSpeed(context.Context, *SetSpeedRequest) (*Empty, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetSpeed not implemented")
 }
 func (UnimplementedControlServer) Reset(context.Context, *NameRequest) (*Empty, error) {
 	return nil, status.Error(codes.Unimplemented, "method Reset not implemented")
@@ -464,6 +480,24 @@ func _Control_SetDevices_Handler(srv interface{}, ctx context.Context, dec func(
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(ControlServer).SetDevices(ctx, req.(*SetDevicesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_SetSpeed_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetSpeedRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).SetSpeed(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_SetSpeed_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).SetSpeed(ctx, req.(*SetSpeedRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -639,6 +673,10 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SetDevices",
 			Handler:    _Control_SetDevices_Handler,
+		},
+		{
+			MethodName: "SetSpeed",
+			Handler:    _Control_SetSpeed_Handler,
 		},
 		{
 			MethodName: "Reset",
