@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -171,7 +172,10 @@ func (a *Agent) noteXrayConns(es []xrayaccess.Entry, now time.Time) {
 // syncXrayLive lists the TCP connections of the inbounds' ports and keeps
 // the logged connections that are still open: each is tied to its socket
 // at the first listing after its line, and forgotten when that socket is
-// gone; one never tied is forgotten xconnLinger after its line. Where the
+// gone; one never tied is forgotten at once on a port the kernel holds
+// (the logged address is the socket's peer there: it closed), and
+// xconnLinger after its line elsewhere (behind a proxy the logged address
+// may be no socket's). Where the
 // kernel counts Xray's connections, the connections open before the
 // follower started are read back from it first. While no user has a device
 // limit, the listing (a walk of the kernel's TCP table) is every
@@ -219,6 +223,10 @@ func (a *Agent) syncXrayLive(now time.Time) error {
 				c.listed = true
 				if s, ok := byKey[k]; ok && s.Cookie != 0 {
 					c.sock = s
+				} else if _, held := slices.BinarySearch(a.xr.conns.hold, k.port); held {
+					// On a held port the logged address is the socket's
+					// peer: not listed, it closed already.
+					x.drop(user, k)
 				}
 			case now.Sub(c.at) > xconnLinger:
 				x.drop(user, k)
