@@ -139,6 +139,7 @@ type xbase struct {
 	changed   uint32      // 1 + the index of this read's values in xrayState.changed; 0: none
 	claims    uint32      // connections claimed for the user since read number claimRead
 	claimRead uint32
+	unheld    bool // one of those claims was a loopback peer's, never held
 	owedSaved bool // the store may hold a debt: a paid-off one is written as zero
 	dirty     bool
 }
@@ -170,20 +171,21 @@ func (x *xrayState) epochIndex(e quota.Epoch) uint32 {
 
 // claimsSince returns the connections claimed for b's user since read
 // number read.
-func (b *xbase) claimsSince(read uint32) uint32 {
+func (b *xbase) claimsSince(read uint32) (n uint32, unheld bool) {
 	if b.claimRead != read {
-		return 0
+		return 0, false
 	}
-	return b.claims
+	return b.claims, b.unheld
 }
 
 // claimed counts a connection claimed for email, for the next read.
-func (x *xrayState) claimed(email string) {
+func (x *xrayState) claimed(email string, unheld bool) {
 	b := x.baseOf(email)
 	if b.claimRead != x.reads {
-		b.claims, b.claimRead = 0, x.reads
+		b.claims, b.claimRead, b.unheld = 0, x.reads, false
 	}
 	b.claims++
+	b.unheld = b.unheld || unheld
 }
 
 // baseOf returns email's baseline, a zero one if it has none yet.

@@ -16,7 +16,6 @@ import (
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/sockkill"
-	"github.com/myvpn/bwagent/xrayaccess"
 	"github.com/myvpn/bwagent/xraystats"
 )
 
@@ -667,7 +666,7 @@ func TestXrayOwed(t *testing.T) {
 	// folded them into the account at the claim: credit, which the fold
 	// pays off, also across a restart of the agent. Credit is bounded by
 	// the connections claimed: Xray's bytes beyond it are charged.
-	e.a.xr.claimed("alice")
+	e.a.xr.claimed("alice", false)
 	fx.use("alice", 20_000, 40_000)
 	e.step(2 * time.Second)
 	want("Xray's report before the fold", 120_000, 17_240_000)
@@ -676,13 +675,22 @@ func TestXrayOwed(t *testing.T) {
 	kernel(20_500, 40_800) // the fold, as wire bytes
 	e.step(2 * time.Second)
 	want("the fold paying off the credit", 120_500, 17_240_800)
-	e.a.xr.claimed("alice")
+	e.a.xr.claimed("alice", false)
 	fx.use("alice", 0, 100_000)
 	e.step(2 * time.Second)
 	kernel(0, 100_000)
 	e.step(2 * time.Second)
 	// (Xray's 100,000 pay off the 800 bytes of wire the fold left owed.)
 	want("credit of one connection's first bytes at most", 120_500, 17_240_800+99_200+(100_000-xrayPendingMax))
+	// A loopback peer's connection (a proxy on the host) is never held:
+	// all Xray reports of it before the fold is credit.
+	lb := e.user("alice")
+	e.a.xr.claimed("alice", true)
+	fx.use("alice", 0, 300_000)
+	e.step(2 * time.Second)
+	kernel(0, 300_000)
+	e.step(2 * time.Second)
+	want("a loopback peer's first bytes", lb.Upload, lb.Download+300_000)
 
 	// Over the limit: blocked in the kernel too.
 	kernel(0, 90<<20)
@@ -709,9 +717,7 @@ func TestXrayOwed(t *testing.T) {
 
 // TestXrayReadsWhenNeeded: where the kernel counts every connection Xray's
 // users can make, every user's counters are read every xrayReadTicks
-// ticks, and at once after a connection went unclaimed or was claimed
-// for a loopback peer (never held: its first bytes are Xray's), while a
-// read finds
+// ticks, and at once after a connection went unclaimed, while a read finds
 // bytes the kernel did not count, and after a new config; with an inbound
 // whose traffic the kernel cannot count, every tick. Nothing is lost: what
 // Xray alone counted is charged at the next read.
@@ -778,14 +784,6 @@ func TestXrayReadsWhenNeeded(t *testing.T) {
 	fx.use("bob", 0, 1<<20)
 	if got := ticks(3); !slices.Equal(got, []int{0, 1}) {
 		t.Errorf("while Xray's bytes flow: read at ticks %v, want [0 1] (the second finds none)", got)
-	}
-
-	// A connection claimed from a loopback peer (a proxy on the host): it
-	// was never held, so its first bytes are Xray's alone: read at once.
-	ticks(5)
-	e.a.claimXray([]xrayaccess.Entry{{Source: netip.MustParseAddrPort("127.0.0.1:40000"), InboundTag: "vless-in", Email: "bob"}}, e.clock)
-	if got := ticks(2); !slices.Equal(got, []int{0}) {
-		t.Errorf("after a claim for a loopback peer: read at ticks %v, want [0]", got)
 	}
 
 	// A connection the kernel let go unclaimed: read at once.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -348,13 +349,9 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 		}
 		x.claims = append(x.claims, claim{client: e.Source, port: uint16(in.Port), at: now})
 		x.claimed++
-		a.xr.claimed(e.Email)
-		if e.Source.Addr().Unmap().IsLoopback() {
-			// A loopback peer is never held: what it moved before its
-			// claim is Xray's to count (the kernel folds only a held
-			// connection's), read at the next tick.
-			a.xr.readNow = true
-		}
+		// A loopback peer is never held (see bpf's claims): it can
+		// move more than xrayPendingMax before its claim.
+		a.xr.claimed(e.Email, e.Source.Addr().Unmap().IsLoopback())
 	}
 }
 
@@ -423,8 +420,9 @@ func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 	kern = quota.Usage{Up: kern.Up - paid.Up, Down: kern.Down - paid.Down}
 	payUp, payDown := min(xray.Up, b.owed.Up), min(xray.Down, b.owed.Down)
 	extra := quota.Usage{Up: xray.Up - payUp, Down: xray.Down - payDown}
-	claims := uint64(b.claimsSince(a.xr.reads))
-	if extra.Up+extra.Down > xrayPendingMax*(1+claims) {
+	n, unheld := b.claimsSince(a.xr.reads)
+	claims := uint64(n)
+	if extra.Up+extra.Down > xrayPendingMax*(1+claims) && !unheld {
 		// More than the first bytes of the user's new connections: some
 		// of its traffic is Xray's alone to count. Read every tick.
 		a.xr.excess = true
@@ -433,14 +431,19 @@ func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 		extra = capUsage(extra, a.rules.Metric, room)
 	}
 	if claims > 0 && extra != (quota.Usage{}) {
-		// The first bytes of a held connection (xrayPendingMax at most)
-		// are folded into the account when its claim is taken, which
-		// can come after Xray reported them: what Xray reports beyond
-		// the debt, up to that much for each new connection, is credit
-		// the kernel's next bytes pay off rather than charged twice.
-		// Credit mistaken for such bytes only delays the charge of as
-		// many of the kernel's bytes to Xray's report of them.
+		// A connection's first bytes are folded into the account when
+		// its claim is taken, which can come after Xray reported them:
+		// what Xray reports beyond the debt, up to xrayPendingMax for
+		// each new connection (what a held one moves at most before
+		// its claim; all of it after a loopback peer's, never held),
+		// is credit the kernel's next bytes pay off rather than
+		// charged twice. Credit mistaken for such bytes only delays
+		// the charge of as many of the kernel's bytes to Xray's report
+		// of them.
 		most := xrayPendingMax * claims
+		if unheld {
+			most = math.MaxUint64
+		}
 		b.credit.Up = min(b.credit.Up+extra.Up, most)
 		b.credit.Down = min(b.credit.Down+extra.Down, most)
 	}

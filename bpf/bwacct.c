@@ -892,15 +892,13 @@ static __always_inline int account_policed(struct __sk_buff *skb, __u32 uid, __u
 
 			if (o) {
 				__u32 flags = o->flags;
-				// A held connection claimed by this packet (or one on
+				// A connection claimed by this packet (or one on
 				// another CPU meanwhile): see the fold below.
-				int held_claimed = 0;
+				int claimed = 0;
 
 				if (attr && (flags & (SOCK_CLAIM | SOCK_RELEASED)) == SOCK_CLAIM) {
-					__u32 was = flags;
-
 					flags = claim(o, sk, flags);
-					held_claimed = (was & SOCK_PENDING) && (flags & SOCK_SERVER);
+					claimed = (flags & SOCK_SERVER) != 0;
 				}
 				if (flags & SOCK_CLAIM) {
 					// Waiting, or released: then it counts for its
@@ -919,22 +917,18 @@ static __always_inline int account_policed(struct __sk_buff *skb, __u32 uid, __u
 				// Bytes a connection moved while it waited: they
 				// passed, so they are counted and charged for its
 				// owner whatever this packet's fate, at its release
-				// (for Xray's UID) or at the claim of a held one (for
-				// the account: at most PENDING_ALLOWANCE, so the
-				// account's budget holds to the packet). Xray's own
-				// counters count them too; the agent takes what the
-				// kernel counted as owed by Xray's report, which pays
-				// it off (a report that came first is kept as credit
-				// that this fold pays off). A connection that was
-				// never held (claim-only: a loopback peer, a port
-				// behind a proxy) may move far more before its claim,
-				// sooner than the agent sees it: that stays in the
-				// entry, Xray's to count. Taken with exchanges, so
-				// that bytes a packet on another CPU adds meanwhile
-				// are folded once, by whoever finds them next.
-				// (Attribute's entries start at zero: it credits what
-				// it moved itself.)
-				if (attr && count && ((flags & SOCK_RELEASED) || held_claimed) && (o->pending_rx | o->pending_tx)) {
+				// (for Xray's UID) or at its claim (for the account,
+				// so the account's budget holds to the packet: a held
+				// connection moves PENDING_ALLOWANCE at most before
+				// it). Xray's own counters count them too; the agent
+				// takes what the kernel counted as owed by Xray's
+				// report, which pays it off (a report that came first
+				// is kept as credit that this fold pays off). Taken
+				// with exchanges, so that bytes a packet on another
+				// CPU adds meanwhile are folded once, by whoever finds
+				// them next. (Attribute's entries start at zero: it
+				// credits what it moved itself.)
+				if (attr && count && ((flags & SOCK_RELEASED) || claimed) && (o->pending_rx | o->pending_tx)) {
 					__u64 rx = __sync_lock_test_and_set(&o->pending_rx, 0);
 					__u64 sent = __sync_lock_test_and_set(&o->pending_tx, 0);
 
