@@ -271,8 +271,7 @@ func (a *Agent) Reload(ctx context.Context, cfg config.Config) error {
 		a.files.setDir(cfg.Paths.UsageDir)
 		a.commits.setLog(cfg.Paths.BlockLog, a.loc)
 		if old.Paths.UsageDir != cfg.Paths.UsageDir {
-			a.watch.close()
-			a.watch = newDirWatch(cfg.Paths.UsageDir)
+			a.watch.setDir(cfg.Paths.UsageDir)
 		}
 		if !slices.Equal(old.Xray.Configs, cfg.Xray.Configs) || old.Xray.ConfigDir != cfg.Xray.ConfigDir || !cfg.Xray.Enabled {
 			a.xr.conf = nil // read the new files next tick; the users stay until then

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"time"
@@ -73,6 +74,11 @@ type deviceSide struct {
 	// table is every user's devices as of the last tick, published with
 	// the users (snapshot.devices): replaced, never changed.
 	table map[string][]liveDevice
+	// all makes the next enforceDevices look at every user (at start,
+	// after a new config or limits file), not only those whose
+	// connections or records changed; look is its reused set.
+	all  bool
+	look map[*user]struct{}
 	// limitedLines counts the limits file's lines with a device limit
 	// (loadLimits).
 	limitedLines int
@@ -136,28 +142,6 @@ func (a *Agent) connsOf(u *user) []userConn {
 	}
 	for k, c := range a.dev.xconns.byUser[u.r.name] {
 		out = append(out, xrayConn(k, c))
-	}
-	return out
-}
-
-// allConns returns the open connections of every user who has one.
-func (a *Agent) allConns() map[*user][]userConn {
-	out := make(map[*user][]userConn)
-	if a.sess.tr != nil {
-		a.sess.tr.EachSession(func(s sshsess.Session) {
-			if u := a.byUID[s.UID]; u != nil {
-				out[u] = append(out[u], sessionConn(s))
-			}
-		})
-	}
-	for name, m := range a.dev.xconns.byUser {
-		u := a.users[name]
-		if u == nil {
-			continue
-		}
-		for k, c := range m {
-			out[u] = append(out[u], xrayConn(k, c))
-		}
 	}
 	return out
 }
@@ -363,19 +347,90 @@ func (a *Agent) cutXrayConns(user string, ks []xconnKey) (cut, uncut int, err er
 	return n, uncut, err
 }
 
-// enforceDevices applies every user's device limit to their open
-// connections, forgets the refusals that ended, and publishes every
-// user's devices.
+// enforceDevices applies the device limits to the users whose devices may
+// have changed since the last tick, forgets the refusals that ended, and
+// publishes every user's devices. A user's devices change only with their
+// connections (their Xray connections came or went, they have SSH
+// sessions, or had SSH devices), their record (plan, status) or a refusal;
+// every user is looked at after a new config or limits file. So a tick
+// costs what changed, not every open connection.
 func (a *Agent) enforceDevices(now time.Time) error {
-	var errs []error
-	table := make(map[string][]liveDevice)
-	for u, conns := range a.allConns() {
-		left, err := a.limitDevices(u, conns, now)
-		errs = append(errs, err)
-		if len(left) > 0 {
-			table[u.r.name] = left
+	if a.dev.look == nil {
+		a.dev.look = make(map[*user]struct{})
+		a.dev.all = true
+	}
+	look := a.dev.look
+	clear(look)
+	mark := func(u *user) {
+		if u != nil {
+			look[u] = struct{}{}
 		}
 	}
+	if a.dev.all {
+		a.dev.all = false
+		for _, u := range a.users {
+			mark(u)
+		}
+	}
+	x := &a.dev.xconns
+	for name := range x.changed {
+		mark(a.users[name])
+	}
+	clear(x.changed)
+	if a.sess.tr != nil {
+		a.sess.tr.EachSession(func(s sshsess.Session) { mark(a.byUID[s.UID]) })
+	}
+	for _, u := range a.work.dirtyQ {
+		mark(u)
+	}
+	for name := range a.dev.refused {
+		mark(a.users[name])
+	}
+	old := a.dev.table
+	var gone []string
+	for name, ds := range old {
+		u := a.users[name]
+		if u == nil {
+			gone = append(gone, name)
+			continue
+		}
+		for _, d := range ds {
+			if slices.Contains(d.v.Protocols, quota.SSH) {
+				mark(u) // its sessions may have ended
+				break
+			}
+		}
+	}
+
+	var errs []error
+	var table map[string][]liveDevice // a copy of old, made at the first change
+	set := func(name string, left []liveDevice) {
+		if table == nil {
+			table = maps.Clone(old)
+			if table == nil {
+				table = make(map[string][]liveDevice)
+			}
+		}
+		if len(left) > 0 {
+			table[name] = left
+		} else {
+			delete(table, name)
+		}
+		if u := a.users[name]; u != nil && len(left) != len(old[name]) {
+			a.markJSON(u, jsonUsage)
+		}
+	}
+	for _, name := range gone {
+		set(name, nil)
+	}
+	for u := range look {
+		left, err := a.limitDevices(u, a.connsOf(u), now)
+		errs = append(errs, err)
+		if !sameDevices(old[u.r.name], left) {
+			set(u.r.name, left)
+		}
+	}
+	clear(look)
 	for name, ref := range a.dev.refused {
 		u := a.users[name]
 		for k, rf := range ref {
@@ -387,37 +442,11 @@ func (a *Agent) enforceDevices(now time.Time) error {
 			delete(a.dev.refused, name)
 		}
 	}
-	a.publishDevices(table)
-	return errors.Join(errs...)
-}
-
-// publishDevices makes table the devices readers see, if it differs from
-// the last one, and queues the usage files whose device count changed.
-func (a *Agent) publishDevices(table map[string][]liveDevice) {
-	old := a.dev.table
-	changed := len(old) != len(table)
-	for name, ds := range table {
-		if !sameDevices(old[name], ds) {
-			changed = true
-			if len(old[name]) != len(ds) {
-				if u := a.users[name]; u != nil {
-					a.markJSON(u, jsonUsage)
-				}
-			}
-		}
-	}
-	for name := range old {
-		if _, ok := table[name]; !ok {
-			changed = true
-			if u := a.users[name]; u != nil {
-				a.markJSON(u, jsonUsage)
-			}
-		}
-	}
-	if changed {
+	if table != nil {
 		a.dev.table = table
 		a.pub.changed = true
 	}
+	return errors.Join(errs...)
 }
 
 // sameDevices reports whether two lists of a user's devices show the same.

@@ -385,3 +385,31 @@ func TestDevicesWithoutLimits(t *testing.T) {
 		t.Errorf("devices %v", got)
 	}
 }
+
+// TestDevicesClosedBeforeListing: a logged connection that closed before
+// the first listing after its line is forgotten at that listing on a port
+// the kernel holds (the logged address is the socket's peer there), and
+// kept for xconnLinger elsewhere (behind a proxy it may be no socket's).
+func TestDevicesClosedBeforeListing(t *testing.T) {
+	e, fs := newDevicesEnv(t, "bob 1G devices=5\n", nil)
+	e.a.xr.conns.hold = []uint16{10001}
+	held := e.connect(fs, "bob", "vless-in", "192.0.2.1:1")
+	fs.close(held)
+	e.step(time.Second)
+	if got := e.devices("bob"); len(got) != 0 {
+		t.Errorf("devices after the listing %v, want none: the connection on a held port closed", got)
+	}
+
+	// Not held: a line whose address is no socket's (a proxy's client).
+	e.a.xr.conns.hold = nil
+	e.a.noteXrayConns([]xrayaccess.Entry{{Time: e.clock, Source: netip.MustParseAddrPort("192.0.2.2:1"), Status: xrayaccess.Accepted,
+		Network: "tcp", Dest: "example.com:443", InboundTag: "vless-in", OutboundTag: "direct", Email: "bob"}}, e.clock)
+	e.step(time.Second)
+	if got := e.devices("bob"); !slices.Equal(got, []string{"192.0.2.2"}) {
+		t.Errorf("devices after the listing %v, want the proxied line's", got)
+	}
+	e.step(2 * time.Minute)
+	if got := e.devices("bob"); len(got) != 0 {
+		t.Errorf("devices after xconnLinger %v, want none", got)
+	}
+}

@@ -21,6 +21,10 @@ import (
 // state at the next kick.
 type fileWriter struct {
 	snap func() *snapshot // the latest published users; constant
+	// pump, if not nil, is called after each chunk of files written: the
+	// usage directory's watch reads the events the files raised (see
+	// dirWatch.pump). Constant.
+	pump func()
 
 	mu      sync.Mutex
 	dir     string
@@ -104,6 +108,9 @@ func (w *fileWriter) flush() error {
 			} else {
 				written++
 			}
+		}
+		if w.pump != nil {
+			w.pump()
 		}
 	}
 

@@ -49,10 +49,11 @@ func (a *Agent) load() error {
 		case quota.SourceUID:
 			a.kernel.base[b.Source.UID] = kbase{epoch: a.kernel.epochID(b.Epoch), up: s.Up, down: s.Down}
 		case quota.SourceXray:
-			a.xr.baseOf(b.Source.Name).Sample = s
+			a.xr.setSample(a.xr.baseOf(b.Source.Name), s)
 		case quota.SourceOwed:
 			xb := a.xr.baseOf(b.Source.Name)
-			xb.owed, xb.moved, xb.owedSaved = quota.Usage{Up: s.Up, Down: s.Down}, b.Epoch.Start, true
+			xb.owed, xb.credit = fromNet(s.Up, s.Down)
+			xb.moved, xb.owedSaved = b.Epoch.Start, true
 		case quota.SourceFleet:
 			if a.fl == nil {
 				a.rec.dropBaselines = append(a.rec.dropBaselines, b.Source) // fleet mode turned off
@@ -181,10 +182,11 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	})
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
-			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: bl.Epoch, Rx: bl.Down, Tx: bl.Up})
-			if owing := bl.owed != (quota.Usage{}); owing || bl.owedSaved {
+			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: a.xr.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
+			if owing := bl.owed != (quota.Usage{}) || bl.credit != (quota.Usage{}); owing || bl.owedSaved {
+				up, down := toNet(bl.owed, bl.credit)
 				b.Baselines = append(b.Baselines, store.Baseline{Source: quota.OwedSource(email),
-					Epoch: quota.Epoch{Origin: owedOrigin, Start: bl.moved}, Rx: bl.owed.Down, Tx: bl.owed.Up})
+					Epoch: quota.Epoch{Origin: owedOrigin, Start: bl.moved}, Rx: down, Tx: up})
 				bl.owedSaved = owing
 			}
 		}
@@ -275,4 +277,25 @@ func fromRow(r store.User) *record {
 		Schedule: r.Schedule, NextReset: quota.At(r.NextReset),
 	})
 	return rec
+}
+
+// toNet and fromNet keep a user's debt and credit in one row: each
+// direction has one or the other (chargeXray), written as the debt less
+// the credit, a negative value in two's complement.
+func toNet(owed, credit quota.Usage) (up, down uint64) {
+	return owed.Up - credit.Up, owed.Down - credit.Down
+}
+
+func fromNet(up, down uint64) (owed, credit quota.Usage) {
+	if int64(up) < 0 {
+		credit.Up = -up
+	} else {
+		owed.Up = up
+	}
+	if int64(down) < 0 {
+		credit.Down = -down
+	} else {
+		owed.Down = down
+	}
+	return owed, credit
 }

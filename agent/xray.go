@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -17,7 +18,7 @@ import (
 // XrayAPI is the part of xraystats.Client the loop drives.
 type XrayAPI interface {
 	SysStats(ctx context.Context) (xraystats.SysStats, error)
-	UserTraffic(ctx context.Context) (map[string]xraystats.Traffic, error)
+	ScanUserTraffic(ctx context.Context, fn func(email []byte, downlink bool, value int64)) error
 	AddUser(ctx context.Context, inboundTag, email string, acct xraystats.Account) error
 	RemoveUser(ctx context.Context, inboundTag, email string) error
 	OnlineIPs(ctx context.Context, email string) (map[string]int64, error)
@@ -30,6 +31,23 @@ type XrayAPI interface {
 // to find one someone added back (a panel, a manual API call): every 5th
 // tick, one call per such inbound.
 const xrayVerifyTicks = 5
+
+// Reading every user's counters costs Xray and the agent in proportion to
+// the users (some 80 ms at 50,000 users), however few moved. It is needed
+// every tick only for bytes the kernel does not count. Where the kernel
+// counts every connection Xray's users can make (kernelCountsXray), Xray
+// counts nothing more than the first bytes of a connection before its
+// claim (at most xrayPendingMax), so its counters are read every
+// xrayReadTicks ticks to pay off the debt and charge those, and at once
+// whenever bytes the kernel did not count may be flowing: after a new
+// config or a new epoch of Xray's counters, when the kernel let a
+// connection go unclaimed, and while the last read found a user with more
+// bytes than the kernel counted beyond xrayPendingMax for each new
+// connection (see chargeXray).
+const (
+	xrayReadTicks  = 5
+	xrayPendingMax = 64 * quota.KiB
+)
 
 // Xray is how the agent finds and reaches Xray: its config (users and the
 // API address) and a client for the API.
@@ -60,6 +78,15 @@ type xrayState struct {
 	// Source: the last sample of each user's counters folded into usage.
 	base  map[string]*xbase
 	baseQ []string // baselines to commit
+	// epochs are the epochs of the baselines, by xbase.epoch; the first is
+	// none (a user not read yet). epochID is x.epoch's.
+	epochs  []quota.Epoch
+	epochID uint32
+	// changed are the users whose counters this read found moved
+	// (seeCounter), with their values, to fold into usage after it.
+	changed []xread
+	// see is seeCounter as a func value, made once (New), not per read.
+	see func(email []byte, downlink bool, value int64)
 
 	// The counters' epoch: Xray's start, from its uptime, kept while
 	// consecutive reads agree on it within a few seconds.
@@ -71,8 +98,29 @@ type xrayState struct {
 	// must put back when they are unblocked), as far as this Xray process
 	// goes: a restart reloads every user from the config.
 	removed map[string]bool
+	// enforceAll makes the next enforceXray look at every user, not only
+	// those who changed since the last commit: at start, after a new config
+	// or a new epoch (Xray reloaded every user), after a failure.
+	enforceAll bool
 	// verifyIn counts the ticks to the next listing of the inbounds.
 	verifyIn int
+	// wasActive is whether the kernel counted Xray's connections at the
+	// last enforceXray (see xrayBlocked).
+	wasActive bool
+
+	// When the counters are read (see xrayReadTicks): readIn counts the
+	// ticks to the next read, readNow asks for one at the next tick,
+	// excess is set by a read that found bytes the kernel did not count,
+	// unclaimed is the kernel's count of connections it let go
+	// unclaimed, as of the last tick, reads counts the reads (an epoch of
+	// the claims counted in xbase), and allHeld says the config's inbounds
+	// are all ones whose connections the kernel holds until claimed.
+	readIn    int
+	readNow   bool
+	excess    bool
+	unclaimed uint64
+	reads     uint32
+	allHeld   bool
 
 	// conns counts the users' connections in the kernel (xrayconns.go).
 	conns xconns
@@ -80,20 +128,71 @@ type xrayState struct {
 
 // xbase is the baseline of one Xray user's counters, and what the kernel
 // counted of the user's connections that they have not reported yet (see
-// chargeXray).
+// chargeXray). There is one for every Xray user: it is small (96 bytes).
 type xbase struct {
-	quota.Sample
+	name      string // the user's email
+	up, down  uint64 // the counters as last folded into usage
 	owed      quota.Usage
-	moved     int64 // when either count of the user last moved, Unix seconds: a debt's age
-	owedSaved bool  // the store may hold a debt: a paid-off one is written as zero
+	credit    quota.Usage // reported by Xray before the kernel folded it (chargeXray)
+	moved     int64       // when either count of the user last moved, Unix seconds: a debt's age
+	epoch     uint32      // of up and down: an index into xrayState.epochs
+	changed   uint32      // 1 + the index of this read's values in xrayState.changed; 0: none
+	claims    uint32      // connections claimed for the user since read number claimRead
+	claimRead uint32
+	unheld    bool // one of those claims was a loopback peer's, never held
+	owedSaved bool // the store may hold a debt: a paid-off one is written as zero
 	dirty     bool
+}
+
+// xread is what a read found of a user whose counters moved.
+type xread struct {
+	b        *xbase
+	up, down uint64
+}
+
+// sample returns b's baseline as a sample of the counters.
+func (x *xrayState) sample(b *xbase) quota.Sample {
+	return quota.Sample{Epoch: x.epochs[b.epoch], Up: b.up, Down: b.down}
+}
+
+// setSample makes s b's baseline.
+func (x *xrayState) setSample(b *xbase, s quota.Sample) {
+	b.up, b.down, b.epoch = s.Up, s.Down, x.epochIndex(s.Epoch)
+}
+
+// epochIndex returns the index of e in x.epochs, adding it if new.
+func (x *xrayState) epochIndex(e quota.Epoch) uint32 {
+	if i := slices.Index(x.epochs, e); i >= 0 {
+		return uint32(i)
+	}
+	x.epochs = append(x.epochs, e)
+	return uint32(len(x.epochs) - 1)
+}
+
+// claimsSince returns the connections claimed for b's user since read
+// number read.
+func (b *xbase) claimsSince(read uint32) (n uint32, unheld bool) {
+	if b.claimRead != read {
+		return 0, false
+	}
+	return b.claims, b.unheld
+}
+
+// claimed counts a connection claimed for email, for the next read.
+func (x *xrayState) claimed(email string, unheld bool) {
+	b := x.baseOf(email)
+	if b.claimRead != x.reads {
+		b.claims, b.claimRead, b.unheld = 0, x.reads, false
+	}
+	b.claims++
+	b.unheld = b.unheld || unheld
 }
 
 // baseOf returns email's baseline, a zero one if it has none yet.
 func (x *xrayState) baseOf(email string) *xbase {
 	b := x.base[email]
 	if b == nil {
-		b = &xbase{}
+		b = &xbase{name: email}
 		x.base[email] = b
 	}
 	return b
@@ -108,7 +207,8 @@ func (x *xrayState) queueBase(email string, b *xbase) {
 }
 
 func newXrayState() xrayState {
-	return xrayState{removed: make(map[string]bool), base: make(map[string]*xbase)}
+	return xrayState{removed: make(map[string]bool), base: make(map[string]*xbase), enforceAll: true, readNow: true,
+		epochs: []quota.Epoch{{}}}
 }
 
 // close drops the API client.
@@ -180,28 +280,127 @@ func (a *Agent) sampleXray(ctx context.Context, now time.Time) (confErr, apiErr 
 		return confErr, err
 	}
 	a.xrayEpoch(now, sys)
-	traffic, err := a.xr.api.UserTraffic(cctx)
-	if err != nil {
+	if !a.xrayReadDue() {
+		return confErr, nil
+	}
+	if err := a.xr.api.ScanUserTraffic(cctx, a.xr.see); err != nil {
+		a.xr.dropChanged()
+		a.xr.readNow = true
 		return confErr, err
 	}
-	for email, t := range traffic {
-		u := a.users[email]
+	a.xr.excess = false
+	a.foldXray(now)
+	a.xr.reads++
+	return confErr, nil
+}
+
+// xrayReadDue reports whether every user's counters are read this tick
+// (see xrayReadTicks).
+func (a *Agent) xrayReadDue() bool {
+	x := &a.xr
+	unclaimed := a.kernel.stats.XrayUnclaimed
+	grew := unclaimed != x.unclaimed
+	x.unclaimed = unclaimed
+	x.readIn--
+	if x.readNow || x.excess || grew || x.readIn <= 0 || !a.kernelCountsXray() {
+		x.readNow, x.readIn = false, xrayReadTicks
+		return true
+	}
+	return false
+}
+
+// kernelCountsXray reports whether the kernel counts every connection
+// Xray's users can make: it claims them from the access log
+// (xrayconns.go), it has found Xray's sockets, and every inbound with users
+// takes plain TCP (raw) without the PROXY protocol and no UDP, so the
+// address Xray logs is the connection's and a connection is held until its
+// claim comes.
+func (a *Agent) kernelCountsXray() bool {
+	x := &a.xr
+	return x.allHeld && x.conns.active() && len(x.conns.tagged) > 0
+}
+
+// heldInbound reports whether the kernel holds the connections of in's
+// port until they are claimed, and has no other traffic of its users to
+// miss: plain TCP (raw), without the PROXY protocol, and no UDP.
+func heldInbound(in xrayconf.Inbound) bool {
+	return in.Network == "raw" && !in.ProxyProtocol && !in.UDP && in.Port > 0 && in.Port <= 65535
+}
+
+// seeCounter takes one of a user's counters from the read under way:
+// nothing is done for a counter that did not move, and nothing allocated
+// but a new user's baseline. A user whose counter moved goes on the
+// changed list, with this read's values as they come.
+func (a *Agent) seeCounter(email []byte, downlink bool, value int64) {
+	x := &a.xr
+	b := x.base[string(email)]
+	if b == nil {
+		u := a.users[string(email)]
+		if u == nil || !u.r.xray {
+			return // not a client of Xray's config now
+		}
+		b = x.baseOf(u.r.name)
+	}
+	v := uint64(max(value, 0))
+	if b.changed == 0 {
+		same := b.epoch == x.epochID
+		last := b.up
+		if downlink {
+			last = b.down
+		}
+		if same && v == last {
+			return
+		}
+		// The other counter, should this read not list it: as it was,
+		// or none yet in a new epoch.
+		r := xread{b: b}
+		if same {
+			r.up, r.down = b.up, b.down
+		}
+		x.changed = append(x.changed, r)
+		b.changed = uint32(len(x.changed))
+	}
+	r := &x.changed[b.changed-1]
+	if downlink {
+		r.down = v
+	} else {
+		r.up = v
+	}
+}
+
+// foldXray charges the users whose counters the read found moved.
+func (a *Agent) foldXray(now time.Time) {
+	x := &a.xr
+	for _, r := range x.changed {
+		b := r.b
+		b.changed = 0
+		u := a.users[b.name]
 		if u == nil || !u.r.xray {
 			continue
 		}
-		cur := quota.Sample{Epoch: a.xr.epoch, Up: uint64(max(t.Uplink, 0)), Down: uint64(max(t.Downlink, 0))}
-		b := a.xr.baseOf(email)
-		if b.Sample == cur {
+		cur, last := quota.Sample{Epoch: x.epoch, Up: r.up, Down: r.down}, x.sample(b)
+		if last == cur {
 			continue
 		}
-		d := quota.Since(b.Sample, cur)
-		a.xr.queueBase(email, b)
-		b.Sample = cur
+		d := quota.Since(last, cur)
+		x.queueBase(b.name, b)
+		b.up, b.down, b.epoch = r.up, r.down, x.epochID
 		if (d != quota.Usage{}) {
 			a.chargeXray(u, now, quota.Usage{}, d)
 		}
 	}
-	return confErr, nil
+	clear(x.changed)
+	x.changed = trimmed(x.changed[:0])
+}
+
+// dropChanged forgets what a read that failed half way found: the next
+// read finds it again.
+func (x *xrayState) dropChanged() {
+	for _, r := range x.changed {
+		r.b.changed = 0
+	}
+	clear(x.changed)
+	x.changed = trimmed(x.changed[:0])
 }
 
 // xrayEpoch names the lifetime of Xray's counters from its uptime. A start
@@ -224,8 +423,8 @@ func (a *Agent) xrayEpoch(now time.Time, sys xraystats.SysStats) {
 	// same seconds apart.
 	epoch := quota.Epoch{Origin: xrayOrigin, Start: start.Unix(), Gen: sys.Mallocs}
 	if a.xr.start.IsZero() {
-		for _, b := range a.xr.base {
-			if e := b.Epoch; e.Origin == xrayOrigin && absDur(start.Sub(time.Unix(e.Start, 0))) <= xrayEpochSlack {
+		for _, e := range a.xr.epochs { // those of the saved baselines
+			if e.Origin == xrayOrigin && absDur(start.Sub(time.Unix(e.Start, 0))) <= xrayEpochSlack {
 				epoch = e
 				break
 			}
@@ -233,8 +432,9 @@ func (a *Agent) xrayEpoch(now time.Time, sys xraystats.SysStats) {
 	} else {
 		a.log.Warn("xray restarted: its counters start from zero; blocked users are removed again", "uptime", uptime)
 	}
-	a.xr.start, a.xr.epoch = start, epoch
+	a.xr.start, a.xr.epoch, a.xr.epochID = start, epoch, a.xr.epochIndex(epoch)
 	clear(a.xr.removed)
+	a.xr.enforceAll, a.xr.readNow = true, true
 }
 
 // xrayOrigin is the Origin of the epochs of Xray's counters.
@@ -268,16 +468,28 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 	if !conf.Stats || !conf.UserStats {
 		a.logs.warnOnce("xray-nostats", "xray config does not count users' traffic: add \"stats\": {} and policy.levels.\"0\" statsUserUplink and statsUserDownlink true", "files", conf.Files)
 	}
+	// Each user's entries are a window on its inbound's list in conf (no
+	// copy), and a list of their own for a user of several inbounds.
 	byEmail := make(map[string][]xrayconf.User)
-	for _, xu := range conf.Users() {
-		byEmail[xu.Email] = append(byEmail[xu.Email], xu)
+	for i := range conf.Inbounds {
+		us := conf.Inbounds[i].Users
+		for j := range us {
+			email := us[j].Email
+			if have := byEmail[email]; have != nil {
+				byEmail[email] = append(slices.Clip(have), us[j])
+			} else {
+				byEmail[email] = us[j : j+1 : j+1]
+			}
+		}
 	}
+	created := false
 	for email, xus := range byEmail {
 		u := a.users[email]
 		switch {
 		case u == nil:
 			u = a.newUser(email, xus[0].Protocol)
 			a.touch(u, now, jsonUrgent)
+			created = true
 		case u.r.ssh && !u.r.xray:
 			a.log.Info("an Xray client has the name of an SSH account: one user, one limit, counted from both",
 				"name", email, "protocols", "ssh+"+string(xus[0].Protocol))
@@ -296,16 +508,32 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 			a.leaveXray(u, now) // gone from the config; the record and usage stay
 		}
 	}
+	if created {
+		a.compactPlans()
+	}
+	a.xr.allHeld = true
+	for _, in := range conf.Inbounds {
+		if len(in.Users) > 0 && !heldInbound(in) {
+			a.xr.allHeld = false
+		}
+	}
 	a.xr.conf, a.xr.users = conf, byEmail
+	a.xr.enforceAll, a.xr.readNow = true, true
 	return nil
 }
 
 // enforceXray makes Xray's inbounds hold exactly the users who are not
 // blocked: a blocked user is removed from every inbound that has them and
 // their connections are cut; an unblocked one is added back with the
-// account from the config.
+// account from the config. It looks at the users who changed since the
+// last commit (a block or an unblock changes the user's row), and at every
+// user only when the whole may be off (see xrayState.enforceAll).
 func (a *Agent) enforceXray(ctx context.Context) error {
-	if !a.cfg.Xray.Enabled || a.xr.api == nil || a.xr.epoch.IsZero() {
+	if !a.cfg.Xray.Enabled {
+		return nil
+	}
+	if a.xr.api == nil || a.xr.epoch.IsZero() {
+		a.xr.enforceAll = true // whatever changed meanwhile, once Xray answers
 		return nil
 	}
 	cctx, cancel := context.WithTimeout(ctx, a.cfg.Xray.Timeout)
@@ -315,27 +543,50 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 		a.xr.verifyIn = xrayVerifyTicks
 		errs = append(errs, a.verifyXrayRemoved(cctx))
 	}
-	for email, xus := range a.xr.users {
-		u := a.users[email]
-		if u == nil {
-			continue
-		}
-		switch {
-		case a.xrayBlocked(u.r) && !a.xr.removed[email]:
-			if err := a.removeXrayUser(cctx, email, xus); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			a.xr.removed[email] = true
-		case !a.xrayBlocked(u.r) && a.xr.removed[email]:
-			if err := a.addXrayUser(cctx, email, xus); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			delete(a.xr.removed, email)
+	enforce := func(u *user, xus []xrayconf.User) {
+		if err := a.enforceXrayUser(cctx, u, xus); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	return errors.Join(errs...)
+	if active := a.xr.conns.active(); active != a.xr.wasActive {
+		// Whether a throttled user stays in Xray depends on it.
+		a.xr.wasActive, a.xr.enforceAll = active, true
+	}
+	if a.xr.enforceAll {
+		for email, xus := range a.xr.users {
+			if u := a.users[email]; u != nil {
+				enforce(u, xus)
+			}
+		}
+	} else {
+		for _, u := range a.work.dirtyQ {
+			if xus := a.xr.users[u.r.name]; xus != nil && u.r.xray && a.users[u.r.name] == u {
+				enforce(u, xus)
+			}
+		}
+	}
+	err := errors.Join(errs...)
+	a.xr.enforceAll = err != nil // a user that failed is tried again next tick
+	return err
+}
+
+// enforceXrayUser removes u from its inbounds (xus) if it is blocked, or
+// adds it back if it is not and was removed.
+func (a *Agent) enforceXrayUser(ctx context.Context, u *user, xus []xrayconf.User) error {
+	email := u.r.name
+	switch {
+	case a.xrayBlocked(u.r) && !a.xr.removed[email]:
+		if err := a.removeXrayUser(ctx, email, xus); err != nil {
+			return err
+		}
+		a.xr.removed[email] = true
+	case !a.xrayBlocked(u.r) && a.xr.removed[email]:
+		if err := a.addXrayUser(ctx, email, xus); err != nil {
+			return err
+		}
+		delete(a.xr.removed, email)
+	}
+	return nil
 }
 
 // verifyXrayRemoved lists the inbounds that should be without a removed
@@ -359,6 +610,7 @@ func (a *Agent) verifyXrayRemoved(ctx context.Context) error {
 			if a.xr.removed[email] {
 				a.log.Warn("a blocked xray user was added back by someone else; removing again", "user", email, "inbound", tag)
 				delete(a.xr.removed, email)
+				a.xr.enforceAll = true
 			}
 		}
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/sockkill"
 	"github.com/myvpn/bwagent/xraystats"
 )
 
@@ -112,17 +113,17 @@ func (f *fakeXray) SysStats(context.Context) (xraystats.SysStats, error) {
 	return xraystats.SysStats{Uptime: f.now().Sub(f.started).Truncate(time.Second)}, nil
 }
 
-func (f *fakeXray) UserTraffic(context.Context) (map[string]xraystats.Traffic, error) {
+func (f *fakeXray) ScanUserTraffic(_ context.Context, fn func(email []byte, downlink bool, value int64)) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.check("traffic"); err != nil {
-		return nil, err
+		return err
 	}
-	out := map[string]xraystats.Traffic{}
-	for k, v := range f.traffic {
-		out[k] = v
+	for email, t := range f.traffic {
+		fn([]byte(email), false, t.Uplink)
+		fn([]byte(email), true, t.Downlink)
 	}
-	return out, nil
+	return nil
 }
 
 func (f *fakeXray) AddUser(_ context.Context, tag, email string, acct xraystats.Account) error {
@@ -661,6 +662,36 @@ func TestXrayOwed(t *testing.T) {
 	e.step(2 * time.Second)
 	want("a debt forgiven after Xray's connIdle", 100_000, 17_200_000)
 
+	// A held connection's first bytes, reported by Xray before the kernel
+	// folded them into the account at the claim: credit, which the fold
+	// pays off, also across a restart of the agent. Credit is bounded by
+	// the connections claimed: Xray's bytes beyond it are charged.
+	e.a.xr.claimed("alice", false)
+	fx.use("alice", 20_000, 40_000)
+	e.step(2 * time.Second)
+	want("Xray's report before the fold", 120_000, 17_240_000)
+	e.start()
+	e.step(2 * time.Second)
+	kernel(20_500, 40_800) // the fold, as wire bytes
+	e.step(2 * time.Second)
+	want("the fold paying off the credit", 120_500, 17_240_800)
+	e.a.xr.claimed("alice", false)
+	fx.use("alice", 0, 100_000)
+	e.step(2 * time.Second)
+	kernel(0, 100_000)
+	e.step(2 * time.Second)
+	// (Xray's 100,000 pay off the 800 bytes of wire the fold left owed.)
+	want("credit of one connection's first bytes at most", 120_500, 17_240_800+99_200+(100_000-xrayPendingMax))
+	// A loopback peer's connection (a proxy on the host) is never held:
+	// all Xray reports of it before the fold is credit.
+	lb := e.user("alice")
+	e.a.xr.claimed("alice", true)
+	fx.use("alice", 0, 300_000)
+	e.step(2 * time.Second)
+	kernel(0, 300_000)
+	e.step(2 * time.Second)
+	want("a loopback peer's first bytes", lb.Upload, lb.Download+300_000)
+
 	// Over the limit: blocked in the kernel too.
 	kernel(0, 90<<20)
 	e.step(2 * time.Second)
@@ -681,6 +712,93 @@ func TestXrayOwed(t *testing.T) {
 	e.step(2 * time.Second)
 	if v := e.user("alice"); v.Used != before.Used {
 		t.Errorf("blocked alice: used %d after Xray reported buffered bytes, %d before", v.Used, before.Used)
+	}
+}
+
+// TestXrayReadsWhenNeeded: where the kernel counts every connection Xray's
+// users can make, every user's counters are read every xrayReadTicks
+// ticks, and at once after a connection went unclaimed, while a read finds
+// bytes the kernel did not count, and after a new config; with an inbound
+// whose traffic the kernel cannot count, every tick. Nothing is lost: what
+// Xray alone counted is charged at the next read.
+func TestXrayReadsWhenNeeded(t *testing.T) {
+	e := newEnv(t)
+	held := strings.Replace(xrayConfigJSON, `"api":`, `"log": {"access": "/var/log/xray/access.log"}, "api":`, 1)
+	e.write("xray.json", held)
+	e.write("bw-limit.conf", "bob 100\n")
+	fx := newFakeXray(func() time.Time { return e.clock })
+	e.xray = Xray{Dial: func(context.Context, string) (XrayAPI, error) { return fx, nil },
+		Cut:       func([]netip.Addr, []uint16) (int, error) { return 0, nil },
+		Listeners: func([]uint16) ([]sockkill.Conn, error) { return nil, nil }}
+	fk := newFakeXrayKernel()
+	e.xk = fk
+	e.start()
+	// The access log followed, Xray's sockets found: as Run makes them.
+	done := make(chan struct{})
+	close(done)
+	e.a.xr.conns.fol = &follower{path: "/var/log/xray/access.log", cancel: func() {}, done: done}
+	e.a.xr.conns.tagged = map[uint32]bool{0: true}
+
+	reads := func() int { return strings.Count(strings.Join(fx.calls, " "), "traffic") }
+	ticks := func(n int) (read []int) {
+		t.Helper()
+		for i := range n {
+			before := reads()
+			e.step(2 * time.Second)
+			if reads() > before {
+				read = append(read, i)
+			}
+		}
+		return read
+	}
+	if got := ticks(11); !slices.Equal(got, []int{0, 5, 10}) {
+		t.Fatalf("counters read at ticks %v, want every 5th: [0 5 10]", got)
+	}
+
+	// The same bytes from the kernel and from Xray: no need to read more.
+	acct, _ := fk.Account("bob")
+	e.dp.mu.Lock()
+	e.dp.counters[acct] = bpf.Counters{TxBytes: 10_000, RxBytes: 2_000_000}
+	e.dp.moved = map[uint32]bool{acct: true}
+	e.dp.mu.Unlock()
+	fx.use("bob", 9_000, 1_990_000)
+	if got := ticks(5); !slices.Equal(got, []int{4}) {
+		t.Errorf("after bytes both counted: read at ticks %v, want [4]", got)
+	}
+	if v := e.user("bob"); v.Upload != 10_000 || v.Download != 2_000_000 {
+		t.Errorf("bob: %d up, %d down; want the kernel's 10000, 2000000", v.Upload, v.Download)
+	}
+
+	// Bytes only Xray saw (UDP, a connection the kernel never claimed):
+	// charged at the next read, and read every tick while they flow.
+	fx.use("bob", 0, 1<<20)
+	got := ticks(5)
+	if !slices.Equal(got, []int{4}) {
+		t.Errorf("Xray's bytes read at ticks %v, want [4]", got)
+	}
+	// (What Xray reports pays off the 10,000 bytes of wire the kernel
+	// counted beyond its count first.)
+	if v, want := e.user("bob"), uint64(2_000_000+1<<20-10_000); v.Download != want {
+		t.Errorf("bob's download %d, want %d", v.Download, want)
+	}
+	fx.use("bob", 0, 1<<20)
+	if got := ticks(3); !slices.Equal(got, []int{0, 1}) {
+		t.Errorf("while Xray's bytes flow: read at ticks %v, want [0 1] (the second finds none)", got)
+	}
+
+	// A connection the kernel let go unclaimed: read at once.
+	ticks(5)
+	e.dp.mu.Lock()
+	e.dp.stats.XrayUnclaimed++
+	e.dp.mu.Unlock()
+	if got := ticks(2); !slices.Equal(got, []int{0}) {
+		t.Errorf("after an unclaimed connection: read at ticks %v, want [0]", got)
+	}
+
+	// An inbound behind a proxy (WebSocket): every tick.
+	e.write("xray.json", strings.Replace(held, `"port": 10002, "protocol": "vmess",`, `"port": 10002, "protocol": "vmess", "streamSettings": {"network": "ws"},`, 1))
+	if got := ticks(3); !slices.Equal(got, []int{0, 1, 2}) {
+		t.Errorf("with a WebSocket inbound: read at ticks %v, want every tick", got)
 	}
 }
 

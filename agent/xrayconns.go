@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -32,10 +33,12 @@ import (
 // crash of Xray loses nothing the kernel counted, and a limit stops the
 // connection at the packet.
 //
-// Xray's own counters are still read every tick: they count what the kernel
-// could not attribute (UDP, connections through a proxy in front of Xray,
-// lines lost or never written). The kernel's count of a user is charged as
-// it comes and is owed by Xray, whose counters report the same connection's
+// Xray's own counters are still read: they count what the kernel could not
+// attribute (UDP, connections through a proxy in front of Xray, lines lost
+// or never written, the first bytes of a connection before its claim):
+// every tick, unless the kernel counts every connection Xray's users can
+// make (see xrayReadTicks). The kernel's count of a user is charged as it
+// comes and is owed by Xray, whose counters report the same connection's
 // bytes later (at the connection's close for Vision); Xray's next counts
 // pay off what is owed before anything more is charged (chargeXray). So
 // nothing is counted twice, and nothing the kernel counted waits for Xray.
@@ -323,6 +326,9 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 	if !x.active() || a.xr.conf == nil {
 		return
 	}
+	// The claims of 10 s ago go as new ones come, between ticks; the tick
+	// takes back those of a quiet access log.
+	a.expireClaims(now)
 	for _, e := range es {
 		if !a.xrayClientOf(e.Email, e.InboundTag) {
 			x.strays++
@@ -343,6 +349,9 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 		}
 		x.claims = append(x.claims, claim{client: e.Source, port: uint16(in.Port), at: now})
 		x.claimed++
+		// A loopback peer is never held (see bpf's claims): it can
+		// move more than xrayPendingMax before its claim.
+		a.xr.claimed(e.Email, e.Source.Addr().Unmap().IsLoopback())
 	}
 }
 
@@ -400,19 +409,48 @@ func (a *Agent) expireClaims(now time.Time) {
 func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 	b := a.xr.baseOf(u.r.name)
 	was := b.owed
-	if was != (quota.Usage{}) && now.Unix()-b.moved > int64(a.xrayIdle()/time.Second) {
-		b.owed = quota.Usage{}
+	if now.Unix()-b.moved > int64(a.xrayIdle()/time.Second) {
+		b.owed, b.credit = quota.Usage{}, quota.Usage{}
 	}
 	b.moved = now.Unix()
+	// What the kernel counted pays off the credit first: bytes Xray
+	// reported before the kernel folded them (see below).
+	paid := quota.Usage{Up: min(kern.Up, b.credit.Up), Down: min(kern.Down, b.credit.Down)}
+	b.credit = quota.Usage{Up: b.credit.Up - paid.Up, Down: b.credit.Down - paid.Down}
+	kern = quota.Usage{Up: kern.Up - paid.Up, Down: kern.Down - paid.Down}
 	payUp, payDown := min(xray.Up, b.owed.Up), min(xray.Down, b.owed.Down)
 	extra := quota.Usage{Up: xray.Up - payUp, Down: xray.Down - payDown}
+	n, unheld := b.claimsSince(a.xr.reads)
+	claims := uint64(n)
+	if extra.Up+extra.Down > xrayPendingMax*(1+claims) && !unheld {
+		// More than the first bytes of the user's new connections: some
+		// of its traffic is Xray's alone to count. Read every tick.
+		a.xr.excess = true
+	}
 	if room, ok := a.kernelRoom(u, kern); ok {
 		extra = capUsage(extra, a.rules.Metric, room)
+	}
+	if claims > 0 && extra != (quota.Usage{}) {
+		// A connection's first bytes are folded into the account when
+		// its claim is taken, which can come after Xray reported them:
+		// what Xray reports beyond the debt, up to xrayPendingMax for
+		// each new connection (what a held one moves at most before
+		// its claim; all of it after a loopback peer's, never held),
+		// is credit the kernel's next bytes pay off rather than
+		// charged twice. Credit mistaken for such bytes only delays
+		// the charge of as many of the kernel's bytes to Xray's report
+		// of them.
+		most := xrayPendingMax * claims
+		if unheld {
+			most = math.MaxUint64
+		}
+		b.credit.Up = min(b.credit.Up+extra.Up, most)
+		b.credit.Down = min(b.credit.Down+extra.Down, most)
 	}
 	d := kern.Add(extra)
 	owed := quota.Usage{Up: b.owed.Up - payUp + kern.Up, Down: b.owed.Down - payDown + kern.Down}
 	b.owed = owed
-	if owed != was {
+	if owed != was || paid != (quota.Usage{}) || claims > 0 && extra != (quota.Usage{}) {
 		a.xr.queueBase(u.r.name, b)
 	}
 	if (d != quota.Usage{}) {

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -79,6 +80,9 @@ type xconn struct {
 type xlive struct {
 	byUser map[string]map[xconnKey]*xconn
 	owner  map[xconnKey]string
+	// changed names the users whose connections came or went since the
+	// last enforceDevices, which looks at them (and takes the set).
+	changed map[string]struct{}
 	// recovered is the follower whose start the kernel's attributions
 	// were read at: a new follower (the agent's start, a new access log)
 	// reads them again.
@@ -105,12 +109,22 @@ func (x *xlive) put(k xconnKey, c *xconn) {
 	}
 	m[k] = c
 	x.owner[k] = c.user
+	x.touch(c.user)
+}
+
+// touch notes that user's connections changed.
+func (x *xlive) touch(user string) {
+	if x.changed == nil {
+		x.changed = make(map[string]struct{})
+	}
+	x.changed[user] = struct{}{}
 }
 
 // drop forgets user's connection k.
 func (x *xlive) drop(user string, k xconnKey) {
 	delete(x.owner, k)
 	if m := x.byUser[user]; m != nil {
+		x.touch(user)
 		delete(m, k)
 		if len(m) == 0 {
 			delete(x.byUser, user)
@@ -158,7 +172,10 @@ func (a *Agent) noteXrayConns(es []xrayaccess.Entry, now time.Time) {
 // syncXrayLive lists the TCP connections of the inbounds' ports and keeps
 // the logged connections that are still open: each is tied to its socket
 // at the first listing after its line, and forgotten when that socket is
-// gone; one never tied is forgotten xconnLinger after its line. Where the
+// gone; one never tied is forgotten at once on a port the kernel holds
+// (the logged address is the socket's peer there: it closed), and
+// xconnLinger after its line elsewhere (behind a proxy the logged address
+// may be no socket's). Where the
 // kernel counts Xray's connections, the connections open before the
 // follower started are read back from it first. While no user has a device
 // limit, the listing (a walk of the kernel's TCP table) is every
@@ -206,6 +223,10 @@ func (a *Agent) syncXrayLive(now time.Time) error {
 				c.listed = true
 				if s, ok := byKey[k]; ok && s.Cookie != 0 {
 					c.sock = s
+				} else if _, held := slices.BinarySearch(a.xr.conns.hold, k.port); held {
+					// On a held port the logged address is the socket's
+					// peer: not listed, it closed already.
+					x.drop(user, k)
 				}
 			case now.Sub(c.at) > xconnLinger:
 				x.drop(user, k)

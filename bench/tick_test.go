@@ -124,40 +124,48 @@ func BenchmarkTick(b *testing.B) {
 	// The soft memory limit bwagent's main sets, so peak memory is the
 	// agent's as it runs.
 	if os.Getenv("GOMEMLIMIT") == "" {
-		defer debug.SetMemoryLimit(debug.SetMemoryLimit(agent.MemoryLimit(0)))
+		defer debug.SetMemoryLimit(debug.SetMemoryLimit(agent.MemoryLimit(0, 0)))
 	}
 	for _, sz := range tickSizes {
 		b.Run("users="+strconv.Itoa(sz.users), func(b *testing.B) {
 			var runs []tickResult
 			for range b.N {
 				if sz.users >= freshUsers && os.Getenv(tickChildEnv) == "" && !profiling() {
-					runs = append(runs, tickChild(b, sz.users))
+					runs = append(runs, freshChild(b, "BenchmarkTick", sz.users, tickChildEnv, tickChildWait))
 				} else {
 					runs = append(runs, runTick(b, sz.users, sz.budget))
 				}
 			}
-			res := runs[len(runs)-1]
-			for unit := range res.Metrics {
-				var vals []float64
-				for _, r := range runs {
-					vals = append(vals, r.Metrics[unit])
-				}
-				b.ReportMetric(median(vals), unit)
-			}
-			// Printed, not logged: the testing package cuts a benchmark's log.
-			for _, r := range runs {
-				fmt.Print(r.Summary)
-			}
-			if path := os.Getenv(tickChildEnv); path != "" {
-				data, err := json.Marshal(res)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if err := os.WriteFile(path, data, 0o600); err != nil {
-					b.Fatal(err)
-				}
-			}
+			reportRuns(b, runs, tickChildEnv)
 		})
+	}
+}
+
+// reportRuns reports the median of each metric over runs and prints their
+// summaries; in a fresh process (childEnv naming the file for its
+// results), it writes the last run's results there.
+func reportRuns(b *testing.B, runs []tickResult, childEnv string) {
+	b.Helper()
+	res := runs[len(runs)-1]
+	for unit := range res.Metrics {
+		var vals []float64
+		for _, r := range runs {
+			vals = append(vals, r.Metrics[unit])
+		}
+		b.ReportMetric(median(vals), unit)
+	}
+	// Printed, not logged: the testing package cuts a benchmark's log.
+	for _, r := range runs {
+		fmt.Print(r.Summary)
+	}
+	if path := os.Getenv(childEnv); path != "" {
+		data, err := json.Marshal(res)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
 
@@ -173,23 +181,24 @@ func profiling() bool {
 	return f != nil && f.Value.String() != ""
 }
 
-// tickChild measures users in a fresh process: this test binary, running
-// that size alone, and returns what it measured.
-func tickChild(b *testing.B, users int) tickResult {
+// freshChild measures users in a fresh process: this test binary, running
+// that size of the benchmark bench alone with childEnv naming the file for
+// its results, within wait; it returns what it measured.
+func freshChild(b *testing.B, bench string, users int, childEnv string, wait time.Duration) tickResult {
 	b.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		b.Fatal(err)
 	}
 	out := filepath.Join(b.TempDir(), "result.json")
-	ctx, cancel := context.WithTimeout(context.Background(), tickChildWait+time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), wait+time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, exe,
 		"-test.run=^$",
-		fmt.Sprintf("-test.bench=^BenchmarkTick$/^users=%d$", users),
+		fmt.Sprintf("-test.bench=^%s$/^users=%d$", bench, users),
 		"-test.benchtime=1x",
-		"-test.timeout="+tickChildWait.String())
-	cmd.Env = append(os.Environ(), tickChildEnv+"="+out)
+		"-test.timeout="+wait.String())
+	cmd.Env = append(os.Environ(), childEnv+"="+out)
 	text, err := cmd.CombinedOutput()
 	if err != nil {
 		b.Fatalf("fresh process for %d users: %v\n%s", users, err, text)
@@ -340,6 +349,7 @@ type tickEnv struct {
 
 	commitTimes []float64 // ms, of the steady ticks' background commits
 	ticks       int
+	mem         agent.MemoryLimiter
 
 	ncpu      int
 	up, down  []uint64 // per user: the kernel counters' totals
@@ -574,10 +584,11 @@ func (e *tickEnv) tick(b *testing.B, ctx context.Context, label string) time.Dur
 	start := time.Now()
 	pprof.Do(ctx, pprof.Labels("bwtick", label), func(context.Context) { err = e.a.Tick() })
 	total := time.Since(start)
-	// As bwagent does every 10 s (5 ticks): the soft memory limit follows
-	// the live heap. Untimed.
-	if e.ticks++; e.ticks%5 == 0 && os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(agent.MemoryLimit(agent.LiveHeap()))
+	// As bwagent does (every second, and here after each tick): the soft
+	// memory limit follows the live heap and the allocation rate (on the
+	// agent's clock). Untimed.
+	if e.ticks++; os.Getenv("GOMEMLIMIT") == "" {
+		e.mem.Update(e.now)
 	}
 	if err != nil {
 		b.Fatalf("check: %v", err)

@@ -892,9 +892,14 @@ static __always_inline int account_policed(struct __sk_buff *skb, __u32 uid, __u
 
 			if (o) {
 				__u32 flags = o->flags;
+				// A connection claimed by this packet (or one on
+				// another CPU meanwhile): see the fold below.
+				int claimed = 0;
 
-				if (attr && (flags & (SOCK_CLAIM | SOCK_RELEASED)) == SOCK_CLAIM)
+				if (attr && (flags & (SOCK_CLAIM | SOCK_RELEASED)) == SOCK_CLAIM) {
 					flags = claim(o, sk, flags);
+					claimed = (flags & SOCK_SERVER) != 0;
+				}
 				if (flags & SOCK_CLAIM) {
 					// Waiting, or released: then it counts for its
 					// owner (uid stays), what it moved while it
@@ -909,18 +914,21 @@ static __always_inline int account_policed(struct __sk_buff *skb, __u32 uid, __u
 					if (flags & SOCK_SERVER)
 						tx = !egress;
 				}
-				// Bytes a released connection moved while it waited:
-				// they passed, so they are counted and charged for
-				// its owner whatever this packet's fate. Taken with
-				// exchanges, so that bytes a packet on another CPU
-				// adds meanwhile are folded once, by whoever finds
-				// them next. A claimed connection's stay in its
-				// entry: Xray's own counters count them, before the
-				// claim could (the agent adds Xray's count of what
-				// the kernel did not see), so folding them too would
-				// count them twice. (Attribute's entries start at
-				// zero: it credits what it moved itself.)
-				if (attr && count && (flags & SOCK_RELEASED) && (o->pending_rx | o->pending_tx)) {
+				// Bytes a connection moved while it waited: they
+				// passed, so they are counted and charged for its
+				// owner whatever this packet's fate, at its release
+				// (for Xray's UID) or at its claim (for the account,
+				// so the account's budget holds to the packet: a held
+				// connection moves PENDING_ALLOWANCE at most before
+				// it). Xray's own counters count them too; the agent
+				// takes what the kernel counted as owed by Xray's
+				// report, which pays it off (a report that came first
+				// is kept as credit that this fold pays off). Taken
+				// with exchanges, so that bytes a packet on another
+				// CPU adds meanwhile are folded once, by whoever finds
+				// them next. (Attribute's entries start at zero: it
+				// credits what it moved itself.)
+				if (attr && count && ((flags & SOCK_RELEASED) || claimed) && (o->pending_rx | o->pending_tx)) {
 					__u64 rx = __sync_lock_test_and_set(&o->pending_rx, 0);
 					__u64 sent = __sync_lock_test_and_set(&o->pending_tx, 0);
 

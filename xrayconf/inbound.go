@@ -46,11 +46,12 @@ type (
 		Flow     string `json:"flow"`
 	}
 	ssSettings struct {
-		Method   string      `json:"method"`
-		Password string      `json:"password"`
-		Level    byte        `json:"level"`
-		Email    string      `json:"email"`
-		Clients  []*ssClient `json:"clients"`
+		Network  json.RawMessage `json:"network"`
+		Method   string          `json:"method"`
+		Password string          `json:"password"`
+		Level    byte            `json:"level"`
+		Email    string          `json:"email"`
+		Clients  []*ssClient     `json:"clients"`
 	}
 	ssClient struct {
 		Method   string  `json:"method"`
@@ -61,6 +62,29 @@ type (
 		Port     uint16  `json:"port"`
 	}
 )
+
+// takesUDP reports whether a Shadowsocks inbound's settings.network (a
+// list of networks, as a string "tcp,udp" or an array, as Xray's NetworkList
+// takes it; absent is "tcp") has "udp".
+func takesUDP(raw json.RawMessage) (bool, error) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return false, nil
+	}
+	var list []string
+	if err := json.Unmarshal(raw, &list); err != nil {
+		var s string
+		if json.Unmarshal(raw, &s) != nil {
+			return false, fmt.Errorf("%s is neither a string nor a list of strings", raw)
+		}
+		list = strings.Split(s, ",")
+	}
+	for _, n := range list {
+		if strings.EqualFold(strings.TrimSpace(n), "udp") {
+			return true, nil
+		}
+	}
+	return false, nil
+}
 
 // ss2022Methods are the methods of Shadowsocks 2022, compared exactly as
 // Xray does (sing-shadowsocks' shadowaead_2022.List).
@@ -157,6 +181,7 @@ func (c *Config) inbound(raw *rawInbound) (*Inbound, error) {
 		in.Listen = *raw.Listen
 	}
 	in.Network, in.ProxyProtocol = raw.transport()
+	in.UDP = in.Network == "kcp" || in.Network == "quic"
 	if in.Tag == "" {
 		c.problem(in, -1, "no tag: Xray counts its users' traffic, but bwagent can't remove or add them through the API")
 	}
@@ -229,7 +254,8 @@ func (c *Config) vless(raw *rawInbound, in *Inbound) error {
 	if err := json.Unmarshal(raw.settings(), &s); err != nil {
 		return raw.invalid("%s", jsonErr("settings", err))
 	}
-	seen := emails{}
+	seen := make(emails, len(s.Clients))
+	in.Users = slices.Grow(in.Users, len(s.Clients))
 	for i, rc := range s.Clients {
 		var cl vlessClient
 		if err := json.Unmarshal(rc, &cl); err != nil {
@@ -255,7 +281,8 @@ func (c *Config) vmess(raw *rawInbound, in *Inbound) error {
 	if err := json.Unmarshal(raw.settings(), &s); err != nil {
 		return raw.invalid("%s", jsonErr("settings", err))
 	}
-	seen := emails{}
+	seen := make(emails, len(s.Clients))
+	in.Users = slices.Grow(in.Users, len(s.Clients))
 	for i, rc := range s.Clients {
 		var cl vmessClient
 		if err := json.Unmarshal(rc, &cl); err != nil {
@@ -277,7 +304,8 @@ func (c *Config) trojan(raw *rawInbound, in *Inbound) error {
 	if err := json.Unmarshal(raw.settings(), &s); err != nil {
 		return raw.invalid("%s", jsonErr("settings", err))
 	}
-	seen := emails{}
+	seen := make(emails, len(s.Clients))
+	in.Users = slices.Grow(in.Users, len(s.Clients))
 	for i, cl := range s.Clients {
 		switch {
 		case cl == nil:
@@ -299,6 +327,11 @@ func (c *Config) shadowsocks(raw *rawInbound, in *Inbound) error {
 		return raw.invalid("%s", jsonErr("settings", err))
 	}
 	in.Method = s.Method
+	udp, err := takesUDP(s.Network)
+	if err != nil {
+		return raw.invalid("settings.network: %v", err)
+	}
+	in.UDP = in.UDP || udp
 	for i, cl := range s.Clients {
 		if cl == nil {
 			return raw.invalid("settings.clients[%d] is null", i)
@@ -317,7 +350,8 @@ func (c *Config) shadowsocks(raw *rawInbound, in *Inbound) error {
 		c.addUser(in, -1, s.Email, uint32(s.Level), xraystats.Shadowsocks{Method: s.Method, Password: s.Password})
 		return nil
 	}
-	seen := emails{}
+	seen := make(emails, len(s.Clients))
+	in.Users = slices.Grow(in.Users, len(s.Clients))
 	for i, cl := range s.Clients {
 		switch {
 		case cl.Password == "":
@@ -352,7 +386,8 @@ func (c *Config) shadowsocks2022(raw *rawInbound, in *Inbound, s *ssSettings) er
 	if relay {
 		c.problem(in, -1, "Shadowsocks 2022 relay: Xray counts its users, but can't remove or add them through the API")
 	}
-	seen := emails{}
+	seen := make(emails, len(s.Clients))
+	in.Users = slices.Grow(in.Users, len(s.Clients))
 	for i, cl := range s.Clients {
 		switch {
 		case cl.Method != "":

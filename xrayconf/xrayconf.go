@@ -1,6 +1,7 @@
 package xrayconf
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -86,9 +87,15 @@ type Inbound struct {
 	// address Xray logs is the one the proxy in front of it passed on, not
 	// its socket's peer.
 	ProxyProtocol bool
-	File          string // the file that defines the inbound
-	Pos           int    // its index in File's "inbounds" array
-	Users         []User // its clients with a usable email, in config order
+	// UDP: the users' traffic also reaches the inbound's own UDP socket,
+	// where no connection is there to attribute: a UDP transport ("kcp",
+	// "quic"), or a Shadowsocks inbound with "udp" in settings.network
+	// (Xray's default for it is "tcp" alone). VLESS, VMess and Trojan carry
+	// their users' UDP inside the TCP connection.
+	UDP   bool
+	File  string // the file that defines the inbound
+	Pos   int    // its index in File's "inbounds" array
+	Users []User // its clients with a usable email, in config order
 }
 
 // Config is what bwagent needs from an Xray config.
@@ -378,10 +385,13 @@ func readFile(name string) ([]byte, fileStamp, error) {
 	if !fi.Mode().IsRegular() {
 		return nil, fileStamp{}, fmt.Errorf("xrayconf: %w: %s: not a regular file", ErrInvalid, name)
 	}
-	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
-	if err != nil {
+	// Read into a buffer of the file's size (and a little): io.ReadAll's
+	// doubling would allocate twice a large config's size.
+	buf := bytes.NewBuffer(make([]byte, 0, min(fi.Size(), MaxFileSize)+512))
+	if _, err := buf.ReadFrom(io.LimitReader(f, MaxFileSize+1)); err != nil {
 		return nil, fileStamp{}, fmt.Errorf("xrayconf: %w", err)
 	}
+	data := buf.Bytes()
 	if len(data) > MaxFileSize {
 		return nil, fileStamp{}, fmt.Errorf("xrayconf: %w: %s: larger than %d bytes", ErrInvalid, name, MaxFileSize)
 	}
@@ -559,6 +569,15 @@ func (c *Config) log(l *rawLog) {
 // crossInbound reports emails used in inbounds of different protocols: one
 // bwagent user has one protocol.
 func (c *Config) crossInbound() {
+	withUsers := 0
+	for i := range c.Inbounds {
+		if len(c.Inbounds[i].Users) > 0 {
+			withUsers++
+		}
+	}
+	if withUsers < 2 {
+		return // nothing to cross (and no map of every email to build)
+	}
 	type first struct {
 		proto quota.Protocol
 		in    *Inbound
@@ -620,14 +639,16 @@ func (c *Config) policy(m *merged) {
 	// Level 0 is what UserStats tells; other levels need a word.
 	var order []uint32
 	n := map[uint32]int{}
-	for _, u := range c.Users() {
-		if u.Level == 0 || counted(u.Level) {
-			continue
+	for i := range c.Inbounds {
+		for _, u := range c.Inbounds[i].Users {
+			if u.Level == 0 || counted(u.Level) {
+				continue
+			}
+			if n[u.Level] == 0 {
+				order = append(order, u.Level)
+			}
+			n[u.Level]++
 		}
-		if n[u.Level] == 0 {
-			order = append(order, u.Level)
-		}
-		n[u.Level]++
 	}
 	for _, l := range order {
 		c.Problems = append(c.Problems, Problem{File: m.policyFile, Pos: -1, Index: -1,

@@ -775,6 +775,37 @@ func TestTransport(t *testing.T) {
 	}
 }
 
+// UDP: a Shadowsocks inbound takes UDP where its settings.network says so
+// (tcp alone by default), any inbound on a UDP transport; VLESS carries its
+// users' UDP inside TCP.
+func TestUDP(t *testing.T) {
+	ss := func(network string) string {
+		return `{"inbounds": [{"tag": "in", "protocol": "shadowsocks", "port": 8388, "settings": {` + network +
+			`"method": "aes-256-gcm", "password": "p", "email": "a"}}]}`
+	}
+	for _, tc := range []struct {
+		config string
+		udp    bool
+	}{
+		{ss(``), false},
+		{ss(`"network": null, `), false},
+		{ss(`"network": "tcp", `), false},
+		{ss(`"network": "tcp,udp", `), true},
+		{ss(`"network": "UDP", `), true},
+		{ss(`"network": ["tcp", "udp"], `), true},
+		{`{"inbounds": [{"tag": "in", "protocol": "vless", "port": 443, "settings": {"clients": [{"id": "27848739-7e62-4138-9fd3-098a63964b6b", "email": "a"}]}}]}`, false},
+		{`{"inbounds": [{"tag": "in", "protocol": "vless", "port": 443, "settings": {"clients": [{"id": "27848739-7e62-4138-9fd3-098a63964b6b", "email": "a"}]}, "streamSettings": {"network": "mkcp"}}]}`, true},
+	} {
+		in, ok := parse(t, tc.config).Inbound("in")
+		if !ok || in.UDP != tc.udp {
+			t.Errorf("%s: %+v, UDP want %v", tc.config, in, tc.udp)
+		}
+	}
+	if _, err := Parse("test.json", []byte(ss(`"network": 5, `))); !errors.Is(err, ErrInvalid) {
+		t.Errorf(`"network": 5: %v, want ErrInvalid`, err)
+	}
+}
+
 // ConnIdle is the longest connIdle of the policy's levels, Xray's 300 s
 // where none is set.
 func TestConnIdle(t *testing.T) {

@@ -142,34 +142,21 @@ type Traffic struct {
 // UserTraffic returns the traffic of every user that has counters in Xray,
 // by email, without resetting the counters. A user has counters from its
 // first connection after Xray started; users without any are not in the
-// map.
+// map. A caller that reads every user's counters often should rather use
+// [Client.ScanUserTraffic], which builds no map.
 func (c *Client) UserTraffic(ctx context.Context) (map[string]Traffic, error) {
-	var resp *statscmdpb.QueryStatsResponse
-	err := c.call(ctx, "query user traffic", func(ctx context.Context) (err error) {
-		// Xray matches the pattern as a substring anywhere in the name:
-		// ParseStatName below drops names of other kinds that contain it.
-		resp, err = c.stats.QueryStats(ctx, &statscmdpb.QueryStatsRequest{Pattern: KindUser + sep})
-		return err
+	m := make(map[string]Traffic)
+	err := c.ScanUserTraffic(ctx, func(email []byte, downlink bool, value int64) {
+		t := m[string(email)]
+		if downlink {
+			t.Downlink = value
+		} else {
+			t.Uplink = value
+		}
+		m[string(email)] = t
 	})
 	if err != nil {
 		return nil, err
-	}
-	m := make(map[string]Traffic)
-	for _, s := range resp.GetStat() {
-		kind, email, metric, err := ParseStatName(s.GetName())
-		if err != nil || kind != KindUser {
-			continue
-		}
-		t := m[email]
-		switch metric {
-		case MetricUplink:
-			t.Uplink = s.GetValue()
-		case MetricDownlink:
-			t.Downlink = s.GetValue()
-		default:
-			continue
-		}
-		m[email] = t
 	}
 	return m, nil
 }

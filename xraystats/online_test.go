@@ -29,6 +29,7 @@ type fakeStats struct {
 	statscmdpb.UnimplementedStatsServiceServer
 
 	names []string                    // the answer to GetAllOnlineUsers
+	stats []*statscmdpb.Stat          // the counters QueryStats matches
 	ips   map[string]map[string]int64 // online maps by name; missing: NotFound
 	fail  map[string]error            // GetStatsOnlineIpList fails for these names
 	hang  map[string]bool             // GetStatsOnlineIpList waits for its end for these
@@ -41,6 +42,18 @@ type fakeStats struct {
 
 func (f *fakeStats) GetSysStats(context.Context, *statscmdpb.SysStatsRequest) (*statscmdpb.SysStatsResponse, error) {
 	return &statscmdpb.SysStatsResponse{Uptime: 1}, nil
+}
+
+// QueryStats answers with the counters whose names contain the pattern, as
+// Xray does.
+func (f *fakeStats) QueryStats(_ context.Context, r *statscmdpb.QueryStatsRequest) (*statscmdpb.QueryStatsResponse, error) {
+	resp := &statscmdpb.QueryStatsResponse{}
+	for _, s := range f.stats {
+		if strings.Contains(s.GetName(), r.GetPattern()) {
+			resp.Stat = append(resp.Stat, s)
+		}
+	}
+	return resp, nil
 }
 
 func (f *fakeStats) GetAllOnlineUsers(context.Context, *statscmdpb.GetAllOnlineUsersRequest) (*statscmdpb.GetAllOnlineUsersResponse, error) {

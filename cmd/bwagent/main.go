@@ -24,7 +24,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"syscall"
 	"time"
 	_ "time/tzdata" // time zones work on systems without tzdata
@@ -137,11 +136,13 @@ func uninstall(cfg config.Config) error {
 func serve(cfg config.Config, path string, log *slog.Logger) error {
 	if os.Getenv("GOMEMLIMIT") == "" {
 		// Keep the soft memory limit a little above the live heap, which
-		// grows with the users: every 10 s.
-		debug.SetMemoryLimit(agent.MemoryLimit(0))
+		// grows with the users, with room for what the agent allocates:
+		// every second.
+		var ml agent.MemoryLimiter
+		ml.Update(time.Now())
 		go func() {
-			for range time.Tick(10 * time.Second) {
-				debug.SetMemoryLimit(agent.MemoryLimit(agent.LiveHeap()))
+			for now := range time.Tick(time.Second) {
+				ml.Update(now)
 			}
 		}()
 	}

@@ -70,6 +70,7 @@ type options struct {
 	classic   bool
 	accessLog bool
 	cgroup    string
+	noClient  bool
 }
 
 // Cgroup starts the server (and restarts it) in the cgroup v2 directory
@@ -101,8 +102,8 @@ func AccessLog() Option {
 
 // StartServer writes a config with the users to a temp dir of t's and
 // starts an Xray server on it, with fresh ports; if users is not empty, also
-// one client Xray for all of them (see [Server.Client]). The server and the
-// clients are stopped in t.Cleanup.
+// one client Xray for all of them (see [Server.Client]) unless [NoClient].
+// The server and the clients are stopped in t.Cleanup.
 //
 // The config is one that an operator could have, and that
 // xrayconf.Load([]string{s.ConfigPath}, "") reads: an "api" object with
@@ -167,7 +168,7 @@ func StartServer(t testing.TB, users []User, opts ...Option) *Server {
 		return runXrayIn(t, "server", s.ConfigPath, s.LogPath, ports, o.cgroup)
 	})
 
-	if len(s.Users) > 0 {
+	if len(s.Users) > 0 && !o.noClient {
 		var cs []*Client
 		for _, u := range s.Users {
 			c := &Client{User: u, Source: s.nextSource(), sink: s.sink.addr, srv: s}

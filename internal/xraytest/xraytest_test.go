@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -185,5 +186,39 @@ func TestStream(t *testing.T) {
 	s2.Close()
 	if !errors.Is(s2.Err(), net.ErrClosed) {
 		t.Errorf("Err after Close: %v, want net.ErrClosed", s2.Err())
+	}
+}
+
+// TestDialVLESS: without a client Xray, a VLESS user's connection from an
+// address of its own reaches the sink, is counted by Xray as the user's
+// payload, and is logged from that address.
+func TestDialVLESS(t *testing.T) {
+	u := xraytest.NewUser("v1", xraytest.VLESS)
+	srv := xraytest.StartServer(t, []xraytest.User{u, xraytest.NewUser("v2", xraytest.VLESS)}, xraytest.NoClient(), xraytest.AccessLog())
+	sent, recv, err := srv.TransferVLESS(u, "127.1.0.7", 5000, 3000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	api := srv.Dial(t)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		tr, err := api.UserTrafficOf(t.Context(), "v1")
+		if err == nil && tr.Uplink == sent && tr.Downlink == recv {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("v1's counters: %+v, %v; want %d up, %d down", tr, err, sent, recv)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	log, err := os.ReadFile(srv.AccessLogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(log), "from 127.1.0.7:") || !strings.Contains(string(log), "email: v1") {
+		t.Errorf("access log: %s", log)
+	}
+	if _, err := srv.DialVLESS(xraytest.NewUser("t", xraytest.Trojan), "", srv.Sink); err == nil {
+		t.Error("DialVLESS of a Trojan user: no error")
 	}
 }

@@ -1,0 +1,68 @@
+package agent
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/myvpn/bwagent/opsfiles"
+)
+
+// TestWatchOwnWrites: the events of the agent's own writes (two for each
+// file, for its temporary name) never reach the loop, however many files
+// are written between two drains, as long as the writer pumps the watch
+// after each chunk; without the pumps, 10,000 files overflow the kernel's
+// queue (16,384 events by default), which asks for every file again.
+func TestWatchOwnWrites(t *testing.T) {
+	write := func(t *testing.T, dir string, pump func()) {
+		for chunk := range 10 {
+			files := make([]opsfiles.File, 1000)
+			for i := range files {
+				files[i] = opsfiles.File{Name: fmt.Sprintf("u%05d.json", chunk*1000+i), Data: []byte("{}\n"), Perm: 0o644}
+			}
+			for _, err := range opsfiles.WriteBatch(dir, files) {
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if pump != nil {
+				pump()
+			}
+		}
+	}
+	t.Run("pumped", func(t *testing.T) {
+		dir := t.TempDir()
+		w := newDirWatch(dir)
+		defer w.close()
+		if _, _, err := w.drain(); err != nil {
+			t.Fatal(err)
+		}
+		write(t, dir, w.pump)
+		if err := os.Remove(dir + "/u00042.json"); err != nil {
+			t.Fatal(err)
+		}
+		names, all, err := w.drain()
+		if err != nil || all || len(names) != 1 || names[0] != "u00042" {
+			t.Errorf("after 10,000 files of its own and one deleted: names %q, all %v, err %v; want u00042 alone", names, all, err)
+		}
+	})
+	t.Run("not pumped", func(t *testing.T) {
+		if b, err := os.ReadFile("/proc/sys/fs/inotify/max_queued_events"); err != nil {
+			t.Skip(err)
+		} else if n, _ := strconv.Atoi(strings.TrimSpace(string(b))); n > 16384 {
+			t.Skipf("fs.inotify.max_queued_events is %d: 10,000 files do not overflow it", n)
+		}
+		dir := t.TempDir()
+		w := newDirWatch(dir)
+		defer w.close()
+		if _, _, err := w.drain(); err != nil {
+			t.Fatal(err)
+		}
+		write(t, dir, nil)
+		if _, all, _ := w.drain(); !all {
+			t.Error("10,000 files written between two drains did not overflow the queue: the test shows nothing")
+		}
+	})
+}
