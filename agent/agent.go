@@ -232,6 +232,7 @@ type Agent struct {
 	files        *fileWriter // writes the usage files beside the loop
 	watch        *dirWatch   // the usage directory, for files others touched
 	lastJSON     time.Time
+	jsonRounds   uint64     // JSON intervals so far (see jsonLazyRounds)
 	commits      *committer // writes the state database and the block log beside the loop
 	fl           *fleetSide // fleet mode (fleet.go); nil without
 

@@ -417,7 +417,7 @@ func (a *Agent) enforceDevices(now time.Time) error {
 			delete(table, name)
 		}
 		if u := a.users[name]; u != nil && len(left) != len(old[name]) {
-			a.markJSON(u, jsonUsage)
+			a.markJSON(u, jsonLazy)
 		}
 	}
 	for _, name := range gone {

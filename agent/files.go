@@ -157,6 +157,11 @@ const maxJSONPerTick = 10000
 // at once, usage-only changes once per JSON interval.
 func (a *Agent) queueJSON(now time.Time) {
 	all := now.Sub(a.lastJSON) >= a.cfg.JSONInterval || now.Before(a.lastJSON)
+	lazy := false
+	if all {
+		a.jsonRounds++
+		lazy = a.jsonRounds%jsonLazyRounds == 0
+	}
 	q := a.work.jsonQ
 	docs := make([]string, 0, min(len(q), maxJSONPerTick))
 	keep := q[:0]
@@ -168,7 +173,7 @@ func (a *Agent) queueJSON(now time.Time) {
 		switch {
 		case a.users[u.r.name] != u || !u.r.present():
 			u.json = jsonClean // forgotten, or left: its file stays as it was
-		case u.json == jsonUrgent || (all && u.json == jsonUsage):
+		case u.json == jsonUrgent || (all && u.json == jsonUsage) || (lazy && u.json == jsonLazy):
 			docs = append(docs, u.r.name)
 			u.json = jsonClean
 		case u.json != jsonClean:

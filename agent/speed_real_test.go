@@ -83,49 +83,6 @@ func measure(fs []*flow, n int) [][]float64 {
 	return out
 }
 
-// checkCap fails unless rates average within tol (a fraction) of want
-// Mbit/s and no second falls under half of it.
-func checkCap(t *testing.T, what string, rates []float64, want, tol float64) {
-	t.Helper()
-	var sum float64
-	low := false
-	for _, r := range rates {
-		sum += r
-		low = low || r < want/2
-	}
-	avg := sum / float64(len(rates))
-	msg := fmt.Sprintf("%s: %.2f Mbit/s on average, cap %.0f (per second: %s)", what, avg, want, perSecond(rates))
-	if avg < want*(1-tol) || avg > want*(1+tol) || low {
-		t.Error(msg)
-		return
-	}
-	t.Log(msg)
-}
-
-// checkFree fails unless rates average at least min Mbit/s.
-func checkFree(t *testing.T, what string, rates []float64, min float64) {
-	t.Helper()
-	var sum float64
-	for _, r := range rates {
-		sum += r
-	}
-	avg := sum / float64(len(rates))
-	msg := fmt.Sprintf("%s: %.1f Mbit/s on average, want at least %.0f (per second: %s)", what, avg, min, perSecond(rates))
-	if avg < min {
-		t.Error(msg)
-		return
-	}
-	t.Log(msg)
-}
-
-func perSecond(rs []float64) string {
-	s := make([]string, len(rs))
-	for i, r := range rs {
-		s[i] = fmt.Sprintf("%.1f", r)
-	}
-	return strings.Join(s, " ")
-}
-
 // TestSpeedCapsSSH (issue 15, points 1, 3 and 4): through real OpenSSH and
 // Dropbear tunnels (ssh -N -D), at once for 12 s: speed=20mbit holds a
 // download at 20 Mbit/s and speed=20mbit/8mbit an upload at 8 Mbit/s
@@ -174,10 +131,10 @@ func TestSpeedCapsSSH(t *testing.T) {
 			}
 			ff := &flow{name: "no cap", ss: []*xraytest.Stream{ft.Stream(t, 0, fast)}}
 			r := measure([]*flow{fd, fu, fm, ff}, 12)
-			checkCap(t, "speed=20mbit download", r[0][2:], 20, 0.10)
-			checkCap(t, "speed=20mbit/8mbit upload", r[1][2:], 8, 0.10)
-			checkCap(t, "speed=20mbit, 4 tunnels together", r[2][2:], 20, 0.10)
-			checkFree(t, "no cap, at the same time", r[3][2:], 5*20)
+			nettest.CheckRate(t, "speed=20mbit download", r[0][2:], 20, 0.10)
+			nettest.CheckRate(t, "speed=20mbit/8mbit upload", r[1][2:], 8, 0.10)
+			nettest.CheckRate(t, "speed=20mbit, 4 tunnels together", r[2][2:], 20, 0.10)
+			nettest.CheckAtLeast(t, "no cap, at the same time", r[3][2:], 5*20)
 			ff.ss[0].Close()
 			if h := k.a.Health(); h.Components["speed caps"] != "ok: policing (a token bucket per user and direction in the packet programs; no EDT pacing), 3 kernel IDs capped" ||
 				h.Kernel.DroppedRate == 0 {
@@ -189,16 +146,16 @@ func TestSpeedCapsSSH(t *testing.T) {
 				t.Fatal(err)
 			}
 			measure([]*flow{fd}, 2)
-			checkCap(t, "changed to 8mbit, from 2 s after", measure([]*flow{fd}, 4)[0], 8, 0.10)
+			nettest.CheckRate(t, "changed to 8mbit, from 2 s after", measure([]*flow{fd}, 4)[0], 8, 0.10)
 			if l, _ := os.ReadFile(k.cfg.Paths.Limits); !strings.Contains(string(l), down.Name+" unlimited speed=8mbit\n") {
 				t.Errorf("limits file after SetSpeed:\n%s", l)
 			}
 
 			// The agent down: the kernel keeps the cap; a new agent too.
 			k.stop()
-			checkCap(t, "8mbit, agent stopped", measure([]*flow{fd}, 4)[0], 8, 0.10)
+			nettest.CheckRate(t, "8mbit, agent stopped", measure([]*flow{fd}, 4)[0], 8, 0.10)
 			k.restart(t)
-			checkCap(t, "8mbit, agent restarted", measure([]*flow{fd}, 4)[0], 8, 0.10)
+			nettest.CheckRate(t, "8mbit, agent restarted", measure([]*flow{fd}, 4)[0], 8, 0.10)
 		})
 	}
 }
@@ -246,7 +203,7 @@ func TestThrottleSSH(t *testing.T) {
 	// Slowed, not stopped; counted on.
 	used := k.user(t, th.Name).Used
 	measure([]*flow{f}, 2) // TCP's backoff from the drops at the limit
-	checkCap(t, "throttled download", measure([]*flow{f}, 8)[0], 4, 0.15)
+	nettest.CheckRate(t, "throttled download", measure([]*flow{f}, 8)[0], 4, 0.15)
 	if now := k.user(t, th.Name).Used; now < used+3*mib {
 		t.Errorf("usage while throttled: %d, was %d", now, used)
 	}
@@ -264,7 +221,7 @@ func TestThrottleSSH(t *testing.T) {
 	}
 	f = &flow{ss: []*xraytest.Stream{tun.Stream(t, 0, 3*mib)}}
 	measure([]*flow{f}, 1)
-	checkCap(t, "after the reset, paced at 3 MiB/s", measure([]*flow{f}, 3)[0], 3*mib*8/1e6, 0.10)
+	nettest.CheckRate(t, "after the reset, paced at 3 MiB/s", measure([]*flow{f}, 3)[0], 3*mib*8/1e6, 0.10)
 	if v := k.user(t, th.Name); v.Status != quota.Active && v.Status != quota.Warning {
 		t.Errorf("after the paced download (12 MiB of 16): %s", v.Status)
 	}
@@ -303,11 +260,11 @@ func TestSpeedCapsXray(t *testing.T) {
 	srv.Client(t, up).Stream(t, fast, 0)
 	fu := &flow{acked: netip.MustParseAddrPort(srv.Sink)}
 	r := measure([]*flow{ft, fv, fp, ff, fu}, 12)
-	checkCap(t, "VLESS+TLS, speed=20mbit", r[0][2:], 20, 0.10)
-	checkCap(t, "VLESS+TLS+Vision, speed=20mbit", r[1][2:], 20, 0.10)
-	checkCap(t, "Vision, 4 connections from 4 addresses together", r[2][2:], 20, 0.10)
-	checkFree(t, "no cap, at the same time", r[3][2:], 5*20)
-	checkCap(t, "Vision upload, speed=20mbit/8mbit", r[4][2:], 8, 0.10)
+	nettest.CheckRate(t, "VLESS+TLS, speed=20mbit", r[0][2:], 20, 0.10)
+	nettest.CheckRate(t, "VLESS+TLS+Vision, speed=20mbit", r[1][2:], 20, 0.10)
+	nettest.CheckRate(t, "Vision, 4 connections from 4 addresses together", r[2][2:], 20, 0.10)
+	nettest.CheckAtLeast(t, "no cap, at the same time", r[3][2:], 5*20)
+	nettest.CheckRate(t, "Vision upload, speed=20mbit/8mbit", r[4][2:], 8, 0.10)
 }
 
 // TestSpeedCapOneUserSSHAndXray: a user who is both an SSH account and an
@@ -366,7 +323,7 @@ func TestSpeedCapOneUserSSHAndXray(t *testing.T) {
 	}
 	measureBoth(2)
 	measureBoth(8)
-	checkCap(t, "SSH account's UID and Xray client together", per, 20, 0.10)
+	nettest.CheckRate(t, "SSH account's UID and Xray client together", per, 20, 0.10)
 	u, x := uidBytes(), d.Received()
 	t.Logf("moved as the UID %d bytes, through Xray %d", u, x)
 	if u < 1<<20 || x < 1<<20 {

@@ -190,9 +190,17 @@ type jsonState uint8
 
 const (
 	jsonClean  jsonState = iota
+	jsonLazy             // the device count alone changed: written within jsonLazyRounds intervals
 	jsonUsage            // usage moved: written at the next JSON interval
 	jsonUrgent           // status or record changed: written this tick
 )
+
+// jsonLazyRounds is how many JSON intervals a file whose device count alone
+// changed may wait (30 s with the default 5 s): a user with short
+// connections would otherwise have the file written again as each
+// connection comes and goes. A write for any other reason takes the count
+// along; bwctl devices is live.
+const jsonLazyRounds = 6
 
 // newUser adds a user to the table, with the limits line its name may
 // already have.

@@ -2,7 +2,6 @@ package bpf_test
 
 import (
 	"encoding/binary"
-	"fmt"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -90,33 +89,6 @@ func (m *meter) seconds(t *testing.T, n int) []float64 {
 	return out
 }
 
-// checkRate fails unless the intervals average within tol (a fraction) of
-// want Mbit/s and none falls under half of it.
-func checkRate(t *testing.T, what string, got []float64, want, tol float64) {
-	t.Helper()
-	var sum float64
-	low := false
-	for _, r := range got {
-		sum += r
-		low = low || r < want/2
-	}
-	avg := sum / float64(len(got))
-	msg := fmt.Sprintf("%s: %.2f Mbit/s on average for a cap of %.1f (per second: %s)", what, avg, want, fmtRates(got))
-	if avg < want*(1-tol) || avg > want*(1+tol) || low {
-		t.Error(msg)
-		return
-	}
-	t.Log(msg)
-}
-
-func fmtRates(rs []float64) string {
-	s := make([]string, len(rs))
-	for i, r := range rs {
-		s[i] = fmt.Sprintf("%.1f", r)
-	}
-	return strings.Join(s, " ")
-}
-
 // TestSpeedCap: a UID's cap holds its TCP download (policed at its sockets'
 // ingress) and upload (at their egress) at the cap, four parallel
 // connections of the UID share one cap, and a neighbour without a cap is
@@ -144,7 +116,7 @@ func TestSpeedCap(t *testing.T) {
 			n := newMeter(e, e.streams(t, free, server, 1, c.down), c.down)
 			m.seconds(t, 2) // the bucket's first burst
 			got := m.seconds(t, 6)
-			checkRate(t, "capped UID", got, c.cap, 0.10)
+			nettest.CheckRate(t, "capped UID", got, c.cap, 0.10)
 			nb := n.seconds(t, 1)
 			if nb[0] < 5*c.cap {
 				t.Errorf("uncapped neighbour: %.1f Mbit/s, want at least %.0f", nb[0], 5*c.cap)
@@ -174,22 +146,22 @@ func TestSpeedCapChangesAndSurvives(t *testing.T) {
 	setPolicy(t, e.dp, capped, bpf.Policy{Rate: bpf.Rate{Rx: mbit(20)}})
 	m := newMeter(e, e.streams(t, capped, server, 1, true), true)
 	m.seconds(t, 2)
-	checkRate(t, "20mbit", m.seconds(t, 3), 20, 0.10)
+	nettest.CheckRate(t, "20mbit", m.seconds(t, 3), 20, 0.10)
 
 	setPolicy(t, e.dp, capped, bpf.Policy{Rate: bpf.Rate{Rx: mbit(8)}})
 	m.seconds(t, 1) // the new bucket's burst
-	checkRate(t, "changed to 8mbit", m.seconds(t, 3), 8, 0.10)
+	nettest.CheckRate(t, "changed to 8mbit", m.seconds(t, 3), 8, 0.10)
 
 	// No agent: the maps are pinned, the links too.
 	if err := e.dp.Close(); err != nil {
 		t.Fatal(err)
 	}
-	checkRate(t, "8mbit, data plane closed", m.seconds(t, 3), 8, 0.10)
+	nettest.CheckRate(t, "8mbit, data plane closed", m.seconds(t, 3), 8, 0.10)
 	e.dp = e.load(t)
 	if p, err := e.dp.Policy(capped); err != nil || p.Rate.Rx != mbit(8) {
 		t.Fatalf("after a new load: %+v, %v", p, err)
 	}
-	checkRate(t, "8mbit, loaded again", m.seconds(t, 3), 8, 0.10)
+	nettest.CheckRate(t, "8mbit, loaded again", m.seconds(t, 3), 8, 0.10)
 
 	setPolicy(t, e.dp, capped, bpf.Policy{})
 	m.seconds(t, 1)

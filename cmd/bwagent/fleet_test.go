@@ -193,15 +193,7 @@ func (n *fleetNode) stream(t *testing.T, rate uint64) *nettest.Proc {
 // tick.
 func (n *fleetNode) client(t *testing.T) *control.Client {
 	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		c, err := control.Dial(context.Background(), filepath.Join(n.dir, "bwagent.sock"))
-		if err == nil {
-			return c
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("node %s: %v", n.name, err)
-		}
-	}
+	return dialSocket(t, n.dir)
 }
 
 func (n *fleetNode) user(t *testing.T) control.User {

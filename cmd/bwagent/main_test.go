@@ -129,18 +129,39 @@ func (e *agentEnv) start(t *testing.T) *nettest.Proc {
 	return p
 }
 
+// connect starts a TCP sink as server in the agent's cgroup and a client
+// of it as user (sending and receiving as tcp-client's arguments up and
+// down say), connected when it returns.
+func (e *agentEnv) connect(t *testing.T, user, server uint32, up, down string) *nettest.Proc {
+	t.Helper()
+	srv := nettest.Start(t, nettest.Spec{NS: e.pair.B, Cgroup: e.cg, UID: server}, "tcp-serve",
+		net.JoinHostPort(e.pair.B4.String(), "0"))
+	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
+	c := nettest.Start(t, nettest.Spec{NS: e.pair.A, Cgroup: e.cg, UID: user}, "tcp-client", addr, up, down)
+	c.Expect(t, "CONNECTED", 5*time.Second)
+	return c
+}
+
 // dial connects to the agent's control socket, which comes up beside the
 // first tick; the client is closed in t.Cleanup.
 func (e *agentEnv) dial(t *testing.T) *control.Client {
 	t.Helper()
+	c := dialSocket(t, e.dir)
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// dialSocket connects to the control socket of the agent whose files are
+// in dir, waiting up to 5 s for it to come up beside the first tick.
+func dialSocket(t *testing.T, dir string) *control.Client {
+	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		c, err := control.Dial(context.Background(), filepath.Join(e.dir, "bwagent.sock"))
+		c, err := control.Dial(context.Background(), filepath.Join(dir, "bwagent.sock"))
 		if err == nil {
-			t.Cleanup(func() { c.Close() })
 			return c
 		}
 		if time.Now().After(deadline) {
-			t.Fatal(err)
+			t.Fatalf("control socket in %s: %v", dir, err)
 		}
 	}
 }
@@ -320,12 +341,8 @@ func TestControlSocket(t *testing.T) {
 func TestCommandsDuringTicks(t *testing.T) {
 	const user, server = 2731, 2732
 	e := newAgentEnv(t, fmt.Sprintf("john:x:%d:%d::/:/bin/false\n", user, user), "")
-	srv := nettest.Start(t, nettest.Spec{NS: e.pair.B, Cgroup: e.cg, UID: server}, "tcp-serve",
-		net.JoinHostPort(e.pair.B4.String(), "0"))
-	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 	a := e.start(t)
-	client := nettest.Start(t, nettest.Spec{NS: e.pair.A, Cgroup: e.cg, UID: user}, "tcp-client", addr, "inf", "inf")
-	client.Expect(t, "CONNECTED", 5*time.Second)
+	client := e.connect(t, user, server, "inf", "inf")
 
 	ctx := context.Background()
 	c := e.dial(t)
@@ -417,12 +434,8 @@ func TestControlPermissions(t *testing.T) {
 func TestSpeedCapSurvivesKill(t *testing.T) {
 	const user, server = 2711, 2712
 	e := newAgentEnv(t, fmt.Sprintf("john:x:%d:%d::/:/bin/false\n", user, user), "john unlimited speed=20mbit\n")
-	srv := nettest.Start(t, nettest.Spec{NS: e.pair.B, Cgroup: e.cg, UID: server}, "tcp-serve",
-		net.JoinHostPort(e.pair.B4.String(), "0"))
-	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
 	a := e.start(t)
-	client := nettest.Start(t, nettest.Spec{NS: e.pair.A, Cgroup: e.cg, UID: user}, "tcp-client", addr, "0", "inf")
-	client.Expect(t, "CONNECTED", 5*time.Second)
+	client := e.connect(t, user, server, "0", "inf")
 	// rate returns the download's Mbit/s over n seconds, and each second's.
 	rate := func(n int) (float64, []float64) {
 		_, last := client.Progress(t, 100*time.Millisecond)
