@@ -9,9 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
-
 	"github.com/myvpn/bwagent/internal/nettest"
 	"github.com/myvpn/bwagent/internal/sshtest"
 	"github.com/myvpn/bwagent/internal/xraytest"
@@ -230,26 +227,8 @@ func TestDeviceLimitSSH(t *testing.T) {
 func TestDeviceLimitIPv6(t *testing.T) {
 	nettest.RequireRoot(t)
 	ns := nettest.NewNetNS(t)
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	lo, err := h.LinkByName("lo")
-	if err != nil {
-		t.Fatal(err)
-	}
+	nettest.AddLoopbackAddrs(t, ns, "fd00:b1::1/64", "fd00:b1::2/64", "fd00:b1::3:7/64", "fd00:b2::2/64")
 	server := netip.MustParseAddr("fd00:b1::1")
-	for _, a := range []string{"fd00:b1::1", "fd00:b1::2", "fd00:b1::3:7", "fd00:b2::2"} {
-		addr, err := netlink.ParseAddr(a + "/64")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr.Flags = unix.IFA_F_NODAD
-		if err := h.AddrAdd(lo, addr); err != nil {
-			t.Fatalf("add %s: %v", a, err)
-		}
-	}
 	acct := sshtest.NewAccount(t)
 	k := newKernelEnv(t, acct.PasswdLine()+"\n", acct.Name+" unlimited devices=1\n")
 	srv := sshtest.Start(t, sshtest.OpenSSH, sshtest.Options{NS: ns, Addr: server, Cgroup: k.cg})

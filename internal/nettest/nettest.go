@@ -246,3 +246,28 @@ func Spawn(fn func() error) error {
 	spawner.fns <- func() { errc <- fn() }
 	return <-errc
 }
+
+// AddLoopbackAddrs adds addrs (each ADDRESS/PREFIX) to lo in ns, without
+// duplicate address detection, so that IPv6 addresses are usable at once.
+func AddLoopbackAddrs(t testing.TB, ns netns.NsHandle, addrs ...string) {
+	t.Helper()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range addrs {
+		addr, err := netlink.ParseAddr(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr.Flags = unix.IFA_F_NODAD
+		if err := h.AddrAdd(lo, addr); err != nil {
+			t.Fatalf("add %s: %v", a, err)
+		}
+	}
+}

@@ -14,9 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
-
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/internal/nettest"
 	"github.com/myvpn/bwagent/internal/sshtest"
@@ -182,26 +179,10 @@ func TestIPv6(t *testing.T) {
 			t.Parallel()
 			nettest.RequireRoot(t)
 			ns := nettest.NewNetNS(t)
-			h, err := netlink.NewHandleAt(ns)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer h.Close()
-			lo, err := h.LinkByName("lo")
-			if err != nil {
-				t.Fatal(err)
-			}
 			server := netip.MustParseAddr("fd00:b1::1")
 			sources := []netip.Addr{netip.MustParseAddr("fd00:b1::2"), netip.MustParseAddr("fd00:b1::3")}
 			for _, a := range append([]netip.Addr{server}, sources...) {
-				addr, err := netlink.ParseAddr(a.String() + "/64")
-				if err != nil {
-					t.Fatal(err)
-				}
-				addr.Flags = unix.IFA_F_NODAD
-				if err := h.AddrAdd(lo, addr); err != nil {
-					t.Fatalf("add %s: %v", a, err)
-				}
+				nettest.AddLoopbackAddrs(t, ns, a.String()+"/64")
 			}
 
 			a := sshtest.NewAccount(t)
