@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -275,10 +274,7 @@ func TestSpeedCapsXray(t *testing.T) {
 func TestSpeedCapOneUserSSHAndXray(t *testing.T) {
 	const mixUID, server = 2621, 2623
 	mix := xraytest.NewVisionUser("mix")
-	k, srv := xrayKernelEnv(t, fmt.Sprintf("mix:x:%d:%d::/:/bin/false\nsrv:x:%d:1::/:/bin/false\n", mixUID, mixUID, server),
-		"mix unlimited speed=20mbit\n", mix)
-	waitFor(t, "mix's kernel account", 5*time.Second, func() bool { _, ok := k.dp.AccountOf("mix"); return ok })
-	acct, _ := k.dp.AccountOf("mix")
+	k, srv, acct := mixedUserEnv(t, mix, mixUID, server, "mix unlimited speed=20mbit\n")
 	waitFor(t, "both of mix's IDs capped", 5*time.Second, func() bool {
 		pu, _ := k.dp.Policy(mixUID)
 		pa, _ := k.dp.Policy(acct)

@@ -151,16 +151,26 @@ func TestXrayVision(t *testing.T) {
 	}
 }
 
+// mixedUserEnv starts an agent and Xray with mix (named "mix"), an SSH
+// account of UID uid and an Xray client, and "srv", an account of UID
+// server, with the limits file limits; it returns them and mix's kernel
+// account.
+func mixedUserEnv(t *testing.T, mix xraytest.User, uid, server uint32, limits string) (*kernelEnv, *xraytest.Server, uint32) {
+	t.Helper()
+	k, srv := xrayKernelEnv(t, fmt.Sprintf("mix:x:%d:%d::/:/bin/false\nsrv:x:%d:1::/:/bin/false\n", uid, uid, server),
+		limits, mix)
+	waitFor(t, "mix's kernel account", 5*time.Second, func() bool { _, ok := k.dp.AccountOf("mix"); return ok })
+	acct, _ := k.dp.AccountOf("mix")
+	return k, srv, acct
+}
+
 // TestXrayAndSSHOneUser: a user who is both an SSH account and an Xray
 // client is counted from both, and when the sum reaches the limit the
 // kernel stops the Xray download and the user is blocked on both.
 func TestXrayAndSSHOneUser(t *testing.T) {
 	const mixUID, server = 2611, 2613
 	mix := xraytest.NewVisionUser("mix")
-	k, srv := xrayKernelEnv(t, fmt.Sprintf("mix:x:%d:%d::/:/bin/false\nsrv:x:%d:1::/:/bin/false\n", mixUID, mixUID, server),
-		"mix 16M\n", mix)
-	waitFor(t, "mix's kernel account", 5*time.Second, func() bool { _, ok := k.dp.AccountOf("mix"); return ok })
-	acct, _ := k.dp.AccountOf("mix")
+	k, srv, acct := mixedUserEnv(t, mix, mixUID, server, "mix 16M\n")
 	if v := k.user(t, "mix"); len(v.Protocols) != 2 {
 		t.Errorf("mix's protocols: %v", v.Protocols)
 	}
