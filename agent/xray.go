@@ -79,7 +79,8 @@ type xrayState struct {
 	base  map[string]*xbase
 	baseQ []string // baselines to commit
 	// epochs are the epochs of the baselines, by xbase.epoch; the first is
-	// none (a user not read yet). epochID is x.epoch's.
+	// none (a user not read yet, or no read yet). epochID is the counters'
+	// epoch now (see curEpoch).
 	epochs  []quota.Epoch
 	epochID uint32
 	// changed are the users whose counters this read found moved
@@ -91,7 +92,6 @@ type xrayState struct {
 	// The counters' epoch: Xray's start, from its uptime, kept while
 	// consecutive reads agree on it within a few seconds.
 	start time.Time
-	epoch quota.Epoch
 	sys   xraystats.SysStats // the last read, whose totals only grow within one Xray
 
 	// removed are the users the agent has taken out of Xray's inbounds (and
@@ -159,6 +159,10 @@ func (x *xrayState) sample(b *xbase) quota.Sample {
 func (x *xrayState) setSample(b *xbase, s quota.Sample) {
 	b.up, b.down, b.epoch = s.Up, s.Down, x.epochIndex(s.Epoch)
 }
+
+// curEpoch is the epoch of Xray's counters now: zero before the first
+// read of Xray's uptime.
+func (x *xrayState) curEpoch() quota.Epoch { return x.epochs[x.epochID] }
 
 // epochIndex returns the index of e in x.epochs, adding it if new.
 func (x *xrayState) epochIndex(e quota.Epoch) uint32 {
@@ -378,7 +382,7 @@ func (a *Agent) foldXray(now time.Time) {
 		if u == nil || !u.r.xray {
 			continue
 		}
-		cur, last := quota.Sample{Epoch: x.epoch, Up: r.up, Down: r.down}, x.sample(b)
+		cur, last := quota.Sample{Epoch: x.curEpoch(), Up: r.up, Down: r.down}, x.sample(b)
 		if last == cur {
 			continue
 		}
@@ -432,7 +436,7 @@ func (a *Agent) xrayEpoch(now time.Time, sys xraystats.SysStats) {
 	} else {
 		a.log.Warn("xray restarted: its counters start from zero; blocked users are removed again", "uptime", uptime)
 	}
-	a.xr.start, a.xr.epoch, a.xr.epochID = start, epoch, a.xr.epochIndex(epoch)
+	a.xr.start, a.xr.epochID = start, a.xr.epochIndex(epoch)
 	clear(a.xr.removed)
 	a.xr.enforceAll, a.xr.readNow = true, true
 }
@@ -532,7 +536,7 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 	if !a.cfg.Xray.Enabled {
 		return nil
 	}
-	if a.xr.api == nil || a.xr.epoch.IsZero() {
+	if a.xr.api == nil || a.xr.curEpoch().IsZero() {
 		a.xr.enforceAll = true // whatever changed meanwhile, once Xray answers
 		return nil
 	}
