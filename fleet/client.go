@@ -363,9 +363,10 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 	if len(r.Imports) > 0 {
 		cols := importCols(r.Imports)
 		b.Queue(`UPDATE plans SET has_line = i.line, limit_bytes = i.lim, reset = i.reset, expires = i.expires, devices = i.devices,
-				plan_at = i.at, rev = rev + 1, xid = pg_current_xact_id()
-			FROM unnest($1::text[], $2::boolean[], $3::bigint[], $4::text[], $5::text[], $6::integer[], $7::timestamptz[])
-				AS i(name, line, lim, reset, expires, devices, at)
+				plan_at = i.at, speed = i.speed, throttle = i.throttle, rev = rev + 1, xid = pg_current_xact_id()
+			FROM unnest($1::text[], $2::boolean[], $3::bigint[], $4::text[], $5::text[], $6::integer[], $7::timestamptz[],
+				$8::text[], $9::text[])
+				AS i(name, line, lim, reset, expires, devices, at, speed, throttle)
 			WHERE plans.name = i.name AND (plans.plan_at IS NULL OR plans.plan_at < i.at)
 			RETURNING plans.name`, cols...)
 	}
@@ -607,7 +608,7 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 
 // userSelect reads users.
 const userSelect = `SELECT p.name, p.period, p.rev, p.has_line, p.limit_bytes, p.reset, p.expires, p.devices, p.plan_at,
-	p.disabled, p.unblocked, p.unblock_limit, p.unblock_until, p.last_reset, p.used_up, p.used_down
+	p.disabled, p.unblocked, p.unblock_limit, p.unblock_until, p.last_reset, p.used_up, p.used_down, p.speed, p.throttle
 	FROM plans p`
 
 func scanUsers(rows pgx.Rows) ([]User, error) {
@@ -615,16 +616,30 @@ func scanUsers(rows pgx.Rows) ([]User, error) {
 	for rows.Next() {
 		var u User
 		var period, rev, limit, ulimit, up, down int64
-		var reset, expires string
+		var reset, expires, speed, throttle string
 		var devices int32
 		var planAt, until, lastReset *time.Time
 		if err := rows.Scan(&u.Name, &period, &rev, &u.Line, &limit, &reset, &expires, &devices, &planAt,
-			&u.Disabled, &u.Unblocked, &ulimit, &until, &lastReset, &up, &down); err != nil {
+			&u.Disabled, &u.Unblocked, &ulimit, &until, &lastReset, &up, &down, &speed, &throttle); err != nil {
 			return nil, err
 		}
 		u.Period, u.Rev, u.UnblockLimit = uint64(period), uint64(rev), uint64(ulimit)
-		sched, _ := quota.ParseSchedule(reset)
+		sched, err := quota.ParseSchedule(reset)
+		if err != nil {
+			return nil, fmt.Errorf("plan of %q in the fleet database: reset %q: %w", u.Name, reset, err)
+		}
 		u.Entry = opsfiles.Entry{User: u.Name, Limit: uint64(limit), Reset: sched, Expires: expires, Devices: quota.DeviceLimit(devices)}
+		for _, c := range []struct {
+			what, text string
+			dst        *quota.Speed
+		}{{"speed", speed, &u.Entry.Speed}, {"throttle", throttle, &u.Entry.Throttle}} {
+			if c.text == "" {
+				continue
+			}
+			if *c.dst, err = quota.ParseSpeed(c.text); err != nil {
+				return nil, fmt.Errorf("plan of %q in the fleet database: %s %q: %w", u.Name, c.what, c.text, err)
+			}
+		}
 		for _, p := range []struct {
 			src *time.Time
 			dst *time.Time
@@ -654,6 +669,7 @@ func importCols(is []Import) []any {
 	lims := make([]int64, n)
 	devices := make([]int32, n)
 	at := make([]time.Time, n)
+	speeds, throttles := make([]string, n), make([]string, n)
 	for i, im := range is {
 		e := im.Entry
 		names[i], lines[i], lims[i], devices[i], at[i] = e.User, im.Line, int64(e.Limit), int32(e.Devices), im.At
@@ -661,8 +677,14 @@ func importCols(is []Import) []any {
 		if e.Reset.Period != quota.NoReset {
 			resets[i] = e.Reset.String()
 		}
+		if !e.Speed.IsZero() {
+			speeds[i] = e.Speed.String()
+		}
+		if !e.Throttle.IsZero() {
+			throttles[i] = e.Throttle.String()
+		}
 	}
-	return []any{names, lines, lims, resets, expires, devices, at}
+	return []any{names, lines, lims, resets, expires, devices, at, speeds, throttles}
 }
 
 // command runs fn in a transaction on a connection of its own, bounded by
@@ -805,8 +827,9 @@ func (c *Client) EditPlan(ctx context.Context, name string, at time.Time, edit f
 			return true, err
 		}
 		cols := importCols([]Import{{Entry: e, Line: line, At: at}})
-		_, err = update(ctx, tx, name, "has_line = $2, limit_bytes = $3, reset = $4, expires = $5, devices = $6, plan_at = $7",
-			cols[1].([]bool)[0], cols[2].([]int64)[0], cols[3].([]string)[0], cols[4].([]string)[0], cols[5].([]int32)[0], at)
+		_, err = update(ctx, tx, name, "has_line = $2, limit_bytes = $3, reset = $4, expires = $5, devices = $6, plan_at = $7, speed = $8, throttle = $9",
+			cols[1].([]bool)[0], cols[2].([]int64)[0], cols[3].([]string)[0], cols[4].([]string)[0], cols[5].([]int32)[0], at,
+			cols[7].([]string)[0], cols[8].([]string)[0])
 		return true, err
 	})
 }

@@ -165,6 +165,33 @@ func TestImports(t *testing.T) {
 	}
 }
 
+// TestSpeedInPlans: a line's speed caps (speed=, throttle=) are part of the
+// fleet's plan, from a node's limits file and from a command.
+func TestSpeedInPlans(t *testing.T) {
+	_, _, dsn := db(t)
+	a := connect(t, dsn, "a")
+	sp, err := quota.ParseSpeed("10mbit/2mbit")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := opsfiles.Entry{User: "mary", Limit: 500 << 20, Speed: sp}
+	res := syncT(t, a, &Report{Imports: []Import{{Entry: e, Line: true, At: time.Now().Add(-time.Hour)}}})
+	if u, _ := userOf(res, "mary"); u.Entry.Speed != sp || !u.Entry.Throttle.IsZero() {
+		t.Fatalf("mary after the import: %+v", u.Entry)
+	}
+	th, err := quota.ParseSpeed("1mbit")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := a.EditPlan(context.Background(), "mary", time.Now(), func(e *opsfiles.Entry, line *bool) error {
+		e.Speed, e.Throttle = quota.Speed{}, th
+		return nil
+	})
+	if err != nil || !u.Entry.Speed.IsZero() || u.Entry.Throttle != th {
+		t.Errorf("mary after a command: %+v, %v", u.Entry, err)
+	}
+}
+
 // TestLeasesNeverExceed: three nodes take leases and spend them at random
 // rates, one cut off for a while (it keeps spending its lease); at every
 // step the sum over nodes of max(lease, used) stays within the limit, so

@@ -114,6 +114,12 @@ CREATE TABLE settings (
 	value text NOT NULL
 );
 `,
+	// 1 → 2: the speed caps of the limits line (speed=, throttle=; '' for
+	// none), as the limits file writes them.
+	`
+ALTER TABLE plans ADD COLUMN speed text NOT NULL DEFAULT '';
+ALTER TABLE plans ADD COLUMN throttle text NOT NULL DEFAULT '';
+`,
 }
 
 // SchemaVersion is the schema version this package writes and reads.
