@@ -179,15 +179,18 @@ func rateKeys(id uint32) [2]bwacctRateKey {
 // the kernel will read them) uses hold the caps of r: each capped direction
 // a bucket of its rate under p's rate key, written only if its rate or
 // depth differ (a rewrite refills it), and uid's own buckets removed in
-// the directions its own policy does not cap. d.mu must be held.
+// the directions it does not cap under its own ID (no cap, or its caps
+// under another ID's key). d.mu must be held.
 func (d *Datapath) writeRates(uid uint32, p Policy, r Rate) error {
 	key := p.rateKey(uid)
 	own := rateKeys(uid)
 	for dir, rate := range [2]uint64{r.Rx, r.Tx} {
-		if rate == 0 {
+		if rate == 0 || key != uid {
 			if err := d.objs.BwRates.Delete(own[dir]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				return fmt.Errorf("delete speed cap of ID %d: %w", uid, err)
 			}
+		}
+		if rate == 0 {
 			continue
 		}
 		rate = min(rate, MaxRate)
@@ -204,6 +207,15 @@ func (d *Datapath) writeRates(uid uint32, p Policy, r Rate) error {
 	return nil
 }
 
+// bucketRate is the rate a bucket is given: 0 for one whose depth is not
+// its rate's (someone changed it: the next write repairs it).
+func bucketRate(b bwacctBucket) uint64 {
+	if b.Depth != Burst(b.Rate)*nanobytes {
+		return 0
+	}
+	return b.Rate
+}
+
 // readRates reads every bucket of bw_rates: its rate by key, 0 for a
 // bucket whose depth is not the one its rate is given (someone changed
 // it: the next write repairs it).
@@ -213,11 +225,7 @@ func (d *Datapath) readRates() (map[bwacctRateKey]uint64, error) {
 	var v bwacctBucket
 	it := d.objs.BwRates.Iterate()
 	for it.Next(&k, &v) {
-		if v.Depth == Burst(v.Rate)*nanobytes {
-			out[k] = v.Rate
-		} else {
-			out[k] = 0
-		}
+		out[k] = bucketRate(v)
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("read speed caps: %w", err)
@@ -286,7 +294,7 @@ func (d *Datapath) Policy(uid uint32) (Policy, error) {
 	for _, k := range rateKeys(decodePolicy(v).rateKey(uid)) {
 		var b bwacctBucket
 		if err := d.objs.BwRates.Lookup(k, &b); err == nil {
-			rates[k] = b.Rate
+			rates[k] = bucketRate(b)
 		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return Policy{}, fmt.Errorf("read speed cap of UID %d: %w", uid, err)
 		}

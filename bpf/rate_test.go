@@ -230,6 +230,22 @@ func TestSpeedCapRepaired(t *testing.T) {
 		t.Errorf("after the repair, reconcile wrote %d (%v)", n, err)
 	}
 
+	// An account capped under its own ID, then keyed to the UID (its user
+	// gained an SSH account): its own buckets go.
+	alone := map[uint32]bpf.Policy{acct: {Rate: r}}
+	if _, err := e.dp.ReconcilePolicies(alone); err != nil {
+		t.Fatal(err)
+	}
+	if n := countEntries(t, rates); n != 2 {
+		t.Errorf("bw_rates holds %d buckets, want the account's two", n)
+	}
+	if _, err := e.dp.ReconcilePolicies(want); err != nil {
+		t.Fatal(err)
+	}
+	if n := countEntries(t, rates); n != 2 {
+		t.Errorf("bw_rates holds %d buckets once the account is keyed to the UID, want the UID's two", n)
+	}
+
 	// Caps removed: no bucket left.
 	if _, err := e.dp.ReconcilePolicies(nil); err != nil {
 		t.Fatal(err)
