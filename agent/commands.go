@@ -184,17 +184,7 @@ func (a *Agent) SetDevices(ctx context.Context, name string, d quota.DeviceLimit
 	if !d.Valid() {
 		return fmt.Errorf("%w %d: want 1 to %d devices, or unlimited", quota.ErrBadDevices, d, quota.MaxDevices)
 	}
-	return a.editLimits(ctx, name, func(l *opsfiles.Limits) error {
-		e, ok := l.Lookup(name)
-		e.User, e.Devices = name, d
-		if d == quota.DevicesDefault && e == (opsfiles.Entry{User: name, Line: e.Line}) {
-			if ok {
-				l.Remove(name)
-			}
-			return nil
-		}
-		return l.Set(e)
-	})
+	return a.editOption(ctx, name, d == quota.DevicesDefault, func(e *opsfiles.Entry) { e.Devices = d })
 }
 
 // SetSpeed sets the user's speed caps (speed=DOWN/UP on their line of the
@@ -204,18 +194,28 @@ func (a *Agent) SetDevices(ctx context.Context, name string, d quota.DeviceLimit
 // without a line gets "USER unlimited speed=RATE". The caps apply in the
 // tick this command is followed by.
 func (a *Agent) SetSpeed(ctx context.Context, name string, throttle bool, s quota.Speed) error {
-	if !s.Valid() {
-		return fmt.Errorf("%w: %d/%d bit/s: want rates from %s to %s", quota.ErrBadRate, s.Down, s.Up, quota.MinRate, quota.MaxRate)
+	if err := s.Check(); err != nil {
+		return err
 	}
-	return a.editLimits(ctx, name, func(l *opsfiles.Limits) error {
-		e, ok := l.Lookup(name)
-		e.User = name
+	return a.editOption(ctx, name, s.IsZero(), func(e *opsfiles.Entry) {
 		if throttle {
 			e.Throttle = s
 		} else {
 			e.Speed = s
 		}
-		if s.IsZero() && e == (opsfiles.Entry{User: name, Line: e.Line}) {
+	})
+}
+
+// editOption sets one option of the user's line of the limits file (set);
+// the rest of the line stays. Unset (the option back to its default), a
+// line left with nothing to say is removed; a user without a line gets
+// "USER unlimited OPTION".
+func (a *Agent) editOption(ctx context.Context, name string, unset bool, set func(*opsfiles.Entry)) error {
+	return a.editLimits(ctx, name, func(l *opsfiles.Limits) error {
+		e, ok := l.Lookup(name)
+		e.User = name
+		set(&e)
+		if unset && e == (opsfiles.Entry{User: name, Line: e.Line}) {
 			if ok {
 				l.Remove(name)
 			}

@@ -474,8 +474,8 @@ func (s *Server) SetDevices(ctx context.Context, r *controlpb.SetDevicesRequest)
 
 func (s *Server) SetSpeed(ctx context.Context, r *controlpb.SetSpeedRequest) (*controlpb.Empty, error) {
 	sp := quota.Speed{Down: quota.Rate(r.Down), Up: quota.Rate(r.Up)}
-	if !sp.Valid() {
-		return nil, status.Errorf(codes.InvalidArgument, "%v: %d/%d bit/s: want rates from %s to %s, or both 0 (off)", quota.ErrBadRate, r.Down, r.Up, quota.MinRate, quota.MaxRate)
+	if err := sp.Check(); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	return s.empty(ctx, "SetSpeed", s.b.SetSpeed(ctx, r.Name, r.Throttle, sp))
 }

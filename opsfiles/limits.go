@@ -367,8 +367,8 @@ func (l *Limits) Set(e Entry) error {
 		return fmt.Errorf("%w: %d: want 1 to %d, or unlimited", quota.ErrBadDevices, e.Devices, quota.MaxDevices)
 	}
 	for _, sp := range []quota.Speed{e.Speed, e.Throttle} {
-		if !sp.Valid() {
-			return fmt.Errorf("%w: %d/%d bit/s: want both rates from %s to %s", quota.ErrBadRate, sp.Down, sp.Up, quota.MinRate, quota.MaxRate)
+		if err := sp.Check(); err != nil {
+			return err
 		}
 	}
 	e.Line = 0

@@ -133,6 +133,15 @@ func (s Speed) Valid() bool {
 	return s.IsZero() || ok(s.Down) && ok(s.Up)
 }
 
+// Check returns nil if s is Valid, else an error wrapping ErrBadRate that
+// names s and the accepted rates.
+func (s Speed) Check() error {
+	if s.Valid() {
+		return nil
+	}
+	return fmt.Errorf("%w: %d/%d bit/s: want no cap, or both rates from %s to %s", ErrBadRate, s.Down, s.Up, MinRate, MaxRate)
+}
+
 // Or returns s, or def when s is zero (a user without their own caps gets
 // the configured ones).
 func (s Speed) Or(def Speed) Speed {
