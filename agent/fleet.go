@@ -203,7 +203,7 @@ func (a *Agent) fleetEvent(name string, e quota.Event) {
 		return
 	}
 	f := a.fleetUserOf(name)
-	if e.Action == quota.ActReset && strings.HasPrefix(e.Reason, "Usage reset (scheduled") {
+	if e.Action == quota.ActReset && quota.IsScheduledReset(e.Reason) {
 		// A scheduled reset: the period ends here on every node; the
 		// first node to report it moves the database's.
 		a.fl.rollovers = append(a.fl.rollovers, fleet.Rollover{Name: name, From: f.period, At: e.Time, Reason: e.Reason})

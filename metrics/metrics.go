@@ -183,7 +183,7 @@ func (m *Metrics) reasonLabel(r string) string {
 	switch {
 	case strings.HasPrefix(r, "Unblocked manually"):
 		r = "Unblocked manually"
-	case strings.HasPrefix(r, "Usage reset (scheduled"):
+	case quota.IsScheduledReset(r):
 		r = "Usage reset (scheduled)"
 	case strings.HasPrefix(r, quota.ReasonDevices):
 		r = quota.ReasonDevices

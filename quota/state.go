@@ -169,6 +169,14 @@ type Event struct {
 	Reason string
 }
 
+// scheduledReset begins the reason of a scheduled reset, which names its
+// schedule: "Usage reset (scheduled monthly:1)".
+const scheduledReset = "Usage reset (scheduled "
+
+// IsScheduledReset reports whether reason is a scheduled reset's (State's
+// Advance), not an operator's.
+func IsScheduledReset(reason string) bool { return strings.HasPrefix(reason, scheduledReset) }
+
 // DayTotal is a finished day of usage, for the per-day history.
 type DayTotal struct {
 	Day   string
@@ -241,7 +249,7 @@ func (s *State) Advance(now time.Time, p Plan, r Rules, slack uint64) []Event {
 		s.Schedule, s.NextReset = sched, At(p.Reset.Next(now))
 	}
 	if s.NextReset.Reached(now) {
-		ev = append(ev, s.Reset(now, "Usage reset (scheduled "+s.Schedule+")")...)
+		ev = append(ev, s.Reset(now, scheduledReset+s.Schedule+")")...)
 		s.NextReset = At(p.Reset.Next(now))
 	}
 	if o := s.Override; o.Active {
