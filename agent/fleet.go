@@ -47,7 +47,6 @@ type fleetUser struct {
 	own      quota.Usage // this node's count in period
 	others   quota.Usage // the other nodes', as last read
 	acked    quota.Usage // own as the database has it
-	sent     quota.Usage // own in the report out
 	lease    uint64      // ceiling on the metric of own (hasLease)
 	hasLease bool
 	fallback uint64 // ceiling enforced without a lease, before the database answered once
@@ -206,7 +205,7 @@ func (a *Agent) fleetEvent(name string, e quota.Event) {
 	if e.Action == quota.ActReset && quota.IsScheduledReset(e.Reason) {
 		// A scheduled reset: the period ends here on every node; the
 		// first node to report it moves the database's.
-		a.fl.rollovers = append(a.fl.rollovers, fleet.Rollover{Name: name, From: f.period, At: e.Time, Reason: e.Reason})
+		a.fl.rollovers = append(a.fl.rollovers, fleet.Rollover{Name: name, From: f.period, At: e.Time})
 		a.fleetNewPeriod(name, f, f.period+1)
 	}
 	a.fl.events = append(a.fl.events, fleet.Event{Name: name, Period: f.period, Rev: f.rev, Kind: e.Action, Reason: e.Reason, At: e.Time})
@@ -215,7 +214,7 @@ func (a *Agent) fleetEvent(name string, e quota.Event) {
 // fleetNewPeriod starts the user's new usage period on this node.
 func (a *Agent) fleetNewPeriod(name string, f *fleetUser, period uint64) {
 	f.period = period
-	f.own, f.others, f.acked, f.sent = quota.Usage{}, quota.Usage{}, quota.Usage{}, quota.Usage{}
+	f.own, f.others, f.acked = quota.Usage{}, quota.Usage{}, quota.Usage{}
 	f.hasLease, f.lease, f.fallback, f.rateMark = false, 0, 0, 0
 	a.fl.pend[name] = true
 	a.fleetDirty(name, f)
@@ -290,7 +289,6 @@ func (a *Agent) fleetReport(now time.Time) error {
 		if f.own != f.acked || (!fl.reached && f.own != (quota.Usage{})) {
 			r.Usage = append(r.Usage, fleet.Usage{Name: name, Period: f.period, Up: f.own.Up, Down: f.own.Down})
 		}
-		f.sent = f.own
 		if u == nil || !u.r.present() {
 			continue
 		}
@@ -589,10 +587,7 @@ func (a *Agent) fleetLimitsRead(s stamp, entries []opsfiles.Entry) (wait bool) {
 		a.fl.rewrite = true
 		return a.fl.synced
 	}
-	a.fl.edited = append([]opsfiles.Entry{}, entries...)
-	if a.fl.edited == nil {
-		a.fl.edited = []opsfiles.Entry{}
-	}
+	a.fl.edited = append([]opsfiles.Entry{}, entries...) // never nil: an edit that removed every line is one
 	a.fl.editAt = s.mtime
 	return a.fl.synced
 }
@@ -765,7 +760,7 @@ func (a *Agent) fleetEditPlan(ctx context.Context, name string, edit func(l *ops
 func (a *Agent) fleetShares(ctx context.Context, v *view.User) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	_, shares, err := a.fl.c.Shares(ctx, v.Name)
+	shares, err := a.fl.c.Shares(ctx, v.Name)
 	if err != nil {
 		v.FleetNote = "the fleet database did not answer: " + err.Error()
 		return

@@ -238,10 +238,9 @@ type Import struct {
 // Rollover is a scheduled reset a node saw due: the user's period goes
 // from From to From+1, once, whichever nodes report it.
 type Rollover struct {
-	Name   string
-	From   uint64
-	At     time.Time
-	Reason string
+	Name string
+	From uint64
+	At   time.Time
 }
 
 // Report is what a node sends at a tick.
@@ -354,7 +353,7 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 	b.Queue("INSERT INTO plans (name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", lock)
 	b.Queue("SELECT 1 FROM plans WHERE name = ANY($1) ORDER BY name FOR UPDATE", lock)
 	if len(r.Rollovers) > 0 {
-		names, from, at, _ := rolloverCols(r.Rollovers)
+		names, from, at := rolloverCols(r.Rollovers)
 		b.Queue(`UPDATE plans SET period = period + 1, rev = rev + 1, last_reset = r.at, unblocked = false, used_up = 0, used_down = 0,
 				xid = pg_current_xact_id()
 			FROM unnest($1::text[], $2::bigint[], $3::timestamptz[]) AS r(name, from_period, at)
@@ -654,12 +653,12 @@ func scanUsers(rows pgx.Rows) ([]User, error) {
 	return out, rows.Err()
 }
 
-func rolloverCols(rs []Rollover) ([]string, []int64, []time.Time, []string) {
-	names, from, at, why := make([]string, len(rs)), make([]int64, len(rs)), make([]time.Time, len(rs)), make([]string, len(rs))
+func rolloverCols(rs []Rollover) ([]string, []int64, []time.Time) {
+	names, from, at := make([]string, len(rs)), make([]int64, len(rs)), make([]time.Time, len(rs))
 	for i, r := range rs {
-		names[i], from[i], at[i], why[i] = r.Name, int64(r.From), r.At, r.Reason
+		names[i], from[i], at[i] = r.Name, int64(r.From), r.At
 	}
-	return names, from, at, why
+	return names, from, at
 }
 
 func importCols(is []Import) []any {
@@ -905,25 +904,25 @@ type Share struct {
 	Ceiling  uint64 // the node's lease (0: none)
 }
 
-// Shares returns the user's current period and each node's usage in it.
-func (c *Client) Shares(ctx context.Context, name string) (uint64, []Share, error) {
+// Shares returns each node's usage of the user in the current period.
+func (c *Client) Shares(ctx context.Context, name string) ([]Share, error) {
 	conn, err := c.dial(ctx)
 	if err != nil {
-		return 0, nil, err
+		return nil, err
 	}
 	defer conn.Close(context.Background())
 	var period int64
 	if err := conn.QueryRow(ctx, "SELECT period FROM plans WHERE name = $1", name).Scan(&period); err != nil {
 		if errors.Is(err, pgx.ErrNoRows) {
-			return 0, nil, fmt.Errorf("%w %q", ErrUnknownUser, name)
+			return nil, fmt.Errorf("%w %q", ErrUnknownUser, name)
 		}
-		return 0, nil, err
+		return nil, err
 	}
 	rows, err := conn.Query(ctx, `SELECT u.node, u.up, u.down, coalesce(l.ceiling, 0) FROM usage u
 		LEFT JOIN leases l ON l.name = u.name AND l.node = u.node AND l.period = u.period
 		WHERE u.name = $1 AND u.period = $2 ORDER BY u.node`, name, period)
 	if err != nil {
-		return 0, nil, err
+		return nil, err
 	}
 	defer rows.Close()
 	var out []Share
@@ -931,12 +930,12 @@ func (c *Client) Shares(ctx context.Context, name string) (uint64, []Share, erro
 		var s Share
 		var up, down, ceil int64
 		if err := rows.Scan(&s.Node, &up, &down, &ceil); err != nil {
-			return 0, nil, err
+			return nil, err
 		}
 		s.Up, s.Down, s.Ceiling = uint64(up), uint64(down), uint64(ceil)
 		out = append(out, s)
 	}
-	return uint64(period), out, rows.Err()
+	return out, rows.Err()
 }
 
 // Describe returns a DSN without its password, for logs.

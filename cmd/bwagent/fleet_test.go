@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/myvpn/bwagent/control"
+	"github.com/myvpn/bwagent/fleet"
 	"github.com/myvpn/bwagent/internal/nettest"
 	"github.com/myvpn/bwagent/internal/pgtest"
 	"github.com/myvpn/bwagent/quota"
@@ -551,7 +552,8 @@ func TestFleetBadInput(t *testing.T) {
 	f.pg.SQL(t, f.db, "UPDATE schema_version SET version = version + 1")
 	b.setFleet(t, b.proxy.DSN(f.db), "b")
 	err = run([]string{"--config", b.conf}, slog.New(slog.DiscardHandler))
-	if err == nil || !strings.Contains(err.Error(), "fleet database has a newer schema: version 2, this bwagent knows versions up to 1") {
+	newer := fmt.Sprintf("fleet database has a newer schema: version %d, this bwagent knows versions up to %d", fleet.SchemaVersion+1, fleet.SchemaVersion)
+	if err == nil || !strings.Contains(err.Error(), newer) {
 		t.Errorf("a newer schema: %v", err)
 	}
 }
