@@ -884,15 +884,27 @@ func (c *Client) Nodes(ctx context.Context) ([]Node, time.Time, error) {
 	if err := rows.Err(); err != nil {
 		return nil, now, err
 	}
-	// Online: the node's name lock is held by a live session.
-	for i := range out {
-		var held bool
-		k := nodeLock(out[i].Name)
-		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
-			AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 1)`,
-			int64(uint64(k)>>32), int64(uint64(k)&0xffffffff)).Scan(&held); err == nil {
-			out[i].Online = held
+	// Online: the node's name lock is held by a live session. The granted
+	// advisory locks, read once.
+	lrows, err := conn.Query(ctx, `SELECT classid::bigint, objid::bigint FROM pg_locks
+		WHERE locktype = 'advisory' AND granted AND objsubid = 1`)
+	if err != nil {
+		return nil, now, err
+	}
+	defer lrows.Close()
+	held := make(map[uint64]bool)
+	for lrows.Next() {
+		var hi, lo int64
+		if err := lrows.Scan(&hi, &lo); err != nil {
+			return nil, now, err
 		}
+		held[uint64(hi)<<32|uint64(lo)] = true
+	}
+	if err := lrows.Err(); err != nil {
+		return nil, now, err
+	}
+	for i := range out {
+		out[i].Online = held[uint64(nodeLock(out[i].Name))]
 	}
 	return out, now, nil
 }
