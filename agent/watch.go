@@ -10,12 +10,17 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/myvpn/bwagent/opsfiles"
 )
 
 // dirWatch reports files of one directory that someone other than the agent
 // deleted, moved away or wrote, so the agent can put its version back within
-// a tick. The agent itself only ever renames finished files into place,
-// which raises none of the watched events for the final name.
+// a tick. The agent itself only ever moves finished files into place: a
+// rename, which raises none of the reported events for the final name, or
+// an exchange with the file's spare (see opsfiles.WriteBatch), whose four
+// events (the spare moved to the name, the name moved to the spare) the
+// watch recognises as one (see swap).
 //
 // The inotify descriptor is non-blocking and drained once per tick by the
 // loop, and pumped by the usage file writer while it writes (see pump): no
@@ -30,9 +35,59 @@ type dirWatch struct {
 	buf   []byte
 	names []string // read by pump, not yet drained
 	all   bool     // read by pump: every file must be written again
+	swap  swap     // an exchange of a file with its spare, being read
 }
 
-const watchMask = unix.IN_DELETE | unix.IN_MOVED_FROM | unix.IN_CLOSE_WRITE | unix.IN_DELETE_SELF | unix.IN_MOVE_SELF
+const watchMask = unix.IN_DELETE | unix.IN_MOVED_FROM | unix.IN_MOVED_TO | unix.IN_CLOSE_WRITE | unix.IN_DELETE_SELF | unix.IN_MOVE_SELF
+
+// swap follows the events of a file's exchange with its spare, which the
+// kernel queues as two moves in a row: the spare to the file's name, then
+// the file's name to the spare, each a MOVED_FROM and a MOVED_TO of one
+// cookie. Only the whole sequence is the agent's own write; a plain move
+// of the file away, to its spare's name included, is someone else's.
+type swap struct {
+	step   int    // events of the sequence seen so far, 0 to 3
+	file   string // the file's name
+	cookie uint32 // the cookie of the move under way
+	// drains counts the drains that found the sequence at step 3: the
+	// last event comes from the same system call, so one that never comes
+	// is the file moved away by someone else.
+	drains int
+}
+
+// next takes one event of name (with its cookie and mask) and reports
+// whether it belongs to an exchange under way; if not, and the events
+// before it turn out not to be one either, moved is a file someone moved
+// away.
+func (s *swap) next(mask, cookie uint32, name string) (ours bool, moved string) {
+	from, to := mask&unix.IN_MOVED_FROM != 0, mask&unix.IN_MOVED_TO != 0
+	switch s.step {
+	case 1: // the spare moved from
+		if to && cookie == s.cookie && name == s.file {
+			s.step = 2
+			return true, ""
+		}
+	case 2: // and to the file's name: the file must come next
+		if from && name == s.file {
+			s.step, s.cookie = 3, cookie
+			return true, ""
+		}
+		// A plain rename of the spare into place: the agent's own, when
+		// the file was missing.
+	case 3: // the file moved from
+		if file, ok := opsfiles.SpareTarget(name); to && cookie == s.cookie && ok && file == s.file {
+			*s = swap{}
+			return true, ""
+		}
+		moved = s.file // moved elsewhere, by someone else
+	}
+	*s = swap{}
+	if file, ok := opsfiles.SpareTarget(name); from && ok {
+		s.step, s.file, s.cookie = 1, file, cookie
+		return true, moved
+	}
+	return false, moved
+}
 
 func newDirWatch(dir string) *dirWatch { return &dirWatch{dir: dir, fd: -1} }
 
@@ -58,7 +113,7 @@ func (w *dirWatch) start() error {
 		unix.Close(fd)
 		return fmt.Errorf("watch %s: %w", w.dir, err)
 	}
-	w.fd = fd
+	w.fd, w.swap = fd, swap{}
 	if w.buf == nil {
 		w.buf = make([]byte, 64*1024)
 	}
@@ -91,6 +146,12 @@ func (w *dirWatch) drain() (names []string, all bool, err error) {
 		return nil, true, w.start()
 	}
 	err = w.read()
+	if w.swap.step == 3 {
+		if w.swap.drains++; w.swap.drains > 1 {
+			w.names = append(w.names, strings.TrimSuffix(w.swap.file, ".json"))
+			w.swap = swap{}
+		}
+	}
 	names, all = w.names, w.all
 	w.names, w.all = nil, false
 	return names, all, err
@@ -133,6 +194,13 @@ func (w *dirWatch) read() error {
 				w.all = true
 			default:
 				name := string(bytes.TrimRight(nameBytes, "\x00"))
+				ours, moved := w.swap.next(ev.Mask, ev.Cookie, name)
+				if base, ok := strings.CutSuffix(moved, ".json"); ok {
+					w.names = append(w.names, base)
+				}
+				if ours || ev.Mask&unix.IN_MOVED_TO != 0 {
+					continue // the agent's own, or a file moved in
+				}
 				if base, ok := strings.CutSuffix(name, ".json"); ok && !strings.HasPrefix(name, ".") {
 					w.names = append(w.names, base)
 				}

@@ -4,20 +4,23 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/myvpn/bwagent/opsfiles"
 )
 
-// TestWatchOwnWrites: the events of the agent's own writes (two for each
-// file, for its temporary name) never reach the loop, however many files
+// TestWatchOwnWrites: the events of the agent's own writes (for a new file,
+// two for its temporary name; for one rewritten, five: the spare written
+// and exchanged with the file) never reach the loop, however many files
 // are written between two drains, as long as the writer pumps the watch
 // after each chunk; without the pumps, 10,000 files overflow the kernel's
 // queue (16,384 events by default), which asks for every file again.
 func TestWatchOwnWrites(t *testing.T) {
 	write := func(t *testing.T, dir string, pump func()) {
-		for chunk := range 10 {
+		for chunk := range 20 { // every file twice
+			chunk %= 10
 			files := make([]opsfiles.File, 1000)
 			for i := range files {
 				files[i] = opsfiles.File{Name: fmt.Sprintf("u%05d.json", chunk*1000+i), Data: []byte("{}\n"), Perm: 0o644}
@@ -65,4 +68,43 @@ func TestWatchOwnWrites(t *testing.T) {
 			t.Error("10,000 files written between two drains did not overflow the queue: the test shows nothing")
 		}
 	})
+}
+
+// TestWatchMovedAway: a file moved away by someone else is reported, even
+// to its spare's name or exchanged with another file, and the agent's own
+// exchanges around it are not.
+func TestWatchMovedAway(t *testing.T) {
+	dir := t.TempDir()
+	w := newDirWatch(dir)
+	defer w.close()
+	if _, _, err := w.drain(); err != nil {
+		t.Fatal(err)
+	}
+	write := func() {
+		t.Helper()
+		files := []opsfiles.File{{Name: "a.json", Data: []byte("{}\n")}, {Name: "b.json", Data: []byte("{}\n")}, {Name: "c.json", Data: []byte("{}\n")}}
+		for _, err := range opsfiles.WriteBatch(dir, files) {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	write()
+	write() // spares made and exchanged
+	write()
+	if names, all, err := w.drain(); len(names) > 0 || all || err != nil {
+		t.Fatalf("own writes reported: %q, all %v, err %v", names, all, err)
+	}
+	if err := os.Rename(dir+"/a.json", dir+"/.a.json.spare"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(dir+"/b.json", t.TempDir()+"/b.json"); err != nil {
+		t.Fatal(err)
+	}
+	write()
+	names, all, err := w.drain()
+	slices.Sort(names)
+	if !slices.Equal(names, []string{"a", "b"}) || all || err != nil {
+		t.Errorf("names %q, all %v, err %v; want a and b", names, all, err)
+	}
 }

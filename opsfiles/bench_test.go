@@ -130,7 +130,7 @@ func BenchmarkWriteBatch(b *testing.B) {
 // BenchmarkWriteBatchFsyncEach is WriteBatch with an fsync per file instead
 // of syncfs (and one directory fsync), as SyncMarkers does for a few files.
 func BenchmarkWriteBatchFsyncEach(b *testing.B) {
-	benchWrites(b, func(dir string, files []File) error { return firstErr(writeBatch(dir, files, false)) })
+	benchWrites(b, func(dir string, files []File) error { return firstErr(writeBatch(dir, files, batchOpts{spares: true})) })
 }
 
 // BenchmarkWriteFileLoop writes n usage files with WriteFile each: an fsync

@@ -115,7 +115,7 @@ func SyncMarkers(dir string, want map[string]Marker, loc *time.Location) (added,
 		isNew = append(isNew, !exists)
 	}
 	if len(files) > 0 {
-		for i, err := range writeBatch(dir, files, len(files) >= markerSyncfsMin) {
+		for i, err := range writeBatch(dir, files, batchOpts{syncfs: len(files) >= markerSyncfsMin}) {
 			switch {
 			case err != nil:
 				errs = append(errs, err)
