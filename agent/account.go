@@ -114,6 +114,13 @@ func (a *Agent) day(now time.Time) string {
 func (a *Agent) evaluate(now time.Time) {
 	w := &a.work
 	today := a.day(now)
+	if active := a.xr.conns.active(); active != a.xr.wasActive {
+		// Whether the kernel counts Xray's connections decides whose caps
+		// it carries (capsCarried) and whether a throttled client stays
+		// in Xray (xrayBlocked).
+		a.xr.wasActive, w.fullEval = active, true
+		a.xr.enforceAll, a.markersDirty = true, true
+	}
 	if w.fullEval || !now.Before(w.nextWake) || today != w.today {
 		w.fullEval, w.today = false, today
 		y, m, d := now.Date()
@@ -198,6 +205,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	if r.xray && a.xrayBlocked(r) != wasBlocked {
 		a.markersDirty = true
 	}
+	a.deriveCaps(u) // kernel.go: the caps in force, for the policy below and the views
 	if _, n := a.kernelKeys(u); n > 0 || r.ssh && a.byUID[r.uid] == u {
 		a.updatePolicy(u)
 	}

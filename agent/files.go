@@ -240,7 +240,7 @@ func (s *snapshot) usageDoc(r *record) opsfiles.Usage {
 	if n := plan.Devices.Of(s.deviceDefault); n > 0 {
 		d.DevicesLimit = &n
 	}
-	sp := st.SpeedOf(plan, s.rules)
+	sp := r.speed(s.rules)
 	for _, f := range []struct {
 		r   quota.Rate
 		dst **uint64

@@ -3,6 +3,7 @@ package agent
 import (
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/myvpn/bwagent/bpf"
@@ -226,6 +227,89 @@ func (a *Agent) kernelKeys(u *user) (keys [2]uint32, n int) {
 	return keys, n
 }
 
+// capsCarried reports whether one of u's IDs in the kernel carries its
+// speed caps, and why a source of u's escapes them ("" none does). Its UID
+// carries them while it is u's SSH account and not protected (as in
+// kernelKeys). Its Xray account carries them only while the kernel counts
+// Xray's connections (xconns.active): a connection is the account's once
+// claimed, and claims are written only then, whatever accounts the pinned
+// maps keep from an earlier run. A throttled Xray client the kernel cannot
+// slow is removed from Xray instead (xrayBlocked); removed says why.
+func (a *Agent) capsCarried(u *user) (carried bool, why, removed string) {
+	r := u.r
+	var whys []string
+	if r.ssh && a.byUID[r.uid] == u {
+		if a.dp.Protected(r.uid) {
+			whys = append(whys, fmt.Sprintf("SSH: its UID %d is protected (kernel.protected_uids)", r.uid))
+		} else {
+			carried = true
+		}
+	}
+	if r.xray {
+		switch why := a.xrayUncounted(r.name); {
+		case why == "":
+			carried = true
+		case a.xrayBlocked(r):
+			removed = why
+		default:
+			whys = append(whys, "Xray: "+why)
+		}
+	}
+	return carried, strings.Join(whys, "; "), removed
+}
+
+// xrayUncounted says why the kernel does not count the named Xray client's
+// connections ("" it does).
+func (a *Agent) xrayUncounted(name string) string {
+	x := &a.xr.conns
+	switch {
+	case x.k == nil:
+		return "the kernel cannot count Xray's connections (Linux before 6.0)"
+	case !a.cfg.Xray.Connections:
+		return "xray.connections = false"
+	case !x.active():
+		return "the kernel does not count Xray's connections now (see the xray component in bwctl status)"
+	}
+	if _, ok := x.k.AccountOf(name); !ok {
+		return "no kernel account"
+	}
+	return ""
+}
+
+// deriveCaps decides whether u's speed caps are in force (record.capped),
+// and warns once per user and reason of caps that nothing enforces, or
+// that part of u's traffic escapes.
+func (a *Agent) deriveCaps(u *user) {
+	carried, why, removed := a.capsCarried(u)
+	flip, warn := carried != u.r.capped, why != "" || removed != "" && !carried
+	if !flip && !warn {
+		return // the usual case: nothing changed, nothing escapes
+	}
+	st := u.r.state()
+	caps := st.SpeedOf(u.r.plan(), a.rules)
+	if flip {
+		a.edit(u).capped = carried
+		if !caps.IsZero() {
+			a.markJSON(u, jsonUrgent) // the caps shown changed
+		}
+	}
+	if !warn || caps.IsZero() {
+		return
+	}
+	name := u.r.name
+	switch {
+	case !carried && why != "":
+		a.logs.warnOnce("nocap:"+name+":"+why, "speed caps not enforced, none shown: the kernel counts none of the user's traffic",
+			"user", name, "caps", caps.String(), "why", why)
+	case !carried:
+		a.logs.warnOnce("nocap:"+name+":"+removed, "throttle rate not enforced: the user is removed from Xray as a blocked one is",
+			"user", name, "caps", caps.String(), "why", removed)
+	default:
+		a.logs.warnOnce("nocap:"+name+":"+why, "speed caps enforced on part of the user's traffic only",
+			"user", name, "caps", caps.String(), "uncapped", why)
+	}
+}
+
 // updatePolicy works out the kernel policy of an SSH user and queues it if
 // it changed: blocked users are dropped both ways, limited ones get a budget
 // that lets exactly their remaining bytes through, everyone else has none.
@@ -255,8 +339,7 @@ func (a *Agent) updatePolicy(u *user) {
 	default:
 		u.hasAnchor = false
 	}
-	st := u.r.state()
-	p.Rate = kernelRate(st.SpeedOf(u.r.plan(), a.rules))
+	p.Rate = kernelRate(u.r.speed(a.rules))
 	for i, key := range keys[:n] {
 		q := p
 		if i > 0 && (q.Quota != 0 || q.Rate != bpf.Rate{}) {

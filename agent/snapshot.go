@@ -88,7 +88,7 @@ func (s *snapshot) view(r *record) view.User {
 		Override:  view.Override{Active: st.Override.Active, Limit: st.Override.Limit, Until: st.Override.Until.Time()},
 		NextReset: st.NextReset.Time(), Expires: p.Expires.Time(), Updated: r.updated.Time(),
 		Devices: len(s.devices[r.name]), DevicesLimit: p.Devices.Of(s.deviceDefault),
-		Speed: st.SpeedOf(p, s.rules),
+		Speed: r.speed(s.rules),
 	}
 	if st.Day == s.today {
 		v.Today = s.rules.Metric.Of(st.Today)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/internal/nettest"
 	"github.com/myvpn/bwagent/internal/sshtest"
 	"github.com/myvpn/bwagent/internal/xraytest"
@@ -326,4 +327,34 @@ func TestSpeedCapOneUserSSHAndXray(t *testing.T) {
 	if u < 1<<20 || x < 1<<20 {
 		t.Errorf("one of the two hardly moved: UID %d bytes, Xray %d", u, x)
 	}
+}
+
+// TestSpeedCapXrayWhereCarried: a Vision client's cap is in force and
+// shown while the kernel counts Xray's connections (its account carries
+// the rate); with xray.connections turned off at run time its account has
+// no rate and no cap is shown (TestSpeedCapsNeedAKernelID has the rest, on
+// fakes).
+func TestSpeedCapXrayWhereCarried(t *testing.T) {
+	u := xraytest.NewVisionUser("capped")
+	k, srv := xrayKernelEnv(t, "", "capped unlimited speed=20mbit\n", u)
+	caps := quota.Speed{Down: 20e6, Up: 20e6}
+	rate := func() bpf.Rate {
+		id, ok := k.dp.AccountOf("capped")
+		if !ok {
+			return bpf.Rate{}
+		}
+		p, _ := k.dp.Policy(id)
+		return p.Rate
+	}
+	waitFor(t, "capped's account carrying the cap, shown", 5*time.Second, func() bool {
+		return rate().Rx != 0 && k.user(t, "capped").Speed == caps
+	})
+	cfg := k.cfg
+	cfg.Xray.Configs, cfg.Xray.Connections, cfg.Interval = []string{srv.ConfigPath}, false, time.Second
+	if err := k.a.Reload(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "no cap carried nor shown with xray.connections off", 5*time.Second, func() bool {
+		return rate() == (bpf.Rate{}) && k.user(t, "capped").Speed.IsZero()
+	})
 }

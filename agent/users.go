@@ -39,7 +39,10 @@ type record struct {
 	gen     uint32 // the publication this record was created after
 	ssh     bool   // an account in the passwd file right now
 	xray    bool   // a client in Xray's config right now
-	t       unique.Handle[terms]
+	// capped: one of the user's IDs in the kernel carries their speed caps
+	// (Agent.deriveCaps, at each evaluation); without it none is in force.
+	capped bool
+	t      unique.Handle[terms]
 }
 
 // terms are the parts of a record that seldom change: the protocols, the
@@ -76,6 +79,19 @@ func (r *record) state() quota.State {
 func (r *record) blocked(rl quota.Rules) bool {
 	t := r.t.Value()
 	return t.st.Enforced(t.plan, rl)
+}
+
+// speed returns the speed caps in force for r under rl: its plan's or the
+// default caps, the throttle rate while throttled (quota.State.SpeedOf),
+// and none where no ID of r's in the kernel carries them (capped false) or
+// r has no source left. The kernel's policies, the views and the usage
+// files all take the caps from here.
+func (r *record) speed(rl quota.Rules) quota.Speed {
+	if !r.capped || !r.present() {
+		return quota.Speed{}
+	}
+	st := r.state()
+	return st.SpeedOf(r.plan(), rl)
 }
 
 // xrayBlocked reports whether r's Xray client is stopped as blocked:

@@ -105,7 +105,8 @@ type xrayState struct {
 	// verifyIn counts the ticks to the next listing of the inbounds.
 	verifyIn int
 	// wasActive is whether the kernel counted Xray's connections at the
-	// last enforceXray (see xrayBlocked).
+	// last evaluation: a change evaluates and enforces every user again
+	// (see xrayBlocked, capsCarried).
 	wasActive bool
 
 	// When the counters are read (see xrayReadTicks): readIn counts the
@@ -551,10 +552,6 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 		if err := a.enforceXrayUser(cctx, u, xus); err != nil {
 			errs = append(errs, err)
 		}
-	}
-	if active := a.xr.conns.active(); active != a.xr.wasActive {
-		// Whether a throttled user stays in Xray depends on it.
-		a.xr.wasActive, a.xr.enforceAll = active, true
 	}
 	if a.xr.enforceAll {
 		for email, xus := range a.xr.users {

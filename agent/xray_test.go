@@ -805,17 +805,25 @@ func TestXrayReadsWhenNeeded(t *testing.T) {
 // TestXrayThrottledWithoutKernel: a throttle rate the kernel cannot
 // enforce (it does not count Xray's connections here) is no way around
 // the limit: the throttled client is removed from Xray, as a blocked one
-// is, and added back by the reset that lifts it.
+// is, shows no rate (nothing carries it), which a warning says once, and
+// is added back by the reset that lifts it.
 func TestXrayThrottledWithoutKernel(t *testing.T) {
 	e, fx, _ := newXrayEnv(t, "alice 1 throttle=1mbit\n")
 	e.step(0)
 	fx.use("alice", 2*int64(quota.MiB), 0)
 	e.step(2 * time.Second)
-	if v := e.user("alice"); v.Status != quota.Throttled {
+	if v := e.user("alice"); v.Status != quota.Throttled || !v.Speed.IsZero() {
 		t.Fatalf("alice over the limit: %+v", v)
+	}
+	if u := e.usage("alice"); u.Status != "THROTTLED" || u.SpeedDown != nil || u.SpeedUp != nil {
+		t.Errorf("alice's usage file: %+v", u)
 	}
 	if fx.has("vless-in", "alice") {
 		t.Error("throttled alice left in Xray, which nothing slows")
+	}
+	e.step(2 * time.Second)
+	if n := strings.Count(e.logs.String(), `msg="throttle rate not enforced: the user is removed from Xray as a blocked one is" user=alice caps=1mbit`); n != 1 {
+		t.Errorf("alice's throttle rate not enforced: warned %d times, want once:\n%s", n, e.logs)
 	}
 	if err := e.a.Reset(context.Background(), "alice"); err != nil {
 		t.Fatal(err)

@@ -116,9 +116,11 @@ type Rules struct {
 	Speed, Throttle Speed
 }
 
-// SpeedOf returns the caps in force for a user of plan p with state s: the
+// SpeedOf returns the caps a user of plan p with state s is to have: the
 // throttle rates while throttled, else the plan's (or the default) speed
 // caps; zero is none. A blocked or disabled user has none: nothing passes.
+// Whether anything can enforce them (a kernel ID that counts the user's
+// traffic) is the caller's to know: caps nothing enforces are not in force.
 func (s *State) SpeedOf(p Plan, r Rules) Speed {
 	switch s.Status(p, r) {
 	case Throttled:
