@@ -228,25 +228,29 @@ func (a *Agent) kernelKeys(u *user) (keys [2]uint32, n int) {
 }
 
 // capsCarried reports whether one of u's IDs in the kernel carries its
-// speed caps, and why a source of u's escapes them ("" none does). Its UID
-// carries them while it is u's SSH account and not protected (as in
-// kernelKeys). Its Xray account carries them only while the kernel counts
-// Xray's connections (xconns.active): a connection is the account's once
-// claimed, and claims are written only then, whatever accounts the pinned
-// maps keep from an earlier run. A throttled Xray client the kernel cannot
-// slow is removed from Xray instead (xrayBlocked); removed says why.
-func (a *Agent) capsCarried(u *user) (carried bool, why, removed string) {
+// speed caps, and why a source of u's escapes them ("" none does), and
+// whether that reason is every Xray client's (the kernel, the config), not
+// u's own. Its UID carries them while it is u's SSH account and not
+// protected (as in kernelKeys). Its Xray account carries them only while
+// the kernel counts Xray's connections (xconns.active): a connection is the
+// account's once claimed, and claims are written only then, whatever
+// accounts the pinned maps keep from an earlier run. A throttled Xray
+// client the kernel cannot slow is removed from Xray instead (xrayBlocked);
+// removed says why.
+func (a *Agent) capsCarried(u *user) (carried bool, why, removed string, everyone bool) {
 	r := u.r
 	var whys []string
+	everyone = true
 	if r.ssh && a.byUID[r.uid] == u {
 		if a.dp.Protected(r.uid) {
-			whys = append(whys, fmt.Sprintf("SSH: its UID %d is protected (kernel.protected_uids)", r.uid))
+			whys, everyone = append(whys, fmt.Sprintf("SSH: its UID %d is protected (kernel.protected_uids)", r.uid)), false
 		} else {
 			carried = true
 		}
 	}
 	if r.xray {
-		switch why := a.xrayUncounted(r.name); {
+		why, all := a.xrayUncounted(r.name)
+		switch {
 		case why == "":
 			carried = true
 		case a.xrayBlocked(r):
@@ -254,33 +258,36 @@ func (a *Agent) capsCarried(u *user) (carried bool, why, removed string) {
 		default:
 			whys = append(whys, "Xray: "+why)
 		}
+		everyone = everyone && all
 	}
-	return carried, strings.Join(whys, "; "), removed
+	return carried, strings.Join(whys, "; "), removed, everyone
 }
 
 // xrayUncounted says why the kernel does not count the named Xray client's
-// connections ("" it does).
-func (a *Agent) xrayUncounted(name string) string {
+// connections ("" it does), and whether that holds for every client.
+func (a *Agent) xrayUncounted(name string) (why string, everyone bool) {
 	x := &a.xr.conns
 	switch {
 	case x.k == nil:
-		return "the kernel cannot count Xray's connections (Linux before 6.0)"
+		return "the kernel cannot count Xray's connections (Linux before 6.0)", true
 	case !a.cfg.Xray.Connections:
-		return "xray.connections = false"
+		return "xray.connections = false", true
 	case !x.active():
-		return "the kernel does not count Xray's connections now (see the xray component in bwctl status)"
+		return "the kernel does not count Xray's connections now (see the xray component in bwctl status)", true
 	}
 	if _, ok := x.k.AccountOf(name); !ok {
-		return "no kernel account"
+		return "no kernel account", false
 	}
-	return ""
+	return "", false
 }
 
 // deriveCaps decides whether u's speed caps are in force (record.capped),
-// and warns once per user and reason of caps that nothing enforces, or
-// that part of u's traffic escapes.
+// and warns of caps that nothing enforces, or that part of u's traffic
+// escapes: once per user and reason, or once for all users when the reason
+// is every Xray client's (a server with a default cap and thousands of
+// clients logs one line, naming the first).
 func (a *Agent) deriveCaps(u *user) {
-	carried, why, removed := a.capsCarried(u)
+	carried, why, removed, everyone := a.capsCarried(u)
 	flip, warn := carried != u.r.capped, why != "" || removed != "" && !carried
 	if !flip && !warn {
 		return // the usual case: nothing changed, nothing escapes
@@ -297,16 +304,21 @@ func (a *Agent) deriveCaps(u *user) {
 		return
 	}
 	name := u.r.name
+	args := []any{"user", name, "caps", caps.String()}
+	key := name
+	if everyone {
+		key, args = "*", append(args, "logged", "once for every user alike")
+	}
 	switch {
 	case !carried && why != "":
-		a.logs.warnOnce("nocap:"+name+":"+why, "speed caps not enforced, none shown: the kernel counts none of the user's traffic",
-			"user", name, "caps", caps.String(), "why", why)
+		a.logs.warnOnce("nocap:none:"+key+":"+why, "speed caps not enforced, none shown: the kernel counts none of the user's traffic",
+			append(args, "why", why)...)
 	case !carried:
-		a.logs.warnOnce("nocap:"+name+":"+removed, "throttle rate not enforced: the user is removed from Xray as a blocked one is",
-			"user", name, "caps", caps.String(), "why", removed)
+		a.logs.warnOnce("nocap:removed:"+key+":"+removed, "throttle rate not enforced: the user is removed from Xray as a blocked one is",
+			append(args, "why", removed)...)
 	default:
-		a.logs.warnOnce("nocap:"+name+":"+why, "speed caps enforced on part of the user's traffic only",
-			"user", name, "caps", caps.String(), "uncapped", why)
+		a.logs.warnOnce("nocap:part:"+key+":"+why, "speed caps enforced on part of the user's traffic only",
+			append(args, "uncapped", why)...)
 	}
 }
 
