@@ -268,10 +268,11 @@ type Datapath struct {
 
 	credits map[uint32]Counters // bw_credit, of which the Datapath is the only writer
 
-	epoch  Epoch             // cached by Epoch
-	have   map[uint32]Policy // ReconcilePolicies' read-back, reused
-	moved  []byte            // EachMoved's copy of bw_moved, then of bw_xmoved, then of bw_slot_moved
-	marked []uint32          // EachMoved's IDs found marked
+	epoch   Epoch             // cached by Epoch
+	have    map[uint32]Policy // ReconcilePolicies' read-back, reused
+	moved   []byte            // EachMoved's copy of bw_moved, then of bw_xmoved, then of bw_slot_moved
+	marked  []uint32          // EachMoved's IDs found marked
+	slotBuf []Counters        // EachMoved's read of every slot (readSlots)
 
 	slots slotTable // bw_slots, of which the Datapath is the only writer
 
