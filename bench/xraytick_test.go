@@ -107,7 +107,8 @@ var xrayTickSizes = []struct {
 // the empty agent while the traffic runs (against the other Xray, so the
 // machine is as busy), then the agent with N users: its first start (the
 // first tick, and the time until every usage file is written and the
-// first commit is done), idle (nothing moves), and moving. Per phase:
+// first commit is done), idle (nothing moves), and moving, after 10
+// unmeasured ticks in which every user moved once. Per phase:
 //
 //   - ms/tick (median) and ms/tick-max: view.Health.TickDuration, the
 //     loop's work, which includes waiting for Xray's answers;
@@ -125,15 +126,16 @@ var xrayTickSizes = []struct {
 //
 // MiB-rss-peak is the process's peak resident set (VmHWM) from just
 // before the N-user agent starts (built: agent.New, with its store empty)
-// to its end, after the empty agent stopped; each size runs in a fresh process (the test binary again, for
-// that size alone), so it is its own. It includes the test binary.
+// to its end, after the empty agent stopped; each size runs in a fresh
+// process (the test binary again, for that size alone), so it is its
+// own. It includes the test binary.
 //
 // With $BWBENCH_XRAY_PROFILE set, the N-user agent's idle and moving
 // phases write CPU profiles, and heap profiles are written before and
 // after the moving phase (see phaseProfile and heapProfile).
 //
-// The 50,000 size takes about three minutes; the whole benchmark about
-// six.
+// The 50,000 size takes about four minutes; the whole benchmark about
+// eight.
 func BenchmarkTickXray(b *testing.B) {
 	nettest.RequireRoot(b)
 	root, err := bpf.CgroupV2Root()
@@ -233,6 +235,10 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 	stopProfile()
 	rssIdle := peakRSS(b)
 	big.ticks(b, 1, nil)
+	// A round in which every user moves once, not measured: the moving
+	// phase is measured as on a server that has run a while, where each
+	// moving user's usage file has its spare (see opsfiles.WriteBatch).
+	big.phase(b, drv)
 	heapProfile(b, users, "before-moving")
 	stopProfile = phaseProfile(b, users, "moving")
 	moving := big.phase(b, drv)
