@@ -26,6 +26,11 @@ type fileWriter struct {
 	// dirWatch.pump). Constant.
 	pump func()
 
+	// flushMu is held during a flush: the writer's, and the loop's last
+	// one at shutdown, never write at once (one spare, two contents).
+	flushMu sync.Mutex
+	enc     opsfiles.UsageEncoder // the files of a chunk, under flushMu
+
 	mu      sync.Mutex
 	dir     string
 	pending map[string]struct{}
@@ -68,6 +73,8 @@ func (w *fileWriter) run(ctx context.Context) { w.wake.run(ctx, w.flush) }
 // all files), each user as the latest snapshot has them; users who left or
 // were forgotten since are skipped. Files that failed stay pending.
 func (w *fileWriter) flush() error {
+	w.flushMu.Lock()
+	defer w.flushMu.Unlock()
 	w.mu.Lock()
 	if len(w.pending) == 0 {
 		w.mu.Unlock()
@@ -86,6 +93,7 @@ func (w *fileWriter) flush() error {
 	// In chunks, so a start that rewrites every file holds a bounded amount
 	// of rendered JSON at a time.
 	for chunk := range slices.Chunk(names, writeChunk) {
+		w.enc.Reset() // the last chunk is written
 		files := make([]opsfiles.File, 0, len(chunk))
 		var fileNames []string
 		for _, name := range chunk {
@@ -93,7 +101,7 @@ func (w *fileWriter) flush() error {
 			if r == nil || !r.present() {
 				continue
 			}
-			data, err := s.usageDoc(r).Marshal()
+			data, err := w.enc.Encode(s.usageDoc(r))
 			if err != nil {
 				errs = append(errs, err)
 				continue

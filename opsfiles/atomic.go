@@ -209,7 +209,8 @@ func checkFileName(name string) error {
 // regular file (a symbolic link, or missing) is replaced by a plain
 // rename, as WriteFile does. The one reader that can see a spare's
 // content change is one that opened the file before a write and still
-// reads it after the next write of the same file.
+// reads it after the next write of the same file. Two WriteBatch calls
+// must not write one directory at once: they would share its spares.
 //
 // The result has one entry per file, nil for each file written: a file that
 // fails (a bad name, a target that is a directory, a full disk) is reported

@@ -2,6 +2,7 @@ package opsfiles
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -382,4 +383,35 @@ func FuzzReadUsage(f *testing.F) {
 			t.Fatalf("round trip: %+v, %v\nwant %+v", again, err, u)
 		}
 	})
+}
+
+// TestUsageEncoder: many files encoded into one buffer each read as
+// Marshal renders it alone, however the buffer grew after them, until
+// Reset.
+func TestUsageEncoder(t *testing.T) {
+	var e UsageEncoder
+	for round := range 2 {
+		var got [][]byte
+		var want []string
+		for i := range 300 { // grows the buffer several times
+			rem := uint64(i)
+			u := Usage{Username: fmt.Sprintf("user%03d", i), TotalUsage: uint64(i) << 20, Remaining: &rem,
+				Status: "ACTIVE", BlockReason: strings.Repeat("<&>", i%7), UpdatedAt: "2026-12-05 08:00:00"}
+			b, err := e.Encode(u)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m, err := u.Marshal()
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, want = append(got, b), append(want, string(m))
+		}
+		for i := range got {
+			if string(got[i]) != want[i] {
+				t.Fatalf("round %d, file %d: %q, want %q", round, i, got[i], want[i])
+			}
+		}
+		e.Reset()
+	}
 }
