@@ -261,6 +261,9 @@ type Datapath struct {
 
 	// mu serialises policy changes: the policy bits are read-modify-write.
 	mu sync.Mutex
+	// eachPolicy's buffers, under mu.
+	policyKeys []uint32
+	policyVals []bwacctPolicy
 
 	// Reused buffers for batched counter reads.
 	keys   []uint32
@@ -268,11 +271,10 @@ type Datapath struct {
 
 	credits map[uint32]Counters // bw_credit, of which the Datapath is the only writer
 
-	epoch   Epoch             // cached by Epoch
-	have    map[uint32]Policy // ReconcilePolicies' read-back, reused
-	moved   []byte            // EachMoved's copy of bw_moved, then of bw_xmoved, then of bw_slot_moved
-	marked  []uint32          // EachMoved's IDs found marked
-	slotBuf []Counters        // EachMoved's read of every slot (readSlots)
+	epoch   Epoch      // cached by Epoch
+	moved   []byte     // takeMarks' copy of a chunk of bw_moved, bw_xmoved or bw_slot_moved
+	marked  []uint32   // EachMoved's IDs found marked
+	slotBuf []Counters // EachMoved's read of every slot (readSlots)
 
 	slots slotTable // bw_slots, of which the Datapath is the only writer
 

@@ -720,11 +720,20 @@ func TestReconcilePolicies(t *testing.T) {
 	if n, err := e.dp.ReconcilePolicies(want); err != nil || n != 0 {
 		t.Errorf("repeat reconcile wrote %d (%v), want 0", n, err)
 	}
-	// Someone deletes one entry and adds a stray one: both are repaired.
+	// Someone deletes one entry, changes one and adds a stray one: all
+	// three are repaired.
 	setPolicy(t, e.dp, 10002, bpf.Policy{})
+	changed := want[10003]
+	changed.Ceiling++
+	setPolicy(t, e.dp, 10003, changed)
 	setPolicy(t, e.dp, 20000, bpf.Policy{Blocked: true})
-	if n, err := e.dp.ReconcilePolicies(want); err != nil || n != 2 {
-		t.Errorf("repair wrote %d (%v), want 2", n, err)
+	if n, err := e.dp.ReconcilePolicies(want); err != nil || n != 3 {
+		t.Errorf("repair wrote %d (%v), want 3", n, err)
+	}
+	for _, uid := range []uint32{10002, 10003, 20000} {
+		if got, _ := e.dp.Policy(uid); got != want[uid] {
+			t.Errorf("policy of %d after the repair: %+v, want %+v", uid, got, want[uid])
+		}
 	}
 	// Someone clears a word of the policy bits: the policies of its 64 UIDs
 	// would no longer be looked at. Reconcile puts it back.

@@ -304,25 +304,31 @@ func (d *Datapath) Policy(uid uint32) (Policy, error) {
 
 // Policies returns every UID's policy as the kernel has it.
 func (d *Datapath) Policies() (map[uint32]Policy, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	out := make(map[uint32]Policy)
-	return out, d.readPolicies(out)
+	err := d.eachPolicy(func(id uint32, p Policy) { out[id] = p })
+	return out, err
 }
 
-// readPolicies reads every policy, with its caps, into dst, which it
-// clears first.
-func (d *Datapath) readPolicies(dst map[uint32]Policy) error {
-	clear(dst)
+// eachPolicy calls fn with every policy the kernel has, with its caps, a
+// batch at a time into buffers it keeps (d.mu held): nothing of the size
+// of the map is kept.
+func (d *Datapath) eachPolicy(fn func(id uint32, p Policy)) error {
 	rates, err := d.readRates()
 	if err != nil {
 		return err
 	}
-	keys := make([]uint32, batchSize)
-	vals := make([]bwacctPolicy, batchSize)
+	if d.policyKeys == nil {
+		d.policyKeys = make([]uint32, batchSize)
+		d.policyVals = make([]bwacctPolicy, batchSize)
+	}
+	keys, vals := d.policyKeys, d.policyVals
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := d.objs.BwPolicy.BatchLookup(&cursor, keys, vals, nil)
 		for i := range n {
-			dst[keys[i]] = withRate(keys[i], vals[i], rates)
+			fn(keys[i], withRate(keys[i], vals[i], rates))
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil
@@ -337,19 +343,17 @@ func (d *Datapath) readPolicies(dst map[uint32]Policy) error {
 // writes only the entries that differ and deletes the UIDs desired lacks,
 // and repairs the policy bits. It returns the number of policies written or
 // deleted. A protected UID in desired is an error and nothing is changed.
+//
+// It reads the kernel's policies a batch at a time and compares each with
+// desired as it goes, keeping no copy of the map (a map of 50,000 policies
+// is 4 MB); only if fewer of desired's policies were found than it holds
+// does it look up which are missing.
 func (d *Datapath) ReconcilePolicies(desired map[uint32]Policy) (int, error) {
 	if err := d.refuseProtected(desired); err != nil {
 		return 0, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.have == nil {
-		d.have = make(map[uint32]Policy)
-	}
-	have := d.have // reused: no map of every policy left for the collector
-	if err := d.readPolicies(have); err != nil {
-		return 0, err
-	}
 	haveBits, err := d.readBits()
 	if err != nil {
 		return 0, err
@@ -369,17 +373,35 @@ func (d *Datapath) ReconcilePolicies(desired map[uint32]Policy) (int, error) {
 			b.words[uint32(i)] = &wordEdit{have: haveBits[i], want: wantBits[i]}
 		}
 	}
-	for uid, p := range desired {
-		if p.isZero() {
-			continue
-		}
-		if cur, ok := have[uid]; !ok || cur != canonical(p) {
-			b.set(uid, p)
+	want, found := 0, 0 // desired's policies, and those the kernel has
+	for _, p := range desired {
+		if !p.isZero() {
+			want++
 		}
 	}
-	for uid := range have {
-		if p, ok := desired[uid]; !ok || p.isZero() {
+	err = d.eachPolicy(func(uid uint32, cur Policy) {
+		switch p, ok := desired[uid]; {
+		case !ok || p.isZero():
 			b.set(uid, Policy{})
+		case cur != canonical(p):
+			found++
+			b.set(uid, p)
+		default:
+			found++
+		}
+	})
+	if err != nil {
+		return 0, err
+	}
+	if found < want { // some are missing (a repair): which?
+		present := make(map[uint32]bool, found)
+		if err := d.eachPolicy(func(uid uint32, _ Policy) { present[uid] = true }); err != nil {
+			return 0, err
+		}
+		for uid, p := range desired {
+			if !p.isZero() && !present[uid] {
+				b.set(uid, p)
+			}
 		}
 	}
 	return d.writePolicies(&b)
@@ -702,41 +724,47 @@ func (d *Datapath) EachMoved(fn func(uid uint32, c Counters)) error {
 }
 
 // takeMarks clears the marks set in marks, a map of a byte per ID or slot,
-// and appends to d.marked the IDs that id gives for their offsets.
+// and appends to d.marked the IDs that id gives for their offsets. It
+// reads the marks markChunk bytes at a time: bw_moved alone is 1 MiB.
 func (d *Datapath) takeMarks(marks *ebpf.Map, id func(off int) (uint32, bool)) error {
 	mem, err := marks.Memory()
 	if err != nil {
 		return fmt.Errorf("map moved marks: %w", err)
 	}
-	size := int(mem.Size())
-	if len(d.moved) < size {
-		d.moved = make([]byte, size)
+	if d.moved == nil {
+		d.moved = make([]byte, markChunk)
 	}
-	moved := d.moved[:size]
-	if _, err := mem.ReadAt(moved, 0); err != nil {
-		return fmt.Errorf("read moved marks: %w", err)
-	}
-	words := unsafe.Slice((*uint64)(unsafe.Pointer(&moved[0])), size/8)
 	zero := []byte{0}
-	for i, w := range words {
-		if w == 0 {
-			continue
+	for base, size := 0, int(mem.Size()); base < size; base += markChunk {
+		moved := d.moved[:min(markChunk, size-base)]
+		if _, err := mem.ReadAt(moved, int64(base)); err != nil {
+			return fmt.Errorf("read moved marks: %w", err)
 		}
-		for j := 0; j < 8; j++ {
-			off := i*8 + j
-			if moved[off] == 0 {
+		words := unsafe.Slice((*uint64)(unsafe.Pointer(&moved[0])), len(moved)/8)
+		for i, w := range words {
+			if w == 0 {
 				continue
 			}
-			if _, err := mem.WriteAt(zero, int64(off)); err != nil {
-				return fmt.Errorf("clear moved mark: %w", err)
-			}
-			if id, ok := id(off); ok {
-				d.marked = append(d.marked, id)
+			for j := range 8 {
+				off := base + i*8 + j
+				if moved[i*8+j] == 0 {
+					continue
+				}
+				if _, err := mem.WriteAt(zero, int64(off)); err != nil {
+					return fmt.Errorf("clear moved mark: %w", err)
+				}
+				if id, ok := id(off); ok {
+					d.marked = append(d.marked, id)
+				}
 			}
 		}
 	}
 	return nil
 }
+
+// markChunk is how many bytes of moved marks takeMarks reads at a time: a
+// multiple of 8.
+const markChunk = 64 << 10
 
 // markMoved sets uid's mark for the next EachMoved, as the programs do
 // after they count: in bw_moved for a UID below 2^20, in bw_xmoved for an
