@@ -271,10 +271,9 @@ type Datapath struct {
 
 	credits map[uint32]Counters // bw_credit, of which the Datapath is the only writer
 
-	epoch   Epoch      // cached by Epoch
-	moved   []byte     // takeMarks' copy of a chunk of bw_moved, bw_xmoved or bw_slot_moved
-	marked  []uint32   // EachMoved's IDs found marked
-	slotBuf []Counters // EachMoved's read of every slot (readSlots)
+	epoch  Epoch    // cached by Epoch
+	moved  []byte   // takeMarks' copy of a chunk of bw_moved, bw_xmoved or bw_slot_moved
+	marked []uint32 // EachMoved's IDs found marked
 
 	slots slotTable // bw_slots, of which the Datapath is the only writer
 

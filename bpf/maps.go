@@ -509,15 +509,14 @@ func (d *Datapath) RunStats() (ns, runs uint64, err error) {
 // CountersOf reads one UID's counters, summed over CPUs; a UID the kernel
 // has not seen has zero counters.
 func (d *Datapath) CountersOf(uid uint32) (Counters, error) {
-	c, _, err := d.countersOf(uid, true, nil)
+	c, _, err := d.countersOf(uid, true)
 	return c, err
 }
 
 // countersOf is CountersOf, which also returns uid's entry in
 // bw_hash_counts. Unless readHash, it takes that entry as last read if
-// there is one (see bw_slot_moved). If slots is not nil it holds every
-// slot's counters, just read (readSlots), instead of a lookup of uid's.
-func (d *Datapath) countersOf(uid uint32, readHash bool, slots []Counters) (c, hash Counters, err error) {
+// there is one (see bw_slot_moved).
+func (d *Datapath) countersOf(uid uint32, readHash bool) (c, hash Counters, err error) {
 	c = d.credits[uid]
 	hash, ok := d.slots.lastHash(uid)
 	if readHash || !ok {
@@ -534,9 +533,7 @@ func (d *Datapath) countersOf(uid uint32, readHash bool, slots []Counters) (c, h
 	}
 	c.plus(hash)
 	if slot := d.slots.slotOf(uid); slot != 0 {
-		if int(slot) < len(slots) {
-			c.plus(slots[slot])
-		} else if err := d.slotCounters(slot, &c); err != nil {
+		if err := d.slotCounters(slot, &c); err != nil {
 			return c, hash, err
 		}
 	}
@@ -658,15 +655,6 @@ func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 	return nil
 }
 
-// EachMoved reads every slot's counters at once (readSlots) when at least
-// slotBatchMin IDs moved and they are at least one in slotBatchShare of
-// the slots given out: a batch call reads 4,096 slots in about the time of
-// a few lookups of one.
-var (
-	slotBatchMin   = 64 // a variable for the tests of both ways
-	slotBatchShare = 32
-)
-
 // EachMoved calls fn with the counters of every UID and every account whose
 // counters grew since the last call (UIDs below 2^20 and accounts; other
 // UIDs are only seen by EachCounter). It clears the marks (bw_moved and
@@ -701,19 +689,8 @@ func (d *Datapath) EachMoved(fn func(uid uint32, c Counters)) error {
 	if err != nil {
 		return err
 	}
-	// Many slots to read (a tenth of 10,000 accounts moving is 1,000):
-	// every slot in a few batch calls, instead of a lookup each.
-	var slots []Counters
-	if n := len(d.marked); n >= slotBatchMin && n*slotBatchShare >= len(ids) {
-		if cap(d.slotBuf) < len(ids) {
-			d.slotBuf = make([]Counters, len(ids))
-		}
-		if slots, err = d.readSlots(d.slotBuf[:len(ids)]); err != nil {
-			return err
-		}
-	}
 	for i, id := range d.marked {
-		c, hash, err := d.countersOf(id, i < byID, slots)
+		c, hash, err := d.countersOf(id, i < byID)
 		if err != nil {
 			return err
 		}

@@ -212,33 +212,21 @@ func (d *Datapath) allSlotCounters() (counters []Counters, ids []uint32, err err
 	d.slots.mu.Lock()
 	ids = append([]uint32(nil), d.slots.ids...)
 	d.slots.mu.Unlock()
-	counters, err = d.readSlots(make([]Counters, len(ids)))
-	return counters, ids, err
-}
-
-// readSlots reads the counters of the slots below len(counters) into
-// counters, summed over CPUs, many slots per syscall, in the Datapath's
-// reused buffers (d.keys, d.values).
-func (d *Datapath) readSlots(counters []Counters) ([]Counters, error) {
-	clear(counters)
-	if len(counters) <= 1 {
-		return counters, nil
+	counters = make([]Counters, len(ids))
+	if len(ids) <= 1 {
+		return counters, ids, nil
 	}
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	if len(d.keys) != batchSize {
-		d.keys = make([]uint32, batchSize)
-		d.values = make([]bwacctCounters, batchSize*ncpu)
-	}
-	keys := d.keys[:min(batchSize, len(counters))]
-	vals := d.values[:len(keys)*ncpu]
+	keys := make([]uint32, min(batchSize, len(ids)))
+	vals := make([]bwacctCounters, len(keys)*ncpu)
 	var cursor ebpf.MapBatchCursor
-	for read := 0; read < len(counters); {
+	for read := 0; read < len(ids); {
 		n, err := d.objs.BwSlotCounts.BatchLookup(&cursor, keys, vals, nil)
 		for i := range n {
-			if slot := int(keys[i]); slot < len(counters) {
+			if slot := int(keys[i]); slot < len(ids) {
 				for _, v := range vals[i*ncpu : (i+1)*ncpu] {
 					counters[slot].add(v)
 				}
@@ -249,10 +237,10 @@ func (d *Datapath) readSlots(counters []Counters) ([]Counters, error) {
 			break
 		}
 		if err != nil {
-			return nil, fmt.Errorf("read slot counters: %w", err)
+			return nil, nil, fmt.Errorf("read slot counters: %w", err)
 		}
 	}
-	return counters, nil
+	return counters, ids, nil
 }
 
 // legacyCounterPin is the name agents before slots pinned the counter hash

@@ -57,17 +57,8 @@ func allReads(t *testing.T, e *env, id uint32, want bpf.Counters) {
 // An ID's first read gives it a slot: its later packets count there, not
 // in the counter hash, and every read adds the two, to the byte and the
 // packet, across a reload of the pins. When the slots run out, the IDs
-// left count in the hash alone, exactly too. Both ways EachMoved reads
-// slots: a lookup per moved ID, and every slot at once (when many moved).
+// left count in the hash alone, exactly too.
 func TestSlots(t *testing.T) {
-	t.Run("lookups", testSlots)
-	t.Run("batch", func(t *testing.T) {
-		defer bpf.SetSlotBatchMin(1)()
-		testSlots(t)
-	})
-}
-
-func testSlots(t *testing.T) {
 	const maxUIDs = 3 // slots 1 and 2: for the first two IDs read
 	e := newEnvWith(t, bpf.Config{MaxUIDs: maxUIDs})
 	const user, server, late = 2801, 2802, 2803
