@@ -106,11 +106,27 @@ func writeTemp(dirfd int, name string, data []byte, perm os.FileMode, sync bool)
 	if fd < 0 {
 		return "", fmt.Errorf("create temporary file: %w", unix.EEXIST)
 	}
+	if err := fillAndClose(fd, data, perm, sync); err != nil {
+		_ = unix.Unlinkat(dirfd, tmp, 0)
+		return "", err
+	}
+	return tmp, nil
+}
+
+// fillAndClose makes the file open at fd hold exactly data with the
+// permission bits perm, fsyncs it if sync is set, and closes fd: it writes
+// data from offset 0, cuts what a longer old content leaves after it, and
+// sets perm if the file lacks it (a new file has 0600, less the umask).
+func fillAndClose(fd int, data []byte, perm os.FileMode, sync bool) error {
 	err := func() error {
-		for rest := data; len(rest) > 0; {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return fmt.Errorf("stat: %w", err)
+		}
+		for off := 0; off < len(data); {
 			var n int
 			err := ignoringEINTR(func() (err error) {
-				n, err = unix.Write(fd, rest)
+				n, err = unix.Pwrite(fd, data[off:], int64(off))
 				return err
 			})
 			if err != nil {
@@ -119,10 +135,17 @@ func writeTemp(dirfd int, name string, data []byte, perm os.FileMode, sync bool)
 			if n == 0 {
 				return fmt.Errorf("write: %w", unix.EIO)
 			}
-			rest = rest[n:]
+			off += n
 		}
-		if err := ignoringEINTR(func() error { return unix.Fchmod(fd, uint32(perm.Perm())) }); err != nil {
-			return fmt.Errorf("chmod: %w", err)
+		if st.Size > int64(len(data)) {
+			if err := ignoringEINTR(func() error { return unix.Ftruncate(fd, int64(len(data))) }); err != nil {
+				return fmt.Errorf("truncate: %w", err)
+			}
+		}
+		if os.FileMode(st.Mode).Perm() != perm.Perm() {
+			if err := ignoringEINTR(func() error { return unix.Fchmod(fd, uint32(perm.Perm())) }); err != nil {
+				return fmt.Errorf("chmod: %w", err)
+			}
 		}
 		if sync {
 			if err := ignoringEINTR(func() error { return unix.Fsync(fd) }); err != nil {
@@ -135,11 +158,7 @@ func writeTemp(dirfd int, name string, data []byte, perm os.FileMode, sync bool)
 	if cerr := unix.Close(fd); err == nil && cerr != nil {
 		err = fmt.Errorf("close: %w", cerr)
 	}
-	if err != nil {
-		_ = unix.Unlinkat(dirfd, tmp, 0)
-		return "", err
-	}
-	return tmp, nil
+	return err
 }
 
 // WriteFile replaces the file at path with data, atomically: it writes a
@@ -398,46 +417,7 @@ func writeSpare(dirfd int, name string, data []byte, perm os.FileMode, sync bool
 		tmp, err := writeTemp(dirfd, name, data, perm, sync)
 		return tmp, false, err
 	}
-	err = func() error {
-		var st unix.Stat_t
-		if err := unix.Fstat(fd, &st); err != nil {
-			return fmt.Errorf("stat spare: %w", err)
-		}
-		for off := 0; off < len(data); {
-			var n int
-			err := ignoringEINTR(func() (err error) {
-				n, err = unix.Pwrite(fd, data[off:], int64(off))
-				return err
-			})
-			if err != nil {
-				return fmt.Errorf("write: %w", err)
-			}
-			if n == 0 {
-				return fmt.Errorf("write: %w", unix.EIO)
-			}
-			off += n
-		}
-		if st.Size > int64(len(data)) {
-			if err := ignoringEINTR(func() error { return unix.Ftruncate(fd, int64(len(data))) }); err != nil {
-				return fmt.Errorf("truncate: %w", err)
-			}
-		}
-		if os.FileMode(st.Mode).Perm() != perm.Perm() {
-			if err := ignoringEINTR(func() error { return unix.Fchmod(fd, uint32(perm.Perm())) }); err != nil {
-				return fmt.Errorf("chmod: %w", err)
-			}
-		}
-		if sync {
-			if err := ignoringEINTR(func() error { return unix.Fsync(fd) }); err != nil {
-				return fmt.Errorf("fsync: %w", err)
-			}
-		}
-		return nil
-	}()
-	if cerr := unix.Close(fd); err == nil && cerr != nil {
-		err = fmt.Errorf("close: %w", cerr)
-	}
-	if err != nil {
+	if err := fillAndClose(fd, data, perm, sync); err != nil {
 		_ = unix.Unlinkat(dirfd, spare, 0)
 		return "", false, err
 	}
