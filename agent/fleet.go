@@ -50,17 +50,34 @@ type fleetUser struct {
 	lease    uint64      // ceiling on the metric of own (hasLease)
 	hasLease bool
 	fallback uint64 // ceiling enforced without a lease, before the database answered once
+	// kernel is a ceiling on the metric of own that the kernel enforces:
+	// that of its budget, the lease the budget was computed for or the
+	// count if more (a lease lowered below what the kernel let through
+	// meanwhile). A budget lower than kernel leaves it as it is until the
+	// report after the budget was written (lower).
+	kernel   uint64
+	lower    *kernelCheck
 	rateMark uint64 // metric of own at the last report
 	rate     uint64 // the rate of the last lease request
 	dirty    bool   // in baseQ
 }
 
-// held is the ceiling on the metric of own this node may be enforcing.
+// kernelCheck is what a lowered kernel budget was computed from: its lease
+// (limit), the own count it took as used, and the kernel's charged total
+// read before (q).
+type kernelCheck struct{ limit, used, q uint64 }
+
+// held is the ceiling on the metric of own this node may be enforcing:
+// its lease, or more while the kernel's budget is still one computed for
+// a higher lease or for a count already past the lease. The database
+// records at least this, so it never grants another node bytes this
+// node's kernel may have let through.
 func (f *fleetUser) held() uint64 {
+	h := f.fallback
 	if f.hasLease {
-		return f.lease
+		h = f.lease
 	}
-	return f.fallback
+	return max(h, f.kernel)
 }
 
 type fleetReply struct {
@@ -215,7 +232,7 @@ func (a *Agent) fleetEvent(name string, e quota.Event) {
 func (a *Agent) fleetNewPeriod(name string, f *fleetUser, period uint64) {
 	f.period = period
 	f.own, f.others, f.acked = quota.Usage{}, quota.Usage{}, quota.Usage{}
-	f.hasLease, f.lease, f.fallback, f.rateMark = false, 0, 0, 0
+	f.hasLease, f.lease, f.fallback, f.kernel, f.lower, f.rateMark = false, 0, 0, 0, nil, 0
 	a.fl.pend[name] = true
 	a.fleetDirty(name, f)
 	if u := a.users[name]; u != nil {
@@ -249,6 +266,43 @@ func (a *Agent) fleetBudget(u *user, limit, used uint64) (uint64, uint64) {
 	}
 	// Waiting for the first grant (within a tick): nothing more.
 	return own, own
+}
+
+// fleetAnchored records the ceiling on the node's own count of u that u's
+// new kernel budget enforces: the budget lets the rest of limit through
+// on top of used (the own count with what the kernel counted since the
+// last sample), nothing if used is past limit. A budget lower than the
+// one before (the lease lowered) lets through, on top of used, what the
+// kernel let through under the budget before until the new one was
+// written: its ceiling is known once written (fleetLowered).
+func (a *Agent) fleetAnchored(u *user, limit, used, q uint64) {
+	if a.fl == nil {
+		return
+	}
+	f := a.fleetUserOf(u.r.name)
+	if c := max(limit, used); c >= f.kernel {
+		f.kernel, f.lower = c, nil
+		return
+	}
+	f.lower = &kernelCheck{limit: limit, used: used, q: q}
+}
+
+// fleetLowered works out the ceiling a lowered kernel budget enforces, once
+// written: what the kernel charged since its basis was read (q) passed on
+// top of used, and the budget refuses more past its lease. (A program run
+// on another CPU that read the budget before it was written ends within
+// microseconds of the write.)
+func (a *Agent) fleetLowered(f *fleetUser, key uint32) error {
+	c := f.lower
+	if c == nil {
+		return nil
+	}
+	q, err := a.dp.QuotaUsed(key)
+	if err != nil {
+		return err
+	}
+	f.kernel, f.lower = max(c.limit, c.used+q-min(q, c.q)), nil
+	return nil
 }
 
 // fleetReport hands this tick's report to the fleet client unless one is
@@ -293,7 +347,16 @@ func (a *Agent) fleetReport(now time.Time) error {
 			continue
 		}
 		t := u.r.terms()
-		if _, n := a.kernelKeys(u); n == 0 || t.plan.Limit == 0 || t.st.Blocked || t.st.Override.Active {
+		keys, n := a.kernelKeys(u)
+		if n == 0 || t.plan.Limit == 0 || t.st.Blocked || t.st.Override.Active {
+			continue
+		}
+		if a.kernel.unwritten(keys[:n]) || a.fleetLowered(f, keys[0]) != nil {
+			// Its budget is not in the kernel yet (a write failed, retried
+			// next tick), or what it enforces is not known: the database
+			// keeps its record, which covers the budget before. It asks
+			// again at the next tick.
+			fl.pend[name] = true
 			continue
 		}
 		m := a.rules.Metric.Of(f.own)
