@@ -55,8 +55,12 @@ type fleetUser struct {
 	// count if more (a lease lowered below what the kernel let through
 	// meanwhile). A budget lower than kernel leaves it as it is until the
 	// report after the budget was written (lower).
-	kernel   uint64
-	lower    *kernelCheck
+	kernel uint64
+	lower  *kernelCheck
+	// unsaved is the lease before a lowering that the state database may
+	// still have (a node restarted enforces the lease it has), until a
+	// commit after the lowering succeeded (fleetSaveLowered).
+	unsaved  uint64
 	rateMark uint64 // metric of own at the last report
 	rate     uint64 // the rate of the last lease request
 	dirty    bool   // in baseQ
@@ -77,7 +81,7 @@ func (f *fleetUser) held() uint64 {
 	if f.hasLease {
 		h = f.lease
 	}
-	return max(h, f.kernel)
+	return max(h, f.kernel, f.unsaved)
 }
 
 type fleetReply struct {
@@ -113,8 +117,9 @@ type fleetSide struct {
 	wrote     stamp
 	editAt    time.Time
 	edited    []opsfiles.Entry
-	importing bool // an import is out
-	released  bool // a reply lowered a lease
+	importing bool     // an import is out
+	released  bool     // a reply lowered a lease
+	unsaved   []string // users whose lowered lease may not be committed yet
 	rewrite   bool
 
 	events    []fleet.Event
@@ -232,7 +237,7 @@ func (a *Agent) fleetEvent(name string, e quota.Event) {
 func (a *Agent) fleetNewPeriod(name string, f *fleetUser, period uint64) {
 	f.period = period
 	f.own, f.others, f.acked = quota.Usage{}, quota.Usage{}, quota.Usage{}
-	f.hasLease, f.lease, f.fallback, f.kernel, f.lower, f.rateMark = false, 0, 0, 0, nil, 0
+	f.hasLease, f.lease, f.fallback, f.kernel, f.lower, f.unsaved, f.rateMark = false, 0, 0, 0, nil, 0, 0
 	a.fl.pend[name] = true
 	a.fleetDirty(name, f)
 	if u := a.users[name]; u != nil {
@@ -313,6 +318,7 @@ func (a *Agent) fleetReport(now time.Time) error {
 	if fl.busy {
 		return fl.status(now)
 	}
+	a.fleetSaveLowered()
 	r := &fleet.Report{Events: fl.events, Rollovers: fl.rollovers}
 	fl.events, fl.rollovers = nil, nil
 	// The users to look at: those that moved, changed or wait for room
@@ -382,6 +388,24 @@ func (a *Agent) fleetReport(now time.Time) error {
 	fl.busy = true
 	fl.in <- r
 	return fl.status(now)
+}
+
+// fleetSaveLowered commits the state database's pending batch, which has
+// the leases lowered since the last report, before a report says they are
+// lower: a node killed after the report restarts with the lease the
+// database records, not the one before, which another node may have been
+// granted. A failed commit leaves them held at the leases before.
+func (a *Agent) fleetSaveLowered() {
+	fl := a.fl
+	if len(fl.unsaved) == 0 || a.commits.flush() != nil {
+		return
+	}
+	for _, name := range fl.unsaved {
+		if f := fl.users[name]; f != nil {
+			f.unsaved = 0
+		}
+	}
+	fl.unsaved = fl.unsaved[:0]
 }
 
 // status is the fleet's part of the health: the last sync's error.
@@ -509,6 +533,10 @@ func (a *Agent) fleetApply(rep fleetReply, now time.Time) {
 		if !f.hasLease || f.lease != g.Ceiling {
 			if f.hasLease && g.Ceiling < f.lease {
 				fl.released = true // say so at once: another node waits for it
+				if f.unsaved == 0 {
+					fl.unsaved = append(fl.unsaved, g.Name)
+				}
+				f.unsaved = max(f.unsaved, f.lease)
 			}
 			f.lease, f.hasLease = g.Ceiling, true
 			a.fleetDirty(g.Name, f)

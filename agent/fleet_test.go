@@ -251,3 +251,44 @@ func TestFleetLoweredLeaseUnwritten(t *testing.T) {
 	f.spend()
 	t.Logf("a %d (lease lowered from %d to %d) + b %d = %d of %d", a.moved(), old, lowered, f.b.moved(), a.moved()+f.b.moved(), leaseLimit)
 }
+
+// TestFleetLoweredLeaseSavedFirst: a node that gives room back has its
+// lower lease in its state database before it says so: a node killed
+// right after the report comes back enforcing the lower lease, not the
+// one before, which the database may have granted to another node.
+func TestFleetLoweredLeaseSavedFirst(t *testing.T) {
+	f := newLeaseFleet(t)
+	a := f.a
+	r, res, old, lowered := f.lowerA()
+	// The reply and the report that gives the room back, and no commit of
+	// the loop's own (the committer has not run yet).
+	a.a.fleetApply(fleetReply{report: r, res: res}, a.clock)
+	r = <-a.a.fl.in
+	res, err := a.a.fl.c.Sync(context.Background(), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.a.fleetApply(fleetReply{report: r, res: res}, a.clock)
+	// b takes the room; a is killed (what the committer had not committed
+	// is lost) and starts again.
+	f.b.dp.blast(1001, 1<<30, 1000, false)
+	f.round(f.b)
+	f.hold("b renews")
+	a.fleet.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	c, err := fleet.Connect(ctx, fleet.Options{DSN: a.cfg.Fleet.Database, Node: a.name, Metric: a.cfg.Rules().Metric, Version: "test"})
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	a.fleet = c
+	a.start()
+	a.step(time.Second) // the budget from the state database, before the first sync
+	a.dp.blast(1001, 1<<30, 1000, false)
+	f.hold("a restarted")
+	for a.sync(t) {
+	}
+	f.spend()
+	t.Logf("a %d (lease lowered from %d to %d) + b %d = %d of %d", a.moved(), old, lowered, f.b.moved(), a.moved()+f.b.moved(), leaseLimit)
+}
