@@ -46,6 +46,7 @@ type fleetUser struct {
 	rev      uint64
 	own      quota.Usage // this node's count in period
 	others   quota.Usage // the other nodes', as last read
+	nodes    int         // the nodes that counted some of the user in period, as last read
 	acked    quota.Usage // own as the database has it
 	lease    uint64      // ceiling on the metric of own (hasLease)
 	hasLease bool
@@ -236,7 +237,7 @@ func (a *Agent) fleetEvent(name string, e quota.Event) {
 // fleetNewPeriod starts the user's new usage period on this node.
 func (a *Agent) fleetNewPeriod(name string, f *fleetUser, period uint64) {
 	f.period = period
-	f.own, f.others, f.acked = quota.Usage{}, quota.Usage{}, quota.Usage{}
+	f.own, f.others, f.acked, f.nodes = quota.Usage{}, quota.Usage{}, quota.Usage{}, 0
 	f.hasLease, f.lease, f.fallback, f.kernel, f.lower, f.unsaved, f.rateMark = false, 0, 0, 0, nil, 0, 0
 	a.fl.pend[name] = true
 	a.fleetDirty(name, f)
@@ -271,6 +272,23 @@ func (a *Agent) fleetBudget(u *user, limit, used uint64) (uint64, uint64) {
 	}
 	// Waiting for the first grant (within a tick): nothing more.
 	return own, own
+}
+
+// fleetSlack is how close to the limit a user's global usage counts as
+// reaching it: the kernel's slack (kernelSlack) once per node that counted
+// some of it in the period, as each node's kernel may refuse a packet a
+// whole GSO batch short of its lease and the user then move nothing more
+// on it (at most 1/16 of the limit, as on one server, unless one node's
+// slack is more).
+func (a *Agent) fleetSlack(name string, limit, slack uint64) uint64 {
+	if a.fl == nil {
+		return slack
+	}
+	f := a.fl.users[name]
+	if f == nil || f.nodes <= 1 {
+		return slack
+	}
+	return min(slack*uint64(f.nodes), max(slack, limit/16))
 }
 
 // fleetAnchored records the ceiling on the node's own count of u that u's
@@ -595,6 +613,7 @@ func (a *Agent) fleetUsers(us []fleet.User, now time.Time) {
 			// The others' usage: the sum less this node's row, which the
 			// database has as this node last sent it.
 			f.others = quota.Usage{Up: d.Used.Up - min(d.Used.Up, f.acked.Up), Down: d.Used.Down - min(d.Used.Down, f.acked.Down)}
+			f.nodes = d.Nodes
 			fl.pend[d.Name] = true // renew its lease
 		}
 		if d.Rev != f.rev {

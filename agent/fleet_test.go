@@ -194,6 +194,13 @@ func (f *leaseFleet) spend() {
 	if total < leaseLimit-2*kernelSlack(leaseLimit) {
 		f.t.Errorf("only %d of %d bytes used", total, leaseLimit)
 	}
+	// Within a kernel slack of the limit per node that moved john: each
+	// kernel may have refused a packet a batch short of its lease.
+	for _, n := range f.nodes {
+		if u := n.a.users["john"]; !u.r.state().Blocked || n.a.fleetSlack("john", leaseLimit, kernelSlack(leaseLimit)) != 2*kernelSlack(leaseLimit) {
+			f.t.Errorf("node %s: john not blocked at %d of %d, or not with a slack per node", n.name, total, leaseLimit)
+		}
+	}
 }
 
 // TestFleetLoweredLeaseHoldsCount: a node whose lease the database lowers
