@@ -178,7 +178,7 @@ func (a *Agent) evaluateUser(u *user, now time.Time, today string) {
 	t := u.r.terms()
 	var slack uint64
 	if _, n := a.kernelKeys(u); n > 0 || t.proto == quota.SSH {
-		slack = kernelSlack(t.plan.Limit)
+		slack = a.fleetSlack(u.r.name, t.plan.Limit, kernelSlack(t.plan.Limit))
 	}
 	wasBlocked := a.xrayBlocked(u.r)
 	// On a copy: a user the rules leave alone keeps its published record.

@@ -17,6 +17,7 @@ import (
 
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/config"
+	"github.com/myvpn/bwagent/fleet"
 	"github.com/myvpn/bwagent/internal/uidguard"
 	"github.com/myvpn/bwagent/nft"
 	"github.com/myvpn/bwagent/opsfiles"
@@ -38,6 +39,7 @@ type fakeDP struct {
 	quotaUsed map[uint32]uint64
 	detached  bool
 	failNext  error
+	failWrite error // every policy write fails while set
 	moved     map[uint32]bool
 	stats     bpf.Stats
 }
@@ -134,6 +136,9 @@ func (f *fakeDP) EachMoved(fn func(uint32, bpf.Counters)) error {
 func (f *fakeDP) ApplyPolicies(changes map[uint32]bpf.Policy) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.failWrite != nil {
+		return f.failWrite
+	}
 	for uid, p := range changes {
 		if (p == bpf.Policy{}) {
 			delete(f.policies, uid)
@@ -157,6 +162,9 @@ func (f *fakeDP) QuotaUsed(uid uint32) (uint64, error) {
 func (f *fakeDP) ReconcilePolicies(desired map[uint32]bpf.Policy) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.failWrite != nil {
+		return 0, f.failWrite
+	}
 	n := 0
 	for uid, p := range desired {
 		if f.policies[uid] != p {
@@ -215,6 +223,7 @@ type env struct {
 	socks     Sockets          // nil: sockkill's
 	clockFn   func() time.Time // nil: the test's clock
 	observers []Observer
+	fleet     *fleet.Client // nil: no fleet
 }
 
 const passwd = `root:x:0:0:root:/root:/bin/bash
@@ -227,6 +236,15 @@ sys:x:999:999::/:/bin/false
 `
 
 func newEnv(t *testing.T) *env {
+	t.Helper()
+	e := newEnvFiles(t)
+	e.start()
+	return e
+}
+
+// newEnvFiles is newEnv before the agent starts: its configuration and
+// passwd.
+func newEnvFiles(t *testing.T) *env {
 	t.Helper()
 	dir := t.TempDir()
 	cfg := config.Default()
@@ -242,7 +260,6 @@ func newEnv(t *testing.T) *env {
 	e := &env{t: t, dir: dir, cfg: cfg, dp: newFakeDP(), fw: &fakeFW{},
 		clock: time.Date(2026, 11, 29, 10, 0, 0, 0, time.UTC)}
 	e.write("passwd", passwd)
-	e.start()
 	return e
 }
 
@@ -273,7 +290,7 @@ func (e *env) start() {
 	}
 	e.t.Cleanup(func() { st.Close() })
 	e.logs = &strings.Builder{}
-	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st, Xray: e.xray, XrayKernel: e.xk, Sockets: e.socks,
+	a, err := New(Options{Config: e.cfg, Dataplane: e.dp, Firewall: e.fw, Store: st, Xray: e.xray, XrayKernel: e.xk, Sockets: e.socks, Fleet: e.fleet,
 		Log: slog.New(slog.NewTextHandler(syncWriter{b: e.logs}, nil)), Now: now, Observers: e.observers})
 	if err != nil {
 		e.t.Fatal(err)

@@ -46,21 +46,43 @@ type fleetUser struct {
 	rev      uint64
 	own      quota.Usage // this node's count in period
 	others   quota.Usage // the other nodes', as last read
+	nodes    int         // the nodes that counted some of the user in period, as last read
 	acked    quota.Usage // own as the database has it
 	lease    uint64      // ceiling on the metric of own (hasLease)
 	hasLease bool
 	fallback uint64 // ceiling enforced without a lease, before the database answered once
+	// kernel is a ceiling on the metric of own that the kernel enforces:
+	// that of its budget, the lease the budget was computed for or the
+	// count if more (a lease lowered below what the kernel let through
+	// meanwhile). A budget lower than kernel leaves it as it is until the
+	// report after the budget was written (lower).
+	kernel uint64
+	lower  *kernelCheck
+	// unsaved is the lease before a lowering that the state database may
+	// still have (a node restarted enforces the lease it has), until a
+	// commit after the lowering succeeded (fleetSaveLowered).
+	unsaved  uint64
 	rateMark uint64 // metric of own at the last report
 	rate     uint64 // the rate of the last lease request
 	dirty    bool   // in baseQ
 }
 
-// held is the ceiling on the metric of own this node may be enforcing.
+// kernelCheck is what a lowered kernel budget was computed from: its lease
+// (limit), the own count it took as used, and the kernel's charged total
+// read before (q).
+type kernelCheck struct{ limit, used, q uint64 }
+
+// held is the ceiling on the metric of own this node may be enforcing:
+// its lease, or more while the kernel's budget is still one computed for
+// a higher lease or for a count already past the lease. The database
+// records at least this, so it never grants another node bytes this
+// node's kernel may have let through.
 func (f *fleetUser) held() uint64 {
+	h := f.fallback
 	if f.hasLease {
-		return f.lease
+		h = f.lease
 	}
-	return f.fallback
+	return max(h, f.kernel, f.unsaved)
 }
 
 type fleetReply struct {
@@ -96,8 +118,9 @@ type fleetSide struct {
 	wrote     stamp
 	editAt    time.Time
 	edited    []opsfiles.Entry
-	importing bool // an import is out
-	released  bool // a reply lowered a lease
+	importing bool     // an import is out
+	released  bool     // a reply lowered a lease
+	unsaved   []string // users whose lowered lease may not be committed yet
 	rewrite   bool
 
 	events    []fleet.Event
@@ -214,8 +237,8 @@ func (a *Agent) fleetEvent(name string, e quota.Event) {
 // fleetNewPeriod starts the user's new usage period on this node.
 func (a *Agent) fleetNewPeriod(name string, f *fleetUser, period uint64) {
 	f.period = period
-	f.own, f.others, f.acked = quota.Usage{}, quota.Usage{}, quota.Usage{}
-	f.hasLease, f.lease, f.fallback, f.rateMark = false, 0, 0, 0
+	f.own, f.others, f.acked, f.nodes = quota.Usage{}, quota.Usage{}, quota.Usage{}, 0
+	f.hasLease, f.lease, f.fallback, f.kernel, f.lower, f.unsaved, f.rateMark = false, 0, 0, 0, nil, 0, 0
 	a.fl.pend[name] = true
 	a.fleetDirty(name, f)
 	if u := a.users[name]; u != nil {
@@ -251,6 +274,60 @@ func (a *Agent) fleetBudget(u *user, limit, used uint64) (uint64, uint64) {
 	return own, own
 }
 
+// fleetSlack is how close to the limit a user's global usage counts as
+// reaching it: the kernel's slack (kernelSlack) once per node that counted
+// some of it in the period, as each node's kernel may refuse a packet a
+// whole GSO batch short of its lease and the user then move nothing more
+// on it (at most 1/16 of the limit, as on one server, unless one node's
+// slack is more).
+func (a *Agent) fleetSlack(name string, limit, slack uint64) uint64 {
+	if a.fl == nil {
+		return slack
+	}
+	f := a.fl.users[name]
+	if f == nil || f.nodes <= 1 {
+		return slack
+	}
+	return min(slack*uint64(f.nodes), max(slack, limit/16))
+}
+
+// fleetAnchored records the ceiling on the node's own count of u that u's
+// new kernel budget enforces: the budget lets the rest of limit through
+// on top of used (the own count with what the kernel counted since the
+// last sample), nothing if used is past limit. A budget lower than the
+// one before (the lease lowered) lets through, on top of used, what the
+// kernel let through under the budget before until the new one was
+// written: its ceiling is known once written (fleetLowered).
+func (a *Agent) fleetAnchored(u *user, limit, used, q uint64) {
+	if a.fl == nil {
+		return
+	}
+	f := a.fleetUserOf(u.r.name)
+	if c := max(limit, used); c >= f.kernel {
+		f.kernel, f.lower = c, nil
+		return
+	}
+	f.lower = &kernelCheck{limit: limit, used: used, q: q}
+}
+
+// fleetLowered works out the ceiling a lowered kernel budget enforces, once
+// written: what the kernel charged since its basis was read (q) passed on
+// top of used, and the budget refuses more past its lease. (A program run
+// on another CPU that read the budget before it was written ends within
+// microseconds of the write.)
+func (a *Agent) fleetLowered(f *fleetUser, key uint32) error {
+	c := f.lower
+	if c == nil {
+		return nil
+	}
+	q, err := a.dp.QuotaUsed(key)
+	if err != nil {
+		return err
+	}
+	f.kernel, f.lower = max(c.limit, c.used+q-min(q, c.q)), nil
+	return nil
+}
+
 // fleetReport hands this tick's report to the fleet client unless one is
 // out.
 func (a *Agent) fleetReport(now time.Time) error {
@@ -259,6 +336,7 @@ func (a *Agent) fleetReport(now time.Time) error {
 	if fl.busy {
 		return fl.status(now)
 	}
+	a.fleetSaveLowered()
 	r := &fleet.Report{Events: fl.events, Rollovers: fl.rollovers}
 	fl.events, fl.rollovers = nil, nil
 	// The users to look at: those that moved, changed or wait for room
@@ -293,7 +371,16 @@ func (a *Agent) fleetReport(now time.Time) error {
 			continue
 		}
 		t := u.r.terms()
-		if _, n := a.kernelKeys(u); n == 0 || t.plan.Limit == 0 || t.st.Blocked || t.st.Override.Active {
+		keys, n := a.kernelKeys(u)
+		if n == 0 || t.plan.Limit == 0 || t.st.Blocked || t.st.Override.Active {
+			continue
+		}
+		if a.kernel.unwritten(keys[:n]) || a.fleetLowered(f, keys[0]) != nil {
+			// Its budget is not in the kernel yet (a write failed, retried
+			// next tick), or what it enforces is not known: the database
+			// keeps its record, which covers the budget before. It asks
+			// again at the next tick.
+			fl.pend[name] = true
 			continue
 		}
 		m := a.rules.Metric.Of(f.own)
@@ -319,6 +406,24 @@ func (a *Agent) fleetReport(now time.Time) error {
 	fl.busy = true
 	fl.in <- r
 	return fl.status(now)
+}
+
+// fleetSaveLowered commits the state database's pending batch, which has
+// the leases lowered since the last report, before a report says they are
+// lower: a node killed after the report restarts with the lease the
+// database records, not the one before, which another node may have been
+// granted. A failed commit leaves them held at the leases before.
+func (a *Agent) fleetSaveLowered() {
+	fl := a.fl
+	if len(fl.unsaved) == 0 || a.commits.flush() != nil {
+		return
+	}
+	for _, name := range fl.unsaved {
+		if f := fl.users[name]; f != nil {
+			f.unsaved = 0
+		}
+	}
+	fl.unsaved = fl.unsaved[:0]
 }
 
 // status is the fleet's part of the health: the last sync's error.
@@ -446,6 +551,10 @@ func (a *Agent) fleetApply(rep fleetReply, now time.Time) {
 		if !f.hasLease || f.lease != g.Ceiling {
 			if f.hasLease && g.Ceiling < f.lease {
 				fl.released = true // say so at once: another node waits for it
+				if f.unsaved == 0 {
+					fl.unsaved = append(fl.unsaved, g.Name)
+				}
+				f.unsaved = max(f.unsaved, f.lease)
 			}
 			f.lease, f.hasLease = g.Ceiling, true
 			a.fleetDirty(g.Name, f)
@@ -504,6 +613,7 @@ func (a *Agent) fleetUsers(us []fleet.User, now time.Time) {
 			// The others' usage: the sum less this node's row, which the
 			// database has as this node last sent it.
 			f.others = quota.Usage{Up: d.Used.Up - min(d.Used.Up, f.acked.Up), Down: d.Used.Down - min(d.Used.Down, f.acked.Down)}
+			f.nodes = d.Nodes
 			fl.pend[d.Name] = true // renew its lease
 		}
 		if d.Rev != f.rev {

@@ -126,6 +126,17 @@ func (k *kernelSide) setPolicy(uid uint32, p bpf.Policy) {
 	k.changes[uid] = p
 }
 
+// unwritten reports whether a policy change of one of keys has not been
+// written to the kernel yet.
+func (k *kernelSide) unwritten(keys []uint32) bool {
+	for _, key := range keys {
+		if _, ok := k.changes[key]; ok {
+			return true
+		}
+	}
+	return false
+}
+
 // release drops whatever uid's policy was: its user left or no longer owns
 // it.
 func (k *kernelSide) release(uid uint32) { k.setPolicy(uid, bpf.Policy{}) }
@@ -420,6 +431,7 @@ func (a *Agent) anchor(u *user, keys []uint32) (anchor, error) {
 	if used < limit {
 		remaining = limit - used
 	}
+	a.fleetAnchored(u, limit, used, q)
 	u.anchor = anchor{key: keys[0], limit: limit, lastReset: t.st.LastReset, metric: a.rules.Metric, ceiling: bpf.Ceiling(q, remaining)}
 	u.hasAnchor = true
 	return u.anchor, nil

@@ -268,6 +268,8 @@ type User struct {
 	LastReset    time.Time
 	// Used is the sum of every node's usage in Period.
 	Used quota.Usage
+	// Nodes is how many nodes counted some of Used.
+	Nodes int
 }
 
 // Grant is a node's new lease: the ceiling on its own count of the user in
@@ -607,19 +609,20 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 
 // userSelect reads users.
 const userSelect = `SELECT p.name, p.period, p.rev, p.has_line, p.limit_bytes, p.reset, p.expires, p.devices, p.plan_at,
-	p.disabled, p.unblocked, p.unblock_limit, p.unblock_until, p.last_reset, p.used_up, p.used_down, p.speed, p.throttle
+	p.disabled, p.unblocked, p.unblock_limit, p.unblock_until, p.last_reset, p.used_up, p.used_down, p.speed, p.throttle,
+	(SELECT count(*) FROM usage u WHERE u.name = p.name AND u.period = p.period AND (u.up > 0 OR u.down > 0))
 	FROM plans p`
 
 func scanUsers(rows pgx.Rows) ([]User, error) {
 	var out []User
 	for rows.Next() {
 		var u User
-		var period, rev, limit, ulimit, up, down int64
+		var period, rev, limit, ulimit, up, down, nodes int64
 		var reset, expires, speed, throttle string
 		var devices int32
 		var planAt, until, lastReset *time.Time
 		if err := rows.Scan(&u.Name, &period, &rev, &u.Line, &limit, &reset, &expires, &devices, &planAt,
-			&u.Disabled, &u.Unblocked, &ulimit, &until, &lastReset, &up, &down, &speed, &throttle); err != nil {
+			&u.Disabled, &u.Unblocked, &ulimit, &until, &lastReset, &up, &down, &speed, &throttle, &nodes); err != nil {
 			return nil, err
 		}
 		u.Period, u.Rev, u.UnblockLimit = uint64(period), uint64(rev), uint64(ulimit)
@@ -647,7 +650,7 @@ func scanUsers(rows pgx.Rows) ([]User, error) {
 				*p.dst = *p.src
 			}
 		}
-		u.Used = quota.Usage{Up: uint64(up), Down: uint64(down)}
+		u.Used, u.Nodes = quota.Usage{Up: uint64(up), Down: uint64(down)}, int(nodes)
 		out = append(out, u)
 	}
 	return out, rows.Err()

@@ -12,7 +12,9 @@ package fleet
 // out what no node holds (free), plus the granting node's own room; a node
 // gives room back by lowering its own kernel budget first and saying so in
 // its next report (held), never the other way round, so the database never
-// records less than a node may be enforcing.
+// records less than a node may be enforcing. Held is the ceiling the node's
+// kernel enforces, which may be above its lease: a lease lowered below what
+// the node's kernel let through under the lease before holds that count.
 //
 // How the remainder is shared follows demand: the nodes that moved the
 // user recently share it by their rates (one active node gets all of it
