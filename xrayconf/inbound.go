@@ -250,17 +250,23 @@ func (e emails) dup(email string, i int) (int, bool) {
 }
 
 func (c *Config) vless(raw *rawInbound, in *Inbound) error {
-	var s vlessSettings
+	var s struct {
+		Clients []vlessClient `json:"clients"`
+		Flow    string        `json:"flow"`
+	}
 	if err := json.Unmarshal(raw.settings(), &s); err != nil {
-		return raw.invalid("%s", jsonErr("settings", err))
+		var slow vlessSettings
+		if err := json.Unmarshal(raw.settings(), &slow); err != nil {
+			return raw.invalid("%s", jsonErr("settings", err))
+		}
+		if s.Clients, err = eachClient[vlessClient](raw, slow.Clients); err != nil {
+			return err
+		}
+		s.Flow = slow.Flow
 	}
 	seen := make(emails, len(s.Clients))
 	in.Users = slices.Grow(in.Users, len(s.Clients))
-	for i, rc := range s.Clients {
-		var cl vlessClient
-		if err := json.Unmarshal(rc, &cl); err != nil {
-			return raw.invalid("%s", jsonErr(fmt.Sprintf("settings.clients[%d]", i), err))
-		}
+	for i, cl := range s.Clients {
 		if !validID(cl.ID) {
 			return raw.invalid("settings.clients[%d]: id %q is no UUID (nor a string of 1 to 30 bytes)", i, cl.ID)
 		}
@@ -276,18 +282,35 @@ func (c *Config) vless(raw *rawInbound, in *Inbound) error {
 	return nil
 }
 
+// eachClient decodes an inbound's clients one at a time, so that an error
+// names the client: the way after a decode of the whole list failed (the
+// whole list in one pass is what thousands of clients cost least).
+func eachClient[T any](raw *rawInbound, clients []json.RawMessage) ([]T, error) {
+	list := make([]T, len(clients))
+	for i, rc := range clients {
+		if err := json.Unmarshal(rc, &list[i]); err != nil {
+			return nil, raw.invalid("%s", jsonErr(fmt.Sprintf("settings.clients[%d]", i), err))
+		}
+	}
+	return list, nil
+}
+
 func (c *Config) vmess(raw *rawInbound, in *Inbound) error {
-	var s vmessSettings
+	var s struct {
+		Clients []vmessClient `json:"clients"`
+	}
 	if err := json.Unmarshal(raw.settings(), &s); err != nil {
-		return raw.invalid("%s", jsonErr("settings", err))
+		var slow vmessSettings
+		if err := json.Unmarshal(raw.settings(), &slow); err != nil {
+			return raw.invalid("%s", jsonErr("settings", err))
+		}
+		if s.Clients, err = eachClient[vmessClient](raw, slow.Clients); err != nil {
+			return err
+		}
 	}
 	seen := make(emails, len(s.Clients))
 	in.Users = slices.Grow(in.Users, len(s.Clients))
-	for i, rc := range s.Clients {
-		var cl vmessClient
-		if err := json.Unmarshal(rc, &cl); err != nil {
-			return raw.invalid("%s", jsonErr(fmt.Sprintf("settings.clients[%d]", i), err))
-		}
+	for i, cl := range s.Clients {
 		if !validID(cl.ID) {
 			return raw.invalid("settings.clients[%d]: id %q is no UUID (nor a string of 1 to 30 bytes)", i, cl.ID)
 		}

@@ -156,6 +156,17 @@ func stripComments(data []byte, pos *[]int) []byte {
 // data as LINE:COL.
 func decodeJSONC(name string, data []byte, v any) error {
 	clean := stripComments(data, nil)
+	// The usual file is one value and nothing after it: decoded in place.
+	// A json.Decoder copies the input into a buffer it grows as it reads
+	// (two to three times the file in garbage); it reads the first value
+	// alone, as Xray does, and says where an error is, so a file the fast
+	// way refuses is decoded again that way, into a fresh value.
+	if json.Unmarshal(clean, v) == nil {
+		return nil
+	}
+	if rv := reflect.ValueOf(v); rv.Kind() == reflect.Pointer && !rv.IsNil() {
+		rv.Elem().SetZero()
+	}
 	dec := json.NewDecoder(bytes.NewReader(clean))
 	err := dec.Decode(v)
 	if err == nil {

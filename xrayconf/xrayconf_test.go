@@ -286,6 +286,8 @@ func TestDecodeErrors(t *testing.T) {
 			ErrInvalid, `test.json: inbound "t": settings.clients.level: got a JSON number 300, want a whole number from 0 to 255`},
 		{"vless level type", `{"inbounds": [{"tag": "t", "protocol": "vless", "settings": {"clients": [{"id": "x", "level": "1"}]}}]}`,
 			ErrInvalid, `inbound "t": settings.clients[0].level: got a JSON string, want a whole number`},
+		{"vmess id type, second client", `{"inbounds": [{"tag": "t", "protocol": "vmess", "settings": {"clients": [{"id": "2033d348-ecb9-4486-a427-7dafdd8435cf", "email": "a"}, {"id": 5, "email": "b"}]}}]}`,
+			ErrInvalid, `inbound "t": settings.clients[1].id: got a JSON number, want a string`},
 		{"bad port", `{"inbounds": [{"protocol": "vless", "port": "44x"}]}`, ErrInvalid, `untagged inbound inbounds[0]: port "44x": invalid port "44x"`},
 		{"bad port type", `{"inbounds": [{"tag": "t", "protocol": "vless", "port": true}]}`, ErrInvalid, `inbound "t": port true: want a number or a string`},
 		{"duplicate tag", `{"inbounds": [{"tag": "a", "protocol": "socks"}, {"tag": "a", "protocol": "vmess"}]}`,
