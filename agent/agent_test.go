@@ -39,9 +39,17 @@ type fakeDP struct {
 	quotaUsed map[uint32]uint64
 	detached  bool
 	failNext  error
-	failWrite error // every policy write fails while set
+	failWrite error // every policy write fails while set (failWrites)
 	moved     map[uint32]bool
 	stats     bpf.Stats
+}
+
+// failWrites makes every policy write fail with err from now on, or none
+// if err is nil.
+func (f *fakeDP) failWrites(err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.failWrite = err
 }
 
 func newFakeDP() *fakeDP {

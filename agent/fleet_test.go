@@ -217,13 +217,26 @@ func TestFleetLoweredLeaseHoldsCount(t *testing.T) {
 	if a.moved() <= lowered {
 		t.Fatalf("a moved %d, no more than its lowered lease %d", a.moved(), lowered)
 	}
-	a.a.fleetApply(fleetReply{report: r, res: res}, a.clock)
-	a.a.commits.flush()
-	for a.sync(t) { // the lower lease reported at once
-	}
+	f.applyToA(r, res)
 	f.hold("a's lease lowered")
 	f.spend()
-	t.Logf("a %d (lease lowered from %d to %d) + b %d = %d of %d", a.moved(), old, lowered, f.b.moved(), a.moved()+f.b.moved(), leaseLimit)
+	f.logMoved(old, lowered)
+}
+
+// applyToA applies the reply that lowered a's lease, commits, and sends
+// a's reports until none is due: the lower lease is reported at once.
+func (f *leaseFleet) applyToA(r *fleet.Report, res *fleet.Result) {
+	a := f.a
+	a.a.fleetApply(fleetReply{report: r, res: res}, a.clock)
+	a.a.commits.flush()
+	for a.sync(f.t) {
+	}
+}
+
+// logMoved logs what a and b moved, a's lease lowered from old to lowered.
+func (f *leaseFleet) logMoved(old, lowered uint64) {
+	a, b := f.a.moved(), f.b.moved()
+	f.t.Logf("a %d (lease lowered from %d to %d) + b %d = %d of %d", a, old, lowered, b, a+b, leaseLimit)
 }
 
 // TestFleetLoweredLeaseUnwritten: a lowered lease whose kernel budget could
@@ -234,13 +247,8 @@ func TestFleetLoweredLeaseUnwritten(t *testing.T) {
 	f := newLeaseFleet(t)
 	a := f.a
 	r, res, old, lowered := f.lowerA()
-	a.dp.mu.Lock()
-	a.dp.failWrite = errors.New("map write refused")
-	a.dp.mu.Unlock()
-	a.a.fleetApply(fleetReply{report: r, res: res}, a.clock)
-	a.a.commits.flush()
-	for a.sync(t) {
-	}
+	a.dp.failWrites(errors.New("map write refused"))
+	f.applyToA(r, res)
 	// b renews from what the database says is free; a's kernel, under the
 	// budget before, lets through what it allows.
 	f.b.dp.blast(1001, 1<<30, 1000, false)
@@ -252,11 +260,9 @@ func TestFleetLoweredLeaseUnwritten(t *testing.T) {
 	f.hold("a's lease lowered, not written")
 	f.round(a)
 	f.hold("a's write failed again")
-	a.dp.mu.Lock()
-	a.dp.failWrite = nil
-	a.dp.mu.Unlock()
+	a.dp.failWrites(nil)
 	f.spend()
-	t.Logf("a %d (lease lowered from %d to %d) + b %d = %d of %d", a.moved(), old, lowered, f.b.moved(), a.moved()+f.b.moved(), leaseLimit)
+	f.logMoved(old, lowered)
 }
 
 // TestFleetLoweredLeaseSavedFirst: a node that gives room back has its
