@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"sync"
 	"time"
@@ -108,6 +109,26 @@ func (c *committer) run(ctx context.Context) { c.wake.run(ctx, c.flush) }
 func (c *committer) flush() error {
 	c.commitMu.Lock()
 	defer c.commitMu.Unlock()
+	return c.flushLocked()
+}
+
+// flushIfIdle is flush unless a commit is running: then it returns
+// errCommitBusy at once instead of waiting for it (the loop must not wait
+// for a commit of thousands of rows). A nil error means everything
+// submitted before the call is committed.
+func (c *committer) flushIfIdle() error {
+	if !c.commitMu.TryLock() {
+		return errCommitBusy
+	}
+	defer c.commitMu.Unlock()
+	return c.flushLocked()
+}
+
+// errCommitBusy is flushIfIdle's answer while a commit runs.
+var errCommitBusy = errors.New("a commit is running")
+
+// flushLocked is flush with commitMu held.
+func (c *committer) flushLocked() error {
 	c.mu.Lock()
 	b := c.pending
 	c.pending, c.inflight = nil, b

@@ -412,10 +412,12 @@ func (a *Agent) fleetReport(now time.Time) error {
 // the leases lowered since the last report, before a report says they are
 // lower: a node killed after the report restarts with the lease the
 // database records, not the one before, which another node may have been
-// granted. A failed commit leaves them held at the leases before.
+// granted. It commits only if no commit is running (the loop does not
+// wait for one); a commit running, or failed, leaves the leases held at
+// the ones before until a later report.
 func (a *Agent) fleetSaveLowered() {
 	fl := a.fl
-	if len(fl.unsaved) == 0 || a.commits.flush() != nil {
+	if len(fl.unsaved) == 0 || a.commits.flushIfIdle() != nil {
 		return
 	}
 	for _, name := range fl.unsaved {

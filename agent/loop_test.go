@@ -362,3 +362,16 @@ func TestObservers(t *testing.T) {
 		t.Errorf("events %q", obs.events)
 	}
 }
+
+// TestFlushIfIdle: the loop's own commit never waits for one running.
+func TestFlushIfIdle(t *testing.T) {
+	c := newCommitter(nil, "", time.UTC, nil)
+	c.commitMu.Lock() // a commit running
+	if err := c.flushIfIdle(); !errors.Is(err, errCommitBusy) {
+		t.Errorf("flushIfIdle during a commit = %v, want errCommitBusy", err)
+	}
+	c.commitMu.Unlock()
+	if err := c.flushIfIdle(); err != nil {
+		t.Errorf("flushIfIdle with nothing pending = %v", err)
+	}
+}
