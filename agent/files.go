@@ -135,8 +135,12 @@ func (w *fileWriter) flush() error {
 	return w.lastErr
 }
 
-// writeChunk is how many usage files are written (and synced) together.
+// writeChunk is how many usage files are written (and synced) together;
+// the watch is pumped after each chunk, whose five events a file must fit
+// the kernel's default queue of 16,384 (see dirWatch.pump).
 const writeChunk = 1000
+
+var _ = [16384 - 5*writeChunk]struct{}{} // a compile-time check of the above
 
 // writeAll writes files into dir in one batch, or fails them all with
 // mkdirErr when dir could not be created.

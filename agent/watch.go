@@ -148,7 +148,9 @@ func (w *dirWatch) drain() (names []string, all bool, err error) {
 	err = w.read()
 	if w.swap.step == 3 {
 		if w.swap.drains++; w.swap.drains > 1 {
-			w.names = append(w.names, strings.TrimSuffix(w.swap.file, ".json"))
+			if base, ok := strings.CutSuffix(w.swap.file, ".json"); ok {
+				w.names = append(w.names, base)
+			}
 			w.swap = swap{}
 		}
 	}
@@ -159,12 +161,12 @@ func (w *dirWatch) drain() (names []string, all bool, err error) {
 
 // pump reads the events queued so far and keeps them for the next drain.
 // The usage file writer calls it after each chunk of files: each file the
-// agent writes raises two events (for its temporary name, which drain
-// skips), and the kernel keeps at most fs.inotify.max_queued_events (16,384
-// by default) before it drops them all for an overflow, which makes every
-// file be written again, which overflows again: an agent that writes more
-// than some 8,000 files between two ticks would rewrite every file for
-// ever.
+// agent writes raises events (a new one two, for its temporary name; a
+// rewritten one five: the spare written, then exchanged), and the kernel
+// keeps at most fs.inotify.max_queued_events (16,384 by default) before it
+// drops them all for an overflow, which makes every file be written again,
+// which overflows again: an agent that wrote more than some 3,000 files
+// between two reads would rewrite every file for ever.
 func (w *dirWatch) pump() {
 	w.mu.Lock()
 	defer w.mu.Unlock()

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/myvpn/bwagent/opsfiles"
 )
 
@@ -106,5 +108,45 @@ func TestWatchMovedAway(t *testing.T) {
 	slices.Sort(names)
 	if !slices.Equal(names, []string{"a", "b"}) || all || err != nil {
 		t.Errorf("names %q, all %v, err %v; want a and b", names, all, err)
+	}
+}
+
+// TestSwapNext: which inotify event sequences are the agent's own
+// exchanges and which report a file moved away.
+func TestSwapNext(t *testing.T) {
+	type ev struct {
+		mask   uint32
+		cookie uint32
+		name   string
+	}
+	from, to := uint32(unix.IN_MOVED_FROM), uint32(unix.IN_MOVED_TO)
+	for _, c := range []struct {
+		name  string
+		evs   []ev
+		moved []string // files reported moved away
+	}{
+		{"exchange", []ev{{from, 1, ".a.json.spare"}, {to, 1, "a.json"}, {from, 2, "a.json"}, {to, 2, ".a.json.spare"}}, nil},
+		{"spare renamed into place", []ev{{from, 1, ".a.json.spare"}, {to, 1, "a.json"}, {from, 2, "b.json"}}, []string{"b.json"}},
+		{"moved away", []ev{{from, 1, "a.json"}, {to, 1, "elsewhere"}}, []string{"a.json"}},
+		{"moved to its spare's name", []ev{{from, 1, "a.json"}, {to, 1, ".a.json.spare"}}, []string{"a.json"}},
+		{"exchange cut short", []ev{{from, 1, ".a.json.spare"}, {to, 1, "a.json"}, {from, 2, "a.json"}, {to, 3, "x"}}, []string{"a.json"}},
+		{"another file's spare", []ev{{from, 1, ".a.json.spare"}, {to, 1, "a.json"}, {from, 2, "a.json"}, {to, 2, ".b.json.spare"}}, []string{"a.json"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var s swap
+			var moved []string
+			for _, e := range c.evs {
+				ours, m := s.next(e.mask, e.cookie, e.name)
+				if m != "" {
+					moved = append(moved, m)
+				}
+				if !ours && e.mask&from != 0 && !strings.HasPrefix(e.name, ".") {
+					moved = append(moved, e.name) // as read() reports it
+				}
+			}
+			if !slices.Equal(moved, c.moved) {
+				t.Errorf("moved %q, want %q", moved, c.moved)
+			}
+		})
 	}
 }

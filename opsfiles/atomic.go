@@ -224,12 +224,17 @@ func checkFileName(name string) error {
 // 5 to 40 times the rest once thousands are freed a minute (the allocator
 // passes over recently freed inodes). A spare that is anything but a
 // regular file with one link, owned by this process's user, is removed and
-// made anew, so nothing is written through a link; a target that is not a
+// made anew, so nothing is written through a link (a directory there is
+// left, and the file written as a temporary file); a target that is not a
 // regular file (a symbolic link, or missing) is replaced by a plain
 // rename, as WriteFile does. The one reader that can see a spare's
 // content change is one that opened the file before a write and still
-// reads it after the next write of the same file. Two WriteBatch calls
-// must not write one directory at once: they would share its spares.
+// reads it after the next write of the same file; a watcher of the
+// directory sees each rewrite as the spare moved to the name and the name
+// moved to the spare. Two WriteBatch calls must not write one directory
+// at once: they would share its spares. After a failed fsync of the
+// directory the moved files' spares are removed, since on disk a name may
+// still be its spare's inode.
 //
 // The result has one entry per file, nil for each file written: a file that
 // fails (a bad name, a target that is a directory, a full disk) is reported
@@ -237,7 +242,8 @@ func checkFileName(name string) error {
 // one error for all. Failed files keep their old content. If the final
 // fsync of the directory fails, every file moved into place reports that
 // error: its new content is in place but may not survive a crash. If two
-// files have the same name, the later one wins.
+// files have the same name, the later one alone is written, and the
+// earlier reports nil.
 //
 // syncfs flushes all dirty data of the filesystem, not only this batch's:
 // on a filesystem busy with other writers it can take longer than a few
@@ -256,6 +262,9 @@ type batchOpts struct {
 	// files that come and go (markers).
 	spares bool
 }
+
+// euid is this process's effective user, the owner of the spares it makes.
+var euid = os.Geteuid()
 
 // spareSuffix ends the name of a file's spare (see WriteBatch); it does not
 // end in the usage files' ".json", so no reader of those takes it for one.
@@ -373,6 +382,11 @@ func writeBatch(dir string, files []File, opts batchOpts) []error {
 		for i, m := range moves {
 			if m.tmp != "" {
 				fail(i, "write", fmt.Errorf("written, but fsync of the directory failed: %w", err))
+				// On disk the name may still be the old inode, which is
+				// now the spare: the next write must not fill it in place.
+				if m.spare {
+					_ = unix.Unlinkat(dirfd, m.tmp, 0)
+				}
 			}
 		}
 	}
@@ -387,9 +401,14 @@ func moveIntoPlace(dirfd int, m pendingMove, name string) error {
 		var st unix.Stat_t
 		err := ignoringEINTR(func() error { return unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW) })
 		if err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
-			err = ignoringEINTR(func() error { return unix.Renameat2(dirfd, m.tmp, dirfd, name, unix.RENAME_EXCHANGE) })
-			if err == nil {
+			// Not retried on EINTR: an exchange that was done and still
+			// reports it would be undone by a second one.
+			err = unix.Renameat2(dirfd, m.tmp, dirfd, name, unix.RENAME_EXCHANGE)
+			switch {
+			case err == nil:
 				return nil
+			case errors.Is(err, unix.EINTR):
+				return fmt.Errorf("exchange with the spare interrupted: %w", err)
 			}
 			// Replaced or removed since, or a filesystem without
 			// RENAME_EXCHANGE: a plain rename does.
@@ -428,16 +447,18 @@ func writeSpare(dirfd int, name string, data []byte, perm os.FileMode, sync bool
 // it is missing. Anything there but a regular file with one link owned by
 // this process's user is removed first: it is not a spare this package
 // made, and writing it could write through a hard link. A FIFO is not
-// waited for (O_NONBLOCK), a symbolic link not followed.
+// waited for (O_NONBLOCK), a terminal not taken (O_NOCTTY), a symbolic
+// link not followed; a directory cannot be removed, and the caller writes
+// a temporary file instead.
 func openSpare(dirfd int, spare string) (int, error) {
 	var fd int
 	err := ignoringEINTR(func() (err error) {
-		fd, err = unix.Openat(dirfd, spare, unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+		fd, err = unix.Openat(dirfd, spare, unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 		return err
 	})
 	if err == nil {
 		var st unix.Stat_t
-		if err := unix.Fstat(fd, &st); err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Nlink == 1 && int(st.Uid) == os.Geteuid() {
+		if err := unix.Fstat(fd, &st); err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Nlink == 1 && int(st.Uid) == euid {
 			return fd, nil
 		}
 		unix.Close(fd)

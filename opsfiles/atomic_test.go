@@ -245,8 +245,9 @@ func TestWriteBatchSpare(t *testing.T) {
 }
 
 // TestWriteBatchUnfitSpare puts in the spare's place what an agent never
-// makes there: each is removed and a new spare made, nothing outside is
-// written, and nothing blocks.
+// makes there: each is removed and a new spare made (a directory, which
+// cannot be, is left and the file written through a temporary file),
+// nothing outside is written, and nothing blocks.
 func TestWriteBatchUnfitSpare(t *testing.T) {
 	dir := t.TempDir()
 	outside := filepath.Join(t.TempDir(), "outside")

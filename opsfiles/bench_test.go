@@ -162,7 +162,8 @@ func BenchmarkWriteBatchNewFiles(b *testing.B) {
 }
 
 // BenchmarkWriteBatchFsyncEach is WriteBatch with an fsync per file instead
-// of syncfs (and one directory fsync), as SyncMarkers does for a few files.
+// of syncfs (and one directory fsync), as SyncMarkers does for a few files
+// (without spares there).
 func BenchmarkWriteBatchFsyncEach(b *testing.B) {
 	benchWrites(b, func(dir string, files []File) error { return firstErr(writeBatch(dir, files, batchOpts{spares: true})) })
 }

@@ -13,9 +13,11 @@
 //
 // Every file is replaced atomically (WriteFile, WriteBatch): a reader sees
 // the old content or the new one, never a mix, and a failed write leaves the
-// old file as it was. The package logs nothing and keeps no state: errors are
-// returned, and every path is a parameter, so independent instances (tests,
-// an operator's dry run) can work side by side. A user name is checked with
+// old file as it was. The package logs nothing and keeps no state in memory:
+// errors are returned, and every path is a parameter, so independent
+// instances (tests, an operator's dry run) can work side by side on
+// directories of their own. On disk WriteBatch keeps a spare beside each
+// file it rewrites: one writer at a time per directory. A user name is checked with
 // quota.ValidName before it becomes part of a path; an unsafe name is an
 // error and touches nothing on disk.
 //
