@@ -17,8 +17,8 @@ import (
 // Xray's (infra/conf/vless.go, vmess.go, trojan.go, shadowsocks.go).
 type (
 	vlessSettings struct {
-		Clients []json.RawMessage `json:"clients"`
-		Flow    string            `json:"flow"`
+		Clients []vlessClient `json:"clients"`
+		Flow    string        `json:"flow"`
 	}
 	// vlessClient is what Xray reads of a VLESS client (as protocol.User
 	// and vless.Account) that this package uses.
@@ -29,7 +29,7 @@ type (
 		Level uint32 `json:"level"`
 	}
 	vmessSettings struct {
-		Clients []json.RawMessage `json:"clients"`
+		Clients []vmessClient `json:"clients"`
 	}
 	vmessClient struct {
 		ID    string `json:"id"`
@@ -250,19 +250,9 @@ func (e emails) dup(email string, i int) (int, bool) {
 }
 
 func (c *Config) vless(raw *rawInbound, in *Inbound) error {
-	var s struct {
-		Clients []vlessClient `json:"clients"`
-		Flow    string        `json:"flow"`
-	}
-	if err := json.Unmarshal(raw.settings(), &s); err != nil {
-		var slow vlessSettings
-		if err := json.Unmarshal(raw.settings(), &slow); err != nil {
-			return raw.invalid("%s", jsonErr("settings", err))
-		}
-		if s.Clients, err = eachClient[vlessClient](raw, slow.Clients); err != nil {
-			return err
-		}
-		s.Flow = slow.Flow
+	var s vlessSettings
+	if err := decodeSettings[vlessClient](raw, &s); err != nil {
+		return err
 	}
 	seen := make(emails, len(s.Clients))
 	in.Users = slices.Grow(in.Users, len(s.Clients))
@@ -282,31 +272,33 @@ func (c *Config) vless(raw *rawInbound, in *Inbound) error {
 	return nil
 }
 
-// eachClient decodes an inbound's clients one at a time, so that an error
-// names the client: the way after a decode of the whole list failed (the
-// whole list in one pass is what thousands of clients cost least).
-func eachClient[T any](raw *rawInbound, clients []json.RawMessage) ([]T, error) {
-	list := make([]T, len(clients))
-	for i, rc := range clients {
-		if err := json.Unmarshal(rc, &list[i]); err != nil {
-			return nil, raw.invalid("%s", jsonErr(fmt.Sprintf("settings.clients[%d]", i), err))
+// decodeSettings decodes raw's settings into s, whose clients are a list of
+// T, in one pass: what thousands of clients cost least. If that fails, it
+// decodes them again one client at a time, so that the error names the
+// client (settings.clients[i]) or else the setting at fault.
+func decodeSettings[T any](raw *rawInbound, s any) error {
+	err := json.Unmarshal(raw.settings(), s)
+	if err == nil {
+		return nil
+	}
+	var each struct {
+		Clients []json.RawMessage `json:"clients"`
+	}
+	if json.Unmarshal(raw.settings(), &each) == nil {
+		for i, rc := range each.Clients {
+			var cl T
+			if err := json.Unmarshal(rc, &cl); err != nil {
+				return raw.invalid("%s", jsonErr(fmt.Sprintf("settings.clients[%d]", i), err))
+			}
 		}
 	}
-	return list, nil
+	return raw.invalid("%s", jsonErr("settings", err))
 }
 
 func (c *Config) vmess(raw *rawInbound, in *Inbound) error {
-	var s struct {
-		Clients []vmessClient `json:"clients"`
-	}
-	if err := json.Unmarshal(raw.settings(), &s); err != nil {
-		var slow vmessSettings
-		if err := json.Unmarshal(raw.settings(), &slow); err != nil {
-			return raw.invalid("%s", jsonErr("settings", err))
-		}
-		if s.Clients, err = eachClient[vmessClient](raw, slow.Clients); err != nil {
-			return err
-		}
+	var s vmessSettings
+	if err := decodeSettings[vmessClient](raw, &s); err != nil {
+		return err
 	}
 	seen := make(emails, len(s.Clients))
 	in.Users = slices.Grow(in.Users, len(s.Clients))
