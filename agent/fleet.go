@@ -337,6 +337,7 @@ func (a *Agent) fleetReport(now time.Time) error {
 		return fl.status(now)
 	}
 	a.fleetSaveLowered()
+	var lowerErrs []error // budgets whose ceiling could not be read: no lease asked
 	r := &fleet.Report{Events: fl.events, Rollovers: fl.rollovers}
 	fl.events, fl.rollovers = nil, nil
 	// The users to look at: those that moved, changed or wait for room
@@ -375,7 +376,14 @@ func (a *Agent) fleetReport(now time.Time) error {
 		if n == 0 || t.plan.Limit == 0 || t.st.Blocked || t.st.Override.Active {
 			continue
 		}
-		if a.kernel.unwritten(keys[:n]) || a.fleetLowered(f, keys[0]) != nil {
+		unknown := a.kernel.unwritten(keys[:n])
+		if !unknown { // read once the lowered budget is written, not before
+			if err := a.fleetLowered(f, keys[0]); err != nil {
+				lowerErrs = append(lowerErrs, fmt.Errorf("user %q: kernel budget after a lowered lease: %w", name, err))
+				unknown = true
+			}
+		}
+		if unknown {
 			// Its budget is not in the kernel yet (a write failed, retried
 			// next tick), or what it enforces is not known: the database
 			// keeps its record, which covers the budget before. It asks
@@ -405,7 +413,7 @@ func (a *Agent) fleetReport(now time.Time) error {
 	}
 	fl.busy = true
 	fl.in <- r
-	return fl.status(now)
+	return errors.Join(fl.status(now), errors.Join(lowerErrs...))
 }
 
 // fleetSaveLowered commits the state database's pending batch, which has
