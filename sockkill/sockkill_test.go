@@ -732,13 +732,25 @@ func TestListAnyRemote(t *testing.T) {
 			if _, err := io.ReadFull(c2, make([]byte, len(payload))); err != nil {
 				t.Fatal(err)
 			}
-			conns, err := e.H.List(sockkill.Filter{LocalPorts: []uint16{s1.Port, s2.Port}, AnyRemote: true, Bytes: true})
-			if err != nil {
-				t.Fatal(err)
-			}
+			// BytesSent is what the peer acknowledged: the client has read
+			// the echo, and its last ACK may still be on its way. List
+			// again until it is in (a CI run listed 676 bytes short).
+			want2 := uint64(len("ping "+c2.LocalAddr().String()+"\n")) + 100<<10
+			var conns []sockkill.Conn
 			got := map[uint16]sockkill.Conn{}
-			for _, c := range conns {
-				got[c.Local.Port()] = c
+			for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				var err error
+				conns, err = e.H.List(sockkill.Filter{LocalPorts: []uint16{s1.Port, s2.Port}, AnyRemote: true, Bytes: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+				clear(got)
+				for _, c := range conns {
+					got[c.Local.Port()] = c
+				}
+				if got[s2.Port].BytesSent >= want2 || time.Now().After(deadline) {
+					break
+				}
 			}
 			if len(conns) != 2 || got[s1.Port].Remote.Addr().Unmap() != e.Addr1 || got[s2.Port].Remote.Addr().Unmap() != e.Addr2 {
 				t.Fatalf("listed %v", conns)
@@ -752,7 +764,7 @@ func TestListAnyRemote(t *testing.T) {
 				t.Errorf("bytes of %v: sent %d, received %d; want %d each", c, c.BytesSent, c.BytesReceived, line+100<<10)
 			}
 			// Without Bytes, no counts.
-			conns, err = e.H.List(sockkill.Filter{LocalPorts: []uint16{s2.Port}, AnyRemote: true})
+			conns, err := e.H.List(sockkill.Filter{LocalPorts: []uint16{s2.Port}, AnyRemote: true})
 			if err != nil || len(conns) != 1 || conns[0].BytesSent != 0 || conns[0].Cookie != got[s2.Port].Cookie {
 				t.Errorf("without bytes: %v, %v", conns, err)
 			}
