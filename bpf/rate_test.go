@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -166,10 +167,19 @@ func TestSpeedCapChangesAndSurvives(t *testing.T) {
 	}
 	nettest.CheckRate(t, "8mbit, loaded again", m.seconds(t, 3), 8, 0.10)
 
+	// Removed: the full rate returns. A sender whose packets the cap
+	// dropped may sit in a retransmission backoff for a while on a loaded
+	// machine (a CI run saw 7.3 Mbit/s in the second second), so the rate
+	// is looked for over five seconds.
 	setPolicy(t, e.dp, capped, bpf.Policy{})
-	m.seconds(t, 1)
-	if got := m.seconds(t, 1); got[0] < 5*20 {
-		t.Errorf("cap removed: %.1f Mbit/s", got[0])
+	var got []float64
+	for range 5 {
+		if got = append(got, m.seconds(t, 1)...); got[len(got)-1] >= 5*20 {
+			break
+		}
+	}
+	if slices.Max(got) < 5*20 {
+		t.Errorf("cap removed: at most %.1f Mbit/s a second over 5 s (%.1f)", slices.Max(got), got)
 	}
 	if n, err := e.dp.ReconcilePolicies(map[uint32]bpf.Policy{}); err != nil || n != 0 {
 		t.Errorf("a removed cap left something to reconcile: %d, %v", n, err)
