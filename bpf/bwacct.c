@@ -13,7 +13,7 @@
 //   2. if bw_policy_bits says it may have one, look the UID up in bw_policy:
 //      a blocked UID, or a UID whose byte budget is spent, has the packet
 //      dropped (never UID 0),
-//   3. otherwise add the packet to the UID's per-CPU counters: in
+//   3. otherwise add the packet to the UID's counters: in
 //      bw_slot_counts if the agent gave the UID a slot (bw_slots), in
 //      bw_hash_counts otherwise.
 //
@@ -282,7 +282,7 @@ struct {
 // each UID below POLICY_BITS_UIDS and each account whose counters it reads a
 // slot, once (a slot is never reused while the maps live), and writes it to
 // bw_slots; from then on the programs count the ID's packets in
-// bw_slot_counts[slot], a per-CPU array whose lookup the verifier of recent
+// bw_slot_counts[slot], an array whose lookup the verifier of recent
 // kernels turns into an inlined address computation (seen in the
 // translated program on 6.18; older ones call a helper that does the same),
 // where a lookup in bw_hash_counts is a call that hashes the key and walks
@@ -291,13 +291,28 @@ struct {
 // bw_hash_counts. Slot 0 is none; IDs beyond the slots count in
 // bw_hash_counts alone.
 //
+// bw_slot_counts is one array shared by the CPUs, not a per-CPU one: the
+// agent maps it and reads a moved slot's counters with four loads, where a
+// per-CPU array takes a syscall per slot (about 2 us here, 5-10 ms of a tick
+// in which 5,000 users moved). The adds were atomic already (see
+// add_counts). Slot s's received counters are at s, its sent ones at
+// MAX_SLOTS + s: a connection's two directions are often counted on two
+// CPUs at once (a TCP sender's data on one, the ACKs it gets on another),
+// and with both in one cache line a TCP packet cost 7-15 ns more than with
+// per-CPU counters (the line moving between the CPUs; BenchmarkPacketCost).
+// Its size is the same on any number of CPUs: 2 MiB, where 8,192 per-CPU
+// slots took 256 KiB per CPU; Config.MaxUIDs bounds the slots given out.
+// Agents before it made a per-CPU bw_slot_counts: the loader keeps that map,
+// whose counts no program adds to any more, as bw_slot_counts_percpu
+// (bpf/slots.go).
+//
 // bw_slots has a 16-bit slot per ID, four to a word: UID u at u, account
 // ACCOUNT_BASE + i at SLOT_IDS / 2 + i. Only the agent writes it (a word at
 // a time, through its memory mapping). The loader sets bw_slot_counts' size
 // from its config; both maps and bw_hash_counts are reused together or not
 // at all (see bpf/slots.go).
 #define SLOT_IDS (2 * POLICY_BITS_UIDS)
-#define MAX_SLOTS 8192 // default; the loader sets max_entries
+#define MAX_SLOTS 65536 // slots are 16 bits
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -308,11 +323,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bw_slots SEC(".maps");
 
+// half_counters are a slot's counters of one direction.
+struct half_counters {
+	__u64 bytes;
+	__u64 packets;
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
-	__type(value, struct counters);
-	__uint(max_entries, MAX_SLOTS);
+	__type(value, struct half_counters);
+	__uint(max_entries, 2 * MAX_SLOTS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } bw_slot_counts SEC(".maps");
 
@@ -793,22 +815,12 @@ static __always_inline __u32 slot_of(__u32 uid)
 	return *w >> (idx % 4 * 16) & 0xffff;
 }
 
-// counters_of returns uid's per-CPU counters: its slot's in bw_slot_counts
-// if it has one (*slot is set to it), else its entry in bw_hash_counts
-// (*slot is 0), made at zero if need be; NULL if the map has no room
-// (counted in STAT_COUNTERS_FULL).
-static __always_inline struct counters *counters_of(__u32 uid, __u32 *slot)
+// hash_counters returns uid's entry in bw_hash_counts for this CPU, made at
+// zero if need be; NULL if the map has no room (counted in
+// STAT_COUNTERS_FULL).
+static __always_inline struct counters *hash_counters(__u32 uid)
 {
-	struct counters *c;
-
-	*slot = slot_of(uid);
-	if (*slot) {
-		c = bpf_map_lookup_elem(&bw_slot_counts, slot);
-		if (c)
-			return c;
-		*slot = 0;
-	}
-	c = bpf_map_lookup_elem(&bw_hash_counts, &uid);
+	struct counters *c = bpf_map_lookup_elem(&bw_hash_counts, &uid);
 
 	if (!c) {
 		struct counters zero = {};
@@ -821,51 +833,56 @@ static __always_inline struct counters *counters_of(__u32 uid, __u32 *slot)
 	return c;
 }
 
-// mark_counted marks, after a count, the counters it changed: the slot in
-// bw_slot_moved, else the ID in bw_moved or bw_xmoved.
-static __always_inline void mark_counted(__u32 uid, __u32 slot)
+// add_counts adds bytes and packets to uid's counters of one direction,
+// sent (tx) or received: its slot's in bw_slot_counts if it has one, else
+// its entry in bw_hash_counts. Then it marks what it changed, after the add
+// (see bw_moved and bw_slot_moved): the slot in bw_slot_moved, else the ID
+// in bw_moved or bw_xmoved.
+//
+// Atomic adds: a slot's counters are every CPU's. A per-CPU entry in
+// bw_hash_counts needs them too: a plain add (load, add, store) can lose
+// another program's add on the same CPU. Cgroup programs run with migration
+// disabled only (bpf_prog_run_array_cg: migrate_disable and rcu_read_lock),
+// neither preemption nor softirqs: an egress run in process context (a
+// send, through ip_finish_output) can be interrupted by a softirq that runs
+// these programs on the same CPU for the same UID (an ingress packet; TCP
+// sending more data on an ACK, egress from softirq), and with preempt=full
+// (PREEMPT_DYNAMIC kernels) by another task's send. A server socket counts
+// its egress as rx, so even ingress and egress share a field. Both atomics
+// together cost a few ns (measured: within the noise).
+static __always_inline void add_counts(__u32 uid, int tx, __u64 bytes, __u64 packets)
 {
-	if (slot)
-		mark_byte(&bw_slot_moved, slot);
-	else
-		mark_moved(uid);
-}
+	__u32 slot = slot_of(uid);
+	struct counters *c;
 
-// count_packet adds a packet of len bytes and segs segments to uid's
-// counters, sent (tx) or received, and marks uid as moved.
-static __always_inline void count_packet(__u32 uid, int tx, __u64 len, __u64 segs)
-{
-	__u32 slot;
-	struct counters *c = counters_of(uid, &slot);
+	if (slot) {
+		__u32 key = tx ? MAX_SLOTS + slot : slot;
+		struct half_counters *h = bpf_map_lookup_elem(&bw_slot_counts, &key);
 
+		if (h) {
+			__sync_fetch_and_add(&h->bytes, bytes);
+			__sync_fetch_and_add(&h->packets, packets);
+			mark_byte(&bw_slot_moved, slot);
+			return;
+		}
+	}
+	c = hash_counters(uid);
 	if (!c)
 		return;
-	// Per-CPU values, yet atomic adds: a plain add (load, add, store) can
-	// lose another program's add on the same CPU. Cgroup programs run with
-	// migration disabled only (bpf_prog_run_array_cg: migrate_disable and
-	// rcu_read_lock), neither preemption nor softirqs: an egress run in
-	// process context (a send, through ip_finish_output) can be interrupted
-	// by a softirq that runs these programs on the same CPU for the same
-	// UID (an ingress packet; TCP sending more data on an ACK, egress from
-	// softirq), and with preempt=full (PREEMPT_DYNAMIC kernels) by another
-	// task's send. A server socket counts its egress as rx, so even
-	// ingress and egress share a field. Both atomics together cost a few
-	// ns (measured: within the noise).
-	//
 	// The two empty asm statements keep the branches apart: clang would
 	// otherwise add tx * 16 to c, arithmetic on a map value pointer with an
 	// offset that differs between paths, which the verifier refuses
 	// without CAP_PERFMON (the agent has CAP_BPF and CAP_NET_ADMIN only).
 	if (tx) {
-		__sync_fetch_and_add(&c->tx_bytes, len);
-		__sync_fetch_and_add(&c->tx_packets, segs);
+		__sync_fetch_and_add(&c->tx_bytes, bytes);
+		__sync_fetch_and_add(&c->tx_packets, packets);
 		asm volatile("/* tx */");
 	} else {
-		__sync_fetch_and_add(&c->rx_bytes, len);
-		__sync_fetch_and_add(&c->rx_packets, segs);
+		__sync_fetch_and_add(&c->rx_bytes, bytes);
+		__sync_fetch_and_add(&c->rx_packets, packets);
 		asm volatile("/* rx */");
 	}
-	mark_counted(uid, slot); // after the add: see bw_moved and bw_slot_moved
+	mark_moved(uid);
 }
 
 // account_policed counts and enforces a packet of uid (len bytes, segs
@@ -939,16 +956,10 @@ static __always_inline int account_policed(struct __sk_buff *skb, __u32 uid, __u
 		}
 	}
 
-	if (attr && (fold_rx | fold_tx)) {
-		__u32 slot;
-		struct counters *c = counters_of(uid, &slot);
-
-		if (c) {
-			__sync_fetch_and_add(&c->rx_bytes, fold_rx);
-			__sync_fetch_and_add(&c->tx_bytes, fold_tx);
-			mark_counted(uid, slot);
-		}
-	}
+	if (attr && fold_rx)
+		add_counts(uid, 0, fold_rx, 0);
+	if (attr && fold_tx)
+		add_counts(uid, 1, fold_tx, 0);
 
 	if (uid != 0 && may_have_policy(uid)) {
 		struct policy *p = bpf_map_lookup_elem(&bw_policy, &uid);
@@ -996,7 +1007,7 @@ static __always_inline int account_policed(struct __sk_buff *skb, __u32 uid, __u
 	if (!count)
 		return 1;
 
-	count_packet(uid, tx, len, segs);
+	add_counts(uid, tx, len, segs);
 	return 1;
 }
 
@@ -1013,7 +1024,7 @@ static __always_inline int account(struct __sk_buff *skb, int egress, const int 
 	if (segs == 0)
 		segs = 1;
 	if (!may_be_tagged(uid) && !may_have_policy(uid)) {
-		count_packet(uid, egress, len, segs);
+		add_counts(uid, egress, len, segs);
 		return 1;
 	}
 	return account_policed(skb, uid, len, segs, egress, attr);

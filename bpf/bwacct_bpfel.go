@@ -46,6 +46,12 @@ type bwacctCounters struct {
 	TxPackets uint64
 }
 
+type bwacctHalfCounters struct {
+	_       structs.HostLayout
+	Bytes   uint64
+	Packets uint64
+}
+
 type bwacctPolicy struct {
 	_        structs.HostLayout
 	Flags    uint32

@@ -271,9 +271,10 @@ type Datapath struct {
 
 	credits map[uint32]Counters // bw_credit, of which the Datapath is the only writer
 
-	epoch  Epoch    // cached by Epoch
-	moved  []byte   // takeMarks' copy of a chunk of bw_moved, bw_xmoved or bw_slot_moved
-	marked []uint32 // EachMoved's IDs found marked
+	epoch  Epoch           // cached by Epoch
+	moved  []byte          // takeMarks' copy of a chunk of bw_moved, bw_xmoved or bw_slot_moved
+	marked []uint32        // EachMoved's IDs found marked
+	taken  map[uint32]bool // EachMoved's IDs marked by ID
 
 	slots slotTable // bw_slots, of which the Datapath is the only writer
 
@@ -464,9 +465,8 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 		spec.Maps[name].MaxEntries = cfg.MaxUIDs
 	}
 	spec.Maps[bwacctMapBwRates].MaxEntries = 2 * cfg.MaxUIDs
-	spec.Maps[bwacctMapBwSlotCounts].MaxEntries = slotCount(cfg)
 	spec.Maps[bwacctMapBwSlotMoved].MaxEntries = (slotCount(cfg) + 7) / 8
-	if err := migrateCounterPins(cfg.PinPath); err != nil {
+	if err := migrateCounterPins(cfg.PinPath, spec.Maps[bwacctMapBwSlotCounts]); err != nil {
 		lock.Close()
 		return nil, err
 	}
@@ -514,6 +514,11 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 	// Attaching for the first time, or finding a previous agent's links,
 	// is no repair to report.
 	if _, err := d.EnsureAttached(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	// After the attach: an earlier agent's programs counted in it.
+	if err := d.loadFrozen(); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -582,7 +587,11 @@ func (d *Datapath) EnsureAttached() (repaired []string, err error) {
 			return repaired, err
 		}
 	}
-	for _, m := range d.objs.pinned() {
+	pins := d.objs.pinned()
+	if d.slots.frozenMap != nil {
+		pins = append(pins, pinnedMap{frozenSlotPin, d.slots.frozenMap})
+	}
+	for _, m := range pins {
 		pin := filepath.Join(d.cfg.PinPath, m.name)
 		if _, err := os.Stat(pin); !errors.Is(err, os.ErrNotExist) {
 			continue
@@ -742,7 +751,7 @@ func removePins(pinPath string) error {
 	if err != nil {
 		return permission(fmt.Errorf("uninstall: %w", err))
 	}
-	known := []string{legacyCounterPin}
+	known := []string{legacyCounterPin, frozenSlotPin, newSlotPin}
 	for _, m := range (&objects{}).pinned() {
 		known = append(known, m.name)
 	}

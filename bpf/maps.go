@@ -533,9 +533,7 @@ func (d *Datapath) countersOf(uid uint32, readHash bool) (c, hash Counters, err 
 	}
 	c.plus(hash)
 	if slot := d.slots.slotOf(uid); slot != 0 {
-		if err := d.slotCounters(slot, &c); err != nil {
-			return c, hash, err
-		}
+		c.plus(d.slots.countersAt(slot))
 	}
 	return c, hash, nil
 }
@@ -610,10 +608,9 @@ func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 	if err != nil {
 		return err
 	}
-	slotted, ids, err := d.allSlotCounters()
-	if err != nil {
-		return err
-	}
+	d.slots.mu.Lock()
+	ids := d.slots.ids // appended to, never changed below its length
+	d.slots.mu.Unlock()
 	found := make([]bool, len(ids)) // slots whose ID has an entry in bw_hash_counts
 	if len(d.keys) != batchSize {
 		d.keys = make([]uint32, batchSize)
@@ -630,9 +627,11 @@ func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 			}
 			hash := c
 			d.slots.read(uid, hash)
-			if slot := d.slots.slotOf(uid); slot != 0 && int(slot) < len(slotted) {
-				c.plus(slotted[slot])
-				found[slot] = true
+			if slot := d.slots.slotOf(uid); slot != 0 {
+				c.plus(d.slots.countersAt(slot))
+				if int(slot) < len(found) {
+					found[slot] = true
+				}
 			}
 			fn(uid, c)
 			d.slots.give(uid, hash)
@@ -649,7 +648,7 @@ func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 	// alone.
 	for slot, id := range ids {
 		if id != noID && !found[slot] {
-			fn(id, slotted[slot])
+			fn(id, d.slots.countersAt(uint32(slot)))
 		}
 	}
 	return nil
@@ -675,13 +674,16 @@ func (d *Datapath) EachMoved(fn func(uid uint32, c Counters)) error {
 	d.slots.mu.Lock()
 	ids := d.slots.ids
 	d.slots.mu.Unlock()
-	taken := make(map[uint32]bool, len(d.marked))
+	if d.taken == nil {
+		d.taken = make(map[uint32]bool)
+	}
+	clear(d.taken)
 	for _, id := range d.marked {
-		taken[id] = true
+		d.taken[id] = true
 	}
 	// A slot's ID marked too is read in full already.
 	err := d.takeMarks(d.objs.BwSlotMoved, func(slot int) (uint32, bool) {
-		if slot >= len(ids) || ids[slot] == noID || taken[ids[slot]] {
+		if slot >= len(ids) || ids[slot] == noID || d.taken[ids[slot]] {
 			return 0, false
 		}
 		return ids[slot], true
@@ -695,7 +697,9 @@ func (d *Datapath) EachMoved(fn func(uid uint32, c Counters)) error {
 			return err
 		}
 		fn(id, c)
-		d.slots.give(id, hash) // its next packets count in a slot
+		if i < byID { // the others have their slot
+			d.slots.give(id, hash) // its next packets count in a slot
+		}
 	}
 	return nil
 }

@@ -16,24 +16,27 @@ import (
 // Slots take the common packet off the counter hash (see bw_slots in
 // bwacct.c). The Datapath gives each UID below 2^20 and each account whose
 // counters it reads a slot, once: a slot is never reused while the maps
-// live. From then on the programs count the ID in bw_slot_counts[slot], a
-// per-CPU array they index without a call, and its counters are the sum of
-// its entry in bw_hash_counts (what it moved before) and its slot. An ID
-// that found every slot taken counts in bw_hash_counts alone, as every ID
-// did before.
+// live. From then on the programs count the ID in bw_slot_counts[slot], an
+// array they index without a call and the Datapath reads through its memory
+// mapping, and its counters are the sum of its entry in bw_hash_counts
+// (what it moved before) and its slot. An ID that found every slot taken
+// counts in bw_hash_counts alone, as every ID did before.
 //
 // bw_hash_counts, bw_slots and bw_slot_counts are one epoch's counters:
 // Load reuses the three pins together or none of them (migrateCounterPins),
 // so that no slot adds another epoch's bytes to this one's, and no count
-// goes down within an epoch.
+// goes down within an epoch. An agent before shared slots left a per-CPU
+// bw_slot_counts: its counts are kept, frozen, as a fourth pin of the epoch
+// (frozenSlotPin).
 const (
 	// slotIDs is the number of IDs bw_slots has a slot for: UIDs below
 	// policyBitsUIDs, then the accounts. It must match SLOT_IDS in
 	// bwacct.c.
 	slotIDs = 2 * policyBitsUIDs
-	// maxSlots bounds bw_slot_counts (Config.MaxUIDs below it): 8,192
-	// slots of 32 bytes are 256 KiB per possible CPU.
-	maxSlots = 8192
+	// maxSlots is the number of slots in bw_slot_counts (Config.MaxUIDs
+	// bounds those given out): a slot is 16 bits in bw_slots. It must match
+	// MAX_SLOTS in bwacct.c.
+	maxSlots = 1 << 16
 )
 
 // slotIndex returns id's index in bw_slots; ok is false for an ID without
@@ -48,13 +51,13 @@ func slotIndex(id uint32) (idx uint32, ok bool) {
 	return 0, false
 }
 
-// slotCount is the size of bw_slot_counts for cfg, slot 0 (none)
+// slotCount is the number of slots given out under cfg, slot 0 (none)
 // included.
 func slotCount(cfg Config) uint32 { return min(cfg.MaxUIDs, maxSlots) }
 
 // slotTable is the Datapath's side of the slots.
 type slotTable struct {
-	size uint32 // bw_slot_counts' entries; slot 0 is none
+	size uint32 // the slots given out, slot 0 (none) included
 
 	mu sync.Mutex // protects the following
 	// mem is bw_slots, memory-mapped by the Datapath itself (not through
@@ -69,6 +72,36 @@ type slotTable struct {
 	// was last read, summed over CPUs (see bw_slot_moved): an ID whose
 	// slot alone is marked as moved has that entry still.
 	hash map[uint32]Counters
+
+	// The following are set by loadSlots and loadFrozen and left alone
+	// until unmap, so they are read without mu.
+
+	// counts is bw_slot_counts, memory-mapped read-only: slot i's received
+	// bytes and packets are the two words from 2*i, its sent ones the two
+	// from 2*(maxSlots+i) (struct half_counters), which the programs add to
+	// atomically.
+	counts    []uint64
+	countsMem []byte
+	// frozen holds, by slot, the non-zero counts of an earlier agent's
+	// per-CPU bw_slot_counts (frozenSlotPin), summed over CPUs; frozenMap
+	// is that map, kept for EnsureAttached to pin again. No program adds
+	// to them since this agent's replaced the earlier one's. Both are nil
+	// without the pin.
+	frozen    map[uint32]Counters
+	frozenMap *ebpf.Map
+}
+
+// countersAt returns slot's counters: bw_slot_counts' and the frozen ones'.
+func (s *slotTable) countersAt(slot uint32) Counters {
+	c := s.frozen[slot]
+	if slot < maxSlots && len(s.counts) == 4*maxSlots {
+		rx, tx := s.counts[2*slot:2*slot+2], s.counts[2*(maxSlots+slot):2*(maxSlots+slot)+2]
+		c.RxBytes += atomic.LoadUint64(&rx[0])
+		c.RxPackets += atomic.LoadUint64(&rx[1])
+		c.TxBytes += atomic.LoadUint64(&tx[0])
+		c.TxPackets += atomic.LoadUint64(&tx[1])
+	}
+	return c
 }
 
 // noID marks a slot that is no ID's in slotTable.ids: slot 0, and one that
@@ -82,7 +115,7 @@ func (d *Datapath) loadSlots() error {
 	s := &d.slots
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.size = d.objs.BwSlotCounts.MaxEntries()
+	s.size = slotCount(d.cfg)
 	if n := d.objs.BwSlots.MaxEntries() * 4; n != slotIDs {
 		return fmt.Errorf("map slots: %d slots in bw_slots, want %d", n, slotIDs)
 	}
@@ -93,6 +126,16 @@ func (d *Datapath) loadSlots() error {
 	}
 	s.mem = mem
 	s.words = unsafe.Slice((*uint64)(unsafe.Pointer(&mem[0])), size/8)
+	if n, vs := d.objs.BwSlotCounts.MaxEntries(), d.objs.BwSlotCounts.ValueSize(); n != 2*maxSlots || vs != 2*8 {
+		return fmt.Errorf("map slot counters: %d values of %d bytes, want %d of 16", n, vs, 2*maxSlots)
+	}
+	csize := 2 * maxSlots * 2 * 8
+	cmem, err := unix.Mmap(d.objs.BwSlotCounts.FD(), 0, csize, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("map slot counters: %w", err)
+	}
+	s.countsMem = cmem
+	s.counts = unsafe.Slice((*uint64)(unsafe.Pointer(&cmem[0])), csize/8)
 	s.of = make(map[uint32]uint32)
 	s.ids = []uint32{noID}
 	s.hash = make(map[uint32]Counters)
@@ -181,74 +224,127 @@ func (s *slotTable) give(id uint32, hash Counters) {
 	s.hash[id] = hash
 }
 
-// unmap releases the mapping of bw_slots.
+// unmap releases the mappings of bw_slots and bw_slot_counts and the frozen
+// counts' map.
 func (s *slotTable) unmap() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.mem == nil {
-		return nil
+	var errs []error
+	if s.mem != nil {
+		errs = append(errs, unix.Munmap(s.mem))
+		s.mem, s.words = nil, nil
 	}
-	err := unix.Munmap(s.mem)
-	s.mem, s.words = nil, nil
-	return err
+	if s.countsMem != nil {
+		errs = append(errs, unix.Munmap(s.countsMem))
+		s.countsMem, s.counts = nil, nil
+	}
+	if s.frozenMap != nil {
+		errs = append(errs, s.frozenMap.Close())
+		s.frozenMap, s.frozen = nil, nil
+	}
+	return errors.Join(errs...)
 }
 
-// slotCounters adds slot's counters, summed over CPUs, to c.
-func (d *Datapath) slotCounters(slot uint32, c *Counters) error {
-	var vals []bwacctCounters
-	if err := d.objs.BwSlotCounts.Lookup(slot, &vals); err != nil {
-		return fmt.Errorf("read counters of slot %d: %w", slot, err)
+// loadFrozen reads the counts of the pinned frozenSlotPin, if there is one,
+// once the programs that added to it are gone: Load calls it after
+// attaching its own programs, which replace an earlier agent's, and waits
+// for any run of those still going.
+func (d *Datapath) loadFrozen() error {
+	path := filepath.Join(d.cfg.PinPath, frozenSlotPin)
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
 	}
-	for _, v := range vals {
-		c.add(v)
+	if err != nil {
+		return permission(fmt.Errorf("frozen slot counters: %w", err))
+	}
+	frozen, err := readFrozen(m)
+	if err != nil {
+		m.Close()
+		return err
+	}
+	d.slots.frozen, d.slots.frozenMap = frozen, m
+	return nil
+}
+
+// readFrozen waits for running programs (waitForPrograms) and returns the
+// non-zero counts of m, an earlier agent's per-CPU bw_slot_counts, summed
+// over CPUs by slot.
+func readFrozen(m *ebpf.Map) (map[uint32]Counters, error) {
+	if m.Type() != ebpf.PerCPUArray || m.KeySize() != 4 || m.ValueSize() != 4*8 {
+		return nil, fmt.Errorf("%w: %s is a %v of %d-byte values, want a per-CPU array of counters",
+			ErrIncompatiblePin, frozenSlotPin, m.Type(), m.ValueSize())
+	}
+	if err := waitForPrograms(); err != nil {
+		return nil, err
+	}
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, err
+	}
+	frozen := make(map[uint32]Counters)
+	keys := make([]uint32, batchSize)
+	vals := make([]bwacctCounters, len(keys)*ncpu)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			var c Counters
+			for _, v := range vals[i*ncpu : (i+1)*ncpu] {
+				c.add(v)
+			}
+			if c != (Counters{}) {
+				frozen[keys[i]] = c
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return frozen, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read frozen slot counters: %w", err)
+		}
+	}
+}
+
+// waitForPrograms returns once every run of a BPF program that began before
+// the call has ended. An update of a map of maps waits for an RCU grace
+// period before it returns, so that user space knows that no program still
+// uses the old value (maybe_wait_bpf_programs, kernel/bpf/syscall.c), and
+// our programs run under RCU (bpf_prog_run_array_cg takes rcu_read_lock).
+func waitForPrograms() error {
+	inner := &ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1}
+	outer, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.ArrayOfMaps, KeySize: 4, ValueSize: 4, MaxEntries: 1, InnerMap: inner})
+	if err != nil {
+		return fmt.Errorf("wait for running programs: %w", err)
+	}
+	defer outer.Close()
+	m, err := ebpf.NewMap(inner)
+	if err != nil {
+		return fmt.Errorf("wait for running programs: %w", err)
+	}
+	defer m.Close()
+	if err := outer.Put(uint32(0), m); err != nil {
+		return fmt.Errorf("wait for running programs: %w", err)
 	}
 	return nil
 }
 
-// allSlotCounters reads the counters of every slot given out, summed over
-// CPUs, indexed by slot, with their IDs (noID for none); many slots per
-// syscall.
-func (d *Datapath) allSlotCounters() (counters []Counters, ids []uint32, err error) {
-	d.slots.mu.Lock()
-	ids = append([]uint32(nil), d.slots.ids...)
-	d.slots.mu.Unlock()
-	counters = make([]Counters, len(ids))
-	if len(ids) <= 1 {
-		return counters, ids, nil
-	}
-	ncpu, err := ebpf.PossibleCPU()
-	if err != nil {
-		return nil, nil, err
-	}
-	keys := make([]uint32, min(batchSize, len(ids)))
-	vals := make([]bwacctCounters, len(keys)*ncpu)
-	var cursor ebpf.MapBatchCursor
-	for read := 0; read < len(ids); {
-		n, err := d.objs.BwSlotCounts.BatchLookup(&cursor, keys, vals, nil)
-		for i := range n {
-			if slot := int(keys[i]); slot < len(ids) {
-				for _, v := range vals[i*ncpu : (i+1)*ncpu] {
-					counters[slot].add(v)
-				}
-			}
-		}
-		read += n
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			break
-		}
-		if err != nil {
-			return nil, nil, fmt.Errorf("read slot counters: %w", err)
-		}
-	}
-	return counters, ids, nil
-}
-
-// legacyCounterPin is the name agents before slots pinned the counter hash
-// under, when it held every count.
-const legacyCounterPin = "bw_counters"
+const (
+	// legacyCounterPin is the name agents before slots pinned the counter
+	// hash under, when it held every count.
+	legacyCounterPin = "bw_counters"
+	// frozenSlotPin is where Load keeps the per-CPU bw_slot_counts of an
+	// agent before shared slots: its counts stay part of the IDs' counters
+	// for the rest of the epoch, and no program adds to them.
+	frozenSlotPin = "bw_slot_counts_percpu"
+	// newSlotPin is the shared bw_slot_counts while migrateCounterPins
+	// puts it in place of a per-CPU one (bpffs refuses a dot in a name).
+	newSlotPin = "bw_slot_counts_new"
+)
 
 // migrateCounterPins prepares the counter pins under pinPath for Load, which
-// holds the pin directory's lock:
+// holds the pin directory's lock; slotCounts is the spec of bw_slot_counts
+// as Load will make it:
 //
 //   - a bw_counters pin is the counter hash of an agent without slots (one of
 //     an earlier version, or one it was downgraded to, which then made it
@@ -258,9 +354,16 @@ const legacyCounterPin = "bw_counters"
 //     agent later finds no bw_counters and starts a new epoch (its counters
 //     restart from zero, the saved totals are kept) instead of reading the
 //     hash alone, a part of the counts, as if they had gone down.
+//   - a per-CPU bw_slot_counts (an agent before shared slots) is renamed to
+//     frozenSlotPin, and a new, shared one made at zero takes its name, in
+//     two renames that a later Load completes if the first was the last:
+//     the new map is pinned as newSlotPin first. The earlier agent's
+//     programs go on counting in the frozen map until Load attaches its
+//     own; Load then reads it (see loadFrozen).
 //   - otherwise the three counter pins are kept if all are there, and removed
-//     if some are missing (removed by hand): Load makes new ones, a new epoch.
-func migrateCounterPins(pinPath string) error {
+//     if some are missing (removed by hand): Load makes new ones, a new
+//     epoch.
+func migrateCounterPins(pinPath string, slotCounts *ebpf.MapSpec) error {
 	path := func(name string) string { return filepath.Join(pinPath, name) }
 	exists := func(name string) bool {
 		_, err := os.Stat(path(name))
@@ -274,17 +377,52 @@ func migrateCounterPins(pinPath string) error {
 		}
 		return nil
 	}
-	epoch := []string{bwacctMapBwHashCounts, bwacctMapBwSlots, bwacctMapBwSlotCounts}
+	rename := func(from, to string) error {
+		if err := os.Rename(path(from), path(to)); err != nil {
+			return permission(fmt.Errorf("rename pin %s: %w", from, err))
+		}
+		return nil
+	}
+	epoch := []string{bwacctMapBwHashCounts, bwacctMapBwSlots, bwacctMapBwSlotCounts, frozenSlotPin, newSlotPin}
 	if exists(legacyCounterPin) {
 		if err := remove(epoch...); err != nil {
 			return err
 		}
-		if err := os.Rename(path(legacyCounterPin), path(bwacctMapBwHashCounts)); err != nil {
-			return permission(fmt.Errorf("rename pin %s: %w", legacyCounterPin, err))
-		}
-		return nil
+		return rename(legacyCounterPin, bwacctMapBwHashCounts)
 	}
-	for _, name := range epoch {
+	if exists(newSlotPin) {
+		// A migration stopped after its first rename goes on; one stopped
+		// before it starts again.
+		if exists(frozenSlotPin) && !exists(bwacctMapBwSlotCounts) {
+			if err := rename(newSlotPin, bwacctMapBwSlotCounts); err != nil {
+				return err
+			}
+		} else if err := remove(newSlotPin); err != nil {
+			return err
+		}
+	}
+	if exists(bwacctMapBwSlotCounts) {
+		perCPU, err := pinIsPerCPU(path(bwacctMapBwSlotCounts))
+		if err != nil {
+			return err
+		}
+		if perCPU && exists(frozenSlotPin) {
+			// Two per-CPU maps: not a state any agent leaves.
+			return remove(epoch...)
+		}
+		if perCPU {
+			if err := pinNewMap(slotCounts, path(newSlotPin)); err != nil {
+				return err
+			}
+			if err := rename(bwacctMapBwSlotCounts, frozenSlotPin); err != nil {
+				return err
+			}
+			if err := rename(newSlotPin, bwacctMapBwSlotCounts); err != nil {
+				return err
+			}
+		}
+	}
+	for _, name := range epoch[:3] {
 		if !exists(name) {
 			return remove(epoch...)
 		}
@@ -292,10 +430,36 @@ func migrateCounterPins(pinPath string) error {
 	return nil
 }
 
+// pinIsPerCPU reports whether the map pinned at path is a per-CPU array.
+func pinIsPerCPU(path string) (bool, error) {
+	m, err := ebpf.LoadPinnedMap(path, &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return false, permission(fmt.Errorf("open pin %s: %w", filepath.Base(path), err))
+	}
+	defer m.Close()
+	return m.Type() == ebpf.PerCPUArray, nil
+}
+
+// pinNewMap makes a map of spec and pins it at path.
+func pinNewMap(spec *ebpf.MapSpec, path string) error {
+	spec = spec.Copy()
+	spec.Pinning = ebpf.PinNone
+	m, err := ebpf.NewMap(spec)
+	if err != nil {
+		return permission(fmt.Errorf("make map %s: %w", spec.Name, err))
+	}
+	defer m.Close()
+	if err := m.Pin(path); err != nil {
+		return permission(fmt.Errorf("pin map %s: %w", filepath.Base(path), err))
+	}
+	return nil
+}
+
 // PinnedCounters reads id's counters from the maps pinned under pinPath,
 // without loading the data plane (so beside a running agent): its entry in
-// bw_hash_counts plus its slot's, summed over CPUs, credits left out. It is
-// for tests and tools that check the kernel's figures against the agent's.
+// bw_hash_counts, summed over CPUs, plus its slot's (and its slot's frozen
+// counts, if any), credits left out. It is for tests and tools that check
+// the kernel's figures against the agent's.
 func PinnedCounters(pinPath string, id uint32) (Counters, error) {
 	var c Counters
 	load := func(name string) (*ebpf.Map, error) {
@@ -339,8 +503,24 @@ func PinnedCounters(pinPath string, id uint32) (Counters, error) {
 		return c, err
 	}
 	defer counts.Close()
-	if err := counts.Lookup(slot, &vals); err != nil {
+	var rx, tx [2]uint64 // struct half_counters
+	if err := counts.Lookup(slot, &rx); err != nil {
 		return c, fmt.Errorf("counters of %d in slot %d: %w", id, slot, err)
+	}
+	if err := counts.Lookup(maxSlots+slot, &tx); err != nil {
+		return c, fmt.Errorf("counters of %d in slot %d: %w", id, slot, err)
+	}
+	c.plus(Counters{RxBytes: rx[0], RxPackets: rx[1], TxBytes: tx[0], TxPackets: tx[1]})
+	frozen, err := load(frozenSlotPin)
+	if errors.Is(err, os.ErrNotExist) {
+		return c, nil
+	}
+	if err != nil {
+		return c, err
+	}
+	defer frozen.Close()
+	if err := frozen.Lookup(slot, &vals); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return c, fmt.Errorf("frozen counters of %d in slot %d: %w", id, slot, err)
 	}
 	for _, v := range vals {
 		c.add(v)

@@ -269,6 +269,13 @@ func TestCounterPins(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// putSlot writes c as slot's counters: received at slot, sent at
+	// 65,536 + slot (see bw_slot_counts).
+	putSlot := func(slot uint32, c bpf.Counters) {
+		t.Helper()
+		put("bw_slot_counts", slot, [2]uint64{c.RxBytes, c.RxPackets})
+		put("bw_slot_counts", 1<<16+slot, [2]uint64{c.TxBytes, c.TxPackets})
+	}
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		t.Fatal(err)
@@ -322,7 +329,7 @@ func TestCounterPins(t *testing.T) {
 	// the agent and the programs would) is read after a reload.
 	inSlot := bpf.Counters{RxBytes: 300, RxPackets: 3, TxBytes: 400, TxPackets: 4}
 	put("bw_slots", uid/4, uint64(1)<<(16*(uid%4)))
-	put("bw_slot_counts", 1, perCPU(inSlot))
+	putSlot(1, inSlot)
 	if _, again, c := load(); again != epoch || c != (bpf.Counters{RxBytes: 1300, RxPackets: 13, TxBytes: 2400, TxPackets: 24}) {
 		t.Errorf("after a reload: counters %+v, epoch %+v; want the hash and the slot, epoch %+v", c, again, epoch)
 	}
@@ -337,7 +344,7 @@ func TestCounterPins(t *testing.T) {
 
 	// A slot pin removed by hand: the three are made anew, a new epoch.
 	put("bw_slots", uid/4, uint64(1)<<(16*(uid%4)))
-	put("bw_slot_counts", 1, perCPU(inSlot))
+	putSlot(1, inSlot)
 	if err := os.Remove(pin("bw_slot_counts")); err != nil {
 		t.Fatal(err)
 	}
@@ -349,4 +356,140 @@ func TestCounterPins(t *testing.T) {
 			t.Errorf("pin %s: %v", name, err)
 		}
 	}
+}
+
+// TestSlotCountsMigrated: the per-CPU bw_slot_counts of an earlier agent
+// (made here as that agent made it, with a UID's counts in its slot on two
+// CPUs, and what the UID moved before in its hash entry) is kept, frozen,
+// as bw_slot_counts_percpu: the UID's counters are the same after the
+// upgrade, in the same epoch; its new packets count in the new, shared
+// slot; a reload counts nothing twice; and a migration stopped between its
+// two renames is completed by the next load.
+func TestSlotCountsMigrated(t *testing.T) {
+	e := newEnv(t)
+	const user, server = 2806, 2807
+	const count, size = 100, 500
+	const wire = size + 20 + 8 // a datagram over IPv4
+	pin := func(name string) string { return filepath.Join(e.pin, name) }
+	epoch, err := e.dp.Epoch()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	put := func(name string, key uint32, v any) {
+		t.Helper()
+		m, err := ebpf.LoadPinnedMap(pin(name), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		if err := m.Put(key, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hashed := bpf.Counters{RxBytes: 1000, RxPackets: 10, TxBytes: 2000, TxPackets: 20}
+	perCPU := make([]bpf.Counters, ncpu)
+	perCPU[0] = hashed
+	put("bw_hash_counts", user, perCPU)
+	put("bw_slots", user/4, uint64(1)<<(16*(user%4)))
+	inSlot := bpf.Counters{RxBytes: 300, RxPackets: 3, TxBytes: 400, TxPackets: 4}
+	perCPU = make([]bpf.Counters, ncpu)
+	perCPU[0] = inSlot
+	perCPU[ncpu-1].TxBytes += 50 // on a second CPU if there is one
+	inSlot.TxBytes += 50
+	if err := os.Remove(pin("bw_slot_counts")); err != nil {
+		t.Fatal(err)
+	}
+	old, err := ebpf.NewMap(&ebpf.MapSpec{
+		Name: "bw_slot_counts", Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 32, MaxEntries: 8192,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Put(uint32(1), perCPU); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Pin(pin("bw_slot_counts")); err != nil {
+		t.Fatal(err)
+	}
+	old.Close()
+	want := hashed
+	want.RxBytes += inSlot.RxBytes
+	want.RxPackets += inSlot.RxPackets
+	want.TxBytes += inSlot.TxBytes
+	want.TxPackets += inSlot.TxPackets
+	check := func(what string) {
+		t.Helper()
+		if c, err := e.dp.CountersOf(user); err != nil || c != want {
+			t.Errorf("%s: CountersOf = %+v, %v; want %+v", what, c, err, want)
+		}
+		allReads(t, e, user, want)
+		if got, err := e.dp.Epoch(); err != nil || got != epoch {
+			t.Errorf("%s: epoch %+v, %v; want %+v", what, got, err, epoch)
+		}
+		for name, typ := range map[string]ebpf.MapType{"bw_slot_counts": ebpf.Array, "bw_slot_counts_percpu": ebpf.PerCPUArray} {
+			m, err := ebpf.LoadPinnedMap(pin(name), nil)
+			if err != nil {
+				t.Errorf("%s: pin %s: %v", what, name, err)
+				continue
+			}
+			if m.Type() != typ {
+				t.Errorf("%s: pin %s is a %v, want a %v", what, name, m.Type(), typ)
+			}
+			m.Close()
+		}
+		if _, err := os.Stat(pin("bw_slot_counts_new")); !os.IsNotExist(err) {
+			t.Errorf("%s: bw_slot_counts_new left: %v", what, err)
+		}
+	}
+
+	e.dp = e.load(t)
+	check("after the upgrade")
+
+	// New packets count in the shared slot; the hash entry stays.
+	srv := e.start(t, true, server, "udp-echo", listenAddr(e.net.B4))
+	addr := strings.Fields(srv.Expect(t, "ADDR", 5*time.Second))[1]
+	s, r := e.start(t, false, user, "udp-client", addr, strconv.Itoa(count), strconv.Itoa(size)).Done(t)
+	if s != count*size || r%size != 0 {
+		t.Fatalf("sent %d bytes, want %d; received %d", s, count*size, r)
+	}
+	srv.Done(t)
+	want.TxBytes += count * wire
+	want.TxPackets += count
+	want.RxBytes += uint64(r/size) * wire // the echoes
+	want.RxPackets += uint64(r / size)
+	moved := map[uint32]bpf.Counters{}
+	if err := e.dp.EachMoved(func(uid uint32, c bpf.Counters) { moved[uid] = c }); err != nil {
+		t.Fatal(err)
+	}
+	if moved[user] != want {
+		t.Errorf("EachMoved: %+v, want %+v", moved[user], want)
+	}
+	check("after new packets")
+	if h := hashCounts(t, e.pin, user); h != hashed {
+		t.Errorf("the hash entry grew: %+v, want %+v", h, hashed)
+	}
+
+	if err := e.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.dp = e.load(t)
+	check("after a reload")
+
+	// Stopped after the first rename: the new map is still under its
+	// temporary name.
+	if err := e.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(pin("bw_slot_counts"), pin("bw_slot_counts_new")); err != nil {
+		t.Fatal(err)
+	}
+	e.dp = e.load(t)
+	check("after a migration stopped between its renames")
 }
