@@ -271,10 +271,10 @@ type Datapath struct {
 
 	credits map[uint32]Counters // bw_credit, of which the Datapath is the only writer
 
-	epoch  Epoch           // cached by Epoch
-	moved  []byte          // takeMarks' copy of a chunk of bw_moved, bw_xmoved or bw_slot_moved
-	marked []uint32        // EachMoved's IDs found marked
-	taken  map[uint32]bool // EachMoved's IDs marked by ID
+	epoch  Epoch    // cached by Epoch
+	moved  []byte   // takeMarks' copy of a chunk of bw_moved, bw_xmoved or bw_slot_moved
+	marked []uint32 // EachMoved's IDs found marked
+	taken  []uint64 // EachMoved's bitmap of the slots whose IDs are marked by ID
 
 	slots slotTable // bw_slots, of which the Datapath is the only writer
 

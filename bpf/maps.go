@@ -674,20 +674,22 @@ func (d *Datapath) EachMoved(fn func(uid uint32, c Counters)) error {
 	d.slots.mu.Lock()
 	ids := d.slots.ids
 	d.slots.mu.Unlock()
+	// A slot whose ID is marked too is read in full already.
 	if d.taken == nil {
-		d.taken = make(map[uint32]bool)
+		d.taken = make([]uint64, maxSlots/64)
 	}
-	clear(d.taken)
 	for _, id := range d.marked {
-		d.taken[id] = true
+		if slot := d.slots.slotOf(id); slot != 0 {
+			d.taken[slot/64] |= 1 << (slot % 64)
+		}
 	}
-	// A slot's ID marked too is read in full already.
 	err := d.takeMarks(d.objs.BwSlotMoved, func(slot int) (uint32, bool) {
-		if slot >= len(ids) || ids[slot] == noID || d.taken[ids[slot]] {
+		if slot >= len(ids) || ids[slot] == noID || d.taken[slot/64]&(1<<(slot%64)) != 0 {
 			return 0, false
 		}
 		return ids[slot], true
 	})
+	clear(d.taken)
 	if err != nil {
 		return err
 	}

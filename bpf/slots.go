@@ -65,13 +65,16 @@ type slotTable struct {
 	// its word, so that a program never reads half of one. The Datapath
 	// is the only writer; the programs only read.
 	mem   []byte
-	words []uint64          // mem as words
-	of    map[uint32]uint32 // ID -> slot
-	ids   []uint32          // slot -> ID or noID; len(ids) is the next free slot
-	// hash holds the entry in bw_hash_counts of each ID with a slot as it
-	// was last read, summed over CPUs (see bw_slot_moved): an ID whose
-	// slot alone is marked as moved has that entry still.
-	hash map[uint32]Counters
+	words []uint64 // mem as words: the ID -> slot table
+	ids   []uint32 // slot -> ID or noID; len(ids) is the next free slot
+	// hash holds, by slot, the entry in bw_hash_counts of the slot's ID as
+	// it was last read, summed over CPUs (see bw_slot_moved): an ID whose
+	// slot alone is marked as moved has that entry still. hashRead says
+	// whether it was read since the slot was given (not for the slots an
+	// earlier agent gave). Both are as long as ids: slices by slot, not
+	// maps by ID, so that 50,000 slots take 1.8 MB.
+	hash     []Counters
+	hashRead []bool
 
 	// The following are set by loadSlots and loadFrozen and left alone
 	// until unmap, so they are read without mu.
@@ -136,10 +139,8 @@ func (d *Datapath) loadSlots() error {
 	}
 	s.countsMem = cmem
 	s.counts = unsafe.Slice((*uint64)(unsafe.Pointer(&cmem[0])), csize/8)
-	s.of = make(map[uint32]uint32)
 	s.ids = []uint32{noID}
-	s.hash = make(map[uint32]Counters)
-	given := make(map[uint32]bool)
+	given := make([]bool, s.size)
 	for i, w := range s.words {
 		for j := range uint32(4) {
 			slot := uint32(w>>(16*j)) & 0xffff
@@ -162,9 +163,10 @@ func (d *Datapath) loadSlots() error {
 				id = AccountBase + (idx - policyBitsUIDs)
 			}
 			s.ids[slot] = id
-			s.of[id] = slot
 		}
 	}
+	s.hash = make([]Counters, len(s.ids))
+	s.hashRead = make([]bool, len(s.ids))
 	return nil
 }
 
@@ -179,7 +181,17 @@ func (s *slotTable) store(idx, slot uint32) {
 func (s *slotTable) slotOf(id uint32) uint32 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.of[id]
+	return s.slotOfLocked(id)
+}
+
+// slotOfLocked is slotOf for a caller that holds mu: it reads id's slot
+// from bw_slots, of which the Datapath is the only writer.
+func (s *slotTable) slotOfLocked(id uint32) uint32 {
+	idx, ok := slotIndex(id)
+	if !ok || s.words == nil {
+		return 0
+	}
+	return uint32(s.words[idx/4]>>(16*(idx%4))) & 0xffff
 }
 
 // lastHash returns id's entry in bw_hash_counts as it was last read (see
@@ -187,8 +199,11 @@ func (s *slotTable) slotOf(id uint32) uint32 {
 func (s *slotTable) lastHash(id uint32) (c Counters, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	c, ok = s.hash[id]
-	return c, ok
+	slot := s.slotOfLocked(id)
+	if slot == 0 || !s.hashRead[slot] {
+		return Counters{}, false
+	}
+	return s.hash[slot], true
 }
 
 // read records c, just read, as id's entry in bw_hash_counts if id has a
@@ -196,8 +211,8 @@ func (s *slotTable) lastHash(id uint32) (c Counters, ok bool) {
 func (s *slotTable) read(id uint32, c Counters) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.of[id] != 0 {
-		s.hash[id] = c
+	if slot := s.slotOfLocked(id); slot != 0 {
+		s.hash[slot], s.hashRead[slot] = c, true
 	}
 }
 
@@ -212,16 +227,15 @@ func (s *slotTable) give(id uint32, hash Counters) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.mem == nil || s.of[id] != 0 || uint32(len(s.ids)) >= s.size {
+	if s.mem == nil || s.slotOfLocked(id) != 0 || uint32(len(s.ids)) >= s.size {
 		return
 	}
-	slot := uint32(len(s.ids))
-	s.store(idx, slot)
+	s.store(idx, uint32(len(s.ids)))
 	s.ids = append(s.ids, id)
-	s.of[id] = slot
 	// The entry may still grow by packets that read no slot yet: they
 	// mark the ID, which makes the next EachMoved read it again.
-	s.hash[id] = hash
+	s.hash = append(s.hash, hash)
+	s.hashRead = append(s.hashRead, true)
 }
 
 // unmap releases the mappings of bw_slots and bw_slot_counts and the frozen
