@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net/netip"
 	"slices"
 	"time"
@@ -71,9 +70,9 @@ type deviceSide struct {
 	// Owned by the loop.
 	xconns  xlive                               // the users' open Xray connections
 	refused map[string]map[devices.Key]*refusal // by user
-	// table is every user's devices as of the last tick, published with
-	// the users (snapshot.devices): replaced, never changed.
-	table map[string][]liveDevice
+	// sshHeld are the users with an SSH device as of the last tick: their
+	// sessions may end without a change the loop sees otherwise.
+	sshHeld map[*user]struct{}
 	// all makes the next enforceDevices look at every user (at start,
 	// after a new config or limits file), not only those whose
 	// connections or records changed; look is its reused set.
@@ -386,48 +385,34 @@ func (a *Agent) enforceDevices(now time.Time) error {
 	for name := range a.dev.refused {
 		mark(a.users[name])
 	}
-	old := a.dev.table
-	var gone []string
-	for name, ds := range old {
-		u := a.users[name]
-		if u == nil {
-			gone = append(gone, name)
+	if a.dev.sshHeld == nil {
+		a.dev.sshHeld = make(map[*user]struct{})
+	}
+	for u := range a.dev.sshHeld {
+		if a.users[u.r.name] != u {
+			delete(a.dev.sshHeld, u) // forgotten, and its record with it
 			continue
 		}
-		for _, d := range ds {
-			if slices.Contains(d.v.Protocols, quota.SSH) {
-				mark(u) // its sessions may have ended
-				break
-			}
-		}
+		mark(u) // its sessions may have ended
 	}
 
 	var errs []error
-	var table map[string][]liveDevice // a copy of old, made at the first change
-	set := func(name string, left []liveDevice) {
-		if table == nil {
-			table = maps.Clone(old)
-			if table == nil {
-				table = make(map[string][]liveDevice)
-			}
-		}
-		if len(left) > 0 {
-			table[name] = left
-		} else {
-			delete(table, name)
-		}
-		if u := a.users[name]; u != nil && len(left) != len(old[name]) {
-			a.markJSON(u, jsonLazy)
-		}
-	}
-	for _, name := range gone {
-		set(name, nil)
-	}
 	for u := range look {
 		left, err := a.limitDevices(u, a.connsOf(u), now)
 		errs = append(errs, err)
-		if !sameDevices(old[u.r.name], left) {
-			set(u.r.name, left)
+		if sameDevices(u.r.devices, left) {
+			continue
+		}
+		if len(left) != len(u.r.devices) {
+			a.markJSON(u, jsonLazy)
+		}
+		a.edit(u).devices = left
+		delete(a.dev.sshHeld, u)
+		for _, d := range left {
+			if slices.Contains(d.v.Protocols, quota.SSH) {
+				a.dev.sshHeld[u] = struct{}{}
+				break
+			}
 		}
 	}
 	clear(look)
@@ -441,10 +426,6 @@ func (a *Agent) enforceDevices(now time.Time) error {
 		if len(ref) == 0 {
 			delete(a.dev.refused, name)
 		}
-	}
-	if table != nil {
-		a.dev.table = table
-		a.pub.changed = true
 	}
 	return errors.Join(errs...)
 }
@@ -467,7 +448,7 @@ func (a *Agent) Devices(ctx context.Context, name string) ([]view.Device, error)
 	if err != nil {
 		return nil, err
 	}
-	ld := s.devices[r.name]
+	ld := r.devices
 	out := make([]view.Device, len(ld))
 	var ports []uint16
 	for i, d := range ld {

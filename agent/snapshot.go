@@ -26,9 +26,7 @@ type snapshot struct {
 	loc     *time.Location
 	today   string        // the local day at publication
 	changed chan struct{} // closed when a newer snapshot replaces this one
-	// devices are the users' devices, by name (devices.go), and
-	// deviceDefault the configured default device limit.
-	devices       map[string][]liveDevice
+	// deviceDefault is the configured default device limit.
 	deviceDefault int
 }
 
@@ -60,7 +58,7 @@ func (a *Agent) publish(now time.Time) {
 	}
 	s := &snapshot{users: make([]*record, len(p.order)), rules: a.rules, loc: a.loc,
 		today: quota.Day(now.In(a.loc)), changed: make(chan struct{}),
-		devices: a.dev.table, deviceDefault: int(a.cfg.Devices.Default)}
+		deviceDefault: int(a.cfg.Devices.Default)}
 	for i, u := range p.order {
 		s.users[i] = u.r
 	}
@@ -87,7 +85,7 @@ func (s *snapshot) view(r *record) view.User {
 		Reason: st.Reason, BlockTime: st.BlockTime.Time(), LastReset: st.LastReset.Time(),
 		Override:  view.Override{Active: st.Override.Active, Limit: st.Override.Limit, Until: st.Override.Until.Time()},
 		NextReset: st.NextReset.Time(), Expires: p.Expires.Time(), Updated: r.updated.Time(),
-		Devices: len(s.devices[r.name]), DevicesLimit: p.Devices.Of(s.deviceDefault),
+		Devices: len(r.devices), DevicesLimit: p.Devices.Of(s.deviceDefault),
 		Speed: r.speed(s.rules),
 	}
 	if st.Day == s.today {

@@ -43,6 +43,9 @@ type record struct {
 	// (Agent.deriveCaps, at each evaluation); without it none is in force.
 	capped bool
 	t      unique.Handle[terms]
+	// devices are the user's devices as of the end of the tick
+	// (devices.go): replaced, never changed in place.
+	devices []liveDevice
 }
 
 // terms are the parts of a record that seldom change: the protocols, the
