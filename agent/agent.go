@@ -314,6 +314,7 @@ func New(o Options) (*Agent, error) {
 	a.xr.see = a.seeCounter
 	a.xr.conns.k = o.XrayKernel
 	a.xr.conns.entries = make(chan []xrayaccess.Entry, 64)
+	a.xr.conns.free = make(chan []xrayaccess.Entry, 4)
 	a.xr.conns.listeners = a.xray.Listeners
 	if a.xr.conns.listeners == nil {
 		a.xr.conns.listeners = sockkill.Listeners
@@ -417,6 +418,11 @@ func (a *Agent) Run(ctx context.Context) error {
 			now := a.now()
 			a.claimXray(es, now)
 			a.noteXrayConns(es, now)
+			clear(es) // let go of their strings
+			select {
+			case a.xr.conns.free <- es[:0]:
+			default:
+			}
 		}
 		if iv := a.currentInterval(); iv != interval {
 			interval = iv

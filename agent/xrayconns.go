@@ -89,9 +89,10 @@ type xconns struct {
 	listeners func(ports []uint16) ([]sockkill.Conn, error)
 
 	// entries brings the access log's attributions from the follower's
-	// goroutine to the loop.
-	entries chan []xrayaccess.Entry
-	fol     *follower
+	// goroutine to the loop, which hands the slices back through free once
+	// done with them (cleared), for the follower to fill again.
+	entries, free chan []xrayaccess.Entry
+	fol           *follower
 
 	// kernel: claims are written (x.k and xray.connections); without it
 	// the access log is followed for the users' devices alone
@@ -236,12 +237,17 @@ func (a *Agent) follow(bg context.Context, path string) (*follower, error) {
 	}
 	ctx, cancel := context.WithCancel(bg)
 	fol := &follower{path: path, cancel: cancel, done: make(chan struct{})}
-	ch := a.xr.conns.entries
+	ch, free := a.xr.conns.entries, a.xr.conns.free
 	go func() {
 		defer close(fol.done)
 		defer f.Close()
 		for {
-			es, err := f.Next(ctx)
+			var buf []xrayaccess.Entry
+			select {
+			case buf = <-free:
+			default:
+			}
+			es, err := f.AppendNext(ctx, buf)
 			if ctx.Err() != nil {
 				return
 			}

@@ -258,12 +258,13 @@ func checksum(fd int, off int64) (uint32, error) {
 // ([ErrUnsafeFile]); the entries returned with it are valid, and the
 // follower goes on with the files it has open.
 func (f *Follower) Poll() ([]Entry, error) {
-	es, _, err := f.poll()
+	es, _, err := f.poll(nil)
 	return es, err
 }
 
-// poll is Poll; more tells that a file has more to read now.
-func (f *Follower) poll() (es []Entry, more bool, err error) {
+// poll is Poll, appending to es; more tells that a file has more to read
+// now.
+func (f *Follower) poll(es []Entry) (_ []Entry, more bool, err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
@@ -457,10 +458,17 @@ func (f *Follower) endLine(fl *file, es *[]Entry) {
 // one as the last time Next returned one, which it returns once), or ctx
 // ends (ctx.Err()). After Close it returns [ErrClosed].
 func (f *Follower) Next(ctx context.Context) ([]Entry, error) {
+	return f.AppendNext(ctx, nil)
+}
+
+// AppendNext is Next, appending the attributions to buf, whose room it
+// reuses: a caller that hands buf[:0] back once done with the entries
+// allocates no new slice for each batch.
+func (f *Follower) AppendNext(ctx context.Context, buf []Entry) ([]Entry, error) {
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
-		es, more, err := f.poll()
+		es, more, err := f.poll(buf)
 		if errors.Is(err, ErrClosed) {
 			return nil, err
 		}
@@ -470,7 +478,7 @@ func (f *Follower) Next(ctx context.Context) ([]Entry, error) {
 		}
 		newErr := err != nil && msg != f.lastErr
 		f.lastErr = msg
-		if len(es) > 0 || newErr {
+		if len(es) > len(buf) || newErr {
 			if !newErr {
 				err = nil
 			}

@@ -387,6 +387,17 @@ func TestNext(t *testing.T) {
 	if _, err := f.Next(short); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("Next: %v, want the deadline", err)
 	}
+
+	// AppendNext fills the room of the slice handed back.
+	l.f.WriteString(accepted("10.0.0.1:2", "b"))
+	buf := es[:0]
+	if es, err = f.AppendNext(ctx, buf); err != nil {
+		t.Fatal(err)
+	}
+	want(t, sources(es), "10.0.0.1:2=b")
+	if &es[0] != &buf[:1][0] {
+		t.Errorf("AppendNext made a new slice instead of filling the one it was given")
+	}
 	f.Close()
 	if _, err := f.Next(ctx); !errors.Is(err, ErrClosed) {
 		t.Errorf("Next after Close: %v", err)
