@@ -139,8 +139,8 @@ func (a *Agent) connsOf(u *user) []userConn {
 			out = append(out, sessionConn(s))
 		}
 	}
-	for k, c := range a.dev.xconns.byUser[u.r.name] {
-		out = append(out, xrayConn(k, c))
+	for _, c := range a.dev.xconns.byUser[u.r.name] {
+		out = append(out, xrayConn(c.key, c))
 	}
 	return out
 }
@@ -295,11 +295,10 @@ func (a *Agent) cutDevice(u *user, d devices.Device, conns []userConn) (cut, unc
 // inbound's port. A connection never tied to a socket cannot be cut.
 func (a *Agent) cutXrayConns(user string, ks []xconnKey) (cut, uncut int, err error) {
 	x := &a.dev.xconns
-	m := x.byUser[user]
 	var socks []sockkill.Conn
 	var fresh []xconnKey
 	for _, k := range ks {
-		c := m[k]
+		c := x.of(user, k)
 		switch {
 		case c == nil:
 		case c.sock.Cookie != 0:
@@ -328,7 +327,7 @@ func (a *Agent) cutXrayConns(user string, ks []xconnKey) (cut, uncut int, err er
 		for _, k := range fresh {
 			s, ok := byKey[k]
 			if !ok || s.Cookie == 0 {
-				m[k].listed = true // closed already, or not the client's socket
+				x.of(user, k).listed = true // closed already, or not the client's socket
 				uncut++
 				continue
 			}

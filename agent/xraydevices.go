@@ -62,6 +62,7 @@ type xconnKey struct {
 
 // xconn is one open Xray connection of a user.
 type xconn struct {
+	key   xconnKey
 	user  string
 	proto quota.Protocol // the inbound's
 	// since is when Xray logged it; zero for a connection open before the
@@ -78,8 +79,14 @@ type xconn struct {
 
 // xlive are the users' open Xray connections, owned by the loop.
 type xlive struct {
-	byUser map[string]map[xconnKey]*xconn
-	owner  map[xconnKey]string
+	// conns are the connections by key; byUser the same by user, in no
+	// order: a user has a few, and a slice of them takes a tenth of a map's
+	// memory (a map of up to eight entries takes 416 bytes: 20 MB at
+	// 50,000 users).
+	conns  map[xconnKey]*xconn
+	byUser map[string][]*xconn
+	// noted is noteXrayConns' set of a batch's users, kept for the next.
+	noted map[string]bool
 	// changed names the users whose connections came or went since the
 	// last enforceDevices, which looks at them (and takes the set).
 	changed map[string]struct{}
@@ -90,26 +97,30 @@ type xlive struct {
 	listIn    int // ticks to the next listing while no user has a device limit
 }
 
-func (x *xlive) len() int { return len(x.owner) }
+func (x *xlive) len() int { return len(x.conns) }
 
 // put makes c the connection at k, replacing whatever was there (a
 // connection that closed, whose client port and address came again).
 func (x *xlive) put(k xconnKey, c *xconn) {
-	if x.owner == nil {
-		x.owner = make(map[xconnKey]string)
-		x.byUser = make(map[string]map[xconnKey]*xconn)
+	if x.conns == nil {
+		x.conns = make(map[xconnKey]*xconn)
+		x.byUser = make(map[string][]*xconn)
 	}
-	if prev, ok := x.owner[k]; ok {
-		x.drop(prev, k)
+	if prev := x.conns[k]; prev != nil {
+		x.drop(prev.user, k)
 	}
-	m := x.byUser[c.user]
-	if m == nil {
-		m = make(map[xconnKey]*xconn)
-		x.byUser[c.user] = m
-	}
-	m[k] = c
-	x.owner[k] = c.user
+	c.key = k
+	x.conns[k] = c
+	x.byUser[c.user] = append(x.byUser[c.user], c)
 	x.touch(c.user)
+}
+
+// of returns user's connection k, or nil.
+func (x *xlive) of(user string, k xconnKey) *xconn {
+	if c := x.conns[k]; c != nil && c.user == user {
+		return c
+	}
+	return nil
 }
 
 // touch notes that user's connections changed.
@@ -122,13 +133,19 @@ func (x *xlive) touch(user string) {
 
 // drop forgets user's connection k.
 func (x *xlive) drop(user string, k xconnKey) {
-	delete(x.owner, k)
-	if m := x.byUser[user]; m != nil {
-		x.touch(user)
-		delete(m, k)
-		if len(m) == 0 {
-			delete(x.byUser, user)
-		}
+	if x.of(user, k) == nil {
+		return
+	}
+	delete(x.conns, k)
+	cs := x.byUser[user]
+	i := slices.IndexFunc(cs, func(c *xconn) bool { return c.key == k })
+	x.touch(user)
+	last := len(cs) - 1
+	cs[i], cs[last] = cs[last], nil
+	if last == 0 {
+		delete(x.byUser, user)
+	} else {
+		x.byUser[user] = cs[:last]
 	}
 }
 
@@ -141,7 +158,11 @@ func (a *Agent) noteXrayConns(es []xrayaccess.Entry, now time.Time) {
 	if a.xr.conf == nil {
 		return
 	}
-	users := make(map[string]bool)
+	if x.noted == nil {
+		x.noted = make(map[string]bool)
+	}
+	users := x.noted
+	defer clear(users)
 	for _, e := range es {
 		if !a.xrayClientOf(e.Email, e.InboundTag) || !e.Source.IsValid() {
 			continue
@@ -195,7 +216,7 @@ func (a *Agent) syncXrayLive(now time.Time) error {
 	}
 	x.listIn = xliveListTicks
 	ports := make(map[uint16]bool)
-	for k := range x.owner {
+	for k := range x.conns {
 		ports[k.port] = true
 	}
 	list := make([]uint16, 0, len(ports))
@@ -212,25 +233,23 @@ func (a *Agent) syncXrayLive(now time.Time) error {
 		open[c.Cookie] = true
 		byKey[xconnKey{client: netip.AddrPortFrom(c.Remote.Addr().Unmap(), c.Remote.Port()), port: c.Local.Port()}] = c
 	}
-	for user, m := range x.byUser {
-		for k, c := range m {
-			switch {
-			case c.sock.Cookie != 0:
-				if !open[c.sock.Cookie] {
-					x.drop(user, k) // closed
-				}
-			case !c.listed:
-				c.listed = true
-				if s, ok := byKey[k]; ok && s.Cookie != 0 {
-					c.sock = s
-				} else if _, held := slices.BinarySearch(a.xr.conns.hold, k.port); held {
-					// On a held port the logged address is the socket's
-					// peer: not listed, it closed already.
-					x.drop(user, k)
-				}
-			case now.Sub(c.at) > xconnLinger:
-				x.drop(user, k)
+	for k, c := range x.conns {
+		switch {
+		case c.sock.Cookie != 0:
+			if !open[c.sock.Cookie] {
+				x.drop(c.user, k) // closed
 			}
+		case !c.listed:
+			c.listed = true
+			if s, ok := byKey[k]; ok && s.Cookie != 0 {
+				c.sock = s
+			} else if _, held := slices.BinarySearch(a.xr.conns.hold, k.port); held {
+				// On a held port the logged address is the socket's
+				// peer: not listed, it closed already.
+				x.drop(c.user, k)
+			}
+		case now.Sub(c.at) > xconnLinger:
+			x.drop(c.user, k)
 		}
 	}
 	return errors.Join(errs...)
@@ -278,7 +297,7 @@ func (a *Agent) recoverXrayConns() error {
 		}
 		c := byInode[inode]
 		k := xconnKey{client: netip.AddrPortFrom(c.Remote.Addr().Unmap(), c.Remote.Port()), port: c.Local.Port()}
-		if _, known := a.dev.xconns.owner[k]; known {
+		if a.dev.xconns.conns[k] != nil {
 			return
 		}
 		a.dev.xconns.put(k, &xconn{user: name, proto: protos[k.port], listed: true, sock: c})
