@@ -73,8 +73,10 @@ const (
 	// claimTTL is how long a claim no connection took stays: the kernel
 	// holds a connection's claim lookups for 5 s after it is accepted.
 	claimTTL = 10 * time.Second
-	// accessPoll is how often the access log is polled: the kernel lets a
-	// pending connection move 64 KiB before it holds it.
+	// accessPoll is how often at most the access log is read while Xray
+	// writes to it (the follower is woken by a watch of its directory):
+	// the kernel lets a pending connection move 64 KiB before it holds
+	// it.
 	accessPoll = 10 * time.Millisecond
 	// xconnRefreshTicks is how often the ports and Xray's UIDs are
 	// written again, to repair them and to find an Xray that restarted as

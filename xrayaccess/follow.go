@@ -50,7 +50,10 @@ type Options struct {
 	// is new: it is read from its start. Nil: from the file's end.
 	Resume *Position
 	// Interval is how often [Follower.Next] polls the file while there is
-	// nothing new; DefaultInterval if zero.
+	// nothing new, DefaultInterval if zero: with a watch of the file's
+	// directory (inotify), when the file changed, at most once an
+	// Interval, and a second apart while it does not; without one, or
+	// while a rotated-away file is read, every Interval.
 	Interval time.Duration
 	// MaxLine bounds a line, its line break excluded: a longer line is
 	// skipped, never buffered, and counted in Stats.TooLong.
@@ -106,6 +109,7 @@ type Follower struct {
 	loc      *time.Location
 
 	lastErr string // Next's last error, for Next only
+	wake    *wake  // wakes Next when the file changes
 
 	mu      sync.Mutex // protects the following
 	cur     *file      // the file at the path; nil while there is none
@@ -147,11 +151,13 @@ func Open(path string, opts Options) (*Follower, error) {
 		grace:    opts.Grace,
 		loc:      opts.Location,
 		buf:      make([]byte, 64<<10),
+		wake:     newWake(path),
 	}
 	if f.maxLine == 0 {
 		f.maxLine = DefaultMaxLine
 	}
 	if f.maxLine < minMaxLine {
+		f.wake.close()
 		return nil, fmt.Errorf("xrayaccess: MaxLine %d, want %d or more", f.maxLine, minMaxLine)
 	}
 	if f.interval <= 0 {
@@ -168,6 +174,7 @@ func Open(path string, opts Options) (*Follower, error) {
 	case errors.Is(err, unix.ENOENT):
 		return f, nil
 	case err != nil:
+		f.wake.close()
 		return nil, err
 	}
 	f.cur = fl
@@ -182,6 +189,7 @@ func Open(path string, opts Options) (*Follower, error) {
 	}
 	if err := f.prime(fl, start); err != nil {
 		fl.close()
+		f.wake.close()
 		return nil, err
 	}
 	return f, nil
@@ -453,8 +461,8 @@ func (f *Follower) endLine(fl *file, es *[]Entry) {
 	}
 }
 
-// Next returns the next attributions, waiting for them: it polls every
-// Options.Interval until Poll returns some or a new error (not the same
+// Next returns the next attributions, waiting for them: it polls (see
+// Options.Interval) until Poll returns some or a new error (not the same
 // one as the last time Next returned one, which it returns once), or ctx
 // ends (ctx.Err()). After Close it returns [ErrClosed].
 func (f *Follower) Next(ctx context.Context) ([]Entry, error) {
@@ -468,6 +476,7 @@ func (f *Follower) AppendNext(ctx context.Context, buf []Entry) ([]Entry, error)
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
+		polled := time.Now()
 		es, more, err := f.poll(buf)
 		if errors.Is(err, ErrClosed) {
 			return nil, err
@@ -487,13 +496,31 @@ func (f *Follower) AppendNext(ctx context.Context, buf []Entry) ([]Entry, error)
 		if more {
 			continue
 		}
-		t.Reset(f.interval)
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-t.C:
+		wait := f.interval
+		if !f.readingOld() && f.wake.wait(ctx, idlePoll) {
+			// The file changed, or idlePoll passed: the lines of up to an
+			// Interval are read together.
+			wait = time.Until(polled.Add(f.interval))
+		}
+		if wait > 0 {
+			t.Reset(wait)
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
 		}
 	}
+}
+
+// readingOld reports whether a rotated-away file is still read: it may
+// have moved out of the watched directory.
+func (f *Follower) readingOld() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.old) > 0
 }
 
 // Position returns where the follower is in the file at its path, for
@@ -526,6 +553,7 @@ func (f *Follower) Close() error {
 		return nil
 	}
 	f.closed = true
+	f.wake.close()
 	if f.cur != nil {
 		f.cur.close()
 	}
