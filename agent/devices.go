@@ -399,13 +399,17 @@ func (a *Agent) enforceDevices(now time.Time) error {
 	for u := range look {
 		left, err := a.limitDevices(u, a.connsOf(u), now)
 		errs = append(errs, err)
-		if sameDevices(u.r.devices, left) {
+		if sameDevices(u.r.devices(), left) {
 			continue
 		}
-		if len(left) != len(u.r.devices) {
+		if len(left) != len(u.r.devices()) {
 			a.markJSON(u, jsonLazy)
 		}
-		a.edit(u).devices = left
+		var devs *[]liveDevice
+		if len(left) > 0 {
+			devs = &left
+		}
+		a.edit(u).devs = devs
 		delete(a.dev.sshHeld, u)
 		for _, d := range left {
 			if slices.Contains(d.v.Protocols, quota.SSH) {
@@ -447,7 +451,7 @@ func (a *Agent) Devices(ctx context.Context, name string) ([]view.Device, error)
 	if err != nil {
 		return nil, err
 	}
-	ld := r.devices
+	ld := r.devices()
 	out := make([]view.Device, len(ld))
 	var ports []uint16
 	for i, d := range ld {

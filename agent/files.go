@@ -248,7 +248,7 @@ func (s *snapshot) usageDoc(r *record) opsfiles.Usage {
 	if rem, limited := st.Remaining(plan, s.rules); limited {
 		d.Remaining = &rem
 	}
-	d.Devices = len(r.devices)
+	d.Devices = len(r.devices())
 	if n := plan.Devices.Of(s.deviceDefault); n > 0 {
 		d.DevicesLimit = &n
 	}

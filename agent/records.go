@@ -170,10 +170,18 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 		b.UserRows = rows
 	}
 	k := &a.kernel
-	// An Xray user's baseline may come with its debt's: room for both, so
-	// that the slice is not grown and copied over and over (at 50,000 users
-	// moving, that was three quarters of what it allocated).
-	if n := len(k.baseQ) + 2*len(a.xr.baseQ); n > 0 {
+	// Room for every row, an Xray user's debt's included, so that the slice
+	// is not grown and copied over and over (at 50,000 users moving, that
+	// was three quarters of what it allocated).
+	n := len(k.baseQ) + len(a.xr.baseQ)
+	for _, email := range a.xr.baseQ {
+		if bl := a.xr.base[email]; bl != nil {
+			if _, row := bl.debtRow(); row {
+				n++
+			}
+		}
+	}
+	if n > 0 {
 		b.Baselines = make([]store.Baseline, 0, n)
 	}
 	for _, uid := range k.baseQ {
@@ -186,7 +194,7 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
 			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: a.xr.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
-			if owing := bl.owed != (quota.Usage{}) || bl.credit != (quota.Usage{}); owing || bl.owedSaved {
+			if owing, row := bl.debtRow(); row {
 				up, down := toNet(bl.owed, bl.credit)
 				b.Baselines = append(b.Baselines, store.Baseline{Source: quota.OwedSource(email),
 					Epoch: quota.Epoch{Origin: owedOrigin, Start: bl.moved}, Rx: down, Tx: up})

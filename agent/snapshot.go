@@ -85,7 +85,7 @@ func (s *snapshot) view(r *record) view.User {
 		Reason: st.Reason, BlockTime: st.BlockTime.Time(), LastReset: st.LastReset.Time(),
 		Override:  view.Override{Active: st.Override.Active, Limit: st.Override.Limit, Until: st.Override.Until.Time()},
 		NextReset: st.NextReset.Time(), Expires: p.Expires.Time(), Updated: r.updated.Time(),
-		Devices: len(r.devices), DevicesLimit: p.Devices.Of(s.deviceDefault),
+		Devices: len(r.devices()), DevicesLimit: p.Devices.Of(s.deviceDefault),
 		Speed: r.speed(s.rules),
 	}
 	if st.Day == s.today {

@@ -145,6 +145,14 @@ type xbase struct {
 	dirty     bool
 }
 
+// debtRow reports whether b has a debt or credit (owing), and whether its
+// debt's row goes in the next commit: while it owes, and once more when it
+// paid off one the store may hold.
+func (b *xbase) debtRow() (owing, row bool) {
+	owing = b.owed != (quota.Usage{}) || b.credit != (quota.Usage{})
+	return owing, owing || b.owedSaved
+}
+
 // xread is what a read found of a user whose counters moved.
 type xread struct {
 	b        *xbase
