@@ -60,13 +60,16 @@ type slotTable struct {
 	size uint32 // the slots given out, slot 0 (none) included
 
 	mu sync.Mutex // protects the following
-	// mem is bw_slots, memory-mapped by the Datapath itself (not through
-	// ebpf.Map.Memory): a slot is written with one atomic 64-bit store of
-	// its word, so that a program never reads half of one. The Datapath
-	// is the only writer; the programs only read.
-	mem   []byte
-	words []uint64 // mem as words: the ID -> slot table
-	ids   []uint32 // slot -> ID or noID; len(ids) is the next free slot
+	// win are the parts of bw_slots (the ID -> slot table) that the
+	// Datapath maps, for UIDs and for accounts (see slotWindow). A slot
+	// is written with one atomic 64-bit store of its word, so that a
+	// program never reads half of one. The Datapath is the only writer;
+	// the programs only read. slotsFD is bw_slots'; loaded is set once
+	// loadSlots read the table, until unmap.
+	win     [2]slotWindow
+	slotsFD int
+	loaded  bool
+	ids     []uint32 // slot -> ID or noID; len(ids) is the next free slot
 	// hash holds, by slot, the entry in bw_hash_counts of the slot's ID as
 	// it was last read, summed over CPUs (see bw_slot_moved): an ID whose
 	// slot alone is marked as moved has that entry still. hashRead says
@@ -107,6 +110,53 @@ func (s *slotTable) countersAt(slot uint32) Counters {
 	return c
 }
 
+// slotWindow is the part of bw_slots mapped for one kind of ID, UIDs or
+// accounts: from the kind's first word, the pages up to the highest index
+// of that kind with a slot (in powers of two). bw_slots has a slot for each
+// possible UID and account, 4 MiB; mapped whole, all of it counted in the
+// agent's resident set (the kernel maps an array's pages at mmap), where
+// the IDs in use take a few pages.
+type slotWindow struct {
+	first uint32 // the window's first word in bw_slots
+	mem   []byte
+	words []uint64
+}
+
+// kindWords is the number of words of bw_slots for one kind of ID.
+const kindWords = slotIDs / 2 / 4
+
+// window returns the window for idx, and idx's word's offset in it.
+func (s *slotTable) window(idx uint32) (*slotWindow, uint32) {
+	w := &s.win[0]
+	if idx >= slotIDs/2 {
+		w = &s.win[1]
+	}
+	return w, idx/4 - w.first
+}
+
+// cover maps idx's window far enough to hold idx's word.
+func (s *slotTable) cover(idx uint32) error {
+	w, rel := s.window(idx)
+	if rel < uint32(len(w.words)) {
+		return nil
+	}
+	page := uint32(os.Getpagesize())
+	pages := uint32(1)
+	for pages*page/8 <= rel {
+		pages *= 2
+	}
+	size := min(pages*page, kindWords*8)
+	mem, err := unix.Mmap(s.slotsFD, int64(w.first)*8, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("map slots: %w", err)
+	}
+	if w.mem != nil {
+		unix.Munmap(w.mem)
+	}
+	w.mem, w.words = mem, unsafe.Slice((*uint64)(unsafe.Pointer(&mem[0])), size/8)
+	return nil
+}
+
 // noID marks a slot that is no ID's in slotTable.ids: slot 0, and one that
 // loadSlots cleared. (It is no ID's: 0xFFFFFFFF has no slot index.)
 const noID = ^uint32(0)
@@ -122,13 +172,8 @@ func (d *Datapath) loadSlots() error {
 	if n := d.objs.BwSlots.MaxEntries() * 4; n != slotIDs {
 		return fmt.Errorf("map slots: %d slots in bw_slots, want %d", n, slotIDs)
 	}
-	size := slotIDs / 4 * 8
-	mem, err := unix.Mmap(d.objs.BwSlots.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		return fmt.Errorf("map slots: %w", err)
-	}
-	s.mem = mem
-	s.words = unsafe.Slice((*uint64)(unsafe.Pointer(&mem[0])), size/8)
+	s.slotsFD = d.objs.BwSlots.FD()
+	s.win = [2]slotWindow{{first: 0}, {first: kindWords}}
 	if n, vs := d.objs.BwSlotCounts.MaxEntries(), d.objs.BwSlotCounts.ValueSize(); n != 2*maxSlots || vs != 2*8 {
 		return fmt.Errorf("map slot counters: %d values of %d bytes, want %d of 16", n, vs, 2*maxSlots)
 	}
@@ -141,38 +186,65 @@ func (d *Datapath) loadSlots() error {
 	s.counts = unsafe.Slice((*uint64)(unsafe.Pointer(&cmem[0])), csize/8)
 	s.ids = []uint32{noID}
 	given := make([]bool, s.size)
-	for i, w := range s.words {
-		for j := range uint32(4) {
-			slot := uint32(w>>(16*j)) & 0xffff
-			if slot == 0 {
-				continue
+	var highest [2]uint32 // by kind, the highest word with a slot, plus one
+	// The whole table is read a chunk at a time, each mapped for the read
+	// alone: the windows then cover what it holds.
+	const chunk = 256 << 10
+	for off := 0; off < slotIDs/4*8; off += chunk {
+		mem, err := unix.Mmap(s.slotsFD, int64(off), chunk, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			return fmt.Errorf("map slots: %w", err)
+		}
+		words := unsafe.Slice((*uint64)(unsafe.Pointer(&mem[0])), chunk/8)
+		for i := range words {
+			w := atomic.LoadUint64(&words[i])
+			for j := range uint32(4) {
+				slot := uint32(w>>(16*j)) & 0xffff
+				if slot == 0 {
+					continue
+				}
+				idx := uint32(off/8+i)*4 + j
+				if slot >= s.size || given[slot] {
+					w &^= 0xffff << (16 * j)
+					atomic.StoreUint64(&words[i], w)
+					continue
+				}
+				given[slot] = true
+				highest[idx/(slotIDs/2)] = idx/4 + 1
+				// Slots are given in order: the next free one follows
+				// the highest.
+				for uint32(len(s.ids)) <= slot {
+					s.ids = append(s.ids, noID)
+				}
+				id := idx
+				if idx >= policyBitsUIDs {
+					id = AccountBase + (idx - policyBitsUIDs)
+				}
+				s.ids[slot] = id
 			}
-			idx := uint32(i)*4 + j
-			if slot >= s.size || given[slot] {
-				s.store(idx, 0)
-				continue
-			}
-			given[slot] = true
-			// Slots are given in order: the next free one follows the
-			// highest.
-			for uint32(len(s.ids)) <= slot {
-				s.ids = append(s.ids, noID)
-			}
-			id := idx
-			if idx >= policyBitsUIDs {
-				id = AccountBase + (idx - policyBitsUIDs)
-			}
-			s.ids[slot] = id
+		}
+		if err := unix.Munmap(mem); err != nil {
+			return fmt.Errorf("map slots: %w", err)
 		}
 	}
+	for _, h := range highest {
+		if h > 0 {
+			if err := s.cover((h - 1) * 4); err != nil {
+				return err
+			}
+		}
+	}
+	s.loaded = true
 	s.hash = make([]Counters, len(s.ids))
 	s.hashRead = make([]bool, len(s.ids))
 	return nil
 }
 
-// store writes slot as idx's slot with one atomic store of its word.
+// store writes slot as idx's slot with one atomic store of its word,
+// mapped already (see cover).
 func (s *slotTable) store(idx, slot uint32) {
-	w := &s.words[idx/4]
+	win, rel := s.window(idx)
+	w := &win.words[rel]
 	shift := 16 * (idx % 4)
 	atomic.StoreUint64(w, *w&^(0xffff<<shift)|uint64(slot)<<shift)
 }
@@ -188,10 +260,14 @@ func (s *slotTable) slotOf(id uint32) uint32 {
 // from bw_slots, of which the Datapath is the only writer.
 func (s *slotTable) slotOfLocked(id uint32) uint32 {
 	idx, ok := slotIndex(id)
-	if !ok || s.words == nil {
+	if !ok {
 		return 0
 	}
-	return uint32(s.words[idx/4]>>(16*(idx%4))) & 0xffff
+	w, rel := s.window(idx)
+	if rel >= uint32(len(w.words)) {
+		return 0 // beyond every slot given
+	}
+	return uint32(w.words[rel]>>(16*(idx%4))) & 0xffff
 }
 
 // lastHash returns id's entry in bw_hash_counts as it was last read (see
@@ -227,8 +303,11 @@ func (s *slotTable) give(id uint32, hash Counters) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.mem == nil || s.slotOfLocked(id) != 0 || uint32(len(s.ids)) >= s.size {
+	if !s.loaded || s.slotOfLocked(id) != 0 || uint32(len(s.ids)) >= s.size {
 		return
+	}
+	if err := s.cover(idx); err != nil {
+		return // counted in the hash, as beyond the slots
 	}
 	s.store(idx, uint32(len(s.ids)))
 	s.ids = append(s.ids, id)
@@ -244,10 +323,13 @@ func (s *slotTable) unmap() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var errs []error
-	if s.mem != nil {
-		errs = append(errs, unix.Munmap(s.mem))
-		s.mem, s.words = nil, nil
+	for i := range s.win {
+		if w := &s.win[i]; w.mem != nil {
+			errs = append(errs, unix.Munmap(w.mem))
+			w.mem, w.words = nil, nil
+		}
 	}
+	s.loaded = false
 	if s.countsMem != nil {
 		errs = append(errs, unix.Munmap(s.countsMem))
 		s.countsMem, s.counts = nil, nil
