@@ -419,9 +419,11 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.claimXray(es, now)
 			a.noteXrayConns(es, now)
 			clear(es) // let go of their strings
-			select {
-			case a.xr.conns.free <- es[:0]:
-			default:
+			if cap(es) <= maxRecycled {
+				select {
+				case a.xr.conns.free <- es[:0]:
+				default:
+				}
 			}
 		}
 		if iv := a.currentInterval(); iv != interval {

@@ -174,6 +174,9 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	// is not grown and copied over and over (at 50,000 users moving, that
 	// was three quarters of what it allocated).
 	n := len(k.baseQ) + len(a.xr.baseQ)
+	if a.fl != nil {
+		n += len(a.fl.baseQ)
+	}
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
 			if _, row := bl.debtRow(); row {

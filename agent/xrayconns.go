@@ -78,6 +78,10 @@ const (
 	// the kernel lets a pending connection move 64 KiB before it holds
 	// it.
 	accessPoll = 10 * time.Millisecond
+	// maxRecycled bounds the access log batches handed back to the
+	// follower: a burst's (a backlog read after a stall) is left to the
+	// collector rather than kept.
+	maxRecycled = 4096
 	// xconnRefreshTicks is how often the ports and Xray's UIDs are
 	// written again, to repair them and to find an Xray that restarted as
 	// another user.

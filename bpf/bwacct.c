@@ -308,9 +308,9 @@ struct {
 //
 // bw_slots has a 16-bit slot per ID, four to a word: UID u at u, account
 // ACCOUNT_BASE + i at SLOT_IDS / 2 + i. Only the agent writes it (a word at
-// a time, through its memory mapping). The loader sets bw_slot_counts' size
-// from its config; both maps and bw_hash_counts are reused together or not
-// at all (see bpf/slots.go).
+// a time, through its memory mapping). The loader sizes bw_slot_moved from
+// its config (the slots it gives out); bw_slots, bw_slot_counts and
+// bw_hash_counts are reused together or not at all (see bpf/slots.go).
 #define SLOT_IDS (2 * POLICY_BITS_UIDS)
 #define MAX_SLOTS 65536 // slots are 16 bits
 

@@ -466,7 +466,7 @@ func load(cfg Config, cgroupID uint64, lock *os.File) (*Datapath, error) {
 	}
 	spec.Maps[bwacctMapBwRates].MaxEntries = 2 * cfg.MaxUIDs
 	spec.Maps[bwacctMapBwSlotMoved].MaxEntries = (slotCount(cfg) + 7) / 8
-	if err := migrateCounterPins(cfg.PinPath, spec.Maps[bwacctMapBwSlotCounts]); err != nil {
+	if err := migrateCounterPins(cfg.PinPath, spec.Maps[bwacctMapBwSlotCounts], spec.Maps[bwacctMapBwSlotMoved]); err != nil {
 		lock.Close()
 		return nil, err
 	}

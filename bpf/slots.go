@@ -33,9 +33,10 @@ const (
 	// policyBitsUIDs, then the accounts. It must match SLOT_IDS in
 	// bwacct.c.
 	slotIDs = 2 * policyBitsUIDs
-	// maxSlots is the number of slots in bw_slot_counts (Config.MaxUIDs
-	// bounds those given out): a slot is 16 bits in bw_slots. It must match
-	// MAX_SLOTS in bwacct.c.
+	// maxSlots is the number of slots bw_slot_counts has room for (two
+	// entries each, one a direction; Config.MaxUIDs bounds those given
+	// out): a slot is 16 bits in bw_slots. It must match MAX_SLOTS in
+	// bwacct.c.
 	maxSlots = 1 << 16
 )
 
@@ -80,7 +81,8 @@ type slotTable struct {
 	hashRead []bool
 
 	// The following are set by loadSlots and loadFrozen and left alone
-	// until unmap, so they are read without mu.
+	// until unmap, so they are read without mu: Datapath.Close, which
+	// unmaps them, must not run beside a read of the counters.
 
 	// counts is bw_slot_counts, memory-mapped read-only: slot i's received
 	// bytes and packets are the two words from 2*i, its sent ones the two
@@ -151,7 +153,10 @@ func (s *slotTable) cover(idx uint32) error {
 		return fmt.Errorf("map slots: %w", err)
 	}
 	if w.mem != nil {
-		unix.Munmap(w.mem)
+		if err := unix.Munmap(w.mem); err != nil {
+			unix.Munmap(mem)
+			return fmt.Errorf("map slots: %w", err)
+		}
 	}
 	w.mem, w.words = mem, unsafe.Slice((*uint64)(unsafe.Pointer(&mem[0])), size/8)
 	return nil
@@ -161,9 +166,10 @@ func (s *slotTable) cover(idx uint32) error {
 // loadSlots cleared. (It is no ID's: 0xFFFFFFFF has no slot index.)
 const noID = ^uint32(0)
 
-// loadSlots maps bw_slots and reads the slots an earlier agent gave out.
-// A slot past bw_slot_counts' end or given twice (written by hand) is
-// cleared: the programs would count it nowhere or for two IDs.
+// loadSlots maps bw_slot_counts, reads the slots an earlier agent gave out
+// and maps bw_slots' windows over them. A slot past the slots given out
+// (bw_slot_moved's end) or given twice (written by hand) is cleared: the
+// programs would count it unmarked, or for two IDs.
 func (d *Datapath) loadSlots() error {
 	s := &d.slots
 	s.mu.Lock()
@@ -267,7 +273,13 @@ func (s *slotTable) slotOfLocked(id uint32) uint32 {
 	if rel >= uint32(len(w.words)) {
 		return 0 // beyond every slot given
 	}
-	return uint32(w.words[rel]>>(16*(idx%4))) & 0xffff
+	// The table is shared memory: a slot this agent did not give (written
+	// by hand) is none.
+	slot := uint32(w.words[rel]>>(16*(idx%4))) & 0xffff
+	if slot >= uint32(len(s.ids)) || s.ids[slot] != id {
+		return 0
+	}
+	return slot
 }
 
 // lastHash returns id's entry in bw_hash_counts as it was last read (see
@@ -368,8 +380,9 @@ func (d *Datapath) loadFrozen() error {
 // over CPUs by slot.
 func readFrozen(m *ebpf.Map) (map[uint32]Counters, error) {
 	if m.Type() != ebpf.PerCPUArray || m.KeySize() != 4 || m.ValueSize() != 4*8 {
-		return nil, fmt.Errorf("%w: %s is a %v of %d-byte values, want a per-CPU array of counters",
-			ErrIncompatiblePin, frozenSlotPin, m.Type(), m.ValueSize())
+		return nil, fmt.Errorf("%w: %s is a %v of %d-byte values, want a per-CPU array of counters "+
+			"(made by hand?); run `bwagent uninstall` to remove the pins (kernel counters restart from zero, "+
+			"the agent's saved totals are kept)", ErrIncompatiblePin, frozenSlotPin, m.Type(), m.ValueSize())
 	}
 	if err := waitForPrograms(); err != nil {
 		return nil, err
@@ -439,8 +452,8 @@ const (
 )
 
 // migrateCounterPins prepares the counter pins under pinPath for Load, which
-// holds the pin directory's lock; slotCounts is the spec of bw_slot_counts
-// as Load will make it:
+// holds the pin directory's lock; slotCounts and slotMoved are the specs of
+// bw_slot_counts and bw_slot_moved as Load will make them:
 //
 //   - a bw_counters pin is the counter hash of an agent without slots (one of
 //     an earlier version, or one it was downgraded to, which then made it
@@ -459,7 +472,11 @@ const (
 //   - otherwise the three counter pins are kept if all are there, and removed
 //     if some are missing (removed by hand): Load makes new ones, a new
 //     epoch.
-func migrateCounterPins(pinPath string, slotCounts *ebpf.MapSpec) error {
+//   - a bw_slot_moved of another size than slotMoved's is removed: an agent
+//     before shared slots sized it for at most 8,192 slots. It holds marks
+//     alone, no count, and a Datapath's first read after a start is of
+//     every counter (the agent's is EachCounter).
+func migrateCounterPins(pinPath string, slotCounts, slotMoved *ebpf.MapSpec) error {
 	path := func(name string) string { return filepath.Join(pinPath, name) }
 	exists := func(name string) bool {
 		_, err := os.Stat(path(name))
@@ -518,12 +535,33 @@ func migrateCounterPins(pinPath string, slotCounts *ebpf.MapSpec) error {
 			}
 		}
 	}
+	if exists(bwacctMapBwSlotMoved) {
+		n, err := pinnedEntries(path(bwacctMapBwSlotMoved))
+		if err != nil {
+			return err
+		}
+		if n != slotMoved.MaxEntries {
+			if err := remove(bwacctMapBwSlotMoved); err != nil {
+				return err
+			}
+		}
+	}
 	for _, name := range epoch[:3] {
 		if !exists(name) {
 			return remove(epoch...)
 		}
 	}
 	return nil
+}
+
+// pinnedEntries returns the size of the map pinned at path.
+func pinnedEntries(path string) (uint32, error) {
+	m, err := ebpf.LoadPinnedMap(path, &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return 0, permission(fmt.Errorf("open pin %s: %w", filepath.Base(path), err))
+	}
+	defer m.Close()
+	return m.MaxEntries(), nil
 }
 
 // pinIsPerCPU reports whether the map pinned at path is a per-CPU array.
@@ -615,10 +653,11 @@ func PinnedCounters(pinPath string, id uint32) (Counters, error) {
 		return c, err
 	}
 	defer frozen.Close()
-	if err := frozen.Lookup(slot, &vals); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	var fvals []bwacctCounters // its slots may end before slot
+	if err := frozen.Lookup(slot, &fvals); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return c, fmt.Errorf("frozen counters of %d in slot %d: %w", id, slot, err)
 	}
-	for _, v := range vals {
+	for _, v := range fvals {
 		c.add(v)
 	}
 	return c, nil

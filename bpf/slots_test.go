@@ -415,10 +415,43 @@ func TestSlotCountsMigrated(t *testing.T) {
 	if err := old.Put(uint32(1), perCPU); err != nil {
 		t.Fatal(err)
 	}
+	// An account in slot 2, its counts all in the old slot.
+	acct := bpf.AccountBase + 5
+	acctIdx := uint32(1<<20 + 5) // its index in bw_slots
+	acctWant := bpf.Counters{RxBytes: 70, RxPackets: 1, TxBytes: 90, TxPackets: 2}
+	perCPU = make([]bpf.Counters, ncpu)
+	perCPU[0] = acctWant
+	if err := old.Put(uint32(2), perCPU); err != nil {
+		t.Fatal(err)
+	}
+	put("bw_slots", acctIdx/4, uint64(2)<<(16*(acctIdx%4)))
+	// A UID far up, given slot 9,000 (past the old map's 8,192) by hand:
+	// its hash entry alone, in a window of bw_slots beyond its first page.
+	const high = 700001
+	highWant := bpf.Counters{RxBytes: 11, RxPackets: 1, TxBytes: 13, TxPackets: 1}
+	perCPU = make([]bpf.Counters, ncpu)
+	perCPU[0] = highWant
+	put("bw_hash_counts", high, perCPU)
+	put("bw_slots", high/4, uint64(9000)<<(16*(high%4)))
 	if err := old.Pin(pin("bw_slot_counts")); err != nil {
 		t.Fatal(err)
 	}
 	old.Close()
+	// The earlier agent's bw_slot_moved, sized for its 8,192 slots.
+	if err := os.Remove(pin("bw_slot_moved")); err != nil {
+		t.Fatal(err)
+	}
+	oldMoved, err := ebpf.NewMap(&ebpf.MapSpec{
+		Name: "bw_slot_moved", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 8192 / 8,
+		Flags: 0x400, // BPF_F_MMAPABLE
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := oldMoved.Pin(pin("bw_slot_moved")); err != nil {
+		t.Fatal(err)
+	}
+	oldMoved.Close()
 	want := hashed
 	want.RxBytes += inSlot.RxBytes
 	want.RxPackets += inSlot.RxPackets
@@ -426,6 +459,8 @@ func TestSlotCountsMigrated(t *testing.T) {
 	want.TxPackets += inSlot.TxPackets
 	check := func(what string) {
 		t.Helper()
+		allReads(t, e, acct, acctWant)
+		allReads(t, e, high, highWant)
 		if c, err := e.dp.CountersOf(user); err != nil || c != want {
 			t.Errorf("%s: CountersOf = %+v, %v; want %+v", what, c, err, want)
 		}

@@ -109,7 +109,9 @@ type Follower struct {
 	loc      *time.Location
 
 	lastErr string // Next's last error, for Next only
-	wake    *wake  // wakes Next when the file changes
+
+	wakeOnce sync.Once
+	wake     *wake // wakes Next when the file changes; made by its first call
 
 	mu      sync.Mutex // protects the following
 	cur     *file      // the file at the path; nil while there is none
@@ -151,13 +153,11 @@ func Open(path string, opts Options) (*Follower, error) {
 		grace:    opts.Grace,
 		loc:      opts.Location,
 		buf:      make([]byte, 64<<10),
-		wake:     newWake(path),
 	}
 	if f.maxLine == 0 {
 		f.maxLine = DefaultMaxLine
 	}
 	if f.maxLine < minMaxLine {
-		f.wake.close()
 		return nil, fmt.Errorf("xrayaccess: MaxLine %d, want %d or more", f.maxLine, minMaxLine)
 	}
 	if f.interval <= 0 {
@@ -174,7 +174,6 @@ func Open(path string, opts Options) (*Follower, error) {
 	case errors.Is(err, unix.ENOENT):
 		return f, nil
 	case err != nil:
-		f.wake.close()
 		return nil, err
 	}
 	f.cur = fl
@@ -189,7 +188,6 @@ func Open(path string, opts Options) (*Follower, error) {
 	}
 	if err := f.prime(fl, start); err != nil {
 		fl.close()
-		f.wake.close()
 		return nil, err
 	}
 	return f, nil
@@ -473,6 +471,15 @@ func (f *Follower) Next(ctx context.Context) ([]Entry, error) {
 // reuses: a caller that hands buf[:0] back once done with the entries
 // allocates no new slice for each batch.
 func (f *Follower) AppendNext(ctx context.Context, buf []Entry) ([]Entry, error) {
+	f.wakeOnce.Do(func() {
+		w := newWake(f.path)
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if f.closed {
+			w.close()
+		}
+		f.wake = w
+	})
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
@@ -553,7 +560,9 @@ func (f *Follower) Close() error {
 		return nil
 	}
 	f.closed = true
-	f.wake.close()
+	if f.wake != nil {
+		f.wake.close()
+	}
 	if f.cur != nil {
 		f.cur.close()
 	}

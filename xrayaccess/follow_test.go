@@ -382,6 +382,9 @@ func TestNext(t *testing.T) {
 		t.Fatal(err)
 	}
 	want(t, sources(es), "10.0.0.1:1=a")
+	if f.wake == nil || f.wake.file() == nil {
+		t.Error("Next polls without a watch of the log's directory")
+	}
 	short, cancel2 := context.WithTimeout(t.Context(), 50*time.Millisecond)
 	defer cancel2()
 	if _, err := f.Next(short); !errors.Is(err, context.DeadlineExceeded) {

@@ -21,16 +21,28 @@ func TestWake(t *testing.T) {
 		t.Fatal("no watch of the log's directory")
 	}
 	// waitFor waits up to limit with do run meanwhile, and returns how
-	// long the wait took and what it reported.
+	// long the wait took and what it reported. Before it returns, do has
+	// finished and the events it queued after the one that woke the wait
+	// (a file's creation, then its write) are drained.
 	waitFor := func(limit time.Duration, do func()) (time.Duration, bool) {
 		t.Helper()
+		done := make(chan struct{})
 		go func() {
+			defer close(done)
 			time.Sleep(50 * time.Millisecond)
 			do()
 		}()
 		start := time.Now()
 		watching := w.wait(t.Context(), limit)
-		return time.Since(start), watching
+		d := time.Since(start)
+		<-done
+		for w.file() != nil {
+			start := time.Now()
+			if w.wait(t.Context(), 100*time.Millisecond); time.Since(start) >= 100*time.Millisecond {
+				break
+			}
+		}
+		return d, watching
 	}
 	write := func(name string) func() {
 		return func() {
