@@ -39,6 +39,20 @@ func hashCounts(t *testing.T, pin string, id uint32) bpf.Counters {
 	return c
 }
 
+// putPinned writes v at key in the map pinned at path, as the agent or
+// the programs would.
+func putPinned(t *testing.T, path string, key uint32, v any) {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Put(key, v); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // allReads checks that every way of reading id's counters agrees with
 // want: CountersOf, Counters (EachCounter) and the pins.
 func allReads(t *testing.T, e *env, id uint32, want bpf.Counters) {
@@ -260,14 +274,7 @@ func TestCounterPins(t *testing.T) {
 	}
 	put := func(name string, key uint32, v any) {
 		t.Helper()
-		m, err := ebpf.LoadPinnedMap(pin(name), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer m.Close()
-		if err := m.Put(key, v); err != nil {
-			t.Fatal(err)
-		}
+		putPinned(t, pin(name), key, v)
 	}
 	// putSlot writes c as slot's counters: received at slot, sent at
 	// 65,536 + slot (see bw_slot_counts).
@@ -384,14 +391,7 @@ func TestSlotCountsMigrated(t *testing.T) {
 	}
 	put := func(name string, key uint32, v any) {
 		t.Helper()
-		m, err := ebpf.LoadPinnedMap(pin(name), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer m.Close()
-		if err := m.Put(key, v); err != nil {
-			t.Fatal(err)
-		}
+		putPinned(t, pin(name), key, v)
 	}
 	hashed := bpf.Counters{RxBytes: 1000, RxPackets: 10, TxBytes: 2000, TxPackets: 20}
 	perCPU := make([]bpf.Counters, ncpu)
