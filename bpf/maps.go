@@ -518,7 +518,7 @@ func (d *Datapath) CountersOf(uid uint32) (Counters, error) {
 // there is one (see bw_slot_moved).
 func (d *Datapath) countersOf(uid uint32, readHash bool) (c, hash Counters, err error) {
 	c = d.credits[uid]
-	hash, ok := d.slots.lastHash(uid)
+	slot, hash, ok := d.slots.entry(uid)
 	if readHash || !ok {
 		var vals []bwacctCounters
 		err := d.objs.BwHashCounts.Lookup(uid, &vals)
@@ -529,10 +529,10 @@ func (d *Datapath) countersOf(uid uint32, readHash bool) (c, hash Counters, err 
 		for _, v := range vals {
 			hash.add(v)
 		}
-		d.slots.read(uid, hash)
+		slot = d.slots.read(uid, hash)
 	}
 	c.plus(hash)
-	if slot := d.slots.slotOf(uid); slot != 0 {
+	if slot != 0 {
 		c.plus(d.slots.countersAt(slot))
 	}
 	return c, hash, nil
@@ -626,8 +626,7 @@ func (d *Datapath) eachCounter(fn func(uid uint32, c Counters)) error {
 				c.add(v)
 			}
 			hash := c
-			d.slots.read(uid, hash)
-			if slot := d.slots.slotOf(uid); slot != 0 {
+			if slot := d.slots.read(uid, hash); slot != 0 {
 				c.plus(d.slots.countersAt(slot))
 				if int(slot) < len(found) {
 					found[slot] = true

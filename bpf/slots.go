@@ -148,7 +148,7 @@ func (s *slotTable) cover(idx uint32) error {
 		pages *= 2
 	}
 	size := min(pages*page, kindWords*8)
-	mem, err := unix.Mmap(s.slotsFD, int64(w.first)*8, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	mem, words, err := mapWords(s.slotsFD, int64(w.first)*8, int(size), unix.PROT_READ|unix.PROT_WRITE)
 	if err != nil {
 		return fmt.Errorf("map slots: %w", err)
 	}
@@ -158,8 +158,18 @@ func (s *slotTable) cover(idx uint32) error {
 			return fmt.Errorf("map slots: %w", err)
 		}
 	}
-	w.mem, w.words = mem, unsafe.Slice((*uint64)(unsafe.Pointer(&mem[0])), size/8)
+	w.mem, w.words = mem, words
 	return nil
+}
+
+// mapWords maps size bytes of the map with descriptor fd from byte off,
+// shared, and returns the mapping and its words.
+func mapWords(fd int, off int64, size, prot int) ([]byte, []uint64, error) {
+	mem, err := unix.Mmap(fd, off, size, prot, unix.MAP_SHARED)
+	if err != nil {
+		return nil, nil, err
+	}
+	return mem, unsafe.Slice((*uint64)(unsafe.Pointer(&mem[0])), size/8), nil
 }
 
 // noID marks a slot that is no ID's in slotTable.ids: slot 0, and one that
@@ -184,12 +194,10 @@ func (d *Datapath) loadSlots() error {
 		return fmt.Errorf("map slot counters: %d values of %d bytes, want %d of 16", n, vs, 2*maxSlots)
 	}
 	csize := 2 * maxSlots * 2 * 8
-	cmem, err := unix.Mmap(d.objs.BwSlotCounts.FD(), 0, csize, unix.PROT_READ, unix.MAP_SHARED)
-	if err != nil {
+	var err error
+	if s.countsMem, s.counts, err = mapWords(d.objs.BwSlotCounts.FD(), 0, csize, unix.PROT_READ); err != nil {
 		return fmt.Errorf("map slot counters: %w", err)
 	}
-	s.countsMem = cmem
-	s.counts = unsafe.Slice((*uint64)(unsafe.Pointer(&cmem[0])), csize/8)
 	s.ids = []uint32{noID}
 	given := make([]bool, s.size)
 	var highest [2]uint32 // by kind, the highest word with a slot, plus one
@@ -197,11 +205,10 @@ func (d *Datapath) loadSlots() error {
 	// alone: the windows then cover what it holds.
 	const chunk = 256 << 10
 	for off := 0; off < slotIDs/4*8; off += chunk {
-		mem, err := unix.Mmap(s.slotsFD, int64(off), chunk, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		mem, words, err := mapWords(s.slotsFD, int64(off), chunk, unix.PROT_READ|unix.PROT_WRITE)
 		if err != nil {
 			return fmt.Errorf("map slots: %w", err)
 		}
-		words := unsafe.Slice((*uint64)(unsafe.Pointer(&mem[0])), chunk/8)
 		for i := range words {
 			w := atomic.LoadUint64(&words[i])
 			for j := range uint32(4) {
@@ -282,26 +289,29 @@ func (s *slotTable) slotOfLocked(id uint32) uint32 {
 	return slot
 }
 
-// lastHash returns id's entry in bw_hash_counts as it was last read (see
-// read); ok is false if it has no slot or was not read since it got it.
-func (s *slotTable) lastHash(id uint32) (c Counters, ok bool) {
+// entry returns id's slot (0 if none) and its entry in bw_hash_counts as
+// it was last read (see read); ok is false if it has no slot or was not
+// read since it got it.
+func (s *slotTable) entry(id uint32) (slot uint32, hash Counters, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	slot := s.slotOfLocked(id)
+	slot = s.slotOfLocked(id)
 	if slot == 0 || !s.hashRead[slot] {
-		return Counters{}, false
+		return slot, Counters{}, false
 	}
-	return s.hash[slot], true
+	return slot, s.hash[slot], true
 }
 
 // read records c, just read, as id's entry in bw_hash_counts if id has a
-// slot.
-func (s *slotTable) read(id uint32, c Counters) {
+// slot, and returns the slot (0 if none).
+func (s *slotTable) read(id uint32, c Counters) uint32 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if slot := s.slotOfLocked(id); slot != 0 {
+	slot := s.slotOfLocked(id)
+	if slot != 0 {
 		s.hash[slot], s.hashRead[slot] = c, true
 	}
+	return slot
 }
 
 // give gives id the next free slot if it has none and one is left, hash
