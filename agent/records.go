@@ -173,12 +173,15 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	// Room for every row, an Xray user's debt's included, so that the slice
 	// is not grown and copied over and over (at 50,000 users moving, that
 	// was three quarters of what it allocated).
-	n := len(k.baseQ) + len(a.xr.baseQ)
+	n := len(k.baseQ)
 	if a.fl != nil {
 		n += len(a.fl.baseQ)
 	}
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
+			if bl.counted {
+				n++
+			}
 			if _, row := bl.debtRow(); row {
 				n++
 			}
@@ -196,7 +199,9 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	})
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
-			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: a.xr.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
+			if bl.counted {
+				b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: a.xr.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
+			}
 			if owing, row := bl.debtRow(); row {
 				up, down := toNet(bl.owed, bl.credit)
 				b.Baselines = append(b.Baselines, store.Baseline{Source: quota.OwedSource(email),
@@ -224,7 +229,7 @@ func (a *Agent) clearDirty() {
 	k.baseQ = trimmed(k.baseQ[:0])
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
-			bl.dirty = false
+			bl.dirty, bl.counted = false, false
 		}
 	}
 	clear(a.xr.baseQ)

@@ -641,7 +641,23 @@ func TestXrayOwed(t *testing.T) {
 	want("Xray beyond what it owed", 100_000, 10_700_000)
 
 	kernel(0, 5_000_000)
-	e.step(2 * time.Second)
+	e.clock = e.clock.Add(2 * time.Second)
+	e.a.tick()
+	// Only the kernel moved: the commit writes alice's debt, not her
+	// counters' row again.
+	e.a.commits.mu.Lock()
+	var rows []quota.Source
+	for _, bl := range e.a.commits.pending.Baselines {
+		if bl.Source.Name == "alice" {
+			rows = append(rows, bl.Source)
+		}
+	}
+	e.a.commits.mu.Unlock()
+	if !slices.Equal(rows, []quota.Source{quota.OwedSource("alice")}) {
+		t.Errorf("alice's rows in the commit of a tick where only the kernel moved: %v, want her debt's alone", rows)
+	}
+	e.a.commits.flush()
+	e.a.files.flush()
 	e.start() // a restart of the agent: the debt is in the store
 	fx.use("alice", 0, 5_000_000)
 	e.step(2 * time.Second)
