@@ -106,7 +106,7 @@ func writeTemp(dirfd int, name string, data []byte, perm os.FileMode, sync bool)
 	if fd < 0 {
 		return "", fmt.Errorf("create temporary file: %w", unix.EEXIST)
 	}
-	if err := fillAndClose(fd, data, perm, sync); err != nil {
+	if err := fillAndClose(fd, nil, data, perm, sync); err != nil {
 		_ = unix.Unlinkat(dirfd, tmp, 0)
 		return "", err
 	}
@@ -117,11 +117,14 @@ func writeTemp(dirfd int, name string, data []byte, perm os.FileMode, sync bool)
 // permission bits perm, fsyncs it if sync is set, and closes fd: it writes
 // data from offset 0, cuts what a longer old content leaves after it, and
 // sets perm if the file lacks it (a new file has 0600, less the umask).
-func fillAndClose(fd int, data []byte, perm os.FileMode, sync bool) error {
+// st is the file's status if the caller has it, nil to have fd's read.
+func fillAndClose(fd int, st *unix.Stat_t, data []byte, perm os.FileMode, sync bool) error {
 	err := func() error {
-		var st unix.Stat_t
-		if err := unix.Fstat(fd, &st); err != nil {
-			return fmt.Errorf("stat: %w", err)
+		if st == nil {
+			st = new(unix.Stat_t)
+			if err := unix.Fstat(fd, st); err != nil {
+				return fmt.Errorf("stat: %w", err)
+			}
 		}
 		for off := 0; off < len(data); {
 			var n int
@@ -431,12 +434,13 @@ func writeSpare(dirfd int, name string, data []byte, perm os.FileMode, sync bool
 		tmp, err := writeTemp(dirfd, name, data, perm, sync)
 		return tmp, false, err
 	}
-	fd, err := openSpare(dirfd, spare)
+	var st unix.Stat_t
+	fd, err := openSpare(dirfd, spare, &st)
 	if err != nil {
 		tmp, err := writeTemp(dirfd, name, data, perm, sync)
 		return tmp, false, err
 	}
-	if err := fillAndClose(fd, data, perm, sync); err != nil {
+	if err := fillAndClose(fd, &st, data, perm, sync); err != nil {
 		_ = unix.Unlinkat(dirfd, spare, 0)
 		return "", false, err
 	}
@@ -449,16 +453,16 @@ func writeSpare(dirfd int, name string, data []byte, perm os.FileMode, sync bool
 // made, and writing it could write through a hard link. A FIFO is not
 // waited for (O_NONBLOCK), a terminal not taken (O_NOCTTY), a symbolic
 // link not followed; a directory cannot be removed, and the caller writes
-// a temporary file instead.
-func openSpare(dirfd int, spare string) (int, error) {
+// a temporary file instead. It fills st with the status of the file it
+// opened.
+func openSpare(dirfd int, spare string, st *unix.Stat_t) (int, error) {
 	var fd int
 	err := ignoringEINTR(func() (err error) {
 		fd, err = unix.Openat(dirfd, spare, unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 		return err
 	})
 	if err == nil {
-		var st unix.Stat_t
-		if err := unix.Fstat(fd, &st); err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Nlink == 1 && int(st.Uid) == euid {
+		if err := unix.Fstat(fd, st); err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Nlink == 1 && int(st.Uid) == euid {
 			return fd, nil
 		}
 		unix.Close(fd)
@@ -473,6 +477,11 @@ func openSpare(dirfd int, spare string) (int, error) {
 		return err
 	})
 	if err != nil {
+		return -1, err
+	}
+	if err := unix.Fstat(fd, st); err != nil {
+		unix.Close(fd)
+		_ = unix.Unlinkat(dirfd, spare, 0)
 		return -1, err
 	}
 	return fd, nil
