@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -16,6 +17,7 @@ import (
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/sockkill"
+	"github.com/myvpn/bwagent/xrayaccess"
 	"github.com/myvpn/bwagent/xraystats"
 )
 
@@ -536,6 +538,8 @@ type fakeXrayKernel struct {
 	claims   map[netip.AddrPort]uint32
 	hold     []uint16
 	tagged   []uint32
+	refuse   netip.AddrPort // ClaimAll fails this client's claim
+	calls    int            // ClaimAll calls
 }
 
 func newFakeXrayKernel() *fakeXrayKernel {
@@ -565,9 +569,15 @@ func (f *fakeXrayKernel) AccountName(id uint32) (string, bool) {
 	return "", false
 }
 
-func (f *fakeXrayKernel) Claim(client netip.AddrPort, _ uint16, account uint32) error {
-	f.claims[client] = account
-	return nil
+func (f *fakeXrayKernel) ClaimAll(cs []bpf.Claim) (int, error) {
+	f.calls++
+	for i, c := range cs {
+		if c.Client == f.refuse {
+			return i, fmt.Errorf("claim %v: %w", c.Client, errors.ErrUnsupported)
+		}
+		f.claims[c.Client] = c.Account
+	}
+	return len(cs), nil
 }
 
 func (f *fakeXrayKernel) Unclaim(client netip.AddrPort, _ uint16) error {
@@ -587,6 +597,49 @@ func (f *fakeXrayKernel) Tag(uid uint32) error {
 
 func (f *fakeXrayKernel) SocketAttribution(int) (bpf.Attribution, bool, error) {
 	return bpf.Attribution{}, false, nil
+}
+
+// TestClaimXrayBatch: the claims of an access log batch go to the kernel
+// together, and one the kernel refuses costs that claim alone.
+func TestClaimXrayBatch(t *testing.T) {
+	e := newEnv(t)
+	e.write("xray.json", xrayConfigJSON)
+	fx := newFakeXray(func() time.Time { return e.clock })
+	e.xray = Xray{Dial: func(context.Context, string) (XrayAPI, error) { return fx, nil },
+		Cut: func([]netip.Addr, []uint16) (int, error) { return 0, nil }}
+	fk := newFakeXrayKernel()
+	e.xk = fk
+	e.start()
+	e.step(0)
+	x := &e.a.xr.conns
+	x.kernel, x.fol = true, &follower{} // as if the access log were followed
+	src := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.MustParseAddr("192.0.2.9"), uint16(40000+i))
+	}
+	var es []xrayaccess.Entry
+	for i, who := range []string{"alice", "bob", "carol", "nobody", "alice"} {
+		tag := "vless-in"
+		if who == "carol" {
+			tag = "vmess-in"
+		}
+		es = append(es, xrayaccess.Entry{Time: e.clock, Source: src(i), Status: xrayaccess.Accepted, Network: "tcp", Email: who, InboundTag: tag})
+	}
+	fk.refuse = src(1) // bob's
+	e.a.claimXray(es, e.clock)
+	x.fol = nil
+	want := map[netip.AddrPort]uint32{src(0): fk.accounts["alice"], src(2): fk.accounts["carol"], src(4): fk.accounts["alice"]}
+	if !maps.Equal(fk.claims, want) || fk.calls != 2 {
+		t.Errorf("claims %v in %d calls, want %v in 2 (one batch, then the rest after the refused one)", fk.claims, fk.calls, want)
+	}
+	if len(x.claims) != 3 || x.claimed != 3 || x.strays != 1 {
+		t.Errorf("%d claims kept, %d claimed, %d strays; want 3, 3 and 1 (nobody)", len(x.claims), x.claimed, x.strays)
+	}
+	if n, _ := e.a.xr.base["alice"].claimsSince(e.a.xr.reads); n != 2 {
+		t.Errorf("alice's claims since the read: %d, want 2", n)
+	}
+	if b := e.a.xr.base["bob"]; b != nil && b.claims != 0 {
+		t.Errorf("bob's refused claim counted: %+v", b)
+	}
 }
 
 // TestXrayOwed: what the kernel counts of an Xray user's connections is

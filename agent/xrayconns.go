@@ -52,10 +52,12 @@ type XrayKernel interface {
 	AccountOf(name string) (uint32, bool)
 	// AccountName returns the user of an account.
 	AccountName(id uint32) (string, bool)
-	// Claim makes the connection from client to localPort count for the
-	// account when the kernel sees its next packet; Unclaim removes a
-	// claim no connection took.
-	Claim(client netip.AddrPort, localPort uint16, account uint32) error
+	// ClaimAll makes each claim's connection (from its client to its
+	// local port) count for its account when the kernel sees its next
+	// packet, in order, stopping at the first it cannot make: it returns
+	// how many it made and that one's error. Unclaim removes a claim no
+	// connection took.
+	ClaimAll(cs []bpf.Claim) (int, error)
 	Unclaim(client netip.AddrPort, localPort uint16) error
 	// SetXrayPorts makes the inbound ports' new connections pending.
 	SetXrayPorts(hold, claimOnly []uint16) error
@@ -113,6 +115,10 @@ type xconns struct {
 	synced          *xrayconf.Config // the config they were written for
 
 	claims []claim // written, in order, to be taken back after claimTTL
+	// batch and claimOf are claimXray's claims of one access log batch
+	// and their users, kept for the next.
+	batch   []bpf.Claim
+	claimOf []string
 	// Counts for the health report: claims written, and access log lines
 	// that named no user of that inbound.
 	claimed, strays uint64
@@ -341,6 +347,9 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 	// The claims of 10 s ago go as new ones come, between ticks; the tick
 	// takes back those of a quiet access log.
 	a.expireClaims(now)
+	// The batch's claims go to the kernel in one call; whose each one
+	// is stays in x.claimOf, index for index.
+	cs, of := x.batch[:0], x.claimOf[:0]
 	for _, e := range es {
 		if !a.xrayClientOf(e.Email, e.InboundTag) {
 			x.strays++
@@ -352,19 +361,33 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 			continue
 		}
 		acct, err := x.k.Account(e.Email)
-		if err == nil {
-			err = x.k.Claim(e.Source, uint16(in.Port), acct)
-		}
 		if err != nil {
 			a.logs.warnOnce("claim:"+err.Error(), "claiming an Xray connection in the kernel failed", "user", e.Email, "err", err)
 			continue
 		}
-		x.claims = append(x.claims, claim{client: e.Source, port: uint16(in.Port), at: now})
-		x.claimed++
-		// A loopback peer is never held (see bpf's claims): it can
-		// move more than xrayPendingMax before its claim.
-		a.xr.claimed(e.Email, e.Source.Addr().Unmap().IsLoopback())
+		cs = append(cs, bpf.Claim{Client: e.Source, LocalPort: uint16(in.Port), Account: acct})
+		of = append(of, e.Email)
 	}
+	for i := 0; i < len(cs); {
+		n, err := x.k.ClaimAll(cs[i:])
+		for j, c := range cs[i : i+n] {
+			x.claims = append(x.claims, claim{client: c.Client, port: c.LocalPort, at: now})
+			x.claimed++
+			// A loopback peer is never held (see bpf's claims): it
+			// can move more than xrayPendingMax before its claim.
+			a.xr.claimed(of[i+j], c.Client.Addr().Unmap().IsLoopback())
+		}
+		i += n
+		if err != nil && i < len(cs) {
+			// That claim is lost; the others are not.
+			a.logs.warnOnce("claim:"+err.Error(), "claiming an Xray connection in the kernel failed", "user", of[i], "err", err)
+			i++
+		} else if n == 0 {
+			break // nothing written and no error: a kernel that said nothing
+		}
+	}
+	clear(of)
+	x.batch, x.claimOf = cs[:0], of[:0]
 }
 
 // xrayClientOf reports whether email is a client of the inbound tagged tag

@@ -31,14 +31,47 @@ const (
 // dual-stack listener sees it; client must be a valid, specified address
 // with a port, and localPort not zero, or the error wraps ErrInvalidClaim.
 func (d *Datapath) Claim(client netip.AddrPort, localPort uint16, account uint32) error {
-	if !client.IsValid() || client.Addr().IsUnspecified() || client.Port() == 0 || localPort == 0 {
-		return fmt.Errorf("%w: %v to port %d", ErrInvalidClaim, client, localPort)
+	_, err := d.ClaimAll([]Claim{{Client: client, LocalPort: localPort, Account: account}})
+	return err
+}
+
+// A Claim is one connection's claim (see [Datapath.Claim]).
+type Claim struct {
+	Client    netip.AddrPort
+	LocalPort uint16
+	Account   uint32
+}
+
+// ClaimAll writes the claims cs, as Claim does each, in one system call
+// for all of them (BPF_MAP_UPDATE_BATCH). It writes them in order and stops
+// at the first it cannot write (an invalid one, wrapping ErrInvalidClaim,
+// or one the kernel refused), returning how many it wrote and the error:
+// the caller can go on after that one.
+func (d *Datapath) ClaimAll(cs []Claim) (int, error) {
+	keys := make([]bwacctClaimKey, 0, len(cs))
+	var bad error
+	for _, c := range cs {
+		if !c.Client.IsValid() || c.Client.Addr().IsUnspecified() || c.Client.Port() == 0 || c.LocalPort == 0 {
+			bad = fmt.Errorf("%w: %v to port %d", ErrInvalidClaim, c.Client, c.LocalPort)
+			break
+		}
+		keys = append(keys, bwacctClaimKey{Addr: c.Client.Addr().As16(), ClientPort: c.Client.Port(), LocalPort: c.LocalPort})
 	}
-	k := bwacctClaimKey{Addr: client.Addr().As16(), ClientPort: client.Port(), LocalPort: localPort}
-	if err := d.objs.BwClaims.Update(k, account, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("claim %v to port %d for %d: %w", client, localPort, account, err)
+	if len(keys) == 0 {
+		return 0, bad
 	}
-	return nil
+	vals := make([]uint32, len(keys))
+	for i := range keys {
+		vals[i] = cs[i].Account
+	}
+	// bpftool map update pinned .../bw_claims key ... value ..., for
+	// each claim, in one BPF_MAP_UPDATE_BATCH.
+	n, err := d.objs.BwClaims.BatchUpdate(keys, vals, nil)
+	if err != nil {
+		c := cs[min(n, len(cs)-1)]
+		return n, fmt.Errorf("claim %v to port %d for %d: %w", c.Client, c.LocalPort, c.Account, err)
+	}
+	return n, bad
 }
 
 // SetSSHPorts makes the ports the SSH servers listen on those whose

@@ -3,6 +3,7 @@ package bpf_test
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -506,6 +507,51 @@ func TestClaimErrors(t *testing.T) {
 	}
 	if err := e.dp.Claim(netip.MustParseAddrPort("192.0.2.1:5000"), 443, bpf.AccountBase); err != nil {
 		t.Errorf("a valid claim: %v", err)
+	}
+}
+
+// ClaimAll writes claims in order, in one call, up to the first invalid
+// one, and says how many it wrote: the kernel's table holds exactly those.
+func TestClaimAll(t *testing.T) {
+	e := newEnv(t)
+	cs := []bpf.Claim{
+		{Client: netip.MustParseAddrPort("192.0.2.1:5000"), LocalPort: 443, Account: bpf.AccountBase},
+		{Client: netip.MustParseAddrPort("[2001:db8::1]:5001"), LocalPort: 8443, Account: bpf.AccountBase + 1},
+		{Client: netip.MustParseAddrPort("192.0.2.2:0"), LocalPort: 443, Account: bpf.AccountBase},
+		{Client: netip.MustParseAddrPort("192.0.2.3:5002"), LocalPort: 443, Account: bpf.AccountBase},
+	}
+	n, err := e.dp.ClaimAll(cs)
+	if n != 2 || !errors.Is(err, bpf.ErrInvalidClaim) {
+		t.Fatalf("ClaimAll: %d written, %v; want 2 and ErrInvalidClaim", n, err)
+	}
+	if n, err := e.dp.ClaimAll(cs[3:]); n != 1 || err != nil {
+		t.Fatalf("ClaimAll of the rest: %d written, %v", n, err)
+	}
+	if n, err := e.dp.ClaimAll(nil); n != 0 || err != nil {
+		t.Fatalf("ClaimAll of none: %d written, %v", n, err)
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_claims"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	type key struct {
+		Addr       [16]byte
+		ClientPort uint16
+		LocalPort  uint16
+	}
+	got := map[key]uint32{}
+	var k key
+	var v uint32
+	for it := m.Iterate(); it.Next(&k, &v); {
+		got[k] = v
+	}
+	want := map[key]uint32{}
+	for _, c := range []bpf.Claim{cs[0], cs[1], cs[3]} {
+		want[key{c.Client.Addr().As16(), c.Client.Port(), c.LocalPort}] = c.Account
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("bw_claims holds %v, want %v", got, want)
 	}
 }
 
