@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/opsfiles"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/store"
@@ -43,6 +44,7 @@ func (a *Agent) load() error {
 	if err != nil {
 		return err
 	}
+	var debts []store.Baseline
 	for _, b := range bases {
 		s := quota.Sample{Epoch: b.Epoch, Up: b.Tx, Down: b.Rx}
 		switch b.Source.Kind {
@@ -51,9 +53,7 @@ func (a *Agent) load() error {
 		case quota.SourceXray:
 			a.xr.setSample(a.xr.baseOf(b.Source.Name), s)
 		case quota.SourceOwed:
-			xb := a.xr.baseOf(b.Source.Name)
-			xb.owed, xb.credit = fromNet(s.Up, s.Down)
-			xb.moved, xb.owedSaved = b.Epoch.Start, true
+			debts = append(debts, b) // after the kernel's baselines
 		case quota.SourceFleet:
 			if a.fl == nil {
 				a.rec.dropBaselines = append(a.rec.dropBaselines, b.Source) // fleet mode turned off
@@ -61,6 +61,9 @@ func (a *Agent) load() error {
 			}
 			a.fleetLoad(b.Source.Name, b.Epoch, quota.Usage{Up: s.Up, Down: s.Down})
 		}
+	}
+	for _, b := range debts {
+		a.loadDebt(b)
 	}
 	if _, done, err := a.store.Meta(metaImported); err != nil {
 		return err
@@ -170,21 +173,17 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 		b.UserRows = rows
 	}
 	k := &a.kernel
-	// Room for every row, an Xray user's debt's included, so that the slice
-	// is not grown and copied over and over (at 50,000 users moving, that
-	// was three quarters of what it allocated).
-	n := len(k.baseQ)
+	// The debts' rows first, so that the slice below is made at its size
+	// rather than grown and copied over and over (at 50,000 users moving,
+	// that was three quarters of what it allocated).
+	debts := a.debtRows()
+	n := len(k.baseQ) + len(debts)
 	if a.fl != nil {
 		n += len(a.fl.baseQ)
 	}
 	for _, email := range a.xr.baseQ {
-		if bl := a.xr.base[email]; bl != nil {
-			if bl.counted {
-				n++
-			}
-			if _, row := bl.debtRow(); row {
-				n++
-			}
+		if bl := a.xr.base[email]; bl != nil && bl.counted {
+			n++
 		}
 	}
 	if n > 0 {
@@ -198,19 +197,47 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 		b.Baselines = append(b.Baselines, store.Baseline{Source: src, Epoch: e, Rx: u.Down, Tx: u.Up})
 	})
 	for _, email := range a.xr.baseQ {
+		if bl := a.xr.base[email]; bl != nil && bl.counted {
+			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: a.xr.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
+		}
+	}
+	b.Baselines = append(b.Baselines, debts...)
+	clear(debts)
+	a.xr.debts = trimmed(debts[:0])
+	return b
+}
+
+// debtRows returns the rows of the Xray users' debts the next commit
+// writes (debtRow): of the users whose debt changed, and of those whose
+// kernel account's baseline did, which moves a paidOrigin row's meaning
+// if the debt did not follow it (a restart of the counters). The slice is
+// a.xr.debts, reused.
+func (a *Agent) debtRows() []store.Baseline {
+	rows := a.xr.debts[:0]
+	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
-			if bl.counted {
-				b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: a.xr.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
-			}
-			if owing, row := bl.debtRow(); row {
-				up, down := toNet(bl.owed, bl.credit)
-				b.Baselines = append(b.Baselines, store.Baseline{Source: quota.OwedSource(email),
-					Epoch: quota.Epoch{Origin: owedOrigin, Start: bl.moved}, Rx: down, Tx: up})
-				bl.owedSaved = owing
+			if row, ok := a.debtRow(bl); ok {
+				rows = append(rows, row)
 			}
 		}
 	}
-	return b
+	if xk := a.xr.conns.k; xk != nil {
+		for _, id := range a.kernel.baseQ {
+			if id < bpf.AccountBase {
+				continue
+			}
+			name, ok := xk.AccountName(id)
+			if !ok {
+				continue
+			}
+			if bl := a.xr.base[name]; bl != nil && !bl.dirty { // not done above
+				if row, ok := a.debtRow(bl); ok {
+					rows = append(rows, row)
+				}
+			}
+		}
+	}
+	return rows
 }
 
 // clearDirty forgets what changed: it is in a batch now.

@@ -11,6 +11,7 @@ import (
 
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/sockkill"
+	"github.com/myvpn/bwagent/store"
 	"github.com/myvpn/bwagent/xrayconf"
 	"github.com/myvpn/bwagent/xraystats"
 )
@@ -77,7 +78,8 @@ type xrayState struct {
 
 	// Source: the last sample of each user's counters folded into usage.
 	base  map[string]*xbase
-	baseQ []string // baselines to commit
+	baseQ []string         // baselines to commit
+	debts []store.Baseline // the debts' rows of a commit (debtRows), reused
 	// epochs are the epochs of the baselines, by xbase.epoch; the first is
 	// none (a user not read yet, or no read yet). epochID is the counters'
 	// epoch now (see curEpoch).
@@ -129,7 +131,7 @@ type xrayState struct {
 
 // xbase is the baseline of one Xray user's counters, and what the kernel
 // counted of the user's connections that they have not reported yet (see
-// chargeXray). There is one for every Xray user: it is small (96 bytes).
+// chargeXray). There is one for every Xray user: it is small (128 bytes).
 type xbase struct {
 	name      string // the user's email
 	up, down  uint64 // the counters as last folded into usage
@@ -140,23 +142,16 @@ type xbase struct {
 	changed   uint32      // 1 + the index of this read's values in xrayState.changed; 0: none
 	claims    uint32      // connections claimed for the user since read number claimRead
 	claimRead uint32
-	unheld    bool // one of those claims was a loopback peer's, never held
-	owedSaved bool // the store may hold a debt: a paid-off one is written as zero
-	dirty     bool // in xrayState.baseQ: its debt's row is due (see debtRow)
+	// saved is the debt's row as the store holds it (see debtRow).
+	saved  savedDebt
+	unheld bool // one of those claims was a loopback peer's, never held
+	dirty  bool // in xrayState.baseQ: its debt's row may be due (see debtRow)
 	// counted says the counters' own row is due too: up, down or epoch
 	// changed since the last commit. A tick where only the kernel moved
 	// changes the debt alone, and the row of counters that did not move
 	// is not written again (a quarter of a commit's rows with a tenth of
 	// 10,000 users moving).
 	counted bool
-}
-
-// debtRow reports whether b has a debt or credit (owing), and whether its
-// debt's row goes in the next commit: while it owes, and once more when it
-// paid off one the store may hold.
-func (b *xbase) debtRow() (owing, row bool) {
-	owing = b.owed != (quota.Usage{}) || b.credit != (quota.Usage{})
-	return owing, owing || b.owedSaved
 }
 
 // xread is what a read found of a user whose counters moved.

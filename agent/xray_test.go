@@ -17,6 +17,7 @@ import (
 	"github.com/myvpn/bwagent/bpf"
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/sockkill"
+	"github.com/myvpn/bwagent/store"
 	"github.com/myvpn/bwagent/xrayaccess"
 	"github.com/myvpn/bwagent/xraystats"
 )
@@ -659,18 +660,7 @@ func TestXrayOwed(t *testing.T) {
 	acct, _ := fk.Account("alice")
 	e.start()
 	e.step(0)
-	kernel := func(up, down uint64) {
-		e.dp.mu.Lock()
-		c := e.dp.counters[acct]
-		c.TxBytes += up
-		c.RxBytes += down
-		e.dp.counters[acct] = c
-		if e.dp.moved == nil {
-			e.dp.moved = map[uint32]bool{}
-		}
-		e.dp.moved[acct] = true
-		e.dp.mu.Unlock()
-	}
+	kernel := func(up, down uint64) { e.dp.count(acct, up, down) }
 	want := func(what string, up, down uint64) {
 		t.Helper()
 		if v := e.user("alice"); v.Upload != up || v.Download != down {
@@ -696,18 +686,20 @@ func TestXrayOwed(t *testing.T) {
 	kernel(0, 5_000_000)
 	e.clock = e.clock.Add(2 * time.Second)
 	e.a.tick()
-	// Only the kernel moved: the commit writes alice's debt, not her
-	// counters' row again.
+	// Only the kernel moved: the commit writes the account's baseline,
+	// and neither alice's counters' row (they did not move) nor her debt's
+	// (a point on the account's counters that the kernel's bytes leave
+	// where it was).
 	e.a.commits.mu.Lock()
 	var rows []quota.Source
 	for _, bl := range e.a.commits.pending.Baselines {
-		if bl.Source.Name == "alice" {
+		if bl.Source.Name == "alice" || bl.Source.UID == acct {
 			rows = append(rows, bl.Source)
 		}
 	}
 	e.a.commits.mu.Unlock()
-	if !slices.Equal(rows, []quota.Source{quota.OwedSource("alice")}) {
-		t.Errorf("alice's rows in the commit of a tick where only the kernel moved: %v, want her debt's alone", rows)
+	if !slices.Equal(rows, []quota.Source{quota.UIDSource(acct)}) {
+		t.Errorf("alice's rows in the commit of a tick where only the kernel moved: %v, want her account's baseline alone", rows)
 	}
 	e.a.commits.flush()
 	e.a.files.flush()
@@ -782,6 +774,131 @@ func TestXrayOwed(t *testing.T) {
 	if v := e.user("alice"); v.Used != before.Used {
 		t.Errorf("blocked alice: used %d after Xray reported buffered bytes, %d before", v.Used, before.Used)
 	}
+}
+
+// count adds to id's counters and marks it moved, as the kernel's packets
+// would.
+func (f *fakeDP) count(id uint32, up, down uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c := f.counters[id]
+	c.TxBytes += up
+	c.RxBytes += down
+	f.counters[id] = c
+	if f.moved == nil {
+		f.moved = map[uint32]bool{}
+	}
+	f.moved[id] = true
+}
+
+// TestXrayDebtRows: an Xray user's debt is kept as a point on the counters
+// of their kernel account, written again only when it moves. A debt an
+// earlier agent wrote as the debt itself is read as it was; a restart of
+// the kernel's counters moves the point, which the commit of that tick
+// writes, and the debt survives a restart of the agent after it; and the
+// row's time, written again every movedSlack of moves, never makes a
+// restarted agent forgive a debt before Xray's idle time has passed since
+// the last move.
+func TestXrayDebtRows(t *testing.T) {
+	e := newEnv(t)
+	e.write("xray.json", xrayConfigJSON)
+	e.write("bw-limit.conf", "alice 100\n")
+	fx := newFakeXray(func() time.Time { return e.clock })
+	e.xray = Xray{Dial: func(context.Context, string) (XrayAPI, error) { return fx, nil },
+		Cut: func([]netip.Addr, []uint16) (int, error) { return 0, nil }}
+	fk := newFakeXrayKernel()
+	e.xk = fk
+	acct, _ := fk.Account("alice")
+	// An earlier agent's state: alice owes 1,000,000 bytes down.
+	st, err := store.Open(e.cfg.Paths.StateDB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := store.Baseline{Source: quota.OwedSource("alice"), Epoch: quota.Epoch{Origin: owedOrigin, Start: e.clock.Unix()}, Rx: 1_000_000}
+	if err := st.Commit(&store.Batch{Baselines: []store.Baseline{old}}); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	want := func(what string, up, down uint64) {
+		t.Helper()
+		if v := e.user("alice"); v.Upload != up || v.Download != down {
+			t.Errorf("%s: alice %d up, %d down; want %d, %d", what, v.Upload, v.Download, up, down)
+		}
+	}
+	debtRows := func() []store.Baseline {
+		t.Helper()
+		e.a.commits.mu.Lock()
+		defer e.a.commits.mu.Unlock()
+		var rows []store.Baseline
+		if b := e.a.commits.pending; b != nil {
+			for _, bl := range b.Baselines {
+				if bl.Source == quota.OwedSource("alice") {
+					rows = append(rows, bl)
+				}
+			}
+		}
+		return rows
+	}
+	tick := func(d time.Duration) []store.Baseline {
+		t.Helper()
+		e.clock = e.clock.Add(d)
+		e.a.tick()
+		rows := debtRows()
+		e.a.commits.flush()
+		e.a.files.flush()
+		return rows
+	}
+	e.start()
+	tick(0)
+	fx.use("alice", 0, 1_000_000)
+	tick(2 * time.Second)
+	want("Xray paying the earlier agent's debt", 0, 0)
+
+	e.dp.count(acct, 0, 2_000_000)
+	tick(2 * time.Second)
+	want("the kernel's count", 0, 2_000_000)
+	e.dp.count(acct, 0, 100_000)
+	if rows := tick(2 * time.Second); len(rows) != 0 {
+		t.Errorf("the kernel alone moved: debt rows %+v, want none", rows)
+	}
+
+	// The kernel's counters restart (a new map): alice's next 300,000
+	// bytes are counted from zero, and the point moves with them.
+	e.dp.mu.Lock()
+	e.dp.epoch.CounterMap++
+	e.dp.counters[acct] = bpf.Counters{RxBytes: 300_000}
+	e.dp.moved[acct] = true
+	e.dp.mu.Unlock()
+	if rows := tick(2 * time.Second); len(rows) != 1 || rows[0].Epoch.Origin != paidOrigin {
+		t.Errorf("the kernel's counters restarted: debt rows %+v, want one, of the new point", rows)
+	}
+	e.start()
+	fx.use("alice", 0, 2_400_000) // the same bytes, reported by Xray
+	tick(2 * time.Second)
+	want("Xray paying after the counters' and the agent's restarts", 0, 2_400_000)
+
+	// Moves every 2 s for 28 s: the row's time is written once, when it
+	// fell movedSlack behind.
+	var written int
+	for range 15 {
+		e.dp.count(acct, 0, 1_000)
+		written += len(tick(2 * time.Second))
+	}
+	if written != 1 {
+		t.Errorf("15 moves in 30 s wrote %d debt rows, want 1", written)
+	}
+	for range 14 {
+		e.dp.count(acct, 0, 1_000)
+		written += len(tick(2 * time.Second))
+	}
+	// The row is up to 28 s behind the last move now. A restart 355 s
+	// after that move is inside Xray's idle time (300 s and a minute):
+	// Xray's report still pays the debt.
+	e.clock = e.clock.Add(355 * time.Second)
+	e.start()
+	fx.use("alice", 0, 29_000)
+	tick(2 * time.Second)
+	want("Xray paying after a restart within its idle time", 0, 2_400_000+29_000)
 }
 
 // TestXrayReadsWhenNeeded: where the kernel counts every connection Xray's

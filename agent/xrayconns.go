@@ -508,10 +508,6 @@ func (a *Agent) xrayIdle() time.Duration {
 	return idle + time.Minute
 }
 
-// owedOrigin is the Origin of a debt's row: its Start is when the
-// user's counts last moved.
-const owedOrigin = "moved"
-
 // kernelRoom returns what u's limit leaves after its usage and kern, when
 // the kernel enforces u's limit on its Xray account (ok false otherwise).
 func (a *Agent) kernelRoom(u *user, kern quota.Usage) (room uint64, ok bool) {

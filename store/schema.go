@@ -97,10 +97,17 @@ CREATE TABLE deliveries (
 
 INSERT INTO meta (key, value) VALUES ('event_id_prefix', lower(hex(randomblob(8))));
 `,
+	// 2 -> 3: no table changes. An Xray user's debt ("owed:" baselines)
+	// may now be kept as a point on the counters of the user's kernel
+	// account (epoch "paid/ACCOUNT@START"), which an agent of version 2
+	// would take for the debt itself: the version keeps those agents out.
+	`
+UPDATE meta SET value = value WHERE key = 'schema_version';
+`,
 }
 
 // SchemaVersion is the schema version this package writes and reads.
-const SchemaVersion = 2
+const SchemaVersion = 3
 
 // schemaVersionKey is the meta key holding the schema version. Batch.Meta
 // may not set it.

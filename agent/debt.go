@@ -1,0 +1,124 @@
+package agent
+
+import (
+	"github.com/myvpn/bwagent/quota"
+	"github.com/myvpn/bwagent/store"
+)
+
+// An Xray user's debt (what the kernel counted of their connections and
+// Xray has not reported yet, less Xray's reports the kernel has not
+// folded: see chargeXray) is committed with the usage it was charged in,
+// so that a restart neither loses nor repeats a byte. It has one row in
+// the store's baselines, in one of two forms:
+//
+//   - owedOrigin ("moved"): the debt itself, up and down (toNet). Its
+//     epoch's Start is when the user's counts last moved. Written for a
+//     user without a kernel account (the kernel not counting Xray's
+//     connections), and by agents before this form existed.
+//   - paidOrigin ("paid"): the debt as a point on the counters of the
+//     user's kernel account, whose ID is its epoch's Gen: the account's
+//     baseline less the debt, which is what Xray has paid back of it. Each
+//     byte the kernel counts adds to both the account's baseline and the
+//     debt, which leaves that point where it is: the row is written again
+//     only when Xray pays, a debt is forgiven, the account's counters
+//     restart, or the Start it holds is movedSlack behind the user's
+//     last move. A user moving every tick had a row every tick (a third of
+//     a commit's rows with a tenth of 10,000 users moving); now one every
+//     read of Xray's counters that paid, and one a movedSlack.
+//
+// The store holds the account's baseline and the point as of the same
+// commit (the kernel's baselines are in every commit that changed them,
+// and the rows of the users whose point changed are too: see debtRows),
+// so the debt is the difference of the two at any start.
+const (
+	owedOrigin = "moved"
+	paidOrigin = "paid"
+)
+
+// movedSlack is how far the Start of a paidOrigin row may fall behind the
+// user's last move before it is written again. A start takes the row's
+// Start plus movedSlack as the last move: a debt is forgiven at most that
+// much later than without the restart, never earlier (which could charge
+// twice what Xray reports after it).
+const movedSlack = 30
+
+// savedDebt is the row of a user's debt as the store holds it.
+type savedDebt struct {
+	form  uint8  // savedNone, savedOwed or savedPaid
+	acct  uint32 // savedPaid: the account
+	moved int64  // savedPaid: the row's Start
+	point quota.Usage
+}
+
+const (
+	savedNone = iota // no row, or one of a debt paid off (zero)
+	savedOwed        // a row of owedOrigin: the debt itself
+	savedPaid        // a row of paidOrigin at point on account acct
+)
+
+// owing reports whether b has a debt or credit.
+func (b *xbase) owing() bool {
+	return b.owed != (quota.Usage{}) || b.credit != (quota.Usage{})
+}
+
+// debtRow returns the row of b's debt that the next commit writes, and
+// false if the store already holds it, or holds none and b owes nothing.
+// It takes the row as saved.
+func (a *Agent) debtRow(b *xbase) (store.Baseline, bool) {
+	up, down := toNet(b.owed, b.credit)
+	src := quota.OwedSource(b.name)
+	if xk := a.xr.conns.k; xk != nil {
+		if acct, ok := xk.AccountOf(b.name); ok {
+			// The point: the account's baseline, as this commit leaves it
+			// in the store, less the debt.
+			var k kbase
+			if kb, ok := a.kernel.base[acct]; ok {
+				k = kb
+			}
+			point := quota.Usage{Up: k.up - up, Down: k.down - down}
+			sv := &b.saved
+			if sv.form == savedNone && !b.owing() {
+				return store.Baseline{}, false // nothing owed, nothing stored: no row means none
+			}
+			if sv.form == savedPaid && sv.acct == acct && sv.point == point && b.moved-sv.moved < movedSlack {
+				return store.Baseline{}, false
+			}
+			*sv = savedDebt{form: savedPaid, acct: acct, moved: b.moved, point: point}
+			return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: paidOrigin, Start: b.moved, Gen: uint64(acct)},
+				Rx: point.Down, Tx: point.Up}, true
+		}
+	}
+	owing := b.owing()
+	if !owing && b.saved.form == savedNone {
+		return store.Baseline{}, false
+	}
+	// While it owes, and once more as zero when it paid off one the store
+	// holds.
+	b.saved = savedDebt{}
+	if owing {
+		b.saved.form = savedOwed
+	}
+	return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: owedOrigin, Start: b.moved}, Rx: down, Tx: up}, true
+}
+
+// loadDebt takes the row bl of a debt from the store. A paidOrigin row
+// needs the kernel's baselines loaded first.
+func (a *Agent) loadDebt(bl store.Baseline) {
+	b := a.xr.baseOf(bl.Source.Name)
+	switch bl.Epoch.Origin {
+	case paidOrigin:
+		acct := uint32(bl.Epoch.Gen)
+		var k kbase
+		if kb, ok := a.kernel.base[acct]; ok {
+			k = kb
+		}
+		point := quota.Usage{Up: bl.Tx, Down: bl.Rx}
+		b.owed, b.credit = fromNet(k.up-point.Up, k.down-point.Down)
+		b.moved = bl.Epoch.Start + movedSlack
+		b.saved = savedDebt{form: savedPaid, acct: acct, moved: bl.Epoch.Start, point: point}
+	default:
+		b.owed, b.credit = fromNet(bl.Tx, bl.Rx)
+		b.moved = bl.Epoch.Start
+		b.saved = savedDebt{form: savedOwed}
+	}
+}
