@@ -16,20 +16,22 @@ import (
 //     user without a kernel account (the kernel not counting Xray's
 //     connections), and by agents before this form existed.
 //   - paidOrigin ("paid"): the debt as a point on the counters of the
-//     user's kernel account, whose ID is its epoch's Gen: the account's
-//     baseline less the debt, which is what Xray has paid back of it. Each
-//     byte the kernel counts adds to both the account's baseline and the
-//     debt, which leaves that point where it is: the row is written again
-//     only when Xray pays, a debt is forgiven, the account's counters
-//     restart, or the Start it holds is movedSlack behind the user's
-//     last move. A user moving every tick had a row every tick (a third of
-//     a commit's rows with a tenth of 10,000 users moving); now one every
-//     read of Xray's counters that paid, and one a movedSlack.
+//     user's kernel account (whose ID is its epoch's Gen) and Xray's: the
+//     account's baseline, less Xray's baseline, less the debt. Each byte
+//     the kernel counts adds to the account's baseline and to the debt
+//     alike, and each byte of Xray's that pays the debt off adds to Xray's
+//     baseline and takes from the debt alike, which leaves that point
+//     where it is: the row is written again only when Xray reports more
+//     than it owed, a debt is forgiven, either side's counters restart,
+//     or the Start it holds is movedSlack behind the user's last move. A
+//     user moving every tick had a row every tick, and another at every
+//     read of Xray's counters (with a tenth of 10,000 users moving, a third
+//     of a commit's rows); now one a movedSlack while they move.
 //
-// The store holds the account's baseline and the point as of the same
-// commit (the kernel's baselines are in every commit that changed them,
-// and the rows of the users whose point changed are too: see debtRows),
-// so the debt is the difference of the two at any start.
+// The store holds the two baselines and the point as of the same commit
+// (a baseline is in every commit that changed it, and the rows of the
+// users whose point changed are too: see debtRows), so the debt is the
+// difference at any start.
 const (
 	owedOrigin = "moved"
 	paidOrigin = "paid"
@@ -69,13 +71,7 @@ func (a *Agent) debtRow(b *xbase) (store.Baseline, bool) {
 	src := quota.OwedSource(b.name)
 	if xk := a.xr.conns.k; xk != nil {
 		if acct, ok := xk.AccountOf(b.name); ok {
-			// The point: the account's baseline, as this commit leaves it
-			// in the store, less the debt.
-			var k kbase
-			if kb, ok := a.kernel.base[acct]; ok {
-				k = kb
-			}
-			point := quota.Usage{Up: k.up - up, Down: k.down - down}
+			point := a.debtPoint(acct, b, quota.Usage{Up: up, Down: down})
 			sv := &b.saved
 			if sv.form == savedNone && !b.owing() {
 				return store.Baseline{}, false // nothing owed, nothing stored: no row means none
@@ -101,19 +97,25 @@ func (a *Agent) debtRow(b *xbase) (store.Baseline, bool) {
 	return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: owedOrigin, Start: b.moved}, Rx: down, Tx: up}, true
 }
 
+// debtPoint returns the point of b's debt net (toNet) on the counters of
+// account acct and Xray's: the baselines as this commit leaves them in the
+// store, the account's less Xray's less net, each direction modulo 2^64.
+// With a net of zero it is the point of no debt.
+func (a *Agent) debtPoint(acct uint32, b *xbase, net quota.Usage) quota.Usage {
+	k := a.kernel.base[acct] // the zero kbase if the account never moved
+	return quota.Usage{Up: k.up - b.up - net.Up, Down: k.down - b.down - net.Down}
+}
+
 // loadDebt takes the row bl of a debt from the store. A paidOrigin row
-// needs the kernel's baselines loaded first.
+// needs the kernel's and Xray's baselines loaded first.
 func (a *Agent) loadDebt(bl store.Baseline) {
 	b := a.xr.baseOf(bl.Source.Name)
 	switch bl.Epoch.Origin {
 	case paidOrigin:
 		acct := uint32(bl.Epoch.Gen)
-		var k kbase
-		if kb, ok := a.kernel.base[acct]; ok {
-			k = kb
-		}
 		point := quota.Usage{Up: bl.Tx, Down: bl.Rx}
-		b.owed, b.credit = fromNet(k.up-point.Up, k.down-point.Down)
+		zero := a.debtPoint(acct, b, quota.Usage{})
+		b.owed, b.credit = fromNet(zero.Up-point.Up, zero.Down-point.Down)
 		b.moved = bl.Epoch.Start + movedSlack
 		b.saved = savedDebt{form: savedPaid, acct: acct, moved: bl.Epoch.Start, point: point}
 	default:

@@ -792,10 +792,13 @@ func (f *fakeDP) count(id uint32, up, down uint64) {
 }
 
 // TestXrayDebtRows: an Xray user's debt is kept as a point on the counters
-// of their kernel account, written again only when it moves. A debt an
+// of their kernel account and Xray's, written again only when it moves:
+// neither the kernel's bytes nor Xray's report of them move it, Xray's
+// bytes beyond the debt do. A debt an
 // earlier agent wrote as the debt itself is read as it was; a restart of
-// the kernel's counters moves the point, which the commit of that tick
-// writes, and the debt survives a restart of the agent after it; and the
+// the kernel's counters or of Xray moves the point, which the commit of
+// that tick writes, and the debt survives a restart of the agent after it;
+// and the
 // row's time, written again every movedSlack of moves, never makes a
 // restarted agent forgive a debt before Xray's idle time has passed since
 // the last move.
@@ -861,6 +864,15 @@ func TestXrayDebtRows(t *testing.T) {
 	if rows := tick(2 * time.Second); len(rows) != 0 {
 		t.Errorf("the kernel alone moved: debt rows %+v, want none", rows)
 	}
+	fx.use("alice", 0, 1_000_000) // the same bytes, reported by Xray
+	if rows := tick(2 * time.Second); len(rows) != 0 {
+		t.Errorf("Xray paid off part of the debt: debt rows %+v, want none", rows)
+	}
+	fx.use("alice", 0, 1_200_000) // 100,000 more than the debt left
+	if rows := tick(2 * time.Second); len(rows) != 1 {
+		t.Errorf("Xray reported more than the debt: debt rows %+v, want one", rows)
+	}
+	want("the debt paid off, and bytes only Xray counted", 0, 2_200_000)
 
 	// The kernel's counters restart (a new map): alice's next 300,000
 	// bytes are counted from zero, and the point moves with them.
@@ -873,9 +885,26 @@ func TestXrayDebtRows(t *testing.T) {
 		t.Errorf("the kernel's counters restarted: debt rows %+v, want one, of the new point", rows)
 	}
 	e.start()
-	fx.use("alice", 0, 2_400_000) // the same bytes, reported by Xray
+	fx.use("alice", 0, 300_000) // the same bytes, reported by Xray
 	tick(2 * time.Second)
-	want("Xray paying after the counters' and the agent's restarts", 0, 2_400_000)
+	want("Xray paying after the counters' and the agent's restarts", 0, 2_500_000)
+
+	// Xray restarts with 500,000 of the kernel's bytes unreported: its
+	// counters start from zero, which moves the point, and what it reports
+	// after the restart (and the agent's) still pays the debt off.
+	e.dp.count(acct, 0, 500_000)
+	tick(2 * time.Second)
+	fx.mu.Lock()
+	fx.restart()
+	fx.mu.Unlock()
+	fx.use("alice", 0, 200_000)
+	if rows := tick(2 * time.Second); len(rows) != 1 {
+		t.Errorf("Xray restarted: debt rows %+v, want one", rows)
+	}
+	e.start()
+	fx.use("alice", 0, 300_000)
+	tick(2 * time.Second)
+	want("Xray paying after its restart and the agent's", 0, 3_000_000)
 
 	// Moves every 2 s for 28 s: the row's time is written once, when it
 	// fell movedSlack behind.
@@ -898,7 +927,7 @@ func TestXrayDebtRows(t *testing.T) {
 	e.start()
 	fx.use("alice", 0, 29_000)
 	tick(2 * time.Second)
-	want("Xray paying after a restart within its idle time", 0, 2_400_000+29_000)
+	want("Xray paying after a restart within its idle time", 0, 3_000_000+29_000)
 }
 
 // TestXrayReadsWhenNeeded: where the kernel counts every connection Xray's
