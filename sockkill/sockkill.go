@@ -300,6 +300,30 @@ func (h *Handle) request(typ, flags int) (*nl.NetlinkRequest, error) {
 // particular order. Listening sockets and TIME_WAIT sockets are never
 // listed. Listing needs no privilege.
 func (h *Handle) List(f Filter) ([]Conn, error) {
+	var conns []Conn
+	err := h.each(f, func(c Conn) { conns = append(conns, c) }, func() func() {
+		n := len(conns)
+		return func() { conns = conns[:n] } // a dump taken again
+	})
+	if err != nil {
+		return nil, err
+	}
+	return conns, nil
+}
+
+// Each calls fn with each TCP socket that f selects, as List lists them,
+// as the kernel's messages are read: the sockets are not held all at once
+// (List of 100,000 connections holds 11 MB of them, and allocated twice
+// that growing its slice). fn may see a socket twice: when the kernel's
+// tables change during its dump, the dump is taken again, from the start.
+func (h *Handle) Each(f Filter, fn func(Conn)) error {
+	return h.each(f, fn, nil)
+}
+
+// each implements List and Each. If undo is not nil, it is called before
+// each family's dump, and what it returns is called when that dump is
+// taken again.
+func (h *Handle) each(f Filter, fn func(Conn), undo func() func()) error {
 	remotes := make(map[netip.Addr]bool, len(f.Remotes))
 	need4 := false
 	for _, a := range f.Remotes {
@@ -313,7 +337,7 @@ func (h *Handle) List(f Filter) ([]Conn, error) {
 	if f.AnyRemote {
 		need4 = true
 	} else if len(remotes) == 0 {
-		return nil, nil
+		return nil
 	}
 	ports := make(map[uint16]bool, len(f.LocalPorts))
 	for _, p := range f.LocalPorts {
@@ -322,7 +346,7 @@ func (h *Handle) List(f Filter) ([]Conn, error) {
 		}
 	}
 	if len(f.LocalPorts) > 0 && len(ports) == 0 || f.AnyRemote && len(ports) == 0 {
-		return nil, nil // only port 0, which no connection has; or every connection
+		return nil // only port 0, which no connection has; or every connection
 	}
 
 	// The kernel can filter a dump by one local port (idiag_sport; 0 for
@@ -344,8 +368,11 @@ func (h *Handle) List(f Filter) ([]Conn, error) {
 
 	h.mu.RLock()
 	defer h.mu.RUnlock()
-	var conns []Conn
 	for _, family := range families {
+		var again func()
+		if undo != nil {
+			again = undo()
+		}
 		err := h.dump(family, listStates, sport, f.Bytes, func(c Conn) {
 			if !f.AnyRemote && !remotes[c.Remote.Addr().Unmap()] {
 				return
@@ -356,19 +383,21 @@ func (h *Handle) List(f Filter) ([]Conn, error) {
 			if f.UID != nil && c.UID != *f.UID {
 				return
 			}
-			conns = append(conns, c)
-		})
+			fn(c)
+		}, again)
 		if err != nil {
-			return nil, err
+			return err
 		}
 	}
-	return conns, nil
+	return nil
 }
 
 // dump calls fn with every socket of family in the states of mask
 // (idiag_states), with local port sport if it is not 0, and with its byte
-// counts if bytes is set. h.mu must be held.
-func (h *Handle) dump(family uint8, states uint32, sport uint16, bytes bool, fn func(Conn)) error {
+// counts if bytes is set, as the kernel's messages are read. When the
+// kernel's tables changed during the dump, it takes it again, from the
+// start, calling again first if it is not nil. h.mu must be held.
+func (h *Handle) dump(family uint8, states uint32, sport uint16, bytes bool, fn func(Conn), again func()) error {
 	const attempts = 3
 	for attempt := 1; ; attempt++ {
 		req, err := h.request(nl.SOCK_DIAG_BY_FAMILY, unix.NLM_F_DUMP)
@@ -384,7 +413,6 @@ func (h *Handle) dump(family uint8, states uint32, sport uint16, bytes bool, fn 
 			dr.ext = 1 << (inetDiagInfo - 1)
 		}
 		req.AddData(dr)
-		var got []Conn
 		var perr error
 		err = req.ExecuteIter(unix.NETLINK_SOCK_DIAG, nl.SOCK_DIAG_BY_FAMILY, func(m []byte) bool {
 			c, err := parseMsg(m)
@@ -392,11 +420,15 @@ func (h *Handle) dump(family uint8, states uint32, sport uint16, bytes bool, fn 
 				perr = err
 				return false
 			}
-			got = append(got, c)
+			fn(c)
 			return true
 		})
 		if errors.Is(err, nl.ErrDumpInterrupted) && attempt < attempts {
-			continue // the tables changed under the dump: take a new one
+			// The tables changed under the dump: take a new one.
+			if again != nil {
+				again()
+			}
+			continue
 		}
 		if err == nil {
 			err = perr
@@ -407,9 +439,6 @@ func (h *Handle) dump(family uint8, states uint32, sport uint16, bytes bool, fn 
 				err = fmt.Errorf("%w: %w", ErrNotSupported, err)
 			}
 			return wrap(fmt.Sprintf("list TCP sockets (family %d)", family), err)
-		}
-		for _, c := range got {
-			fn(c)
 		}
 		return nil
 	}
@@ -568,11 +597,12 @@ func (h *Handle) Listeners(ports []uint16) ([]Conn, error) {
 	defer h.mu.RUnlock()
 	var conns []Conn
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		n := len(conns)
 		err := h.dump(family, 1<<StateListen, 0, false, func(c Conn) {
 			if want[c.Local.Port()] {
 				conns = append(conns, c)
 			}
-		})
+		}, func() { conns = conns[:n] })
 		if err != nil {
 			return nil, err
 		}
@@ -598,6 +628,16 @@ func List(f Filter) ([]Conn, error) {
 	}
 	defer h.Close()
 	return h.List(f)
+}
+
+// Each is [Handle.Each] in the caller's network namespace.
+func Each(f Filter, fn func(Conn)) error {
+	h, err := NewHandle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	return h.Each(f, fn)
 }
 
 // Destroy is [Handle.Destroy] in the caller's network namespace.

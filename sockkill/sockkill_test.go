@@ -763,6 +763,18 @@ func TestListAnyRemote(t *testing.T) {
 			if c := got[s2.Port]; c.BytesSent != line+100<<10 || c.BytesReceived != line+100<<10 {
 				t.Errorf("bytes of %v: sent %d, received %d; want %d each", c, c.BytesSent, c.BytesReceived, line+100<<10)
 			}
+			// Each sees what List lists.
+			var each []sockkill.Conn
+			if err := e.H.Each(sockkill.Filter{LocalPorts: []uint16{s1.Port, s2.Port}, AnyRemote: true}, func(c sockkill.Conn) {
+				each = append(each, c)
+			}); err != nil || len(each) != 2 {
+				t.Errorf("Each: %v, %v", each, err)
+			}
+			for _, c := range each {
+				if w := got[c.Local.Port()]; c.Cookie != w.Cookie || c.Remote != w.Remote || c.Local != w.Local {
+					t.Errorf("Each gave %v, List %v", c, w)
+				}
+			}
 			// Without Bytes, no counts.
 			conns, err := e.H.List(sockkill.Filter{LocalPorts: []uint16{s2.Port}, AnyRemote: true})
 			if err != nil || len(conns) != 1 || conns[0].BytesSent != 0 || conns[0].Cookie != got[s2.Port].Cookie {
