@@ -42,6 +42,10 @@ type Sockets interface {
 	// Conns returns the connections (no listeners) to the local ports,
 	// from any address, with their byte counts if bytes is set.
 	Conns(ports []uint16, bytes bool) ([]sockkill.Conn, error)
+	// EachConn calls fn with each connection Conns(ports, false) lists,
+	// as the kernel gives them, without holding them all; fn may see one
+	// twice (sockkill.Each).
+	EachConn(ports []uint16, fn func(sockkill.Conn)) error
 	// Destroy destroys the sockets, named by their cookies, and returns
 	// how many it destroyed.
 	Destroy(conns []sockkill.Conn) (int, error)
@@ -54,6 +58,10 @@ var _ Sockets = kernelSockets{}
 
 func (kernelSockets) Conns(ports []uint16, bytes bool) ([]sockkill.Conn, error) {
 	return sockkill.List(sockkill.Filter{LocalPorts: ports, AnyRemote: true, Bytes: bytes})
+}
+
+func (kernelSockets) EachConn(ports []uint16, fn func(sockkill.Conn)) error {
+	return sockkill.Each(sockkill.Filter{LocalPorts: ports, AnyRemote: true}, fn)
 }
 
 func (kernelSockets) Destroy(conns []sockkill.Conn) (int, error) { return sockkill.Destroy(conns) }

@@ -83,6 +83,15 @@ func (f *fakeSockets) Conns(ports []uint16, bytes bool) ([]sockkill.Conn, error)
 	return out, nil
 }
 
+func (f *fakeSockets) EachConn(ports []uint16, fn func(sockkill.Conn)) error {
+	conns, err := f.Conns(ports, false)
+	for _, c := range conns {
+		fn(c)
+		fn(c) // as a dump taken again may
+	}
+	return err
+}
+
 func (f *fakeSockets) Destroy(conns []sockkill.Conn) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
