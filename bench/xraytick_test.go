@@ -271,6 +271,7 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 		m["KiB-alloc/tick-"+p.name] = p.r.allocBytes / 1024
 		m["allocs/tick-"+p.name] = p.r.allocObjects
 		m["gc/tick-"+p.name] = p.r.gcs
+		m["ms-cpu-gc/tick-"+p.name] = p.r.gcCPU
 		m["xray-failed/ticks-"+p.name] = float64(p.r.xrayErrs)
 	}
 	m["moved/tick"] = moving.moved
@@ -286,8 +287,8 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 	m["KiB-alloc/conf-read"] = confAlloc / 1024
 
 	line := func(name string, r, e phaseResult) {
-		fmt.Fprintf(&sb, "  %-6s tick median %.2f ms (max %.2f; %.1fx the empty agent's %.2f ms), CPU %.1f ms a tick = %.2f%% of one core (empty %.2f%%), %.0f KiB and %.0f objects allocated a tick (empty %.0f KiB), %.2f GCs a tick",
-			name, r.tick, r.tickMax, r.tick/e.tick, e.tick, r.cpu, r.share*100, e.share*100, r.allocBytes/1024, r.allocObjects, e.allocBytes/1024, r.gcs)
+		fmt.Fprintf(&sb, "  %-6s tick median %.2f ms (max %.2f; %.1fx the empty agent's %.2f ms), CPU %.1f ms a tick = %.2f%% of one core (empty %.2f%%), %.0f KiB and %.0f objects allocated a tick (empty %.0f KiB), %.2f GCs a tick (%.1f ms of CPU)",
+			name, r.tick, r.tickMax, r.tick/e.tick, e.tick, r.cpu, r.share*100, e.share*100, r.allocBytes/1024, r.allocObjects, e.allocBytes/1024, r.gcs, r.gcCPU)
 		if r.xrayErrs > 0 {
 			fmt.Fprintf(&sb, "; Xray's API failed (timed out) in %d of %d ticks", r.xrayErrs, xrayMeasured)
 		}
@@ -508,6 +509,7 @@ type phaseResult struct {
 	tick, tickMax                        float64 // ms
 	cpu, share                           float64 // ms a tick; share of one core
 	allocBytes, allocObjects, gcs, moved float64
+	gcCPU                                float64 // ms a tick: the collector's share of cpu (the runtime's estimate)
 	skipped, xrayErrs                    int
 	roundMS                              float64
 }
@@ -547,6 +549,7 @@ func (e *xrayAgent) phase(b *testing.B, drv *xrayDriver) phaseResult {
 	r.allocBytes = float64(last.allocBytes-first.allocBytes) / n
 	r.allocObjects = float64(last.allocObjects-first.allocObjects) / n
 	r.gcs = float64(last.gcs-first.gcs) / n
+	r.gcCPU = (last.gcCPU - first.gcCPU) * 1000 / n
 	if drv != nil {
 		ok, skipped, roundMS := drv.counts()
 		r.moved, r.skipped, r.roundMS = float64(ok)/n, skipped, roundMS
@@ -725,12 +728,13 @@ type tickMark struct {
 	cpu                      time.Duration // the process's CPU time so far
 	allocBytes, allocObjects uint64        // heap allocations so far
 	gcs                      uint64        // collections so far
+	gcCPU                    float64       // the collector's CPU time so far, seconds (the runtime's estimate)
 	xrayErr                  bool          // the tick could not read Xray's API
 }
 
 func newTickWatch() *tickWatch {
 	w := &tickWatch{marks: make(chan tickMark, 256)}
-	for _, name := range []string{"/gc/heap/allocs:bytes", "/gc/heap/allocs:objects", "/gc/cycles/total:gc-cycles"} {
+	for _, name := range []string{"/gc/heap/allocs:bytes", "/gc/heap/allocs:objects", "/gc/cycles/total:gc-cycles", "/cpu/classes/gc/total:cpu-seconds"} {
 		w.samples = append(w.samples, metrics.Sample{Name: name})
 	}
 	return w
@@ -741,6 +745,7 @@ func (w *tickWatch) Tick(h view.Health) {
 	s := w.samples
 	metrics.Read(s)
 	m.allocBytes, m.allocObjects, m.gcs = s[0].Value.Uint64(), s[1].Value.Uint64(), s[2].Value.Uint64()
+	m.gcCPU = s[3].Value.Float64()
 	select {
 	case w.marks <- m:
 	default:
