@@ -158,7 +158,7 @@ func sessionConn(s sshsess.Session) userConn {
 }
 
 func xrayConn(k xconnKey, c *xconn) userConn {
-	return userConn{Conn: devices.Conn{Client: k.client, Server: c.sock.Local.Addr(), Proto: c.proto, Since: c.since}, port: k.port, xkey: k}
+	return userConn{Conn: devices.Conn{Client: k.client, Server: c.local.Addr(), Proto: c.proto, Since: c.sinceTime()}, port: k.port, xkey: k}
 }
 
 // limitUserDevices applies u's device limit to u's connections now,
@@ -309,8 +309,8 @@ func (a *Agent) cutXrayConns(user string, ks []xconnKey) (cut, uncut int, err er
 		c := x.of(user, k)
 		switch {
 		case c == nil:
-		case c.sock.Cookie != 0:
-			socks = append(socks, c.sock)
+		case c.cookie != 0:
+			socks = append(socks, c.socket())
 		case !c.listed:
 			fresh = append(fresh, k)
 		default:

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"slices"
 	"testing"
+
+	"github.com/myvpn/bwagent/sockkill"
 )
 
 // TestXlive: the connections by key and by user stay one table: a key
@@ -57,6 +59,24 @@ func TestXlive(t *testing.T) {
 	for u := range x.changed {
 		if u != "a" && u != "b" {
 			t.Errorf("changed names %q", u)
+		}
+	}
+}
+
+// TestXconnSocket: a tied connection names its socket for Destroy as the
+// listing had it, from its key's client and what it keeps of the socket:
+// IPv4, IPv6, and IPv4 on a dual-stack socket (mapped there, unmapped in
+// the key).
+func TestXconnSocket(t *testing.T) {
+	for _, s := range []sockkill.Conn{
+		{Local: netip.MustParseAddrPort("10.0.0.1:443"), Remote: netip.MustParseAddrPort("192.0.2.1:5000"), Cookie: 7},
+		{Local: netip.MustParseAddrPort("[::ffff:10.0.0.1]:443"), Remote: netip.MustParseAddrPort("[::ffff:192.0.2.1]:5000"), Cookie: 8, Interface: 3},
+		{Local: netip.MustParseAddrPort("[2001:db8::1]:443"), Remote: netip.MustParseAddrPort("[2001:db8::2]:5000"), Cookie: 9},
+	} {
+		c := &xconn{key: xconnKey{client: netip.AddrPortFrom(s.Remote.Addr().Unmap(), s.Remote.Port()), port: s.Local.Port()}}
+		c.tie(s)
+		if got := c.socket(); got != (sockkill.Conn{Local: s.Local, Remote: s.Remote, Cookie: s.Cookie, Interface: s.Interface}) {
+			t.Errorf("socket of %v: %v", s, got)
 		}
 	}
 }

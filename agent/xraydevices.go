@@ -60,22 +60,51 @@ type xconnKey struct {
 	port   uint16
 }
 
-// xconn is one open Xray connection of a user.
+// xconn is one open Xray connection of a user: 144 bytes (there are as
+// many as open connections, 100,000 at 50,000 users who each have two).
 type xconn struct {
 	key   xconnKey
 	user  string
 	proto quota.Protocol // the inbound's
-	// since is when Xray logged it; zero for a connection open before the
-	// agent started (recovered from the kernel).
-	since time.Time
-	at    time.Time // when the agent learnt of it
+	// since is when Xray logged it, Unix nanoseconds; zero for a
+	// connection open before the agent started (recovered from the
+	// kernel).
+	since int64
+	at    int64 // when the agent learnt of it, Unix nanoseconds
 	// listed: the inbounds' connections were listed since its line; its
 	// socket is tied to it then, or never.
 	listed bool
 	seen   uint32 // the listing (xlive.listings) that last found its socket
-	// sock is its socket as listed, once tied (its Cookie names it); the
-	// zero Conn until then.
-	sock sockkill.Conn
+	// Its socket as listed, once tied (see tie and socket): the local
+	// address, the kernel's cookie (zero until tied) and the device it
+	// is bound to. Its peer is key's client.
+	local   netip.AddrPort
+	cookie  uint64
+	ifindex uint32
+}
+
+// tie ties c to its socket s, as listed.
+func (c *xconn) tie(s sockkill.Conn) {
+	c.local, c.cookie, c.ifindex = s.Local, s.Cookie, s.Interface
+}
+
+// socket returns c's socket for sockkill.Destroy, as the kernel names it:
+// its peer is the client of c's key, IPv4-mapped on a dual-stack socket
+// (the key's is unmapped).
+func (c *xconn) socket() sockkill.Conn {
+	remote := c.key.client
+	if c.local.Addr().Is4In6() && remote.Addr().Is4() {
+		remote = netip.AddrPortFrom(netip.AddrFrom16(remote.Addr().As16()), remote.Port())
+	}
+	return sockkill.Conn{Local: c.local, Remote: remote, Cookie: c.cookie, Interface: c.ifindex}
+}
+
+// sinceTime returns since as a time, zero for zero.
+func (c *xconn) sinceTime() time.Time {
+	if c.since == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, c.since)
 }
 
 // xlive are the users' open Xray connections, owned by the loop.
@@ -182,7 +211,7 @@ func (a *Agent) noteXrayConns(es []xrayaccess.Entry, now time.Time) {
 			since = now // a clock off, or an old line: when the agent learnt of it
 		}
 		k := xconnKey{client: netip.AddrPortFrom(e.Source.Addr().Unmap(), e.Source.Port()), port: uint16(in.Port)}
-		x.put(k, &xconn{user: e.Email, proto: in.Protocol, since: since, at: now})
+		x.put(k, &xconn{user: e.Email, proto: in.Protocol, since: since.UnixNano(), at: now.UnixNano()})
 		users[e.Email] = true
 	}
 	for name := range users {
@@ -233,12 +262,13 @@ func (a *Agent) syncXrayLive(now time.Time) error {
 		c := x.conns[xconnKey{client: netip.AddrPortFrom(s.Remote.Addr().Unmap(), s.Remote.Port()), port: s.Local.Port()}]
 		switch {
 		case c == nil:
-		case c.sock.Cookie != 0:
-			if c.sock.Cookie == s.Cookie {
+		case c.cookie != 0:
+			if c.cookie == s.Cookie {
 				c.seen = listing
 			}
 		case !c.listed && s.Cookie != 0:
-			c.sock, c.listed, c.seen = s, true, listing // tied
+			c.tie(s)
+			c.listed, c.seen = true, listing
 		}
 	})
 	if err != nil {
@@ -246,7 +276,7 @@ func (a *Agent) syncXrayLive(now time.Time) error {
 	}
 	for k, c := range x.conns {
 		switch {
-		case c.sock.Cookie != 0:
+		case c.cookie != 0:
 			if c.seen != listing {
 				x.drop(c.user, k) // closed
 			}
@@ -257,7 +287,7 @@ func (a *Agent) syncXrayLive(now time.Time) error {
 				// peer: not listed, it closed already.
 				x.drop(c.user, k)
 			}
-		case now.Sub(c.at) > xconnLinger:
+		case now.UnixNano()-c.at > int64(xconnLinger):
 			x.drop(c.user, k)
 		}
 	}
@@ -309,7 +339,9 @@ func (a *Agent) recoverXrayConns() error {
 		if a.dev.xconns.conns[k] != nil {
 			return
 		}
-		a.dev.xconns.put(k, &xconn{user: name, proto: protos[k.port], listed: true, sock: c})
+		xc := &xconn{user: name, proto: protos[k.port], listed: true}
+		xc.tie(c)
+		a.dev.xconns.put(k, xc)
 		found++
 	})
 	if found > 0 {
