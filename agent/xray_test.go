@@ -600,16 +600,26 @@ func (f *fakeXrayKernel) SocketAttribution(int) (bpf.Attribution, bool, error) {
 	return bpf.Attribution{}, false, nil
 }
 
-// TestClaimXrayBatch: the claims of an access log batch go to the kernel
-// together, and one the kernel refuses costs that claim alone.
-func TestClaimXrayBatch(t *testing.T) {
+// newXrayKernelEnv is an agent's environment with Xray (fx) whose users'
+// connections a fake kernel (fk) counts, not started: a test can prepare
+// the store first.
+func newXrayKernelEnv(t *testing.T, limits string) (*env, *fakeXray, *fakeXrayKernel) {
+	t.Helper()
 	e := newEnv(t)
 	e.write("xray.json", xrayConfigJSON)
+	e.write("bw-limit.conf", limits)
 	fx := newFakeXray(func() time.Time { return e.clock })
 	e.xray = Xray{Dial: func(context.Context, string) (XrayAPI, error) { return fx, nil },
 		Cut: func([]netip.Addr, []uint16) (int, error) { return 0, nil }}
 	fk := newFakeXrayKernel()
 	e.xk = fk
+	return e, fx, fk
+}
+
+// TestClaimXrayBatch: the claims of an access log batch go to the kernel
+// together, and one the kernel refuses costs that claim alone.
+func TestClaimXrayBatch(t *testing.T) {
+	e, _, fk := newXrayKernelEnv(t, "")
 	e.start()
 	e.step(0)
 	x := &e.a.xr.conns
@@ -649,14 +659,7 @@ func TestClaimXrayBatch(t *testing.T) {
 // the debt (connections the kernel did not see) is added, and the debt
 // survives a restart of the agent.
 func TestXrayOwed(t *testing.T) {
-	e := newEnv(t)
-	e.write("xray.json", xrayConfigJSON)
-	e.write("bw-limit.conf", "alice 100\n")
-	fx := newFakeXray(func() time.Time { return e.clock })
-	e.xray = Xray{Dial: func(context.Context, string) (XrayAPI, error) { return fx, nil },
-		Cut: func([]netip.Addr, []uint16) (int, error) { return 0, nil }}
-	fk := newFakeXrayKernel()
-	e.xk = fk
+	e, fx, fk := newXrayKernelEnv(t, "alice 100\n")
 	acct, _ := fk.Account("alice")
 	e.start()
 	e.step(0)
@@ -794,23 +797,14 @@ func (f *fakeDP) count(id uint32, up, down uint64) {
 // TestXrayDebtRows: an Xray user's debt is kept as a point on the counters
 // of their kernel account and Xray's, written again only when it moves:
 // neither the kernel's bytes nor Xray's report of them move it, Xray's
-// bytes beyond the debt do. A debt an
-// earlier agent wrote as the debt itself is read as it was; a restart of
-// the kernel's counters or of Xray moves the point, which the commit of
-// that tick writes, and the debt survives a restart of the agent after it;
-// and the
-// row's time, written again every movedSlack of moves, never makes a
-// restarted agent forgive a debt before Xray's idle time has passed since
-// the last move.
+// bytes beyond the debt do. A debt an earlier agent wrote as the debt
+// itself is read as it was; a restart of the kernel's counters or of Xray
+// moves the point, which the commit of that tick writes, and the debt
+// survives a restart of the agent after it; and the row's time, written
+// again every movedSlack of moves, never makes a restarted agent forgive a
+// debt before Xray's idle time has passed since the last move.
 func TestXrayDebtRows(t *testing.T) {
-	e := newEnv(t)
-	e.write("xray.json", xrayConfigJSON)
-	e.write("bw-limit.conf", "alice 100\n")
-	fx := newFakeXray(func() time.Time { return e.clock })
-	e.xray = Xray{Dial: func(context.Context, string) (XrayAPI, error) { return fx, nil },
-		Cut: func([]netip.Addr, []uint16) (int, error) { return 0, nil }}
-	fk := newFakeXrayKernel()
-	e.xk = fk
+	e, fx, fk := newXrayKernelEnv(t, "alice 100\n")
 	acct, _ := fk.Account("alice")
 	// An earlier agent's state: alice owes 1,000,000 bytes down.
 	st, err := store.Open(e.cfg.Paths.StateDB)
