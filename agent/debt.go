@@ -64,37 +64,36 @@ func (b *xbase) owing() bool {
 }
 
 // debtRow returns the row of b's debt that the next commit writes, and
-// false if the store already holds it, or holds none and b owes nothing.
-// It takes the row as saved.
-func (a *Agent) debtRow(b *xbase) (store.Baseline, bool) {
+// false if the store already holds it, or holds none and b owes nothing;
+// and the row as saved, for b.saved once it is in a batch.
+func (a *Agent) debtRow(b *xbase) (store.Baseline, savedDebt, bool) {
 	up, down := toNet(b.owed, b.credit)
 	src := quota.OwedSource(b.name)
 	if xk := a.xr.conns.k; xk != nil {
 		if acct, ok := xk.AccountOf(b.name); ok {
 			point := a.debtPoint(acct, b, quota.Usage{Up: up, Down: down})
-			sv := &b.saved
+			sv := b.saved
 			if sv.form == savedNone && !b.owing() {
-				return store.Baseline{}, false // nothing owed, nothing stored: no row means none
+				return store.Baseline{}, sv, false // nothing owed, nothing stored: no row means none
 			}
 			if sv.form == savedPaid && sv.acct == acct && sv.point == point && b.moved-sv.moved < movedSlack {
-				return store.Baseline{}, false
+				return store.Baseline{}, sv, false
 			}
-			*sv = savedDebt{form: savedPaid, acct: acct, moved: b.moved, point: point}
-			return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: paidOrigin, Start: b.moved, Gen: uint64(acct)},
-				Rx: point.Down, Tx: point.Up}, true
+			return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: paidOrigin, Start: b.moved, Gen: uint64(acct)}, Rx: point.Down, Tx: point.Up},
+				savedDebt{form: savedPaid, acct: acct, moved: b.moved, point: point}, true
 		}
 	}
 	owing := b.owing()
 	if !owing && b.saved.form == savedNone {
-		return store.Baseline{}, false
+		return store.Baseline{}, b.saved, false
 	}
 	// While it owes, and once more as zero when it paid off one the store
 	// holds.
-	b.saved = savedDebt{}
+	var sv savedDebt
 	if owing {
-		b.saved.form = savedOwed
+		sv.form = savedOwed
 	}
-	return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: owedOrigin, Start: b.moved}, Rx: down, Tx: up}, true
+	return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: owedOrigin, Start: b.moved}, Rx: down, Tx: up}, sv, true
 }
 
 // debtPoint returns the point of b's debt net (toNet) on the counters of

@@ -173,11 +173,11 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 		b.UserRows = rows
 	}
 	k := &a.kernel
-	// The debts' rows first, so that the slice below is made at its size
-	// rather than grown and copied over and over (at 50,000 users moving,
-	// that was three quarters of what it allocated).
-	debts := a.debtRows()
-	n := len(k.baseQ) + len(debts)
+	// Room for every row, the debts' included, so that the slice is not
+	// grown and copied over and over (at 50,000 users moving, that was
+	// three quarters of what it allocated).
+	n := len(k.baseQ)
+	a.debtRows(func(*xbase, store.Baseline, savedDebt) { n++ })
 	if a.fl != nil {
 		n += len(a.fl.baseQ)
 	}
@@ -201,43 +201,41 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: a.xr.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
 		}
 	}
-	b.Baselines = append(b.Baselines, debts...)
-	clear(debts)
-	a.xr.debts = trimmed(debts[:0])
+	a.debtRows(func(bl *xbase, row store.Baseline, sv savedDebt) {
+		b.Baselines = append(b.Baselines, row)
+		bl.saved = sv
+	})
 	return b
 }
 
-// debtRows returns the rows of the Xray users' debts the next commit
-// writes (debtRow): of the users whose debt changed, and of those whose
-// kernel account's baseline did, which moves a paidOrigin row's meaning
-// if the debt did not follow it (a restart of the counters). The slice is
-// a.xr.debts, reused.
-func (a *Agent) debtRows() []store.Baseline {
-	rows := a.xr.debts[:0]
+// debtRows calls fn with each row of an Xray user's debt that the next
+// commit writes (debtRow): of the users whose debt changed, and of those
+// whose kernel account's baseline did, which moves a paidOrigin row's
+// meaning if the debt did not follow it (a restart of the counters).
+func (a *Agent) debtRows(fn func(*xbase, store.Baseline, savedDebt)) {
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
-			if row, ok := a.debtRow(bl); ok {
-				rows = append(rows, row)
+			if row, sv, ok := a.debtRow(bl); ok {
+				fn(bl, row, sv)
 			}
 		}
 	}
-	if xk := a.xr.conns.k; xk != nil {
-		for _, id := range a.kernel.baseQ {
-			if id < bpf.AccountBase {
-				continue
-			}
-			name, ok := xk.AccountName(id)
-			if !ok {
-				continue
-			}
+	xk := a.xr.conns.k
+	if xk == nil {
+		return
+	}
+	for _, id := range a.kernel.baseQ {
+		if id < bpf.AccountBase {
+			continue
+		}
+		if name, ok := xk.AccountName(id); ok {
 			if bl := a.xr.base[name]; bl != nil && !bl.dirty { // not done above
-				if row, ok := a.debtRow(bl); ok {
-					rows = append(rows, row)
+				if row, sv, ok := a.debtRow(bl); ok {
+					fn(bl, row, sv)
 				}
 			}
 		}
 	}
-	return rows
 }
 
 // clearDirty forgets what changed: it is in a batch now.

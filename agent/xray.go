@@ -11,7 +11,6 @@ import (
 
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/sockkill"
-	"github.com/myvpn/bwagent/store"
 	"github.com/myvpn/bwagent/xrayconf"
 	"github.com/myvpn/bwagent/xraystats"
 )
@@ -79,7 +78,6 @@ type xrayState struct {
 	// Source: the last sample of each user's counters folded into usage.
 	base  map[string]*xbase
 	baseQ []string         // baselines to commit
-	debts []store.Baseline // the debts' rows of a commit (debtRows), reused
 	// epochs are the epochs of the baselines, by xbase.epoch; the first is
 	// none (a user not read yet, or no read yet). epochID is the counters'
 	// epoch now (see curEpoch).
