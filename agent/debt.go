@@ -22,8 +22,9 @@ import (
 //     alike, and each byte of Xray's that pays the debt off adds to Xray's
 //     baseline and takes from the debt alike, which leaves that point
 //     where it is: the row is written again only when Xray reports more
-//     than it owed, a debt is forgiven, either side's counters restart,
-//     or the Start it holds is movedSlack behind the user's last move. A
+//     than it owed, a debt is forgiven or paid off, either side's counters
+//     restart, the user's account changes, or the Start it holds is
+//     movedSlack behind the user's last move. A
 //     user moving every tick had a row every tick, and another at every
 //     read of Xray's counters (with a tenth of 10,000 users moving, a third
 //     of a commit's rows); now one a movedSlack while they move.
@@ -31,7 +32,11 @@ import (
 // The store holds the two baselines and the point as of the same commit
 // (a baseline is in every commit that changed it, and the rows of the
 // users whose point changed are too: see debtRows), so the debt is the
-// difference at any start.
+// difference at any start. An account's ID names the same user for as long
+// as the kernel's counters keep their epoch (bpf.Datapath.Account); when
+// they start a new one, at a start too, every row of that form is looked
+// at again (debtsAnew), in the batch before any baseline of the new epoch,
+// so that no row is left on an ID another user is given.
 const (
 	owedOrigin = "moved"
 	paidOrigin = "paid"
@@ -65,17 +70,17 @@ func (b *xbase) owing() bool {
 
 // debtRow returns the row of b's debt that the next commit writes, and
 // false if the store already holds it, or holds none and b owes nothing;
-// and the row as saved, for b.saved once it is in a batch.
+// and the row as saved, for b.saved once it is in a batch. A debt paid off
+// has no row, or one of zero in the first form: the counters of a user who
+// owes nothing move no row.
 func (a *Agent) debtRow(b *xbase) (store.Baseline, savedDebt, bool) {
 	up, down := toNet(b.owed, b.credit)
 	src := quota.OwedSource(b.name)
-	if xk := a.xr.conns.k; xk != nil {
+	owing := b.owing()
+	if xk := a.xr.conns.k; xk != nil && owing {
 		if acct, ok := xk.AccountOf(b.name); ok {
 			point := a.debtPoint(acct, b, quota.Usage{Up: up, Down: down})
 			sv := b.saved
-			if sv.form == savedNone && !b.owing() {
-				return store.Baseline{}, sv, false // nothing owed, nothing stored: no row means none
-			}
 			if sv.form == savedPaid && sv.acct == acct && sv.point == point && b.moved-sv.moved < movedSlack {
 				return store.Baseline{}, sv, false
 			}
@@ -83,7 +88,6 @@ func (a *Agent) debtRow(b *xbase) (store.Baseline, savedDebt, bool) {
 				savedDebt{form: savedPaid, acct: acct, moved: b.moved, point: point}, true
 		}
 	}
-	owing := b.owing()
 	if !owing && b.saved.form == savedNone {
 		return store.Baseline{}, b.saved, false
 	}
@@ -115,11 +119,27 @@ func (a *Agent) loadDebt(bl store.Baseline) {
 		point := quota.Usage{Up: bl.Tx, Down: bl.Rx}
 		zero := a.debtPoint(acct, b, quota.Usage{})
 		b.owed, b.credit = fromNet(zero.Up-point.Up, zero.Down-point.Down)
+		// The row's Start is up to movedSlack behind the last move: the
+		// latest it can be is taken, here and as the row's (a look at the
+		// row before the user moves again writes nothing).
 		b.moved = bl.Epoch.Start + movedSlack
-		b.saved = savedDebt{form: savedPaid, acct: acct, moved: bl.Epoch.Start, point: point}
+		b.saved = savedDebt{form: savedPaid, acct: acct, moved: b.moved, point: point}
 	default:
 		b.owed, b.credit = fromNet(bl.Tx, bl.Rx)
 		b.moved = bl.Epoch.Start
 		b.saved = savedDebt{form: savedOwed}
+	}
+}
+
+// debtsAnew queues for the next commit every debt kept on an account (the
+// paidOrigin form): the kernel's counters start a new epoch, in which an ID
+// can be given to another user, whose baseline would move the row's
+// meaning. debtRow writes each again on the user's account now, or in the
+// first form.
+func (a *Agent) debtsAnew() {
+	for name, b := range a.xr.base {
+		if b.saved.form == savedPaid {
+			a.xr.queueBase(name, b, false)
+		}
 	}
 }

@@ -178,6 +178,11 @@ func (a *Agent) sampleKernel(now time.Time) error {
 	lo, hi := a.cfg.SSH.UIDMin, a.cfg.SSH.UIDMax
 	each := a.dp.EachMoved
 	if k.sampleIn--; k.sampleIn <= 0 || epoch != k.seen {
+		if epoch != k.seen {
+			// At start, and after the counters restarted: the account
+			// IDs may be another user's now (see debtsAnew).
+			a.debtsAnew()
+		}
 		// At start, after the counters restarted, and now and then as a
 		// safety net: every UID. EachCounter does not clear the marks, so
 		// the next EachMoved reads some UIDs again, harmlessly.

@@ -77,7 +77,7 @@ type xrayState struct {
 
 	// Source: the last sample of each user's counters folded into usage.
 	base  map[string]*xbase
-	baseQ []string         // baselines to commit
+	baseQ []string // baselines to commit
 	// epochs are the epochs of the baselines, by xbase.epoch; the first is
 	// none (a user not read yet, or no read yet). epochID is the counters'
 	// epoch now (see curEpoch).

@@ -924,6 +924,67 @@ func TestXrayDebtRows(t *testing.T) {
 	want("Xray paying after a restart within its idle time", 0, 3_000_000+29_000)
 }
 
+// TestXrayDebtAfterReboot: the kernel's counters and account IDs start
+// anew (a reboot): alice, who owes and does not move, has her debt written
+// again without her old account, whose ID carol is given, so carol's bytes
+// on it do not change what alice owes, across a restart of the agent too.
+// A debt paid off leaves a row of zero, and Xray's bytes of a user who owes
+// nothing write no row.
+func TestXrayDebtAfterReboot(t *testing.T) {
+	e, fx, fk := newXrayKernelEnv(t, "alice 100\ncarol 100\n")
+	acct, _ := fk.Account("alice")
+	e.start()
+	e.step(0)
+	e.dp.count(acct, 0, 1_000_000)
+	e.step(2 * time.Second)
+	fx.use("alice", 0, 400_000) // alice owes 600,000 now
+	e.step(2 * time.Second)
+
+	// The reboot: new counters, a new registry; the agent starts again.
+	e.dp.mu.Lock()
+	e.dp.epoch.Boot = "another-boot"
+	e.dp.counters = map[uint32]bpf.Counters{}
+	e.dp.mu.Unlock()
+	clear(fk.accounts)
+	fx.mu.Lock()
+	fx.restart() // Xray too, its counters at zero
+	fx.mu.Unlock()
+	e.start()
+	e.step(2 * time.Second)
+	if got, _ := fk.Account("carol"); got != acct {
+		t.Fatalf("carol has account %d, want alice's old %d", got, acct)
+	}
+	e.dp.count(acct, 0, 5_000_000) // carol's
+	e.step(2 * time.Second)
+	e.start()
+	fx.use("alice", 0, 600_000) // alice's bytes, reported late
+	e.step(2 * time.Second)
+	if v := e.user("alice"); v.Download != 1_000_000 {
+		t.Errorf("alice downloaded %d after the reboot and carol's bytes on her old account, want 1,000,000", v.Download)
+	}
+	rows := func() (n int) {
+		t.Helper()
+		bs, err := e.a.store.Baselines()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range bs {
+			if b.Source == quota.OwedSource("alice") && (b.Rx != 0 || b.Tx != 0 || b.Epoch.Origin != owedOrigin) {
+				n++
+			}
+		}
+		return n
+	}
+	if n := rows(); n != 0 {
+		t.Errorf("alice paid off her debt: %d rows of a debt left", n)
+	}
+	fx.use("alice", 0, 70_000) // bytes only Xray saw: no debt, no row
+	e.step(2 * time.Second)
+	if v, n := e.user("alice"), rows(); v.Download != 1_070_000 || n != 0 || e.a.xr.base["alice"].saved.form != savedNone {
+		t.Errorf("Xray's bytes of alice, who owes nothing: downloaded %d, %d rows of a debt, saved %+v", v.Download, n, e.a.xr.base["alice"].saved)
+	}
+}
+
 // TestXrayReadsWhenNeeded: where the kernel counts every connection Xray's
 // users can make, every user's counters are read every xrayReadTicks
 // ticks, and at once after a connection went unclaimed, while a read finds

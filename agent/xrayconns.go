@@ -362,7 +362,7 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 		}
 		acct, err := x.k.Account(e.Email)
 		if err != nil {
-			a.logs.warnOnce("claim:"+err.Error(), "claiming an Xray connection in the kernel failed", "user", e.Email, "err", err)
+			a.logs.warnOnce("claim:account", "claiming an Xray connection in the kernel failed", "user", e.Email, "err", err)
 			continue
 		}
 		cs = append(cs, bpf.Claim{Client: e.Source, LocalPort: uint16(in.Port), Account: acct})
@@ -379,8 +379,13 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 		}
 		i += n
 		if err != nil && i < len(cs) {
-			// That claim is lost; the others are not.
-			a.logs.warnOnce("claim:"+err.Error(), "claiming an Xray connection in the kernel failed", "user", of[i], "err", err)
+			// That claim is lost; the others are not. (Warned once a
+			// kind: the error names the client.)
+			kind := "claim:kernel"
+			if errors.Is(err, bpf.ErrInvalidClaim) {
+				kind = "claim:invalid"
+			}
+			a.logs.warnOnce(kind, "claiming an Xray connection in the kernel failed", "user", of[i], "err", err)
 			i++
 		} else if n == 0 {
 			break // nothing written and no error: a kernel that said nothing

@@ -246,16 +246,20 @@ func (a *Agent) syncXrayLive(now time.Time) error {
 		return errors.Join(errs...)
 	}
 	x.listIn = xliveListTicks
+	seen := make(map[uint16]bool)
 	var ports []uint16
 	for k := range x.conns {
-		if !slices.Contains(ports, k.port) {
+		if !seen[k.port] {
+			seen[k.port] = true
 			ports = append(ports, k.port)
 		}
 	}
 	// Each socket is matched as the kernel's messages are read: a listing
 	// held whole, with maps of its sockets by cookie and by key, took some
 	// 30 MB for a moment at 100,000 connections. Seen twice (a dump taken
-	// again), a socket changes nothing more.
+	// again), a socket changes nothing more; one seen by a dump that was
+	// then taken again, and closed before the second, is forgotten at the
+	// next listing rather than this one.
 	x.listings++
 	listing := x.listings
 	err := a.dev.socks.EachConn(ports, func(s sockkill.Conn) {

@@ -35,6 +35,10 @@ func (d *Datapath) Claim(client netip.AddrPort, localPort uint16, account uint32
 	return err
 }
 
+// maxClaimBatch is the most claims whose keys and values ClaimAll keeps
+// for its next call.
+const maxClaimBatch = 4096
+
 // A Claim is one connection's claim (see [Datapath.Claim]).
 type Claim struct {
 	Client    netip.AddrPort
@@ -48,7 +52,9 @@ type Claim struct {
 // or one the kernel refused), returning how many it wrote and the error:
 // the caller can go on after that one.
 func (d *Datapath) ClaimAll(cs []Claim) (int, error) {
-	keys := make([]bwacctClaimKey, 0, len(cs))
+	d.claimMu.Lock()
+	defer d.claimMu.Unlock()
+	keys := d.claimKeys[:0]
 	var bad error
 	for _, c := range cs {
 		if !c.Client.IsValid() || c.Client.Addr().IsUnspecified() || c.Client.Port() == 0 || c.LocalPort == 0 {
@@ -60,9 +66,13 @@ func (d *Datapath) ClaimAll(cs []Claim) (int, error) {
 	if len(keys) == 0 {
 		return 0, bad
 	}
-	vals := make([]uint32, len(keys))
+	vals := d.claimVals[:0]
 	for i := range keys {
-		vals[i] = cs[i].Account
+		vals = append(vals, cs[i].Account)
+	}
+	// Kept for the next batch, unless a burst made them large.
+	if cap(keys) <= maxClaimBatch {
+		d.claimKeys, d.claimVals = keys, vals
 	}
 	// bpftool map update pinned .../bw_claims key ... value ..., for
 	// each claim, in one BPF_MAP_UPDATE_BATCH.

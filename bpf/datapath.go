@@ -285,6 +285,12 @@ type Datapath struct {
 	accountName map[uint32]string
 	nextAccount uint32 // the next free ID
 
+	// claimMu protects the following: ClaimAll's keys and values, kept
+	// between its calls.
+	claimMu   sync.Mutex
+	claimKeys []bwacctClaimKey
+	claimVals []uint32
+
 	// portsMu protects the following: what each setter of bw_ssh_ports
 	// wants, by kind (see writePorts).
 	portsMu sync.Mutex

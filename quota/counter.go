@@ -32,7 +32,9 @@ const (
 	// kernel counts, the bytes the kernel counted and charged that Xray's
 	// own counters have not reported yet (XTLS Vision's until the
 	// connection closes), per direction: Xray's next counts pay them off
-	// before anything more is charged. See the README's "which source
+	// before anything more is charged. The agent keeps it as the debt
+	// itself, or as a point on the counters of the user's kernel account
+	// and Xray's (its epoch says which). See the README's "which source
 	// counted what".
 	SourceOwed
 	// SourceFleet is not a counter either: in fleet mode, the node's own
