@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"math"
+
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/store"
 )
@@ -49,19 +51,18 @@ const (
 // twice what Xray reports after it).
 const movedSlack = 30
 
-// savedDebt is the row of a user's debt as the store holds it.
+// savedDebt is the row of a user's debt as the store holds it: none (the
+// zero savedDebt), the debt itself (owedOrigin: acct zero, point the debt,
+// which is not zero), or a point on an account (paidOrigin: acct not zero,
+// moved the row's Start). 24 bytes, in every xbase.
 type savedDebt struct {
-	form  uint8  // savedNone, savedOwed or savedPaid
-	acct  uint32 // savedPaid: the account
-	moved int64  // savedPaid: the row's Start
 	point quota.Usage
+	acct  uint32
+	moved uint32 // Unix seconds
 }
 
-const (
-	savedNone = iota // no row, or one of a debt paid off (zero)
-	savedOwed        // a row of owedOrigin: the debt itself
-	savedPaid        // a row of paidOrigin at point on account acct
-)
+// paid reports whether the row is of the paidOrigin form.
+func (s savedDebt) paid() bool { return s.acct != 0 }
 
 // owing reports whether b has a debt or credit.
 func (b *xbase) owing() bool {
@@ -81,23 +82,20 @@ func (a *Agent) debtRow(b *xbase) (store.Baseline, savedDebt, bool) {
 		if acct, ok := xk.AccountOf(b.name); ok {
 			point := a.debtPoint(acct, b, quota.Usage{Up: up, Down: down})
 			sv := b.saved
-			if sv.form == savedPaid && sv.acct == acct && sv.point == point && b.moved-sv.moved < movedSlack {
+			if sv.acct == acct && sv.point == point && int64(b.moved)-int64(sv.moved) < movedSlack {
 				return store.Baseline{}, sv, false
 			}
-			return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: paidOrigin, Start: b.moved, Gen: uint64(acct)}, Rx: point.Down, Tx: point.Up},
-				savedDebt{form: savedPaid, acct: acct, moved: b.moved, point: point}, true
+			return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: paidOrigin, Start: int64(b.moved), Gen: uint64(acct)}, Rx: point.Down, Tx: point.Up},
+				savedDebt{acct: acct, moved: b.moved, point: point}, true
 		}
 	}
-	if !owing && b.saved.form == savedNone {
+	if !owing && b.saved == (savedDebt{}) {
 		return store.Baseline{}, b.saved, false
 	}
 	// While it owes, and once more as zero when it paid off one the store
 	// holds.
-	var sv savedDebt
-	if owing {
-		sv.form = savedOwed
-	}
-	return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: owedOrigin, Start: b.moved}, Rx: down, Tx: up}, sv, true
+	return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: owedOrigin, Start: int64(b.moved)}, Rx: down, Tx: up},
+		savedDebt{point: quota.Usage{Up: up, Down: down}}, true
 }
 
 // debtPoint returns the point of b's debt net (toNet) on the counters of
@@ -122,12 +120,12 @@ func (a *Agent) loadDebt(bl store.Baseline) {
 		// The row's Start is up to movedSlack behind the last move: the
 		// latest it can be is taken, here and as the row's (a look at the
 		// row before the user moves again writes nothing).
-		b.moved = bl.Epoch.Start + movedSlack
-		b.saved = savedDebt{form: savedPaid, acct: acct, moved: b.moved, point: point}
+		b.moved = unixSeconds(bl.Epoch.Start + movedSlack)
+		b.saved = savedDebt{acct: acct, moved: b.moved, point: point}
 	default:
 		b.owed, b.credit = fromNet(bl.Tx, bl.Rx)
-		b.moved = bl.Epoch.Start
-		b.saved = savedDebt{form: savedOwed}
+		b.moved = unixSeconds(bl.Epoch.Start)
+		b.saved = savedDebt{point: quota.Usage{Up: bl.Tx, Down: bl.Rx}}
 	}
 }
 
@@ -138,8 +136,12 @@ func (a *Agent) loadDebt(bl store.Baseline) {
 // first form.
 func (a *Agent) debtsAnew() {
 	for name, b := range a.xr.base {
-		if b.saved.form == savedPaid {
+		if b.saved.paid() {
 			a.xr.queueBase(name, b, false)
 		}
 	}
 }
+
+// unixSeconds is t, Unix seconds, as an xbase keeps it: within 1970 to
+// 2106.
+func unixSeconds(t int64) uint32 { return uint32(min(max(t, 0), math.MaxUint32)) }

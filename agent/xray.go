@@ -129,21 +129,20 @@ type xrayState struct {
 
 // xbase is the baseline of one Xray user's counters, and what the kernel
 // counted of the user's connections that they have not reported yet (see
-// chargeXray). There is one for every Xray user: it is small (128 bytes).
+// chargeXray). There is one for every Xray user: it is small (112 bytes).
 type xbase struct {
 	name      string // the user's email
 	up, down  uint64 // the counters as last folded into usage
 	owed      quota.Usage
 	credit    quota.Usage // reported by Xray before the kernel folded it (chargeXray)
-	moved     int64       // when either count of the user last moved, Unix seconds: a debt's age
+	saved     savedDebt   // the debt's row as the store holds it (see debtRow)
+	moved     uint32      // when either count of the user last moved, Unix seconds: a debt's age
 	epoch     uint32      // of up and down: an index into xrayState.epochs
 	changed   uint32      // 1 + the index of this read's values in xrayState.changed; 0: none
 	claims    uint32      // connections claimed for the user since read number claimRead
 	claimRead uint32
-	// saved is the debt's row as the store holds it (see debtRow).
-	saved  savedDebt
-	unheld bool // one of those claims was a loopback peer's, never held
-	dirty  bool // in xrayState.baseQ: its debt's row may be due (see debtRow)
+	unheld    bool // one of those claims was a loopback peer's, never held
+	dirty     bool // in xrayState.baseQ: its debt's row may be due (see debtRow)
 	// counted says the counters' own row is due too: up, down or epoch
 	// changed since the last commit. A tick where only the kernel moved
 	// changes the debt alone, and the row of counters that did not move

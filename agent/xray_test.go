@@ -980,7 +980,7 @@ func TestXrayDebtAfterReboot(t *testing.T) {
 	}
 	fx.use("alice", 0, 70_000) // bytes only Xray saw: no debt, no row
 	e.step(2 * time.Second)
-	if v, n := e.user("alice"), rows(); v.Download != 1_070_000 || n != 0 || e.a.xr.base["alice"].saved.form != savedNone {
+	if v, n := e.user("alice"), rows(); v.Download != 1_070_000 || n != 0 || e.a.xr.base["alice"].saved != (savedDebt{}) {
 		t.Errorf("Xray's bytes of alice, who owes nothing: downloaded %d, %d rows of a debt, saved %+v", v.Download, n, e.a.xr.base["alice"].saved)
 	}
 }

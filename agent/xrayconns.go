@@ -449,10 +449,10 @@ func (a *Agent) expireClaims(now time.Time) {
 func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 	b := a.xr.baseOf(u.r.name)
 	was := b.owed
-	if now.Unix()-b.moved > int64(a.xrayIdle()/time.Second) {
+	if now.Unix()-int64(b.moved) > int64(a.xrayIdle()/time.Second) {
 		b.owed, b.credit = quota.Usage{}, quota.Usage{}
 	}
-	b.moved = now.Unix()
+	b.moved = unixSeconds(now.Unix())
 	// What the kernel counted pays off the credit first: bytes Xray
 	// reported before the kernel folded them (see below).
 	paid := quota.Usage{Up: min(kern.Up, b.credit.Up), Down: min(kern.Down, b.credit.Down)}
