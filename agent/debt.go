@@ -2,6 +2,7 @@ package agent
 
 import (
 	"math"
+	"time"
 
 	"github.com/myvpn/bwagent/quota"
 	"github.com/myvpn/bwagent/store"
@@ -25,11 +26,14 @@ import (
 //     baseline and takes from the debt alike, which leaves that point
 //     where it is: the row is written again only when Xray reports more
 //     than it owed, a debt is forgiven or paid off, either side's counters
-//     restart, the user's account changes, or the Start it holds is
-//     movedSlack behind the user's last move. A
-//     user moving every tick had a row every tick, and another at every
-//     read of Xray's counters (with a tenth of 10,000 users moving, a third
-//     of a commit's rows); now one a movedSlack while they move.
+//     restart, or the user's account changes. A user moving every tick
+//     had a row every tick, and another at every read of Xray's counters
+//     (with a tenth of 10,000 users moving, a third of a commit's rows).
+//     Its epoch's Start is when it was written, not when the user last
+//     moved: a start takes itself as every such user's last move, so it
+//     forgives a debt no earlier than Xray's idle time after it (later
+//     than the agent that stopped would have, never earlier, which could
+//     charge twice what Xray reports after it).
 //
 // The store holds the two baselines and the point as of the same commit
 // (a baseline is in every commit that changed it, and the rows of the
@@ -44,21 +48,13 @@ const (
 	paidOrigin = "paid"
 )
 
-// movedSlack is how far the Start of a paidOrigin row may fall behind the
-// user's last move before it is written again. A start takes the row's
-// Start plus movedSlack as the last move: a debt is forgiven at most that
-// much later than without the restart, never earlier (which could charge
-// twice what Xray reports after it).
-const movedSlack = 30
-
 // savedDebt is the row of a user's debt as the store holds it: none (the
 // zero savedDebt), the debt itself (owedOrigin: acct zero, point the debt,
-// which is not zero), or a point on an account (paidOrigin: acct not zero,
-// moved the row's Start). 24 bytes, in every xbase.
+// which is not zero), or a point on an account (paidOrigin: acct not
+// zero). 24 bytes, in every xbase.
 type savedDebt struct {
 	point quota.Usage
 	acct  uint32
-	moved uint32 // Unix seconds
 }
 
 // paid reports whether the row is of the paidOrigin form.
@@ -74,7 +70,7 @@ func (b *xbase) owing() bool {
 // and the row as saved, for b.saved once it is in a batch. A debt paid off
 // has no row, or one of zero in the first form: the counters of a user who
 // owes nothing move no row.
-func (a *Agent) debtRow(b *xbase) (store.Baseline, savedDebt, bool) {
+func (a *Agent) debtRow(b *xbase, now time.Time) (store.Baseline, savedDebt, bool) {
 	up, down := toNet(b.owed, b.credit)
 	src := quota.OwedSource(b.name)
 	owing := b.owing()
@@ -82,11 +78,11 @@ func (a *Agent) debtRow(b *xbase) (store.Baseline, savedDebt, bool) {
 		if acct, ok := xk.AccountOf(b.name); ok {
 			point := a.debtPoint(acct, b, quota.Usage{Up: up, Down: down})
 			sv := b.saved
-			if sv.acct == acct && sv.point == point && int64(b.moved)-int64(sv.moved) < movedSlack {
+			if sv.acct == acct && sv.point == point {
 				return store.Baseline{}, sv, false
 			}
-			return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: paidOrigin, Start: int64(b.moved), Gen: uint64(acct)}, Rx: point.Down, Tx: point.Up},
-				savedDebt{acct: acct, moved: b.moved, point: point}, true
+			return store.Baseline{Source: src, Epoch: quota.Epoch{Origin: paidOrigin, Start: now.Unix(), Gen: uint64(acct)}, Rx: point.Down, Tx: point.Up},
+				savedDebt{acct: acct, point: point}, true
 		}
 	}
 	if !owing && b.saved == (savedDebt{}) {
@@ -107,9 +103,9 @@ func (a *Agent) debtPoint(acct uint32, b *xbase, net quota.Usage) quota.Usage {
 	return quota.Usage{Up: k.up - b.up - net.Up, Down: k.down - b.down - net.Down}
 }
 
-// loadDebt takes the row bl of a debt from the store. A paidOrigin row
-// needs the kernel's and Xray's baselines loaded first.
-func (a *Agent) loadDebt(bl store.Baseline) {
+// loadDebt takes the row bl of a debt from the store at now. A paidOrigin
+// row needs the kernel's and Xray's baselines loaded first.
+func (a *Agent) loadDebt(bl store.Baseline, now time.Time) {
 	b := a.xr.baseOf(bl.Source.Name)
 	switch bl.Epoch.Origin {
 	case paidOrigin:
@@ -117,11 +113,10 @@ func (a *Agent) loadDebt(bl store.Baseline) {
 		point := quota.Usage{Up: bl.Tx, Down: bl.Rx}
 		zero := a.debtPoint(acct, b, quota.Usage{})
 		b.owed, b.credit = fromNet(zero.Up-point.Up, zero.Down-point.Down)
-		// The row's Start is up to movedSlack behind the last move: the
-		// latest it can be is taken, here and as the row's (a look at the
-		// row before the user moves again writes nothing).
-		b.moved = unixSeconds(bl.Epoch.Start + movedSlack)
-		b.saved = savedDebt{acct: acct, moved: b.moved, point: point}
+		// The row's Start is when it was written; the user may have moved
+		// since: now is the latest the last move can have been.
+		b.moved = unixSeconds(max(bl.Epoch.Start, now.Unix()))
+		b.saved = savedDebt{acct: acct, point: point}
 	default:
 		b.owed, b.credit = fromNet(bl.Tx, bl.Rx)
 		b.moved = unixSeconds(bl.Epoch.Start)

@@ -62,8 +62,9 @@ func (a *Agent) load() error {
 			a.fleetLoad(b.Source.Name, b.Epoch, quota.Usage{Up: s.Up, Down: s.Down})
 		}
 	}
+	now := a.now()
 	for _, b := range debts {
-		a.loadDebt(b)
+		a.loadDebt(b, now)
 	}
 	if _, done, err := a.store.Meta(metaImported); err != nil {
 		return err
@@ -177,7 +178,7 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 	// grown and copied over and over (at 50,000 users moving, that was
 	// three quarters of what it allocated).
 	n := len(k.baseQ)
-	a.debtRows(func(*xbase, store.Baseline, savedDebt) { n++ })
+	a.debtRows(now, func(*xbase, store.Baseline, savedDebt) { n++ })
 	if a.fl != nil {
 		n += len(a.fl.baseQ)
 	}
@@ -201,7 +202,7 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 			b.Baselines = append(b.Baselines, store.Baseline{Source: quota.XraySource(email), Epoch: a.xr.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
 		}
 	}
-	a.debtRows(func(bl *xbase, row store.Baseline, sv savedDebt) {
+	a.debtRows(now, func(bl *xbase, row store.Baseline, sv savedDebt) {
 		b.Baselines = append(b.Baselines, row)
 		bl.saved = sv
 	})
@@ -212,10 +213,10 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 // commit writes (debtRow): of the users whose debt changed, and of those
 // whose kernel account's baseline did, which moves a paidOrigin row's
 // meaning if the debt did not follow it (a restart of the counters).
-func (a *Agent) debtRows(fn func(*xbase, store.Baseline, savedDebt)) {
+func (a *Agent) debtRows(now time.Time, fn func(*xbase, store.Baseline, savedDebt)) {
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
-			if row, sv, ok := a.debtRow(bl); ok {
+			if row, sv, ok := a.debtRow(bl, now); ok {
 				fn(bl, row, sv)
 			}
 		}
@@ -230,7 +231,7 @@ func (a *Agent) debtRows(fn func(*xbase, store.Baseline, savedDebt)) {
 		}
 		if name, ok := xk.AccountName(id); ok {
 			if bl := a.xr.base[name]; bl != nil && !bl.dirty { // not done above
-				if row, sv, ok := a.debtRow(bl); ok {
+				if row, sv, ok := a.debtRow(bl, now); ok {
 					fn(bl, row, sv)
 				}
 			}

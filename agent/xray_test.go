@@ -721,7 +721,8 @@ func TestXrayOwed(t *testing.T) {
 	e.step(2 * time.Second)
 	want("the headers owed", 100_000, 16_700_000)
 	e.step(7 * time.Minute)
-	e.start()
+	e.start() // which takes itself as alice's last move
+	e.step(7 * time.Minute)
 	fx.use("alice", 0, 500_000)
 	e.step(2 * time.Second)
 	want("a debt forgiven after Xray's connIdle", 100_000, 17_200_000)
@@ -800,9 +801,9 @@ func (f *fakeDP) count(id uint32, up, down uint64) {
 // bytes beyond the debt do. A debt an earlier agent wrote as the debt
 // itself is read as it was; a restart of the kernel's counters or of Xray
 // moves the point, which the commit of that tick writes, and the debt
-// survives a restart of the agent after it; and the row's time, written
-// again every movedSlack of moves, never makes a restarted agent forgive a
-// debt before Xray's idle time has passed since the last move.
+// survives a restart of the agent after it; and a restarted agent, which
+// takes itself as the last move, never forgives a debt before Xray's idle
+// time has passed since the last move.
 func TestXrayDebtRows(t *testing.T) {
 	e, fx, fk := newXrayKernelEnv(t, "alice 100\n")
 	acct, _ := fk.Account("alice")
@@ -900,28 +901,35 @@ func TestXrayDebtRows(t *testing.T) {
 	tick(2 * time.Second)
 	want("Xray paying after its restart and the agent's", 0, 3_000_000)
 
-	// Moves every 2 s for 28 s: the row's time is written once, when it
-	// fell movedSlack behind.
+	// Moves every 2 s for a minute write one row, at the first (a debt
+	// where there was none): the row's time is when it was written, not
+	// the last move.
 	var written int
-	for range 15 {
+	for range 30 {
 		e.dp.count(acct, 0, 1_000)
 		written += len(tick(2 * time.Second))
 	}
 	if written != 1 {
-		t.Errorf("15 moves in 30 s wrote %d debt rows, want 1", written)
+		t.Errorf("30 moves in a minute wrote %d debt rows, want 1", written)
 	}
-	for range 14 {
-		e.dp.count(acct, 0, 1_000)
-		written += len(tick(2 * time.Second))
-	}
-	// The row is up to 28 s behind the last move now. A restart 355 s
-	// after that move is inside Xray's idle time (300 s and a minute):
-	// Xray's report still pays the debt.
+	// A restart 355 s after the last move, inside Xray's idle time (300 s
+	// and a minute), and 413 s after the row was written: the restart
+	// takes itself as the last move, and Xray's report still pays the
+	// debt, then and until its idle time after the restart.
 	e.clock = e.clock.Add(355 * time.Second)
 	e.start()
-	fx.use("alice", 0, 29_000)
+	fx.use("alice", 0, 10_000)
 	tick(2 * time.Second)
-	want("Xray paying after a restart within its idle time", 0, 3_000_000+29_000)
+	e.clock = e.clock.Add(350 * time.Second)
+	fx.use("alice", 0, 10_000) // 10,000 left owed: the headers, say
+	tick(2 * time.Second)
+	want("Xray paying after a restart within its idle time", 0, 3_000_000+30_000)
+	// Xray's idle time after the last move, what is left is forgiven:
+	// what only Xray saw is charged.
+	e.clock = e.clock.Add(361 * time.Second)
+	fx.use("alice", 0, 7_000)
+	tick(2 * time.Second)
+	want("a debt forgiven Xray's idle time after the last move", 0, 3_000_000+30_000+7_000)
 }
 
 // TestXrayDebtAfterReboot: the kernel's counters and account IDs start

@@ -287,7 +287,7 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 	m["KiB-alloc/conf-read"] = confAlloc / 1024
 
 	line := func(name string, r, e phaseResult) {
-		fmt.Fprintf(&sb, "  %-6s tick median %.2f ms (max %.2f; %.1fx the empty agent's %.2f ms), CPU %.1f ms a tick = %.2f%% of one core (empty %.2f%%), %.0f KiB and %.0f objects allocated a tick (empty %.0f KiB), %.2f GCs a tick (the collector's CPU as the runtime estimates it, idle-time marking included: %.1f ms)",
+		fmt.Fprintf(&sb, "  %-6s tick median %.2f ms (max %.2f; %.1fx the empty agent's %.2f ms), CPU %.1f ms a tick = %.2f%% of one core (empty %.2f%%), %.0f KiB and %.0f objects allocated a tick (empty %.0f KiB), %.2f GCs a tick (collector ≈ %.1f ms of CPU: the runtime's estimate, idle-time marking included)",
 			name, r.tick, r.tickMax, r.tick/e.tick, e.tick, r.cpu, r.share*100, e.share*100, r.allocBytes/1024, r.allocObjects, e.allocBytes/1024, r.gcs, r.gcCPU)
 		if r.xrayErrs > 0 {
 			fmt.Fprintf(&sb, "; Xray's API failed (timed out) in %d of %d ticks", r.xrayErrs, xrayMeasured)
