@@ -41,7 +41,7 @@ import (
 // difference at any start. An account's ID names the same user for as long
 // as the kernel's counters keep their epoch (bpf.Datapath.Account); when
 // they start a new one, at a start too, every row of that form is looked
-// at again (debtsAnew), in the batch before any baseline of the new epoch,
+// at again (debtsAnew) in the commit of the new epoch's first baselines,
 // so that no row is left on an ID another user is given.
 const (
 	owedOrigin = "moved"
