@@ -321,10 +321,36 @@ func (w syncWriter) Write(p []byte) (int, error) {
 // step advances the clock by d and runs one tick, flushing the files.
 func (e *env) step(d time.Duration) {
 	e.t.Helper()
+	e.stepRows(d, nil)
+}
+
+// stepRows is step, returning the rows of the tick's commit that keep
+// selects (none if keep is nil).
+func (e *env) stepRows(d time.Duration, keep func(store.Baseline) bool) []store.Baseline {
+	e.t.Helper()
 	e.clock = e.clock.Add(d)
 	e.a.tick()
+	var rows []store.Baseline
+	e.a.commits.mu.Lock()
+	if b := e.a.commits.pending; b != nil && keep != nil {
+		for _, bl := range b.Baselines {
+			if keep(bl) {
+				rows = append(rows, bl)
+			}
+		}
+	}
+	e.a.commits.mu.Unlock()
 	e.a.commits.flush()
 	e.a.files.flush()
+	return rows
+}
+
+// wantTotals checks name's totals since the last reset.
+func (e *env) wantTotals(name, what string, up, down uint64) {
+	e.t.Helper()
+	if v := e.user(name); v.Upload != up || v.Download != down {
+		e.t.Errorf("%s: %s %d up, %d down; want %d, %d", what, name, v.Upload, v.Download, up, down)
+	}
 }
 
 func (e *env) user(name string) view.User {

@@ -664,12 +664,7 @@ func TestXrayOwed(t *testing.T) {
 	e.start()
 	e.step(0)
 	kernel := func(up, down uint64) { e.dp.count(acct, up, down) }
-	want := func(what string, up, down uint64) {
-		t.Helper()
-		if v := e.user("alice"); v.Upload != up || v.Download != down {
-			t.Errorf("%s: alice %d up, %d down; want %d, %d", what, v.Upload, v.Download, up, down)
-		}
-	}
+	want := func(what string, up, down uint64) { t.Helper(); e.wantTotals("alice", what, up, down) }
 
 	kernel(100_000, 10_000_000)
 	e.step(2 * time.Second)
@@ -687,25 +682,17 @@ func TestXrayOwed(t *testing.T) {
 	want("Xray beyond what it owed", 100_000, 10_700_000)
 
 	kernel(0, 5_000_000)
-	e.clock = e.clock.Add(2 * time.Second)
-	e.a.tick()
 	// Only the kernel moved: the commit writes the account's baseline,
 	// and neither alice's counters' row (they did not move) nor her debt's
 	// (a point on the account's counters that the kernel's bytes leave
 	// where it was).
-	e.a.commits.mu.Lock()
 	var rows []quota.Source
-	for _, bl := range e.a.commits.pending.Baselines {
-		if bl.Source.Name == "alice" || bl.Source.UID == acct {
-			rows = append(rows, bl.Source)
-		}
+	for _, bl := range e.stepRows(2*time.Second, func(bl store.Baseline) bool { return bl.Source.Name == "alice" || bl.Source.UID == acct }) {
+		rows = append(rows, bl.Source)
 	}
-	e.a.commits.mu.Unlock()
 	if !slices.Equal(rows, []quota.Source{quota.UIDSource(acct)}) {
 		t.Errorf("alice's rows in the commit of a tick where only the kernel moved: %v, want her account's baseline alone", rows)
 	}
-	e.a.commits.flush()
-	e.a.files.flush()
 	e.start() // a restart of the agent: the debt is in the store
 	fx.use("alice", 0, 5_000_000)
 	e.step(2 * time.Second)
@@ -817,34 +804,10 @@ func TestXrayDebtRows(t *testing.T) {
 		t.Fatal(err)
 	}
 	st.Close()
-	want := func(what string, up, down uint64) {
-		t.Helper()
-		if v := e.user("alice"); v.Upload != up || v.Download != down {
-			t.Errorf("%s: alice %d up, %d down; want %d, %d", what, v.Upload, v.Download, up, down)
-		}
-	}
-	debtRows := func() []store.Baseline {
-		t.Helper()
-		e.a.commits.mu.Lock()
-		defer e.a.commits.mu.Unlock()
-		var rows []store.Baseline
-		if b := e.a.commits.pending; b != nil {
-			for _, bl := range b.Baselines {
-				if bl.Source == quota.OwedSource("alice") {
-					rows = append(rows, bl)
-				}
-			}
-		}
-		return rows
-	}
+	want := func(what string, up, down uint64) { t.Helper(); e.wantTotals("alice", what, up, down) }
 	tick := func(d time.Duration) []store.Baseline {
 		t.Helper()
-		e.clock = e.clock.Add(d)
-		e.a.tick()
-		rows := debtRows()
-		e.a.commits.flush()
-		e.a.files.flush()
-		return rows
+		return e.stepRows(d, func(bl store.Baseline) bool { return bl.Source == quota.OwedSource("alice") })
 	}
 	e.start()
 	tick(0)
