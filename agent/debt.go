@@ -130,9 +130,9 @@ func (a *Agent) loadDebt(bl store.Baseline, now time.Time) {
 // meaning. debtRow writes each again on the user's account now, or in the
 // first form.
 func (a *Agent) debtsAnew() {
-	for name, b := range a.xr.base {
+	for _, b := range a.xr.base {
 		if b.saved.paid() {
-			a.xr.queueBase(name, b, false)
+			a.xr.queueBase(b, false)
 		}
 	}
 }

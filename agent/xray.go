@@ -209,12 +209,12 @@ func (x *xrayState) baseOf(email string) *xbase {
 	return b
 }
 
-// queueBase queues email's baseline b for the next commit: its debt, and
-// its counters too if counted is set.
-func (x *xrayState) queueBase(email string, b *xbase, counted bool) {
+// queueBase queues the baseline b for the next commit: its debt, and its
+// counters too if counted is set.
+func (x *xrayState) queueBase(b *xbase, counted bool) {
 	if !b.dirty {
 		b.dirty = true
-		x.baseQ = append(x.baseQ, email)
+		x.baseQ = append(x.baseQ, b.name)
 	}
 	b.counted = b.counted || counted
 }
@@ -396,7 +396,7 @@ func (a *Agent) foldXray(now time.Time) {
 			continue
 		}
 		d := quota.Since(last, cur)
-		x.queueBase(b.name, b, true)
+		x.queueBase(b, true)
 		b.up, b.down, b.epoch = r.up, r.down, x.epochID
 		if (d != quota.Usage{}) {
 			a.chargeXray(u, now, quota.Usage{}, d)
