@@ -99,8 +99,10 @@ type Attributed struct {
 	// the user's directions (RxBytes: what the server sent the client, the
 	// user's download; TxBytes: what it received from it): as the kernel counted it
 	// while the connection was pending (bpf.Attribution.Pending), or, for a
-	// connection accepted before the agent knew the server's port, its TCP
-	// payload so far; less what the session's forwarded connections had
+	// connection accepted before the agent knew the server's port, the TCP
+	// payload it sent (bytes_sent: retransmissions included, as the kernel
+	// counts packets) and received so far; less what the session's
+	// forwarded connections had
 	// already counted for the user before they were tagged.
 	Credit bpf.Counters
 }
