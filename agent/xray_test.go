@@ -581,9 +581,15 @@ func (f *fakeXrayKernel) ClaimAll(cs []bpf.Claim) (int, error) {
 	return len(cs), nil
 }
 
-func (f *fakeXrayKernel) Unclaim(client netip.AddrPort, _ uint16) error {
-	delete(f.claims, client)
-	return nil
+func (f *fakeXrayKernel) Unclaim(cs []bpf.Claim) (int, error) {
+	n := 0
+	for _, c := range cs {
+		if acct, ok := f.claims[c.Client]; ok && acct == c.Account {
+			delete(f.claims, c.Client)
+			n++
+		}
+	}
+	return n, nil
 }
 
 func (f *fakeXrayKernel) SetXrayPorts(hold, _ []uint16) error {
@@ -650,6 +656,46 @@ func TestClaimXrayBatch(t *testing.T) {
 	}
 	if b := e.a.xr.base["bob"]; b != nil && b.claims != 0 {
 		t.Errorf("bob's refused claim counted: %+v", b)
+	}
+}
+
+// TestExpireClaims: the tick takes back the claims older than claimTTL
+// that no connection took, and none younger; a claim taken, or written
+// again since for another account, stays as the kernel has it.
+func TestExpireClaims(t *testing.T) {
+	e, _, fk := newXrayKernelEnv(t, "")
+	e.start()
+	e.step(0)
+	x := &e.a.xr.conns
+	x.kernel, x.fol = true, &follower{} // as if the access log were followed
+	defer func() { x.fol = nil }()
+	src := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.MustParseAddr("192.0.2.9"), uint16(40000+i))
+	}
+	claim := func(who string, ids ...int) {
+		var es []xrayaccess.Entry
+		for _, i := range ids {
+			es = append(es, xrayaccess.Entry{Time: e.clock, Source: src(i), Status: xrayaccess.Accepted, Network: "tcp", Email: who, InboundTag: "vless-in"})
+		}
+		e.a.claimXray(es, e.clock)
+	}
+	claim("alice", 0, 1, 2)
+	delete(fk.claims, src(1)) // taken by its connection
+	e.clock = e.clock.Add(claimTTL / 2)
+	claim("bob", 2, 3) // src(2) again, for bob now
+	e.clock = e.clock.Add(claimTTL / 2)
+	e.a.expireClaims(e.clock)
+	want := map[netip.AddrPort]uint32{src(2): fk.accounts["bob"], src(3): fk.accounts["bob"]}
+	if !maps.Equal(fk.claims, want) {
+		t.Errorf("after claimTTL: claims %v, want %v (alice's untaken one gone, bob's kept)", fk.claims, want)
+	}
+	if len(x.claims) != 2 || len(x.claimAt) != 2 {
+		t.Errorf("%d claims kept (%d times), want bob's 2", len(x.claims), len(x.claimAt))
+	}
+	e.clock = e.clock.Add(claimTTL / 2)
+	e.a.expireClaims(e.clock)
+	if len(fk.claims) != 0 || len(x.claims) != 0 || len(x.claimAt) != 0 {
+		t.Errorf("after bob's claimTTL: claims %v, %d kept", fk.claims, len(x.claims))
 	}
 }
 

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"net/netip"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -55,10 +54,10 @@ type XrayKernel interface {
 	// ClaimAll makes each claim's connection (from its client to its
 	// local port) count for its account when the kernel sees its next
 	// packet, in order, stopping at the first it cannot make: it returns
-	// how many it made and that one's error. Unclaim removes a claim no
-	// connection took.
+	// how many it made and that one's error. Unclaim removes those of
+	// the claims that no connection took, and says how many.
 	ClaimAll(cs []bpf.Claim) (int, error)
-	Unclaim(client netip.AddrPort, localPort uint16) error
+	Unclaim(cs []bpf.Claim) (int, error)
 	// SetXrayPorts makes the inbound ports' new connections pending.
 	SetXrayPorts(hold, claimOnly []uint16) error
 	// Tag makes the packets of a UID's sockets (Xray's) look their
@@ -114,7 +113,10 @@ type xconns struct {
 	refreshIn       int
 	synced          *xrayconf.Config // the config they were written for
 
-	claims []claim // written, in order, to be taken back after claimTTL
+	// claims are the claims written, in order, and claimAt when each
+	// was: taken back after claimTTL.
+	claims  []bpf.Claim
+	claimAt []time.Time
 	// batch and claimOf are claimXray's claims of one access log batch
 	// and their users, kept for the next.
 	batch   []bpf.Claim
@@ -122,13 +124,6 @@ type xconns struct {
 	// Counts for the health report: claims written, and access log lines
 	// that named no user of that inbound.
 	claimed, strays uint64
-}
-
-// claim is a claim the agent wrote.
-type claim struct {
-	client netip.AddrPort
-	port   uint16
-	at     time.Time
 }
 
 // follower runs an access log's Follower on its own goroutine.
@@ -344,9 +339,6 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 	if !x.active() || a.xr.conf == nil {
 		return
 	}
-	// The claims of 10 s ago go as new ones come, between ticks; the tick
-	// takes back those of a quiet access log.
-	a.expireClaims(now)
 	// The batch's claims go to the kernel in one call; whose each one
 	// is stays in x.claimOf, index for index.
 	cs, of := x.batch[:0], x.claimOf[:0]
@@ -371,7 +363,7 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 	for i := 0; i < len(cs); {
 		n, err := x.k.ClaimAll(cs[i:])
 		for j, c := range cs[i : i+n] {
-			x.claims = append(x.claims, claim{client: c.Client, port: c.LocalPort, at: now})
+			x.claims, x.claimAt = append(x.claims, c), append(x.claimAt, now)
 			x.claimed++
 			// A loopback peer is never held (see bpf's claims): it
 			// can move more than xrayPendingMax before its claim.
@@ -411,20 +403,28 @@ func (a *Agent) xrayClientOf(email, tag string) bool {
 
 // expireClaims takes back the claims no connection took within claimTTL,
 // so that a later connection from the same address and port is never
-// counted for a user by an old line.
+// counted for a user by an old line. The tick does it, a claim staying up
+// to an interval longer: the kernel's table of claims is read once for all
+// those due (see bpf.Datapath.Unclaim).
 func (a *Agent) expireClaims(now time.Time) {
 	x := &a.xr.conns
 	n := 0
-	for _, c := range x.claims {
-		if now.Sub(c.at) < claimTTL {
+	for _, at := range x.claimAt {
+		if now.Sub(at) < claimTTL {
 			break
 		}
-		x.k.Unclaim(c.client, c.port) // gone already if taken
 		n++
 	}
-	if n > 0 {
-		x.claims = trimmed(slices.Delete(x.claims, 0, n))
+	if n == 0 {
+		return
 	}
+	if _, err := x.k.Unclaim(x.claims[:n]); err != nil {
+		// A claim left behind is pushed out of the kernel's table by
+		// newer ones.
+		a.logs.warnOnce("claim:unclaim", "taking back the Xray claims no connection took failed", "err", err)
+	}
+	x.claims = trimmed(slices.Delete(x.claims, 0, n))
+	x.claimAt = trimmed(slices.Delete(x.claimAt, 0, n))
 }
 
 // chargeXray charges an Xray user what moved in the kernel's count of its

@@ -555,6 +555,66 @@ func TestClaimAll(t *testing.T) {
 	}
 }
 
+// Unclaim removes the claims still in the kernel's table for the same
+// account, and no other: not one taken (gone), not one written again for
+// another account, not an invalid one (never written).
+func TestUnclaim(t *testing.T) {
+	e := newEnv(t)
+	c := func(addr string, acct uint32) bpf.Claim {
+		return bpf.Claim{Client: netip.MustParseAddrPort(addr), LocalPort: 443, Account: bpf.AccountBase + acct}
+	}
+	cs := []bpf.Claim{c("192.0.2.1:5000", 0), c("[2001:db8::1]:5001", 1), c("192.0.2.2:5002", 0), c("192.0.2.3:5003", 2)}
+	if n, err := e.dp.ClaimAll(cs); n != len(cs) || err != nil {
+		t.Fatalf("ClaimAll: %d, %v", n, err)
+	}
+	// cs[2]'s address claimed again for another account.
+	if err := e.dp.Claim(cs[2].Client, 443, bpf.AccountBase+3); err != nil {
+		t.Fatal(err)
+	}
+	n, err := e.dp.Unclaim([]bpf.Claim{cs[0], cs[1], cs[2], c("192.0.2.4:5004", 0), c("192.0.2.5:0", 0), cs[0]})
+	if n != 2 || err != nil {
+		t.Fatalf("Unclaim: %d removed, %v; want 2 (cs[0] and cs[1])", n, err)
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_claims"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	type key struct {
+		Addr       [16]byte
+		ClientPort uint16
+		LocalPort  uint16
+	}
+	got := map[key]uint32{}
+	var k key
+	var v uint32
+	for it := m.Iterate(); it.Next(&k, &v); {
+		got[k] = v
+	}
+	want := map[key]uint32{
+		{cs[2].Client.Addr().As16(), cs[2].Client.Port(), 443}: bpf.AccountBase + 3,
+		{cs[3].Client.Addr().As16(), cs[3].Client.Port(), 443}: cs[3].Account,
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("bw_claims holds %v, want %v", got, want)
+	}
+	if n, err := e.dp.Unclaim(nil); n != 0 || err != nil {
+		t.Errorf("Unclaim of none: %d, %v", n, err)
+	}
+
+	// More claims than one read of the table takes.
+	many := make([]bpf.Claim, 10000)
+	for i := range many {
+		many[i] = bpf.Claim{Client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, byte(i >> 8), byte(i)}), 6000), LocalPort: 443, Account: bpf.AccountBase}
+	}
+	if n, err := e.dp.ClaimAll(many); n != len(many) || err != nil {
+		t.Fatalf("ClaimAll of %d: %d, %v", len(many), n, err)
+	}
+	if n, err := e.dp.Unclaim(many); n != len(many) || err != nil {
+		t.Errorf("Unclaim of %d: %d removed, %v", len(many), n, err)
+	}
+}
+
 // SetSSHPorts and SetXrayPorts share bw_ssh_ports, each owning its kinds:
 // neither removes the other's ports, a port both name is an SSH port (and
 // the Xray one comes back when SSH lets it go), a hold port beats a

@@ -285,11 +285,13 @@ type Datapath struct {
 	accountName map[uint32]string
 	nextAccount uint32 // the next free ID
 
-	// claimMu protects the following: ClaimAll's keys and values, kept
-	// between its calls.
+	// claimMu protects the following: the keys and values of ClaimAll
+	// and Unclaim, and Unclaim's claims held in the kernel, kept between
+	// their calls.
 	claimMu   sync.Mutex
 	claimKeys []bwacctClaimKey
 	claimVals []uint32
+	held      map[bwacctClaimKey]uint32
 
 	// portsMu protects the following: what each setter of bw_ssh_ports
 	// wants, by kind (see writePorts).
