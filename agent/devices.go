@@ -89,6 +89,10 @@ type deviceSide struct {
 	// limitedLines counts the limits file's lines with a device limit
 	// (loadLimits).
 	limitedLines int
+	// conns and plain are the room connsOf and limitDevices reuse for
+	// one user at a time: nothing keeps them after limitDevices.
+	conns []userConn
+	plain []devices.Conn
 }
 
 // refusal is a device refused for its user's device limit.
@@ -140,8 +144,11 @@ func (a *Agent) which() devices.Which {
 
 // connsOf returns u's open connections: its SSH sessions and its Xray
 // connections.
+//
+// The result is valid until the next call: it reuses its room.
 func (a *Agent) connsOf(u *user) []userConn {
-	var out []userConn
+	out := a.dev.conns[:0]
+	defer func() { a.dev.conns = out[:0] }()
 	if r := u.r; r.ssh && a.byUID[r.uid] == u && a.sess.tr != nil {
 		for _, s := range a.sess.tr.Sessions(r.uid) {
 			out = append(out, sessionConn(s))
@@ -177,12 +184,17 @@ func (a *Agent) limitUserDevices(u *user, now time.Time) {
 // of each refusal, and returns u's devices that are left, with their
 // connections, oldest first.
 func (a *Agent) limitDevices(u *user, conns []userConn, now time.Time) ([]liveDevice, error) {
+	if len(conns) == 0 {
+		return nil, nil // no device: nothing allowed, nothing to cut
+	}
 	bits := int(a.cfg.Devices.IPv6Prefix)
-	plain := make([]devices.Conn, len(conns))
-	for i, c := range conns {
-		plain[i] = c.Conn
+	plain := a.dev.plain[:0]
+	for _, c := range conns {
+		plain = append(plain, c.Conn)
 	}
 	devs := devices.Group(plain, bits)
+	clear(plain)
+	a.dev.plain = plain[:0]
 	n := a.deviceLimit(u.r)
 	name := u.r.name
 	ref := a.dev.refused[name]

@@ -47,7 +47,7 @@ const watchMask = unix.IN_DELETE | unix.IN_MOVED_FROM | unix.IN_MOVED_TO | unix.
 // of the file away, to its spare's name included, is someone else's.
 type swap struct {
 	step   int    // events of the sequence seen so far, 0 to 3
-	file   string // the file's name
+	file   []byte // the file's name (its room reused: no allocation a file)
 	cookie uint32 // the cookie of the move under way
 	// drains counts the drains that found the sequence at step 3: the
 	// last event comes from the same system call, so one that never comes
@@ -58,36 +58,39 @@ type swap struct {
 // next takes one event of name (with its cookie and mask) and reports
 // whether it belongs to an exchange under way; if not, and the events
 // before it turn out not to be one either, moved is a file someone moved
-// away.
+// away. name need not outlive the call.
 func (s *swap) next(mask, cookie uint32, name string) (ours bool, moved string) {
 	from, to := mask&unix.IN_MOVED_FROM != 0, mask&unix.IN_MOVED_TO != 0
 	switch s.step {
 	case 1: // the spare moved from
-		if to && cookie == s.cookie && name == s.file {
+		if to && cookie == s.cookie && name == string(s.file) {
 			s.step = 2
 			return true, ""
 		}
 	case 2: // and to the file's name: the file must come next
-		if from && name == s.file {
+		if from && name == string(s.file) {
 			s.step, s.cookie = 3, cookie
 			return true, ""
 		}
 		// A plain rename of the spare into place: the agent's own, when
 		// the file was missing.
 	case 3: // the file moved from
-		if file, ok := opsfiles.SpareTarget(name); to && cookie == s.cookie && ok && file == s.file {
-			*s = swap{}
+		if file, ok := opsfiles.SpareTarget(name); to && cookie == s.cookie && ok && file == string(s.file) {
+			s.reset()
 			return true, ""
 		}
-		moved = s.file // moved elsewhere, by someone else
+		moved = string(s.file) // moved elsewhere, by someone else
 	}
-	*s = swap{}
+	s.reset()
 	if file, ok := opsfiles.SpareTarget(name); from && ok {
-		s.step, s.file, s.cookie = 1, file, cookie
+		s.step, s.file, s.cookie = 1, append(s.file, file...), cookie
 		return true, moved
 	}
 	return false, moved
 }
+
+// reset makes s the zero swap, keeping the room of its file's name.
+func (s *swap) reset() { *s = swap{file: s.file[:0]} }
 
 func newDirWatch(dir string) *dirWatch { return &dirWatch{dir: dir, fd: -1} }
 
@@ -113,7 +116,8 @@ func (w *dirWatch) start() error {
 		unix.Close(fd)
 		return fmt.Errorf("watch %s: %w", w.dir, err)
 	}
-	w.fd, w.swap = fd, swap{}
+	w.fd = fd
+	w.swap.reset()
 	if w.buf == nil {
 		w.buf = make([]byte, 64*1024)
 	}
@@ -148,10 +152,10 @@ func (w *dirWatch) drain() (names []string, all bool, err error) {
 	err = w.read()
 	if w.swap.step == 3 {
 		if w.swap.drains++; w.swap.drains > 1 {
-			if base, ok := strings.CutSuffix(w.swap.file, ".json"); ok {
+			if base, ok := strings.CutSuffix(string(w.swap.file), ".json"); ok {
 				w.names = append(w.names, base)
 			}
-			w.swap = swap{}
+			w.swap.reset()
 		}
 	}
 	names, all = w.names, w.all
@@ -195,7 +199,10 @@ func (w *dirWatch) read() error {
 			case ev.Mask&(unix.IN_DELETE_SELF|unix.IN_MOVE_SELF|unix.IN_IGNORED|unix.IN_Q_OVERFLOW) != 0:
 				w.all = true
 			default:
-				name := string(bytes.TrimRight(nameBytes, "\x00"))
+				// The name as read, until the next read: events of the
+				// agent's own writes (five a file) allocate nothing.
+				nameBytes = bytes.TrimRight(nameBytes, "\x00")
+				name := unsafe.String(unsafe.SliceData(nameBytes), len(nameBytes))
 				ours, moved := w.swap.next(ev.Mask, ev.Cookie, name)
 				if base, ok := strings.CutSuffix(moved, ".json"); ok {
 					w.names = append(w.names, base)
@@ -204,7 +211,7 @@ func (w *dirWatch) read() error {
 					continue // the agent's own, or a file moved in
 				}
 				if base, ok := strings.CutSuffix(name, ".json"); ok && !strings.HasPrefix(name, ".") {
-					w.names = append(w.names, base)
+					w.names = append(w.names, strings.Clone(base))
 				}
 			}
 		}

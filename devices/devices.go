@@ -119,22 +119,41 @@ type Device struct {
 	Protocols []quota.Protocol
 }
 
+// groupIndexed is how many devices Group searches one by one before it
+// makes an index of them.
+const groupIndexed = 8
+
 // Group returns the devices of one user's open connections, oldest first
 // (by Since, then by Key), IPv6 addresses grouped by prefixes of ipv6Bits.
 // Connections without a client address are left out.
 func Group(conns []Conn, ipv6Bits int) []Device {
 	var devs []Device
-	at := make(map[Key]int)
+	// A user's few devices are searched; an index is made past
+	// groupIndexed of them.
+	var at map[Key]int
 	for i, c := range conns {
 		k := KeyOf(c, ipv6Bits)
 		if k == (Key{}) {
 			continue
 		}
-		j, ok := at[k]
+		j, ok := -1, false
+		if at != nil {
+			j, ok = at[k]
+		} else {
+			j = slices.IndexFunc(devs, func(d Device) bool { return d.Key == k })
+			ok = j >= 0
+		}
 		if !ok {
 			j = len(devs)
-			at[k] = j
 			devs = append(devs, Device{Key: k, Since: c.Since})
+			if at != nil {
+				at[k] = j
+			} else if len(devs) > groupIndexed {
+				at = make(map[Key]int, 2*len(devs))
+				for n, d := range devs {
+					at[d.Key] = n
+				}
+			}
 		}
 		d := &devs[j]
 		d.Conns = append(d.Conns, i)

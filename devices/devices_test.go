@@ -3,6 +3,7 @@ package devices
 import (
 	"net/netip"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -65,6 +66,24 @@ func TestGroup(t *testing.T) {
 	}
 	if len(Group(nil, 64)) != 0 {
 		t.Error("no connections, devices")
+	}
+	// More devices than Group searches one by one: the same grouping
+	// through its index, each device's second connection coming after all
+	// the first ones.
+	var many []Conn
+	for round := range 2 {
+		for i := range 3 * groupIndexed {
+			many = append(many, conn(netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}).String()+":"+strconv.Itoa(1000+round), i, quota.SSH))
+		}
+	}
+	got := Group(many, 64)
+	if len(got) != 3*groupIndexed {
+		t.Fatalf("%d devices of %d connections, want %d", len(got), len(many), 3*groupIndexed)
+	}
+	for i, d := range got {
+		if want := []int{i, i + 3*groupIndexed}; d.Key.String() != netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}).String() || !slices.Equal(d.Conns, want) {
+			t.Errorf("device %d: %s with %v, want 192.0.2.%d with %v", i, d.Key, d.Conns, i, want)
+		}
 	}
 }
 
