@@ -101,12 +101,8 @@ func (w *fileWriter) flush() error {
 			if r == nil || !r.present() {
 				continue
 			}
-			data, err := w.enc.Encode(s.usageDoc(r))
-			if err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			files = append(files, opsfiles.File{Name: name + ".json", Data: data, Perm: 0o644})
+			doc := s.usageDoc(r)
+			files = append(files, opsfiles.File{Name: name + ".json", Data: w.enc.Encode(&doc), Perm: 0o644})
 			fileNames = append(fileNames, name)
 		}
 		for i, err := range writeAll(dir, files, mkdirErr) {

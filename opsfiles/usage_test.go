@@ -1,6 +1,8 @@
 package opsfiles
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -34,10 +36,7 @@ func TestUsageMarshal(t *testing.T) {
 		Blocked: true, BlockReason: "Bandwidth Limit Reached", BlockTime: "2024-12-07 14:30:45", LastReset: "2024-12-01 00:00:00",
 		Protocol: "ssh", Status: "BLOCKED", Upload: 1073741824, Download: 5 << 30, Remaining: ptr(0), UpdatedAt: "2024-12-07 14:30:47",
 	}
-	got, err := u.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
+	got := u.Marshal()
 	want := strings.TrimSuffix(guideJSON, "\n}") + `,
   "protocol": "ssh",
   "status": "BLOCKED",
@@ -58,7 +57,7 @@ func TestUsageMarshal(t *testing.T) {
 	two := 2
 	u = Usage{Username: "d", Protocols: []string{"ssh", "vless"}, Devices: 1, DevicesLimit: &two, Status: "THROTTLED",
 		SpeedDown: ptr(4000000), SpeedUp: ptr(1000000)}
-	got, _ = u.Marshal()
+	got = u.Marshal()
 	if !strings.Contains(string(got), `"protocols": [
     "ssh",
     "vless"
@@ -72,10 +71,53 @@ func TestUsageMarshal(t *testing.T) {
 	}
 
 	u = Usage{Username: "a<b>&c", Status: "UNLIMITED", BlockReason: "x<y"}
-	got, _ = u.Marshal()
+	got = u.Marshal()
 	if !strings.Contains(string(got), `"remaining": null`) || !strings.Contains(string(got), `"a<b>&c"`) || !strings.Contains(string(got), `"x<y"`) {
 		t.Errorf("Marshal:\n%s", got)
 	}
+}
+
+// jsonUsage is Usage rendered by encoding/json, as Marshal must render it.
+func jsonUsage(t testing.TB, u Usage) string {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(u); err != nil {
+		t.Fatal(err)
+	}
+	return buf.String()
+}
+
+// Marshal writes what encoding/json writes, byte for byte, whatever the
+// strings hold: every escape, invalid UTF-8, the characters JSON allows
+// but encoding/json escapes, and no HTML escaping.
+func TestUsageMarshalIsJSON(t *testing.T) {
+	one, zero := 1, 0
+	for _, u := range []Usage{
+		{},
+		{Username: "a", Remaining: ptr(0), DevicesLimit: &zero, SpeedDown: ptr(0), SpeedUp: ptr(1 << 63), Protocols: []string{}},
+		{Username: "b", TotalUsage: 1<<64 - 1, Devices: -1, DevicesLimit: &one, Protocols: []string{"ssh"}},
+		{BlockReason: "\"quoted\" \\ back\b\f\n\r\t\x00\x01\x1f\x7f <&> é 日本 \u2028\u2029 \xff\xfe end", Protocols: []string{"\u2029", "\xc3"}},
+	} {
+		if got, want := string(u.Marshal()), jsonUsage(t, u); got != want {
+			t.Errorf("Marshal(%+v):\n%s\nencoding/json:\n%s", u, got, want)
+		}
+	}
+}
+
+func FuzzUsageMarshal(f *testing.F) {
+	f.Add("john", "Bandwidth Limit Reached", "ssh", uint64(1<<30), true, 2)
+	f.Add("\u2028\x00\"\\", "\xff<>&", "", uint64(0), false, 0)
+	f.Fuzz(func(t *testing.T, name, reason, proto string, n uint64, blocked bool, devs int) {
+		u := Usage{Username: name, TotalUsage: n, Blocked: blocked, BlockReason: reason, Protocol: proto, Devices: devs}
+		if devs%2 == 0 {
+			u.Remaining, u.DevicesLimit, u.Protocols = &n, &devs, []string{proto, reason}
+		}
+		if got, want := string(u.Marshal()), jsonUsage(t, u); got != want {
+			t.Errorf("Marshal:\n%q\nencoding/json:\n%q", got, want)
+		}
+	})
 }
 
 func TestFormatParseTime(t *testing.T) {
@@ -397,15 +439,7 @@ func TestUsageEncoder(t *testing.T) {
 			rem := uint64(i)
 			u := Usage{Username: fmt.Sprintf("user%03d", i), TotalUsage: uint64(i) << 20, Remaining: &rem,
 				Status: "ACTIVE", BlockReason: strings.Repeat("<&>", i%7), UpdatedAt: "2026-12-05 08:00:00"}
-			b, err := e.Encode(u)
-			if err != nil {
-				t.Fatal(err)
-			}
-			m, err := u.Marshal()
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, want = append(got, b), append(want, string(m))
+			got, want = append(got, e.Encode(&u)), append(want, string(u.Marshal()))
 		}
 		for i := range got {
 			if string(got[i]) != want[i] {
