@@ -109,6 +109,9 @@ type Follower struct {
 	loc      *time.Location
 
 	lastErr string // Next's last error, for Next only
+	// found is when Next's last poll found attributions and read to the
+	// end of the file, for Next only: zero otherwise.
+	found time.Time
 
 	wakeOnce sync.Once
 	wake     *wake // wakes Next when the file changes; made by its first call
@@ -482,6 +485,25 @@ func (f *Follower) AppendNext(ctx context.Context, buf []Entry) ([]Entry, error)
 	})
 	t := time.NewTimer(0)
 	defer t.Stop()
+	sleep := func(d time.Duration) {
+		if d > 0 {
+			t.Reset(d)
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+		}
+	}
+	if !f.found.IsZero() {
+		// The last poll found lines: while Xray writes, Next polls an
+		// Interval apart, without waking for the watch's events in
+		// between (a wake of the process costs about as much CPU as a
+		// poll, on a VM more).
+		sleep(time.Until(f.found.Add(f.interval)))
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+	}
 	for {
 		polled := time.Now()
 		es, more, err := f.poll(buf)
@@ -494,6 +516,10 @@ func (f *Follower) AppendNext(ctx context.Context, buf []Entry) ([]Entry, error)
 		}
 		newErr := err != nil && msg != f.lastErr
 		f.lastErr = msg
+		f.found = time.Time{}
+		if len(es) > len(buf) && !more {
+			f.found = polled // caught up: the next lines are still to come
+		}
 		if len(es) > len(buf) || newErr {
 			if !newErr {
 				err = nil
@@ -509,13 +535,7 @@ func (f *Follower) AppendNext(ctx context.Context, buf []Entry) ([]Entry, error)
 			// Interval are read together.
 			wait = time.Until(polled.Add(f.interval))
 		}
-		if wait > 0 {
-			t.Reset(wait)
-			select {
-			case <-ctx.Done():
-			case <-t.C:
-			}
-		}
+		sleep(wait)
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}

@@ -410,6 +410,37 @@ func TestNext(t *testing.T) {
 	}
 }
 
+// TestNextPace: while lines keep coming, Next polls an Interval apart;
+// once they stop, the next line is read as soon as the watch reports it.
+func TestNextPace(t *testing.T) {
+	const interval = 200 * time.Millisecond
+	l := newLog(t)
+	f := follow(t, l.path, Options{Interval: interval})
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	next := func(src string) time.Time {
+		t.Helper()
+		es, err := f.Next(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want(t, sources(es), src+"=a")
+		return time.Now()
+	}
+	l.f.WriteString(accepted("10.0.0.1:1", "a"))
+	first := next("10.0.0.1:1")
+	l.f.WriteString(accepted("10.0.0.1:2", "a"))
+	if d := next("10.0.0.1:2").Sub(first); d < interval*3/4 {
+		t.Errorf("a line written at once read %v after the last, want an Interval (%v) apart", d, interval)
+	}
+	time.Sleep(2 * interval) // the lines stop
+	l.f.WriteString(accepted("10.0.0.1:3", "a"))
+	written := time.Now()
+	if d := next("10.0.0.1:3").Sub(written); d >= interval/2 {
+		t.Errorf("a line after a quiet while read %v after it was written, want at once", d)
+	}
+}
+
 // TestBacklog: a large backlog is returned in parts of at most 1 MiB per
 // Poll; Next returns them without waiting.
 func TestBacklog(t *testing.T) {
