@@ -308,14 +308,18 @@ func resetPeakRSS() string {
 }
 
 // peakRSS returns VmHWM, the process's peak resident set, in MiB.
-func peakRSS(b *testing.B) float64 {
+func peakRSS(b *testing.B) float64 { return statusMiB(b, "VmHWM") }
+
+// statusMiB returns the field of /proc/self/status named (a size in kB),
+// in MiB.
+func statusMiB(b *testing.B, name string) float64 {
 	b.Helper()
 	data, err := os.ReadFile("/proc/self/status")
 	if err != nil {
 		b.Fatal(err)
 	}
 	for line := range strings.Lines(string(data)) {
-		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+		if rest, ok := strings.CutPrefix(line, name+":"); ok {
 			f := strings.Fields(rest)
 			if len(f) == 2 && f[1] == "kB" {
 				kb, err := strconv.ParseFloat(f[0], 64)
@@ -326,7 +330,7 @@ func peakRSS(b *testing.B) float64 {
 			b.Fatalf("unreadable /proc/self/status line %q", line)
 		}
 	}
-	b.Fatal("no VmHWM in /proc/self/status")
+	b.Fatalf("no %s in /proc/self/status", name)
 	return 0
 }
 
