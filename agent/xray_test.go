@@ -622,17 +622,27 @@ func newXrayKernelEnv(t *testing.T, limits string) (*env, *fakeXray, *fakeXrayKe
 	return e, fx, fk
 }
 
-// TestClaimXrayBatch: the claims of an access log batch go to the kernel
-// together, and one the kernel refuses costs that claim alone.
-func TestClaimXrayBatch(t *testing.T) {
+// newClaimEnv is an agent whose kernel is fake, started, with the access
+// log followed as far as claimXray can tell.
+func newClaimEnv(t *testing.T) (*env, *fakeXrayKernel, *xconns) {
 	e, _, fk := newXrayKernelEnv(t, "")
 	e.start()
 	e.step(0)
 	x := &e.a.xr.conns
 	x.kernel, x.fol = true, &follower{} // as if the access log were followed
-	src := func(i int) netip.AddrPort {
-		return netip.AddrPortFrom(netip.MustParseAddr("192.0.2.9"), uint16(40000+i))
-	}
+	t.Cleanup(func() { x.fol = nil })   // no goroutine to stop (Close)
+	return e, fk, x
+}
+
+// src is the client address of a claim test's i-th connection.
+func src(i int) netip.AddrPort {
+	return netip.AddrPortFrom(netip.MustParseAddr("192.0.2.9"), uint16(40000+i))
+}
+
+// TestClaimXrayBatch: the claims of an access log batch go to the kernel
+// together, and one the kernel refuses costs that claim alone.
+func TestClaimXrayBatch(t *testing.T) {
+	e, fk, x := newClaimEnv(t)
 	var es []xrayaccess.Entry
 	for i, who := range []string{"alice", "bob", "carol", "nobody", "alice"} {
 		tag := "vless-in"
@@ -643,7 +653,6 @@ func TestClaimXrayBatch(t *testing.T) {
 	}
 	fk.refuse = src(1) // bob's
 	e.a.claimXray(es, e.clock)
-	x.fol = nil
 	want := map[netip.AddrPort]uint32{src(0): fk.accounts["alice"], src(2): fk.accounts["carol"], src(4): fk.accounts["alice"]}
 	if !maps.Equal(fk.claims, want) || fk.calls != 2 {
 		t.Errorf("claims %v in %d calls, want %v in 2 (one batch, then the rest after the refused one)", fk.claims, fk.calls, want)
@@ -663,15 +672,7 @@ func TestClaimXrayBatch(t *testing.T) {
 // that no connection took, and none younger; a claim taken, or written
 // again since for another account, stays as the kernel has it.
 func TestExpireClaims(t *testing.T) {
-	e, _, fk := newXrayKernelEnv(t, "")
-	e.start()
-	e.step(0)
-	x := &e.a.xr.conns
-	x.kernel, x.fol = true, &follower{} // as if the access log were followed
-	defer func() { x.fol = nil }()
-	src := func(i int) netip.AddrPort {
-		return netip.AddrPortFrom(netip.MustParseAddr("192.0.2.9"), uint16(40000+i))
-	}
+	e, fk, x := newClaimEnv(t)
 	claim := func(who string, ids ...int) {
 		var es []xrayaccess.Entry
 		for _, i := range ids {

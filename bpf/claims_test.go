@@ -530,29 +530,38 @@ func TestClaimAll(t *testing.T) {
 	if n, err := e.dp.ClaimAll(nil); n != 0 || err != nil {
 		t.Fatalf("ClaimAll of none: %d written, %v", n, err)
 	}
-	m, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_claims"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	type key struct {
-		Addr       [16]byte
-		ClientPort uint16
-		LocalPort  uint16
-	}
-	got := map[key]uint32{}
-	var k key
-	var v uint32
-	for it := m.Iterate(); it.Next(&k, &v); {
-		got[k] = v
-	}
-	want := map[key]uint32{}
+	got := claimsIn(t, e.pin)
+	want := map[claimKey]uint32{}
 	for _, c := range []bpf.Claim{cs[0], cs[1], cs[3]} {
-		want[key{c.Client.Addr().As16(), c.Client.Port(), c.LocalPort}] = c.Account
+		want[claimKey{c.Client.Addr().As16(), c.Client.Port(), c.LocalPort}] = c.Account
 	}
 	if !maps.Equal(got, want) {
 		t.Errorf("bw_claims holds %v, want %v", got, want)
 	}
+}
+
+// claimKey is a key of bw_claims, as the kernel lays it out.
+type claimKey struct {
+	Addr       [16]byte
+	ClientPort uint16
+	LocalPort  uint16
+}
+
+// claimsIn returns what the pinned bw_claims under pin holds.
+func claimsIn(t *testing.T, pin string) map[claimKey]uint32 {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pin, "bw_claims"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	got := map[claimKey]uint32{}
+	var k claimKey
+	var v uint32
+	for it := m.Iterate(); it.Next(&k, &v); {
+		got[k] = v
+	}
+	return got
 }
 
 // Unclaim removes the claims still in the kernel's table for the same
@@ -575,23 +584,8 @@ func TestUnclaim(t *testing.T) {
 	if n != 2 || err != nil {
 		t.Fatalf("Unclaim: %d removed, %v; want 2 (cs[0] and cs[1])", n, err)
 	}
-	m, err := ebpf.LoadPinnedMap(filepath.Join(e.pin, "bw_claims"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	type key struct {
-		Addr       [16]byte
-		ClientPort uint16
-		LocalPort  uint16
-	}
-	got := map[key]uint32{}
-	var k key
-	var v uint32
-	for it := m.Iterate(); it.Next(&k, &v); {
-		got[k] = v
-	}
-	want := map[key]uint32{
+	got := claimsIn(t, e.pin)
+	want := map[claimKey]uint32{
 		{cs[2].Client.Addr().As16(), cs[2].Client.Port(), 443}: bpf.AccountBase + 3,
 		{cs[3].Client.Addr().As16(), cs[3].Client.Port(), 443}: cs[3].Account,
 	}
