@@ -62,7 +62,11 @@ const (
 	// xrayJSONEnv, if set, is the agents' json_interval (a Go duration):
 	// how often a moving user's usage file is written (5 s by default),
 	// to tell the files' share of the agent's work.
-	xrayJSONEnv   = "BWBENCH_XRAY_JSON_INTERVAL"
+	xrayJSONEnv = "BWBENCH_XRAY_JSON_INTERVAL"
+	// xrayTicksEnv, if set, is how many ticks each phase measures instead
+	// of xrayMeasured: more average out more of the VM's noise (a tenth
+	// from run to run at 10,000 users moving, with 10).
+	xrayTicksEnv  = "BWBENCH_XRAY_TICKS"
 	xrayChildWait = 20 * time.Minute
 	// xraySettleWait bounds the wait for the first start to settle; the
 	// phases run after it in any case.
@@ -293,7 +297,7 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 		fmt.Fprintf(&sb, "  %-6s tick median %.2f ms (max %.2f; %.1fx the empty agent's %.2f ms), CPU %.1f ms a tick = %.2f%% of one core (empty %.2f%%), %.0f KiB and %.0f objects allocated a tick (empty %.0f KiB), %.2f GCs a tick (collector ≈ %.1f ms of CPU: the runtime's estimate, idle-time marking included)",
 			name, r.tick, r.tickMax, r.tick/e.tick, e.tick, r.cpu, r.share*100, e.share*100, r.allocBytes/1024, r.allocObjects, e.allocBytes/1024, r.gcs, r.gcCPU)
 		if r.xrayErrs > 0 {
-			fmt.Fprintf(&sb, "; Xray's API failed (timed out) in %d of %d ticks", r.xrayErrs, xrayMeasured)
+			fmt.Fprintf(&sb, "; Xray's API failed (timed out) in %d of %d ticks", r.xrayErrs, r.ticks)
 		}
 		sb.WriteString("\n")
 	}
@@ -622,25 +626,41 @@ type phaseResult struct {
 	gcCPU                                float64 // ms a tick: the collector's share of cpu (the runtime's estimate)
 	skipped, xrayErrs                    int
 	roundMS                              float64
+	ticks                                int // measured
 }
 
-// phase measures xrayMeasured ticks, from the end of the next one (the
+// measuredTicks is how many ticks a phase measures: xrayMeasured, or
+// $BWBENCH_XRAY_TICKS.
+func measuredTicks(b *testing.B) int {
+	v := os.Getenv(xrayTicksEnv)
+	if v == "" {
+		return xrayMeasured
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > 1000 {
+		b.Fatalf("%s=%q: want a number of ticks from 1 to 1000", xrayTicksEnv, v)
+	}
+	return n
+}
+
+// phase measures measuredTicks ticks, from the end of the next one (the
 // start mark) on. With drv, a tenth of the users move after each tick.
 func (e *xrayAgent) phase(b *testing.B, drv *xrayDriver) phaseResult {
 	b.Helper()
+	n := measuredTicks(b)
 	var after func(int)
 	round := 0
 	if drv != nil {
 		drv.resetCounts()
 		after = func(i int) {
-			if i < xrayMeasured { // a round between each two marks
+			if i < n { // a round between each two marks
 				drv.round(b, round)
 				round++
 			}
 		}
 	}
-	marks := e.ticks(b, xrayMeasured+1, after)
-	var r phaseResult
+	marks := e.ticks(b, n+1, after)
+	r := phaseResult{ticks: n}
 	var ticks []float64
 	for _, m := range marks[1:] {
 		ticks = append(ticks, ms(m.tick))
@@ -652,17 +672,17 @@ func (e *xrayAgent) phase(b *testing.B, drv *xrayDriver) phaseResult {
 		drv.take(b, true) // the last round's answer
 	}
 	first, last := marks[0], marks[len(marks)-1]
-	n := float64(len(marks) - 1)
+	nf := float64(n)
 	r.tick, r.tickMax = median(ticks), slices.Max(ticks)
-	r.cpu = ms(last.cpu-first.cpu) / n
+	r.cpu = ms(last.cpu-first.cpu) / nf
 	r.share = float64(last.cpu-first.cpu) / float64(last.at.Sub(first.at))
-	r.allocBytes = float64(last.allocBytes-first.allocBytes) / n
-	r.allocObjects = float64(last.allocObjects-first.allocObjects) / n
-	r.gcs = float64(last.gcs-first.gcs) / n
-	r.gcCPU = (last.gcCPU - first.gcCPU) * 1000 / n
+	r.allocBytes = float64(last.allocBytes-first.allocBytes) / nf
+	r.allocObjects = float64(last.allocObjects-first.allocObjects) / nf
+	r.gcs = float64(last.gcs-first.gcs) / nf
+	r.gcCPU = (last.gcCPU - first.gcCPU) * 1000 / nf
 	if drv != nil {
 		ok, skipped, roundMS := drv.counts()
-		r.moved, r.skipped, r.roundMS = float64(ok)/n, skipped, roundMS
+		r.moved, r.skipped, r.roundMS = float64(ok)/nf, skipped, roundMS
 	}
 	return r
 }
