@@ -217,6 +217,9 @@ func (d *Datapath) Unclaim(cs []Claim) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	if len(held) > maxClaimBatch {
+		defer func() { d.held = nil }() // a burst's: not kept
+	}
 	removed := 0
 	for _, c := range cs {
 		k := bwacctClaimKey{Addr: c.Client.Addr().As16(), ClientPort: c.Client.Port(), LocalPort: c.LocalPort}
@@ -234,9 +237,9 @@ func (d *Datapath) Unclaim(cs []Claim) (int, error) {
 }
 
 // heldClaimsLocked returns the claims in bw_claims, by key, in a map kept
-// for the next call (unless a burst made it large). d.claimMu must be held.
+// for the next call. d.claimMu must be held.
 func (d *Datapath) heldClaimsLocked() (map[bwacctClaimKey]uint32, error) {
-	if d.held == nil || len(d.held) > maxClaimBatch {
+	if d.held == nil {
 		d.held = make(map[bwacctClaimKey]uint32)
 	}
 	clear(d.held)
