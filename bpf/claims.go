@@ -205,61 +205,65 @@ func (d *Datapath) loadPorts() error {
 // only those of cs among them that name the same account: the claims
 // taken, all but a few, cost no system call each (one each was a third of
 // a tick's kernel work with 1,000 Xray connections a tick), and a claim
-// written again since for another account stays. It returns how many it
-// removed; an invalid claim, never written, is none of them.
+// written again since for another account stays. (One written again for
+// the same account, from the same address and port, goes with the old.)
+// It returns how many it removed, and the errors of those it could not;
+// an invalid claim, never written, is none of them.
 func (d *Datapath) Unclaim(cs []Claim) (int, error) {
 	if len(cs) == 0 {
 		return 0, nil
 	}
 	d.claimMu.Lock()
 	defer d.claimMu.Unlock()
-	held, err := d.heldClaimsLocked()
-	if err != nil {
-		return 0, err
+	// The claims due by key, in a map kept for the next call unless a
+	// burst made it large: its size follows cs, not the kernel's table.
+	due := d.due
+	if due == nil {
+		due = make(map[bwacctClaimKey]uint32, len(cs))
 	}
-	if len(held) > maxClaimBatch {
-		defer func() { d.held = nil }() // a burst's: not kept
-	}
-	removed := 0
+	defer func() {
+		d.due = nil
+		if len(due) <= maxClaimBatch {
+			clear(due)
+			d.due = due
+		}
+	}()
 	for _, c := range cs {
-		k := bwacctClaimKey{Addr: c.Client.Addr().As16(), ClientPort: c.Client.Port(), LocalPort: c.LocalPort}
-		if acct, ok := held[k]; !ok || acct != c.Account {
-			continue
-		}
-		delete(held, k) // cs may name it twice
-		// bpftool map delete pinned .../bw_claims key ...
-		if err := d.objs.BwClaims.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return removed, fmt.Errorf("unclaim %v to port %d: %w", c.Client, c.LocalPort, err)
-		}
-		removed++
+		due[bwacctClaimKey{Addr: c.Client.Addr().As16(), ClientPort: c.Client.Port(), LocalPort: c.LocalPort}] = c.Account
 	}
-	return removed, nil
-}
-
-// heldClaimsLocked returns the claims in bw_claims, by key, in a map kept
-// for the next call. d.claimMu must be held.
-func (d *Datapath) heldClaimsLocked() (map[bwacctClaimKey]uint32, error) {
-	if d.held == nil {
-		d.held = make(map[bwacctClaimKey]uint32)
-	}
-	clear(d.held)
 	if cap(d.claimKeys) < maxClaimBatch {
 		d.claimKeys, d.claimVals = make([]bwacctClaimKey, maxClaimBatch), make([]uint32, maxClaimBatch)
 	}
 	keys, vals := d.claimKeys[:maxClaimBatch], d.claimVals[:maxClaimBatch]
 	// bpftool map dump pinned .../bw_claims, maxClaimBatch entries a
-	// BPF_MAP_LOOKUP_BATCH.
+	// BPF_MAP_LOOKUP_BATCH; the claims found due are deleted after it.
+	var gone []bwacctClaimKey
 	var cursor ebpf.MapBatchCursor
-	for {
+	for done := false; !done; {
 		n, err := d.objs.BwClaims.BatchLookup(&cursor, keys, vals, nil)
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			done = true // the end
+		case err != nil:
+			return 0, fmt.Errorf("read claims: %w", err)
+		}
 		for i := range n {
-			d.held[keys[i]] = vals[i]
-		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return d.held, nil // the end
-		}
-		if err != nil {
-			return nil, fmt.Errorf("read claims: %w", err)
+			if acct, ok := due[keys[i]]; ok && acct == vals[i] {
+				gone = append(gone, keys[i])
+			}
 		}
 	}
+	removed := 0
+	var errs []error
+	for _, k := range gone {
+		// bpftool map delete pinned .../bw_claims key ...
+		switch err := d.objs.BwClaims.Delete(k); {
+		case err == nil:
+			removed++
+		case !errors.Is(err, ebpf.ErrKeyNotExist): // taken since
+			errs = append(errs, fmt.Errorf("unclaim %v to port %d: %w",
+				netip.AddrPortFrom(netip.AddrFrom16(k.Addr).Unmap(), k.ClientPort), k.LocalPort, err))
+		}
+	}
+	return removed, errors.Join(errs...)
 }

@@ -286,12 +286,11 @@ type Datapath struct {
 	nextAccount uint32 // the next free ID
 
 	// claimMu protects the following: the keys and values of ClaimAll
-	// and Unclaim, and Unclaim's claims held in the kernel, kept between
-	// their calls.
+	// and Unclaim, and Unclaim's claims due, kept between their calls.
 	claimMu   sync.Mutex
 	claimKeys []bwacctClaimKey
 	claimVals []uint32
-	held      map[bwacctClaimKey]uint32
+	due       map[bwacctClaimKey]uint32
 
 	// portsMu protects the following: what each setter of bw_ssh_ports
 	// wants, by kind (see writePorts).
