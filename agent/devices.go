@@ -90,7 +90,8 @@ type deviceSide struct {
 	// (loadLimits).
 	limitedLines int
 	// conns and plain are the room connsOf and limitDevices reuse for
-	// one user at a time: nothing keeps them after limitDevices.
+	// one user at a time: nothing keeps them after limitDevices (their
+	// old entries hold addresses and ports, nothing to let go of).
 	conns []userConn
 	plain []devices.Conn
 }

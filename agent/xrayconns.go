@@ -55,7 +55,9 @@ type XrayKernel interface {
 	// local port) count for its account when the kernel sees its next
 	// packet, in order, stopping at the first it cannot make: it returns
 	// how many it made and that one's error. Unclaim removes those of
-	// the claims that no connection took, and says how many.
+	// the claims that no connection took and that still name the same
+	// account (one written again since for another account stays), and
+	// says how many.
 	ClaimAll(cs []bpf.Claim) (int, error)
 	Unclaim(cs []bpf.Claim) (int, error)
 	// SetXrayPorts makes the inbound ports' new connections pending.
@@ -71,8 +73,9 @@ type XrayKernel interface {
 
 // Timings of the claims.
 const (
-	// claimTTL is how long a claim no connection took stays: the kernel
-	// holds a connection's claim lookups for 5 s after it is accepted.
+	// claimTTL is how long a claim no connection took stays at least (up
+	// to a tick more: the tick takes them back): the kernel holds a
+	// connection's claim lookups for 5 s after it is accepted.
 	claimTTL = 10 * time.Second
 	// accessPoll is how often at most the access log is read while Xray
 	// writes to it (the follower is woken by a watch of its directory):

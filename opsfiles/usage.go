@@ -139,7 +139,8 @@ func (e *UsageEncoder) Reset() { e.buf = e.buf[:0] }
 // encoding/json would, field by field, without its reflection and its
 // second, indenting pass over the output: those were a tenth of the usage
 // file writer's CPU with 1,000 files a tick, the rest being the files'
-// system calls. TestUsageMarshal holds it to encoding/json's output.
+// system calls. TestUsageMarshalIsJSON and FuzzUsageMarshal hold it to
+// encoding/json's output.
 func appendUsage(b []byte, u *Usage) []byte {
 	field := func(name string) {
 		b = append(b, ",\n  \""...)

@@ -465,7 +465,10 @@ func (f *Follower) endLine(fl *file, es *[]Entry) {
 // Next returns the next attributions, waiting for them: it polls (see
 // Options.Interval) until Poll returns some or a new error (not the same
 // one as the last time Next returned one, which it returns once), or ctx
-// ends (ctx.Err()). After Close it returns [ErrClosed].
+// ends (ctx.Err()). After Close it returns [ErrClosed]. While lines keep
+// coming, the polls are an Interval apart: a call after one whose poll
+// found lines and read to the end first waits until an Interval after
+// that poll, without waking for the watch in between.
 func (f *Follower) Next(ctx context.Context) ([]Entry, error) {
 	return f.AppendNext(ctx, nil)
 }

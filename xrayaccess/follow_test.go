@@ -433,10 +433,15 @@ func TestNextPace(t *testing.T) {
 	if d := next("10.0.0.1:2").Sub(first); d < interval*3/4 {
 		t.Errorf("a line written at once read %v after the last, want an Interval (%v) apart", d, interval)
 	}
-	time.Sleep(2 * interval) // the lines stop
-	l.f.WriteString(accepted("10.0.0.1:3", "a"))
-	written := time.Now()
-	if d := next("10.0.0.1:3").Sub(written); d >= interval/2 {
+	// The lines stop: Next polls once more an Interval on and then waits
+	// for the watch, which reports the next line as it is written.
+	written := make(chan time.Time, 1)
+	time.AfterFunc(3*interval, func() {
+		l.f.WriteString(accepted("10.0.0.1:3", "a"))
+		written <- time.Now()
+	})
+	got := next("10.0.0.1:3")
+	if d := got.Sub(<-written); d >= interval/2 {
 		t.Errorf("a line after a quiet while read %v after it was written, want at once", d)
 	}
 }
