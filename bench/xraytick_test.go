@@ -57,7 +57,8 @@ const (
 	xrayChildEnv  = "BWBENCH_XRAY_RESULT"
 	xrayDriverEnv = "BWBENCH_XRAY_DRIVER"
 	// xrayProfileEnv, if set, is where the N-user agent's idle and moving
-	// phases write their CPU profiles (see phaseProfile).
+	// phases write their CPU profiles (see phaseProfile), and it has the
+	// process's memory sampled (see sampleMemory).
 	xrayProfileEnv = "BWBENCH_XRAY_PROFILE"
 	// xrayJSONEnv, if set, is the agents' json_interval (a Go duration):
 	// how often a moving user's usage file is written (5 s by default),
@@ -326,7 +327,7 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 const memSampleEvery = 50 * time.Millisecond
 
 // memClasses are the Go runtime's memory classes a memSample keeps.
-var memClasses = []string{
+var memClasses = [...]string{
 	"/memory/classes/total:bytes",
 	"/memory/classes/heap/released:bytes",
 	"/memory/classes/heap/objects:bytes",
@@ -339,12 +340,12 @@ var memClasses = []string{
 }
 
 // A memSample is what the process held at one moment: its resident set
-// (anonymous and file-backed pages, /proc/self/statm) and the Go runtime's
-// memory classes (memClasses, in order).
+// by kind (/proc/self/status: anonymous, file-backed, and shared memory,
+// which the mapped BPF maps are) and the Go runtime's memory classes
+// (memClasses, in order).
 type memSample struct {
-	at         time.Time
-	anon, file uint64
-	classes    [9]uint64
+	anon, file, shmem uint64
+	classes           [len(memClasses)]uint64
 }
 
 // memSampler keeps the sample of the largest resident set.
@@ -364,11 +365,10 @@ func sampleMemory() *memSampler {
 	m := &memSampler{quit: make(chan struct{}), done: make(chan memSample, 1)}
 	go func() {
 		var peak memSample
-		ms := make([]metrics.Sample, len(memClasses))
+		samples := make([]metrics.Sample, len(memClasses))
 		for i, name := range memClasses {
-			ms[i].Name = name
+			samples[i].Name = name
 		}
-		page := uint64(os.Getpagesize())
 		t := time.NewTicker(memSampleEvery)
 		defer t.Stop()
 		for {
@@ -376,34 +376,56 @@ func sampleMemory() *memSampler {
 			case <-m.quit:
 				m.done <- peak
 				return
-			case now := <-t.C:
-				data, err := os.ReadFile("/proc/self/statm")
-				if err != nil {
+			case <-t.C:
+				s, ok := readResident()
+				if !ok || s.anon+s.file+s.shmem <= peak.anon+peak.file+peak.shmem {
 					continue
 				}
-				f := strings.Fields(string(data)) // size resident shared ...
-				if len(f) < 3 {
-					continue
-				}
-				res, err1 := strconv.ParseUint(f[1], 10, 64)
-				shared, err2 := strconv.ParseUint(f[2], 10, 64)
-				if err1 != nil || err2 != nil {
-					continue
-				}
-				if res*page <= peak.anon+peak.file {
-					continue
-				}
-				metrics.Read(ms)
-				peak = memSample{at: now, anon: (res - shared) * page, file: shared * page}
-				for i := range ms {
-					if ms[i].Value.Kind() == metrics.KindUint64 {
-						peak.classes[i] = ms[i].Value.Uint64()
+				metrics.Read(samples)
+				for i := range samples {
+					if samples[i].Value.Kind() == metrics.KindUint64 {
+						s.classes[i] = samples[i].Value.Uint64()
 					}
 				}
+				peak = s
 			}
 		}
 	}()
 	return m
+}
+
+// readResident reads the resident set by kind from /proc/self/status.
+func readResident() (s memSample, ok bool) {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return s, false
+	}
+	found := 0
+	for line := range strings.Lines(string(data)) {
+		name, rest, _ := strings.Cut(line, ":")
+		var dst *uint64
+		switch name {
+		case "RssAnon":
+			dst = &s.anon
+		case "RssFile":
+			dst = &s.file
+		case "RssShmem":
+			dst = &s.shmem
+		default:
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) != 2 || f[1] != "kB" {
+			return s, false
+		}
+		kb, err := strconv.ParseUint(f[0], 10, 64)
+		if err != nil {
+			return s, false
+		}
+		*dst = kb << 10
+		found++
+	}
+	return s, found == 3
 }
 
 // stop ends the sampling and returns the peak's sample; nil if m is.
@@ -420,9 +442,9 @@ func (m *memSampler) stop() *memSample {
 func (s *memSample) String() string {
 	mib := func(v uint64) float64 { return float64(v) / (1 << 20) }
 	c := s.classes
-	goHeld := c[0] - c[1] // mapped by the runtime, less what it gave back
-	return fmt.Sprintf("at the largest sampled resident set, %.1f MiB: file-backed %.1f (the binary), anonymous %.1f: the Go runtime holds %.1f (heap objects %.1f, live as of the last GC %.1f, GC goal %.1f, soft limit %.1f; free heap %.1f, unused %.1f, stacks %.1f, the rest its own), outside it %.1f (SQLite's C heap, mapped BPF maps)",
-		mib(s.anon+s.file), mib(s.file), mib(s.anon), mib(goHeld), mib(c[2]), mib(c[6]), mib(c[7]), mib(c[8]), mib(c[3]), mib(c[4]), mib(c[5]), mib(s.anon)-mib(goHeld))
+	goHeld := c[0] - c[1] // mapped by the runtime, less what it gave back (some of it maybe never touched)
+	return fmt.Sprintf("at the largest sampled resident set, %.1f MiB: file-backed %.1f (the binary), shared memory %.1f (the mapped BPF maps), anonymous %.1f; the Go runtime holds %.1f (heap objects %.1f, live as of the last GC %.1f, GC goal %.1f, soft limit %.1f; free heap %.1f, unused %.1f, stacks %.1f, the rest its own), so about %.1f of the anonymous memory is outside it (SQLite's C heap)",
+		mib(s.anon+s.file+s.shmem), mib(s.file), mib(s.shmem), mib(s.anon), mib(goHeld), mib(c[2]), mib(c[6]), mib(c[7]), mib(c[8]), mib(c[3]), mib(c[4]), mib(c[5]), mib(s.anon)-mib(goHeld))
 }
 
 // phaseProfile writes a CPU profile of the N-user agent's phase to
