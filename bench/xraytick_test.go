@@ -443,8 +443,8 @@ func (s *memSample) String() string {
 	mib := func(v uint64) float64 { return float64(v) / (1 << 20) }
 	c := s.classes
 	goHeld := c[0] - c[1] // mapped by the runtime, less what it gave back (some of it maybe never touched)
-	return fmt.Sprintf("at the largest sampled resident set, %.1f MiB: file-backed %.1f (the binary), shared memory %.1f (the mapped BPF maps), anonymous %.1f; the Go runtime holds %.1f (heap objects %.1f, live as of the last GC %.1f, GC goal %.1f, soft limit %.1f; free heap %.1f, unused %.1f, stacks %.1f, the rest its own), so about %.1f of the anonymous memory is outside it (SQLite's C heap)",
-		mib(s.anon+s.file+s.shmem), mib(s.file), mib(s.shmem), mib(s.anon), mib(goHeld), mib(c[2]), mib(c[6]), mib(c[7]), mib(c[8]), mib(c[3]), mib(c[4]), mib(c[5]), mib(s.anon)-mib(goHeld))
+	return fmt.Sprintf("at the largest sampled resident set, %.1f MiB: file-backed %.1f (the binary), shared memory %.1f (the mapped BPF maps), anonymous %.1f; the Go runtime holds %.1f (heap objects %.1f, live as of the last GC %.1f, GC goal %.1f, soft limit %.1f; free heap %.1f, unused %.1f, stacks %.1f, the rest its own), so about %.1f of the anonymous memory is outside it (SQLite's C heap; 0 when the runtime's count, which includes pages never touched, is the larger)",
+		mib(s.anon+s.file+s.shmem), mib(s.file), mib(s.shmem), mib(s.anon), mib(goHeld), mib(c[2]), mib(c[6]), mib(c[7]), mib(c[8]), mib(c[3]), mib(c[4]), mib(c[5]), max(0, mib(s.anon)-mib(goHeld)))
 }
 
 // phaseProfile writes a CPU profile of the N-user agent's phase to
