@@ -314,24 +314,43 @@ func peakRSS(b *testing.B) float64 { return statusMiB(b, "VmHWM") }
 // in MiB.
 func statusMiB(b *testing.B, name string) float64 {
 	b.Helper()
-	data, err := os.ReadFile("/proc/self/status")
+	sizes, err := statusSizes(name)
 	if err != nil {
 		b.Fatal(err)
 	}
-	for line := range strings.Lines(string(data)) {
-		if rest, ok := strings.CutPrefix(line, name+":"); ok {
-			f := strings.Fields(rest)
-			if len(f) == 2 && f[1] == "kB" {
-				kb, err := strconv.ParseFloat(f[0], 64)
-				if err == nil {
-					return kb / 1024
-				}
-			}
-			b.Fatalf("unreadable /proc/self/status line %q", line)
-		}
+	return float64(sizes[0]) / (1 << 20)
+}
+
+// statusSizes returns the sizes (in kB there) of the fields of
+// /proc/self/status named, in bytes, in the order of names.
+func statusSizes(names ...string) ([]uint64, error) {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return nil, err
 	}
-	b.Fatalf("no %s in /proc/self/status", name)
-	return 0
+	sizes := make([]uint64, len(names))
+	found := 0
+	for line := range strings.Lines(string(data)) {
+		name, rest, _ := strings.Cut(line, ":")
+		i := slices.Index(names, name)
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) != 2 || f[1] != "kB" {
+			return nil, fmt.Errorf("unreadable /proc/self/status line %q", line)
+		}
+		kb, err := strconv.ParseUint(f[0], 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("unreadable /proc/self/status line %q: %w", line, err)
+		}
+		sizes[i] = kb << 10
+		found++
+	}
+	if found != len(names) {
+		return nil, fmt.Errorf("not all of %v in /proc/self/status", names)
+	}
+	return sizes, nil
 }
 
 // tickEnv is one agent with its own cgroup, pins, network namespace,

@@ -396,36 +396,12 @@ func sampleMemory() *memSampler {
 
 // readResident reads the resident set by kind from /proc/self/status.
 func readResident() (s memSample, ok bool) {
-	data, err := os.ReadFile("/proc/self/status")
+	sizes, err := statusSizes("RssAnon", "RssFile", "RssShmem")
 	if err != nil {
 		return s, false
 	}
-	found := 0
-	for line := range strings.Lines(string(data)) {
-		name, rest, _ := strings.Cut(line, ":")
-		var dst *uint64
-		switch name {
-		case "RssAnon":
-			dst = &s.anon
-		case "RssFile":
-			dst = &s.file
-		case "RssShmem":
-			dst = &s.shmem
-		default:
-			continue
-		}
-		f := strings.Fields(rest)
-		if len(f) != 2 || f[1] != "kB" {
-			return s, false
-		}
-		kb, err := strconv.ParseUint(f[0], 10, 64)
-		if err != nil {
-			return s, false
-		}
-		*dst = kb << 10
-		found++
-	}
-	return s, found == 3
+	s.anon, s.file, s.shmem = sizes[0], sizes[1], sizes[2]
+	return s, true
 }
 
 // stop ends the sampling and returns the peak's sample; nil if m is.
