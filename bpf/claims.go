@@ -36,7 +36,7 @@ func (d *Datapath) Claim(client netip.AddrPort, localPort uint16, account uint32
 }
 
 // maxClaimBatch is the most claims whose keys and values ClaimAll keeps
-// for its next call.
+// for its next call, and how many Unclaim reads from the kernel a call.
 const maxClaimBatch = 4096
 
 // A Claim is one connection's claim (see [Datapath.Claim]).
@@ -223,11 +223,12 @@ func (d *Datapath) Unclaim(cs []Claim) (int, error) {
 		due = make(map[bwacctClaimKey]uint32, len(cs))
 	}
 	defer func() {
-		d.due = nil
-		if len(due) <= maxClaimBatch {
-			clear(due)
-			d.due = due
+		if len(due) > maxClaimBatch {
+			d.due = nil // a burst's
+			return
 		}
+		clear(due)
+		d.due = due
 	}()
 	for _, c := range cs {
 		due[bwacctClaimKey{Addr: c.Client.Addr().As16(), ClientPort: c.Client.Port(), LocalPort: c.LocalPort}] = c.Account
