@@ -368,7 +368,8 @@ func TestLimitsBadDevices(t *testing.T) {
 }
 
 // TestDevicesWithoutLimits: without any device limit the devices are still
-// shown, and the inbounds' connections are listed every 5th tick only.
+// shown, and the inbounds' connections are listed every 5th tick only, or
+// at the next tick once xliveFreshList connections came since the last.
 func TestDevicesWithoutLimits(t *testing.T) {
 	e, fs := newDevicesEnv(t, "bob 1G\n", nil)
 	b := e.connect(fs, "bob", "vless-in", "192.0.2.1:1")
@@ -394,6 +395,28 @@ func TestDevicesWithoutLimits(t *testing.T) {
 	}
 	if got := e.devices("bob"); !slices.Equal(got, []string{"192.0.2.2"}) {
 		t.Errorf("devices %v", got)
+	}
+
+	// Many connections logged since the last listing: the next tick lists
+	// them, not the 5th (short connections are forgotten only so).
+	listed := func() int {
+		fs.mu.Lock()
+		defer fs.mu.Unlock()
+		return fs.lists
+	}
+	for n := listed(); listed() == n; {
+		e.step(time.Second) // to a listing: the next is 5 ticks away
+	}
+	many := make([]xrayaccess.Entry, xliveFreshList)
+	for i := range many {
+		many[i] = xrayaccess.Entry{Time: e.clock, Source: netip.AddrPortFrom(netip.MustParseAddr("192.0.2.3"), uint16(1+i)),
+			Status: xrayaccess.Accepted, Network: "tcp", Dest: "example.com:443", InboundTag: "vless-in", OutboundTag: "direct", Email: "bob"}
+	}
+	e.a.noteXrayConns(many, e.clock)
+	before := listed()
+	e.step(time.Second)
+	if lists := listed() - before; lists != 1 {
+		t.Errorf("listed %d times in the tick after %d connections came, want 1", lists, len(many))
 	}
 }
 
