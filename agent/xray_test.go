@@ -690,12 +690,12 @@ func TestExpireClaims(t *testing.T) {
 	if !maps.Equal(fk.claims, want) {
 		t.Errorf("after claimTTL: claims %v, want %v (alice's untaken one gone, bob's kept)", fk.claims, want)
 	}
-	if len(x.claims) != 2 || len(x.claimAt) != 2 {
-		t.Errorf("%d claims kept (%d times), want bob's 2", len(x.claims), len(x.claimAt))
+	if len(x.claims) != 2 || len(x.claimRuns) != 1 || x.claimRuns[0].n != 2 {
+		t.Errorf("%d claims kept (runs %v), want bob's 2 in one run", len(x.claims), x.claimRuns)
 	}
 	e.clock = e.clock.Add(claimTTL / 2)
 	e.a.expireClaims(e.clock)
-	if len(fk.claims) != 0 || len(x.claims) != 0 || len(x.claimAt) != 0 {
+	if len(fk.claims) != 0 || len(x.claims) != 0 || len(x.claimRuns) != 0 {
 		t.Errorf("after bob's claimTTL: claims %v, %d kept", fk.claims, len(x.claims))
 	}
 }

@@ -116,10 +116,11 @@ type xconns struct {
 	refreshIn       int
 	synced          *xrayconf.Config // the config they were written for
 
-	// claims are the claims written, in order, and claimAt when each
-	// was: taken back after claimTTL.
-	claims  []bpf.Claim
-	claimAt []time.Time
+	// claims are the claims written, in order, taken back after
+	// claimTTL; claimRuns says when: one run for each batch written
+	// (40 bytes a claim, not 64 with a time each).
+	claims    []bpf.Claim
+	claimRuns []claimRun
 	// batch and claimOf are claimXray's claims of one access log batch
 	// and their users, kept for the next.
 	batch   []bpf.Claim
@@ -127,6 +128,12 @@ type xconns struct {
 	// Counts for the health report: claims written, and access log lines
 	// that named no user of that inbound.
 	claimed, strays uint64
+}
+
+// claimRun is n claims written together, at (Unix nanoseconds).
+type claimRun struct {
+	at int64
+	n  int
 }
 
 // follower runs an access log's Follower on its own goroutine.
@@ -363,10 +370,11 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 		cs = append(cs, bpf.Claim{Client: e.Source, LocalPort: uint16(in.Port), Account: acct})
 		of = append(of, e.Email)
 	}
+	was := len(x.claims)
 	for i := 0; i < len(cs); {
 		n, err := x.k.ClaimAll(cs[i:])
 		for j, c := range cs[i : i+n] {
-			x.claims, x.claimAt = append(x.claims, c), append(x.claimAt, now)
+			x.claims = append(x.claims, c)
 			x.claimed++
 			// A loopback peer is never held (see bpf's claims): it
 			// can move more than xrayPendingMax before its claim.
@@ -385,6 +393,9 @@ func (a *Agent) claimXray(es []xrayaccess.Entry, now time.Time) {
 		} else if n == 0 {
 			break // nothing written and no error: a kernel that said nothing
 		}
+	}
+	if n := len(x.claims) - was; n > 0 {
+		x.claimRuns = append(x.claimRuns, claimRun{at: now.UnixNano(), n: n})
 	}
 	clear(of)
 	x.batch, x.claimOf = cs[:0], of[:0]
@@ -411,12 +422,13 @@ func (a *Agent) xrayClientOf(email, tag string) bool {
 // those due (see bpf.Datapath.Unclaim).
 func (a *Agent) expireClaims(now time.Time) {
 	x := &a.xr.conns
-	n := 0
-	for _, at := range x.claimAt {
-		if now.Sub(at) < claimTTL {
+	n, runs := 0, 0
+	for _, r := range x.claimRuns {
+		if now.UnixNano()-r.at < int64(claimTTL) {
 			break
 		}
-		n++
+		n += r.n
+		runs++
 	}
 	if n == 0 {
 		return
@@ -427,7 +439,7 @@ func (a *Agent) expireClaims(now time.Time) {
 		a.logs.warnOnce("claim:unclaim", "taking back the Xray claims no connection took failed", "err", err)
 	}
 	x.claims = trimmed(slices.Delete(x.claims, 0, n))
-	x.claimAt = trimmed(slices.Delete(x.claimAt, 0, n))
+	x.claimRuns = slices.Delete(x.claimRuns, 0, runs)
 }
 
 // chargeXray charges an Xray user what moved in the kernel's count of its
