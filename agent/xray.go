@@ -728,7 +728,7 @@ func (a *Agent) addXrayUser(ctx context.Context, email string, xus []xrayconf.Us
 		if !xu.Alterable() {
 			continue
 		}
-		if err := a.xr.api.AddUser(ctx, xu.Inbound, email, xu.Account); err != nil && !errors.Is(err, xraystats.ErrExists) {
+		if err := a.xr.api.AddUser(ctx, xu.Inbound, email, xu.Account()); err != nil && !errors.Is(err, xraystats.ErrExists) {
 			return err
 		}
 	}

@@ -229,7 +229,9 @@ func (c *Config) addUser(in *Inbound, i int, email string, level uint32, acct xr
 		c.problem(in, i, fmt.Sprintf("email can't be a bwagent user name: %v", err))
 		return
 	}
-	in.Users = append(in.Users, User{Email: email, Protocol: in.Protocol, Inbound: in.Tag, Account: acct, Level: level})
+	u := User{Email: email, Protocol: in.Protocol, Inbound: in.Tag, Level: level}
+	u.packAccount(acct)
+	in.Users = append(in.Users, u)
 }
 
 // emails detects two clients of one inbound with the same email, which

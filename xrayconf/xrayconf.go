@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/myvpn/bwagent/quota"
-	"github.com/myvpn/bwagent/xraystats"
 )
 
 // Sentinel errors; test with [errors.Is].
@@ -53,21 +52,19 @@ type User struct {
 	// Inbound is the tag of the inbound; "" for an untagged inbound, whose
 	// users Xray counts but cannot add or remove through its API.
 	Inbound string
-	// Account is what HandlerService.AlterInbound needs to add the user to
-	// the inbound again (see [xraystats.Account]): [xraystats.VLESS],
-	// [xraystats.VMess], [xraystats.Trojan], [xraystats.Shadowsocks] or
-	// [xraystats.Shadowsocks2022]. It is nil for the user of a single-user
-	// Shadowsocks 2022 inbound and the users of a Shadowsocks 2022 relay,
-	// which Xray cannot add or remove through its API.
-	Account xraystats.Account
 	// Level is the client's level, whose policy (policy.levels) decides
 	// whether Xray counts its traffic.
 	Level uint32
+
+	// The account (see Account), packed: 72 bytes a User in all.
+	kind  acctKind
+	split uint16
+	acct  string
 }
 
 // Alterable reports whether the user can be removed from its inbound and
 // added again through Xray's API: its inbound has a tag and takes users.
-func (u User) Alterable() bool { return u.Account != nil && u.Inbound != "" }
+func (u User) Alterable() bool { return u.kind != acctNone && u.Inbound != "" }
 
 // Inbound is an Xray inbound of a protocol with users.
 type Inbound struct {

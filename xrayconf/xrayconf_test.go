@@ -104,7 +104,7 @@ func TestThreeXUI(t *testing.T) {
 		t.Errorf("inbound-8389 method %q", in.Method)
 	}
 
-	want := []User{
+	want := []wantUser{
 		{"alice", quota.VLESS, "inbound-443", xraystats.VLESS{ID: "2033d348-ecb9-4486-a427-7dafdd8435c2", Flow: "xtls-rprx-vision"}, 0},
 		{"bob.m", quota.VLESS, "inbound-443", xraystats.VLESS{ID: "b8f38a0e-bae7-492b-aab9-9be965fbb455", Flow: "xtls-rprx-vision"}, 0},
 		{"carol", quota.VMess, "inbound-8080", xraystats.VMess{ID: "ae9210a2-d150-4a37-9336-4651134f23a0"}, 0},
@@ -116,7 +116,7 @@ func TestThreeXUI(t *testing.T) {
 		{"grace", quota.Shadowsocks, "inbound-8389", xraystats.Shadowsocks2022{Key: "I8WYy8CSs9L1Z9EQvXjlhmjCAmsKt3fwThnIWw/x8vI="}, 0},
 		{"heidi", quota.Shadowsocks, "inbound-8389", xraystats.Shadowsocks2022{Key: "p/xe88UZVwESQoy1yHdtwMWk/bpgmSqTe4VlszDp4TY="}, 0},
 	}
-	if got := c.Users(); !reflect.DeepEqual(got, want) {
+	if got := view(c.Users()); !reflect.DeepEqual(got, want) {
 		t.Errorf("Users() =\n%+v\nwant\n%+v", got, want)
 	}
 	for _, u := range c.Users() {
@@ -124,7 +124,7 @@ func TestThreeXUI(t *testing.T) {
 			t.Errorf("%s: not alterable", u.Email)
 		}
 	}
-	if got := c.Lookup("dave"); len(got) != 1 || got[0] != want[3] {
+	if got := view(c.Lookup("dave")); len(got) != 1 || got[0] != want[3] {
 		t.Errorf("Lookup(dave) = %+v", got)
 	}
 	if got := c.Lookup("Dave"); got != nil {
@@ -151,26 +151,26 @@ func TestAPIListen(t *testing.T) {
 	if vm, _ := c.Inbound("vmess-ws"); vm.Port != 10003 {
 		t.Errorf("vmess-ws port %d, want 10003, the first of \"10003-10005,10010\"", vm.Port)
 	}
-	wantV := []User{
+	wantV := []wantUser{
 		// An empty flow takes settings.flow.
 		{"user1@example.com", quota.VLESS, "vless-in", xraystats.VLESS{ID: "6851ce24-54cd-4a50-8e93-b1d7298a6117", Flow: "xtls-rprx-vision"}, 0},
 		{"user2@example.com", quota.VLESS, "vless-in", xraystats.VLESS{ID: "aa938575a7bd4b7794ee80e49f833f4c", Flow: "xtls-rprx-vision"}, 1},
 		{"user3@example.com", quota.VLESS, "vless-in", xraystats.VLESS{ID: "my-custom-id", Flow: "xtls-rprx-vision"}, 0},
 	}
-	if !reflect.DeepEqual(vin.Users, wantV) {
-		t.Errorf("vless-in users =\n%+v\nwant\n%+v", vin.Users, wantV)
+	if got := view(vin.Users); !reflect.DeepEqual(got, wantV) {
+		t.Errorf("vless-in users =\n%+v\nwant\n%+v", got, wantV)
 	}
 	if got := c.Lookup("user1@example.com"); len(got) != 2 || got[0].Inbound != "vless-in" || got[1].Inbound != "vless-ws" ||
-		got[1].Account != (xraystats.VLESS{ID: "6851ce24-54cd-4a50-8e93-b1d7298a6117"}) {
+		got[1].Account() != (xraystats.VLESS{ID: "6851ce24-54cd-4a50-8e93-b1d7298a6117"}) {
 		t.Errorf("Lookup(user1) = %+v, want one user per inbound", got)
 	}
 	// The single-user inbounds.
 	solo := c.Lookup("solo")
-	if len(solo) != 1 || solo[0].Account != (xraystats.Shadowsocks{Method: "aes-128-gcm", Password: "single-user-secret"}) || !solo[0].Alterable() {
+	if len(solo) != 1 || solo[0].Account() != (xraystats.Shadowsocks{Method: "aes-128-gcm", Password: "single-user-secret"}) || !solo[0].Alterable() {
 		t.Errorf("Lookup(solo) = %+v", solo)
 	}
 	solo22 := c.Lookup("solo22")
-	if len(solo22) != 1 || solo22[0].Account != nil || solo22[0].Alterable() || solo22[0].Protocol != quota.Shadowsocks {
+	if len(solo22) != 1 || solo22[0].Account() != nil || solo22[0].Alterable() || solo22[0].Protocol != quota.Shadowsocks {
 		t.Errorf("Lookup(solo22) = %+v: want a user without account", solo22)
 	}
 	wantProblems(t, c,
@@ -192,12 +192,12 @@ func TestConfdir(t *testing.T) {
 	if tr.File != "testdata/confdir/20_override.json" || tr.Port != 2087 || tr.Pos != 0 {
 		t.Errorf("trojan-in = %+v: want the one of 20_override.json", tr)
 	}
-	want := []User{
+	want := []wantUser{
 		{"carol", quota.Trojan, "trojan-in", xraystats.Trojan{Password: "new-carol-password"}, 0},
 		{"dave", quota.Trojan, "trojan-in", xraystats.Trojan{Password: "dave-password"}, 0},
 	}
-	if !reflect.DeepEqual(tr.Users, want) {
-		t.Errorf("trojan-in users = %+v, want %+v", tr.Users, want)
+	if got := view(tr.Users); !reflect.DeepEqual(got, want) {
+		t.Errorf("trojan-in users = %+v, want %+v", got, want)
 	}
 	if c.API != "127.0.0.1:10085" || !slices.Equal(c.APIServices, []string{"HandlerService", "StatsService", "LoggerService"}) {
 		t.Errorf("API %q %q: want 00_base.json's", c.API, c.APIServices)
@@ -352,7 +352,7 @@ func TestComments(t *testing.T) {
 	// Text after the config is ignored, as by Xray.
 	c := parse(t, `{"inbounds": [{"tag": "t", "protocol": "trojan", "port": 44/* */3,
 		"settings": {"clients": [{"password": "a#b//c", "email": "e"}]}}]} and then } some ] garbage`)
-	if u := c.Users(); len(u) != 1 || u[0].Account != (xraystats.Trojan{Password: "a#b//c"}) || c.Inbounds[0].Port != 443 {
+	if u := c.Users(); len(u) != 1 || u[0].Account() != (xraystats.Trojan{Password: "a#b//c"}) || c.Inbounds[0].Port != 443 {
 		t.Errorf("users %+v, port %d", u, c.Inbounds[0].Port)
 	}
 }
@@ -631,7 +631,7 @@ func TestXrayAccepts(t *testing.T) {
 	if len(d.Inbounds) != 1 || string(d.Inbounds[0].Port) != "443" || d.Inbounds[0].Settings.Clients[0].Password != "a#b//c/*d*/" {
 		t.Fatalf("xray read %+v", d)
 	}
-	if u := c.Users(); len(u) != 1 || u[0].Account != (xraystats.Trojan{Password: "a#b//c/*d*/"}) || c.Inbounds[0].Port != 443 {
+	if u := c.Users(); len(u) != 1 || u[0].Account() != (xraystats.Trojan{Password: "a#b//c/*d*/"}) || c.Inbounds[0].Port != 443 {
 		t.Errorf("we read %+v", c.Inbounds)
 	}
 }
@@ -825,4 +825,22 @@ func TestConnIdle(t *testing.T) {
 			t.Errorf("%s: ConnIdle %v, want %v", tc.config, got, tc.want)
 		}
 	}
+}
+
+// wantUser is a User as a test states it: its account unpacked.
+type wantUser struct {
+	Email    string
+	Protocol quota.Protocol
+	Inbound  string
+	Account  xraystats.Account
+	Level    uint32
+}
+
+// view returns us as wantUsers.
+func view(us []User) []wantUser {
+	var out []wantUser
+	for _, u := range us {
+		out = append(out, wantUser{u.Email, u.Protocol, u.Inbound, u.Account(), u.Level})
+	}
+	return out
 }
