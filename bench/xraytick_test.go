@@ -224,7 +224,8 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 	empty.ticks(b, xrayWarmup, nil)
 	eIdle := empty.phase(b, nil)
 	eMoving := empty.phase(b, drv)
-	empty.stop(b)
+	empty.release(b)
+	runtime.GC()
 
 	// The agent with N users: its first start, idle, moving.
 	big := newXrayAgent(b, users, bigCg, drv.ready.Config, drv.ready.API)
@@ -260,7 +261,7 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 	live := agent.LiveHeap()
 	claimed := big.a.Health().Kernel.XrayClaimed
 	big.stop(b)
-	rss, rssFile := peakRSS(b), statusMiB(b, "RssFile")
+	rss, rssFile, rssMaps := peakRSS(b), statusMiB(b, "RssFile"), mappedMiB(b, bpfMapMapping)
 	peak := mem.stop()
 	big.verify(b, drv)
 	query, queryAlloc := timeQuery(b, big.api)
@@ -288,6 +289,7 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 	m["s/settle"] = settle.Seconds()
 	m["MiB-rss-peak"] = rss
 	m["MiB-rss-file"] = rssFile
+	m["MiB-rss-bpf-maps"] = rssMaps
 	m["MiB-heap-live"] = float64(live) / (1 << 20)
 	m["ms/query"] = ms(query)
 	m["KiB-alloc/query"] = queryAlloc / 1024
@@ -314,8 +316,8 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 		fmt.Fprintf(&sb, "  first start: first tick %.1f ms, every account's budget written in it (%d of %d); NOT settled after %.0f s: usage files still being written\n",
 			ms(first.tick), policies, users, settle.Seconds())
 	}
-	fmt.Fprintf(&sb, "  peak RSS %.1f MiB%s (%.1f after the first start, %.1f after idle, %.1f after moving; %.1f of the resident set file-backed at the end: the binary's pages), live heap %.1f MiB; one UserTraffic %.1f ms, %.0f KiB allocated; Xray's config (%.1f MB) read in %.1f ms, %.0f KiB allocated\n",
-		rss, hwm, rssStart, rssIdle, rssMoving, rssFile, float64(live)/(1<<20), ms(query), queryAlloc/1024, float64(confSize)/1e6, ms(conf), confAlloc/1024)
+	fmt.Fprintf(&sb, "  peak RSS %.1f MiB%s (%.1f after the first start, %.1f after idle, %.1f after moving; %.1f of the resident set file-backed at the end: the binary's pages, and %.1f of the BPF maps the agent maps), live heap %.1f MiB; one UserTraffic %.1f ms, %.0f KiB allocated; Xray's config (%.1f MB) read in %.1f ms, %.0f KiB allocated\n",
+		rss, hwm, rssStart, rssIdle, rssMoving, rssFile, rssMaps, float64(live)/(1<<20), ms(query), queryAlloc/1024, float64(confSize)/1e6, ms(conf), confAlloc/1024)
 	if peak != nil {
 		sb.WriteString("  " + peak.String() + "\n")
 	}
@@ -394,6 +396,35 @@ func sampleMemory() *memSampler {
 	return m
 }
 
+// bpfMapMapping is how /proc/PID/smaps names a mapping of a BPF map.
+const bpfMapMapping = "anon_inode:bpf-map"
+
+// mappedMiB returns the resident part of the process's mappings named
+// name in /proc/self/smaps, in MiB.
+func mappedMiB(b *testing.B, name string) float64 {
+	b.Helper()
+	data, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var kb uint64
+	in := false
+	for line := range strings.Lines(string(data)) {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 5 && strings.Contains(f[0], "-") && !strings.HasSuffix(f[0], ":"):
+			in = len(f) == 6 && f[5] == name // a mapping's first line: range perms offset dev inode [name]
+		case in && len(f) == 3 && f[0] == "Rss:":
+			v, err := strconv.ParseUint(f[1], 10, 64)
+			if err != nil {
+				b.Fatalf("smaps: %q: %v", line, err)
+			}
+			kb += v
+		}
+	}
+	return float64(kb) / 1024
+}
+
 // readResident reads the resident set by kind from /proc/self/status.
 func readResident() (s memSample, ok bool) {
 	sizes, err := statusSizes("RssAnon", "RssFile", "RssShmem")
@@ -419,7 +450,7 @@ func (s *memSample) String() string {
 	mib := func(v uint64) float64 { return float64(v) / (1 << 20) }
 	c := s.classes
 	goHeld := c[0] - c[1] // mapped by the runtime, less what it gave back (some of it maybe never touched)
-	return fmt.Sprintf("at the largest sampled resident set, %.1f MiB: file-backed %.1f (the binary), shared memory %.1f (the mapped BPF maps), anonymous %.1f; the Go runtime holds %.1f (heap objects %.1f, live as of the last GC %.1f, GC goal %.1f, soft limit %.1f; free heap %.1f, unused %.1f, stacks %.1f, the rest its own), so about %.1f of the anonymous memory is outside it (SQLite's C heap; 0 when the runtime's count, which includes pages never touched, is the larger)",
+	return fmt.Sprintf("at the largest sampled resident set, %.1f MiB: file-backed %.1f (the binary, and the BPF maps the agent maps), shared memory %.1f, anonymous %.1f; the Go runtime holds %.1f (heap objects %.1f, live as of the last GC %.1f, GC goal %.1f, soft limit %.1f; free heap %.1f, unused %.1f, stacks %.1f, the rest its own), so about %.1f of the anonymous memory is outside it (SQLite's C heap; 0 when the runtime's count, which includes pages never touched, is the larger)",
 		mib(s.anon+s.file+s.shmem), mib(s.file), mib(s.shmem), mib(s.anon), mib(goHeld), mib(c[2]), mib(c[6]), mib(c[7]), mib(c[8]), mib(c[3]), mib(c[4]), mib(c[5]), max(0, mib(s.anon)-mib(goHeld)))
 }
 
@@ -477,6 +508,25 @@ type xrayAgent struct {
 
 	cancel context.CancelFunc
 	done   chan error
+	// closers release what newXrayAgent made, last first (see release).
+	closers []func()
+}
+
+// onRelease makes release call f.
+func (e *xrayAgent) onRelease(f func()) { e.closers = append(e.closers, f) }
+
+// release stops the agent and releases what it holds: its datapath (the
+// BPF maps it mapped), firewall table and store. The empty agent is
+// released before the N-user agent starts, so that the N-user agent's
+// peak RSS holds nothing of the empty one's (its mapped maps took 4 MiB).
+func (e *xrayAgent) release(b *testing.B) {
+	b.Helper()
+	e.stop(b)
+	for i := len(e.closers) - 1; i >= 0; i-- {
+		e.closers[i]()
+	}
+	e.closers = nil
+	e.a, e.dp = nil, nil
 }
 
 // newXrayAgent builds an agent for the Xray config at xrayConfig, whose
@@ -514,14 +564,16 @@ func newXrayAgent(b *testing.B, users int, cg, xrayConfig, api string) *xrayAgen
 		b.Fatal(err)
 	}
 	e := &xrayAgent{users: users, cfg: cfg, log: &errorLog{}, api: api, watch: newTickWatch()}
-	b.Cleanup(func() { bpf.Uninstall(cfg.Kernel.PinPath) })
+	b.Cleanup(func() { e.release(b) })
+	e.onRelease(func() { bpf.Uninstall(cfg.Kernel.PinPath) })
 	var err error
 	e.dp, err = bpf.Load(bpf.Config{CgroupPath: cg, PinPath: cfg.Kernel.PinPath, MaxUIDs: tickMaxUIDs})
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() {
-		if err := e.dp.Uninstall(); err != nil {
+	dp := e.dp
+	e.onRelease(func() {
+		if err := dp.Uninstall(); err != nil {
 			b.Error(err)
 		}
 	})
@@ -530,7 +582,7 @@ func newXrayAgent(b *testing.B, users int, cg, xrayConfig, api string) *xrayAgen
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() {
+	e.onRelease(func() {
 		if err := fw.Remove(); err != nil {
 			b.Error(err)
 		}
@@ -540,7 +592,7 @@ func newXrayAgent(b *testing.B, users int, cg, xrayConfig, api string) *xrayAgen
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { st.Close() })
+	e.onRelease(func() { st.Close() })
 	var xk agent.XrayKernel
 	if e.dp.SupportsServerTagging() {
 		xk = e.dp
