@@ -59,7 +59,7 @@ func (d *Datapath) Account(name string) (uint32, error) {
 	}
 	d.nextAccount++
 	d.accountIDs[name] = id
-	d.accountName[id] = name
+	d.setAccountName(id, name)
 	return id, nil
 }
 
@@ -68,8 +68,20 @@ func (d *Datapath) Account(name string) (uint32, error) {
 func (d *Datapath) AccountName(id uint32) (name string, ok bool) {
 	d.acctMu.Lock()
 	defer d.acctMu.Unlock()
-	name, ok = d.accountName[id]
-	return name, ok
+	if i := id - AccountBase; id >= AccountBase && i < uint32(len(d.accountNames)) {
+		name = d.accountNames[i]
+	}
+	return name, name != ""
+}
+
+// setAccountName records name as account id's, id being at most
+// MaxAccounts past AccountBase; d.acctMu held.
+func (d *Datapath) setAccountName(id uint32, name string) {
+	i := int(id - AccountBase)
+	if i >= len(d.accountNames) {
+		d.accountNames = append(d.accountNames, make([]string, i+1-len(d.accountNames))...)
+	}
+	d.accountNames[i] = name
 }
 
 // Accounts returns every account, name to ID: a copy, the caller's to
@@ -86,7 +98,7 @@ func (d *Datapath) loadAccounts() error {
 	d.acctMu.Lock()
 	defer d.acctMu.Unlock()
 	d.accountIDs = make(map[string]uint32)
-	d.accountName = make(map[uint32]string)
+	d.accountNames = nil
 	d.nextAccount = AccountBase
 	var id uint32
 	var v bwacctAccountName
@@ -104,7 +116,7 @@ func (d *Datapath) loadAccounts() error {
 		}
 		name := string(b)
 		d.accountIDs[name] = id
-		d.accountName[id] = name
+		d.setAccountName(id, name)
 		if id >= d.nextAccount {
 			d.nextAccount = id + 1
 		}

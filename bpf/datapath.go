@@ -281,9 +281,12 @@ type Datapath struct {
 	// acctMu protects the following: the cache of bw_accounts, of which
 	// the Datapath is the only writer.
 	acctMu      sync.Mutex
-	accountIDs  map[string]uint32
-	accountName map[uint32]string
-	nextAccount uint32 // the next free ID
+	accountIDs map[string]uint32
+	// accountNames are the names by ID, from AccountBase ("" for an ID
+	// not given out): a slice, for IDs are given out in order (16 bytes
+	// an account; a map took 40 more).
+	accountNames []string
+	nextAccount  uint32 // the next free ID
 
 	// claimMu protects the following: the keys and values of ClaimAll
 	// and Unclaim, and Unclaim's claims due, kept between their calls.
