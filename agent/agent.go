@@ -537,7 +537,7 @@ func (a *Agent) components(errs map[string]string) map[string]string {
 	case a.xr.conf == nil && errs["xray config"] == "":
 		c["xray"] = "no xray config found"
 	default:
-		ok := fmt.Sprintf("ok: API %s, %d users", a.xr.apiAddr, len(a.xr.users))
+		ok := fmt.Sprintf("ok: API %s, %d users", a.xr.apiAddr, a.xr.users.len())
 		switch fol := a.xr.conns.fol; {
 		case a.xr.conns.active():
 			ok += ", connections counted in the kernel from " + fol.path

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 	"net/netip"
 	"slices"
 	"strings"
@@ -71,7 +72,7 @@ type Xray struct {
 // Xray's inbounds and the cut of a blocked user's connections).
 type xrayState struct {
 	conf    *xrayconf.Config
-	users   map[string][]xrayconf.User // email → one entry per inbound
+	users   xclients // conf's clients by email
 	api     XrayAPI
 	apiAddr string
 
@@ -125,6 +126,73 @@ type xrayState struct {
 
 	// conns counts the users' connections in the kernel (xrayconns.go).
 	conns xconns
+}
+
+// xclients are the clients of an Xray config by email, each a user of one
+// or more inbounds: where each is in the config's lists of clients, not a
+// copy. A user of one inbound (nearly all) is its inbound's and index
+// there, 24 bytes a user in the map (a list of its own took 40); a user of
+// several has the list of its entries.
+type xclients struct {
+	conf    *xrayconf.Config
+	one     map[string]xclientRef
+	several map[string][]xrayconf.User
+}
+
+// xclientRef is the place of a client in its config: its inbound's index
+// and its own in that inbound's Users.
+type xclientRef struct{ in, i uint32 }
+
+// newXclients indexes conf's clients by email.
+func newXclients(conf *xrayconf.Config) xclients {
+	c := xclients{conf: conf, one: make(map[string]xclientRef)}
+	for i := range conf.Inbounds {
+		us := conf.Inbounds[i].Users
+		for j := range us {
+			email := us[j].Email
+			if r, ok := c.one[email]; ok {
+				if c.several == nil {
+					c.several = make(map[string][]xrayconf.User)
+				}
+				c.several[email] = []xrayconf.User{conf.Inbounds[r.in].Users[r.i], us[j]}
+				delete(c.one, email)
+			} else if have, ok := c.several[email]; ok {
+				c.several[email] = append(have, us[j])
+			} else {
+				c.one[email] = xclientRef{in: uint32(i), i: uint32(j)}
+			}
+		}
+	}
+	return c
+}
+
+// of returns email's entries, one per inbound it is in, in config order;
+// nil if it is no client. Not to be changed: the config's own.
+func (c *xclients) of(email string) []xrayconf.User {
+	if r, ok := c.one[email]; ok {
+		us := c.conf.Inbounds[r.in].Users
+		return us[r.i : r.i+1 : r.i+1]
+	}
+	return c.several[email]
+}
+
+// len returns the number of clients.
+func (c *xclients) len() int { return len(c.one) + len(c.several) }
+
+// all yields each client's email and entries (see of), in no order.
+func (c *xclients) all() iter.Seq2[string, []xrayconf.User] {
+	return func(yield func(string, []xrayconf.User) bool) {
+		for email := range c.one {
+			if !yield(email, c.of(email)) {
+				return
+			}
+		}
+		for email, us := range c.several {
+			if !yield(email, us) {
+				return
+			}
+		}
+	}
 }
 
 // xbase is the baseline of one Xray user's counters, and what the kernel
@@ -481,22 +549,9 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 	if !conf.Stats || !conf.UserStats {
 		a.logs.warnOnce("xray-nostats", "xray config does not count users' traffic: add \"stats\": {} and policy.levels.\"0\" statsUserUplink and statsUserDownlink true", "files", conf.Files)
 	}
-	// Each user's entries are a window on its inbound's list in conf (no
-	// copy), and a list of their own for a user of several inbounds.
-	byEmail := make(map[string][]xrayconf.User)
-	for i := range conf.Inbounds {
-		us := conf.Inbounds[i].Users
-		for j := range us {
-			email := us[j].Email
-			if have := byEmail[email]; have != nil {
-				byEmail[email] = append(slices.Clip(have), us[j])
-			} else {
-				byEmail[email] = us[j : j+1 : j+1]
-			}
-		}
-	}
+	byEmail := newXclients(conf)
 	created := false
-	for email, xus := range byEmail {
+	for email, xus := range byEmail.all() {
 		u := a.users[email]
 		switch {
 		case u == nil:
@@ -517,7 +572,7 @@ func (a *Agent) loadXrayConfig(now time.Time) error {
 		a.queue(u)
 	}
 	for name, u := range a.users {
-		if u.r.xray && byEmail[name] == nil {
+		if u.r.xray && byEmail.of(name) == nil {
 			a.leaveXray(u, now) // gone from the config; the record and usage stay
 		}
 	}
@@ -562,14 +617,14 @@ func (a *Agent) enforceXray(ctx context.Context) error {
 		}
 	}
 	if a.xr.enforceAll {
-		for email, xus := range a.xr.users {
+		for email, xus := range a.xr.users.all() {
 			if u := a.users[email]; u != nil {
 				enforce(u, xus)
 			}
 		}
 	} else {
 		for _, u := range a.work.dirtyQ {
-			if xus := a.xr.users[u.r.name]; xus != nil && u.r.xray && a.users[u.r.name] == u {
+			if xus := a.xr.users.of(u.r.name); xus != nil && u.r.xray && a.users[u.r.name] == u {
 				enforce(u, xus)
 			}
 		}
@@ -604,7 +659,7 @@ func (a *Agent) enforceXrayUser(ctx context.Context, u *user, xus []xrayconf.Use
 func (a *Agent) verifyXrayRemoved(ctx context.Context) error {
 	inbounds := make(map[string]bool)
 	for email := range a.xr.removed {
-		for _, xu := range a.xr.users[email] {
+		for _, xu := range a.xr.users.of(email) {
 			if xu.Alterable() {
 				inbounds[xu.Inbound] = true
 			}
@@ -705,7 +760,7 @@ func (a *Agent) onlineUsers(ctx context.Context, email string) (map[string]map[s
 	}
 	out := make(map[string]map[string]int64)
 	recent := quota.At(a.now().Add(-time.Minute))
-	for other := range a.xr.users {
+	for other := range a.xr.users.all() {
 		if other != email {
 			if a.xr.removed[other] {
 				continue

@@ -19,6 +19,7 @@ import (
 	"github.com/myvpn/bwagent/sockkill"
 	"github.com/myvpn/bwagent/store"
 	"github.com/myvpn/bwagent/xrayaccess"
+	"github.com/myvpn/bwagent/xrayconf"
 	"github.com/myvpn/bwagent/xraystats"
 )
 
@@ -1119,5 +1120,50 @@ func TestXrayThrottledWithoutKernel(t *testing.T) {
 	e.step(2 * time.Second)
 	if !fx.has("vless-in", "alice") || e.user("alice").Status != quota.Active {
 		t.Errorf("after a reset: in Xray %v, %s", fx.has("vless-in", "alice"), e.user("alice").Status)
+	}
+}
+
+// TestXclients: each client of the config is found by its email with its
+// entries in config order, a client of several inbounds with each of them,
+// and all yields each client once.
+func TestXclients(t *testing.T) {
+	conf, err := xrayconf.Parse("config.json", []byte(`{"inbounds": [
+		{"tag": "a", "port": 1, "protocol": "trojan", "settings": {"clients": [{"email": "one", "password": "p1"}, {"email": "two", "password": "p2"}, {"email": "three", "password": "p3"}]}},
+		{"tag": "b", "port": 2, "protocol": "trojan", "settings": {"clients": [{"email": "three", "password": "q3"}, {"email": "four", "password": "q4"}]}},
+		{"tag": "c", "port": 3, "protocol": "trojan", "settings": {"clients": [{"email": "three", "password": "r3"}, {"email": "two", "password": "r2"}]}}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newXclients(conf)
+	want := map[string][]string{"one": {"a"}, "two": {"a", "c"}, "three": {"a", "b", "c"}, "four": {"b"}}
+	got := map[string][]string{}
+	for email, us := range c.all() {
+		if _, dup := got[email]; dup {
+			t.Errorf("all yields %s twice", email)
+		}
+		var tags []string
+		for _, u := range us {
+			if u.Email != email {
+				t.Errorf("%s's entries hold %s", email, u.Email)
+			}
+			tags = append(tags, u.Inbound)
+		}
+		got[email] = tags
+		if of := c.of(email); !slices.Equal(of, us) {
+			t.Errorf("of(%s) = %v, all gave %v", email, of, us)
+		}
+	}
+	if !maps.EqualFunc(got, want, slices.Equal) {
+		t.Errorf("clients %v, want %v", got, want)
+	}
+	if c.len() != len(want) || c.of("five") != nil {
+		t.Errorf("len %d, of(five) %v", c.len(), c.of("five"))
+	}
+	if u := c.of("three")[1]; u.Account() != (xraystats.Trojan{Password: "q3"}) {
+		t.Errorf("three in b: %+v", u.Account())
+	}
+	var zero xclients
+	if zero.of("one") != nil || zero.len() != 0 {
+		t.Error("the zero xclients has clients")
 	}
 }

@@ -232,7 +232,7 @@ func (a *Agent) syncXrayConns(bg context.Context, now time.Time) error {
 		errs = append(errs, a.writeXrayPorts())
 	}
 	if confChanged {
-		for email := range a.xr.users {
+		for email := range a.xr.users.all() {
 			if _, err := x.k.Account(email); err != nil {
 				errs = append(errs, err)
 				break
@@ -407,7 +407,7 @@ func (a *Agent) xrayClientOf(email, tag string) bool {
 	if email == "" || tag == "" {
 		return false
 	}
-	for _, xu := range a.xr.users[email] {
+	for _, xu := range a.xr.users.of(email) {
 		if xu.Inbound == tag {
 			return true
 		}
