@@ -99,7 +99,7 @@ func (a *Agent) debtRow(b *xbase, now time.Time) (store.Baseline, savedDebt, boo
 // store, the account's less Xray's less net, each direction modulo 2^64.
 // With a net of zero it is the point of no debt.
 func (a *Agent) debtPoint(acct uint32, b *xbase, net quota.Usage) quota.Usage {
-	k := a.kernel.base[acct] // the zero kbase if the account never moved
+	k, _ := a.kernel.base.get(acct) // the zero kbase if the account never moved
 	return quota.Usage{Up: k.up - b.up - net.Up, Down: k.down - b.down - net.Down}
 }
 

@@ -52,7 +52,7 @@ const (
 // policy).
 type kernelSide struct {
 	// Source: the last sample of each UID's counters folded into usage.
-	base     map[uint32]kbase
+	base     kbases
 	epochs   []quota.Epoch // indexed by kbase.epoch
 	baseQ    []uint32      // baselines to commit
 	sampleIn int           // ticks to the next full read of the counters
@@ -72,7 +72,7 @@ type kernelSide struct {
 
 func newKernelSide() kernelSide {
 	return kernelSide{
-		base:     make(map[uint32]kbase),
+		base:     kbases{uids: make(map[uint32]kbase)},
 		policy:   make(map[uint32]bpf.Policy),
 		changes:  make(map[uint32]bpf.Policy),
 		nftDirty: true,
@@ -84,7 +84,52 @@ func newKernelSide() kernelSide {
 type kbase struct {
 	epoch    uint32 // index into kernelSide.epochs
 	dirty    bool
+	set      bool // in kbases.accts: the account has a baseline
 	up, down uint64
+}
+
+// kbases are the baselines of the kernel's counters by ID: a UID's in a
+// map, an account's in a slice by account, for the registry gives accounts
+// out in order from bpf.AccountBase (24 bytes an account; the map took
+// about 60 with its slack, 3 MB at 50,000 Xray users).
+type kbases struct {
+	uids  map[uint32]kbase // and any account past kbaseDense
+	accts []kbase          // by ID less bpf.AccountBase
+}
+
+// kbaseDense bounds how far past the accounts in the slice a new one may
+// be to join it; one further is kept in the map (the registry gives IDs
+// out in order: a counter of an ID far past them was written by hand).
+const kbaseDense = 1024
+
+// get returns id's baseline, and whether it has one.
+func (m *kbases) get(id uint32) (kbase, bool) {
+	if i := id - bpf.AccountBase; id >= bpf.AccountBase && i < uint32(len(m.accts)) && m.accts[i].set {
+		return m.accts[i], true
+	}
+	b, ok := m.uids[id]
+	return b, ok
+}
+
+// put makes b id's baseline.
+func (m *kbases) put(id uint32, b kbase) {
+	i := id - bpf.AccountBase
+	if id < bpf.AccountBase || i >= uint32(len(m.accts))+kbaseDense {
+		m.uids[id] = b
+		return
+	}
+	for j := uint32(len(m.accts)); j <= i; j++ {
+		// An account the map holds (put when it was far past the slice)
+		// moves into it: an ID is in one of the two.
+		old, ok := m.uids[bpf.AccountBase+j]
+		if ok {
+			delete(m.uids, bpf.AccountBase+j)
+			old.set = true
+		}
+		m.accts = append(m.accts, old)
+	}
+	b.set = true
+	m.accts[i] = b
 }
 
 // epochID returns the index of e in k.epochs, adding it if new.
@@ -198,7 +243,7 @@ func (a *Agent) sampleKernel(now time.Time) error {
 		case !acct && (!ssh || uid < lo || uid >= hi):
 			return
 		}
-		b, seen := k.base[uid]
+		b, seen := k.base.get(uid)
 		if seen && b.epoch == eid && b.up == c.TxBytes && b.down == c.RxBytes {
 			return
 		}
@@ -206,7 +251,7 @@ func (a *Agent) sampleKernel(now time.Time) error {
 		if !b.dirty {
 			k.baseQ = append(k.baseQ, uid)
 		}
-		k.base[uid] = kbase{epoch: eid, dirty: true, up: c.TxBytes, down: c.RxBytes}
+		k.base.put(uid, kbase{epoch: eid, dirty: true, up: c.TxBytes, down: c.RxBytes})
 		if (d == quota.Usage{}) {
 			return
 		}
@@ -424,7 +469,7 @@ func (a *Agent) anchor(u *user, keys []uint32) (anchor, error) {
 			return anchor{}, err
 		}
 		var sampled quota.Usage
-		if b, ok := a.kernel.base[key]; ok {
+		if b, ok := a.kernel.base.get(key); ok {
 			sampled = quota.Usage{Up: b.up, Down: b.down}
 		}
 		extra += a.rules.Metric.Of(quota.Since(

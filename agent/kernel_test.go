@@ -245,3 +245,40 @@ func TestSSHTunnelFailsFastWhenBlocked(t *testing.T) {
 	}
 	t.Logf("refused after %v: %v", took, err)
 }
+
+// TestKbases: a UID's baseline and an account's are kept apart from each
+// other's IDs; an account far past the others goes to the map and moves
+// into the slice when the slice reaches it, so each ID has one baseline.
+func TestKbases(t *testing.T) {
+	m := kbases{uids: make(map[uint32]kbase)}
+	acct := func(i uint32) uint32 { return bpf.AccountBase + i }
+	m.put(1000, kbase{up: 1})
+	m.put(acct(0), kbase{up: 2})
+	m.put(acct(2), kbase{up: 3})
+	far := acct(2 + kbaseDense + 10)
+	m.put(far, kbase{up: 4})
+	check := func(what string, want map[uint32]uint64) {
+		t.Helper()
+		for id, up := range want {
+			b, ok := m.get(id)
+			if (up != 0) != ok || b.up != up {
+				t.Errorf("%s: get(%#x) = %+v, %v; want up %d", what, id, b, ok, up)
+			}
+		}
+	}
+	check("put", map[uint32]uint64{1000: 1, acct(0): 2, acct(1): 0, acct(2): 3, far: 4, 1001: 0, acct(3): 0})
+	if len(m.accts) != 3 || len(m.uids) != 2 {
+		t.Errorf("%d accounts in the slice, %d IDs in the map; want 3 and 2 (the UID, the far account)", len(m.accts), len(m.uids))
+	}
+	// The slice grows to the far account, as the registry gives IDs out:
+	// it moves in, and stays the one.
+	for id := acct(3); id < far; id++ {
+		m.put(id, kbase{up: 5})
+	}
+	check("grown", map[uint32]uint64{far: 4, far - 1: 5, acct(2): 3})
+	m.put(far, kbase{up: 6})
+	check("far again", map[uint32]uint64{far: 6})
+	if _, ok := m.uids[far]; ok || len(m.uids) != 1 {
+		t.Errorf("the map holds %v: want the UID alone", m.uids)
+	}
+}

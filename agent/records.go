@@ -49,7 +49,7 @@ func (a *Agent) load() error {
 		s := quota.Sample{Epoch: b.Epoch, Up: b.Tx, Down: b.Rx}
 		switch b.Source.Kind {
 		case quota.SourceUID:
-			a.kernel.base[b.Source.UID] = kbase{epoch: a.kernel.epochID(b.Epoch), up: s.Up, down: s.Down}
+			a.kernel.base.put(b.Source.UID, kbase{epoch: a.kernel.epochID(b.Epoch), up: s.Up, down: s.Down})
 		case quota.SourceXray:
 			a.xr.setSample(a.xr.baseOf(b.Source.Name), s)
 		case quota.SourceOwed:
@@ -191,7 +191,7 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 		b.Baselines = make([]store.Baseline, 0, n)
 	}
 	for _, uid := range k.baseQ {
-		bl := k.base[uid]
+		bl, _ := k.base.get(uid)
 		b.Baselines = append(b.Baselines, store.Baseline{Source: quota.UIDSource(uid), Epoch: k.epochs[bl.epoch], Rx: bl.down, Tx: bl.up})
 	}
 	a.fleetBaselines(func(src quota.Source, e quota.Epoch, u quota.Usage) {
@@ -248,9 +248,10 @@ func (a *Agent) clearDirty() {
 	a.work.dirtyQ = trimmed(a.work.dirtyQ[:0])
 	k := &a.kernel
 	for _, uid := range k.baseQ {
-		bl := k.base[uid]
-		bl.dirty = false
-		k.base[uid] = bl
+		if bl, ok := k.base.get(uid); ok {
+			bl.dirty = false
+			k.base.put(uid, bl)
+		}
 	}
 	k.baseQ = trimmed(k.baseQ[:0])
 	for _, email := range a.xr.baseQ {
