@@ -280,7 +280,7 @@ type Datapath struct {
 
 	// acctMu protects the following: the cache of bw_accounts, of which
 	// the Datapath is the only writer.
-	acctMu      sync.Mutex
+	acctMu     sync.Mutex
 	accountIDs map[string]uint32
 	// accountNames are the names by ID, from AccountBase ("" for an ID
 	// not given out): a slice, for IDs are given out in order (16 bytes
