@@ -132,9 +132,13 @@ var xrayTickSizes = []struct {
 //
 // MiB-rss-peak is the process's peak resident set (VmHWM) from just
 // before the N-user agent starts (built: agent.New, with its store empty)
-// to its end, after the empty agent stopped; each size runs in a fresh
+// to its end, after the empty agent stopped and released what it held
+// (its datapath's mapped BPF maps, its store); each size runs in a fresh
 // process (the test binary again, for that size alone), so it is its
-// own. It includes the test binary.
+// own. It includes the test binary's pages. MiB-rss-file is the
+// file-backed part of the resident set at the end, MiB-rss-bpf-maps the
+// part of that which is the agent's mapped BPF maps (the slot counters,
+// the moved marks, the slots' windows).
 //
 // With $BWBENCH_XRAY_PROFILE set, the N-user agent's idle and moving
 // phases write CPU profiles, and heap profiles are written before and
