@@ -331,15 +331,17 @@ func (e *env) stepRows(d time.Duration, keep func(store.Baseline) bool) []store.
 	e.clock = e.clock.Add(d)
 	e.a.tick()
 	var rows []store.Baseline
-	e.a.commits.mu.Lock()
-	if b := e.a.commits.pending; b != nil && keep != nil {
-		for _, bl := range b.Baselines {
-			if keep(bl) {
-				rows = append(rows, bl)
+	if keep != nil {
+		e.a.commits.mu.Lock()
+		if b := e.a.commits.pending; b != nil {
+			for _, bl := range b.Baselines {
+				if keep(bl) {
+					rows = append(rows, bl)
+				}
 			}
 		}
+		e.a.commits.mu.Unlock()
 	}
-	e.a.commits.mu.Unlock()
 	e.a.commits.flush()
 	e.a.files.flush()
 	return rows
