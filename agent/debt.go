@@ -70,12 +70,12 @@ func (b *xbase) owing() bool {
 // and the row as saved, for b.saved once it is in a batch. A debt paid off
 // has no row, or one of zero in the first form: the counters of a user who
 // owes nothing move no row.
-func (a *Agent) debtRow(b *xbase, now time.Time) (store.Baseline, savedDebt, bool) {
+func (a *Agent) debtRow(email string, b *xbase, now time.Time) (store.Baseline, savedDebt, bool) {
 	up, down := toNet(b.owed, b.credit)
-	src := quota.OwedSource(b.name)
+	src := quota.OwedSource(email)
 	owing := b.owing()
 	if xk := a.xr.conns.k; xk != nil && owing {
-		if acct, ok := xk.AccountOf(b.name); ok {
+		if acct, ok := xk.AccountOf(email); ok {
 			point := a.debtPoint(acct, b, quota.Usage{Up: up, Down: down})
 			sv := b.saved
 			if sv.acct == acct && sv.point == point {
@@ -130,9 +130,9 @@ func (a *Agent) loadDebt(bl store.Baseline, now time.Time) {
 // meaning. debtRow writes each again on the user's account now, or in the
 // first form.
 func (a *Agent) debtsAnew() {
-	for _, b := range a.xr.base {
+	for email, b := range a.xr.base {
 		if b.saved.paid() {
-			a.xr.queueBase(b, false)
+			a.xr.queueBase(email, b, false)
 		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"runtime/debug"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // TestMemoryLimit: the room above the memory in use is a second of the
@@ -60,4 +61,28 @@ func TestMemoryLimit(t *testing.T) {
 		t.Errorf("rate %d B/s after 64 MiB in each of two windows", m.rate)
 	}
 	_ = sink
+}
+
+// TestSizes: what the agent keeps for every user and every open Xray
+// connection stays the size its docs give (on 64-bit machines): each is
+// counted 50,000 times at 50,000 Xray users, and a field added takes a
+// larger size class.
+func TestSizes(t *testing.T) {
+	if unsafe.Sizeof(uintptr(0)) != 8 {
+		t.Skip("sizes are for 64-bit machines")
+	}
+	for _, tc := range []struct {
+		what      string
+		got, want uintptr
+	}{
+		{"xbase", unsafe.Sizeof(xbase{}), 96},
+		{"kbase", unsafe.Sizeof(kbase{}), 24},
+		{"xconn", unsafe.Sizeof(xconn{}), 144},
+		{"record", unsafe.Sizeof(record{}), 104},
+		{"user", unsafe.Sizeof(user{}), 56},
+	} {
+		if tc.got > tc.want {
+			t.Errorf("%s takes %d bytes, more than %d", tc.what, tc.got, tc.want)
+		}
+	}
 }

@@ -216,7 +216,7 @@ func (a *Agent) batch(now time.Time) *store.Batch {
 func (a *Agent) debtRows(now time.Time, fn func(*xbase, store.Baseline, savedDebt)) {
 	for _, email := range a.xr.baseQ {
 		if bl := a.xr.base[email]; bl != nil {
-			if row, sv, ok := a.debtRow(bl, now); ok {
+			if row, sv, ok := a.debtRow(email, bl, now); ok {
 				fn(bl, row, sv)
 			}
 		}
@@ -231,7 +231,7 @@ func (a *Agent) debtRows(now time.Time, fn func(*xbase, store.Baseline, savedDeb
 		}
 		if name, ok := xk.AccountName(id); ok {
 			if bl := a.xr.base[name]; bl != nil && !bl.dirty { // not done above
-				if row, sv, ok := a.debtRow(bl, now); ok {
+				if row, sv, ok := a.debtRow(name, bl, now); ok {
 					fn(bl, row, sv)
 				}
 			}

@@ -197,9 +197,9 @@ func (c *xclients) all() iter.Seq2[string, []xrayconf.User] {
 
 // xbase is the baseline of one Xray user's counters, and what the kernel
 // counted of the user's connections that they have not reported yet (see
-// chargeXray). There is one for every Xray user: it is small (112 bytes).
+// chargeXray). There is one for every Xray user: it is small (96 bytes;
+// its user's email is its key in xrayState.base).
 type xbase struct {
-	name      string // the user's email
 	up, down  uint64 // the counters as last folded into usage
 	owed      quota.Usage
 	credit    quota.Usage // reported by Xray before the kernel folded it (chargeXray)
@@ -221,6 +221,7 @@ type xbase struct {
 
 // xread is what a read found of a user whose counters moved.
 type xread struct {
+	name     string // the user's
 	b        *xbase
 	up, down uint64
 }
@@ -271,18 +272,18 @@ func (x *xrayState) claimed(email string, unheld bool) {
 func (x *xrayState) baseOf(email string) *xbase {
 	b := x.base[email]
 	if b == nil {
-		b = &xbase{name: email}
+		b = &xbase{}
 		x.base[email] = b
 	}
 	return b
 }
 
-// queueBase queues the baseline b for the next commit: its debt, and its
-// counters too if counted is set.
-func (x *xrayState) queueBase(b *xbase, counted bool) {
+// queueBase queues the baseline b of email for the next commit: its debt,
+// and its counters too if counted is set.
+func (x *xrayState) queueBase(email string, b *xbase, counted bool) {
 	if !b.dirty {
 		b.dirty = true
-		x.baseQ = append(x.baseQ, b.name)
+		x.baseQ = append(x.baseQ, email)
 	}
 	b.counted = b.counted || counted
 }
@@ -415,12 +416,14 @@ func heldInbound(in xrayconf.Inbound) bool {
 func (a *Agent) seeCounter(email []byte, downlink bool, value int64) {
 	x := &a.xr
 	b := x.base[string(email)]
+	var name string // the user's, found once a counter moved
 	if b == nil {
 		u := a.users[string(email)]
 		if u == nil || !u.r.xray {
 			return // not a client of Xray's config now
 		}
-		b = x.baseOf(u.r.name)
+		name = u.r.name
+		b = x.baseOf(name)
 	}
 	v := uint64(max(value, 0))
 	if b.changed == 0 {
@@ -434,7 +437,14 @@ func (a *Agent) seeCounter(email []byte, downlink bool, value int64) {
 		}
 		// The other counter, should this read not list it: as it was,
 		// or none yet in a new epoch.
-		r := xread{b: b}
+		if name == "" {
+			u := a.users[string(email)]
+			if u == nil {
+				return // no user: nothing to fold it into (foldXray)
+			}
+			name = u.r.name
+		}
+		r := xread{name: name, b: b}
 		if same {
 			r.up, r.down = b.up, b.down
 		}
@@ -455,7 +465,7 @@ func (a *Agent) foldXray(now time.Time) {
 	for _, r := range x.changed {
 		b := r.b
 		b.changed = 0
-		u := a.users[b.name]
+		u := a.users[r.name]
 		if u == nil || !u.r.xray {
 			continue
 		}
@@ -464,7 +474,7 @@ func (a *Agent) foldXray(now time.Time) {
 			continue
 		}
 		d := quota.Since(last, cur)
-		x.queueBase(b, true)
+		x.queueBase(r.name, b, true)
 		b.up, b.down, b.epoch = r.up, r.down, x.epochID
 		if (d != quota.Usage{}) {
 			a.chargeXray(u, now, quota.Usage{}, d)

@@ -506,7 +506,7 @@ func (a *Agent) chargeXray(u *user, now time.Time, kern, xray quota.Usage) {
 	owed := quota.Usage{Up: b.owed.Up - payUp + kern.Up, Down: b.owed.Down - payDown + kern.Down}
 	b.owed = owed
 	if owed != was || paid != (quota.Usage{}) || claims > 0 && extra != (quota.Usage{}) {
-		a.xr.queueBase(b, false)
+		a.xr.queueBase(u.r.name, b, false)
 	}
 	if (d != quota.Usage{}) {
 		a.charge(u, now, d)

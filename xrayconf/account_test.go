@@ -3,6 +3,7 @@ package xrayconf
 import (
 	"strings"
 	"testing"
+	"unsafe"
 
 	"github.com/myvpn/bwagent/xraystats"
 )
@@ -66,4 +67,12 @@ func FuzzPackAccount(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestUserSize: a User stays 72 bytes on 64-bit machines (its doc says
+// so): there is one for each client, 50,000 at 50,000 users.
+func TestUserSize(t *testing.T) {
+	if unsafe.Sizeof(uintptr(0)) == 8 && unsafe.Sizeof(User{}) > 72 {
+		t.Errorf("a User takes %d bytes, more than 72", unsafe.Sizeof(User{}))
+	}
 }
