@@ -65,7 +65,7 @@ func TestConfig(t *testing.T) {
 					continue
 				}
 				f := found[0]
-				if f.Protocol != want || f.Inbound != u.Inbound || f.Account != u.Account || f.Level != u.Level {
+				if f.Protocol != want || f.Inbound != u.Inbound || f.Account() != u.Account || f.Level != u.Level {
 					t.Errorf("%s: found %+v, want %s, %s, %+v, level %d", u.Email, f, want, u.Inbound, u.Account, u.Level)
 				}
 				if !f.Alterable() {
