@@ -284,7 +284,8 @@ type Datapath struct {
 	accountIDs map[string]uint32
 	// accountNames are the names by ID, from AccountBase ("" for an ID
 	// not given out): a slice, for IDs are given out in order (16 bytes
-	// an account; a map took 40 more).
+	// an account; a map took 40 more). An entry of bw_accounts written by
+	// hand far past the others makes it that long: 16 MiB at most.
 	accountNames []string
 	nextAccount  uint32 // the next free ID
 
