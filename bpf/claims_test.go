@@ -185,12 +185,15 @@ func TestClaimHeldConnection(t *testing.T) {
 			if m := moved[acct]; m.RxBytes < got.RxBytes || m.RxBytes > got.RxBytes+1024 || m.TxBytes < got.TxBytes || m.TxBytes > got.TxBytes+1024 {
 				t.Errorf("EachMoved reported %+v for the account, want %+v or a few packets more", m, got)
 			}
+			first := moved[acct]
 			clear(moved)
 			if err := e.dp.EachMoved(func(uid uint32, c bpf.Counters) { moved[uid] = c }); err != nil {
 				t.Fatal(err)
 			}
-			if _, again := moved[acct]; again {
-				t.Errorf("EachMoved reported the account twice without traffic")
+			// Reported again only if it moved since: those last packets
+			// (the test's copy of the socket keeps it open).
+			if m, again := moved[acct]; again && m == first {
+				t.Errorf("EachMoved reported the account twice without traffic: %+v", m)
 			}
 			if st := stats(t, e.dp); st.XrayClaimed != before.XrayClaimed+1 || st.XrayUnclaimed != before.XrayUnclaimed {
 				t.Errorf("stats %+v after %+v: want one more claimed connection, none unclaimed", st, before)
