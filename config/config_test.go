@@ -827,6 +827,15 @@ func TestParseMetric(t *testing.T) {
 	if b, _ := config.MetricDownload.MarshalText(); string(b) != "download" {
 		t.Errorf("MarshalText = %q", b)
 	}
+	// The rules' metric is named as the config spells it (the fleet's
+	// database keeps that name).
+	for _, m := range []config.Metric{config.MetricTotal, config.MetricUpload, config.MetricDownload} {
+		c := config.Default()
+		c.Metric = m
+		if got := c.Rules().Metric.String(); got != string(m) {
+			t.Errorf("metric %q: the rules' metric is named %q", m, got)
+		}
+	}
 }
 
 func FuzzParse(f *testing.F) {

@@ -70,6 +70,18 @@ const (
 	Download
 )
 
+// String returns the metric's name, as the config spells it: "total",
+// "upload" or "download".
+func (m Metric) String() string {
+	switch m {
+	case Upload:
+		return "upload"
+	case Download:
+		return "download"
+	}
+	return "total"
+}
+
 // Usage is a byte count in both directions.
 type Usage struct{ Up, Down uint64 }
 
