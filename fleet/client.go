@@ -150,11 +150,11 @@ func (c *Client) connect(ctx context.Context) (err error) {
 	}
 	var metric string
 	if err := conn.QueryRow(ctx, `INSERT INTO settings (key, value) VALUES ('metric', $1)
-		ON CONFLICT (key) DO UPDATE SET value = settings.value RETURNING value`, metricName(c.o.Metric)).Scan(&metric); err != nil {
+		ON CONFLICT (key) DO UPDATE SET value = settings.value RETURNING value`, c.o.Metric.String()).Scan(&metric); err != nil {
 		return err
 	}
-	if metric != metricName(c.o.Metric) {
-		return fmt.Errorf("%w: the fleet counts %s, this node's metric is %s; give every node the same metric", ErrMetric, metric, metricName(c.o.Metric))
+	if metric != c.o.Metric.String() {
+		return fmt.Errorf("%w: the fleet counts %s, this node's metric is %s; give every node the same metric", ErrMetric, metric, c.o.Metric)
 	}
 	var ok bool
 	if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock($1)", nodeLock(c.o.Node)).Scan(&ok); err != nil {
@@ -175,16 +175,6 @@ func (c *Client) connect(ctx context.Context) (err error) {
 	}
 	c.conn = conn
 	return nil
-}
-
-func metricName(m quota.Metric) string {
-	switch m {
-	case quota.Upload:
-		return "upload"
-	case quota.Download:
-		return "download"
-	}
-	return "total"
 }
 
 // Close closes the connection, which frees the node's name.
@@ -356,8 +346,7 @@ func (c *Client) sync(ctx context.Context, r *Report) (*Result, error) {
 	b.Queue("SELECT 1 FROM plans WHERE name = ANY($1) ORDER BY name FOR UPDATE", lock)
 	if len(r.Rollovers) > 0 {
 		names, from, at := rolloverCols(r.Rollovers)
-		b.Queue(`UPDATE plans SET period = period + 1, rev = rev + 1, last_reset = r.at, unblocked = false, used_up = 0, used_down = 0,
-				xid = pg_current_xact_id()
+		b.Queue(`UPDATE plans SET `+newPeriod("r.at")+`, rev = rev + 1, xid = pg_current_xact_id()
 			FROM unnest($1::text[], $2::bigint[], $3::timestamptz[]) AS r(name, from_period, at)
 			WHERE plans.name = r.name AND plans.period = r.from_period`, names, from, at)
 	}
@@ -736,13 +725,22 @@ func (c *Client) event(ctx context.Context, tx pgx.Tx, name, kind, reason string
 	return err
 }
 
+// newPeriod is the SET list of a plan's new usage period, reset at the
+// SQL expression at: a rollover, Reset and ResetAll.
+func newPeriod(at string) string {
+	return "period = period + 1, last_reset = " + at + ", unblocked = false, used_up = 0, used_down = 0"
+}
+
+// reasonReset is the reason of a reset's event.
+const reasonReset = "Usage reset"
+
 // Reset starts a new usage period for the user on every node: the usage
 // counted against the limit restarts from zero, a manual unblock ends.
 func (c *Client) Reset(ctx context.Context, name string, at time.Time) (User, error) {
 	return c.command(ctx, name, func(tx pgx.Tx) (bool, error) {
-		ok, err := update(ctx, tx, name, "period = period + 1, last_reset = $2, unblocked = false, used_up = 0, used_down = 0", at)
+		ok, err := update(ctx, tx, name, newPeriod("$2"), at)
 		if ok && err == nil {
-			err = c.event(ctx, tx, name, quota.ActReset, "Usage reset", at)
+			err = c.event(ctx, tx, name, quota.ActReset, reasonReset, at)
 		}
 		return ok, err
 	})
@@ -763,12 +761,12 @@ func (c *Client) ResetAll(ctx context.Context, at time.Time) (int, error) {
 	if _, err := tx.Exec(ctx, "SELECT 1 FROM plans ORDER BY name FOR UPDATE"); err != nil {
 		return 0, err
 	}
-	ct, err := tx.Exec(ctx, "UPDATE plans SET period = period + 1, rev = rev + 1, last_reset = $1, unblocked = false, used_up = 0, used_down = 0, xid = pg_current_xact_id()", at)
+	ct, err := tx.Exec(ctx, "UPDATE plans SET "+newPeriod("$1")+", rev = rev + 1, xid = pg_current_xact_id()", at)
 	if err != nil {
 		return 0, err
 	}
 	if _, err := tx.Exec(ctx, `INSERT INTO events (name, period, kind, rev, node, at, reason)
-		SELECT name, period, 'reset', rev, $1, $2, 'Usage reset' FROM plans ON CONFLICT DO NOTHING`, c.o.Node, at); err != nil {
+		SELECT name, period, $3, rev, $1, $2, $4 FROM plans ON CONFLICT DO NOTHING`, c.o.Node, at, quota.ActReset, reasonReset); err != nil {
 		return 0, err
 	}
 	return int(ct.RowsAffected()), tx.Commit(ctx)

@@ -94,7 +94,7 @@ func TestSchemaAndNames(t *testing.T) {
 // report changes nothing; the others' usage is every other node's sum in
 // the current period; a reset starts a new period.
 func TestUsageIdempotent(t *testing.T) {
-	_, _, dsn := db(t)
+	cl, dbName, dsn := db(t)
 	a, b := connect(t, dsn, "a"), connect(t, dsn, "b")
 	syncT(t, a, &Report{Usage: []Usage{{Name: "john", Period: 1, Up: 100, Down: 1000}}})
 	syncT(t, a, &Report{Usage: []Usage{{Name: "john", Period: 1, Up: 100, Down: 1000}}})
@@ -130,6 +130,22 @@ func TestUsageIdempotent(t *testing.T) {
 	res = syncT(t, b, &Report{Rollovers: []Rollover{{Name: "john", From: 2, At: at}}})
 	if u, _ := userOf(res, "john"); u.Period != 3 {
 		t.Errorf("john after a scheduled reset seen by two nodes: period %d", u.Period)
+	}
+	// A reset of every user: each starts a new period from zero, with
+	// the reset's event, as Reset does for one.
+	syncT(t, a, &Report{Usage: []Usage{{Name: "mary", Period: 1, Up: 5, Down: 50}, {Name: "john", Period: 3, Up: 1, Down: 2}}})
+	n, err := b.ResetAll(context.Background(), time.Now())
+	if err != nil || n != 2 {
+		t.Fatalf("reset all: %d, %v; want 2 users", n, err)
+	}
+	res = syncT(t, a, &Report{})
+	for name, period := range map[string]uint64{"john": 4, "mary": 2} {
+		if u, _ := userOf(res, name); u.Period != period || u.Used != (quota.Usage{}) {
+			t.Errorf("%s after a reset of every user: %+v, want period %d from zero", name, u, period)
+		}
+	}
+	if got := cl.SQL(t, dbName, "SELECT name || ' ' || period || ' ' || node || ' ' || reason FROM events WHERE kind = 'reset' AND node = 'b' ORDER BY name"); got != "john 4 b Usage reset\nmary 2 b Usage reset" {
+		t.Errorf("the reset's events:\n%s", got)
 	}
 }
 
