@@ -170,10 +170,15 @@ func newXclients(conf *xrayconf.Config) xclients {
 // nil if it is no client. Not to be changed: the config's own.
 func (c *xclients) of(email string) []xrayconf.User {
 	if r, ok := c.one[email]; ok {
-		us := c.conf.Inbounds[r.in].Users
-		return us[r.i : r.i+1 : r.i+1]
+		return c.at(r)
 	}
 	return c.several[email]
+}
+
+// at returns the entry at r as a list of one, a window on its inbound's.
+func (c *xclients) at(r xclientRef) []xrayconf.User {
+	us := c.conf.Inbounds[r.in].Users
+	return us[r.i : r.i+1 : r.i+1]
 }
 
 // len returns the number of clients.
@@ -182,8 +187,8 @@ func (c *xclients) len() int { return len(c.one) + len(c.several) }
 // all yields each client's email and entries (see of), in no order.
 func (c *xclients) all() iter.Seq2[string, []xrayconf.User] {
 	return func(yield func(string, []xrayconf.User) bool) {
-		for email := range c.one {
-			if !yield(email, c.of(email)) {
+		for email, r := range c.one {
+			if !yield(email, c.at(r)) {
 				return
 			}
 		}
@@ -221,7 +226,7 @@ type xbase struct {
 
 // xread is what a read found of a user whose counters moved.
 type xread struct {
-	name     string // the user's
+	u        *user
 	b        *xbase
 	up, down uint64
 }
@@ -416,14 +421,12 @@ func heldInbound(in xrayconf.Inbound) bool {
 func (a *Agent) seeCounter(email []byte, downlink bool, value int64) {
 	x := &a.xr
 	b := x.base[string(email)]
-	var name string // the user's, found once a counter moved
+	var u *user // found once a counter moved, if not before
 	if b == nil {
-		u := a.users[string(email)]
-		if u == nil || !u.r.xray {
+		if u = a.users[string(email)]; u == nil || !u.r.xray {
 			return // not a client of Xray's config now
 		}
-		name = u.r.name
-		b = x.baseOf(name)
+		b = x.baseOf(u.r.name)
 	}
 	v := uint64(max(value, 0))
 	if b.changed == 0 {
@@ -437,14 +440,12 @@ func (a *Agent) seeCounter(email []byte, downlink bool, value int64) {
 		}
 		// The other counter, should this read not list it: as it was,
 		// or none yet in a new epoch.
-		if name == "" {
-			u := a.users[string(email)]
-			if u == nil {
+		if u == nil {
+			if u = a.users[string(email)]; u == nil {
 				return // no user: nothing to fold it into (foldXray)
 			}
-			name = u.r.name
 		}
-		r := xread{name: name, b: b}
+		r := xread{u: u, b: b}
 		if same {
 			r.up, r.down = b.up, b.down
 		}
@@ -463,10 +464,9 @@ func (a *Agent) seeCounter(email []byte, downlink bool, value int64) {
 func (a *Agent) foldXray(now time.Time) {
 	x := &a.xr
 	for _, r := range x.changed {
-		b := r.b
+		b, u := r.b, r.u
 		b.changed = 0
-		u := a.users[r.name]
-		if u == nil || !u.r.xray {
+		if !u.r.xray {
 			continue
 		}
 		cur, last := quota.Sample{Epoch: x.curEpoch(), Up: r.up, Down: r.down}, x.sample(b)
@@ -474,7 +474,7 @@ func (a *Agent) foldXray(now time.Time) {
 			continue
 		}
 		d := quota.Since(last, cur)
-		x.queueBase(r.name, b, true)
+		x.queueBase(u.r.name, b, true)
 		b.up, b.down, b.epoch = r.up, r.down, x.epochID
 		if (d != quota.Usage{}) {
 			a.chargeXray(u, now, quota.Usage{}, d)
