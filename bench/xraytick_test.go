@@ -229,7 +229,7 @@ func runXrayTick(b *testing.B, root string, users int) tickResult {
 	eIdle := empty.phase(b, nil)
 	eMoving := empty.phase(b, drv)
 	empty.release(b)
-	runtime.GC()
+	runtime.GC() // its heap free for the N-user agent's, not on top of it
 
 	// The agent with N users: its first start, idle, moving.
 	big := newXrayAgent(b, users, bigCg, drv.ready.Config, drv.ready.API)
